@@ -1,0 +1,237 @@
+//! `eddy`: the command line for an Eddy cluster.
+//!
+//! Exit codes: 0 success; 1 other error; 2 bad usage; 3 coordinator unreachable; 4 invalid job spec
+//! or argument; 5 no such job; 6 not enough free slots; 7 the request does not apply in the job's
+//! current state.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use eddy_proto::job_service_client::JobServiceClient;
+use eddy_proto::*;
+use serde_json::json;
+use tonic::transport::Channel;
+use tonic::Code;
+
+#[derive(Parser)]
+#[command(name = "eddy", version, about = "Submit and manage jobs on an Eddy cluster")]
+struct Cli {
+    /// Coordinator address (host:port).
+    #[arg(long, global = true, env = "EDDY_COORDINATOR", default_value = "127.0.0.1:6123")]
+    coordinator: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit a job spec; prints the job id. `${VAR}` and `${VAR:-default}` are taken from the environment.
+    Submit {
+        /// The spec file (TOML).
+        file: std::path::PathBuf,
+    },
+    /// List jobs.
+    Jobs,
+    /// Show a job's state, history and tasks.
+    Status {
+        /// Job id.
+        job: String,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// Job id.
+        job: String,
+    },
+    /// List workers and their slots.
+    Workers,
+}
+
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl Into<String>) -> Failure {
+        Failure { code, message: message.into() }
+    }
+}
+
+fn from_status(s: tonic::Status, coordinator: &str) -> Failure {
+    let code = match s.code() {
+        Code::Unavailable => 3,
+        Code::InvalidArgument => 4,
+        Code::NotFound => 5,
+        Code::ResourceExhausted => 6,
+        Code::FailedPrecondition => 7,
+        _ => 1,
+    };
+    let message = if s.code() == Code::Unavailable && s.message().contains("transport") {
+        format!("cannot reach the coordinator at {coordinator}; start it, or point --coordinator / EDDY_COORDINATOR at it")
+    } else {
+        s.message().to_string()
+    };
+    Failure::new(code, message)
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(f) => {
+            eprintln!("error: {}", f.message);
+            ExitCode::from(f.code)
+        }
+    }
+}
+
+async fn connect(coordinator: &str) -> Result<JobServiceClient<Channel>, Failure> {
+    let url = if coordinator.contains("://") { coordinator.to_string() } else { format!("http://{coordinator}") };
+    let endpoint = Channel::from_shared(url)
+        .map_err(|e| Failure::new(4, format!("bad coordinator address `{coordinator}`: {e}")))?
+        .connect_timeout(std::time::Duration::from_secs(3));
+    let channel = endpoint.connect().await.map_err(|_| {
+        Failure::new(3, format!("cannot reach the coordinator at {coordinator}; start it, or point --coordinator / EDDY_COORDINATOR at it"))
+    })?;
+    Ok(JobServiceClient::new(channel))
+}
+
+async fn run(cli: &Cli) -> Result<(), Failure> {
+    let coordinator = cli.coordinator.as_str();
+    let rpc = |s| from_status(s, coordinator);
+    match &cli.command {
+        Command::Submit { file } => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| Failure::new(4, format!("cannot read {}: {e}", file.display())))?;
+            let spec = eddy_jobs::substitute_env(&text, |k| std::env::var(k).ok())
+                .map_err(|e| Failure::new(4, format!("invalid job spec {}: {e}", file.display())))?;
+            // Validate locally first: a bad spec fails fast, even with no coordinator running.
+            eddy_jobs::compile(&spec).map_err(|e| Failure::new(4, format!("invalid job spec {}: {e}", file.display())))?;
+            let mut client = connect(coordinator).await?;
+            let job_id = client.submit(SubmitRequest { spec }).await.map_err(rpc)?.into_inner().job_id;
+            if cli.json {
+                println!("{}", json!({ "job_id": job_id }));
+            } else {
+                println!("{job_id}");
+            }
+        }
+        Command::Jobs => {
+            let jobs = connect(coordinator).await?.list_jobs(ListJobsRequest {}).await.map_err(rpc)?.into_inner().jobs;
+            if cli.json {
+                println!("{}", json!(jobs.iter().map(job_json).collect::<Vec<_>>()));
+            } else {
+                let rows = jobs
+                    .iter()
+                    .map(|j| vec![j.job_id.clone(), j.name.clone(), j.state.clone(), j.attempt.to_string(), j.tasks.to_string(), j.cause.clone()])
+                    .collect();
+                table(&["JOB", "NAME", "STATE", "ATTEMPT", "TASKS", "CAUSE"], rows);
+            }
+        }
+        Command::Status { job } => {
+            let s = connect(coordinator).await?.job_status(JobStatusRequest { job_id: job.clone() }).await.map_err(rpc)?.into_inner();
+            let j = s.job.clone().unwrap_or_default();
+            if cli.json {
+                let tasks: Vec<_> = s
+                    .tasks
+                    .iter()
+                    .map(|t| {
+                        let m = t.metrics.unwrap_or_default();
+                        json!({
+                            "task_id": t.task_id, "operators": t.operators, "subtask": t.subtask,
+                            "parallelism": t.parallelism, "worker_id": t.worker_id, "state": t.state,
+                            "records_in": m.records_in, "records_out": m.records_out,
+                            "late_records": m.late_records, "watermark_ms": m.watermark_ms, "error": t.error,
+                        })
+                    })
+                    .collect();
+                let history: Vec<_> =
+                    s.history.iter().map(|h| json!({"at_ms": h.at_ms, "from": h.from, "to": h.to, "cause": h.cause})).collect();
+                let mut out = job_json(&j);
+                out["tasks"] = json!(tasks);
+                out["history"] = json!(history);
+                out["running_since_ms"] = json!(s.running_since_ms);
+                out["finished_at_ms"] = json!(s.finished_at_ms);
+                println!("{out}");
+            } else {
+                println!("job      {} ({})", j.job_id, j.name);
+                println!("state    {} (attempt {}): {}", j.state, j.attempt, j.cause);
+                println!();
+                let rows = s
+                    .tasks
+                    .iter()
+                    .map(|t| {
+                        let m = t.metrics.unwrap_or_default();
+                        vec![
+                            t.task_id.clone(),
+                            t.operators.clone(),
+                            format!("{}/{}", t.subtask + 1, t.parallelism),
+                            t.worker_id.clone(),
+                            t.state.clone(),
+                            m.records_in.to_string(),
+                            m.records_out.to_string(),
+                            m.late_records.to_string(),
+                            t.error.clone(),
+                        ]
+                    })
+                    .collect();
+                table(&["TASK", "OPERATORS", "SUBTASK", "WORKER", "STATE", "IN", "OUT", "LATE", "ERROR"], rows);
+                println!();
+                let rows = s.history.iter().map(|h| vec![format!("{}", h.at_ms), format!("{} -> {}", h.from, h.to), h.cause.clone()]).collect();
+                table(&["AT (UNIX MS)", "TRANSITION", "CAUSE"], rows);
+            }
+        }
+        Command::Cancel { job } => {
+            let state = connect(coordinator).await?.cancel(CancelRequest { job_id: job.clone() }).await.map_err(rpc)?.into_inner().state;
+            if cli.json {
+                println!("{}", json!({ "job_id": job, "state": state }));
+            } else {
+                println!("{job} {state}");
+            }
+        }
+        Command::Workers => {
+            let workers = connect(coordinator).await?.list_workers(ListWorkersRequest {}).await.map_err(rpc)?.into_inner().workers;
+            if cli.json {
+                let out: Vec<_> = workers
+                    .iter()
+                    .map(|w| json!({"worker_id": w.worker_id, "data_address": w.data_address, "slots": w.slots, "slots_used": w.slots_used, "state": w.state, "last_heartbeat_ms": w.last_heartbeat_ms}))
+                    .collect();
+                println!("{}", json!(out));
+            } else {
+                let rows = workers
+                    .iter()
+                    .map(|w| vec![w.worker_id.clone(), w.data_address.clone(), format!("{}/{}", w.slots_used, w.slots), w.state.clone()])
+                    .collect();
+                table(&["WORKER", "DATA ADDRESS", "SLOTS USED", "STATE"], rows);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn job_json(j: &JobSummary) -> serde_json::Value {
+    json!({
+        "job_id": j.job_id, "name": j.name, "state": j.state, "attempt": j.attempt, "tasks": j.tasks,
+        "cause": j.cause, "submitted_at_ms": j.submitted_at_ms, "state_changed_at_ms": j.state_changed_at_ms,
+    })
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let s: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", s.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}

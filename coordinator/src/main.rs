@@ -1,0 +1,43 @@
+//! `eddy-coordinator`: serves the job API (for the `eddy` CLI) and the cluster API (for workers).
+
+use std::time::Duration;
+
+use clap::Parser;
+use eddy_coordinator::CoordinatorConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(version, about = "Eddy coordinator: schedules jobs on workers")]
+struct Args {
+    /// Address to serve the job and cluster APIs on.
+    #[arg(long, env = "EDDY_LISTEN", default_value = "0.0.0.0:6123")]
+    listen: String,
+    /// Milliseconds of worker silence after which it is declared lost.
+    #[arg(long, env = "EDDY_HEARTBEAT_TIMEOUT_MS", default_value_t = 2000)]
+    heartbeat_timeout_ms: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}; pick a free address with --listen", args.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "coordinator listening");
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        signal.cancel();
+    });
+    let config = CoordinatorConfig { heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms), ..Default::default() };
+    eddy_coordinator::run(config, listener, shutdown).await
+}

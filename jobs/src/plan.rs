@@ -1,0 +1,794 @@
+//! From a spec to a task graph: every stage becomes an operator with its output schema and
+//! parallelism; operators joined by a forward exchange at equal parallelism are chained into one
+//! vertex; a vertex runs as `parallelism` tasks, and edges between vertices say how rows are routed.
+//!
+//! Both the coordinator (to validate and schedule) and every worker (to build its tasks) plan the same
+//! spec text, so the plan is a pure function of it.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use sqlparser::ast::{self, FunctionArg, FunctionArgExpr, FunctionArguments};
+
+use crate::connectors::{self, SinkConnector, SourceConnector};
+use crate::expr::{parse_select_list, Expr};
+use crate::spec::{parse_duration_ms, JobSpec, SinkSpec, TransformSpec, WindowSpec};
+use crate::{DataType, Field, Schema, SpecError};
+
+/// Default number of key groups.
+pub const DEFAULT_MAX_PARALLELISM: u32 = 128;
+
+/// A planned job.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The job's name.
+    pub name: String,
+    /// Number of key groups.
+    pub max_parallelism: u32,
+    /// Operators in topological order.
+    pub operators: Vec<Operator>,
+    /// Chains of operators; each runs as `parallelism` tasks.
+    pub vertices: Vec<Vertex>,
+    /// Exchanges between vertices.
+    pub edges: Vec<Edge>,
+}
+
+/// One stage of the spec, checked.
+#[derive(Debug, Clone)]
+pub struct Operator {
+    /// The stage's name.
+    pub name: String,
+    /// What it does.
+    pub kind: OperatorKind,
+    /// Parallel instances.
+    pub parallelism: u32,
+    /// Schema of its main output.
+    pub schema: Schema,
+}
+
+/// What an operator does.
+#[derive(Debug, Clone)]
+pub enum OperatorKind {
+    /// Reads an external system or generates rows.
+    Source {
+        /// The connector.
+        connector: SourceConnector,
+        /// Event-time settings, if the source has them.
+        event_time: Option<EventTime>,
+    },
+    /// Filters, then projects.
+    Transform {
+        /// Rows where this is not TRUE are dropped.
+        filter: Option<Expr>,
+        /// Output columns; `None` keeps the input row.
+        projection: Option<Vec<Expr>>,
+    },
+    /// Keyed event-time window aggregation.
+    Window(WindowPlan),
+    /// Writes rows out.
+    Sink {
+        /// The connector.
+        connector: SinkConnector,
+    },
+}
+
+/// A source's event-time settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EventTime {
+    /// Index of the TIMESTAMP column.
+    pub column: usize,
+    /// Watermark lag behind the largest event time seen.
+    pub allowed_delay_ms: i64,
+    /// Idle time after which the watermark follows wall-clock time.
+    pub idle_timeout_ms: i64,
+}
+
+/// A window operator's plan. Output rows are `key columns…, window_start, window_end, aggregates…`.
+#[derive(Debug, Clone)]
+pub struct WindowPlan {
+    /// Window length.
+    pub size_ms: i64,
+    /// Distance between window ends (= size for TUMBLE).
+    pub slide_ms: i64,
+    /// Input columns grouped by.
+    pub key: Vec<usize>,
+    /// Input TIMESTAMP column windows are assigned by.
+    pub time_column: usize,
+    /// Aggregates, in output order.
+    pub aggregates: Vec<Aggregate>,
+}
+
+impl WindowPlan {
+    /// Slice (pane) length: gcd(size, slide). Each record updates exactly one slice.
+    pub fn slice_ms(&self) -> i64 {
+        gcd(self.size_ms, self.slide_ms)
+    }
+}
+
+fn gcd(a: i64, b: i64) -> i64 {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
+}
+
+/// One aggregate of a window.
+#[derive(Debug, Clone)]
+pub struct Aggregate {
+    /// Output column name.
+    pub name: String,
+    /// The function.
+    pub func: AggFunc,
+    /// Its argument; `None` for `COUNT(*)`.
+    pub arg: Option<Expr>,
+    /// Output type.
+    pub data_type: DataType,
+}
+
+/// Aggregate functions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggFunc {
+    /// SUM (retractable)
+    Sum,
+    /// COUNT (retractable)
+    Count,
+    /// MIN
+    Min,
+    /// MAX
+    Max,
+    /// AVG (retractable)
+    Avg,
+}
+
+/// A chain of operators run together as one task per subtask.
+#[derive(Debug, Clone)]
+pub struct Vertex {
+    /// Index in [`Plan::vertices`].
+    pub id: usize,
+    /// Operator indexes, upstream first.
+    pub operators: Vec<usize>,
+    /// Parallel tasks.
+    pub parallelism: u32,
+}
+
+/// Which output of a vertex an edge reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    /// The last operator's main output.
+    Main,
+    /// A window's late records.
+    Late,
+}
+
+/// How an edge routes rows to the downstream subtasks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Partition {
+    /// Subtask i sends to subtask i.
+    Forward,
+    /// Round-robin over downstream subtasks, batch by batch.
+    Rebalance,
+    /// By key group of these columns.
+    Hash(Vec<usize>),
+    /// Every row to every downstream subtask.
+    Broadcast,
+    /// Everything to the single downstream subtask.
+    Global,
+}
+
+/// An exchange between two vertices.
+#[derive(Debug, Clone)]
+pub struct Edge {
+    /// Upstream vertex.
+    pub from: usize,
+    /// Which output of it.
+    pub port: Port,
+    /// Downstream vertex.
+    pub to: usize,
+    /// Routing.
+    pub partition: Partition,
+}
+
+/// Identifies one task: subtask `subtask` of vertex `vertex`. Printed as `vertex.subtask`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId {
+    /// Vertex index.
+    pub vertex: usize,
+    /// Subtask index.
+    pub subtask: u32,
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.vertex, self.subtask)
+    }
+}
+
+impl std::str::FromStr for TaskId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<TaskId, String> {
+        let (v, t) = s.split_once('.').ok_or_else(|| format!("bad task id `{s}`"))?;
+        Ok(TaskId {
+            vertex: v.parse().map_err(|_| format!("bad task id `{s}`"))?,
+            subtask: t.parse().map_err(|_| format!("bad task id `{s}`"))?,
+        })
+    }
+}
+
+/// One input channel of a task: rows from `upstream` over edge `edge`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InputChannel {
+    /// Index in [`Plan::edges`].
+    pub edge: usize,
+    /// The sending task.
+    pub upstream: TaskId,
+}
+
+impl Plan {
+    /// Every task of the plan.
+    pub fn tasks(&self) -> Vec<TaskId> {
+        self.vertices
+            .iter()
+            .flat_map(|v| (0..v.parallelism).map(move |s| TaskId { vertex: v.id, subtask: s }))
+            .collect()
+    }
+
+    /// Chained operator names of a vertex, e.g. `events -> hop`.
+    pub fn vertex_label(&self, vertex: usize) -> String {
+        self.vertices[vertex]
+            .operators
+            .iter()
+            .map(|&o| self.operators[o].name.as_str())
+            .collect::<Vec<_>>()
+            .join(" -> ")
+    }
+
+    /// The largest parallelism of any vertex: the slots this job needs (slot sharing, as in Flink).
+    pub fn slots_needed(&self) -> u32 {
+        self.vertices.iter().map(|v| v.parallelism).max().unwrap_or(0)
+    }
+
+    /// The input channels of a task, in a fixed order both ends agree on.
+    pub fn inputs(&self, task: TaskId) -> Vec<InputChannel> {
+        let mut out = Vec::new();
+        for (i, e) in self.edges.iter().enumerate().filter(|(_, e)| e.to == task.vertex) {
+            let up = self.vertices[e.from].parallelism;
+            match e.partition {
+                Partition::Forward => out.push(InputChannel {
+                    edge: i,
+                    upstream: TaskId { vertex: e.from, subtask: task.subtask },
+                }),
+                _ => out.extend((0..up).map(|s| InputChannel {
+                    edge: i,
+                    upstream: TaskId { vertex: e.from, subtask: s },
+                })),
+            }
+        }
+        out
+    }
+
+    /// Where a task's output on `edge` goes: the receiving tasks with the index of this channel
+    /// among each receiver's inputs.
+    pub fn outputs(&self, task: TaskId, edge: usize) -> Vec<(TaskId, usize)> {
+        let e = &self.edges[edge];
+        let down = self.vertices[e.to].parallelism;
+        let targets: Vec<u32> = match e.partition {
+            Partition::Forward => vec![task.subtask],
+            _ => (0..down).collect(),
+        };
+        targets
+            .into_iter()
+            .map(|s| {
+                let receiver = TaskId { vertex: e.to, subtask: s };
+                let index = self
+                    .inputs(receiver)
+                    .iter()
+                    .position(|c| c.edge == edge && c.upstream == task)
+                    .expect("outputs and inputs are derived from the same edge");
+                (receiver, index)
+            })
+            .collect()
+    }
+}
+
+/// Plans a parsed spec, checking everything that can be checked before running it.
+pub fn plan(spec: &JobSpec) -> Result<Plan, SpecError> {
+    Planner::new(spec)?.run()
+}
+
+enum Stage<'a> {
+    Source(usize),
+    Transform(&'a TransformSpec),
+    Window(&'a WindowSpec),
+    Sink(&'a SinkSpec),
+}
+
+impl Stage<'_> {
+    fn field(&self, spec: &JobSpec) -> String {
+        match self {
+            Stage::Source(i) => format!("source[{}]", spec.sources[*i].name),
+            Stage::Transform(t) => format!("transform[{}]", t.name),
+            Stage::Window(w) => format!("window[{}]", w.name),
+            Stage::Sink(s) => format!("sink[{}]", s.name),
+        }
+    }
+    fn input(&self) -> Option<&str> {
+        match self {
+            Stage::Source(_) => None,
+            Stage::Transform(t) => Some(&t.input),
+            Stage::Window(w) => Some(&w.input),
+            Stage::Sink(s) => Some(&s.input),
+        }
+    }
+}
+
+struct Planner<'a> {
+    spec: &'a JobSpec,
+    max_parallelism: u32,
+    default_parallelism: u32,
+    stages: Vec<(String, Stage<'a>)>,
+    by_name: HashMap<String, usize>,
+    /// Stage index -> operator index, once planned.
+    planned: HashMap<usize, usize>,
+    operators: Vec<Operator>,
+    /// Operator -> (input operator, port, partition).
+    links: Vec<Option<(usize, Port, Partition)>>,
+    /// Operator -> name of its event-time column, carried through transforms.
+    time_columns: Vec<Option<String>>,
+}
+
+impl<'a> Planner<'a> {
+    fn new(spec: &'a JobSpec) -> Result<Planner<'a>, SpecError> {
+        if spec.name.trim().is_empty() {
+            return Err(SpecError::new("name", "must not be empty"));
+        }
+        let max_parallelism = spec.max_parallelism.unwrap_or(DEFAULT_MAX_PARALLELISM);
+        if !(1..=32_768).contains(&max_parallelism) {
+            return Err(SpecError::new("max_parallelism", "must be between 1 and 32768"));
+        }
+        let default_parallelism = spec.parallelism.unwrap_or(1);
+        check_parallelism("parallelism", default_parallelism, max_parallelism)?;
+        if spec.sources.is_empty() {
+            return Err(SpecError::new("source", "a job needs at least one [[source]]"));
+        }
+        if spec.sinks.is_empty() {
+            return Err(SpecError::new("sink", "a job needs at least one [[sink]]"));
+        }
+        let mut stages = Vec::new();
+        stages.extend((0..spec.sources.len()).map(|i| (spec.sources[i].name.clone(), Stage::Source(i))));
+        stages.extend(spec.transforms.iter().map(|t| (t.name.clone(), Stage::Transform(t))));
+        stages.extend(spec.windows.iter().map(|w| (w.name.clone(), Stage::Window(w))));
+        stages.extend(spec.sinks.iter().map(|s| (s.name.clone(), Stage::Sink(s))));
+        let mut by_name = HashMap::new();
+        for (i, (name, stage)) in stages.iter().enumerate() {
+            let valid = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid {
+                return Err(SpecError::new(
+                    format!("{}.name", stage.field(spec)),
+                    "expected a non-empty name of letters, digits, `_` or `-`",
+                ));
+            }
+            if by_name.insert(name.clone(), i).is_some() {
+                return Err(SpecError::new(
+                    format!("{}.name", stage.field(spec)),
+                    format!("stage name `{name}` is used twice; names must be unique"),
+                ));
+            }
+        }
+        Ok(Planner {
+            spec,
+            max_parallelism,
+            default_parallelism,
+            stages,
+            by_name,
+            planned: HashMap::new(),
+            operators: Vec::new(),
+            links: Vec::new(),
+            time_columns: Vec::new(),
+        })
+    }
+
+    fn run(mut self) -> Result<Plan, SpecError> {
+        for i in 0..self.stages.len() {
+            self.plan_stage(i, &mut Vec::new())?;
+        }
+        // Every non-sink stage must feed something, or its work is lost without a word.
+        let mut consumed = vec![false; self.operators.len()];
+        for (input, _, _) in self.links.iter().flatten() {
+            consumed[*input] = true;
+        }
+        for (i, op) in self.operators.iter().enumerate() {
+            if !consumed[i] && !matches!(op.kind, OperatorKind::Sink { .. }) {
+                let stage = &self.stages[self.by_name[&op.name]].1;
+                return Err(SpecError::new(
+                    stage.field(self.spec),
+                    format!("stage `{}` is read by nothing; add a [[sink]] with input = \"{}\"", op.name, op.name),
+                ));
+            }
+        }
+        let (vertices, edges) = self.chain();
+        Ok(Plan {
+            name: self.spec.name.clone(),
+            max_parallelism: self.max_parallelism,
+            operators: self.operators,
+            vertices,
+            edges,
+        })
+    }
+
+    /// Plans stage `i` after its input (depth first), returning its operator index.
+    fn plan_stage(&mut self, i: usize, path: &mut Vec<usize>) -> Result<usize, SpecError> {
+        if let Some(&op) = self.planned.get(&i) {
+            return Ok(op);
+        }
+        let field = self.stages[i].1.field(self.spec);
+        if path.contains(&i) {
+            return Err(SpecError::new(format!("{field}.input"), "stages read each other in a cycle"));
+        }
+        path.push(i);
+        let input = match self.stages[i].1.input() {
+            None => None,
+            Some(raw) => {
+                let (name, port) = match raw.strip_suffix(".late") {
+                    Some(n) => (n, Port::Late),
+                    None => (raw, Port::Main),
+                };
+                let &up = self.by_name.get(name).ok_or_else(|| {
+                    SpecError::new(
+                        format!("{field}.input"),
+                        format!("no stage named `{name}`; stages: {}", self.stage_names()),
+                    )
+                })?;
+                if let Stage::Sink(_) = self.stages[up].1 {
+                    return Err(SpecError::new(format!("{field}.input"), format!("`{name}` is a sink; sinks cannot be read")));
+                }
+                if port == Port::Late && !matches!(self.stages[up].1, Stage::Window(_)) {
+                    return Err(SpecError::new(format!("{field}.input"), format!("`{raw}`: only windows have a `.late` output")));
+                }
+                Some((self.plan_stage(up, path)?, port))
+            }
+        };
+        path.pop();
+        let (op, link, time) = self.build(i, &field, input)?;
+        self.operators.push(op);
+        self.links.push(link);
+        self.time_columns.push(time);
+        let index = self.operators.len() - 1;
+        self.planned.insert(i, index);
+        Ok(index)
+    }
+
+    fn stage_names(&self) -> String {
+        self.stages.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn build(
+        &self,
+        i: usize,
+        field: &str,
+        input: Option<(usize, Port)>,
+    ) -> Result<(Operator, Option<(usize, Port, Partition)>, Option<String>), SpecError> {
+        let at = |suffix: &str| format!("{field}.{suffix}");
+        let input_schema = |(op, port): (usize, Port)| -> Schema {
+            match port {
+                Port::Main => self.operators[op].schema.clone(),
+                Port::Late => self.window_input_schema(op),
+            }
+        };
+        match &self.stages[i].1 {
+            Stage::Source(s) => {
+                let s = &self.spec.sources[*s];
+                let (connector, schema) = connectors::source(&s.connector, &s.options)
+                    .map_err(|m| split_field(field, &m))?;
+                let parallelism = self.parallelism(&at("parallelism"), s.parallelism)?;
+                let event_time = match &s.event_time {
+                    None => None,
+                    Some(et) => {
+                        let column = schema.index_of(&et.column).ok_or_else(|| {
+                            SpecError::new(at("event_time.column"), format!("unknown column `{}`; available: {}", et.column, schema.names()))
+                        })?;
+                        if schema.fields[column].data_type != DataType::Timestamp {
+                            return Err(SpecError::new(at("event_time.column"), format!("`{}` is {}, expected TIMESTAMP", et.column, schema.fields[column].data_type)));
+                        }
+                        let duration = |name: &str, v: &Option<String>, default: i64| match v {
+                            None => Ok(default),
+                            Some(t) => parse_duration_ms(t).map_err(|m| SpecError::new(at(name), m)),
+                        };
+                        Some(EventTime {
+                            column,
+                            allowed_delay_ms: duration("event_time.allowed_delay", &et.allowed_delay, 0)?,
+                            idle_timeout_ms: duration("event_time.idle_timeout", &et.idle_timeout, 5_000)?,
+                        })
+                    }
+                };
+                let time = event_time.map(|e| schema.fields[e.column].name.clone());
+                let op = Operator {
+                    name: s.name.clone(),
+                    kind: OperatorKind::Source { connector, event_time },
+                    parallelism,
+                    schema,
+                };
+                Ok((op, None, time))
+            }
+            Stage::Transform(t) => {
+                let (up, port) = input.expect("transforms have an input");
+                let schema_in = input_schema((up, port));
+                let filter = match &t.filter {
+                    None => None,
+                    Some(sql) => {
+                        let e = Expr::compile(sql, &schema_in).map_err(|e| SpecError::new(at("where"), e.to_string()))?;
+                        if e.data_type() != DataType::Bool {
+                            return Err(SpecError::new(at("where"), format!("must be a BOOLEAN condition, got {}", e.data_type())));
+                        }
+                        Some(e)
+                    }
+                };
+                let (projection, schema) = match &t.select {
+                    None => (None, schema_in.clone()),
+                    Some(sql) => {
+                        let items = parse_select_list(sql).map_err(|e| SpecError::new(at("select"), e.to_string()))?;
+                        let mut exprs = Vec::new();
+                        let mut fields = Vec::new();
+                        for (name, ast) in items {
+                            let e = Expr::from_ast(&ast, &schema_in).map_err(|e| SpecError::new(at("select"), e.to_string()))?;
+                            if fields.iter().any(|f: &Field| f.name.eq_ignore_ascii_case(&name)) {
+                                return Err(SpecError::new(at("select"), format!("column `{name}` appears twice; rename one with AS")));
+                            }
+                            fields.push(Field::new(name, e.data_type()));
+                            exprs.push(e);
+                        }
+                        (Some(exprs), Schema::new(fields))
+                    }
+                };
+                let time = self.time_columns[up].clone().filter(|c| {
+                    port == Port::Main
+                        && match &projection {
+                            None => true,
+                            Some(exprs) => exprs.iter().zip(&schema.fields).any(|(e, f)| {
+                                e.as_column() == schema_in.index_of(c) && f.name.eq_ignore_ascii_case(c)
+                            }),
+                        }
+                });
+                let parallelism = self.parallelism(&at("parallelism"), t.parallelism.or(Some(self.operators[up].parallelism)))?;
+                let partition = self.partition(field, t.partition.as_deref(), t.key.as_deref(), &schema_in, up, parallelism)?;
+                let op = Operator {
+                    name: t.name.clone(),
+                    kind: OperatorKind::Transform { filter, projection },
+                    parallelism,
+                    schema,
+                };
+                Ok((op, Some((up, port, partition)), time))
+            }
+            Stage::Window(w) => {
+                let (up, port) = input.expect("windows have an input");
+                let schema_in = input_schema((up, port));
+                let size_ms = parse_duration_ms(&w.size).map_err(|m| SpecError::new(at("size"), m))?;
+                if size_ms <= 0 {
+                    return Err(SpecError::new(at("size"), "must be longer than 0"));
+                }
+                let slide_ms = match (w.kind.to_ascii_lowercase().as_str(), &w.slide) {
+                    ("tumble", None) => size_ms,
+                    ("tumble", Some(_)) => return Err(SpecError::new(at("slide"), "a tumble window has no slide; remove it or use kind = \"hop\"")),
+                    ("hop", Some(s)) => parse_duration_ms(s).map_err(|m| SpecError::new(at("slide"), m))?,
+                    ("hop", None) => return Err(SpecError::new(at("slide"), "a hop window needs a slide, e.g. slide = \"5s\"")),
+                    (other, _) => return Err(SpecError::new(at("kind"), format!("unknown window kind `{other}`; expected tumble or hop"))),
+                };
+                if slide_ms <= 0 || slide_ms > size_ms {
+                    return Err(SpecError::new(at("slide"), "must be longer than 0 and no longer than size"));
+                }
+                if w.key.is_empty() {
+                    return Err(SpecError::new(at("key"), "a window needs at least one key column"));
+                }
+                let mut key = Vec::new();
+                for k in &w.key {
+                    key.push(schema_in.index_of(k).ok_or_else(|| {
+                        SpecError::new(at("key"), format!("unknown column `{k}`; available: {}", schema_in.names()))
+                    })?);
+                }
+                let time_name = match (&w.time, &self.time_columns[up]) {
+                    (Some(t), _) => t.clone(),
+                    (None, Some(t)) if port == Port::Main => t.clone(),
+                    _ => return Err(SpecError::new(at("time"), "no event-time column reaches this window; set `time` to a TIMESTAMP column or `event_time` on the source")),
+                };
+                let time_column = schema_in.index_of(&time_name).ok_or_else(|| {
+                    SpecError::new(at("time"), format!("unknown column `{time_name}`; available: {}", schema_in.names()))
+                })?;
+                if schema_in.fields[time_column].data_type != DataType::Timestamp {
+                    return Err(SpecError::new(at("time"), format!("`{time_name}` is {}, expected TIMESTAMP", schema_in.fields[time_column].data_type)));
+                }
+                let aggregates = self.aggregates(&at("aggregates"), &w.aggregates, &schema_in)?;
+                let mut fields: Vec<Field> = key.iter().map(|&k| schema_in.fields[k].clone()).collect();
+                fields.push(Field::new("window_start", DataType::Timestamp));
+                fields.push(Field::new("window_end", DataType::Timestamp));
+                for a in &aggregates {
+                    if fields.iter().any(|f| f.name.eq_ignore_ascii_case(&a.name)) {
+                        return Err(SpecError::new(at("aggregates"), format!("output column `{}` appears twice; rename it with AS", a.name)));
+                    }
+                    fields.push(Field::new(a.name.clone(), a.data_type));
+                }
+                let parallelism = self.parallelism(&at("parallelism"), w.parallelism)?;
+                let op = Operator {
+                    name: w.name.clone(),
+                    kind: OperatorKind::Window(WindowPlan { size_ms, slide_ms, key: key.clone(), time_column, aggregates }),
+                    parallelism,
+                    schema: Schema::new(fields),
+                };
+                Ok((op, Some((up, port, Partition::Hash(key))), Some("window_end".into())))
+            }
+            Stage::Sink(s) => {
+                let (up, port) = input.expect("sinks have an input");
+                let schema_in = input_schema((up, port));
+                let connector = connectors::sink(&s.connector, &s.options).map_err(|m| split_field(field, &m))?;
+                let parallelism = self.parallelism(&at("parallelism"), s.parallelism.or(Some(self.operators[up].parallelism)))?;
+                let partition = self.partition(field, s.partition.as_deref(), None, &schema_in, up, parallelism)?;
+                let op = Operator { name: s.name.clone(), kind: OperatorKind::Sink { connector }, parallelism, schema: schema_in };
+                Ok((op, Some((up, port, partition)), None))
+            }
+        }
+    }
+
+    fn window_input_schema(&self, window_op: usize) -> Schema {
+        let input = self.links[window_op].as_ref().expect("a window has an input");
+        match input.1 {
+            Port::Main => self.operators[input.0].schema.clone(),
+            Port::Late => self.window_input_schema(input.0),
+        }
+    }
+
+    fn parallelism(&self, field: &str, p: Option<u32>) -> Result<u32, SpecError> {
+        let p = p.unwrap_or(self.default_parallelism);
+        check_parallelism(field, p, self.max_parallelism)?;
+        Ok(p)
+    }
+
+    fn partition(
+        &self,
+        field: &str,
+        requested: Option<&str>,
+        key: Option<&[String]>,
+        schema_in: &Schema,
+        up: usize,
+        parallelism: u32,
+    ) -> Result<Partition, SpecError> {
+        let up_parallelism = self.operators[up].parallelism;
+        let at = format!("{field}.partition");
+        let p = match requested {
+            None if up_parallelism == parallelism => Partition::Forward,
+            None if parallelism == 1 => Partition::Global,
+            None => Partition::Rebalance,
+            Some("forward") if up_parallelism != parallelism => {
+                return Err(SpecError::new(at, format!("forward needs equal parallelism, but the input has {up_parallelism} and this stage {parallelism}")))
+            }
+            Some("forward") => Partition::Forward,
+            Some("rebalance") => Partition::Rebalance,
+            Some("broadcast") => Partition::Broadcast,
+            Some("global") if parallelism != 1 => {
+                return Err(SpecError::new(at, "global sends everything to one task; set parallelism = 1"))
+            }
+            Some("global") => Partition::Global,
+            Some("hash") => {
+                let key = key.filter(|k| !k.is_empty()).ok_or_else(|| {
+                    SpecError::new(format!("{field}.key"), "partition = \"hash\" needs key = [\"column\", …]")
+                })?;
+                let mut cols = Vec::new();
+                for k in key {
+                    cols.push(schema_in.index_of(k).ok_or_else(|| {
+                        SpecError::new(format!("{field}.key"), format!("unknown column `{k}`; available: {}", schema_in.names()))
+                    })?);
+                }
+                Partition::Hash(cols)
+            }
+            Some(other) => {
+                return Err(SpecError::new(at, format!("unknown partition `{other}`; expected forward, rebalance, hash, broadcast or global")))
+            }
+        };
+        if key.is_some() && !matches!(p, Partition::Hash(_)) {
+            return Err(SpecError::new(format!("{field}.key"), "key is only used with partition = \"hash\""));
+        }
+        Ok(p)
+    }
+
+    fn aggregates(&self, field: &str, sql: &str, schema: &Schema) -> Result<Vec<Aggregate>, SpecError> {
+        let items = parse_select_list(sql).map_err(|e| SpecError::new(field, e.to_string()))?;
+        if items.is_empty() {
+            return Err(SpecError::new(field, "expected at least one aggregate, e.g. `SUM(score) AS total`"));
+        }
+        let mut out = Vec::new();
+        for (name, ast) in items {
+            let ast::Expr::Function(f) = &ast else {
+                return Err(SpecError::new(field, format!("`{ast}` is not an aggregate; expected SUM, COUNT, MIN, MAX or AVG of an expression")));
+            };
+            let func = match f.name.to_string().to_ascii_uppercase().as_str() {
+                "SUM" => AggFunc::Sum,
+                "COUNT" => AggFunc::Count,
+                "MIN" => AggFunc::Min,
+                "MAX" => AggFunc::Max,
+                "AVG" => AggFunc::Avg,
+                other => return Err(SpecError::new(field, format!("unknown aggregate `{other}`; expected SUM, COUNT, MIN, MAX or AVG"))),
+            };
+            let args = match &f.args {
+                FunctionArguments::List(l) if l.duplicate_treatment.is_none() && l.clauses.is_empty() => &l.args,
+                _ => return Err(SpecError::new(field, format!("`{ast}`: expected one argument, e.g. SUM(score)"))),
+            };
+            let arg = match args.as_slice() {
+                [FunctionArg::Unnamed(FunctionArgExpr::Wildcard)] if func == AggFunc::Count => None,
+                [FunctionArg::Unnamed(FunctionArgExpr::Expr(e))] => {
+                    Some(Expr::from_ast(e, schema).map_err(|e| SpecError::new(field, e.to_string()))?)
+                }
+                _ => return Err(SpecError::new(field, format!("`{ast}`: expected one argument, e.g. SUM(score)"))),
+            };
+            let arg_type = arg.as_ref().map(|a| a.data_type());
+            let data_type = match (func, arg_type) {
+                (AggFunc::Count, _) => DataType::Int,
+                (AggFunc::Sum, Some(t)) if t.is_numeric() => t,
+                (AggFunc::Avg, Some(t)) if t.is_numeric() => DataType::Float,
+                (AggFunc::Min | AggFunc::Max, Some(t)) if t != DataType::Bool => t,
+                (_, t) => {
+                    return Err(SpecError::new(field, format!(
+                        "`{ast}`: cannot aggregate {}; SUM and AVG need a number, MIN and MAX a number, string or timestamp",
+                        t.map(|t| t.to_string()).unwrap_or_default()
+                    )))
+                }
+            };
+            out.push(Aggregate { name, func, arg, data_type });
+        }
+        Ok(out)
+    }
+
+    /// Groups operators into vertices and derives the edges between them.
+    fn chain(&self) -> (Vec<Vertex>, Vec<Edge>) {
+        let n = self.operators.len();
+        let mut consumers: Vec<Vec<usize>> = vec![Vec::new(); n];
+        for (op, link) in self.links.iter().enumerate() {
+            if let Some((up, _, _)) = link {
+                consumers[*up].push(op);
+            }
+        }
+        // An operator joins its input's chain when it is that input's only consumer, reads its main
+        // output through a forward exchange, and runs at the same parallelism.
+        let chained = |op: usize| match &self.links[op] {
+            Some((up, Port::Main, Partition::Forward)) => {
+                consumers[*up].len() == 1 && self.operators[*up].parallelism == self.operators[op].parallelism
+            }
+            _ => false,
+        };
+        let mut vertex_of = vec![usize::MAX; n];
+        let mut vertices: Vec<Vertex> = Vec::new();
+        for op in 0..n {
+            if chained(op) {
+                let up = self.links[op].as_ref().expect("chained operators have an input").0;
+                let v = vertex_of[up];
+                vertices[v].operators.push(op);
+                vertex_of[op] = v;
+            } else {
+                vertex_of[op] = vertices.len();
+                vertices.push(Vertex { id: vertices.len(), operators: vec![op], parallelism: self.operators[op].parallelism });
+            }
+        }
+        let edges = (0..n)
+            .filter(|&op| !chained(op))
+            .filter_map(|op| {
+                let (up, port, partition) = self.links[op].clone()?;
+                Some(Edge { from: vertex_of[up], port, to: vertex_of[op], partition })
+            })
+            .collect();
+        (vertices, edges)
+    }
+}
+
+fn check_parallelism(field: &str, p: u32, max: u32) -> Result<(), SpecError> {
+    if p == 0 || p > max {
+        return Err(SpecError::new(field, format!("must be between 1 and max_parallelism ({max}), got {p}")));
+    }
+    Ok(())
+}
+
+/// Connector messages start with the option's path (`options.count: …`); attach it to the stage.
+fn split_field(stage: &str, message: &str) -> SpecError {
+    match message.split_once(": ") {
+        Some((path, rest)) if !path.contains(' ') => SpecError::new(format!("{stage}.{path}"), rest),
+        _ => SpecError::new(stage, message),
+    }
+}

@@ -1,0 +1,258 @@
+//! The job-spec file format (TOML) and its `${VAR}` substitution.
+//!
+//! A spec lists stages by kind — `[[source]]`, `[[transform]]`, `[[window]]`, `[[sink]]` — each with
+//! a unique `name` and (except sources) an `input` naming the stage it reads. A window's late records
+//! are readable as the stage `<window>.late`. See the README for a full example.
+
+use serde::Deserialize;
+
+use crate::SpecError;
+
+/// A whole job spec, as written.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// Job name, shown by `eddy jobs`.
+    pub name: String,
+    /// Default parallelism of every stage that sets none (default 1).
+    pub parallelism: Option<u32>,
+    /// Number of key groups hash exchanges route by (default 128); bounds any stage's parallelism.
+    pub max_parallelism: Option<u32>,
+    /// Sources.
+    #[serde(default, rename = "source")]
+    pub sources: Vec<SourceSpec>,
+    /// Row-wise transforms (projection and filter).
+    #[serde(default, rename = "transform")]
+    pub transforms: Vec<TransformSpec>,
+    /// Keyed event-time windows.
+    #[serde(default, rename = "window")]
+    pub windows: Vec<WindowSpec>,
+    /// Sinks.
+    #[serde(default, rename = "sink")]
+    pub sinks: Vec<SinkSpec>,
+}
+
+/// A `[[source]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// Stage name.
+    pub name: String,
+    /// Connector name, e.g. `generator`.
+    pub connector: String,
+    /// Parallel instances.
+    pub parallelism: Option<u32>,
+    /// Connector options; each connector checks its own.
+    #[serde(default)]
+    pub options: toml::Table,
+    /// Event-time column and watermark settings.
+    pub event_time: Option<EventTimeSpec>,
+}
+
+/// How a source assigns event time and watermarks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventTimeSpec {
+    /// A TIMESTAMP column of the source.
+    pub column: String,
+    /// Watermark = max event time seen − this delay (default `0s`).
+    pub allowed_delay: Option<String>,
+    /// After this long without records the watermark advances with wall-clock time (default `5s`).
+    pub idle_timeout: Option<String>,
+}
+
+/// A `[[transform]]` table: `SELECT <select> FROM <input> WHERE <where>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformSpec {
+    /// Stage name.
+    pub name: String,
+    /// The stage read.
+    pub input: String,
+    /// SQL select list, e.g. `k, score * 2 AS doubled, ts`; default: all columns.
+    pub select: Option<String>,
+    /// SQL filter; rows where it is not TRUE are dropped.
+    #[serde(rename = "where")]
+    pub filter: Option<String>,
+    /// Parallel instances.
+    pub parallelism: Option<u32>,
+    /// Exchange from the input: `forward`, `rebalance`, `hash`, `broadcast` or `global`.
+    pub partition: Option<String>,
+    /// Columns to hash by when `partition = "hash"`.
+    pub key: Option<Vec<String>>,
+}
+
+/// A `[[window]]` table: a keyed TUMBLE or HOP window on event time.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSpec {
+    /// Stage name.
+    pub name: String,
+    /// The stage read.
+    pub input: String,
+    /// `tumble` or `hop`.
+    pub kind: String,
+    /// Window length, e.g. `10m`.
+    pub size: String,
+    /// Distance between window starts (HOP only), e.g. `5s`.
+    pub slide: Option<String>,
+    /// Grouping columns.
+    pub key: Vec<String>,
+    /// Aggregates as a SQL list: `SUM(score) AS total, COUNT(*) AS n`.
+    pub aggregates: String,
+    /// The TIMESTAMP column windows are assigned by (default: the source's event-time column).
+    pub time: Option<String>,
+    /// Parallel instances.
+    pub parallelism: Option<u32>,
+}
+
+/// A `[[sink]]` table.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSpec {
+    /// Stage name.
+    pub name: String,
+    /// The stage read (`<window>.late` for a window's late records).
+    pub input: String,
+    /// Connector name, e.g. `file` or `discard`.
+    pub connector: String,
+    /// Parallel instances (default: the input's).
+    pub parallelism: Option<u32>,
+    /// Exchange from the input, as for transforms.
+    pub partition: Option<String>,
+    /// Connector options.
+    #[serde(default)]
+    pub options: toml::Table,
+}
+
+impl JobSpec {
+    /// Parses a spec's text (after [`substitute_env`]).
+    pub fn parse(text: &str) -> Result<JobSpec, SpecError> {
+        toml::from_str(text).map_err(|e| {
+            let field = e
+                .span()
+                .map(|span| key_at(text, span.start))
+                .unwrap_or_default();
+            SpecError::new(field, e.message().to_string())
+        })
+    }
+}
+
+/// The dotted path of the TOML key whose value starts at byte `offset`, best effort, for messages.
+fn key_at(text: &str, offset: usize) -> String {
+    let before = &text[..offset.min(text.len())];
+    let table = before
+        .lines()
+        .rev()
+        .find_map(|l| {
+            let t = l.trim();
+            t.starts_with('[').then(|| t.trim_matches(|c| c == '[' || c == ']').to_string())
+        })
+        .unwrap_or_default();
+    let line = before.rsplit('\n').next().unwrap_or("");
+    let key = line.split('=').next().unwrap_or("").trim();
+    match (table.is_empty(), key.is_empty() || line.trim_start().starts_with('[')) {
+        (true, false) => key.to_string(),
+        (false, false) => format!("{table}.{key}"),
+        (false, true) => table,
+        (true, true) => String::new(),
+    }
+}
+
+/// Replaces `${VAR}` with the variable's value and `${VAR:-default}` with the value or the default.
+/// A `${VAR}` whose variable is unset is an error naming it.
+pub fn substitute_env(
+    text: &str,
+    lookup: impl Fn(&str) -> Option<String>,
+) -> Result<String, SpecError> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| {
+            SpecError::new("", format!("unterminated `${{` near `{}`", first_line(&rest[start..])))
+        })?;
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((n, d)) => (n, Some(d)),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(SpecError::new("", format!("bad variable reference `${{{inner}}}`: expected ${{NAME}} or ${{NAME:-default}}")));
+        }
+        match (lookup(name), default) {
+            (Some(v), _) => out.push_str(&v),
+            (None, Some(d)) => out.push_str(d),
+            (None, None) => {
+                return Err(SpecError::new(
+                    "",
+                    format!("environment variable `{name}` is not set; set it or write `${{{name}:-default}}`"),
+                ))
+            }
+        }
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}
+
+/// Parses a duration such as `500ms`, `5s`, `10m`, `1h` into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: i64 = num
+        .parse()
+        .map_err(|_| format!("bad duration `{text}`: expected a whole number and a unit (ms, s, m, h), e.g. `5s`"))?;
+    let scale = match unit.trim() {
+        "ms" => 1,
+        "s" | "sec" => 1_000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(format!("bad duration `{text}`: unknown unit `{}`; use ms, s, m or h, e.g. `5s`", unit.trim())),
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("bad duration `{text}`: too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        (name == "OUT").then(|| "/tmp/x".to_string())
+    }
+
+    #[test]
+    fn substitutes_variables_and_defaults() {
+        let s = substitute_env("a=${OUT}/f b=${PORT:-9000} c=$plain", env).unwrap();
+        assert_eq!(s, "a=/tmp/x/f b=9000 c=$plain");
+    }
+
+    #[test]
+    fn unset_variable_is_named() {
+        let e = substitute_env("x = \"${MISSING}\"", env).unwrap_err();
+        assert!(e.to_string().contains("`MISSING` is not set"), "{e}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("10m"), Ok(600_000));
+        assert_eq!(parse_duration_ms("5s"), Ok(5_000));
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        assert!(parse_duration_ms("5 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration_ms("fast").unwrap_err().contains("bad duration"));
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = JobSpec::parse("name = \"j\"\n[[source]]\nname = \"s\"\nconnector = \"generator\"\nparalelism = 2\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("paralelism"), "{e}");
+        assert!(e.field.contains("source"), "{e:?}");
+    }
+}

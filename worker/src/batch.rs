@@ -1,0 +1,72 @@
+//! Batches of rows, the unit that moves through tasks and exchanges, and the in-band messages
+//! (data, watermarks, end of stream) that travel with them.
+
+use eddy_jobs::{Row, Value};
+
+/// Whether a row adds to or retracts from results downstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// A new row.
+    Insert,
+    /// Retracts an earlier identical row (an upsert's old version, or a delete).
+    Retract,
+}
+
+/// Rows with their changelog operation, moved and routed together.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Batch {
+    /// The rows.
+    pub rows: Vec<Row>,
+    /// One op per row.
+    pub ops: Vec<Op>,
+}
+
+impl Batch {
+    /// An empty batch with room for `n` rows.
+    pub fn with_capacity(n: usize) -> Batch {
+        Batch { rows: Vec::with_capacity(n), ops: Vec::with_capacity(n) }
+    }
+
+    /// A batch of inserts.
+    pub fn inserts(rows: Vec<Row>) -> Batch {
+        let ops = vec![Op::Insert; rows.len()];
+        Batch { rows, ops }
+    }
+
+    /// Appends one row.
+    pub fn push(&mut self, row: Row, op: Op) {
+        self.rows.push(row);
+        self.ops.push(op);
+    }
+
+    /// Number of rows.
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether there are no rows.
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// Rough in-memory size of a row, used to bound batches by bytes.
+pub fn row_bytes(row: &Row) -> usize {
+    row.iter()
+        .map(|v| match v {
+            Value::String(s) => 24 + s.len(),
+            _ => 24,
+        })
+        .sum()
+}
+
+/// What flows on a channel between tasks, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Message {
+    /// Rows.
+    Data(Batch),
+    /// No row with an event time at or below this (Unix ms) will follow on this channel.
+    Watermark(i64),
+    /// The sender has finished; nothing follows.
+    End,
+}

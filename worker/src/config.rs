@@ -1,0 +1,25 @@
+//! Worker configuration: defaults, then environment (`EDDY_*`), then flags (see `main.rs`).
+
+/// What a worker needs to know to join a cluster.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Unique id of this worker.
+    pub worker_id: String,
+    /// Coordinator `host:port` (or a full `http://` URL).
+    pub coordinator: String,
+    /// Task slots offered (parallel pipelines this worker runs).
+    pub slots: u32,
+    /// `host:port` other workers reach this worker's data service on.
+    pub advertised_address: String,
+}
+
+impl WorkerConfig {
+    /// The coordinator as a URL.
+    pub fn coordinator_url(&self) -> String {
+        if self.coordinator.contains("://") {
+            self.coordinator.clone()
+        } else {
+            format!("http://{}", self.coordinator)
+        }
+    }
+}

@@ -1,0 +1,253 @@
+//! The worker's side of the control plane: register with the coordinator, keep one stream open,
+//! send heartbeats (carrying task metrics) on it, and run or cancel tasks as ordered. Orders carry
+//! the job's attempt; an order for an older attempt than one already seen is ignored.
+//!
+//! When the stream breaks, every running task is cancelled (the coordinator has declared this worker
+//! lost and will not count on them) and the worker reconnects with backoff.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eddy_jobs::TaskId;
+use eddy_proto::cluster_service_client::ClusterServiceClient;
+use eddy_proto::coordinator_message::Msg as Order;
+use eddy_proto::worker_message::Msg as Report;
+use eddy_proto::{DeployTasks, Heartbeat, Register, TaskMetrics as WireMetrics, TaskState, TaskUpdate, WorkerMessage};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::WorkerConfig;
+use crate::exchange::{Inboxes, Peers};
+use crate::task::{self, TaskContext, TaskMetrics};
+
+struct RunningJob {
+    attempt: u64,
+    cancel: CancellationToken,
+    tasks: HashMap<TaskId, Arc<TaskMetrics>>,
+}
+
+/// Owns the worker's job table; all changes go through its single loop.
+pub struct Control {
+    config: Arc<WorkerConfig>,
+    inboxes: Inboxes,
+    peers: Peers,
+    jobs: HashMap<String, RunningJob>,
+    shutdown: CancellationToken,
+}
+
+struct Finished {
+    job_id: String,
+    attempt: u64,
+    task: TaskId,
+    result: Option<crate::error::Result<()>>,
+}
+
+impl Control {
+    /// A control loop for this worker.
+    pub fn new(config: Arc<WorkerConfig>, inboxes: Inboxes, shutdown: CancellationToken) -> Control {
+        Control { config, inboxes, peers: Peers::default(), jobs: HashMap::new(), shutdown }
+    }
+
+    /// Connects, serves one session, and reconnects until shutdown.
+    pub async fn run(mut self) {
+        let mut backoff = Duration::from_millis(200);
+        let shutdown = self.shutdown.clone();
+        loop {
+            let result = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                r = self.session() => r,
+            };
+            self.cancel_all("lost the coordinator");
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(coordinator = %self.config.coordinator, error = %e, retry_in_ms = backoff.as_millis() as u64, "control session ended; reconnecting");
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+        self.cancel_all("shutting down");
+    }
+
+    fn cancel_all(&mut self, why: &str) {
+        for (job_id, job) in self.jobs.drain() {
+            info!(job_id, attempt = job.attempt, why, "cancelling job tasks");
+            job.cancel.cancel();
+            self.inboxes.remove(&job_id, job.attempt);
+        }
+    }
+
+    async fn session(&mut self) -> anyhow::Result<()> {
+        let mut client = ClusterServiceClient::connect(self.config.coordinator_url()).await?;
+        let (tx, rx) = mpsc::channel::<WorkerMessage>(64);
+        tx.send(WorkerMessage {
+            msg: Some(Report::Register(Register {
+                worker_id: self.config.worker_id.clone(),
+                slots: self.config.slots,
+                data_address: self.config.advertised_address.clone(),
+            })),
+        })
+        .await?;
+        let mut orders = client.control(ReceiverStream::new(rx)).await?.into_inner();
+        let interval = match orders.message().await?.and_then(|m| m.msg) {
+            Some(Order::Registered(r)) => Duration::from_millis(r.heartbeat_interval_ms.max(50)),
+            _ => anyhow::bail!("coordinator did not acknowledge registration"),
+        };
+        info!(worker_id = %self.config.worker_id, slots = self.config.slots, "registered with coordinator");
+        let mut heartbeat = tokio::time::interval(interval);
+        let (done_tx, mut done_rx) = mpsc::channel::<Finished>(256);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return Ok(()),
+                // Orders from the coordinator; a closed stream ends the session.
+                order = orders.message() => match order?.and_then(|m| m.msg) {
+                    Some(Order::Deploy(d)) => self.deploy(d, &tx, &done_tx).await?,
+                    Some(Order::Cancel(c)) => {
+                        if let Some(job) = self.jobs.get(&c.job_id).filter(|j| j.attempt <= c.attempt) {
+                            info!(job_id = %c.job_id, attempt = c.attempt, "cancel ordered");
+                            job.cancel.cancel();
+                        }
+                    }
+                    Some(Order::Registered(_)) => {}
+                    None => anyhow::bail!("coordinator closed the control stream"),
+                },
+                // A task ended: report it, forget the job once all its tasks are done.
+                Some(done) = done_rx.recv() => {
+                    let update = self.finished(done);
+                    tx.send(WorkerMessage { msg: Some(Report::TaskUpdate(update)) }).await?;
+                }
+                _ = heartbeat.tick() => {
+                    let tasks = self.jobs.iter().flat_map(|(job_id, job)| {
+                        job.tasks.iter().map(move |(t, m)| update(job_id, job.attempt, *t, TaskState::Running, String::new(), m))
+                    }).collect();
+                    tx.send(WorkerMessage { msg: Some(Report::Heartbeat(Heartbeat { tasks })) }).await?;
+                }
+            }
+        }
+    }
+
+    async fn deploy(&mut self, d: DeployTasks, tx: &mpsc::Sender<WorkerMessage>, done: &mpsc::Sender<Finished>) -> anyhow::Result<()> {
+        if let Some(existing) = self.jobs.get(&d.job_id) {
+            if existing.attempt > d.attempt {
+                warn!(job_id = %d.job_id, attempt = d.attempt, current = existing.attempt, "ignoring deploy for an old attempt");
+                return Ok(());
+            }
+            existing.cancel.cancel();
+            self.inboxes.remove(&d.job_id, existing.attempt);
+        }
+        self.inboxes.fence(&d.job_id, d.attempt);
+        let cancel = self.shutdown.child_token();
+        let plan = eddy_jobs::compile(&d.spec);
+        let mut job = RunningJob { attempt: d.attempt, cancel: cancel.clone(), tasks: HashMap::new() };
+        let mut placement = HashMap::new();
+        for (t, addr) in &d.placement {
+            if let Ok(id) = t.parse::<TaskId>() {
+                placement.insert(id, addr.clone());
+            }
+        }
+        let placement = Arc::new(placement);
+        for id in &d.task_ids {
+            let task: TaskId = match id.parse() {
+                Ok(t) => t,
+                Err(e) => anyhow::bail!("coordinator sent a bad task id: {e}"),
+            };
+            let metrics = Arc::new(TaskMetrics::default());
+            job.tasks.insert(task, metrics.clone());
+            let plan = match &plan {
+                Ok(p) => Arc::new(p.clone()),
+                Err(e) => {
+                    // The coordinator validated this spec; a failure here means mismatched versions.
+                    let r = Err(crate::error::TaskError::internal(format!("cannot plan the job on this worker: {e}")));
+                    done.send(Finished { job_id: d.job_id.clone(), attempt: d.attempt, task, result: Some(r) }).await?;
+                    continue;
+                }
+            };
+            let ctx = TaskContext {
+                job_id: d.job_id.clone(),
+                attempt: d.attempt,
+                task,
+                plan,
+                placement: placement.clone(),
+                local_address: self.config.advertised_address.clone(),
+                inboxes: self.inboxes.clone(),
+                peers: self.peers.clone(),
+                metrics: metrics.clone(),
+            };
+            tx.send(WorkerMessage {
+                msg: Some(Report::TaskUpdate(update(&d.job_id, d.attempt, task, TaskState::Running, String::new(), &metrics))),
+            })
+            .await?;
+            let cancel = cancel.clone();
+            let done = done.clone();
+            let (job_id, attempt) = (d.job_id.clone(), d.attempt);
+            tokio::spawn(async move {
+                let result = tokio::select! {
+                    biased;
+                    _ = cancel.cancelled() => None,
+                    r = task::run(ctx) => Some(r),
+                };
+                // The control loop may be gone (shutdown); then nobody needs the report.
+                let _ = done.send(Finished { job_id, attempt, task, result }).await;
+            });
+        }
+        info!(job_id = %d.job_id, attempt = d.attempt, tasks = d.task_ids.len(), "deployed tasks");
+        self.jobs.insert(d.job_id, job);
+        Ok(())
+    }
+
+    fn finished(&mut self, done: Finished) -> TaskUpdate {
+        let (state, error) = match &done.result {
+            None => (TaskState::Cancelled, String::new()),
+            Some(Ok(())) => (TaskState::Finished, String::new()),
+            Some(Err(e)) => (TaskState::Failed, format!("{e} ({:?} error)", e.blame)),
+        };
+        match &done.result {
+            Some(Err(e)) => warn!(job_id = %done.job_id, attempt = done.attempt, task = %done.task, error = %e, "task failed"),
+            _ => info!(job_id = %done.job_id, attempt = done.attempt, task = %done.task, state = ?state, "task ended"),
+        }
+        let mut metrics = Arc::new(TaskMetrics::default());
+        if let Some(job) = self.jobs.get_mut(&done.job_id).filter(|j| j.attempt == done.attempt) {
+            if let Some(m) = job.tasks.remove(&done.task) {
+                metrics = m;
+            }
+            if matches!(state, TaskState::Failed) {
+                // One failed task fails the attempt; stop its siblings here rather than let them block.
+                job.cancel.cancel();
+            }
+            if job.tasks.is_empty() {
+                self.jobs.remove(&done.job_id);
+                self.inboxes.remove(&done.job_id, done.attempt);
+            }
+        }
+        update(&done.job_id, done.attempt, done.task, state, error, &metrics)
+    }
+}
+
+fn update(job_id: &str, attempt: u64, task: TaskId, state: TaskState, error: String, m: &TaskMetrics) -> TaskUpdate {
+    TaskUpdate {
+        job_id: job_id.to_string(),
+        attempt,
+        task_id: task.to_string(),
+        state: state as i32,
+        error,
+        metrics: Some(WireMetrics {
+            records_in: m.records_in.load(Ordering::Relaxed),
+            records_out: m.records_out.load(Ordering::Relaxed),
+            late_records: m.late_records.load(Ordering::Relaxed),
+            watermark_ms: m.watermark.load(Ordering::Relaxed),
+            batches_in: m.batches_in.load(Ordering::Relaxed),
+            batches_out: m.batches_out.load(Ordering::Relaxed),
+        }),
+    }
+}

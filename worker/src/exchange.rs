@@ -1,0 +1,374 @@
+//! Exchanges: how batches reach the next task. Within a worker a task's inbox is a bounded channel;
+//! across workers, one gRPC stream per (sender, receiver) pair feeds the receiver's inbox, and
+//! HTTP/2 flow control stops the sender while the inbox is full. Either way a slow consumer
+//! backpressures its producers, and memory stays bounded.
+//!
+//! A [`Router`] sits at the end of every chain that is not a sink: it partitions rows per edge
+//! (forward, rebalance, hash by key group, broadcast, global) into per-receiver buffers bounded by
+//! rows and bytes, and flushes them when full, before control messages, or after a short linger.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eddy_jobs::plan::{Partition, Plan, Port};
+use eddy_jobs::TaskId;
+use eddy_proto::data_service_client::DataServiceClient;
+use eddy_proto::data_service_server::DataService;
+use eddy_proto::{ChannelHeader, ExchangeAck, ExchangeFrame};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::batch::{row_bytes, Batch, Message};
+use crate::codec;
+use crate::error::{Result, TaskError};
+use crate::keys::{hash_key, key_group, subtask_for};
+
+/// Most rows a batch carries before it is sent.
+pub const BATCH_ROWS: usize = 1024;
+/// Most bytes (estimated) a batch carries before it is sent.
+pub const BATCH_BYTES: usize = 256 * 1024;
+/// How long a partly filled batch may wait for more rows.
+pub const LINGER: Duration = Duration::from_millis(10);
+/// Messages an inbox holds before its senders wait.
+pub const INBOX_CAPACITY: usize = 16;
+/// Frames buffered per outgoing remote stream.
+const REMOTE_BUFFER: usize = 4;
+
+/// A message for a task, tagged with the input channel it came on.
+#[derive(Debug)]
+pub struct Delivery {
+    /// Index into the task's input channels (`Plan::inputs`).
+    pub input: usize,
+    /// What arrived.
+    pub msg: Message,
+}
+
+/// Identifies an inbox: one task of one job attempt.
+pub type InboxKey = (String, u64, TaskId);
+
+struct Slot {
+    tx: mpsc::Sender<Delivery>,
+    rx: Option<mpsc::Receiver<Delivery>>,
+}
+
+#[derive(Default)]
+struct InboxTable {
+    slots: HashMap<InboxKey, Slot>,
+    /// Newest attempt seen per job: older attempts are fenced off.
+    attempts: HashMap<String, u64>,
+}
+
+/// The inboxes of this worker's tasks, created by whichever comes first: the task, or a sender.
+#[derive(Clone, Default)]
+pub struct Inboxes {
+    inner: Arc<Mutex<InboxTable>>,
+}
+
+impl Inboxes {
+    fn table(&self) -> std::sync::MutexGuard<'_, InboxTable> {
+        // A panic while holding this lock leaves plain maps behind, still consistent.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A sender into the inbox of `key`, or `None` if its attempt has been superseded.
+    pub fn sender(&self, key: &InboxKey) -> Option<mpsc::Sender<Delivery>> {
+        let mut t = self.table();
+        if t.attempts.get(&key.0).is_some_and(|&a| a > key.1) {
+            return None;
+        }
+        Some(
+            t.slots
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
+                    Slot { tx, rx: Some(rx) }
+                })
+                .tx
+                .clone(),
+        )
+    }
+
+    /// Takes the receiving end of `key`'s inbox (once).
+    pub fn receiver(&self, key: &InboxKey) -> Option<mpsc::Receiver<Delivery>> {
+        self.sender(key)?;
+        self.table().slots.get_mut(key).and_then(|s| s.rx.take())
+    }
+
+    /// Records that `attempt` is the newest of `job`, dropping inboxes of older attempts.
+    pub fn fence(&self, job: &str, attempt: u64) {
+        let mut t = self.table();
+        t.attempts.insert(job.to_string(), attempt);
+        t.slots.retain(|k, _| k.0 != job || k.1 >= attempt);
+    }
+
+    /// Drops every inbox of a job attempt.
+    pub fn remove(&self, job: &str, attempt: u64) {
+        self.table().slots.retain(|k, _| k.0 != job || k.1 != attempt);
+    }
+}
+
+/// gRPC clients to other workers' data services, one connection per address.
+#[derive(Clone, Default)]
+pub struct Peers {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+impl Peers {
+    fn client(&self, address: &str) -> Result<DataServiceClient<Channel>> {
+        let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(address) {
+            return Ok(DataServiceClient::new(c.clone()));
+        }
+        let channel = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|e| TaskError::internal(format!("bad worker address `{address}`: {e}")))?
+            .connect_timeout(Duration::from_secs(3))
+            .tcp_nodelay(true)
+            .connect_lazy();
+        map.insert(address.to_string(), channel.clone());
+        Ok(DataServiceClient::new(channel))
+    }
+}
+
+/// The sending end of one channel to one receiving task.
+pub enum Output {
+    /// Same worker: straight into the receiver's inbox.
+    Local { tx: mpsc::Sender<Delivery>, input: usize },
+    /// Another worker: frames over a gRPC stream.
+    Remote { tx: mpsc::Sender<ExchangeFrame>, address: String },
+}
+
+impl Output {
+    /// Opens a channel from this task to `receiver`, whose input `input` it is.
+    pub fn open(
+        job: &str,
+        attempt: u64,
+        receiver: TaskId,
+        input: usize,
+        address: &str,
+        local_address: &str,
+        inboxes: &Inboxes,
+        peers: &Peers,
+    ) -> Result<Output> {
+        if address == local_address {
+            let tx = inboxes
+                .sender(&(job.to_string(), attempt, receiver))
+                .ok_or_else(|| TaskError::internal("job attempt superseded"))?;
+            return Ok(Output::Local { tx, input });
+        }
+        let mut client = peers.client(address)?;
+        let (tx, rx) = mpsc::channel(REMOTE_BUFFER);
+        let header = ChannelHeader { job_id: job.to_string(), attempt, task_id: receiver.to_string(), input: input as u32 };
+        let first = ExchangeFrame { header: Some(header), payload: Vec::new() };
+        let frames = tokio_stream::once(first).chain(ReceiverStream::new(rx));
+        let target = address.to_string();
+        tokio::spawn(async move {
+            // When the stream fails, dropping `rx` makes the next send fail with a clear error.
+            if let Err(e) = client.exchange(frames).await {
+                tracing::warn!(address = %target, error = %e, "exchange stream to worker ended");
+            }
+        });
+        Ok(Output::Remote { tx, address: address.to_string() })
+    }
+
+    /// Sends one message, waiting while the receiver is full.
+    pub async fn send(&self, msg: Message) -> Result<()> {
+        match self {
+            Output::Local { tx, input } => tx
+                .send(Delivery { input: *input, msg })
+                .await
+                .map_err(|_| TaskError::internal("downstream task is gone")),
+            Output::Remote { tx, address } => {
+                let frame = ExchangeFrame { header: None, payload: codec::encode(&msg) };
+                tx.send(frame)
+                    .await
+                    .map_err(|_| TaskError::internal(format!("lost the data connection to worker {address}")))
+            }
+        }
+    }
+}
+
+struct EdgeOutputs {
+    port: Port,
+    partition: Partition,
+    outputs: Vec<Output>,
+    buffers: Vec<Batch>,
+    buffer_bytes: Vec<usize>,
+    next: usize,
+}
+
+/// Routes a chain's output to the tasks downstream.
+pub struct Router {
+    edges: Vec<EdgeOutputs>,
+    max_parallelism: u32,
+    /// When the oldest buffered row arrived, if any is buffered.
+    pending_since: Option<Instant>,
+}
+
+impl Router {
+    /// Opens the outputs of `task` for every edge leaving its vertex.
+    pub fn open(
+        plan: &Plan,
+        job: &str,
+        attempt: u64,
+        task: TaskId,
+        placement: &HashMap<TaskId, String>,
+        local_address: &str,
+        inboxes: &Inboxes,
+        peers: &Peers,
+    ) -> Result<Router> {
+        let mut edges = Vec::new();
+        for (i, edge) in plan.edges.iter().enumerate().filter(|(_, e)| e.from == task.vertex) {
+            let mut outputs = Vec::new();
+            for (receiver, input) in plan.outputs(task, i) {
+                let address = placement
+                    .get(&receiver)
+                    .ok_or_else(|| TaskError::internal(format!("no placement for task {receiver}")))?;
+                outputs.push(Output::open(job, attempt, receiver, input, address, local_address, inboxes, peers)?);
+            }
+            let n = outputs.len();
+            edges.push(EdgeOutputs {
+                port: edge.port,
+                partition: edge.partition.clone(),
+                outputs,
+                buffers: (0..n).map(|_| Batch::default()).collect(),
+                buffer_bytes: vec![0; n],
+                next: task.subtask as usize,
+            });
+        }
+        Ok(Router { edges, max_parallelism: plan.max_parallelism, pending_since: None })
+    }
+
+    /// When buffered rows must be flushed at the latest.
+    pub fn flush_deadline(&self) -> Option<Instant> {
+        self.pending_since.map(|t| t + LINGER)
+    }
+
+    /// Routes a batch from `port`.
+    pub async fn send(&mut self, port: Port, batch: Batch) -> Result<()> {
+        let max_parallelism = self.max_parallelism;
+        let mut buffered = false;
+        for edge in self.edges.iter_mut().filter(|e| e.port == port) {
+            let n = edge.outputs.len();
+            match edge.partition.clone() {
+                Partition::Hash(key) if n > 1 => {
+                    for (row, op) in batch.rows.iter().zip(&batch.ops) {
+                        let target = subtask_for(key_group(hash_key(row, &key), max_parallelism), max_parallelism, n as u32) as usize;
+                        edge.buffer_bytes[target] += row_bytes(row);
+                        edge.buffers[target].push(row.clone(), *op);
+                        if edge.buffers[target].len() >= BATCH_ROWS || edge.buffer_bytes[target] >= BATCH_BYTES {
+                            flush_one(edge, target).await?;
+                        }
+                    }
+                }
+                Partition::Broadcast => {
+                    for target in 0..n {
+                        append(edge, target, batch.clone());
+                        flush_if_full(edge, target).await?;
+                    }
+                }
+                Partition::Rebalance if n > 1 => {
+                    let target = edge.next % n;
+                    edge.next = edge.next.wrapping_add(1);
+                    append(edge, target, batch.clone());
+                    flush_if_full(edge, target).await?;
+                }
+                _ => {
+                    append(edge, 0, batch.clone());
+                    flush_if_full(edge, 0).await?;
+                }
+            }
+            buffered |= edge.buffers.iter().any(|b| !b.is_empty());
+        }
+        if buffered && self.pending_since.is_none() {
+            self.pending_since = Some(Instant::now());
+        }
+        Ok(())
+    }
+
+    /// Sends every partly filled buffer.
+    pub async fn flush(&mut self) -> Result<()> {
+        for edge in &mut self.edges {
+            for target in 0..edge.outputs.len() {
+                flush_one(edge, target).await?;
+            }
+        }
+        self.pending_since = None;
+        Ok(())
+    }
+
+    /// Flushes, then sends a control message (watermark, end) to every receiver.
+    pub async fn broadcast(&mut self, msg: Message) -> Result<()> {
+        self.flush().await?;
+        for edge in &self.edges {
+            for out in &edge.outputs {
+                out.send(msg.clone()).await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn append(edge: &mut EdgeOutputs, target: usize, batch: Batch) {
+    edge.buffer_bytes[target] += batch.rows.iter().map(row_bytes).sum::<usize>();
+    let buf = &mut edge.buffers[target];
+    if buf.is_empty() {
+        *buf = batch;
+    } else {
+        buf.rows.extend(batch.rows);
+        buf.ops.extend(batch.ops);
+    }
+}
+
+async fn flush_if_full(edge: &mut EdgeOutputs, target: usize) -> Result<()> {
+    if edge.buffers[target].len() >= BATCH_ROWS || edge.buffer_bytes[target] >= BATCH_BYTES {
+        flush_one(edge, target).await?;
+    }
+    Ok(())
+}
+
+async fn flush_one(edge: &mut EdgeOutputs, target: usize) -> Result<()> {
+    if edge.buffers[target].is_empty() {
+        return Ok(());
+    }
+    let batch = std::mem::take(&mut edge.buffers[target]);
+    edge.buffer_bytes[target] = 0;
+    edge.outputs[target].send(Message::Data(batch)).await
+}
+
+/// The worker's gRPC data service: feeds remote senders' frames into local inboxes.
+pub struct DataServer {
+    /// Where frames go.
+    pub inboxes: Inboxes,
+}
+
+#[tonic::async_trait]
+impl DataService for DataServer {
+    async fn exchange(&self, request: Request<Streaming<ExchangeFrame>>) -> std::result::Result<Response<ExchangeAck>, Status> {
+        let mut frames = request.into_inner();
+        let header = frames
+            .message()
+            .await?
+            .and_then(|f| f.header)
+            .ok_or_else(|| Status::invalid_argument("the first exchange frame must carry a header"))?;
+        let task: TaskId = header.task_id.parse().map_err(Status::invalid_argument)?;
+        let tx = self
+            .inboxes
+            .sender(&(header.job_id.clone(), header.attempt, task))
+            .ok_or_else(|| Status::failed_precondition("job attempt superseded"))?;
+        let input = header.input as usize;
+        while let Some(frame) = frames.message().await? {
+            let msg = codec::decode(&frame.payload).map_err(|e| Status::invalid_argument(e.to_string()))?;
+            // Awaiting here while the inbox is full stops reading, which stops the sender.
+            if tx.send(Delivery { input, msg }).await.is_err() {
+                return Err(Status::cancelled("receiving task is gone"));
+            }
+        }
+        Ok(Response::new(ExchangeAck {}))
+    }
+}
+

@@ -1,0 +1,42 @@
+//! Eddy's worker (a TaskManager): runs the tasks the coordinator deploys to it.
+//!
+//! Data flows source → chained operators → router → (bounded channel | gRPC stream) → inbox of the
+//! next task → … → sink. Control (watermarks, end of stream) travels in-band with the data. See
+//! [`task`] for the runtime, [`exchange`] for routing and backpressure, [`operators`] for transforms
+//! and windows, [`connectors`] for sources and sinks, [`control`] for the coordinator session.
+
+pub mod batch;
+pub mod codec;
+pub mod config;
+pub mod connectors;
+pub mod control;
+pub mod error;
+pub mod exchange;
+pub mod keys;
+pub mod operators;
+pub mod state;
+pub mod task;
+
+use std::sync::Arc;
+
+use eddy_proto::data_service_server::DataServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+pub use config::WorkerConfig;
+
+/// Runs a worker: serves its data service on `data_listener` and keeps a control session with the
+/// coordinator until `shutdown` is cancelled.
+pub async fn run(config: WorkerConfig, data_listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let inboxes = exchange::Inboxes::default();
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(DataServiceServer::new(exchange::DataServer { inboxes: inboxes.clone() }))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(data_listener), shutdown.clone().cancelled_owned());
+    let control = control::Control::new(config, inboxes, shutdown.clone());
+    let (served, ()) = tokio::join!(server, control.run());
+    served?;
+    Ok(())
+}

@@ -1,0 +1,60 @@
+//! `eddy-worker`: joins a coordinator and runs the tasks it deploys.
+
+use clap::Parser;
+use eddy_worker::WorkerConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(version, about = "Eddy worker: runs operator tasks deployed by the coordinator")]
+struct Args {
+    /// Coordinator address.
+    #[arg(long, env = "EDDY_COORDINATOR", default_value = "127.0.0.1:6123")]
+    coordinator: String,
+    /// Address to serve the data exchange on.
+    #[arg(long, env = "EDDY_DATA_LISTEN", default_value = "0.0.0.0:6124")]
+    listen: String,
+    /// Address other workers use to reach this one (default: the bound address, or the hostname
+    /// with the bound port when listening on all interfaces).
+    #[arg(long, env = "EDDY_ADVERTISE")]
+    advertise: Option<String>,
+    /// Task slots offered.
+    #[arg(long, env = "EDDY_SLOTS", default_value_t = 4)]
+    slots: u32,
+    /// Worker id (default: a random one).
+    #[arg(long, env = "EDDY_WORKER_ID")]
+    id: Option<String>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    let args = Args::parse();
+    if args.slots == 0 {
+        anyhow::bail!("--slots must be at least 1");
+    }
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}; pick a free address with --listen", args.listen))?;
+    let bound = listener.local_addr()?;
+    let advertised = match args.advertise {
+        Some(a) => a,
+        None if bound.ip().is_unspecified() => {
+            let host = std::fs::read_to_string("/etc/hostname").map(|h| h.trim().to_string()).unwrap_or_else(|_| "127.0.0.1".into());
+            format!("{host}:{}", bound.port())
+        }
+        None => bound.to_string(),
+    };
+    let worker_id = args.id.unwrap_or_else(|| format!("worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
+    tracing::info!(%worker_id, data = %advertised, coordinator = %args.coordinator, "worker starting");
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        signal.cancel();
+    });
+    let config = WorkerConfig { worker_id, coordinator: args.coordinator, slots: args.slots, advertised_address: advertised };
+    eddy_worker::run(config, listener, shutdown).await
+}
