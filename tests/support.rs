@@ -1,1 +1,207 @@
-//! stub
+//! Helpers for the end-to-end tests: start the real `eddy-coordinator` and `eddy-worker` binaries
+//! on free loopback ports, run the real `eddy` CLI against them, and clean up on drop.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+/// Directory holding the workspace's binaries (next to this test executable's `deps/`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>").to_path_buf()
+}
+
+/// Path of one of the workspace's binaries; run `cargo build --workspace --bins` first.
+pub fn bin(name: &str) -> PathBuf {
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} is missing; run `cargo build --workspace --bins` before the tests", path.display());
+    path
+}
+
+/// A free loopback port (bound and released; good enough for tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A fresh scratch directory under the system temp dir, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// Creates `eddy-<name>-<pid>-<n>`.
+    pub fn new(name: &str) -> Scratch {
+        let dir = std::env::temp_dir().join(format!("eddy-{name}-{}-{}", std::process::id(), free_port()));
+        std::fs::create_dir_all(&dir).expect("scratch dir");
+        Scratch(dir)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A coordinator and its workers, each a real process; killed on drop.
+pub struct Cluster {
+    /// Coordinator `host:port`.
+    pub address: String,
+    coordinator: Child,
+    /// (worker id, process)
+    pub workers: Vec<(String, Child)>,
+    /// Logs and outputs.
+    pub dir: Scratch,
+}
+
+impl Cluster {
+    /// Starts a coordinator and `workers` workers with `slots` slots each, and waits until all registered.
+    pub fn start(name: &str, workers: usize, slots: u32) -> Result<Cluster> {
+        let dir = Scratch::new(name);
+        let address = format!("127.0.0.1:{}", free_port());
+        let coordinator = spawn_logged(
+            Command::new(bin("eddy-coordinator")).args(["--listen", &address]),
+            &dir.0.join("coordinator.log"),
+        )?;
+        let mut cluster = Cluster { address, coordinator, workers: Vec::new(), dir };
+        for i in 1..=workers {
+            cluster.add_worker(&format!("w{i}"), slots)?;
+        }
+        cluster.wait(Duration::from_secs(20), "workers to register", |c| {
+            let w = c.eddy_json(&["workers"])?;
+            Ok(w.as_array().map(|a| a.iter().filter(|w| w["state"] == "alive").count()) == Some(workers))
+        })?;
+        Ok(cluster)
+    }
+
+    /// Starts one more worker.
+    pub fn add_worker(&mut self, id: &str, slots: u32) -> Result<()> {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let child = spawn_logged(
+            Command::new(bin("eddy-worker")).args(["--coordinator", &self.address, "--listen", &listen, "--id", id, "--slots", &slots.to_string()]),
+            &self.dir.0.join(format!("{id}.log")),
+        )?;
+        self.workers.push((id.to_string(), child));
+        Ok(())
+    }
+
+    /// The OS process id of worker `id`.
+    pub fn worker_pid(&self, id: &str) -> u32 {
+        self.workers.iter().find(|(w, _)| w == id).map(|(_, c)| c.id()).expect("known worker")
+    }
+
+    /// Kills worker `id` with SIGKILL.
+    pub fn kill_worker(&mut self, id: &str) -> Result<()> {
+        let (_, child) = self.workers.iter_mut().find(|(w, _)| w == id).context("unknown worker")?;
+        child.kill()?;
+        child.wait()?;
+        Ok(())
+    }
+
+    /// Runs the CLI with extra environment.
+    pub fn eddy_env(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
+        let mut cmd = Command::new(bin("eddy"));
+        cmd.args(args).env("EDDY_COORDINATOR", &self.address);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Ok(cmd.output()?)
+    }
+
+    /// Runs the CLI and returns its output.
+    pub fn eddy(&self, args: &[&str]) -> Result<Output> {
+        self.eddy_env(args, &[])
+    }
+
+    /// Runs the CLI with `--json`, requiring success, and parses stdout.
+    pub fn eddy_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.push("--json");
+        let out = self.eddy(&all)?;
+        if !out.status.success() {
+            bail!("eddy {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+
+    /// Writes a spec file into the scratch dir and submits it; returns the job id.
+    pub fn submit(&self, name: &str, spec: &str) -> Result<String> {
+        let path = self.dir.0.join(format!("{name}.toml"));
+        std::fs::write(&path, spec)?;
+        let v = self.eddy_json(&["submit", path.to_str().context("utf-8 path")?])?;
+        Ok(v["job_id"].as_str().context("job_id")?.to_string())
+    }
+
+    /// `eddy status JOB --json`.
+    pub fn status(&self, job: &str) -> Result<Value> {
+        self.eddy_json(&["status", job])
+    }
+
+    /// Polls `check` every 100 ms until it returns true or `timeout` passes.
+    pub fn wait(&self, timeout: Duration, what: &str, mut check: impl FnMut(&Cluster) -> Result<bool>) -> Result<Duration> {
+        let start = Instant::now();
+        let mut last_err = None;
+        while start.elapsed() < timeout {
+            match check(self) {
+                Ok(true) => return Ok(start.elapsed()),
+                Ok(false) => {}
+                Err(e) => last_err = Some(e),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?}); logs in {}", self.dir.0.display())
+    }
+
+    /// Waits until the job reaches `state`.
+    pub fn wait_state(&self, job: &str, state: &str, timeout: Duration) -> Result<Value> {
+        self.wait(timeout, &format!("job {job} to be {state}"), |c| Ok(c.status(job)?["state"] == state))?;
+        self.status(job)
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for (_, w) in &mut self.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        let _ = self.coordinator.kill();
+        let _ = self.coordinator.wait();
+        if std::thread::panicking() {
+            // Keep the logs of a failed test where the message points.
+            let keep = self.dir.0.with_extension("failed");
+            let _ = std::fs::rename(&self.dir.0, &keep);
+            eprintln!("logs kept in {}", keep.display());
+        }
+    }
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
+    let file = std::fs::File::create(log)?;
+    Ok(cmd.stdin(Stdio::null()).stdout(file.try_clone()?).stderr(file).spawn()?)
+}
+
+/// Resident memory of a process in MiB, from /proc.
+pub fn rss_mib(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .context("VmRSS")?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+/// Reads newline-delimited JSON files.
+pub fn read_jsonl(paths: &[PathBuf]) -> Result<Vec<Value>> {
+    let mut rows = Vec::new();
+    for p in paths {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            rows.push(serde_json::from_str(line).with_context(|| format!("bad line in {}: {line}", p.display()))?);
+        }
+    }
+    Ok(rows)
+}

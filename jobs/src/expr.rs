@@ -796,6 +796,27 @@ impl Compiler<'_> {
                  aggregation list"
             )));
         }
+        const KNOWN: [&str; 13] = [
+            "ROUND",
+            "COALESCE",
+            "NULLIF",
+            "CONCAT",
+            "ABS",
+            "FLOOR",
+            "CEIL",
+            "CEILING",
+            "LOWER",
+            "UPPER",
+            "LENGTH",
+            "CHAR_LENGTH",
+            "CHARACTER_LENGTH",
+        ];
+        if !KNOWN.contains(&name.as_str()) {
+            return Err(unsupported(format!(
+                "function `{}`; supported functions: {SUPPORTED_FUNCTIONS}",
+                f.name
+            )));
+        }
         if f.over.is_some() {
             return Err(unsupported(format!("window function `{whole}`")));
         }
@@ -1980,11 +2001,12 @@ fn parse_timestamp(s: &str) -> Option<i64> {
     // Optional zone: Z, UTC, or ±HH[:MM] / ±HHMM.
     let _ = c.eat(b' ');
     let mut offset_min = 0;
-    if c.eat(b'Z') || c.eat(b'z') {
-    } else if c.b[c.i..].eq_ignore_ascii_case(b"UTC") {
-        c.i += 3;
-    } else if c.b.get(c.i) == Some(&b'+') || c.b.get(c.i) == Some(&b'-') {
-        let sign = if c.eat(b'-') { -1 } else { i64::from(c.eat(b'+')) };
+    let rest = &c.b[c.i..];
+    if rest.eq_ignore_ascii_case(b"Z") || rest.eq_ignore_ascii_case(b"UTC") {
+        c.i = c.b.len();
+    } else if let Some(&sign @ (b'+' | b'-')) = rest.first() {
+        c.i += 1;
+        let sign = if sign == b'-' { -1 } else { 1 };
         let oh = c.num(2)?;
         let _ = c.eat(b':');
         let om = if c.done() { 0 } else { c.num(2)? };
@@ -2406,7 +2428,7 @@ mod tests {
 
     #[test]
     fn unsupported_constructs() {
-        let err = compile_err("FOO(seq)");
+        let err = compile_err("FOO(nope)");
         assert!(err.starts_with("unsupported: function `FOO`; supported functions: ABS"), "{err}");
         let err = compile_err("SUM(score)");
         assert!(err.contains("aggregate function `SUM(score)`"), "{err}");
