@@ -505,3 +505,148 @@ pub fn task_state_name(s: TaskState) -> &'static str {
         TaskState::Cancelled => "cancelled",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPEC: &str = r#"
+name = "t"
+[[source]]
+name = "events"
+connector = "generator"
+options = { keys = 10 }
+event_time = { column = "ts" }
+[[window]]
+name = "w"
+input = "events"
+kind = "tumble"
+size = "1s"
+key = ["k"]
+aggregates = "COUNT(*) AS n"
+parallelism = 4
+[[sink]]
+name = "out"
+input = "w"
+connector = "discard"
+"#;
+
+    struct Harness {
+        coordinator: Coordinator,
+        orders: HashMap<String, mpsc::Receiver<Result<CoordinatorMessage, Status>>>,
+        sessions: HashMap<String, u64>,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let (_tx, rx) = mpsc::channel(1);
+            Harness { coordinator: Coordinator::new(CoordinatorConfig::default(), rx), orders: HashMap::new(), sessions: HashMap::new() }
+        }
+
+        fn register(&mut self, id: &str, slots: u32) {
+            let (orders, rx) = mpsc::channel(64);
+            let (reply, mut session) = oneshot::channel();
+            self.coordinator.handle(Request::Register {
+                worker_id: id.into(),
+                slots,
+                data_address: format!("{id}:1"),
+                orders,
+                reply,
+            });
+            self.sessions.insert(id.into(), session.try_recv().unwrap());
+            self.orders.insert(id.into(), rx);
+        }
+
+        fn submit(&mut self, spec: &str) -> Result<String, Status> {
+            let (reply, mut rx) = oneshot::channel();
+            self.coordinator.handle(Request::Submit { spec: spec.into(), reply });
+            rx.try_recv().unwrap()
+        }
+
+        fn deployed(&mut self, worker: &str) -> Vec<DeployTasks> {
+            let mut out = Vec::new();
+            while let Ok(Ok(CoordinatorMessage { msg: Some(Order::Deploy(d)) })) = self.orders.get_mut(worker).unwrap().try_recv() {
+                out.push(d);
+            }
+            out
+        }
+
+        fn report(&mut self, worker: &str, job: &str, attempt: u64, task: &str, state: TaskState) {
+            let session = self.sessions[worker];
+            let update = TaskUpdate { job_id: job.into(), attempt, task_id: task.into(), state: state as i32, ..Default::default() };
+            self.coordinator.handle(Request::TaskUpdate { worker_id: worker.into(), session, update });
+        }
+
+        fn state(&self, job: &str) -> JobState {
+            self.coordinator.jobs[job].state
+        }
+    }
+
+    #[test]
+    fn spreads_tasks_over_workers_and_runs_once_all_report() {
+        let mut h = Harness::new();
+        h.register("a", 4);
+        h.register("b", 4);
+        let job = h.submit(SPEC).unwrap();
+        let (a, b) = (h.deployed("a"), h.deployed("b"));
+        assert_eq!((a.len(), b.len()), (1, 1));
+        // The source and the window+sink chain (parallelism 4): subtasks 0 and 2 on a, 1 and 3 on b.
+        assert_eq!(a[0].task_ids, ["0.0", "1.0", "1.2"]);
+        assert_eq!(b[0].task_ids, ["1.1", "1.3"]);
+        assert_eq!(h.state(&job), JobState::Scheduling);
+        for (w, d) in [("a", &a[0]), ("b", &b[0])] {
+            for t in d.task_ids.clone() {
+                h.report(w, &job, 1, &t, TaskState::Running);
+            }
+        }
+        assert_eq!(h.state(&job), JobState::Running);
+    }
+
+    #[test]
+    fn refuses_a_job_that_does_not_fit() {
+        let mut h = Harness::new();
+        h.register("a", 3);
+        let e = h.submit(SPEC).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert!(e.message().contains("needs 4 slots"), "{}", e.message());
+        assert!(h.coordinator.jobs.is_empty());
+        let e = h.submit("name = 1").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn ignores_reports_from_other_attempts_and_workers() {
+        let mut h = Harness::new();
+        h.register("a", 4);
+        let job = h.submit(SPEC).unwrap();
+        h.report("a", &job, 0, "0.0", TaskState::Failed);
+        h.report("a", &job, 2, "0.0", TaskState::Failed);
+        assert_eq!(h.state(&job), JobState::Scheduling);
+        h.report("a", &job, 1, "0.0", TaskState::Failed);
+        assert_eq!(h.state(&job), JobState::Failed);
+        assert!(h.coordinator.jobs[&job].cause.contains("task 0.0 failed"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_worker_is_lost_and_fails_its_jobs() {
+        let mut h = Harness::new();
+        h.register("a", 2);
+        h.register("b", 2);
+        let job = h.submit(&SPEC.replace("parallelism = 4", "parallelism = 2")).unwrap();
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        let session = h.sessions["a"];
+        h.coordinator.handle(Request::Heartbeat { worker_id: "a".into(), session, tasks: vec![] });
+        tokio::time::advance(Duration::from_millis(1000)).await;
+        h.coordinator.check_heartbeats();
+        // b has been silent for 2.5 s (> 2 s), a for 1 s.
+        assert_eq!(h.state(&job), JobState::Failed);
+        let cause = &h.coordinator.jobs[&job].cause;
+        assert!(cause.contains("worker b lost") && cause.contains("no heartbeat"), "{cause}");
+        assert!(h.coordinator.workers["a"].lost.is_none());
+        // The survivor is told to stop the job's tasks.
+        let cancels: Vec<_> = std::iter::from_fn(|| h.orders.get_mut("a").unwrap().try_recv().ok())
+            .filter(|m| matches!(m, Ok(CoordinatorMessage { msg: Some(Order::Cancel(_)) })))
+            .collect();
+        assert_eq!(cancels.len(), 1);
+    }
+}

@@ -16,6 +16,8 @@ use crate::actor::Request as Ask;
 pub struct Api {
     /// The actor's request channel.
     pub actor: mpsc::Sender<Ask>,
+    /// Told to workers at registration.
+    pub heartbeat_interval_ms: u64,
 }
 
 impl Api {
@@ -80,7 +82,7 @@ impl ClusterService for Api {
                 reply,
             })
             .await?;
-        let interval = 500;
+        let interval = self.heartbeat_interval_ms;
         orders
             .send(Ok(CoordinatorMessage { msg: Some(Order::Registered(Registered { heartbeat_interval_ms: interval })) }))
             .await

@@ -36,9 +36,9 @@ impl Default for CoordinatorConfig {
 /// Serves the job and cluster APIs on `listener` until `shutdown` is cancelled.
 pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(256);
-    let coordinator = actor::Coordinator::new(config, rx);
+    let coordinator = actor::Coordinator::new(config.clone(), rx);
     let actor = tokio::spawn(coordinator.run(shutdown.clone()));
-    let api = api::Api { actor: tx };
+    let api = api::Api { actor: tx, heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64 };
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(JobServiceServer::new(api.clone()))

@@ -792,3 +792,125 @@ fn split_field(stage: &str, message: &str) -> SpecError {
         _ => SpecError::new(stage, message),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::compile;
+    use proptest::prelude::*;
+
+    const VALID: &str = r#"
+name = "j"
+
+[[source]]
+name = "events"
+connector = "generator"
+options = { count = 10, keys = 5 }
+event_time = { column = "ts", allowed_delay = "1s" }
+
+[[transform]]
+name = "scored"
+input = "events"
+select = "k, score * 2 AS doubled, ts"
+where = "score > 10"
+
+[[window]]
+name = "hop"
+input = "scored"
+kind = "hop"
+size = "10m"
+slide = "5s"
+key = ["k"]
+aggregates = "SUM(doubled) AS total, COUNT(*) AS n, MAX(doubled) AS top"
+parallelism = 4
+
+[[sink]]
+name = "out"
+input = "hop"
+connector = "file"
+options = { path = "/tmp/out.jsonl" }
+"#;
+
+    #[test]
+    fn plans_chains_and_exchanges() {
+        let plan = compile(VALID).unwrap();
+        // events -> scored chain (forward, parallelism 1); hop -> out chain (forward, parallelism 4).
+        assert_eq!(plan.vertices.len(), 2);
+        assert_eq!(plan.vertex_label(0), "events -> scored");
+        assert_eq!(plan.vertex_label(1), "hop -> out");
+        assert_eq!(plan.edges.len(), 1);
+        assert_eq!(plan.edges[0].partition, Partition::Hash(vec![0]));
+        assert_eq!(plan.slots_needed(), 4);
+        let names: Vec<_> = plan.operators[2].schema.fields.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(names, ["k", "window_start", "window_end", "total", "n", "top"]);
+        let OperatorKind::Window(w) = &plan.operators[2].kind else { panic!("window expected") };
+        assert_eq!(w.slice_ms(), 5_000);
+        // Each window subtask reads from the single upstream subtask; the two ends agree on indexes.
+        for s in 0..4 {
+            let inputs = plan.inputs(TaskId { vertex: 1, subtask: s });
+            assert_eq!(inputs.len(), 1);
+        }
+        let outs = plan.outputs(TaskId { vertex: 0, subtask: 0 }, 0);
+        assert_eq!(outs.len(), 4);
+        assert!(outs.iter().all(|(_, input)| *input == 0));
+    }
+
+    #[test]
+    fn event_time_follows_projection() {
+        // Dropping `ts` in the transform leaves the window without event time.
+        let e = compile(&VALID.replace("k, score * 2 AS doubled, ts", "k, score * 2 AS doubled")).unwrap_err();
+        assert_eq!(e.field, "window[hop].time");
+    }
+
+    /// (text to replace, replacement, field the error must name)
+    const MUTATIONS: &[(&str, &str, &str)] = &[
+        ("name = \"j\"", "name = \"\"", "name"),
+        ("count = 10", "count = \"ten\"", "source[events].options"),
+        ("keys = 5", "keys = 5, colour = 1", "source[events].options"),
+        ("connector = \"generator\"", "connector = \"kafkaa\"", "source[events].connector"),
+        ("column = \"ts\"", "column = \"time\"", "source[events].event_time.column"),
+        ("column = \"ts\"", "column = \"k\"", "source[events].event_time.column"),
+        ("allowed_delay = \"1s\"", "allowed_delay = \"soon\"", "source[events].event_time.allowed_delay"),
+        ("input = \"events\"", "input = \"evnets\"", "transform[scored].input"),
+        ("score * 2 AS doubled", "scroe * 2 AS doubled", "transform[scored].select"),
+        ("score * 2 AS doubled", "score || 2 > 1 AS doubled", "transform[scored].select"),
+        ("score > 10", "score + 10", "transform[scored].where"),
+        ("kind = \"hop\"", "kind = \"session\"", "window[hop].kind"),
+        ("size = \"10m\"", "size = \"10 parsecs\"", "window[hop].size"),
+        ("slide = \"5s\"", "slide = \"20m\"", "window[hop].slide"),
+        ("key = [\"k\"]", "key = [\"user\"]", "window[hop].key"),
+        ("SUM(doubled) AS total", "SUM(ts) AS total", "window[hop].aggregates"),
+        ("SUM(doubled) AS total", "MEDIAN(doubled) AS total", "window[hop].aggregates"),
+        ("SUM(doubled) AS total", "SUM(doubled) AS k", "window[hop].aggregates"),
+        ("parallelism = 4", "parallelism = 0", "window[hop].parallelism"),
+        ("parallelism = 4", "parallelism = 500", "window[hop].parallelism"),
+        ("input = \"hop\"", "input = \"hop.late.late\"", "sink[out].input"),
+        ("connector = \"file\"", "connector = \"s3\"", "sink[out].connector"),
+        ("path = \"/tmp/out.jsonl\"", "paht = \"/tmp/out.jsonl\"", "sink[out].options"),
+        ("name = \"out\"", "name = \"hop\"", "sink[hop].name"),
+        ("[[sink]]", "[[sinks]]", "sinks"),
+    ];
+
+    #[test]
+    fn every_mutation_applies() {
+        for (from, _, _) in MUTATIONS {
+            assert!(VALID.contains(from), "fixture lacks `{from}`");
+        }
+    }
+
+    proptest! {
+        /// Any of these mistakes, alone or with a harmless change elsewhere, yields an error naming
+        /// the offending field and nothing is planned.
+        #[test]
+        fn invalid_specs_name_the_field(i in 0..MUTATIONS.len(), harmless in any::<bool>()) {
+            let (from, to, field) = MUTATIONS[i];
+            let mut spec = VALID.replacen(from, to, 1);
+            if harmless {
+                spec = spec.replace("keys = 5", "keys = 6");
+            }
+            let e = compile(&spec).unwrap_err();
+            prop_assert!(e.field == field || e.field.starts_with(&format!("{field}.")) || e.message.contains(field),
+                "mutation {} -> {}: expected field {}, got {:?}", from, to, field, e);
+        }
+    }
+}
