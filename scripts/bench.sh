@@ -68,7 +68,7 @@ import json, sys
 n, cpu0, cpu1, rss = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 s = json.loads(sys.argv[5])
 wall = (s["finished_at_ms"] - s["running_since_ms"]) / 1000
-out = sum(t["records_out"] for t in s["tasks"] if t["operators"] == "hop")
+out = sum(t["records_out"] for t in s["tasks"] if t["operators"].startswith("hop"))
 print(f"window_events={n}")
 print(f"window_results={out}")
 print(f"window_wall_seconds={wall:.2f}")

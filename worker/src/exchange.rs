@@ -251,15 +251,19 @@ impl Router {
     /// Routes a batch from `port`.
     pub async fn send(&mut self, port: Port, batch: Batch) -> Result<()> {
         let max_parallelism = self.max_parallelism;
-        let mut buffered = false;
+        let mut remaining = self.edges.iter().filter(|e| e.port == port).count();
+        let mut batch = Some(batch);
         for edge in self.edges.iter_mut().filter(|e| e.port == port) {
+            remaining -= 1;
+            // The last edge takes the batch itself; only fan-out copies it.
+            let batch = if remaining == 0 { batch.take().unwrap_or_default() } else { batch.clone().unwrap_or_default() };
             let n = edge.outputs.len();
             match edge.partition.clone() {
                 Partition::Hash(key) if n > 1 => {
-                    for (row, op) in batch.rows.iter().zip(&batch.ops) {
-                        let target = subtask_for(key_group(hash_key(row, &key), max_parallelism), max_parallelism, n as u32) as usize;
-                        edge.buffer_bytes[target] += row_bytes(row);
-                        edge.buffers[target].push(row.clone(), *op);
+                    for (row, op) in batch.rows.into_iter().zip(batch.ops) {
+                        let target = subtask_for(key_group(hash_key(&row, &key), max_parallelism), max_parallelism, n as u32) as usize;
+                        edge.buffer_bytes[target] += row_bytes(&row);
+                        edge.buffers[target].push(row, op);
                         if edge.buffers[target].len() >= BATCH_ROWS || edge.buffer_bytes[target] >= BATCH_BYTES {
                             flush_one(edge, target).await?;
                         }
@@ -274,18 +278,17 @@ impl Router {
                 Partition::Rebalance if n > 1 => {
                     let target = edge.next % n;
                     edge.next = edge.next.wrapping_add(1);
-                    append(edge, target, batch.clone());
+                    append(edge, target, batch);
                     flush_if_full(edge, target).await?;
                 }
                 _ => {
-                    append(edge, 0, batch.clone());
+                    append(edge, 0, batch);
                     flush_if_full(edge, 0).await?;
                 }
             }
-            buffered |= edge.buffers.iter().any(|b| !b.is_empty());
-        }
-        if buffered && self.pending_since.is_none() {
-            self.pending_since = Some(Instant::now());
+            if self.pending_since.is_none() && edge.buffers.iter().any(|b| !b.is_empty()) {
+                self.pending_since = Some(Instant::now());
+            }
         }
         Ok(())
     }

@@ -2,7 +2,9 @@
 //! backend can take its place without the window knowing. Keys are the encoded grouping values;
 //! state is organised by slice (pane) end, the unit windows are assembled from.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 
 use eddy_jobs::Value;
 
@@ -33,57 +35,84 @@ pub struct Accs {
     pub values: Vec<Acc>,
 }
 
-/// The window operator's state: accumulators per (slice end, key).
+/// The window operator's state: accumulators per (key, slice end), grouped by key.
 pub trait WindowState: Send {
     /// The accumulators of `key` in the slice ending at `slice_end`, created with `init` if absent.
-    fn accumulators(&mut self, slice_end: i64, key: &[u8], init: &dyn Fn() -> Accs) -> &mut Accs;
+    fn accumulators(&mut self, key: &[u8], slice_end: i64, init: &dyn Fn() -> Accs) -> &mut Accs;
     /// The earliest slice end held, if any.
     fn first_slice(&self) -> Option<i64>;
-    /// Calls `f` for every key of every slice ending in `(after, through]`, in slice order.
-    fn for_each(&self, after: i64, through: i64, f: &mut dyn FnMut(i64, &[u8], &Accs));
+    /// Calls `f` once per key that has slices ending in `(after, through]`, with those slices in
+    /// time order.
+    fn for_each_key(&self, after: i64, through: i64, f: &mut dyn FnMut(&[u8], &mut dyn Iterator<Item = &Accs>));
     /// Forgets every slice ending at or before `through`.
     fn drop_through(&mut self, through: i64);
-    /// Number of (slice, key) entries held.
+    /// Number of (key, slice) entries held.
     fn len(&self) -> usize;
+    /// Whether no state is held.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
-/// In-memory window state.
+/// In-memory window state: per key, its slices in time order. A window's result for a key is then
+/// a scan of adjacent entries, with no hashing per slice.
 #[derive(Debug, Default)]
 pub struct MemoryWindowState {
-    slices: BTreeMap<i64, HashMap<Box<[u8]>, Accs>>,
+    keys: FxHashMap<Box<[u8]>, VecDeque<(i64, Accs)>>,
+    /// Number of keys holding each slice end, to find the earliest quickly.
+    slices: BTreeMap<i64, usize>,
 }
 
 impl WindowState for MemoryWindowState {
-    fn accumulators(&mut self, slice_end: i64, key: &[u8], init: &dyn Fn() -> Accs) -> &mut Accs {
-        let slice = self.slices.entry(slice_end).or_default();
+    fn accumulators(&mut self, key: &[u8], slice_end: i64, init: &dyn Fn() -> Accs) -> &mut Accs {
         // Look up by borrowed key first so that the common case (key present) allocates nothing.
-        if !slice.contains_key(key) {
-            slice.insert(key.into(), init());
+        if !self.keys.contains_key(key) {
+            self.keys.insert(key.into(), VecDeque::new());
         }
-        slice.get_mut(key).expect("inserted above")
+        let ring = self.keys.get_mut(key).expect("inserted above");
+        // In-order input lands in the newest slice: check it before searching.
+        let pos = match ring.back() {
+            Some((s, _)) if *s == slice_end => ring.len() - 1,
+            _ => {
+                let pos = ring.partition_point(|(s, _)| *s < slice_end);
+                if ring.get(pos).is_none_or(|(s, _)| *s != slice_end) {
+                    ring.insert(pos, (slice_end, init()));
+                    *self.slices.entry(slice_end).or_default() += 1;
+                }
+                pos
+            }
+        };
+        &mut ring[pos].1
     }
 
     fn first_slice(&self) -> Option<i64> {
         self.slices.keys().next().copied()
     }
 
-    fn for_each(&self, after: i64, through: i64, f: &mut dyn FnMut(i64, &[u8], &Accs)) {
-        if after >= through {
-            return;
-        }
-        for (&end, slice) in self.slices.range(after + 1..=through) {
-            for (k, a) in slice {
-                f(end, k, a);
+    fn for_each_key(&self, after: i64, through: i64, f: &mut dyn FnMut(&[u8], &mut dyn Iterator<Item = &Accs>)) {
+        for (key, ring) in &self.keys {
+            let start = ring.partition_point(|(s, _)| *s <= after);
+            if ring.get(start).is_some_and(|(s, _)| *s <= through) {
+                let mut slices = ring.range(start..).take_while(|(s, _)| *s <= through).map(|(_, a)| a);
+                f(key, &mut slices);
             }
         }
     }
 
     fn drop_through(&mut self, through: i64) {
-        let keep = self.slices.split_off(&through.saturating_add(1));
-        self.slices = keep;
+        if self.first_slice().is_none_or(|first| first > through) {
+            return;
+        }
+        self.keys.retain(|_, ring| {
+            while ring.front().is_some_and(|(s, _)| *s <= through) {
+                ring.pop_front();
+            }
+            !ring.is_empty()
+        });
+        self.slices = self.slices.split_off(&through.saturating_add(1));
     }
 
     fn len(&self) -> usize {
-        self.slices.values().map(HashMap::len).sum()
+        self.slices.values().sum()
     }
 }

@@ -11,8 +11,6 @@
 //! SUM, COUNT and AVG accept retractions (subtracting); MIN and MAX do not, and fail the task if
 //! they see one, since the planner rules that out for updating inputs.
 
-use std::collections::HashMap;
-
 use eddy_jobs::plan::{AggFunc, WindowPlan};
 use eddy_jobs::{DataType, Value};
 
@@ -32,20 +30,56 @@ pub struct Window {
     last_fired: i64,
     late: u64,
     key_buf: Vec<u8>,
+    /// Empty accumulators, cloned for each new (key, slice).
+    empty: Accs,
 }
 
 impl Window {
     /// A window operator over `state`.
     pub fn new(plan: WindowPlan, state: Box<dyn WindowState>) -> Window {
         let slice_ms = plan.slice_ms();
-        Window { plan, slice_ms, state, watermark: i64::MIN, last_fired: i64::MIN, late: 0, key_buf: Vec::new() }
+        let empty = empty_accs(&plan);
+        Window { plan, slice_ms, state, watermark: i64::MIN, last_fired: i64::MIN, late: 0, key_buf: Vec::new(), empty }
     }
 
-    fn init(&self) -> Accs {
-        Accs {
-            rows: 0,
-            values: self
-                .plan
+    fn fire(&mut self, end: i64, out: &mut Collector) -> Result<()> {
+        let width = self.plan.key.len();
+        let start = end - self.plan.size_ms;
+        let mut batch = Batch::default();
+        let mut error = None;
+        self.state.for_each_key(start, end, &mut |key, slices| {
+            let Some(first) = slices.next() else { return };
+            let mut merged = first.clone();
+            for a in slices {
+                merge(&mut merged, a);
+            }
+            if merged.rows <= 0 {
+                return;
+            }
+            match decode_key(key, width) {
+                Ok(mut row) => {
+                    row.push(Value::Timestamp(start));
+                    row.push(Value::Timestamp(end));
+                    row.extend(merged.values.iter().map(result));
+                    batch.push(row, Op::Insert);
+                }
+                Err(e) => error = Some(e),
+            }
+        });
+        if let Some(e) = error {
+            return Err(e);
+        }
+        if !batch.is_empty() {
+            out.main.push(batch);
+        }
+        Ok(())
+    }
+}
+
+fn empty_accs(plan: &WindowPlan) -> Accs {
+    Accs {
+        rows: 0,
+        values: plan
                 .aggregates
                 .iter()
                 .map(|a| match (a.func, a.data_type) {
@@ -57,32 +91,6 @@ impl Window {
                     (AggFunc::Avg, _) => Acc::Avg { sum: 0.0, n: 0 },
                 })
                 .collect(),
-        }
-    }
-
-    fn fire(&mut self, end: i64, out: &mut Collector) -> Result<()> {
-        let mut merged: HashMap<Box<[u8]>, Accs> = HashMap::new();
-        self.state.for_each(end - self.plan.size_ms, end, &mut |_, key, accs| match merged.get_mut(key) {
-            Some(m) => merge(m, accs),
-            None => {
-                merged.insert(key.into(), accs.clone());
-            }
-        });
-        let mut batch = Batch::with_capacity(merged.len());
-        for (key, accs) in merged {
-            if accs.rows <= 0 {
-                continue;
-            }
-            let mut row = decode_key(&key, self.plan.key.len())?;
-            row.push(Value::Timestamp(end - self.plan.size_ms));
-            row.push(Value::Timestamp(end));
-            row.extend(accs.values.iter().map(result));
-            batch.push(row, Op::Insert);
-        }
-        if !batch.is_empty() {
-            out.main.push(batch);
-        }
-        Ok(())
     }
 }
 
@@ -107,8 +115,8 @@ impl Operator for Window {
             for &k in &self.plan.key {
                 encode_value(&row[k], &mut self.key_buf);
             }
-            let init = self.init();
-            let accs = self.state.accumulators(slice_end, &self.key_buf, &|| init.clone());
+            let empty = &self.empty;
+            let accs = self.state.accumulators(&self.key_buf, slice_end, &|| empty.clone());
             let sign = match op {
                 Op::Insert => 1,
                 Op::Retract => -1,
