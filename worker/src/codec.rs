@@ -146,6 +146,16 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
     Ok(msg)
 }
 
+/// Decodes `n` values written one after another by [`encode_value`] (a state key).
+pub fn decode_values(buf: &[u8], n: usize) -> Result<Vec<Value>, DecodeError> {
+    let mut r = Reader { buf };
+    let values = (0..n).map(|_| r.value()).collect::<Result<Vec<_>, _>>()?;
+    if !r.buf.is_empty() {
+        return Err(DecodeError("trailing bytes"));
+    }
+    Ok(values)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,14 +191,4 @@ mod tests {
         }
         assert!(decode(&[9, 0]).is_err());
     }
-}
-
-/// Decodes `n` values written one after another by [`encode_value`] (a state key).
-pub fn decode_values(buf: &[u8], n: usize) -> Result<Vec<Value>, DecodeError> {
-    let mut r = Reader { buf };
-    let values = (0..n).map(|_| r.value()).collect::<Result<Vec<_>, _>>()?;
-    if !r.buf.is_empty() {
-        return Err(DecodeError("trailing bytes"));
-    }
-    Ok(values)
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eddy_jobs::plan::{Partition, Plan, Port};
+use eddy_jobs::plan::{Partition, Port};
 use eddy_jobs::TaskId;
 use eddy_proto::data_service_client::DataServiceClient;
 use eddy_proto::data_service_server::DataService;
@@ -27,6 +27,7 @@ use crate::batch::{row_bytes, Batch, Message};
 use crate::codec;
 use crate::error::{Result, TaskError};
 use crate::keys::{hash_key, key_group, subtask_for};
+use crate::task::TaskContext;
 
 /// Most rows a batch carries before it is sent.
 pub const BATCH_ROWS: usize = 1024;
@@ -143,24 +144,17 @@ pub enum Output {
 }
 
 impl Output {
-    /// Opens a channel from this task to `receiver`, whose input `input` it is.
-    pub fn open(
-        job: &str,
-        attempt: u64,
-        receiver: TaskId,
-        input: usize,
-        address: &str,
-        local_address: &str,
-        inboxes: &Inboxes,
-        peers: &Peers,
-    ) -> Result<Output> {
-        if address == local_address {
-            let tx = inboxes
+    /// Opens a channel from the task of `ctx` to `receiver` at `address`, whose input `input` it is.
+    pub fn open(ctx: &TaskContext, receiver: TaskId, input: usize, address: &str) -> Result<Output> {
+        let (job, attempt) = (ctx.job_id.as_str(), ctx.attempt);
+        if address == ctx.local_address {
+            let tx = ctx
+                .inboxes
                 .sender(&(job.to_string(), attempt, receiver))
                 .ok_or_else(|| TaskError::internal("job attempt superseded"))?;
             return Ok(Output::Local { tx, input });
         }
-        let mut client = peers.client(address)?;
+        let mut client = ctx.peers.client(address)?;
         let (tx, rx) = mpsc::channel(REMOTE_BUFFER);
         let header = ChannelHeader { job_id: job.to_string(), attempt, task_id: receiver.to_string(), input: input as u32 };
         let first = ExchangeFrame { header: Some(header), payload: Vec::new() };
@@ -210,25 +204,18 @@ pub struct Router {
 }
 
 impl Router {
-    /// Opens the outputs of `task` for every edge leaving its vertex.
-    pub fn open(
-        plan: &Plan,
-        job: &str,
-        attempt: u64,
-        task: TaskId,
-        placement: &HashMap<TaskId, String>,
-        local_address: &str,
-        inboxes: &Inboxes,
-        peers: &Peers,
-    ) -> Result<Router> {
+    /// Opens the outputs of the task of `ctx` for every edge leaving its vertex.
+    pub fn open(ctx: &TaskContext) -> Result<Router> {
+        let (plan, task) = (&ctx.plan, ctx.task);
         let mut edges = Vec::new();
         for (i, edge) in plan.edges.iter().enumerate().filter(|(_, e)| e.from == task.vertex) {
             let mut outputs = Vec::new();
             for (receiver, input) in plan.outputs(task, i) {
-                let address = placement
+                let address = ctx
+                    .placement
                     .get(&receiver)
                     .ok_or_else(|| TaskError::internal(format!("no placement for task {receiver}")))?;
-                outputs.push(Output::open(job, attempt, receiver, input, address, local_address, inboxes, peers)?);
+                outputs.push(Output::open(ctx, receiver, input, address)?);
             }
             let n = outputs.len();
             edges.push(EdgeOutputs {

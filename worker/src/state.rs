@@ -35,6 +35,9 @@ pub struct Accs {
     pub values: Vec<Acc>,
 }
 
+/// Receives one key and its slices in a window, oldest first.
+pub type KeyVisitor<'a> = dyn FnMut(&[u8], &mut dyn Iterator<Item = &Accs>) + 'a;
+
 /// The window operator's state: accumulators per (key, slice end), grouped by key.
 pub trait WindowState: Send {
     /// The accumulators of `key` in the slice ending at `slice_end`, created with `init` if absent.
@@ -43,7 +46,7 @@ pub trait WindowState: Send {
     fn first_slice(&self) -> Option<i64>;
     /// Calls `f` once per key that has slices ending in `(after, through]`, with those slices in
     /// time order.
-    fn for_each_key(&self, after: i64, through: i64, f: &mut dyn FnMut(&[u8], &mut dyn Iterator<Item = &Accs>));
+    fn for_each_key(&self, after: i64, through: i64, f: &mut KeyVisitor<'_>);
     /// Forgets every slice ending at or before `through`.
     fn drop_through(&mut self, through: i64);
     /// Number of (key, slice) entries held.
@@ -89,7 +92,7 @@ impl WindowState for MemoryWindowState {
         self.slices.keys().next().copied()
     }
 
-    fn for_each_key(&self, after: i64, through: i64, f: &mut dyn FnMut(&[u8], &mut dyn Iterator<Item = &Accs>)) {
+    fn for_each_key(&self, after: i64, through: i64, f: &mut KeyVisitor<'_>) {
         for (key, ring) in &self.keys {
             let start = ring.partition_point(|(s, _)| *s <= after);
             if ring.get(start).is_some_and(|(s, _)| *s <= through) {

@@ -196,16 +196,7 @@ pub async fn run(ctx: TaskContext) -> Result<()> {
     }
     let tail = match sink {
         Some(s) => Tail::Sink(s),
-        None => Tail::Router(Router::open(
-            &plan,
-            &ctx.job_id,
-            ctx.attempt,
-            ctx.task,
-            &ctx.placement,
-            &ctx.local_address,
-            &ctx.inboxes,
-            &ctx.peers,
-        )?),
+        None => Tail::Router(Router::open(&ctx)?),
     };
     let mut chain = Chain { ops, tail, metrics: ctx.metrics.clone() };
     match &plan.operators[vertex.operators[0]].kind {

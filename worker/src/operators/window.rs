@@ -195,16 +195,8 @@ fn update(acc: &mut Acc, v: &Value, sign: i64) -> std::result::Result<(), String
             let _ = m;
             return Err("MIN and MAX cannot take retractions; use them on append-only inputs".into());
         }
-        (Acc::Min(m), _) => {
-            if m.as_ref().is_none_or(|cur| less(v, cur)) {
-                *m = Some(v.clone());
-            }
-        }
-        (Acc::Max(m), _) => {
-            if m.as_ref().is_none_or(|cur| less(cur, v)) {
-                *m = Some(v.clone());
-            }
-        }
+        (Acc::Min(m), _) => keep_extreme(m, v, true),
+        (Acc::Max(m), _) => keep_extreme(m, v, false),
         (acc, v) => return Err(format!("unexpected input {v:?} for {acc:?}")),
     }
     Ok(())
@@ -231,6 +223,18 @@ fn less(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// Keeps the smaller (`min`) or larger of the current extreme and `v`.
+fn keep_extreme(current: &mut Option<Value>, v: &Value, min: bool) {
+    let replace = match current {
+        None => true,
+        Some(cur) if min => less(v, cur),
+        Some(cur) => less(cur, v),
+    };
+    if replace {
+        *current = Some(v.clone());
+    }
+}
+
 fn merge(into: &mut Accs, from: &Accs) {
     into.rows += from.rows;
     for (a, b) in into.values.iter_mut().zip(&from.values) {
@@ -244,16 +248,8 @@ fn merge(into: &mut Accs, from: &Accs) {
                 *n += m;
             }
             (Acc::Count(c), Acc::Count(d)) => *c += d,
-            (Acc::Min(x), Acc::Min(Some(y))) => {
-                if x.as_ref().is_none_or(|cur| less(y, cur)) {
-                    *x = Some(y.clone());
-                }
-            }
-            (Acc::Max(x), Acc::Max(Some(y))) => {
-                if x.as_ref().is_none_or(|cur| less(cur, y)) {
-                    *x = Some(y.clone());
-                }
-            }
+            (Acc::Min(x), Acc::Min(Some(y))) => keep_extreme(x, y, true),
+            (Acc::Max(x), Acc::Max(Some(y))) => keep_extreme(x, y, false),
             _ => {}
         }
     }
