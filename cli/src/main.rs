@@ -139,12 +139,13 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                     .tasks
                     .iter()
                     .map(|t| {
-                        let m = t.metrics.unwrap_or_default();
+                        let m = t.metrics.clone().unwrap_or_default();
                         json!({
                             "task_id": t.task_id, "operators": t.operators, "subtask": t.subtask,
                             "parallelism": t.parallelism, "worker_id": t.worker_id, "state": t.state,
                             "records_in": m.records_in, "records_out": m.records_out,
                             "late_records": m.late_records, "watermark_ms": m.watermark_ms, "error": t.error,
+                            "dead_lettered": m.dead_lettered, "gauges": m.gauges,
                         })
                     })
                     .collect();
@@ -164,7 +165,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                     .tasks
                     .iter()
                     .map(|t| {
-                        let m = t.metrics.unwrap_or_default();
+                        let m = t.metrics.clone().unwrap_or_default();
                         vec![
                             t.task_id.clone(),
                             t.operators.clone(),
@@ -174,11 +175,13 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                             m.records_in.to_string(),
                             m.records_out.to_string(),
                             m.late_records.to_string(),
+                            m.dead_lettered.to_string(),
+                            details(&m.gauges),
                             t.error.clone(),
                         ]
                     })
                     .collect();
-                table(&["TASK", "OPERATORS", "SUBTASK", "WORKER", "STATE", "IN", "OUT", "LATE", "ERROR"], rows);
+                table(&["TASK", "OPERATORS", "SUBTASK", "WORKER", "STATE", "IN", "OUT", "LATE", "DEAD", "DETAILS", "ERROR"], rows);
                 println!();
                 let rows = s.history.iter().map(|h| vec![format!("{}", h.at_ms), format!("{} -> {}", h.from, h.to), h.cause.clone()]).collect();
                 table(&["AT (UNIX MS)", "TRANSITION", "CAUSE"], rows);
@@ -210,6 +213,13 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// Connector gauges as `name=value` pairs, e.g. `slot_lag_bytes=0 snapshot_rows=500/500`.
+fn details(gauges: &std::collections::HashMap<String, i64>) -> String {
+    let mut pairs: Vec<_> = gauges.iter().collect();
+    pairs.sort();
+    pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
 }
 
 fn job_json(j: &JobSummary) -> serde_json::Value {

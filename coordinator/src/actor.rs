@@ -445,7 +445,7 @@ impl Coordinator {
                 parallelism: job.plan.vertices[t.vertex].parallelism,
                 worker_id: r.worker_id.clone(),
                 state: task_state_name(r.state).to_string(),
-                metrics: Some(r.metrics),
+                metrics: Some(r.metrics.clone()),
                 error: r.error.clone(),
             })
             .collect();

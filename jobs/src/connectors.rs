@@ -10,6 +10,10 @@ use crate::{DataType, Field, Schema};
 pub enum SourceConnector {
     /// Deterministic synthetic events.
     Generator(GeneratorOptions),
+    /// A PostgreSQL table: initial snapshot, then its changes from logical replication (pgoutput).
+    PostgresCdc(PostgresCdcOptions),
+    /// A Kafka topic of JSON records, plain or upsert.
+    Kafka(KafkaSourceOptions),
 }
 
 /// A sink connector with its checked options.
@@ -19,6 +23,270 @@ pub enum SinkConnector {
     File(FileSinkOptions),
     /// Drops every row (for benchmarks).
     Discard,
+    /// A Kafka topic, plain or upsert JSON.
+    Kafka(KafkaSinkOptions),
+    /// A Redis sorted set holding the latest closed window's scores.
+    Redis(RedisSinkOptions),
+    /// A ClickHouse table (batched inserts).
+    ClickHouse(ClickHouseSinkOptions),
+    /// An HTTP endpoint: one JSON POST per row, idempotent by key.
+    Http(HttpSinkOptions),
+}
+
+/// What a source does with a record it cannot decode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BadRecordPolicy {
+    /// Fail the task (and the job) with the record's error.
+    #[default]
+    Fail,
+    /// Skip it, counting it in the task's `dead_lettered` metric.
+    Drop,
+    /// Skip it, count it, and append it with its error to the `dead_letter_path` file.
+    DeadLetter,
+}
+
+/// Options of the `postgres_cdc` source.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresCdcOptions {
+    /// `postgres://user@host:port/db` (the user needs the REPLICATION attribute).
+    pub url: String,
+    /// The table, e.g. `public.engagement_events`.
+    pub table: String,
+    /// The table's columns as `name TYPE, …` (the output schema, in this order).
+    pub columns: String,
+    /// Primary-key columns.
+    pub primary_key: Vec<String>,
+    /// Replication slot, created if missing.
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    /// Publication, created (for `table`) if missing.
+    #[serde(default = "default_publication")]
+    pub publication: String,
+    /// Extra BIGINT output column carrying each change's LSN (a version that grows per row).
+    pub version_column: Option<String>,
+    /// Read the table's existing rows first (default true).
+    #[serde(default = "default_true")]
+    pub snapshot: bool,
+}
+
+fn default_slot() -> String {
+    "eddy_slot".into()
+}
+fn default_publication() -> String {
+    "eddy_pub".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// Record formats on Kafka.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum KafkaFormat {
+    /// Key `{"pk": …}`, value the row as a JSON object, a null value deletes the key.
+    #[default]
+    UpsertJson,
+    /// Value the row as a JSON object; no key semantics.
+    Json,
+}
+
+/// Options of the `kafka` source.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSourceOptions {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    pub brokers: String,
+    /// Topic.
+    pub topic: String,
+    /// Consumer group.
+    pub group_id: String,
+    /// Record format.
+    #[serde(default)]
+    pub format: KafkaFormat,
+    /// The value's fields as `name TYPE, …` (the output schema).
+    pub columns: String,
+    /// Key fields (upsert format).
+    #[serde(default)]
+    pub primary_key: Vec<String>,
+    /// Where to start without committed offsets: `earliest` (default) or `latest`.
+    #[serde(default = "default_earliest")]
+    pub start: String,
+    /// Malformed records.
+    #[serde(default)]
+    pub bad_records: BadRecordPolicy,
+    /// File for dead-lettered records (with `bad_records = "dead-letter"`).
+    pub dead_letter_path: Option<String>,
+}
+
+fn default_earliest() -> String {
+    "earliest".into()
+}
+
+/// Options of the `kafka` sink.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkOptions {
+    /// Bootstrap servers.
+    pub brokers: String,
+    /// Topic.
+    pub topic: String,
+    /// Record format.
+    #[serde(default)]
+    pub format: KafkaFormat,
+    /// Key columns (upsert format).
+    #[serde(default)]
+    pub key: Vec<String>,
+}
+
+/// Options of the `redis` leaderboard sink. Input rows are window results; after each closed
+/// window the sorted set holds exactly that window's (member, score) pairs.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSinkOptions {
+    /// `redis://host:port`.
+    pub url: String,
+    /// Sorted set name.
+    pub key: String,
+    /// Column giving the member.
+    pub member: String,
+    /// Column giving the score.
+    pub score: String,
+    /// Column giving the window end (default `window_end`).
+    #[serde(default = "default_window_end")]
+    pub window_end: String,
+}
+
+fn default_window_end() -> String {
+    "window_end".into()
+}
+
+/// Options of the `clickhouse` sink.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClickHouseSinkOptions {
+    /// HTTP endpoint, e.g. `http://127.0.0.1:8123`.
+    pub url: String,
+    /// Database.
+    #[serde(default = "default_database")]
+    pub database: String,
+    /// Table; columns are matched by name.
+    pub table: String,
+    /// Rows per insert at most.
+    #[serde(default = "default_batch_rows")]
+    pub batch_rows: usize,
+    /// Longest a row waits before its batch is inserted.
+    #[serde(default = "default_flush")]
+    pub flush_interval: String,
+    /// Column that orders versions of a row (ReplacingMergeTree's version).
+    pub version_column: Option<String>,
+    /// UInt8 column set to 1 on the row that records a retraction (delete).
+    pub deleted_column: Option<String>,
+}
+
+fn default_database() -> String {
+    "default".into()
+}
+fn default_batch_rows() -> usize {
+    10_000
+}
+fn default_flush() -> String {
+    "1s".into()
+}
+
+/// Options of the `http` sink.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSinkOptions {
+    /// Endpoint receiving one JSON POST per inserted row.
+    pub url: String,
+    /// Columns sent (default: all).
+    pub columns: Option<Vec<String>>,
+    /// Columns whose values form the `Idempotency-Key` header, e.g. `["id", "version"]`.
+    pub idempotency_key: Vec<String>,
+    /// Requests in flight at most.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+    /// Per-request timeout.
+    #[serde(default = "default_timeout")]
+    pub timeout: String,
+    /// Retries after a timeout or a 5xx, with exponential backoff.
+    #[serde(default = "default_retries")]
+    pub max_retries: u32,
+    /// File where rows refused with a 4xx, or out of retries, are appended with the error.
+    pub dead_letter_path: Option<String>,
+}
+
+fn default_concurrency() -> usize {
+    16
+}
+fn default_timeout() -> String {
+    "5s".into()
+}
+fn default_retries() -> u32 {
+    5
+}
+
+/// Options of the `postgres` lookup (a LEFT join against a table or view).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresLookupOptions {
+    /// `postgres://user@host:port/db`.
+    pub url: String,
+    /// Table or view looked up.
+    pub table: String,
+    /// Its key column, compared to the stage's `on` column.
+    pub key: String,
+    /// Columns brought in, as `name TYPE, …`.
+    pub columns: String,
+    /// Cached keys at most (found and not found).
+    #[serde(default = "default_cache_size")]
+    pub cache_size: usize,
+    /// How long a cached answer is used.
+    #[serde(default = "default_cache_ttl")]
+    pub cache_ttl: String,
+}
+
+fn default_cache_size() -> usize {
+    100_000
+}
+fn default_cache_ttl() -> String {
+    "60s".into()
+}
+
+/// Parses a column list such as `id BIGINT, name VARCHAR` into a schema.
+pub fn parse_columns(text: &str) -> Result<Schema, String> {
+    let mut fields: Vec<Field> = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, ty) = part
+            .split_once(char::is_whitespace)
+            .ok_or_else(|| format!("column `{part}` needs a type, e.g. `{part} BIGINT`"))?;
+        let data_type = DataType::parse(ty.trim()).ok_or_else(|| {
+            format!("column `{name}`: unknown type `{}`; use BIGINT, DOUBLE, VARCHAR, BOOLEAN or TIMESTAMP", ty.trim())
+        })?;
+        if fields.iter().any(|f| f.name.eq_ignore_ascii_case(name)) {
+            return Err(format!("column `{name}` is listed twice"));
+        }
+        fields.push(Field::new(name, data_type));
+    }
+    if fields.is_empty() {
+        return Err("expected at least one column, e.g. `id BIGINT, name VARCHAR`".into());
+    }
+    Ok(Schema::new(fields))
+}
+
+fn columns_exist(schema: &Schema, field: &str, names: &[String]) -> Result<(), String> {
+    for n in names {
+        if schema.index_of(n).is_none() {
+            return Err(format!("{field}: unknown column `{n}`; available: {}", schema.names()));
+        }
+    }
+    Ok(())
+}
+
+fn duration_option(field: &str, text: &str) -> Result<i64, String> {
+    crate::spec::parse_duration_ms(text).map_err(|m| format!("{field}: {m}"))
 }
 
 /// Options of the `generator` source. Row `seq` (0, 1, 2, …) has key `k` in `1..=keys` and a whole-number
@@ -93,12 +361,42 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
             }
             Ok((SourceConnector::Generator(o), GeneratorOptions::schema()))
         }
-        other => Err(format!("connector: unknown source connector `{other}`; available: generator")),
+        "postgres_cdc" => {
+            let o: PostgresCdcOptions = decode(options)?;
+            let mut schema = parse_columns(&o.columns).map_err(|m| format!("options.columns: {m}"))?;
+            if o.primary_key.is_empty() {
+                return Err("options.primary_key: list the table's primary-key columns, e.g. [\"id\"]".into());
+            }
+            columns_exist(&schema, "options.primary_key", &o.primary_key)?;
+            if let Some(v) = &o.version_column {
+                if schema.index_of(v).is_some() {
+                    return Err(format!("options.version_column: `{v}` is already a column of the table"));
+                }
+                schema.fields.push(Field::new(v.clone(), DataType::Int));
+            }
+            Ok((SourceConnector::PostgresCdc(o), schema))
+        }
+        "kafka" => {
+            let o: KafkaSourceOptions = decode(options)?;
+            let schema = parse_columns(&o.columns).map_err(|m| format!("options.columns: {m}"))?;
+            if o.format == KafkaFormat::UpsertJson && o.primary_key.is_empty() {
+                return Err("options.primary_key: the upsert-json format needs the key's columns, e.g. [\"id\"]".into());
+            }
+            columns_exist(&schema, "options.primary_key", &o.primary_key)?;
+            if !matches!(o.start.as_str(), "earliest" | "latest") {
+                return Err(format!("options.start: expected `earliest` or `latest`, got `{}`", o.start));
+            }
+            if o.bad_records == BadRecordPolicy::DeadLetter && o.dead_letter_path.is_none() {
+                return Err("options.dead_letter_path: bad_records = \"dead-letter\" needs a file to write them to".into());
+            }
+            Ok((SourceConnector::Kafka(o), schema))
+        }
+        other => Err(format!("connector: unknown source connector `{other}`; available: generator, postgres_cdc, kafka")),
     }
 }
 
-/// Checks a sink's connector name and options.
-pub fn sink(name: &str, options: &toml::Table) -> Result<SinkConnector, String> {
+/// Checks a sink's connector name and options against its input's schema.
+pub fn sink(name: &str, options: &toml::Table, input: &Schema) -> Result<SinkConnector, String> {
     match name {
         "file" => {
             let o: FileSinkOptions = decode(options)?;
@@ -114,7 +412,55 @@ pub fn sink(name: &str, options: &toml::Table) -> Result<SinkConnector, String> 
             decode::<Empty>(options)?;
             Ok(SinkConnector::Discard)
         }
-        other => Err(format!("connector: unknown sink connector `{other}`; available: file, discard")),
+        "kafka" => {
+            let o: KafkaSinkOptions = decode(options)?;
+            if o.format == KafkaFormat::UpsertJson && o.key.is_empty() {
+                return Err("options.key: the upsert-json format needs key columns, e.g. [\"id\"]".into());
+            }
+            columns_exist(input, "options.key", &o.key)?;
+            Ok(SinkConnector::Kafka(o))
+        }
+        "redis" => {
+            let o: RedisSinkOptions = decode(options)?;
+            columns_exist(input, "options", &[o.member.clone(), o.score.clone(), o.window_end.clone()])?;
+            Ok(SinkConnector::Redis(o))
+        }
+        "clickhouse" => {
+            let o: ClickHouseSinkOptions = decode(options)?;
+            duration_option("options.flush_interval", &o.flush_interval)?;
+            if o.batch_rows == 0 {
+                return Err("options.batch_rows: must be at least 1".into());
+            }
+            columns_exist(input, "options.version_column", o.version_column.as_slice())?;
+            Ok(SinkConnector::ClickHouse(o))
+        }
+        "http" => {
+            let o: HttpSinkOptions = decode(options)?;
+            duration_option("options.timeout", &o.timeout)?;
+            if o.concurrency == 0 {
+                return Err("options.concurrency: must be at least 1".into());
+            }
+            if o.idempotency_key.is_empty() {
+                return Err("options.idempotency_key: name the columns that identify a row version, e.g. [\"id\", \"version\"]".into());
+            }
+            columns_exist(input, "options.idempotency_key", &o.idempotency_key)?;
+            columns_exist(input, "options.columns", o.columns.as_deref().unwrap_or_default())?;
+            Ok(SinkConnector::Http(o))
+        }
+        other => Err(format!("connector: unknown sink connector `{other}`; available: file, discard, kafka, redis, clickhouse, http")),
+    }
+}
+
+/// Checks a lookup's connector and options; returns them with the looked-up columns.
+pub fn lookup(name: &str, options: &toml::Table) -> Result<(PostgresLookupOptions, Schema), String> {
+    match name {
+        "postgres" => {
+            let o: PostgresLookupOptions = decode(options)?;
+            let schema = parse_columns(&o.columns).map_err(|m| format!("options.columns: {m}"))?;
+            duration_option("options.cache_ttl", &o.cache_ttl)?;
+            Ok((o, schema))
+        }
+        other => Err(format!("connector: unknown lookup connector `{other}`; available: postgres")),
     }
 }
 

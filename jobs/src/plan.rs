@@ -10,9 +10,9 @@ use std::fmt;
 
 use sqlparser::ast::{self, FunctionArg, FunctionArgExpr, FunctionArguments};
 
-use crate::connectors::{self, SinkConnector, SourceConnector};
+use crate::connectors::{self, PostgresLookupOptions, SinkConnector, SourceConnector};
 use crate::expr::{parse_select_list, Expr};
-use crate::spec::{parse_duration_ms, JobSpec, SinkSpec, TransformSpec, WindowSpec};
+use crate::spec::{parse_duration_ms, JobSpec, LookupSpec, SinkSpec, TransformSpec, WindowSpec};
 use crate::{DataType, Field, Schema, SpecError};
 
 /// Default number of key groups.
@@ -65,6 +65,15 @@ pub enum OperatorKind {
     },
     /// Keyed event-time window aggregation.
     Window(WindowPlan),
+    /// LEFT lookup join: appends the external row whose key equals input column `on`.
+    Lookup {
+        /// The external table.
+        options: PostgresLookupOptions,
+        /// Input column compared with the external key.
+        on: usize,
+        /// The looked-up columns (appended, nullable).
+        columns: Schema,
+    },
     /// Writes rows out.
     Sink {
         /// The connector.
@@ -300,6 +309,7 @@ enum Stage<'a> {
     Source(usize),
     Transform(&'a TransformSpec),
     Window(&'a WindowSpec),
+    Lookup(&'a LookupSpec),
     Sink(&'a SinkSpec),
 }
 
@@ -309,6 +319,7 @@ impl Stage<'_> {
             Stage::Source(i) => format!("source[{}]", spec.sources[*i].name),
             Stage::Transform(t) => format!("transform[{}]", t.name),
             Stage::Window(w) => format!("window[{}]", w.name),
+            Stage::Lookup(l) => format!("lookup[{}]", l.name),
             Stage::Sink(s) => format!("sink[{}]", s.name),
         }
     }
@@ -317,6 +328,7 @@ impl Stage<'_> {
             Stage::Source(_) => None,
             Stage::Transform(t) => Some(&t.input),
             Stage::Window(w) => Some(&w.input),
+            Stage::Lookup(l) => Some(&l.input),
             Stage::Sink(s) => Some(&s.input),
         }
     }
@@ -358,6 +370,7 @@ impl<'a> Planner<'a> {
         stages.extend((0..spec.sources.len()).map(|i| (spec.sources[i].name.clone(), Stage::Source(i))));
         stages.extend(spec.transforms.iter().map(|t| (t.name.clone(), Stage::Transform(t))));
         stages.extend(spec.windows.iter().map(|w| (w.name.clone(), Stage::Window(w))));
+        stages.extend(spec.lookups.iter().map(|l| (l.name.clone(), Stage::Lookup(l))));
         stages.extend(spec.sinks.iter().map(|s| (s.name.clone(), Stage::Sink(s))));
         let mut by_name = HashMap::new();
         for (i, (name, stage)) in stages.iter().enumerate() {
@@ -617,10 +630,35 @@ impl<'a> Planner<'a> {
                 };
                 Ok((op, Some((up, port, Partition::Hash(key))), Some("window_end".into())))
             }
+            Stage::Lookup(l) => {
+                let (up, port) = input.expect("lookups have an input");
+                let schema_in = input_schema((up, port));
+                let (options, columns) = connectors::lookup(&l.connector, &l.options).map_err(|m| split_field(field, &m))?;
+                let on = schema_in.index_of(&l.on).ok_or_else(|| {
+                    SpecError::new(at("on"), format!("unknown column `{}`; available: {}", l.on, schema_in.names()))
+                })?;
+                let mut fields = schema_in.fields.clone();
+                for f in &columns.fields {
+                    if schema_in.index_of(&f.name).is_some() {
+                        return Err(SpecError::new(at("options.columns"), format!("`{}` is already an input column; rename it in the table or view", f.name)));
+                    }
+                    fields.push(f.clone());
+                }
+                let time = self.time_columns[up].clone().filter(|_| port == Port::Main);
+                let parallelism = self.parallelism(&at("parallelism"), l.parallelism.or(Some(self.operators[up].parallelism)))?;
+                let partition = self.partition(field, None, None, &schema_in, up, parallelism)?;
+                let op = Operator {
+                    name: l.name.clone(),
+                    kind: OperatorKind::Lookup { options, on, columns },
+                    parallelism,
+                    schema: Schema::new(fields),
+                };
+                Ok((op, Some((up, port, partition)), time))
+            }
             Stage::Sink(s) => {
                 let (up, port) = input.expect("sinks have an input");
                 let schema_in = input_schema((up, port));
-                let connector = connectors::sink(&s.connector, &s.options).map_err(|m| split_field(field, &m))?;
+                let connector = connectors::sink(&s.connector, &s.options, &schema_in).map_err(|m| split_field(field, &m))?;
                 let parallelism = self.parallelism(&at("parallelism"), s.parallelism.or(Some(self.operators[up].parallelism)))?;
                 let partition = self.partition(field, s.partition.as_deref(), None, &schema_in, up, parallelism)?;
                 let op = Operator { name: s.name.clone(), kind: OperatorKind::Sink { connector }, parallelism, schema: schema_in };

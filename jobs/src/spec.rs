@@ -27,6 +27,9 @@ pub struct JobSpec {
     /// Keyed event-time windows.
     #[serde(default, rename = "window")]
     pub windows: Vec<WindowSpec>,
+    /// Lookup joins against external tables.
+    #[serde(default, rename = "lookup")]
+    pub lookups: Vec<LookupSpec>,
     /// Sinks.
     #[serde(default, rename = "sink")]
     pub sinks: Vec<SinkSpec>,
@@ -80,6 +83,26 @@ pub struct TransformSpec {
     pub partition: Option<String>,
     /// Columns to hash by when `partition = "hash"`.
     pub key: Option<Vec<String>>,
+}
+
+/// A `[[lookup]]` table: a LEFT join of each row with the external row whose key equals `on`.
+/// Output: the input's columns, then the looked-up columns (NULL when no row matches).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupSpec {
+    /// Stage name.
+    pub name: String,
+    /// The stage read.
+    pub input: String,
+    /// Connector name: `postgres`.
+    pub connector: String,
+    /// Input column matched against the external key.
+    pub on: String,
+    /// Connector options.
+    #[serde(default)]
+    pub options: toml::Table,
+    /// Parallel instances.
+    pub parallelism: Option<u32>,
 }
 
 /// A `[[window]]` table: a keyed TUMBLE or HOP window on event time.

@@ -248,6 +248,8 @@ fn update(job_id: &str, attempt: u64, task: TaskId, state: TaskState, error: Str
             watermark_ms: m.watermark.load(Ordering::Relaxed),
             batches_in: m.batches_in.load(Ordering::Relaxed),
             batches_out: m.batches_out.load(Ordering::Relaxed),
+            dead_lettered: m.dead_lettered.load(Ordering::Relaxed),
+            gauges: m.gauges().into_iter().collect(),
         }),
     }
 }

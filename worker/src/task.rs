@@ -13,7 +13,7 @@ use eddy_jobs::{TaskId, Value};
 use tokio::time::Instant;
 
 use crate::batch::{Batch, Message};
-use crate::connectors::{self, Sink};
+use crate::connectors::{self, ConnectorContext, Sink};
 use crate::error::{Result, TaskError};
 use crate::exchange::{Inboxes, Peers, Router};
 use crate::operators::{self, Collector, Operator};
@@ -33,6 +33,28 @@ pub struct TaskMetrics {
     pub batches_in: AtomicU64,
     /// Batches written.
     pub batches_out: AtomicU64,
+    /// Records skipped or dead-lettered by a bad-record policy.
+    pub dead_lettered: AtomicU64,
+    /// Connector figures (snapshot progress, lag, …), by name.
+    pub gauges: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
+}
+
+impl TaskMetrics {
+    /// Sets a connector gauge.
+    pub fn set_gauge(&self, name: &str, value: i64) {
+        let mut g = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
+        match g.get_mut(name) {
+            Some(v) => *v = value,
+            None => {
+                g.insert(name.to_string(), value);
+            }
+        }
+    }
+
+    /// A copy of the gauges.
+    pub fn gauges(&self) -> std::collections::BTreeMap<String, i64> {
+        self.gauges.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl Default for TaskMetrics {
@@ -44,6 +66,8 @@ impl Default for TaskMetrics {
             watermark: AtomicI64::new(i64::MIN),
             batches_in: AtomicU64::new(0),
             batches_out: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            gauges: Default::default(),
         }
     }
 }
@@ -94,7 +118,7 @@ impl Chain {
         for i in start..self.ops.len() {
             let mut out = Collector::default();
             for b in pending {
-                self.ops[i].process_batch(b, &mut out)?;
+                self.ops[i].process_batch(b, &mut out).await?;
             }
             self.emit_late(out.late).await?;
             pending = out.main;
@@ -135,7 +159,7 @@ impl Chain {
         self.metrics.watermark.store(watermark, Ordering::Relaxed);
         for i in 0..self.ops.len() {
             let mut out = Collector::default();
-            self.ops[i].on_watermark(watermark, &mut out)?;
+            self.ops[i].on_watermark(watermark, &mut out).await?;
             self.emit_late(out.late).await?;
             for b in out.main {
                 self.push_from(i + 1, b).await?;
@@ -150,7 +174,7 @@ impl Chain {
     async fn end(&mut self) -> Result<()> {
         for i in 0..self.ops.len() {
             let mut out = Collector::default();
-            self.ops[i].on_end(&mut out)?;
+            self.ops[i].on_end(&mut out).await?;
             self.emit_late(out.late).await?;
             for b in out.main {
                 self.push_from(i + 1, b).await?;
@@ -183,15 +207,21 @@ pub async fn run(ctx: TaskContext) -> Result<()> {
     let vertex = &plan.vertices[ctx.task.vertex];
     let mut ops = Vec::new();
     let mut sink = None;
+    let connector_ctx = |schema: &eddy_jobs::Schema| ConnectorContext {
+        job_id: ctx.job_id.clone(),
+        task: ctx.task,
+        parallelism: vertex.parallelism,
+        schema: schema.clone(),
+        metrics: ctx.metrics.clone(),
+    };
     for &o in &vertex.operators {
         let op = &plan.operators[o];
         match &op.kind {
             OperatorKind::Sink { connector } => {
-                let input_schema = &op.schema;
-                sink = Some(connectors::sink(connector, input_schema, ctx.task.subtask, vertex.parallelism)?);
+                sink = Some(connectors::sink(connector, connector_ctx(&op.schema)).await?);
             }
             OperatorKind::Source { .. } => {}
-            _ => ops.push(operators::build(&plan, o).ok_or_else(|| TaskError::internal("operator has no builder"))?),
+            _ => ops.push(operators::build(&plan, o).await?.ok_or_else(|| TaskError::internal("operator has no builder"))?),
         }
     }
     let tail = match sink {
@@ -201,7 +231,8 @@ pub async fn run(ctx: TaskContext) -> Result<()> {
     let mut chain = Chain { ops, tail, metrics: ctx.metrics.clone() };
     match &plan.operators[vertex.operators[0]].kind {
         OperatorKind::Source { connector, event_time } => {
-            let source = connectors::source(connector, ctx.task.subtask, vertex.parallelism)?;
+            let schema = &plan.operators[vertex.operators[0]].schema;
+            let source = connectors::source(connector, connector_ctx(schema)).await?;
             run_source(source, *event_time, &mut chain).await
         }
         _ => run_inputs(&ctx, &mut chain).await,
@@ -272,6 +303,7 @@ async fn run_source(mut source: Box<dyn connectors::Source>, event_time: Option<
                     if let Some(wm) = wm {
                         chain.watermark(wm).await?;
                     }
+                    source.handed_on().await?;
                 }
                 None => {
                     chain.watermark(i64::MAX).await?;
@@ -284,6 +316,8 @@ async fn run_source(mut source: Box<dyn connectors::Source>, event_time: Option<
                     chain.watermark(wm).await?;
                 }
                 chain.flush().await?;
+                source.handed_on().await?;
+                source.tick().await?;
             }
         }
     }

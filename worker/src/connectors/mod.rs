@@ -1,21 +1,56 @@
 //! Connectors: sources that produce batches and sinks that write them, registered in one place
 //! ([`source`] and [`sink`]) by the connector names specs use.
 
+pub mod clickhouse;
 pub mod file;
 pub mod generator;
+pub mod http;
+pub mod kafka;
+pub mod postgres_cdc;
+pub mod redis;
+
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use eddy_jobs::connectors::{SinkConnector, SourceConnector};
-use eddy_jobs::Schema;
+use eddy_jobs::{Schema, TaskId};
 
 use crate::batch::Batch;
 use crate::error::Result;
+use crate::task::TaskMetrics;
+
+/// What a connector instance knows about where it runs.
+#[derive(Clone)]
+pub struct ConnectorContext {
+    /// The job.
+    pub job_id: String,
+    /// This task.
+    pub task: TaskId,
+    /// Parallel instances of this connector.
+    pub parallelism: u32,
+    /// The rows' schema: produced (sources) or consumed (sinks).
+    pub schema: Schema,
+    /// The task's counters and gauges, for lag, progress and dead-letter counts.
+    pub metrics: Arc<TaskMetrics>,
+}
 
 /// Produces batches. `next_batch` must be cancel-safe: dropping its future loses nothing.
 #[async_trait]
 pub trait Source: Send {
     /// The next batch, or `None` once the source is exhausted.
     async fn next_batch(&mut self) -> Result<Option<Batch>>;
+
+    /// Every batch returned so far has been handed to the next task. Until checkpoints exist this
+    /// is when a source may confirm its position upstream (a replication slot's LSN).
+    async fn handed_on(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Called about every 200 ms, busy or not: a chance for housekeeping such as keeping an idle
+    /// replication slot advancing or refreshing lag gauges.
+    async fn tick(&mut self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// Writes batches to an external system.
@@ -31,18 +66,24 @@ pub trait Sink: Send {
     async fn finish(&mut self) -> Result<()>;
 }
 
-/// Builds subtask `subtask` of `parallelism` of a source.
-pub fn source(connector: &SourceConnector, subtask: u32, parallelism: u32) -> Result<Box<dyn Source>> {
+/// Builds a source instance: every source connector is registered here.
+pub async fn source(connector: &SourceConnector, ctx: ConnectorContext) -> Result<Box<dyn Source>> {
     Ok(match connector {
-        SourceConnector::Generator(o) => Box::new(generator::Generator::new(o.clone(), subtask, parallelism)),
+        SourceConnector::Generator(o) => Box::new(generator::Generator::new(o.clone(), ctx.task.subtask, ctx.parallelism)),
+        SourceConnector::PostgresCdc(o) => Box::new(postgres_cdc::PostgresCdc::start(o, ctx).await?),
+        SourceConnector::Kafka(o) => Box::new(kafka::KafkaSource::start(o, ctx)?),
     })
 }
 
-/// Builds subtask `subtask` of `parallelism` of a sink whose input has `schema`.
-pub fn sink(connector: &SinkConnector, schema: &Schema, subtask: u32, parallelism: u32) -> Result<Box<dyn Sink>> {
+/// Builds a sink instance: every sink connector is registered here.
+pub async fn sink(connector: &SinkConnector, ctx: ConnectorContext) -> Result<Box<dyn Sink>> {
     Ok(match connector {
-        SinkConnector::File(o) => Box::new(file::FileSink::open(o, schema, subtask, parallelism)?),
+        SinkConnector::File(o) => Box::new(file::FileSink::open(o, &ctx.schema, ctx.task.subtask, ctx.parallelism)?),
         SinkConnector::Discard => Box::new(Discard),
+        SinkConnector::Kafka(o) => Box::new(kafka::KafkaSink::start(o, ctx)?),
+        SinkConnector::Redis(o) => Box::new(redis::RedisLeaderboard::connect(o, ctx).await?),
+        SinkConnector::ClickHouse(o) => Box::new(clickhouse::ClickHouseSink::new(o, ctx)?),
+        SinkConnector::Http(o) => Box::new(http::HttpSink::new(o, ctx)?),
     })
 }
 

@@ -1,7 +1,8 @@
-//! Operators: synchronous, CPU-only steps of a chain (transforms and windows). Sources and sinks,
-//! which wait on the outside world, are connectors (see `crate::connectors`). `build` turns a planned
+//! Operators: the steps of a chain between a source and a sink (transforms, windows, lookups).
+//! Sources and sinks are connectors (see `crate::connectors`). `build` turns a planned
 //! operator into a running one; running them is the task runtime's job (`crate::task`).
 
+pub mod lookup;
 pub mod transform;
 pub mod window;
 
@@ -21,17 +22,20 @@ pub struct Collector {
 }
 
 /// One step of a chain. Only `process_batch` is required; the hooks default to doing nothing.
+/// Methods are async so that an operator may wait on an external system (a lookup); CPU-only
+/// operators simply never await.
+#[async_trait::async_trait]
 pub trait Operator: Send {
     /// Processes a batch of input rows.
-    fn process_batch(&mut self, batch: Batch, out: &mut Collector) -> Result<()>;
+    async fn process_batch(&mut self, batch: Batch, out: &mut Collector) -> Result<()>;
 
     /// The input watermark advanced to `watermark`; the runtime forwards it downstream afterwards.
-    fn on_watermark(&mut self, _watermark: i64, _out: &mut Collector) -> Result<()> {
+    async fn on_watermark(&mut self, _watermark: i64, _out: &mut Collector) -> Result<()> {
         Ok(())
     }
 
     /// All input has ended (after a final watermark).
-    fn on_end(&mut self, _out: &mut Collector) -> Result<()> {
+    async fn on_end(&mut self, _out: &mut Collector) -> Result<()> {
         Ok(())
     }
 
@@ -42,13 +46,16 @@ pub trait Operator: Send {
 }
 
 /// Builds operator `index` of `plan`; `None` for sources and sinks.
-pub fn build(plan: &Plan, index: usize) -> Option<Box<dyn Operator>> {
+pub async fn build(plan: &Plan, index: usize) -> Result<Option<Box<dyn Operator>>> {
     let op = &plan.operators[index];
-    match &op.kind {
+    Ok(match &op.kind {
         OperatorKind::Transform { filter, projection } => {
             Some(Box::new(transform::Transform::new(filter.clone(), projection.clone())))
         }
         OperatorKind::Window(w) => Some(Box::new(window::Window::new(w.clone(), Box::new(MemoryWindowState::default())))),
+        OperatorKind::Lookup { options, on, columns } => {
+            Some(Box::new(lookup::PostgresLookup::connect(options, *on, columns).await?))
+        }
         OperatorKind::Source { .. } | OperatorKind::Sink { .. } => None,
-    }
+    })
 }

@@ -20,8 +20,9 @@ impl Transform {
     }
 }
 
+#[async_trait::async_trait]
 impl Operator for Transform {
-    fn process_batch(&mut self, batch: Batch, out: &mut Collector) -> Result<()> {
+    async fn process_batch(&mut self, batch: Batch, out: &mut Collector) -> Result<()> {
         let mut result = Batch::with_capacity(batch.len());
         for (row, op) in batch.rows.into_iter().zip(batch.ops) {
             if let Some(f) = &self.filter {

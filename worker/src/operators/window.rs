@@ -94,8 +94,24 @@ fn empty_accs(plan: &WindowPlan) -> Accs {
     }
 }
 
+#[async_trait::async_trait]
 impl Operator for Window {
-    fn process_batch(&mut self, batch: Batch, out: &mut Collector) -> Result<()> {
+    async fn process_batch(&mut self, batch: Batch, out: &mut Collector) -> Result<()> {
+        self.process(batch, out)
+    }
+
+    async fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<()> {
+        self.advance(watermark, out)
+    }
+
+    fn late_records(&self) -> u64 {
+        self.late
+    }
+}
+
+impl Window {
+    /// Adds a batch's rows to their slices; late rows go to `out.late`.
+    pub fn process(&mut self, batch: Batch, out: &mut Collector) -> Result<()> {
         let mut late = Batch::default();
         for (row, op) in batch.rows.into_iter().zip(batch.ops) {
             let ts = match &row[self.plan.time_column] {
@@ -137,7 +153,8 @@ impl Operator for Window {
         Ok(())
     }
 
-    fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<()> {
+    /// Moves event time to `watermark`, firing every window that ends at or before it.
+    pub fn advance(&mut self, watermark: i64, out: &mut Collector) -> Result<()> {
         if watermark <= self.watermark {
             return Ok(());
         }
@@ -155,10 +172,6 @@ impl Operator for Window {
             self.state.drop_through(end + slide - self.plan.size_ms);
         }
         Ok(())
-    }
-
-    fn late_records(&self) -> u64 {
-        self.late
     }
 }
 
@@ -329,8 +342,8 @@ mod tests {
         // size 10, slide 5: a record at t=7 belongs to windows [0,10) and [5,15).
         let mut w = window(10, 5);
         let mut out = Collector::default();
-        w.process_batch(Batch::inserts(vec![row(1, 3, 7), row(1, 4, 12), row(2, 1, 1)]), &mut out).unwrap();
-        w.on_watermark(i64::MAX, &mut out).unwrap();
+        w.process(Batch::inserts(vec![row(1, 3, 7), row(1, 4, 12), row(2, 1, 1)]), &mut out).unwrap();
+        w.advance(i64::MAX, &mut out).unwrap();
         let r = results(&out);
         let expected: BTreeMap<_, _> =
             [((1, 10), (3, 1)), ((1, 15), (7, 2)), ((1, 20), (4, 1)), ((2, 5), (1, 1)), ((2, 10), (1, 1))].into();
@@ -341,9 +354,9 @@ mod tests {
     fn late_records_are_counted_and_side_output() {
         let mut w = window(10, 5);
         let mut out = Collector::default();
-        w.process_batch(Batch::inserts(vec![row(1, 1, 3)]), &mut out).unwrap();
-        w.on_watermark(9, &mut out).unwrap(); // fires [-5,5) and [0,10)
-        w.process_batch(Batch::inserts(vec![row(1, 1, 8), row(1, 1, 12)]), &mut out).unwrap();
+        w.process(Batch::inserts(vec![row(1, 1, 3)]), &mut out).unwrap();
+        w.advance(9, &mut out).unwrap(); // fires [-5,5) and [0,10)
+        w.process(Batch::inserts(vec![row(1, 1, 8), row(1, 1, 12)]), &mut out).unwrap();
         assert_eq!(w.late_records(), 1);
         assert_eq!(out.late[0].rows, vec![row(1, 1, 8)]);
     }
@@ -355,8 +368,8 @@ mod tests {
         let mut b = Batch::inserts(vec![row(1, 5, 1), row(2, 7, 2)]);
         b.push(row(1, 5, 1), Op::Retract);
         b.push(row(2, 9, 3), Op::Insert);
-        w.process_batch(b, &mut out).unwrap();
-        w.on_watermark(i64::MAX, &mut out).unwrap();
+        w.process(b, &mut out).unwrap();
+        w.advance(i64::MAX, &mut out).unwrap();
         // Key 1 has no rows left, so no result; key 2 has two.
         assert_eq!(results(&out), [((2, 10), (16, 2))].into());
     }
@@ -395,7 +408,7 @@ mod tests {
                         let mut b = Batch::default();
                         b.push(row(k, v, ts), if retract { Op::Retract } else { Op::Insert });
                         let before = w.late_records();
-                        w.process_batch(b, &mut out).unwrap();
+                        w.process(b, &mut out).unwrap();
                         let naive_late = slice_end(ts, g) - 1 <= wm;
                         prop_assert_eq!(w.late_records() > before, naive_late);
                         if !naive_late {
@@ -403,7 +416,7 @@ mod tests {
                         }
                     }
                     Step::Watermark(t) => {
-                        w.on_watermark(t, &mut out).unwrap();
+                        w.advance(t, &mut out).unwrap();
                         wm = wm.max(t);
                     }
                 }
