@@ -7,6 +7,7 @@ pub mod connectors;
 pub mod expr;
 pub mod plan;
 pub mod spec;
+pub mod time;
 pub mod types;
 
 pub use plan::{plan, Plan, TaskId};

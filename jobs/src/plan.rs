@@ -952,3 +952,22 @@ options = { path = "/tmp/out.jsonl" }
         }
     }
 }
+
+#[cfg(test)]
+mod shipped_specs {
+    use crate::{compile, substitute_env};
+
+    /// The shipped specs plan with their defaults: no environment needed.
+    #[test]
+    fn ingest_and_process_specs_are_valid() {
+        for (name, text) in [("ingest", include_str!("../specs/ingest.toml")), ("process", include_str!("../specs/process.toml"))] {
+            let text = substitute_env(text, |_| None).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let plan = compile(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!plan.vertices.is_empty());
+        }
+        let process = compile(&substitute_env(include_str!("../specs/process.toml"), |_| None).unwrap()).unwrap();
+        let enriched = process.operators.iter().find(|o| o.name == "enriched").unwrap();
+        let names: Vec<_> = enriched.schema.fields.iter().map(|f| f.name.as_str()).collect();
+        assert!(names.contains(&"engagement_pct") && names.contains(&"slug"), "{names:?}");
+    }
+}

@@ -12,6 +12,7 @@ pub mod connectors;
 pub mod control;
 pub mod error;
 pub mod exchange;
+pub mod json;
 pub mod keys;
 pub mod operators;
 pub mod state;

@@ -1,25 +1,224 @@
-//! The `postgres` lookup join (being written).
+//! The `postgres` lookup: a LEFT join of each row with the row of a PostgreSQL table or view whose
+//! key equals the row's `on` column. A batch's missing keys are fetched in one query
+//! (`WHERE key = ANY($1)`); answers — found or not — are cached up to `cache_size` keys for
+//! `cache_ttl`, oldest evicted first. A row whose key is NULL or unknown gets NULL columns.
+//! Values travel as text and are parsed into the declared column types.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
 use eddy_jobs::connectors::PostgresLookupOptions;
-use eddy_jobs::Schema;
+use eddy_jobs::spec::parse_duration_ms;
+use eddy_jobs::time::parse_timestamp;
+use eddy_jobs::{DataType, Schema, Value};
+use tokio::time::Instant;
+use tokio_postgres::{Client, NoTls};
+use tracing::warn;
 
 use super::{Collector, Operator};
 use crate::batch::Batch;
 use crate::error::{Result, TaskError};
 
 /// LEFT join with a PostgreSQL table or view.
-pub struct PostgresLookup;
+pub struct PostgresLookup {
+    options: PostgresLookupOptions,
+    on: usize,
+    columns: Schema,
+    query: String,
+    client: Option<Client>,
+    cache: HashMap<String, (Instant, Option<Vec<Value>>)>,
+    order: VecDeque<String>,
+    ttl: Duration,
+}
 
 impl PostgresLookup {
-    /// Connects.
-    pub async fn connect(_o: &PostgresLookupOptions, _on: usize, _columns: &Schema) -> Result<PostgresLookup> {
-        Err(TaskError::internal("lookup is not built yet"))
+    /// Connects (lazily retried later if the database is down now).
+    pub async fn connect(o: &PostgresLookupOptions, on: usize, columns: &Schema) -> Result<PostgresLookup> {
+        let ttl = Duration::from_millis(parse_duration_ms(&o.cache_ttl).map_err(TaskError::user)?.max(0) as u64);
+        let select: Vec<String> = columns.fields.iter().map(|f| format!("{}::text", quote(&f.name))).collect();
+        let query = format!(
+            "SELECT {}::text, {} FROM {} WHERE {}::text = ANY($1)",
+            quote(&o.key),
+            select.join(", "),
+            o.table,
+            quote(&o.key)
+        );
+        let mut lookup = PostgresLookup {
+            options: o.clone(),
+            on,
+            columns: columns.clone(),
+            query,
+            client: None,
+            cache: HashMap::new(),
+            order: VecDeque::new(),
+            ttl,
+        };
+        if let Err(e) = lookup.client().await {
+            warn!(error = %e, "lookup database not reachable yet; will retry");
+        }
+        Ok(lookup)
+    }
+
+    async fn client(&mut self) -> Result<&Client> {
+        if self.client.as_ref().is_none_or(Client::is_closed) {
+            let (client, connection) = tokio_postgres::connect(&self.options.url, NoTls)
+                .await
+                .map_err(|e| TaskError::external(format!("lookup database {}: {e}", redact(&self.options.url))))?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    warn!(error = %e, "lookup connection ended");
+                }
+            });
+            self.client = Some(client);
+        }
+        Ok(self.client.as_ref().expect("connected above"))
+    }
+
+    /// Fetches `keys`, retrying with backoff while the database is unreachable.
+    async fn fetch(&mut self, keys: Vec<String>) -> Result<HashMap<String, Vec<Value>>> {
+        let mut delay = Duration::from_millis(100);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let query = self.query.clone();
+            let result = match self.client().await {
+                Ok(client) => client.query(&query, &[&keys]).await.map_err(|e| {
+                    let user = e.as_db_error().is_some();
+                    let message = format!("lookup: {e}");
+                    if user {
+                        TaskError::user(format!("{message}; check the table, key and columns of the lookup"))
+                    } else {
+                        TaskError::external(message)
+                    }
+                }),
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(rows) => {
+                    let mut found = HashMap::with_capacity(rows.len());
+                    for r in rows {
+                        let key: Option<String> = r.get(0);
+                        let Some(key) = key else { continue };
+                        let values = self
+                            .columns
+                            .fields
+                            .iter()
+                            .enumerate()
+                            .map(|(i, f)| parse_text(r.get::<_, Option<String>>(i + 1).as_deref(), f.data_type))
+                            .collect::<std::result::Result<Vec<_>, String>>()
+                            .map_err(|e| TaskError::user(format!("lookup in `{}`: {e}", self.options.table)))?;
+                        found.insert(key, values);
+                    }
+                    return Ok(found);
+                }
+                Err(e) if e.retryable() && attempt < 8 => {
+                    warn!(error = %e, attempt, "lookup failed; retrying");
+                    self.client = None;
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn remember(&mut self, key: String, value: Option<Vec<Value>>) {
+        while self.cache.len() >= self.options.cache_size.max(1) {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.cache.remove(&old);
+                }
+                None => break,
+            }
+        }
+        if self.cache.insert(key.clone(), (Instant::now(), value)).is_none() {
+            self.order.push_back(key);
+        }
     }
 }
 
 #[async_trait::async_trait]
 impl Operator for PostgresLookup {
-    async fn process_batch(&mut self, batch: Batch, out: &mut Collector) -> Result<()> {
+    async fn process_batch(&mut self, mut batch: Batch, out: &mut Collector) -> Result<()> {
+        let now = Instant::now();
+        let keys: Vec<Option<String>> = batch.rows.iter().map(|r| key_text(&r[self.on])).collect();
+        let mut missing: Vec<String> = keys
+            .iter()
+            .flatten()
+            .filter(|k| self.cache.get(*k).is_none_or(|(at, _)| now.duration_since(*at) > self.ttl))
+            .cloned()
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            let mut found = self.fetch(missing.clone()).await?;
+            for k in missing {
+                let v = found.remove(&k);
+                self.remember(k, v);
+            }
+        }
+        let width = self.columns.fields.len();
+        for (row, key) in batch.rows.iter_mut().zip(keys) {
+            match key.and_then(|k| self.cache.get(&k)).and_then(|(_, v)| v.as_ref()) {
+                Some(values) => row.extend(values.iter().cloned()),
+                None => row.extend(std::iter::repeat_n(Value::Null, width)),
+            }
+        }
         out.main.push(batch);
         Ok(())
+    }
+}
+
+/// A key as the text PostgreSQL compares it with.
+fn key_text(v: &Value) -> Option<String> {
+    match v {
+        Value::Null => None,
+        Value::String(s) => Some(s.to_string()),
+        Value::Int(i) => Some(i.to_string()),
+        Value::Float(f) => Some(f.to_string()),
+        Value::Bool(b) => Some(if *b { "true" } else { "false" }.to_string()),
+        Value::Timestamp(t) => Some(eddy_jobs::time::format_timestamp(*t)),
+    }
+}
+
+/// Parses PostgreSQL's text output of a value into `ty`.
+pub fn parse_text(text: Option<&str>, ty: DataType) -> std::result::Result<Value, String> {
+    let Some(t) = text else { return Ok(Value::Null) };
+    Ok(match ty {
+        DataType::Bool => Value::Bool(matches!(t, "t" | "true")),
+        DataType::Int => Value::Int(t.parse().map_err(|_| format!("`{t}` is not a BIGINT"))?),
+        DataType::Float => Value::Float(t.parse().map_err(|_| format!("`{t}` is not a DOUBLE"))?),
+        DataType::String => Value::string(t),
+        DataType::Timestamp => Value::Timestamp(parse_timestamp(t).ok_or_else(|| format!("`{t}` is not a timestamp"))?),
+    })
+}
+
+fn quote(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// A connection URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
+            Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
+            None => url.to_string(),
+        },
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_postgres_text() {
+        assert_eq!(parse_text(Some("42"), DataType::Int), Ok(Value::Int(42)));
+        assert_eq!(parse_text(None, DataType::Int), Ok(Value::Null));
+        assert_eq!(parse_text(Some("t"), DataType::Bool), Ok(Value::Bool(true)));
+        assert_eq!(parse_text(Some("2024-05-01 12:34:56.5+00"), DataType::Timestamp), Ok(Value::Timestamp(1_714_566_896_500)));
+        assert!(parse_text(Some("x"), DataType::Float).is_err());
+        assert_eq!(redact("postgres://eddy:secret@h:5432/db"), "postgres://eddy:***@h:5432/db");
     }
 }

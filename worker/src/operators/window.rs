@@ -5,8 +5,11 @@
 //! HOP 10 min / 5 s). When the watermark passes a window's end, the window's result per key is the
 //! merge of its `size / slice` slices. A slice is dropped once no open window needs it.
 //!
-//! A record is late when the first window holding it has already fired (its slice's end is at or
-//! below the watermark + 1); it is counted and sent to the late output, untouched.
+//! A window's result is computed when the watermark passes its end, from the records that arrived
+//! before. A record whose first windows have fired still counts for the later windows that hold it
+//! (so an update of a recent event corrects the leaderboard from the next window on). A record is
+//! late only when the last window holding it has fired; it is then counted and sent to the late
+//! output, untouched.
 //!
 //! SUM, COUNT and AVG accept retractions (subtracting); MIN and MAX do not, and fail the task if
 //! they see one, since the planner rules that out for updating inputs.
@@ -123,7 +126,7 @@ impl Window {
                 }
             };
             let slice_end = slice_end(ts, self.slice_ms);
-            if slice_end - 1 <= self.watermark {
+            if self.last_window_end(slice_end) - 1 <= self.watermark {
                 late.push(row, op);
                 continue;
             }
@@ -153,16 +156,25 @@ impl Window {
         Ok(())
     }
 
+    /// End of the last window that holds the slice ending at `slice_end`.
+    fn last_window_end(&self, slice_end: i64) -> i64 {
+        floor_to(slice_end - self.slice_ms + self.plan.size_ms, self.plan.slide_ms)
+    }
+
     /// Moves event time to `watermark`, firing every window that ends at or before it.
     pub fn advance(&mut self, watermark: i64, out: &mut Collector) -> Result<()> {
         if watermark <= self.watermark {
             return Ok(());
         }
+        // Windows that ended at or before the previous watermark have passed: rows that arrived since
+        // count only for later windows.
+        let passed = self.watermark;
         self.watermark = watermark;
         let slide = self.plan.slide_ms;
+        let not_passed = if passed == i64::MIN { i64::MIN } else { ceil_to(passed.saturating_add(2), slide) };
         while let Some(first) = self.state.first_slice() {
-            // The first window holding the earliest slice, but never one already fired.
-            let end = ceil_to(first, slide).max(self.last_fired.saturating_add(slide));
+            // The first window holding the earliest slice, but never one already fired or passed.
+            let end = ceil_to(first, slide).max(self.last_fired.saturating_add(slide)).max(not_passed);
             if end - 1 > watermark {
                 break;
             }
@@ -178,6 +190,11 @@ impl Window {
 /// End (exclusive) of the slice holding `ts`.
 fn slice_end(ts: i64, slice: i64) -> i64 {
     ts.div_euclid(slice) * slice + slice
+}
+
+/// Largest multiple of `step` at or below `x`.
+fn floor_to(x: i64, step: i64) -> i64 {
+    x.div_euclid(step) * step
 }
 
 /// Smallest multiple of `step` at or above `x`.
@@ -356,9 +373,12 @@ mod tests {
         let mut out = Collector::default();
         w.process(Batch::inserts(vec![row(1, 1, 3)]), &mut out).unwrap();
         w.advance(9, &mut out).unwrap(); // fires [-5,5) and [0,10)
-        w.process(Batch::inserts(vec![row(1, 1, 8), row(1, 1, 12)]), &mut out).unwrap();
+        // t=2 belongs only to fired windows: late. t=8 still counts for [5,15).
+        w.process(Batch::inserts(vec![row(1, 1, 2), row(1, 2, 8)]), &mut out).unwrap();
         assert_eq!(w.late_records(), 1);
-        assert_eq!(out.late[0].rows, vec![row(1, 1, 8)]);
+        assert_eq!(out.late[0].rows, vec![row(1, 1, 2)]);
+        w.advance(i64::MAX, &mut out).unwrap();
+        assert_eq!(results(&out), [((1, 5), (1, 1)), ((1, 10), (1, 1)), ((1, 15), (2, 1))].into());
     }
 
     #[test]
@@ -392,24 +412,30 @@ mod tests {
     }
 
     proptest! {
-        /// Window results equal a naive computation over the records that were not late, for
-        /// out-of-order input with retractions, over several window shapes.
+        /// Window results equal a naive computation, for out-of-order input with retractions over
+        /// several window shapes: when the watermark passes a window's end, its result is the sum of
+        /// the records accepted so far with a timestamp inside it; a record is late when every window
+        /// holding it has passed.
         #[test]
         fn equals_naive_reference(steps in steps(), shape in prop::sample::select(vec![(10i64, 10i64), (20, 5), (30, 20), (12, 8)])) {
             let (size, slide) = shape;
             let mut w = window(size, slide);
             let mut out = Collector::default();
             let mut accepted: Vec<(i64, i64, i64, i64)> = Vec::new(); // (k, v, ts, sign)
+            let mut expected: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();
             let mut wm = i64::MIN;
-            let g = w.slice_ms;
-            for s in steps.iter().chain([Step::Watermark(i64::MAX)].iter()) {
+            let ends_holding = |ts: i64| {
+                let first = ceil_to(ts + 1, slide);
+                (0..).map(move |i| first + i * slide).take_while(move |e| e - size <= ts)
+            };
+            for s in steps.iter().chain([Step::Watermark(1_000)].iter()) {
                 match s.clone() {
                     Step::Row { k, v, ts, retract } => {
                         let mut b = Batch::default();
                         b.push(row(k, v, ts), if retract { Op::Retract } else { Op::Insert });
                         let before = w.late_records();
                         w.process(b, &mut out).unwrap();
-                        let naive_late = slice_end(ts, g) - 1 <= wm;
+                        let naive_late = ends_holding(ts).all(|e| e - 1 <= wm);
                         prop_assert_eq!(w.late_records() > before, naive_late);
                         if !naive_late {
                             accepted.push((k, v, ts, if retract { -1 } else { 1 }));
@@ -417,24 +443,24 @@ mod tests {
                     }
                     Step::Watermark(t) => {
                         w.advance(t, &mut out).unwrap();
-                        wm = wm.max(t);
-                    }
-                }
-            }
-            let mut expected: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();
-            let ends: std::collections::BTreeSet<i64> = accepted
-                .iter()
-                .flat_map(|&(_, _, ts, _)| {
-                    let first = ceil_to(ts + 1, slide);
-                    (0..).map(move |i| first + i * slide).take_while(move |e| e - size <= ts)
-                })
-                .collect();
-            for &end in &ends {
-                for k in 0..4 {
-                    let in_window: Vec<_> = accepted.iter().filter(|r| r.0 == k && r.2 >= end - size && r.2 < end).collect();
-                    let n: i64 = in_window.iter().map(|r| r.3).sum();
-                    if n > 0 {
-                        expected.insert((k, end), (in_window.iter().map(|r| r.1 * r.3).sum(), n));
+                        if t > wm {
+                            // Windows whose end passes now, among those any accepted record belongs to.
+                            let closing: std::collections::BTreeSet<i64> = accepted
+                                .iter()
+                                .flat_map(|r| ends_holding(r.2))
+                                .filter(|e| e - 1 > wm && e - 1 <= t)
+                                .collect();
+                            for end in closing {
+                                for k in 0..4 {
+                                    let in_window: Vec<_> = accepted.iter().filter(|r| r.0 == k && r.2 >= end - size && r.2 < end).collect();
+                                    let n: i64 = in_window.iter().map(|r| r.3).sum();
+                                    if n > 0 {
+                                        expected.insert((k, end), (in_window.iter().map(|r| r.1 * r.3).sum(), n));
+                                    }
+                                }
+                            }
+                            wm = t;
+                        }
                     }
                 }
             }

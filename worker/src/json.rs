@@ -1,0 +1,116 @@
+//! Rows as JSON objects and back, as the Kafka connector (and other JSON speakers) exchange them.
+//! Timestamps are written as ISO 8601 UTC strings and read from such strings, from PostgreSQL-style
+//! `YYYY-MM-DD HH:MM:SS[.fff][+HH]` text, or from epoch milliseconds.
+
+use std::sync::Arc;
+
+use eddy_jobs::time::{format_iso8601, parse_timestamp};
+use eddy_jobs::{DataType, Schema, Value};
+use serde_json::{Map, Number, Value as Json};
+
+/// A value as JSON.
+pub fn to_json(v: &Value) -> Json {
+    match v {
+        Value::Null => Json::Null,
+        Value::Bool(b) => Json::Bool(*b),
+        Value::Int(i) => Json::Number((*i).into()),
+        Value::Float(f) => Number::from_f64(*f).map(Json::Number).unwrap_or(Json::Null),
+        Value::String(s) => Json::String(s.to_string()),
+        Value::Timestamp(t) => Json::String(format_iso8601(*t)),
+    }
+}
+
+/// The columns `columns` of a row as a JSON object (all columns when `None`).
+pub fn row_to_json(schema: &Schema, row: &[Value], columns: Option<&[usize]>) -> Map<String, Json> {
+    let mut map = Map::new();
+    match columns {
+        Some(cols) => {
+            for &c in cols {
+                map.insert(schema.fields[c].name.clone(), to_json(&row[c]));
+            }
+        }
+        None => {
+            for (f, v) in schema.fields.iter().zip(row) {
+                map.insert(f.name.clone(), to_json(v));
+            }
+        }
+    }
+    map
+}
+
+/// A JSON value read as `ty`; the error says what was found.
+pub fn from_json(j: &Json, ty: DataType) -> Result<Value, String> {
+    Ok(match (j, ty) {
+        (Json::Null, _) => Value::Null,
+        (Json::Bool(b), DataType::Bool) => Value::Bool(*b),
+        (Json::Number(n), DataType::Int) => Value::Int(n.as_i64().ok_or_else(|| format!("{n} is not a BIGINT"))?),
+        (Json::String(s), DataType::Int) => Value::Int(s.trim().parse().map_err(|_| format!("\"{s}\" is not a BIGINT"))?),
+        (Json::Number(n), DataType::Float) => Value::Float(n.as_f64().ok_or_else(|| format!("{n} is not a DOUBLE"))?),
+        (Json::String(s), DataType::Float) => Value::Float(s.trim().parse().map_err(|_| format!("\"{s}\" is not a DOUBLE"))?),
+        (Json::String(s), DataType::String) => Value::String(Arc::from(s.as_str())),
+        (other, DataType::String) => Value::String(Arc::from(other.to_string())),
+        (Json::Number(n), DataType::Timestamp) => Value::Timestamp(n.as_i64().ok_or_else(|| format!("{n} is not epoch milliseconds"))?),
+        (Json::String(s), DataType::Timestamp) => {
+            Value::Timestamp(parse_timestamp(s).ok_or_else(|| format!("\"{s}\" is not a timestamp"))?)
+        }
+        (Json::String(s), DataType::Bool) => match s.as_str() {
+            "true" | "t" => Value::Bool(true),
+            "false" | "f" => Value::Bool(false),
+            _ => return Err(format!("\"{s}\" is not a BOOLEAN")),
+        },
+        (other, ty) => return Err(format!("{other} is not a {ty}")),
+    })
+}
+
+/// A JSON object read as a row of `schema`; absent fields are NULL.
+pub fn row_from_json(schema: &Schema, object: &Json) -> Result<Vec<Value>, String> {
+    let map = object.as_object().ok_or_else(|| format!("expected a JSON object, got {}", kind(object)))?;
+    schema
+        .fields
+        .iter()
+        .map(|f| match map.get(&f.name) {
+            None => Ok(Value::Null),
+            Some(j) => from_json(j, f.data_type).map_err(|e| format!("field `{}`: {e}", f.name)),
+        })
+        .collect()
+}
+
+fn kind(j: &Json) -> &'static str {
+    match j {
+        Json::Null => "null",
+        Json::Bool(_) => "a boolean",
+        Json::Number(_) => "a number",
+        Json::String(_) => "a string",
+        Json::Array(_) => "an array",
+        Json::Object(_) => "an object",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eddy_jobs::Field;
+
+    #[test]
+    fn rows_round_trip() {
+        let schema = Schema::new(vec![
+            Field::new("id", DataType::Int),
+            Field::new("name", DataType::String),
+            Field::new("score", DataType::Float),
+            Field::new("at", DataType::Timestamp),
+            Field::new("ok", DataType::Bool),
+        ]);
+        let row = vec![Value::Int(7), Value::string("a\"b"), Value::Null, Value::Timestamp(1_714_566_896_789), Value::Bool(true)];
+        let json = Json::Object(row_to_json(&schema, &row, None));
+        assert_eq!(json["at"], "2024-05-01T12:34:56.789Z");
+        assert_eq!(row_from_json(&schema, &json).unwrap(), row);
+    }
+
+    #[test]
+    fn bad_fields_are_named() {
+        let schema = Schema::new(vec![Field::new("id", DataType::Int)]);
+        let e = row_from_json(&schema, &serde_json::json!({"id": "seven"})).unwrap_err();
+        assert!(e.contains("field `id`"), "{e}");
+        assert!(row_from_json(&schema, &serde_json::json!([1])).unwrap_err().contains("JSON object"));
+    }
+}
