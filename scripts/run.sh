@@ -1,25 +1,44 @@
 #!/usr/bin/env bash
-# Starts a local Eddy cluster (a coordinator and two workers) and runs a demo job on it: generated
-# events -> HOP(10 min, 5 s) SUM per key -> JSON lines. Ctrl-C stops everything.
+# Runs the engagement pipeline locally: starts PostgreSQL, a Kafka-protocol broker, Redis and
+# ClickHouse on loopback (scripts/services.sh), a coordinator, two workers and the external-API
+# stand-in; submits the ingest and process jobs; then inserts engagement events into PostgreSQL at
+# RATE per second (default 200) until Ctrl-C, which stops everything but the services
+# (`scripts/services.sh stop` stops those).
 source "$(dirname "$0")/common.sh"
+RATE=${RATE:-200}
 RUN_DIR=${RUN_DIR:-$EDDY_CACHE/run}
-rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR/out"
-log "building"
+rm -rf "$RUN_DIR" && mkdir -p "$RUN_DIR"
+
+"$ROOT/scripts/services.sh" start
+eval "$("$ROOT/scripts/services.sh" env)"
+log "building Eddy (release)"
 BIN=$(build_bins release)
+
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null' EXIT
 export EDDY_COORDINATOR=127.0.0.1:${EDDY_PORT:-6123}
+export EDDY_EXTERNAL_URL=http://127.0.0.1:${EDDY_MOCK_PORT:-58080}/events
+export EDDY_DEAD_LETTERS=$RUN_DIR/dead-letters.jsonl EDDY_HTTP_DEAD_LETTERS=$RUN_DIR/http-dead-letters.jsonl
 "$BIN/eddy-coordinator" --listen "$EDDY_COORDINATOR" >"$RUN_DIR/coordinator.log" 2>&1 & PIDS+=($!)
 for i in 1 2; do
   "$BIN/eddy-worker" --coordinator "$EDDY_COORDINATOR" --listen "127.0.0.1:$(free_port)" --id "worker-$i" >"$RUN_DIR/worker-$i.log" 2>&1 & PIDS+=($!)
 done
+"$BIN/eddy-mock-api" --listen "127.0.0.1:${EDDY_MOCK_PORT:-58080}" --log "$RUN_DIR/external.jsonl" >"$RUN_DIR/mock-api.log" 2>&1 & PIDS+=($!)
 wait_workers 2
 "$BIN/eddy" workers
-job=$(EVENTS=${EVENTS:-3000000} OUT="$RUN_DIR/out" "$BIN/eddy" submit "$ROOT/jobs/specs/hop-sum.toml")
-log "submitted $job; waiting for it to finish"
-wait_job "$job" finished 600
-"$BIN/eddy" status "$job"
-log "window results (first lines of $RUN_DIR/out/windows.jsonl.0):"
-head -5 "$RUN_DIR/out/windows.jsonl.0"
-echo "Logs: $RUN_DIR. The cluster keeps running for more jobs (EDDY_COORDINATOR=$EDDY_COORDINATOR); Ctrl-C stops it."
+ingest=$("$BIN/eddy" submit "$ROOT/jobs/specs/ingest.toml")
+process=$("$BIN/eddy" submit "$ROOT/jobs/specs/process.toml")
+log "submitted ingest ($ingest) and process ($process)"
+"$BIN/eddy-datagen" --pg-url "$EDDY_PG_URL" --rate "$RATE" --seconds 0 --updates-pct 5 --deletes-pct 2 --unknown-pct 3 \
+  >"$RUN_DIR/datagen.log" 2>&1 & PIDS+=($!)
+cat <<MSG
+
+Eddy is running the engagement pipeline; events are inserted at $RATE/s. Where to look:
+  jobs           $BIN/eddy jobs ; $BIN/eddy status $process
+  leaderboard    redis-cli -p ${EDDY_REDIS_PORT:-56379} ZREVRANGE leaderboard 0 9 WITHSCORES
+  ClickHouse     curl -s '$EDDY_CLICKHOUSE_URL' --data-binary 'SELECT count() FROM eddy.engagement_enriched FINAL WHERE deleted = 0'
+  external API   curl -s http://127.0.0.1:${EDDY_MOCK_PORT:-58080}/stats
+  logs           $RUN_DIR
+Ctrl-C stops the cluster; scripts/services.sh stop stops the services.
+MSG
 wait

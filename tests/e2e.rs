@@ -1,5 +1,7 @@
 //! End-to-end tests: the real coordinator, workers and CLI as separate processes on loopback.
 
+mod pipeline;
+
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

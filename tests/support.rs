@@ -205,3 +205,142 @@ pub fn read_jsonl(paths: &[PathBuf]) -> Result<Vec<Value>> {
     }
     Ok(rows)
 }
+
+/// The real services (PostgreSQL, the Kafka-protocol broker, Redis, ClickHouse) started by
+/// `scripts/services.sh`, and per-test databases, topics and keys on them.
+pub struct Services {
+    /// Settings printed by `scripts/services.sh env` (EDDY_PG_URL, EDDY_KAFKA_BROKERS, …).
+    pub env: std::collections::HashMap<String, String>,
+}
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ is inside the repository").to_path_buf()
+}
+
+static SERVICES: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+
+impl Services {
+    /// Starts the services once per test process (idempotent), and reads their settings.
+    pub fn start() -> Result<Services> {
+        let script = repo_root().join("scripts/services.sh");
+        let mut started = SERVICES.lock().unwrap_or_else(|e| e.into_inner());
+        if !*started {
+            let status = Command::new(&script).arg("start").stdin(Stdio::null()).status()?;
+            if !status.success() {
+                bail!("`scripts/services.sh start` failed");
+            }
+            *started = true;
+        }
+        let out = Command::new(&script).arg("env").output()?;
+        let mut env = std::collections::HashMap::new();
+        for line in String::from_utf8(out.stdout)?.lines() {
+            if let Some((k, v)) = line.trim_start_matches("export ").split_once('=') {
+                env.insert(k.to_string(), v.trim_matches(|c| c == '"' || c == '\'').to_string());
+            }
+        }
+        Ok(Services { env })
+    }
+
+    /// A setting, e.g. `EDDY_PG_URL`.
+    pub fn var(&self, name: &str) -> Result<&str> {
+        self.env.get(name).map(String::as_str).with_context(|| format!("services.sh env did not print {name}"))
+    }
+
+    /// Runs SQL with psql against `url`; returns stdout (unaligned, tuples only).
+    pub fn psql(&self, url: &str, sql: &str) -> Result<String> {
+        let out = Command::new("psql").args([url, "-v", "ON_ERROR_STOP=1", "-Atq", "-c", sql]).output()?;
+        if !out.status.success() {
+            bail!("psql failed on `{sql}`: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Runs a SQL query that returns one JSON value (e.g. `SELECT json_agg(t) FROM (…) t`).
+    pub fn psql_json(&self, url: &str, sql: &str) -> Result<Value> {
+        let text = self.psql(url, sql)?;
+        Ok(if text.trim().is_empty() { Value::Null } else { serde_json::from_str(text.trim())? })
+    }
+
+    /// Runs a ClickHouse statement over HTTP; returns the body.
+    pub fn clickhouse(&self, sql: &str) -> Result<String> {
+        let out = Command::new("curl").args(["-sS", "--fail-with-body", self.var("EDDY_CLICKHOUSE_URL")?, "--data-binary", sql]).output()?;
+        if !out.status.success() {
+            bail!("clickhouse failed on `{sql}`: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8(out.stdout)?)
+    }
+
+    /// Runs redis-cli with `--json` and parses the reply.
+    pub fn redis(&self, args: &[&str]) -> Result<Value> {
+        let url = self.var("EDDY_REDIS_URL")?;
+        let out = Command::new("redis-cli").args(["-u", url, "--json"]).args(args).output()?;
+        if !out.status.success() {
+            bail!("redis-cli {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let text = String::from_utf8(out.stdout)?;
+        Ok(serde_json::from_str(text.trim()).unwrap_or(Value::String(text.trim().to_string())))
+    }
+
+    /// A fresh PostgreSQL database with the project's schema (sql/postgres.sql); returns its URL.
+    pub fn postgres_database(&self, name: &str) -> Result<String> {
+        let admin = self.var("EDDY_PG_URL")?.to_string();
+        self.psql(&admin, &format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))?;
+        self.psql(&admin, &format!("CREATE DATABASE {name}"))?;
+        let url = match admin.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{name}"),
+            None => bail!("unexpected EDDY_PG_URL {admin}"),
+        };
+        let out = Command::new("psql").args([&url, "-v", "ON_ERROR_STOP=1", "-q", "-f"]).arg(repo_root().join("sql/postgres.sql")).output()?;
+        if !out.status.success() {
+            bail!("applying sql/postgres.sql: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(url)
+    }
+
+    /// Drops a replication slot left by an earlier run of a test.
+    pub fn drop_slot(&self, slot: &str) -> Result<()> {
+        let admin = self.var("EDDY_PG_URL")?.to_string();
+        self.psql(&admin, &format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}' AND NOT active"))?;
+        Ok(())
+    }
+
+    /// A fresh ClickHouse database named `name` with the project's tables (sql/clickhouse.sql).
+    pub fn clickhouse_database(&self, name: &str) -> Result<()> {
+        self.clickhouse(&format!("DROP DATABASE IF EXISTS {name}"))?;
+        let ddl = std::fs::read_to_string(repo_root().join("sql/clickhouse.sql"))?;
+        let ddl = ddl.replace("EXISTS eddy", &format!("EXISTS {name}")).replace("eddy.", &format!("{name}."));
+        for statement in strip_sql_comments(&ddl).split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            self.clickhouse(statement)?;
+        }
+        Ok(())
+    }
+}
+
+fn strip_sql_comments(sql: &str) -> String {
+    sql.lines().filter(|l| !l.trim_start().starts_with("--")).collect::<Vec<_>>().join("\n")
+}
+
+/// A process killed on drop (the external-API stand-in, the data generator).
+pub struct Background(pub Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts a background process with its output in `log`.
+pub fn spawn_background(cmd: &mut Command, log: &Path) -> Result<Background> {
+    Ok(Background(spawn_logged(cmd, log)?))
+}
+
+/// GET `url` with curl and parse the JSON body.
+pub fn http_get_json(url: &str) -> Result<Value> {
+    let out = Command::new("curl").args(["-sS", "--fail", url]).output()?;
+    if !out.status.success() {
+        bail!("GET {url}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
