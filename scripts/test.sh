@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Runs every test: unit and property tests of each crate, then the end-to-end tests, which start the
-# real coordinator, workers and CLI on loopback. Builds into $HOME/.cache/eddy, outside the checkout.
+# real coordinator, workers and CLI on loopback against real PostgreSQL, a Kafka-protocol broker,
+# Redis and ClickHouse. On a fresh machine it first installs what is missing (Debian packages, the
+# tansu broker); builds and tools live in $HOME/.cache/eddy, outside the checkout.
 source "$(dirname "$0")/common.sh"
 cd "$ROOT"
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs) first" >&2; exit 1; }
+log "starting services (installs them when missing)"
+scripts/services.sh start
 log "building binaries"
 build_bins debug >/dev/null
 log "running tests"

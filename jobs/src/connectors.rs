@@ -138,6 +138,13 @@ pub struct KafkaSinkOptions {
     /// Key columns (upsert format).
     #[serde(default)]
     pub key: Vec<String>,
+    /// Partitions of the topic when the sink creates it (default 4).
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+}
+
+fn default_partitions() -> i32 {
+    4
 }
 
 /// Options of the `redis` leaderboard sink. Input rows are window results; after each closed

@@ -199,6 +199,14 @@ impl Chain {
             Tail::Sink(_) => Ok(()),
         }
     }
+
+    /// Time passes: lets a sink flush what has waited long enough.
+    async fn tick(&mut self) -> Result<()> {
+        match &mut self.tail {
+            Tail::Sink(s) => s.tick().await,
+            Tail::Router(_) => Ok(()),
+        }
+    }
 }
 
 /// Runs a task until its input ends (`Ok`) or it fails.
@@ -316,6 +324,7 @@ async fn run_source(mut source: Box<dyn connectors::Source>, event_time: Option<
                     chain.watermark(wm).await?;
                 }
                 chain.flush().await?;
+                chain.tick().await?;
                 source.handed_on().await?;
                 source.tick().await?;
             }
@@ -333,6 +342,8 @@ async fn run_inputs(ctx: &TaskContext, chain: &mut Chain) -> Result<()> {
     let mut watermarks = vec![i64::MIN; n];
     let mut ended = vec![false; n];
     let mut current = i64::MIN;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = chain.flush_deadline();
         tokio::select! {
@@ -367,6 +378,8 @@ async fn run_inputs(ctx: &TaskContext, chain: &mut Chain) -> Result<()> {
             }
             // A partly filled output batch has waited long enough.
             _ = sleep_until_opt(deadline), if deadline.is_some() => chain.flush().await?,
+            // Sinks flush on time, not only on data.
+            _ = tick.tick() => chain.tick().await?,
         }
     }
 }

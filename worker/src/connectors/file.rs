@@ -92,6 +92,10 @@ impl Sink for FileSink {
         self.out.flush().map_err(|e| io_error(&self.path, e))
     }
 
+    async fn tick(&mut self) -> Result<()> {
+        self.out.flush().map_err(|e| io_error(&self.path, e))
+    }
+
     async fn finish(&mut self) -> Result<()> {
         self.out.flush().map_err(|e| io_error(&self.path, e))?;
         self.out.get_ref().sync_all().map_err(|e| io_error(&self.path, e))

@@ -249,8 +249,9 @@ pub struct KafkaSink {
 }
 
 impl KafkaSink {
-    /// Creates the producer.
-    pub fn start(o: &KafkaSinkOptions, ctx: ConnectorContext) -> Result<KafkaSink> {
+    /// Creates the topic if it does not exist yet, then the producer.
+    pub async fn start(o: &KafkaSinkOptions, ctx: ConnectorContext) -> Result<KafkaSink> {
+        create_topic(o).await?;
         let producer: FutureProducer = ClientConfig::new()
             .set("bootstrap.servers", &o.brokers)
             .set("client.id", format!("eddy-{}-{}", ctx.job_id, ctx.task))
@@ -267,6 +268,30 @@ impl KafkaSink {
         let key = row_to_json(&self.schema, row, Some(&self.key_columns));
         serde_json::to_vec(&key).unwrap_or_default()
     }
+}
+
+/// Creates the sink's topic unless it exists.
+async fn create_topic(o: &KafkaSinkOptions) -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::types::RDKafkaErrorCode;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &o.brokers)
+        .create()
+        .map_err(|e| TaskError::external(format!("kafka admin client for {}: {e}", o.brokers)))?;
+    let topic = NewTopic::new(&o.topic, o.partitions.max(1), TopicReplication::Fixed(1));
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    let results = admin
+        .create_topics([&topic], &options)
+        .await
+        .map_err(|e| TaskError::external(format!("kafka: creating topic `{}`: {e}; is the broker at {} up?", o.topic, o.brokers)))?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => return Err(TaskError::external(format!("kafka: creating topic `{t}`: {code}"))),
+        }
+    }
+    Ok(())
 }
 
 #[async_trait]

@@ -62,6 +62,10 @@ pub trait Sink: Send {
     async fn on_watermark(&mut self, _watermark: i64) -> Result<()> {
         Ok(())
     }
+    /// Called about every 100 ms, busy or idle: a chance to flush what has waited long enough.
+    async fn tick(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// No more input: flush everything.
     async fn finish(&mut self) -> Result<()>;
 }
@@ -80,7 +84,7 @@ pub async fn sink(connector: &SinkConnector, ctx: ConnectorContext) -> Result<Bo
     Ok(match connector {
         SinkConnector::File(o) => Box::new(file::FileSink::open(o, &ctx.schema, ctx.task.subtask, ctx.parallelism)?),
         SinkConnector::Discard => Box::new(Discard),
-        SinkConnector::Kafka(o) => Box::new(kafka::KafkaSink::start(o, ctx)?),
+        SinkConnector::Kafka(o) => Box::new(kafka::KafkaSink::start(o, ctx).await?),
         SinkConnector::Redis(o) => Box::new(redis::RedisLeaderboard::connect(o, ctx).await?),
         SinkConnector::ClickHouse(o) => Box::new(clickhouse::ClickHouseSink::new(o, ctx)?),
         SinkConnector::Http(o) => Box::new(http::HttpSink::new(o, ctx)?),
