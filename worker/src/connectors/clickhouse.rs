@@ -1,27 +1,889 @@
-//! The `clickhouse` sink (being written).
+//! The `clickhouse` sink: batched `INSERT … FORMAT JSONEachRow` over ClickHouse's HTTP interface.
+//!
+//! Rows go through the `clickhouse` crate's formatted insert (`Client::insert_formatted_with`),
+//! which sends pre-rendered bytes, so dynamically typed rows need no Rust row type; the client runs
+//! without schema validation and compression, which ClickHouse 18.16 (Debian's) lacks. Before the
+//! first insert the sink reads the table's columns and sorting key from `system.columns` and
+//! `system.tables`: input columns are matched to table columns by name (input columns the table
+//! lacks are dropped, with a warning), and each value is rendered for its column's type — a
+//! timestamp becomes Unix seconds for `DateTime` (independent of the server's time zone), an
+//! ISO-8601 string for text columns, epoch milliseconds for numbers. NULLs are left out of the row,
+//! so the column takes its default (NULL for `Nullable`).
+//!
+//! Changelog: the table is a `ReplacingMergeTree` ordered by the event key with `version_column`
+//! as its version. An insert is written as is (`deleted_column` = 0 when configured). A retraction
+//! immediately followed in the same batch by an insert with the same sorting-key values is an
+//! update's old image and is skipped; any other retraction is a delete, written as the row with
+//! `deleted_column` = 1 and its version + 1, so that it replaces the live row (`SELECT … FINAL
+//! WHERE deleted = 0` shows live rows). Without version and deleted columns retractions cannot be
+//! represented and are skipped (logged once).
+//!
+//! One writer task owns the buffer: it inserts when `batch_rows` rows are buffered or when the
+//! oldest buffered row has waited `flush_interval`, whether or not more input or watermarks come.
+//! `write` hands batches to it through a channel of [`QUEUED_BATCHES`] batches, so at most
+//! `batch_rows` + that many batches are held; while an insert is retried the channel fills and
+//! `write` waits, which backpressures upstream. Failed inserts are retried with backoff for up to
+//! [`RETRY_BUDGET`] (an outage of ClickHouse loses nothing; re-inserting a batch whose first attempt
+//! did land is harmless, as the table deduplicates by key and version), then the task fails with an
+//! `external` error; data or schema errors (a missing table, a value it cannot parse) fail at once
+//! as the user's. `finish` inserts what is left. Gauges: `rows_written`, `insert_retries`.
+
+use std::future::Future;
+use std::time::Duration;
+
 use async_trait::async_trait;
+use clickhouse::error::Error as ChError;
+use clickhouse::{Client, Compression};
 use eddy_jobs::connectors::ClickHouseSinkOptions;
+use eddy_jobs::{Row, Schema, TaskId, Value};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
+use super::http::{json_string, utc_parts};
 use super::{ConnectorContext, Sink};
-use crate::batch::Batch;
+use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
+use crate::task::TaskMetrics;
 
-/// The sink.
-pub struct ClickHouseSink;
+/// Batches queued between `write` and the writer task.
+const QUEUED_BATCHES: usize = 2;
+/// How long the writer keeps retrying an unreachable ClickHouse before the task fails.
+const RETRY_BUDGET: Duration = Duration::from_secs(120);
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest an insert may take to send its data, and then to be acknowledged.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
+const END_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// ClickHouse exception codes that retrying cannot fix: bad data, a schema mismatch, a missing
+/// table or database, a syntax error, or refused credentials.
+const PERMANENT_CODES: &[u32] = &[6, 16, 26, 27, 32, 38, 41, 47, 53, 60, 62, 69, 70, 72, 81, 117, 164, 192, 193, 194, 195, 497, 516];
+
+/// The ClickHouse sink: a handle on its writer task.
+pub struct ClickHouseSink {
+    batches: Option<mpsc::Sender<Batch>>,
+    writer: Option<JoinHandle<Result<()>>>,
+}
 
 impl ClickHouseSink {
-    /// Builds the sink.
-    pub fn new(_o: &ClickHouseSinkOptions, _ctx: ConnectorContext) -> Result<ClickHouseSink> {
-        Err(TaskError::internal("clickhouse is not built yet"))
+    /// Checks the options and starts the writer task, which reads the table's layout at once.
+    pub fn new(o: &ClickHouseSinkOptions, ctx: ConnectorContext) -> Result<ClickHouseSink> {
+        if !o.url.starts_with("http://") {
+            return Err(TaskError::user(format!(
+                "clickhouse sink: options.url `{}`: expected http://host:port (ClickHouse's HTTP interface; this build has no TLS)",
+                o.url
+            )));
+        }
+        let flush_interval = eddy_jobs::spec::parse_duration_ms(&o.flush_interval)
+            .map_err(|e| TaskError::user(format!("clickhouse sink: options.flush_interval: {e}")))?;
+        let client = Client::default().with_url(&o.url).with_validation(false).with_compression(Compression::None);
+        let writer = Writer {
+            client,
+            target: format!("{}.{}", quote_identifier(&o.database), quote_identifier(&o.table)),
+            database: o.database.clone(),
+            table: o.table.clone(),
+            schema: ctx.schema.clone(),
+            version_column: o.version_column.clone(),
+            deleted_column: o.deleted_column.clone(),
+            batch_rows: o.batch_rows.max(1),
+            flush_interval: Duration::from_millis(flush_interval.max(1) as u64),
+            rows_written: 0,
+            retries: 0,
+            warned_skipped_retractions: false,
+            job_id: ctx.job_id,
+            task: ctx.task,
+            metrics: ctx.metrics,
+        };
+        let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
+        Ok(ClickHouseSink { batches: Some(tx), writer: Some(tokio::spawn(writer.run(rx))) })
+    }
+
+    /// The writer task has stopped: its error, or the reason it is gone.
+    async fn writer_outcome(&mut self) -> Result<()> {
+        match self.writer.take() {
+            Some(handle) => match handle.await {
+                Ok(outcome) => outcome,
+                Err(e) => Err(TaskError::internal(format!("clickhouse sink: the writer task failed: {e}"))),
+            },
+            None => Err(TaskError::internal("clickhouse sink: used after it finished or failed")),
+        }
+    }
+}
+
+impl Drop for ClickHouseSink {
+    fn drop(&mut self) {
+        // A cancelled task must not leave its writer running.
+        if let Some(handle) = &self.writer {
+            handle.abort();
+        }
     }
 }
 
 #[async_trait]
 impl Sink for ClickHouseSink {
-    async fn write(&mut self, _batch: Batch) -> Result<()> {
+    async fn write(&mut self, batch: Batch) -> Result<()> {
+        let Some(batches) = &self.batches else {
+            return Err(TaskError::internal("clickhouse sink: write after finish"));
+        };
+        if batches.send(batch).await.is_err() {
+            self.batches = None;
+            self.writer_outcome().await?;
+            return Err(TaskError::internal("clickhouse sink: the writer stopped early"));
+        }
         Ok(())
     }
-    async fn finish(&mut self) -> Result<()> {
+
+    async fn on_watermark(&mut self, _watermark: i64) -> Result<()> {
+        // The writer flushes on its own clock; this only reports its failure promptly.
+        if self.writer.as_ref().is_some_and(|w| w.is_finished()) {
+            self.batches = None;
+            self.writer_outcome().await?;
+            return Err(TaskError::internal("clickhouse sink: the writer stopped early"));
+        }
         Ok(())
+    }
+
+    async fn finish(&mut self) -> Result<()> {
+        // Closing the channel tells the writer to insert what is left and stop.
+        self.batches = None;
+        self.writer_outcome().await
+    }
+}
+
+/// How an input row is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RowKind {
+    /// An inserted row: written as is.
+    Live,
+    /// A deleted row: flagged deleted, with its version + 1.
+    Deleted,
+}
+
+/// Which rows of a batch to write, and how: a retraction directly followed by an insert with the
+/// same key is an update's old image and is skipped; other retractions are deletes.
+fn plan_rows(rows: &[Row], ops: &[Op], key: &[usize]) -> Vec<(usize, RowKind)> {
+    let same_key = |a: &Row, b: &Row| key.iter().all(|&k| a.get(k) == b.get(k));
+    let mut out = Vec::with_capacity(rows.len());
+    for (i, (row, op)) in rows.iter().zip(ops).enumerate() {
+        match op {
+            Op::Insert => out.push((i, RowKind::Live)),
+            Op::Retract => {
+                let update = ops.get(i + 1) == Some(&Op::Insert) && rows.get(i + 1).is_some_and(|next| same_key(row, next));
+                if !update {
+                    out.push((i, RowKind::Deleted));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// How a value is rendered for a column, by the column's ClickHouse type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ColumnKind {
+    /// `DateTime`: timestamps as Unix seconds.
+    DateTime,
+    /// `DateTime64`: timestamps as `YYYY-MM-DD hh:mm:ss.fff` (read in the column's time zone).
+    DateTime64,
+    /// `Date`: timestamps as `YYYY-MM-DD`.
+    Date,
+    /// Strings, UUIDs, enums: every value as a JSON string; timestamps as ISO-8601 UTC.
+    Text,
+    /// `Bool`.
+    Bool,
+    /// Numbers and anything else: values as they are, timestamps as epoch milliseconds.
+    Number,
+}
+
+impl ColumnKind {
+    fn of(type_name: &str) -> ColumnKind {
+        let mut t = type_name.trim();
+        for wrapper in ["LowCardinality(", "Nullable("] {
+            if let Some(inner) = t.strip_prefix(wrapper).and_then(|r| r.strip_suffix(')')) {
+                t = inner.trim();
+            }
+        }
+        if t.starts_with("DateTime64") {
+            ColumnKind::DateTime64
+        } else if t.starts_with("DateTime") {
+            ColumnKind::DateTime
+        } else if t.starts_with("Date") {
+            ColumnKind::Date
+        } else if ["String", "FixedString", "UUID", "Enum", "IPv"].iter().any(|p| t.starts_with(p)) {
+            ColumnKind::Text
+        } else if t == "Bool" {
+            ColumnKind::Bool
+        } else {
+            ColumnKind::Number
+        }
+    }
+}
+
+/// Appends `v` rendered for a column of `kind`; returns false (appending nothing) when the field
+/// should be left out: NULL, or a float that JSON cannot hold.
+fn write_value(out: &mut String, v: &Value, kind: ColumnKind) -> bool {
+    use std::fmt::Write as _;
+    let quote = kind == ColumnKind::Text;
+    match v {
+        Value::Null => return false,
+        Value::Bool(b) => out.push_str(match (kind, *b) {
+            (ColumnKind::Bool, true) => "true",
+            (ColumnKind::Bool, false) => "false",
+            (ColumnKind::Text, true) => "\"true\"",
+            (ColumnKind::Text, false) => "\"false\"",
+            (_, true) => "1",
+            (_, false) => "0",
+        }),
+        Value::Int(i) if quote => {
+            let _ = write!(out, "\"{i}\"");
+        }
+        Value::Int(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Value::Float(f) => match serde_json::Number::from_f64(*f) {
+            Some(n) if quote => {
+                let _ = write!(out, "\"{n}\"");
+            }
+            Some(n) => {
+                let _ = write!(out, "{n}");
+            }
+            None => return false,
+        },
+        Value::String(s) => out.push_str(&json_string(s)),
+        Value::Timestamp(ms) => {
+            let (y, mo, d, h, mi, s, milli) = utc_parts(*ms);
+            let _ = match kind {
+                ColumnKind::DateTime => write!(out, "{}", ms.div_euclid(1000)),
+                ColumnKind::DateTime64 => write!(out, "\"{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}.{milli:03}\""),
+                ColumnKind::Date => write!(out, "\"{y:04}-{mo:02}-{d:02}\""),
+                ColumnKind::Text => write!(out, "\"{}\"", super::http::iso8601_utc(*ms)),
+                ColumnKind::Bool | ColumnKind::Number => write!(out, "{ms}"),
+            };
+        }
+    }
+    true
+}
+
+/// Where each input column goes in the table.
+#[derive(Debug, Clone)]
+struct Layout {
+    /// Per input column: the table column's JSON-quoted name and kind, or `None` when the table
+    /// has no such column.
+    columns: Vec<Option<(String, ColumnKind)>>,
+    /// Input columns holding the table's sorting key (what makes two rows the same row).
+    key: Vec<usize>,
+    /// Input column holding the version.
+    version: Option<usize>,
+    /// The deleted flag's JSON-quoted table column name.
+    deleted: Option<String>,
+}
+
+impl Layout {
+    /// Matches the input schema to the table's `(name, type)` columns and sorting key.
+    fn new(
+        schema: &Schema,
+        table_columns: &[(String, String)],
+        sorting_key: &str,
+        version_column: Option<&str>,
+        deleted_column: Option<&str>,
+        table: &str,
+    ) -> Result<Layout> {
+        let find = |name: &str| {
+            table_columns.iter().find(|(n, _)| n == name).or_else(|| table_columns.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)))
+        };
+        let deleted = match deleted_column {
+            Some(d) => Some(find(d).map(|(n, _)| n.clone()).ok_or_else(|| {
+                TaskError::user(format!(
+                    "clickhouse sink: options.deleted_column: table {table} has no column `{d}`; add it as UInt8 DEFAULT 0"
+                ))
+            })?),
+            None => None,
+        };
+        let columns = schema
+            .fields
+            .iter()
+            .map(|f| match find(&f.name) {
+                // The deleted flag is the sink's to set.
+                Some((n, _)) if deleted.as_deref().is_some_and(|d| d == n) => None,
+                Some((n, ty)) => Some((json_string(n), ColumnKind::of(ty))),
+                None => None,
+            })
+            .collect();
+        let version = match version_column {
+            Some(v) => {
+                if find(v).is_none() {
+                    return Err(TaskError::user(format!(
+                        "clickhouse sink: options.version_column: table {table} has no column `{v}`; it should be the ReplacingMergeTree's version"
+                    )));
+                }
+                Some(schema.index_of(v).ok_or_else(|| {
+                    TaskError::user(format!(
+                        "clickhouse sink: options.version_column: no input column `{v}`; columns are {}",
+                        schema.names()
+                    ))
+                })?)
+            }
+            None => None,
+        };
+        let key: Vec<usize> = sorting_key.split(',').filter_map(|k| schema.index_of(k.trim().trim_matches('`'))).collect();
+        if key.is_empty() && (version.is_some() || deleted.is_some()) {
+            return Err(TaskError::user(format!(
+                "clickhouse sink: the sorting key of {table} (`{sorting_key}`) names no input column; the sink needs it to tell updates from deletes (e.g. ORDER BY id)"
+            )));
+        }
+        Ok(Layout { columns, key, version, deleted: deleted.map(|d| json_string(&d)) })
+    }
+
+    /// Whether retractions can be written at all.
+    fn writes_deletes(&self) -> bool {
+        self.version.is_some() || self.deleted.is_some()
+    }
+
+    /// Appends one JSONEachRow line.
+    fn render(&self, out: &mut String, row: &Row, kind: RowKind) {
+        out.push('{');
+        let mut first = true;
+        for (i, (column, value)) in self.columns.iter().zip(row).enumerate() {
+            let Some((name, column_kind)) = column else { continue };
+            let mark = out.len();
+            if !first {
+                out.push(',');
+            }
+            out.push_str(name);
+            out.push(':');
+            let value = match (kind, value) {
+                (RowKind::Deleted, Value::Int(v)) if Some(i) == self.version => Value::Int(v.saturating_add(1)),
+                _ => value.clone(),
+            };
+            if write_value(out, &value, *column_kind) {
+                first = false;
+            } else {
+                out.truncate(mark);
+            }
+        }
+        if let Some(deleted) = &self.deleted {
+            if !first {
+                out.push(',');
+            }
+            out.push_str(deleted);
+            out.push_str(if kind == RowKind::Deleted { ":1" } else { ":0" });
+        }
+        out.push_str("}\n");
+    }
+}
+
+/// `name` as a back-quoted ClickHouse identifier.
+fn quote_identifier(name: &str) -> String {
+    format!("`{}`", name.replace('\\', "\\\\").replace('`', "\\`"))
+}
+
+/// The exception code in a ClickHouse error message (`Code: 60, …`).
+fn exception_code(message: &str) -> Option<u32> {
+    let rest = &message[message.find("Code: ")? + 6..];
+    let end = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+    rest[..end].parse().ok()
+}
+
+/// Whether retrying cannot help.
+fn permanent(e: &ChError) -> bool {
+    match e {
+        ChError::BadResponse(message) => exception_code(message).is_some_and(|c| PERMANENT_CODES.contains(&c)),
+        ChError::InvalidParams(_) | ChError::Unsupported(_) => true,
+        _ => false,
+    }
+}
+
+fn backoff(attempt: u32) -> Duration {
+    FIRST_BACKOFF.saturating_mul(1u32 << attempt.min(16)).min(MAX_BACKOFF)
+}
+
+/// Rows rendered and waiting for their insert.
+#[derive(Default)]
+struct Buffer {
+    text: String,
+    rows: usize,
+    /// When the oldest buffered row arrived.
+    since: Option<Instant>,
+}
+
+/// The task that owns the buffer and talks to ClickHouse.
+struct Writer {
+    client: Client,
+    /// `` `db`.`table` ``.
+    target: String,
+    database: String,
+    table: String,
+    schema: Schema,
+    version_column: Option<String>,
+    deleted_column: Option<String>,
+    batch_rows: usize,
+    flush_interval: Duration,
+    rows_written: u64,
+    retries: u64,
+    warned_skipped_retractions: bool,
+    job_id: String,
+    task: TaskId,
+    metrics: std::sync::Arc<TaskMetrics>,
+}
+
+impl Writer {
+    async fn run(mut self, mut batches: mpsc::Receiver<Batch>) -> Result<()> {
+        let layout = self.load_layout().await?;
+        let mut buffer = Buffer::default();
+        loop {
+            let due = buffer.since.map(|t| t + self.flush_interval);
+            tokio::select! {
+                biased;
+                // The oldest row has waited flush_interval: insert even while input keeps coming.
+                _ = tokio::time::sleep_until(due.unwrap_or_else(Instant::now)), if due.is_some() => {
+                    self.flush(&mut buffer).await?;
+                }
+                // Input; a closed channel is `finish` (or a dropped sink): insert the rest and stop.
+                batch = batches.recv() => match batch {
+                    Some(batch) => self.add(&layout, &mut buffer, batch).await?,
+                    None => return self.flush(&mut buffer).await,
+                },
+            }
+        }
+    }
+
+    /// Renders a batch into the buffer, inserting whenever `batch_rows` rows are buffered.
+    async fn add(&mut self, layout: &Layout, buffer: &mut Buffer, batch: Batch) -> Result<()> {
+        for (i, kind) in plan_rows(&batch.rows, &batch.ops, &layout.key) {
+            if kind == RowKind::Deleted && !layout.writes_deletes() {
+                if !self.warned_skipped_retractions {
+                    self.warned_skipped_retractions = true;
+                    tracing::warn!(job_id = %self.job_id, task = %self.task, table = %self.target, "clickhouse sink: retractions are skipped: set version_column and/or deleted_column to write deletes");
+                }
+                continue;
+            }
+            layout.render(&mut buffer.text, &batch.rows[i], kind);
+            buffer.rows += 1;
+            buffer.since.get_or_insert_with(Instant::now);
+            if buffer.rows >= self.batch_rows {
+                self.flush(buffer).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts the buffered rows, retrying until they are in or the budget is spent.
+    async fn flush(&mut self, buffer: &mut Buffer) -> Result<()> {
+        if buffer.rows == 0 {
+            return Ok(());
+        }
+        let sql = format!("INSERT INTO {} FORMAT JSONEachRow", self.target);
+        let client = self.client.clone();
+        let body = std::mem::take(&mut buffer.text);
+        self.retrying("insert", || {
+            let mut insert = client.insert_formatted_with(sql.clone()).with_timeouts(Some(SEND_TIMEOUT), Some(END_TIMEOUT));
+            let data = body.clone().into_bytes();
+            async move {
+                insert.send(data.into()).await?;
+                insert.end().await
+            }
+        })
+        .await?;
+        self.rows_written += buffer.rows as u64;
+        self.metrics.set_gauge("rows_written", self.rows_written as i64);
+        tracing::debug!(job_id = %self.job_id, task = %self.task, table = %self.target, rows = buffer.rows, "clickhouse sink: inserted");
+        buffer.text = body;
+        buffer.text.clear();
+        buffer.rows = 0;
+        buffer.since = None;
+        Ok(())
+    }
+
+    /// Reads the table's columns and sorting key and matches them to the input.
+    async fn load_layout(&mut self) -> Result<Layout> {
+        let client = self.client.clone();
+        let (database, table) = (self.database.clone(), self.table.clone());
+        let columns = self
+            .retrying("reading the table's columns", || {
+                let query = client
+                    .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+                    .bind(database.as_str())
+                    .bind(table.as_str());
+                async move { query.fetch_bytes("TabSeparated")?.collect().await }
+            })
+            .await?;
+        let columns: Vec<(String, String)> = String::from_utf8_lossy(&columns)
+            .lines()
+            .filter_map(|line| line.split_once('\t'))
+            .map(|(name, ty)| (unescape_tsv(name), unescape_tsv(ty)))
+            .collect();
+        if columns.is_empty() {
+            return Err(TaskError::user(format!(
+                "clickhouse sink: table {} does not exist; create it first (a ReplacingMergeTree ordered by the event id, with the version column)",
+                self.target
+            )));
+        }
+        let sorting_key = self
+            .retrying("reading the table's sorting key", || {
+                let query = client
+                    .query("SELECT sorting_key FROM system.tables WHERE database = ? AND name = ?")
+                    .bind(database.as_str())
+                    .bind(table.as_str());
+                async move { query.fetch_bytes("TabSeparated")?.collect().await }
+            })
+            .await?;
+        let sorting_key = unescape_tsv(String::from_utf8_lossy(&sorting_key).trim_end_matches('\n'));
+        let layout = Layout::new(
+            &self.schema,
+            &columns,
+            &sorting_key,
+            self.version_column.as_deref(),
+            self.deleted_column.as_deref(),
+            &self.target,
+        )?;
+        let dropped: Vec<&str> = self
+            .schema
+            .fields
+            .iter()
+            .zip(&layout.columns)
+            .filter(|(f, c)| c.is_none() && self.deleted_column.as_deref().is_none_or(|d| !f.name.eq_ignore_ascii_case(d)))
+            .map(|(f, _)| f.name.as_str())
+            .collect();
+        if !dropped.is_empty() {
+            tracing::warn!(job_id = %self.job_id, task = %self.task, table = %self.target, columns = %dropped.join(", "), "clickhouse sink: input columns missing from the table are not written");
+        }
+        tracing::info!(job_id = %self.job_id, task = %self.task, table = %self.target, sorting_key = %sorting_key, "clickhouse sink: table layout read");
+        Ok(layout)
+    }
+
+    /// Runs `attempt` until it succeeds, fails permanently (the user's error), or has failed for
+    /// longer than [`RETRY_BUDGET`] (an external error).
+    async fn retrying<T, F, Fut>(&mut self, what: &str, mut attempt: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = clickhouse::error::Result<T>>,
+    {
+        let started = Instant::now();
+        let mut failures = 0u32;
+        loop {
+            match attempt().await {
+                Ok(v) => {
+                    if failures > 0 {
+                        tracing::info!(job_id = %self.job_id, task = %self.task, table = %self.target, attempt = failures, "clickhouse sink: {what} succeeded again");
+                    }
+                    return Ok(v);
+                }
+                Err(e) if permanent(&e) => {
+                    return Err(TaskError::user(format!("clickhouse sink: {what} into {}: {e}", self.target)));
+                }
+                Err(e) if started.elapsed() >= RETRY_BUDGET => {
+                    return Err(TaskError::external(format!(
+                        "clickhouse sink: {what} into {} kept failing for {}s ({failures} retries): {e}; check that ClickHouse is up",
+                        self.target,
+                        started.elapsed().as_secs()
+                    )));
+                }
+                Err(e) => {
+                    self.retries += 1;
+                    self.metrics.set_gauge("insert_retries", self.retries as i64);
+                    let delay = backoff(failures);
+                    tracing::warn!(job_id = %self.job_id, task = %self.task, table = %self.target, attempt = failures, error = %e, ?delay, "clickhouse sink: {what} failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    failures += 1;
+                }
+            }
+        }
+    }
+}
+
+/// Undoes TabSeparated escaping (`\t`, `\n`, `\\`, `\'`).
+fn unescape_tsv(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('t') => out.push('\t'),
+            Some('n') => out.push('\n'),
+            Some('0') => out.push('\0'),
+            Some(other) => out.push(other),
+            None => out.push('\\'),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use eddy_jobs::{DataType, Field};
+
+    use super::*;
+
+    fn schema() -> Schema {
+        Schema::new(vec![
+            Field::new("id", DataType::Int),
+            Field::new("event_ts", DataType::Timestamp),
+            Field::new("duration_ms", DataType::Int),
+            Field::new("event_type", DataType::String),
+            Field::new("engagement_pct", DataType::Float),
+            Field::new("lsn", DataType::Int),
+            Field::new("not_in_table", DataType::String),
+        ])
+    }
+
+    fn table_columns() -> Vec<(String, String)> {
+        [
+            ("id", "Int64"),
+            ("event_ts", "DateTime"),
+            ("duration_ms", "Nullable(Int64)"),
+            ("event_type", "LowCardinality(String)"),
+            ("engagement_pct", "Nullable(Float64)"),
+            ("lsn", "UInt64"),
+            ("deleted", "UInt8"),
+        ]
+        .iter()
+        .map(|(n, t)| (n.to_string(), t.to_string()))
+        .collect()
+    }
+
+    fn event(id: i64, duration: Option<i64>, lsn: i64) -> Row {
+        vec![
+            Value::Int(id),
+            Value::Timestamp(1_714_566_896_789),
+            duration.map_or(Value::Null, Value::Int),
+            Value::string("play"),
+            Value::Float(0.5),
+            Value::Int(lsn),
+            Value::string("x"),
+        ]
+    }
+
+    fn layout() -> Layout {
+        Layout::new(&schema(), &table_columns(), "id", Some("lsn"), Some("deleted"), "t").unwrap()
+    }
+
+    #[test]
+    fn update_images_are_skipped_and_other_retractions_are_deletes() {
+        use Op::{Insert as I, Retract as R};
+        let rows =
+            vec![event(1, Some(10), 5), event(1, Some(20), 9), event(2, None, 3), event(3, None, 4), event(4, None, 8), event(5, None, 1)];
+        // 0-1: update of id 1 (old image skipped); 2: delete of id 2 followed by an insert of
+        // another id (id 3), which stays a delete; 4: a trailing retraction is a delete.
+        let ops = vec![R, I, R, I, I, R];
+        let planned = plan_rows(&rows, &ops, &[0]);
+        assert_eq!(planned, vec![(1, RowKind::Live), (2, RowKind::Deleted), (3, RowKind::Live), (4, RowKind::Live), (5, RowKind::Deleted)]);
+    }
+
+    #[test]
+    fn rows_render_for_their_column_types() {
+        let l = layout();
+        assert_eq!(l.key, vec![0]);
+        assert_eq!(l.version, Some(5));
+        let mut out = String::new();
+        l.render(&mut out, &event(7, Some(1500), 41), RowKind::Live);
+        assert_eq!(
+            out,
+            "{\"id\":7,\"event_ts\":1714566896,\"duration_ms\":1500,\"event_type\":\"play\",\"engagement_pct\":0.5,\"lsn\":41,\"deleted\":0}\n"
+        );
+        out.clear();
+        // A delete: NULL left out, version + 1, flagged.
+        l.render(&mut out, &event(7, None, 41), RowKind::Deleted);
+        assert_eq!(out, "{\"id\":7,\"event_ts\":1714566896,\"event_type\":\"play\",\"engagement_pct\":0.5,\"lsn\":42,\"deleted\":1}\n");
+    }
+
+    #[test]
+    fn values_render_per_kind() {
+        let render = |v: Value, k: ColumnKind| {
+            let mut s = String::new();
+            write_value(&mut s, &v, k).then_some(s)
+        };
+        let ts = Value::Timestamp(1_714_566_896_789);
+        assert_eq!(render(ts.clone(), ColumnKind::DateTime).as_deref(), Some("1714566896"));
+        assert_eq!(render(Value::Timestamp(-1), ColumnKind::DateTime).as_deref(), Some("-1"));
+        assert_eq!(render(ts.clone(), ColumnKind::DateTime64).as_deref(), Some("\"2024-05-01 12:34:56.789\""));
+        assert_eq!(render(ts.clone(), ColumnKind::Date).as_deref(), Some("\"2024-05-01\""));
+        assert_eq!(render(ts.clone(), ColumnKind::Text).as_deref(), Some("\"2024-05-01T12:34:56.789Z\""));
+        assert_eq!(render(ts, ColumnKind::Number).as_deref(), Some("1714566896789"));
+        assert_eq!(render(Value::Bool(true), ColumnKind::Number).as_deref(), Some("1"));
+        assert_eq!(render(Value::Bool(false), ColumnKind::Bool).as_deref(), Some("false"));
+        assert_eq!(render(Value::Int(5), ColumnKind::Text).as_deref(), Some("\"5\""));
+        assert_eq!(render(Value::Float(0.25), ColumnKind::Number).as_deref(), Some("0.25"));
+        assert_eq!(render(Value::Float(f64::INFINITY), ColumnKind::Number), None);
+        assert_eq!(render(Value::Null, ColumnKind::Text), None);
+        assert_eq!(render(Value::string("a\"b"), ColumnKind::Text).as_deref(), Some("\"a\\\"b\""));
+        assert_eq!(ColumnKind::of("Nullable(DateTime)"), ColumnKind::DateTime);
+        assert_eq!(ColumnKind::of("DateTime('UTC')"), ColumnKind::DateTime);
+        assert_eq!(ColumnKind::of("DateTime64(3, 'UTC')"), ColumnKind::DateTime64);
+        assert_eq!(ColumnKind::of("LowCardinality(Nullable(String))"), ColumnKind::Text);
+        assert_eq!(ColumnKind::of("Enum8('a' = 1)"), ColumnKind::Text);
+        assert_eq!(ColumnKind::of("UInt8"), ColumnKind::Number);
+    }
+
+    #[test]
+    fn layout_errors_say_what_to_fix() {
+        let e = Layout::new(&schema(), &table_columns(), "id", Some("lsn"), Some("is_deleted"), "t").unwrap_err();
+        assert!(e.message.contains("is_deleted"), "{}", e.message);
+        let e = Layout::new(&schema(), &table_columns(), "toDate(event_ts)", Some("lsn"), None, "t").unwrap_err();
+        assert!(e.message.contains("sorting key"), "{}", e.message);
+        // Without version or deleted columns no key is needed (append-only).
+        let l = Layout::new(&schema(), &table_columns(), "", None, None, "t").unwrap();
+        assert!(!l.writes_deletes());
+    }
+
+    #[test]
+    fn error_classification() {
+        assert_eq!(exception_code("Code: 60, e.displayText() = DB::Exception: Table default.x doesn't exist."), Some(60));
+        assert!(permanent(&ChError::BadResponse("Code: 27, e.displayText() = DB::Exception: Cannot parse input".into())));
+        assert!(!permanent(&ChError::BadResponse("Code: 252, e.displayText() = DB::Exception: Too many parts".into())));
+        assert!(!permanent(&ChError::TimedOut));
+        assert!(!permanent(&ChError::Network("connection refused".into())));
+        assert_eq!(quote_identifier("we`ird"), "`we\\`ird`");
+        assert_eq!(unescape_tsv("a\\tb\\\\c"), "a\tb\\c");
+    }
+
+    // ---- Integration tests against a real ClickHouse (EDDY_TEST_CLICKHOUSE_URL). ----
+
+    /// Serialises the tests that share the server (one of them stops it).
+    static SERVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    fn clickhouse_url() -> Option<String> {
+        let url = std::env::var("EDDY_TEST_CLICKHOUSE_URL").ok();
+        if url.is_none() {
+            eprintln!("skipped: set EDDY_TEST_CLICKHOUSE_URL=http://127.0.0.1:PORT to run against a real ClickHouse");
+        }
+        url
+    }
+
+    fn ctx() -> ConnectorContext {
+        ConnectorContext {
+            job_id: "test".into(),
+            task: TaskId { vertex: 4, subtask: 0 },
+            parallelism: 1,
+            schema: schema(),
+            metrics: Arc::new(TaskMetrics::default()),
+        }
+    }
+
+    async fn sql(url: &str, query: &str) -> String {
+        let client = Client::default().with_url(url).with_validation(false).with_compression(Compression::None);
+        let bytes = client.query(query).fetch_bytes("TabSeparated").unwrap().collect().await.unwrap();
+        String::from_utf8(bytes.to_vec()).unwrap()
+    }
+
+    async fn fresh_table(url: &str, table: &str) {
+        sql(url, &format!("DROP TABLE IF EXISTS default.{table}")).await;
+        sql(
+            url,
+            &format!(
+                "CREATE TABLE default.{table} (id Int64, event_ts DateTime, duration_ms Nullable(Int64), event_type String, \
+                 engagement_pct Nullable(Float64), lsn UInt64, deleted UInt8 DEFAULT 0) ENGINE = ReplacingMergeTree(lsn) ORDER BY id"
+            ),
+        )
+        .await;
+    }
+
+    fn options(url: &str, table: &str, batch_rows: usize) -> ClickHouseSinkOptions {
+        ClickHouseSinkOptions {
+            url: url.into(),
+            database: "default".into(),
+            table: table.into(),
+            batch_rows,
+            flush_interval: "200ms".into(),
+            version_column: Some("lsn".into()),
+            deleted_column: Some("deleted".into()),
+        }
+    }
+
+    #[tokio::test]
+    async fn clickhouse_final_shows_latest_versions_and_flags_deletes() {
+        let Some(url) = clickhouse_url() else { return };
+        let _server = SERVER.lock().await;
+        let table = "eddy_test_final";
+        fresh_table(&url, table).await;
+        let c = ctx();
+        let metrics = c.metrics.clone();
+        let mut sink = ClickHouseSink::new(&options(&url, table, 3), c).unwrap();
+        use Op::{Insert as I, Retract as R};
+        sink.write(Batch::inserts(vec![event(1, Some(1000), 10), event(2, Some(2000), 11), event(3, None, 12)])).await.unwrap();
+        // Update id 1 (old image, then new), delete id 2, in one batch.
+        sink.write(Batch { rows: vec![event(1, Some(1000), 10), event(1, Some(4000), 20), event(2, Some(2000), 11)], ops: vec![R, I, R] })
+            .await
+            .unwrap();
+        // A row that waits only for the flush interval (no more input, no watermark).
+        sink.write(Batch::inserts(vec![event(4, Some(500), 13)])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(sql(&url, &format!("SELECT count() FROM default.{table} FINAL WHERE id = 4")).await, "1\n");
+        sink.finish().await.unwrap();
+        let rows =
+            sql(&url, &format!("SELECT id, duration_ms, lsn, deleted, toUnixTimestamp(event_ts) FROM default.{table} FINAL ORDER BY id"))
+                .await;
+        assert_eq!(rows, "1\t4000\t20\t0\t1714566896\n2\t2000\t12\t1\t1714566896\n3\t\\N\t12\t0\t1714566896\n4\t500\t13\t0\t1714566896\n");
+        assert_eq!(sql(&url, &format!("SELECT count() FROM default.{table} FINAL WHERE deleted = 0")).await, "3\n");
+        assert_eq!(metrics.gauges().get("rows_written"), Some(&6));
+    }
+
+    #[tokio::test]
+    async fn clickhouse_missing_table_is_the_users_error() {
+        let Some(url) = clickhouse_url() else { return };
+        let _server = SERVER.lock().await;
+        let mut sink = ClickHouseSink::new(&options(&url, "eddy_test_no_such_table", 10), ctx()).unwrap();
+        let e = sink.finish().await.unwrap_err();
+        assert_eq!(e.blame, crate::error::Blame::User, "{}", e.message);
+        assert!(e.message.contains("does not exist"), "{}", e.message);
+    }
+
+    /// Stops ClickHouse for ~5 s in the middle of a stream (with the script named by
+    /// `EDDY_TEST_SERVICES_CTL`, e.g. `demo/test-services.sh`) and checks that nothing is lost.
+    #[tokio::test]
+    async fn clickhouse_outage_loses_nothing() {
+        let Some(url) = clickhouse_url() else { return };
+        let Ok(ctl) = std::env::var("EDDY_TEST_SERVICES_CTL") else {
+            eprintln!("skipped: set EDDY_TEST_SERVICES_CTL to a script that takes stop-clickhouse / start-clickhouse");
+            return;
+        };
+        let _server = SERVER.lock().await;
+        let table = "eddy_test_outage";
+        fresh_table(&url, table).await;
+        let c = ctx();
+        let metrics = c.metrics.clone();
+        let mut sink = ClickHouseSink::new(&options(&url, table, 50), c).unwrap();
+        let run = |arg: &'static str| {
+            let ctl = ctl.clone();
+            async move {
+                let status = tokio::process::Command::new(&ctl).arg(arg).status().await.unwrap();
+                assert!(status.success(), "{ctl} {arg} failed");
+            }
+        };
+        let mut next_id = 0i64;
+        let mut send = |n: i64| {
+            let rows: Vec<Row> = (next_id..next_id + n).map(|id| event(id, Some(id), 1)).collect();
+            next_id += n;
+            Batch::inserts(rows)
+        };
+        for _ in 0..10 {
+            sink.write(send(20)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        run("stop-clickhouse").await;
+        let start = run("start-clickhouse");
+        let restart = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            start.await;
+        });
+        // Keep writing through the outage: `write` blocks once the queue is full, then resumes.
+        let started = Instant::now();
+        for _ in 0..20 {
+            sink.write(send(20)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        restart.await.unwrap();
+        sink.finish().await.unwrap();
+        assert!(started.elapsed() >= Duration::from_secs(4), "the outage should have held writes back");
+        assert_eq!(
+            sql(&url, &format!("SELECT count(), uniqExact(id), min(id), max(id) FROM default.{table} FINAL")).await,
+            format!("{next_id}\t{next_id}\t0\t{}\n", next_id - 1)
+        );
+        assert!(metrics.gauges().get("insert_retries").copied().unwrap_or(0) > 0);
     }
 }
