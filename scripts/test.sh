@@ -8,6 +8,10 @@ cd "$ROOT"
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs) first" >&2; exit 1; }
 log "starting services (installs them when missing)"
 scripts/services.sh start
+eval "$(scripts/services.sh env)"
+# What the connector and tool integration tests talk to (they skip when these are unset).
+export EDDY_TEST_REDIS_URL=$EDDY_REDIS_URL EDDY_TEST_CLICKHOUSE_URL=$EDDY_CLICKHOUSE_URL EDDY_TEST_PG_URL=$EDDY_PG_URL
+export EDDY_TEST_SERVICES_CTL=$ROOT/scripts/services.sh
 log "building binaries"
 build_bins debug >/dev/null
 log "running tests"

@@ -126,6 +126,33 @@ impl Pipeline {
     }
 }
 
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return; // keep the evidence
+        }
+        // The cluster (and its replication connection) must be gone before the slot can go.
+        for (_, w) in &mut self.cluster.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        let admin = self.services.var("EDDY_PG_URL").map(str::to_string);
+        for _ in 0..50 {
+            if self.services.drop_slot(&self.name).is_ok()
+                && self.services.psql(admin.as_deref().unwrap_or_default(), &format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", self.name)).is_ok_and(|o| o.trim().is_empty())
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if let Ok(admin) = &admin {
+            let _ = self.services.psql(admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+        }
+        let _ = self.services.clickhouse(&format!("DROP DATABASE IF EXISTS {}", self.name));
+        let _ = self.services.redis(&["DEL", &self.name, &format!("{}:window_end", self.name)]);
+    }
+}
+
 fn num(v: &Value) -> Option<f64> {
     v.as_f64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
 }

@@ -834,12 +834,12 @@ mod tests {
     }
 
     /// Stops ClickHouse for ~5 s in the middle of a stream (with the script named by
-    /// `EDDY_TEST_SERVICES_CTL`, e.g. `demo/test-services.sh`) and checks that nothing is lost.
+    /// `EDDY_TEST_SERVICES_CTL`, i.e. `scripts/services.sh`) and checks that nothing is lost.
     #[tokio::test]
     async fn clickhouse_outage_loses_nothing() {
         let Some(url) = clickhouse_url() else { return };
         let Ok(ctl) = std::env::var("EDDY_TEST_SERVICES_CTL") else {
-            eprintln!("skipped: set EDDY_TEST_SERVICES_CTL to a script that takes stop-clickhouse / start-clickhouse");
+            eprintln!("skipped: set EDDY_TEST_SERVICES_CTL to scripts/services.sh (it takes `stop clickhouse` / `start clickhouse`)");
             return;
         };
         let _server = SERVER.lock().await;
@@ -851,7 +851,7 @@ mod tests {
         let run = |arg: &'static str| {
             let ctl = ctl.clone();
             async move {
-                let status = tokio::process::Command::new(&ctl).arg(arg).status().await.unwrap();
+                let status = tokio::process::Command::new(&ctl).args(arg.split(' ')).status().await.unwrap();
                 assert!(status.success(), "{ctl} {arg} failed");
             }
         };
@@ -865,10 +865,10 @@ mod tests {
             sink.write(send(20)).await.unwrap();
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        run("stop-clickhouse").await;
-        let start = run("start-clickhouse");
+        run("stop clickhouse").await;
+        let start = run("start clickhouse");
         let restart = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            tokio::time::sleep(Duration::from_secs(20)).await;
             start.await;
         });
         // Keep writing through the outage: `write` blocks once the queue is full, then resumes.

@@ -401,12 +401,12 @@ mod tests {
     }
 
     /// Stops Redis for ~5 s (with the script named by `EDDY_TEST_SERVICES_CTL`, e.g.
-    /// `demo/test-services.sh`) while a window is due: the write waits and then lands.
+    /// `scripts/services.sh`) while a window is due: the write waits and then lands.
     #[tokio::test]
     async fn redis_outage_delays_but_does_not_fail() {
         let Some(url) = redis_url() else { return };
         let Ok(ctl) = std::env::var("EDDY_TEST_SERVICES_CTL") else {
-            eprintln!("skipped: set EDDY_TEST_SERVICES_CTL to a script that takes stop-redis / start-redis");
+            eprintln!("skipped: set EDDY_TEST_SERVICES_CTL to scripts/services.sh (it takes `stop redis` / `start redis`)");
             return;
         };
         let _server = SERVER.lock().await;
@@ -418,14 +418,15 @@ mod tests {
         let run = |arg: &'static str| {
             let ctl = ctl.clone();
             async move {
-                let status = tokio::process::Command::new(&ctl).arg(arg).status().await.unwrap();
+                let status = tokio::process::Command::new(&ctl).args(arg.split(' ')).status().await.unwrap();
                 assert!(status.success(), "{ctl} {arg} failed");
             }
         };
-        run("stop-redis").await;
-        let start = run("start-redis");
+        run("stop redis").await;
+        let start = run("start redis");
         let restart = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(5)).await;
+            // The outage: 20 seconds.
+            tokio::time::sleep(Duration::from_secs(20)).await;
             start.await;
         });
         let started = Instant::now();
