@@ -29,7 +29,7 @@ wait_workers 2
 ingest=$("$BIN/eddy" submit "$ROOT/jobs/specs/ingest.toml")
 process=$("$BIN/eddy" submit "$ROOT/jobs/specs/process.toml")
 log "submitted ingest ($ingest) and process ($process)"
-"$BIN/eddy-datagen" --pg-url "$EDDY_PG_URL" --rate "$RATE" --seconds 0 --updates-pct 5 --deletes-pct 2 --unknown-pct 3 \
+"$BIN/eddy-datagen" --pg-url "$EDDY_PG_URL" --rate "$RATE" --seconds 86400 --updates-pct 5 --deletes-pct 2 --unknown-pct 3 \
   >"$RUN_DIR/datagen.log" 2>&1 & PIDS+=($!)
 cat <<MSG
 

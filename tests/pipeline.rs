@@ -128,7 +128,7 @@ impl Pipeline {
 
 impl Drop for Pipeline {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("EDDY_KEEP_LOGS").is_some() {
             return; // keep the evidence
         }
         // The cluster (and its replication connection) must be gone before the slot can go.
@@ -169,7 +169,7 @@ fn same_number(a: &Value, b: &Value) -> bool {
 fn engagement_pipeline_matches_postgres() -> Result<()> {
     let p = Pipeline::start("pipeline")?;
     // Rows that exist before the ingest job starts: read by its snapshot.
-    let before = p.datagen(&["--contents", "40", "--count", "1500", "--rate", "0", "--seed", "1", "--unknown-pct", "5"])?;
+    let before = p.datagen(&["--contents", "40", "--count", "1500", "--rate", "5000", "--seed", "1", "--unknown-pct", "5", "--updates-pct", "0", "--deletes-pct", "0"])?;
     let ingest = p.submit("ingest.toml")?;
     p.cluster.wait_state(&ingest, "running", Duration::from_secs(30))?;
     p.cluster.wait(Duration::from_secs(60), "the snapshot to finish", |_| {

@@ -168,7 +168,7 @@ impl Drop for Cluster {
         }
         let _ = self.coordinator.kill();
         let _ = self.coordinator.wait();
-        if std::thread::panicking() {
+        if std::thread::panicking() || std::env::var_os("EDDY_KEEP_LOGS").is_some() {
             // Keep the logs of a failed test where the message points.
             let keep = self.dir.0.with_extension("failed");
             let _ = std::fs::rename(&self.dir.0, &keep);

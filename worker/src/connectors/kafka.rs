@@ -73,6 +73,8 @@ pub struct KafkaSource {
     current: HashMap<Vec<u8>, Vec<Value>>,
     /// Highest offset handed out per partition, stored once handed on.
     pending: HashMap<i32, i64>,
+    /// Records taken from the consumer and not yet turned into a batch.
+    received: Vec<OwnedMessage>,
     metrics: Arc<TaskMetrics>,
     lag: Arc<AtomicI64>,
     dead_letters: Option<std::fs::File>,
@@ -114,6 +116,7 @@ impl KafkaSource {
             key_columns,
             current: HashMap::new(),
             pending: HashMap::new(),
+            received: Vec::new(),
             metrics: ctx.metrics,
             lag,
             dead_letters,
@@ -204,22 +207,23 @@ fn parse(bytes: &[u8]) -> std::result::Result<Json, String> {
 #[async_trait]
 impl Source for KafkaSource {
     async fn next_batch(&mut self) -> Result<Option<Batch>> {
-        let mut batch = Batch::default();
-        // Waiting for the first record is the only await point: `recv` is cancel-safe.
-        let first = self.consumer.recv().await.map_err(|e| TaskError::external(format!("kafka: {e}")))?;
-        // Copy out of the borrowed message so the consumer can be used again.
-        let detached = first.detach();
-        drop(first);
-        let mut messages = vec![detached];
-        while messages.len() < MAX_BATCH {
+        // Received records wait in `self.received`, not in a local: if this future is dropped at
+        // an await below (the runtime's select! may do so), nothing already taken from the
+        // consumer is lost.
+        if self.received.is_empty() {
+            let first = self.consumer.recv().await.map_err(|e| TaskError::external(format!("kafka: {e}")))?;
+            self.received.push(first.detach());
+        }
+        while self.received.len() < MAX_BATCH {
             match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
-                Ok(Ok(m)) => messages.push(m.detach()),
+                Ok(Ok(m)) => self.received.push(m.detach()),
                 Ok(Err(e)) => return Err(TaskError::external(format!("kafka: {e}"))),
                 Err(_) => break,
             }
         }
-        for m in &messages {
-            self.take_owned(m, &mut batch)?;
+        let mut batch = Batch::default();
+        for m in std::mem::take(&mut self.received) {
+            self.take_owned(&m, &mut batch)?;
         }
         Ok(Some(batch))
     }
