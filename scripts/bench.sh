@@ -2,6 +2,9 @@
 # Benchmarks. Usage: scripts/bench.sh NAME
 #   window   generator -> HOP(10 min, 5 s) SUM per key (1,000 keys) -> discard, on one worker.
 #            Env: N (events, default 10,000,000), KEYS (1000), EV_PER_MS (10).
+#   pipeline the engagement pipeline on local services: commit-to-visible latency in ClickHouse and
+#            at the external API at a fixed rate, and CDC throughput next to pg_recvlogical.
+#            Env: RATE (events/s, default 5000), SECONDS_ (default 20), CDC_ROWS (200,000).
 # Every benchmark prints `name=value` lines on stdout; progress goes to stderr.
 source "$(dirname "$0")/common.sh"
 
@@ -79,7 +82,21 @@ print(f"worker_peak_rss_mb={rss}")
 PY
 }
 
+bench_pipeline() {
+  "$ROOT/scripts/services.sh" start >&2
+  eval "$("$ROOT/scripts/services.sh" env)"
+  log "building release binaries"
+  BIN=$(build_bins release)
+  start_cluster 2 4
+  MOCK_PORT=$(free_port)
+  "$BIN/eddy-mock-api" --listen "127.0.0.1:$MOCK_PORT" --log "$RUN_DIR/external.jsonl" >"$RUN_DIR/mock-api.log" 2>&1 &
+  PIDS+=($!)
+  export BIN RUN_DIR MOCK_PORT
+  (cd "$ROOT" && python3 scripts/bench_pipeline.py)
+}
+
 case $name in
   window) bench_window ;;
-  *) echo "unknown benchmark '$name'; available: window" >&2; exit 2 ;;
+  pipeline) bench_pipeline ;;
+  *) echo "unknown benchmark '$name'; available: window, pipeline" >&2; exit 2 ;;
 esac

@@ -1,7 +1,7 @@
 //! A mock of the external system the `http` sink delivers to.
 //!
 //! - `POST /events` (any path is accepted) with a JSON body and an `Idempotency-Key` header: the
-//!   first request with a key records the body (and appends `{"key": …, "body": …}` to the log file,
+//!   first request with a key records the body (and appends `{"key": …, "body": …, "received_at_ms": …}` to the log file,
 //!   if any) and counts as `unique`; a repeat counts as a `duplicate` and is answered 200 all the
 //!   same. A body that is not JSON, or a missing or empty key, is refused with 400.
 //! - With `fail_every = N`, every Nth POST is answered 503 before it is looked at (`failed`).
@@ -151,7 +151,11 @@ impl Mock {
             Ok(v) => v,
             Err(e) => return self.refuse(&format!("the body is not JSON: {e}")),
         };
-        let event = json!({"key": key, "body": body});
+        let received_at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        let event = json!({"key": key, "body": body, "received_at_ms": received_at_ms});
         let first = {
             let mut s = self.seen();
             if s.keys.insert(key) {
@@ -226,10 +230,16 @@ mod tests {
         let (_, stats) = http(addr, "GET", "/stats", None, "").await;
         assert_eq!(stats, json!({"received": 6, "unique": 2, "duplicates": 1, "failed": 1, "refused": 2}));
         let (_, events) = http(addr, "GET", "/events", None, "").await;
-        assert_eq!(events, json!([{"key": "1:1", "body": {"id": 1}}, {"key": "2:1", "body": {"id": 2}}]));
+        let without_time = |mut v: serde_json::Value| {
+            v.as_object_mut().map(|o| o.remove("received_at_ms"));
+            v
+        };
+        let events: Vec<_> = events.as_array().unwrap().iter().cloned().map(without_time).collect();
+        assert_eq!(events, [json!({"key": "1:1", "body": {"id": 1}}), json!({"key": "2:1", "body": {"id": 2}})]);
         let logged = std::fs::read_to_string(&log).unwrap();
         let _ = std::fs::remove_file(&log);
-        assert_eq!(logged, "{\"body\":{\"id\":1},\"key\":\"1:1\"}\n{\"body\":{\"id\":2},\"key\":\"2:1\"}\n");
+        let logged: Vec<_> = logged.lines().map(|l| without_time(serde_json::from_str(l).unwrap())).collect();
+        assert_eq!(logged, events);
 
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();

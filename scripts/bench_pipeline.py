@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""The pipeline benchmark (scripts/bench.sh pipeline): end-to-end latency and CDC throughput.
+
+Latency: events are inserted into PostgreSQL at a fixed rate while the ingest and process jobs run;
+an event's latency is the time from its commit (its event_ts, set by now() in the inserting
+transaction, so a few ms early at worst) until it is visible in ClickHouse (polled every 10 ms) or
+received by the external-API stand-in (which logs the arrival time of every key).
+
+CDC throughput: one transaction inserts N rows; two slots created before it are read to its end
+LSN, one by pg_recvlogical (PostgreSQL's own client, discarding the output) and one by a
+postgres_cdc -> discard job, timed from start until every change is read.
+
+Prints name=value lines. Expects the environment of scripts/services.sh env, BIN (release
+binaries), and RUN_DIR.
+"""
+import json
+import os
+import subprocess
+import threading
+import time
+import urllib.request
+
+BIN = os.environ["BIN"]
+RUN = os.environ["RUN_DIR"]
+PG = os.environ["EDDY_PG_URL"]
+CH = os.environ["EDDY_CLICKHOUSE_URL"]
+RATE = int(os.environ.get("RATE", "5000"))
+SECONDS = int(os.environ.get("SECONDS_", "20"))
+CDC_ROWS = int(os.environ.get("CDC_ROWS", "200000"))
+NAME = "bench_pipeline"
+DB_URL = PG.rsplit("/", 1)[0] + "/" + NAME
+
+
+def log(msg):
+    print(f"==> {msg}", file=os.sys.stderr, flush=True)
+
+
+def psql(url, sql):
+    return subprocess.run(["psql", url, "-v", "ON_ERROR_STOP=1", "-Atq", "-c", sql], check=True,
+                          capture_output=True, text=True).stdout
+
+
+def clickhouse(sql):
+    req = urllib.request.Request(CH, data=sql.encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return r.read().decode()
+
+
+def eddy(*args, env=None):
+    return subprocess.run([f"{BIN}/eddy", *args], check=True, capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}).stdout
+
+
+def status(job):
+    return json.loads(eddy("status", job, "--json"))
+
+
+def wait(what, check, timeout=120):
+    start = time.time()
+    while time.time() - start < timeout:
+        if check():
+            return
+        time.sleep(0.02)
+    raise SystemExit(f"timed out waiting for {what}; logs in {RUN}")
+
+
+def percentile(values, p):
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def fresh_databases():
+    for slot in (NAME, "bench_cdc_recv", "bench_cdc_eddy"):
+        psql(PG, f"SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}'")
+    psql(PG, f"DROP DATABASE IF EXISTS {NAME} WITH (FORCE)")
+    psql(PG, f"CREATE DATABASE {NAME}")
+    subprocess.run(["psql", DB_URL, "-q", "-v", "ON_ERROR_STOP=1", "-f", "sql/postgres.sql"], check=True)
+    clickhouse(f"DROP DATABASE IF EXISTS {NAME}")
+    ddl = open("sql/clickhouse.sql").read().replace("EXISTS eddy", f"EXISTS {NAME}").replace("eddy.", f"{NAME}.")
+    ddl = "\n".join(l for l in ddl.splitlines() if not l.strip().startswith("--"))
+    for stmt in filter(None, (s.strip() for s in ddl.split(";"))):
+        clickhouse(stmt)
+
+
+def latency():
+    mock_port = os.environ["MOCK_PORT"]
+    topic = f"{NAME}_{int(time.time())}"
+    env = {"EDDY_PG_URL": DB_URL, "EDDY_TOPIC": topic, "EDDY_SLOT": NAME, "EDDY_GROUP": topic,
+           "EDDY_CLICKHOUSE_DB": NAME, "EDDY_LEADERBOARD_KEY": NAME,
+           "EDDY_EXTERNAL_URL": f"http://127.0.0.1:{mock_port}/events",
+           "EDDY_DEAD_LETTERS": f"{RUN}/dead.jsonl", "EDDY_HTTP_DEAD_LETTERS": f"{RUN}/http-dead.jsonl"}
+    jobs = [json.loads(eddy("submit", f"jobs/specs/{s}.toml", "--json", env=env))["job_id"] for s in ("ingest", "process")]
+    for job in jobs:
+        wait(f"job {job} to run", lambda: status(job)["state"] == "running", 60)
+    seen = {}
+    stop = threading.Event()
+
+    def poll():
+        last = 0
+        while not stop.is_set():
+            rows = clickhouse(f"SELECT id FROM {NAME}.engagement_enriched WHERE id > {last} FORMAT TabSeparated")
+            now = time.time() * 1000
+            for line in rows.split():
+                i = int(line)
+                seen.setdefault(i, now)
+                last = max(last, i)
+            time.sleep(0.01)
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    log(f"inserting {RATE} events/s for {SECONDS} s")
+    t0 = time.time()
+    out = subprocess.run([f"{BIN}/eddy-datagen", "--pg-url", DB_URL, "--rate", str(RATE), "--seconds", str(SECONDS),
+                          "--updates-pct", "0", "--deletes-pct", "0", "--unknown-pct", "3", "--seed", "9"],
+                         check=True, capture_output=True, text=True).stdout
+    elapsed = time.time() - t0
+    inserted = int(dict(kv.split("=") for kv in out.split())["inserted"])
+    wait("ClickHouse to show every event", lambda: len(seen) >= inserted, 120)
+    stop.set()
+    poller.join()
+    commit = {int(i): float(ms) for i, ms in
+              (l.split("|") for l in psql(DB_URL, "SELECT id, extract(epoch FROM event_ts) * 1000 FROM engagement_events").split())}
+    ch = [seen[i] - commit[i] for i in commit if i in seen]
+    wait("the external system to receive every event",
+         lambda: sum(1 for _ in open(f"{RUN}/external.jsonl")) >= inserted, 120)
+    http = []
+    for line in open(f"{RUN}/external.jsonl"):
+        e = json.loads(line)
+        i = int(e["key"].split(":")[0])
+        if i in commit:
+            http.append(e["received_at_ms"] - commit[i])
+    for job in jobs:
+        eddy("cancel", job)
+    return {
+        "rate_events_per_second": round(inserted / elapsed),
+        "latency_events": len(ch),
+        "latency_clickhouse_p50_ms": round(percentile(ch, 50)),
+        "latency_clickhouse_p99_ms": round(percentile(ch, 99)),
+        "latency_http_p50_ms": round(percentile(http, 50)),
+        "latency_http_p99_ms": round(percentile(http, 99)),
+    }
+
+
+def cdc():
+    for slot in ("bench_cdc_recv", "bench_cdc_eddy"):
+        psql(DB_URL, f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
+    log(f"one transaction of {CDC_ROWS} rows")
+    psql(DB_URL, f"""INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload)
+        SELECT gen_random_uuid(), gen_random_uuid(), 'play', now(), g, 'web', '{{"n": 1}}'::jsonb
+        FROM generate_series(1, {CDC_ROWS}) g""")
+    end_lsn = psql(DB_URL, "SELECT pg_current_wal_lsn()").strip()
+    t0 = time.time()
+    subprocess.run(["pg_recvlogical", "-d", DB_URL, "--slot", "bench_cdc_recv", "--start", "--endpos", end_lsn,
+                    "-o", "proto_version=1", "-o", "publication_names=eddy_pub", "-f", "/dev/null"], check=True)
+    recv = CDC_ROWS / (time.time() - t0)
+    spec = f"""
+name = "bench-cdc"
+[[source]]
+name = "events"
+connector = "postgres_cdc"
+options = {{ url = "{DB_URL}", table = "public.engagement_events", slot = "bench_cdc_eddy", primary_key = ["id"],
+  columns = "id BIGINT, content_id VARCHAR, user_id VARCHAR, event_type VARCHAR, event_ts TIMESTAMP, duration_ms BIGINT, device VARCHAR, raw_payload VARCHAR" }}
+[[sink]]
+name = "out"
+input = "events"
+connector = "discard"
+"""
+    path = f"{RUN}/cdc.toml"
+    open(path, "w").write(spec)
+    t0 = time.time()
+    job = json.loads(eddy("submit", path, "--json"))["job_id"]
+    wait("the CDC job to read every change",
+         lambda: status(job)["tasks"][0]["records_out"] >= CDC_ROWS, 300)
+    eddy_rate = CDC_ROWS / (time.time() - t0)
+    eddy("cancel", job)
+    return {
+        "cdc_changes": CDC_ROWS,
+        "cdc_changes_per_second": round(eddy_rate),
+        "pg_recvlogical_changes_per_second": round(recv),
+        "cdc_vs_pg_recvlogical": round(eddy_rate / recv, 2),
+    }
+
+
+def main():
+    fresh_databases()
+    results = {**latency(), **cdc()}
+    for k, v in results.items():
+        print(f"{k}={v}")
+
+
+if __name__ == "__main__":
+    main()
