@@ -13,7 +13,12 @@ name=${1:-}
 
 RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/eddy-bench.XXXXXX")
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$RUN_DIR"; }
+cleanup() {
+  local status=$?
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  if [ "$status" = 0 ]; then rm -rf "$RUN_DIR"; else echo "logs kept in $RUN_DIR" >&2; fi
+}
 trap cleanup EXIT
 
 start_cluster() {

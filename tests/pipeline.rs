@@ -326,7 +326,7 @@ options = {{ path = "{}" }}
     let produced = read_view()?;
     assert!(produced.values().all(|&s| s >= 4000), "keys should end near the end of the stream: {produced:?}");
 
-    // Malformed records for this reader: `ts` is not a timestamp.
+    // Malformed records: five that are not JSON at all, five whose `ts` is not a timestamp.
     let bad_topic_spec = format!(
         r#"
 name = "bad"
@@ -337,12 +337,13 @@ options = {{ count = 10, keys = 50, seed = 6 }}
 [[transform]]
 name = "broken"
 input = "events"
-select = "seq, k, score, 'not a time' AS ts"
+select = """CASE WHEN seq < 5 THEN '{{"seq": ' || CAST(seq AS VARCHAR) || ', broken'
+              ELSE '{{"seq": ' || CAST(seq AS VARCHAR) || ', "k": 1, "ts": "not a time"}}' END AS payload"""
 [[sink]]
 name = "topic"
 input = "broken"
 connector = "kafka"
-options = {{ brokers = "{brokers}", topic = "{topic}", key = ["k"] }}
+options = {{ brokers = "{brokers}", topic = "{topic}", format = "raw" }}
 "#
     );
     let bad = cluster.submit("bad", &bad_topic_spec)?;
@@ -353,7 +354,9 @@ options = {{ brokers = "{brokers}", topic = "{topic}", key = ["k"] }}
     })?;
     let letters = eddy_tests::read_jsonl(&[dead.clone()])?;
     assert_eq!(letters.len(), 10);
-    assert!(letters.iter().all(|l| l["error"].as_str().is_some_and(|e| e.contains("ts"))), "{letters:?}");
+    let errors: Vec<&str> = letters.iter().filter_map(|l| l["error"].as_str()).collect();
+    assert_eq!(errors.iter().filter(|e| e.contains("invalid JSON")).count(), 5, "{letters:?}");
+    assert_eq!(errors.iter().filter(|e| e.contains("field `ts`")).count(), 5, "{letters:?}");
     // The job is still running and still reads good records.
     assert_eq!(cluster.status(&consume)?["state"], "running");
     produce("produce-again", "upsert-json", 100)?;

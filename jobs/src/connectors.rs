@@ -90,6 +90,8 @@ pub enum KafkaFormat {
     UpsertJson,
     /// Value the row as a JSON object; no key semantics.
     Json,
+    /// Value the text of the row's only column, as is (sink only): for pre-serialized payloads.
+    Raw,
 }
 
 /// Options of the `kafka` source.
@@ -386,6 +388,9 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
         "kafka" => {
             let o: KafkaSourceOptions = decode(options)?;
             let schema = parse_columns(&o.columns).map_err(|m| format!("options.columns: {m}"))?;
+            if o.format == KafkaFormat::Raw {
+                return Err("options.format: `raw` is for sinks; sources read `upsert-json` or `json`".into());
+            }
             if o.format == KafkaFormat::UpsertJson && o.primary_key.is_empty() {
                 return Err("options.primary_key: the upsert-json format needs the key's columns, e.g. [\"id\"]".into());
             }
@@ -425,6 +430,9 @@ pub fn sink(name: &str, options: &toml::Table, input: &Schema) -> Result<SinkCon
                 return Err("options.key: the upsert-json format needs key columns, e.g. [\"id\"]".into());
             }
             columns_exist(input, "options.key", &o.key)?;
+            if o.format == KafkaFormat::Raw && (input.fields.len() != 1 || input.fields[0].data_type != DataType::String) {
+                return Err(format!("options.format: `raw` writes one VARCHAR column as the value; the input has {}", input.names()));
+            }
             Ok(SinkConnector::Kafka(o))
         }
         "redis" => {

@@ -40,7 +40,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use super::http::{json_string, utc_parts};
+use super::http::json_string;
 use super::{ConnectorContext, Sink};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
@@ -184,7 +184,7 @@ fn plan_rows(rows: &[Row], ops: &[Op], key: &[usize]) -> Vec<(usize, RowKind)> {
 enum ColumnKind {
     /// `DateTime`: timestamps as Unix seconds.
     DateTime,
-    /// `DateTime64`: timestamps as `YYYY-MM-DD hh:mm:ss.fff` (read in the column's time zone).
+    /// `DateTime64`: timestamps as `YYYY-MM-DD hh:mm:ss[.fff]` (read in the column's time zone).
     DateTime64,
     /// `Date`: timestamps as `YYYY-MM-DD`.
     Date,
@@ -252,11 +252,10 @@ fn write_value(out: &mut String, v: &Value, kind: ColumnKind) -> bool {
         },
         Value::String(s) => out.push_str(&json_string(s)),
         Value::Timestamp(ms) => {
-            let (y, mo, d, h, mi, s, milli) = utc_parts(*ms);
             let _ = match kind {
                 ColumnKind::DateTime => write!(out, "{}", ms.div_euclid(1000)),
-                ColumnKind::DateTime64 => write!(out, "\"{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02}.{milli:03}\""),
-                ColumnKind::Date => write!(out, "\"{y:04}-{mo:02}-{d:02}\""),
+                ColumnKind::DateTime64 => write!(out, "\"{}\"", eddy_jobs::time::format_timestamp(*ms)),
+                ColumnKind::Date => write!(out, "\"{}\"", &eddy_jobs::time::format_timestamp(*ms)[..10]),
                 ColumnKind::Text => write!(out, "\"{}\"", super::http::iso8601_utc(*ms)),
                 ColumnKind::Bool | ColumnKind::Number => write!(out, "{ms}"),
             };

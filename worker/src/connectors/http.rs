@@ -354,29 +354,9 @@ fn write_json_value(out: &mut String, v: &Value) {
     }
 }
 
-/// Civil date and time of day of milliseconds since the epoch (UTC):
-/// `(year, month, day, hour, minute, second, millisecond)`.
-pub(crate) fn utc_parts(ms: i64) -> (i64, u32, u32, u32, u32, u32, u32) {
-    let days = ms.div_euclid(86_400_000);
-    let rem = ms.rem_euclid(86_400_000);
-    // Howard Hinnant's `civil_from_days`.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let (h, mi, s, milli) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);
-    (year, month as u32, day as u32, h as u32, mi as u32, s as u32, milli as u32)
-}
-
 /// `2024-05-01T12:34:56.789Z`.
 pub(crate) fn iso8601_utc(ms: i64) -> String {
-    let (y, mo, d, h, mi, s, milli) = utc_parts(ms);
-    format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{milli:03}Z")
+    eddy_jobs::time::format_iso8601(ms)
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //!
 //! **Formats.** `upsert-json`: the key is a JSON object of the primary-key columns
 //! (`{"id": 42}`), the value the whole row as a JSON object, and a null value (a tombstone) deletes
-//! the key. `json`: values only, append-only.
+//! the key. `json`: values only, append-only. `raw` (sink only): the text of the row's single
+//! VARCHAR column as the value, for payloads serialized upstream.
 //!
 //! **Source.** Joins a consumer group, so the topic's partitions are spread over the source's
 //! subtasks. In upsert mode it keeps each key's last row (keys are partitioned, so each key lives in
@@ -93,6 +94,9 @@ impl KafkaSource {
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("statistics.interval.ms", "1000")
+            // Latency: ask the broker to answer fetches within 10 ms even when it has little data
+            // (librdkafka's default waits up to 500 ms).
+            .set("fetch.wait.max.ms", "10")
             .create_with_context(LagContext { lag: lag.clone() })
             .map_err(|e| TaskError::external(format!("kafka consumer for {}: {e}", o.brokers)))?;
         consumer
@@ -306,6 +310,10 @@ impl Sink for KafkaSink {
         for (i, (row, op)) in batch.rows.iter().zip(&batch.ops).enumerate() {
             let key = if upsert { Some(self.key(row)) } else { None };
             let payload = match op {
+                Op::Insert if self.options.format == KafkaFormat::Raw => match &row[0] {
+                    Value::String(s) => Some(s.as_bytes().to_vec()),
+                    _ => None,
+                },
                 Op::Insert => Some(serde_json::to_vec(&row_to_json(&self.schema, row, None)).unwrap_or_default()),
                 Op::Retract if !upsert => continue, // an append-only topic has no way to say "delete"
                 Op::Retract => {
