@@ -309,7 +309,7 @@ options = {{ path = "{}" }}
     // The upsert view of what was read: the last row per key.
     let read_view = || -> Result<BTreeMap<i64, i64>> {
         let mut view = BTreeMap::new();
-        for r in eddy_tests::read_jsonl(&[out.clone()])? {
+        for r in eddy_tests::read_jsonl(std::slice::from_ref(&out))? {
             let (k, seq) = (r["k"].as_i64().context("k")?, r["seq"].as_i64().context("seq")?);
             if r["_op"] == "-" {
                 if view.get(&k) == Some(&seq) {
@@ -352,7 +352,7 @@ options = {{ brokers = "{brokers}", topic = "{topic}", format = "raw" }}
         let s = c.status(&consume)?;
         Ok(s["tasks"][0]["dead_lettered"].as_u64() == Some(10))
     })?;
-    let letters = eddy_tests::read_jsonl(&[dead.clone()])?;
+    let letters = eddy_tests::read_jsonl(std::slice::from_ref(&dead))?;
     assert_eq!(letters.len(), 10);
     let errors: Vec<&str> = letters.iter().filter_map(|l| l["error"].as_str()).collect();
     assert_eq!(errors.iter().filter(|e| e.contains("invalid JSON")).count(), 5, "{letters:?}");

@@ -162,3 +162,17 @@ pub fn format_iso8601(ms: i64) -> String {
     s.push('Z');
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn iso_timestamps() {
+        assert_eq!(format_iso8601(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(format_iso8601(1_714_566_896_789), "2024-05-01T12:34:56.789Z");
+        assert_eq!(format_iso8601(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(format_iso8601(-1), "1969-12-31T23:59:59.999Z");
+        assert_eq!(parse_timestamp(&format_iso8601(1_714_566_896_789)), Some(1_714_566_896_789));
+    }
+}

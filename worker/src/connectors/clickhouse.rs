@@ -256,7 +256,7 @@ fn write_value(out: &mut String, v: &Value, kind: ColumnKind) -> bool {
                 ColumnKind::DateTime => write!(out, "{}", ms.div_euclid(1000)),
                 ColumnKind::DateTime64 => write!(out, "\"{}\"", eddy_jobs::time::format_timestamp(*ms)),
                 ColumnKind::Date => write!(out, "\"{}\"", &eddy_jobs::time::format_timestamp(*ms)[..10]),
-                ColumnKind::Text => write!(out, "\"{}\"", super::http::iso8601_utc(*ms)),
+                ColumnKind::Text => write!(out, "\"{}\"", eddy_jobs::time::format_iso8601(*ms)),
                 ColumnKind::Bool | ColumnKind::Number => write!(out, "{ms}"),
             };
         }

@@ -331,32 +331,9 @@ pub(crate) fn json_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
-/// A value as JSON: timestamps as ISO-8601 UTC strings, non-finite floats as `null`.
+/// A value as JSON (see [`crate::json::to_json`]: timestamps as ISO-8601 UTC strings).
 fn write_json_value(out: &mut String, v: &Value) {
-    match v {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Int(i) => {
-            let _ = write!(out, "{i}");
-        }
-        Value::Float(f) => match serde_json::Number::from_f64(*f) {
-            Some(n) => {
-                let _ = write!(out, "{n}");
-            }
-            None => out.push_str("null"),
-        },
-        Value::String(s) => out.push_str(&json_string(s)),
-        Value::Timestamp(ms) => {
-            out.push('"');
-            out.push_str(&iso8601_utc(*ms));
-            out.push('"');
-        }
-    }
-}
-
-/// `2024-05-01T12:34:56.789Z`.
-pub(crate) fn iso8601_utc(ms: i64) -> String {
-    eddy_jobs::time::format_iso8601(ms)
+    out.push_str(&crate::json::to_json(v).to_string());
 }
 
 #[cfg(test)]
@@ -365,14 +342,6 @@ mod tests {
 
     fn row() -> Row {
         vec![Value::Int(42), Value::string("c-1"), Value::Timestamp(1_714_566_896_789), Value::Float(0.25), Value::Null, Value::Int(7)]
-    }
-
-    #[test]
-    fn iso_timestamps() {
-        assert_eq!(iso8601_utc(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(iso8601_utc(1_714_566_896_789), "2024-05-01T12:34:56.789Z");
-        assert_eq!(iso8601_utc(951_782_400_000), "2000-02-29T00:00:00.000Z");
-        assert_eq!(iso8601_utc(-1), "1969-12-31T23:59:59.999Z");
     }
 
     #[test]
