@@ -52,7 +52,12 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        // Ctrl-C or SIGTERM (docker stop): stop tasks and leave gracefully.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
         signal.cancel();
     });
     let config = WorkerConfig { worker_id, coordinator: args.coordinator, slots: args.slots, advertised_address: advertised };
