@@ -29,7 +29,7 @@ start_cluster() {
   PIDS+=($!)
   WORKER_PIDS=()
   for i in $(seq 1 "$workers"); do
-    RUST_LOG=warn "$BIN/eddy-worker" --coordinator "$EDDY_COORDINATOR" --listen "127.0.0.1:$(free_port)" --id "w$i" --slots "$slots" >"$RUN_DIR/w$i.log" 2>&1 &
+    RUST_LOG=warn "$BIN/eddy-worker" --coordinator "$EDDY_COORDINATOR" --listen 127.0.0.1:0 --id "w$i" --slots "$slots" >"$RUN_DIR/w$i.log" 2>&1 &
     PIDS+=($!)
     WORKER_PIDS+=($!)
   done

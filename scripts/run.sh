@@ -21,7 +21,7 @@ export EDDY_EXTERNAL_URL=http://127.0.0.1:${EDDY_MOCK_PORT:-58080}/events
 export EDDY_DEAD_LETTERS=$RUN_DIR/dead-letters.jsonl EDDY_HTTP_DEAD_LETTERS=$RUN_DIR/http-dead-letters.jsonl
 "$BIN/eddy-coordinator" --listen "$EDDY_COORDINATOR" >"$RUN_DIR/coordinator.log" 2>&1 & PIDS+=($!)
 for i in 1 2; do
-  "$BIN/eddy-worker" --coordinator "$EDDY_COORDINATOR" --listen "127.0.0.1:$(free_port)" --id "worker-$i" >"$RUN_DIR/worker-$i.log" 2>&1 & PIDS+=($!)
+  "$BIN/eddy-worker" --coordinator "$EDDY_COORDINATOR" --listen 127.0.0.1:0 --id "worker-$i" >"$RUN_DIR/worker-$i.log" 2>&1 & PIDS+=($!)
 done
 "$BIN/eddy-mock-api" --listen "127.0.0.1:${EDDY_MOCK_PORT:-58080}" --log "$RUN_DIR/external.jsonl" >"$RUN_DIR/mock-api.log" 2>&1 & PIDS+=($!)
 wait_workers 2

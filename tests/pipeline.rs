@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use eddy_tests::{bin, free_port, http_get_json, spawn_background, Background, Cluster, Services};
+use eddy_tests::{bin, http_get_json, spawn_background, Background, Cluster, Services};
 use serde_json::Value;
 
 /// One test's private slice of the services: its own database, topic, slot, group and keys.
@@ -27,12 +27,9 @@ impl Pipeline {
         let pg_url = services.postgres_database(&name)?;
         services.clickhouse_database(&name)?;
         let cluster = Cluster::start(&name, 2, 4)?;
-        let port = free_port();
-        let mock = spawn_background(
-            Command::new(bin("eddy-mock-api")).args(["--listen", &format!("127.0.0.1:{port}")]),
-            &cluster.dir.0.join("mock-api.log"),
-        )?;
-        let mock_url = format!("http://127.0.0.1:{port}");
+        let log = cluster.dir.0.join("mock-api.log");
+        let mock = spawn_background(Command::new(bin("eddy-mock-api")).args(["--listen", "127.0.0.1:0"]), &log)?;
+        let mock_url = format!("http://{}", eddy_tests::wait_for_line(&log, "eddy-mock-api listening on ")?);
         cluster.wait(Duration::from_secs(10), "the external API stand-in", |_| Ok(http_get_json(&format!("{mock_url}/stats")).is_ok()))?;
         Ok(Pipeline { services, cluster, name, pg_url, mock_url, _mock: mock })
     }

@@ -59,11 +59,10 @@ impl Cluster {
     /// Starts a coordinator and `workers` workers with `slots` slots each, and waits until all registered.
     pub fn start(name: &str, workers: usize, slots: u32) -> Result<Cluster> {
         let dir = Scratch::new(name);
-        let address = format!("127.0.0.1:{}", free_port());
-        let coordinator = spawn_logged(
-            Command::new(bin("eddy-coordinator")).args(["--listen", &address]),
-            &dir.0.join("coordinator.log"),
-        )?;
+        // Port 0: the coordinator picks a free port and prints it (no race between tests).
+        let log = dir.0.join("coordinator.log");
+        let coordinator = spawn_logged(Command::new(bin("eddy-coordinator")).args(["--listen", "127.0.0.1:0"]), &log)?;
+        let address = wait_for_line(&log, "eddy-coordinator listening on ")?;
         let mut cluster = Cluster { address, coordinator, workers: Vec::new(), dir };
         for i in 1..=workers {
             cluster.add_worker(&format!("w{i}"), slots)?;
@@ -75,11 +74,10 @@ impl Cluster {
         Ok(cluster)
     }
 
-    /// Starts one more worker.
+    /// Starts one more worker (on a port of its choosing, which it registers).
     pub fn add_worker(&mut self, id: &str, slots: u32) -> Result<()> {
-        let listen = format!("127.0.0.1:{}", free_port());
         let child = spawn_logged(
-            Command::new(bin("eddy-worker")).args(["--coordinator", &self.address, "--listen", &listen, "--id", id, "--slots", &slots.to_string()]),
+            Command::new(bin("eddy-worker")).args(["--coordinator", &self.address, "--listen", "127.0.0.1:0", "--id", id, "--slots", &slots.to_string()]),
             &self.dir.0.join(format!("{id}.log")),
         )?;
         self.workers.push((id.to_string(), child));
@@ -175,6 +173,20 @@ impl Drop for Cluster {
             eprintln!("logs kept in {}", keep.display());
         }
     }
+}
+
+/// Waits (up to 10 s) for a line starting with `prefix` in `log`; returns the rest of the line.
+pub fn wait_for_line(log: &Path, prefix: &str) -> Result<String> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(10) {
+        if let Ok(text) = std::fs::read_to_string(log) {
+            if let Some(rest) = text.lines().find_map(|l| l.strip_prefix(prefix)) {
+                return Ok(rest.trim().to_string());
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("no `{prefix}…` line in {} after 10 s", log.display())
 }
 
 fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {

@@ -21,13 +21,17 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}; pick a free address with --listen", args.listen))?;
-    tracing::info!(address = %listener.local_addr()?, "coordinator listening");
+    let address = listener.local_addr()?;
+    tracing::info!(%address, "coordinator listening");
+    // A plain line on stdout too, so that a script that asked for port 0 can learn the port.
+    println!("eddy-coordinator listening on {address}");
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
