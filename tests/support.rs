@@ -148,7 +148,16 @@ impl Cluster {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        bail!("timed out after {timeout:?} waiting for {what} (last error: {last_err:?}); logs in {}", self.dir.0.display())
+        let tail = |file: &str| {
+            let text = std::fs::read_to_string(self.dir.0.join(file)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        };
+        bail!(
+            "timed out after {timeout:?} waiting for {what} (last error: {last_err:?})\n--- coordinator.log (end)\n{}\n--- w1.log (end)\n{}",
+            tail("coordinator.log"),
+            tail("w1.log")
+        )
     }
 
     /// Waits until the job reaches `state`.

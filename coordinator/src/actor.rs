@@ -205,6 +205,14 @@ impl Coordinator {
             .filter(|(_, j)| j.state.holds_slots() && j.slots.iter().any(|s| s == worker_id))
             .map(|(id, _)| id.clone())
             .collect();
+        // A job may have failed a moment ago because its tasks lost their exchange with this worker
+        // before its control stream broke: name the root cause there too.
+        let now = now_ms();
+        for job in self.jobs.values_mut().filter(|j| {
+            j.state == JobState::Failed && now - j.state_changed_at_ms < 5_000 && j.slots.iter().any(|s| s == worker_id)
+        }) {
+            job.cause = format!("worker {worker_id} lost: {cause} (first seen as: {})", job.cause);
+        }
         for job_id in affected {
             let why = format!("worker {worker_id} lost: {cause}");
             if self.jobs[&job_id].state == JobState::Cancelling {
@@ -343,7 +351,11 @@ impl Coordinator {
         if let Some(m) = u.metrics {
             record.metrics = m;
         }
-        let state = TaskState::try_from(u.state).unwrap_or(TaskState::Unspecified);
+        let mut state = TaskState::try_from(u.state).unwrap_or(TaskState::Unspecified);
+        // While cancelling, tasks fail as their peers vanish: that is the cancel, not a failure.
+        if job.state == JobState::Cancelling && state == TaskState::Failed {
+            state = TaskState::Cancelled;
+        }
         // A heartbeat says "still running"; it must not undo a final state reported before it.
         let final_state = matches!(record.state, TaskState::Finished | TaskState::Failed | TaskState::Cancelled);
         if heartbeat && final_state {
@@ -627,6 +639,38 @@ connector = "discard"
         assert!(h.coordinator.jobs[&job].cause.contains("task 0.0 failed"));
     }
 
+    #[test]
+    fn a_failure_seen_before_the_worker_loss_names_the_lost_worker() {
+        let mut h = Harness::new();
+        h.register("a", 2);
+        h.register("b", 2);
+        let job = h.submit(&SPEC.replace("parallelism = 4", "parallelism = 2")).unwrap();
+        h.report("a", &job, 1, "0.0", TaskState::Failed);
+        assert_eq!(h.state(&job), JobState::Failed);
+        let session = h.sessions["b"];
+        h.coordinator.handle(Request::Disconnected { worker_id: "b".into(), session, cause: "control stream broke".into() });
+        let cause = &h.coordinator.jobs[&job].cause;
+        assert!(cause.starts_with("worker b lost: control stream broke (first seen as: task 0.0 failed"), "{cause}");
+    }
+
+    #[test]
+    fn tasks_failing_during_a_cancel_do_not_fail_the_job() {
+        let mut h = Harness::new();
+        h.register("a", 4);
+        let job = h.submit(SPEC).unwrap();
+        let (reply, _rx) = oneshot::channel();
+        h.coordinator.handle(Request::Cancel { job_id: job.clone(), reply });
+        assert_eq!(h.state(&job), JobState::Cancelling);
+        // A source loses its downstream peer as that one is cancelled first.
+        h.report("a", &job, 1, "0.0", TaskState::Failed);
+        assert_eq!(h.state(&job), JobState::Cancelling);
+        assert_eq!(h.coordinator.jobs[&job].tasks[&TaskId { vertex: 0, subtask: 0 }].state, TaskState::Cancelled);
+        for t in ["1.0", "1.1", "1.2", "1.3"] {
+            h.report("a", &job, 1, t, TaskState::Cancelled);
+        }
+        assert_eq!(h.state(&job), JobState::Cancelled);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn silent_worker_is_lost_and_fails_its_jobs() {
         let mut h = Harness::new();
@@ -644,6 +688,7 @@ connector = "discard"
         assert!(cause.contains("worker b lost") && cause.contains("no heartbeat"), "{cause}");
         assert!(h.coordinator.workers["a"].lost.is_none());
         // The survivor is told to stop the job's tasks.
+        assert!(h.coordinator.jobs[&job].cause.starts_with("worker b lost"));
         let cancels: Vec<_> = std::iter::from_fn(|| h.orders.get_mut("a").unwrap().try_recv().ok())
             .filter(|m| matches!(m, Ok(CoordinatorMessage { msg: Some(Order::Cancel(_)) })))
             .collect();
