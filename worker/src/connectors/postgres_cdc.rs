@@ -708,7 +708,7 @@ async fn abandon_slot(control: &Client, slot: &str) {
     }
 }
 
-fn quote_ident(name: &str) -> String {
+pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
@@ -1070,7 +1070,7 @@ fn value_error(column: &str, message: &str, place: &str) -> TaskError {
 // Values: PostgreSQL's text output into Eddy's types (shared by the snapshot and the stream).
 
 /// Decodes one value's text output as `ty`.
-fn decode_value(text: &str, ty: DataType) -> std::result::Result<Value, String> {
+pub(crate) fn decode_value(text: &str, ty: DataType) -> std::result::Result<Value, String> {
     match ty {
         DataType::String => Ok(Value::String(Arc::from(text))),
         DataType::Int => text.parse::<i64>().map(Value::Int).map_err(|_| format!("`{text}` is not a BIGINT")),
@@ -1105,7 +1105,7 @@ fn parse_timestamp(text: &str) -> std::result::Result<i64, String> {
     let month = p.digits(2, 2).ok_or_else(bad)?;
     p.expect(b'-').ok_or_else(bad)?;
     let day = p.digits(2, 2).ok_or_else(bad)?;
-    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
+    if !(1..=12).contains(&month) || day < 1 || day > eddy_jobs::time::days_in_month(year, month) {
         return Err(bad());
     }
     let (mut hour, mut minute, mut second, mut nanos) = (0, 0, 0, 0);
@@ -1146,7 +1146,7 @@ fn parse_timestamp(text: &str) -> std::result::Result<i64, String> {
     if p.i != p.s.len() {
         return Err(bad());
     }
-    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset;
+    let seconds = eddy_jobs::time::days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset;
     seconds.checked_mul(1000).and_then(|ms| ms.checked_add(nanos / 1_000_000)).ok_or_else(bad)
 }
 
@@ -1171,30 +1171,6 @@ impl Scan<'_> {
     fn expect(&mut self, byte: u8) -> Option<()> {
         (self.s.get(self.i) == Some(&byte)).then(|| self.i += 1)
     }
-}
-
-fn is_leap(year: i64) -> bool {
-    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if is_leap(year) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (astronomical years: 1 BC is year 0).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use eddy_jobs::connectors::PostgresLookupOptions;
 use eddy_jobs::spec::parse_duration_ms;
-use eddy_jobs::time::parse_timestamp;
 use eddy_jobs::{DataType, Schema, Value};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
@@ -17,6 +16,7 @@ use tracing::warn;
 
 use super::{Collector, Operator};
 use crate::batch::Batch;
+use crate::connectors::postgres_cdc::{decode_value, quote_ident};
 use crate::error::{Result, TaskError};
 
 /// LEFT join with a PostgreSQL table or view.
@@ -35,13 +35,13 @@ impl PostgresLookup {
     /// Connects (lazily retried later if the database is down now).
     pub async fn connect(o: &PostgresLookupOptions, on: usize, columns: &Schema) -> Result<PostgresLookup> {
         let ttl = Duration::from_millis(parse_duration_ms(&o.cache_ttl).map_err(TaskError::user)?.max(0) as u64);
-        let select: Vec<String> = columns.fields.iter().map(|f| format!("{}::text", quote(&f.name))).collect();
+        let select: Vec<String> = columns.fields.iter().map(|f| format!("{}::text", quote_ident(&f.name))).collect();
         let query = format!(
             "SELECT {}::text, {} FROM {} WHERE {}::text = ANY($1)",
-            quote(&o.key),
+            quote_ident(&o.key),
             select.join(", "),
             o.table,
-            quote(&o.key)
+            quote_ident(&o.key)
         );
         let mut lookup = PostgresLookup {
             options: o.clone(),
@@ -181,20 +181,9 @@ fn key_text(v: &Value) -> Option<String> {
     }
 }
 
-/// Parses PostgreSQL's text output of a value into `ty`.
+/// Parses PostgreSQL's text output of a value into `ty` (the same decoding as the CDC source's).
 pub fn parse_text(text: Option<&str>, ty: DataType) -> std::result::Result<Value, String> {
-    let Some(t) = text else { return Ok(Value::Null) };
-    Ok(match ty {
-        DataType::Bool => Value::Bool(matches!(t, "t" | "true")),
-        DataType::Int => Value::Int(t.parse().map_err(|_| format!("`{t}` is not a BIGINT"))?),
-        DataType::Float => Value::Float(t.parse().map_err(|_| format!("`{t}` is not a DOUBLE"))?),
-        DataType::String => Value::string(t),
-        DataType::Timestamp => Value::Timestamp(parse_timestamp(t).ok_or_else(|| format!("`{t}` is not a timestamp"))?),
-    })
-}
-
-fn quote(ident: &str) -> String {
-    format!("\"{}\"", ident.replace('"', "\"\""))
+    text.map_or(Ok(Value::Null), |t| decode_value(t, ty))
 }
 
 /// A connection URL without its password, for messages.
