@@ -5,6 +5,12 @@
 #   pipeline the engagement pipeline on local services: commit-to-visible latency in ClickHouse and
 #            at the external API at a fixed rate, and CDC throughput next to pg_recvlogical.
 #            Env: RATE (events/s, default 5000), SECONDS_ (default 20), CDC_ROWS (200,000).
+#   recovery kill -9 of a worker running window tasks (small state) -> first output of the new
+#            attempt, three times; prints the median and the worst. Env: KILLS (3).
+#   checkpoint checkpoint duration (p99) and sizes (full, incremental) with RocksDB state at
+#            100,000 and 1,000,000 keys. Env: KEY_COUNTS ("100000 1000000").
+#   vs-flink HOP-window throughput per CPU-second and peak RSS of Eddy and Flink 2.3 on the same
+#            events file, RocksDB state on both sides. Env: N (5,000,000), KEYS (1000).
 # Every benchmark prints `name=value` lines on stdout; progress goes to stderr.
 source "$(dirname "$0")/common.sh"
 
@@ -25,15 +31,22 @@ start_cluster() {
   local workers=$1 slots=$2 port i
   port=$(free_port)
   export EDDY_COORDINATOR=127.0.0.1:$port
-  RUST_LOG=warn "$BIN/eddy-coordinator" --listen "$EDDY_COORDINATOR" >"$RUN_DIR/coordinator.log" 2>&1 &
+  RUST_LOG=warn "$BIN/eddy-coordinator" --listen "$EDDY_COORDINATOR" --data-dir "$RUN_DIR/coordinator" >"$RUN_DIR/coordinator.log" 2>&1 &
   PIDS+=($!)
   WORKER_PIDS=()
   for i in $(seq 1 "$workers"); do
-    RUST_LOG=warn "$BIN/eddy-worker" --coordinator "$EDDY_COORDINATOR" --listen 127.0.0.1:0 --id "w$i" --slots "$slots" >"$RUN_DIR/w$i.log" 2>&1 &
-    PIDS+=($!)
-    WORKER_PIDS+=($!)
+    start_worker "w$i" "$slots"
   done
   wait_workers "$workers"
+}
+
+# Starts worker $1 with $2 slots; its pid goes to WORKER_PIDS and to $RUN_DIR/$1.pid.
+start_worker() {
+  RUST_LOG=warn "$BIN/eddy-worker" --coordinator "$EDDY_COORDINATOR" --listen 127.0.0.1:0 --id "$1" --slots "$2" \
+    --state-dir "$RUN_DIR/$1-state" >"$RUN_DIR/$1.log" 2>&1 &
+  PIDS+=($!)
+  WORKER_PIDS+=($!)
+  echo $! >"$RUN_DIR/$1.pid"
 }
 
 bench_window() {
@@ -41,29 +54,7 @@ bench_window() {
   log "building release binaries"
   BIN=$(build_bins release)
   start_cluster 1 2
-  cat >"$RUN_DIR/window.toml" <<SPEC
-name = "bench-window"
-
-[[source]]
-name = "events"
-connector = "generator"
-options = { count = $n, keys = $keys, seed = 1, events_per_ms = $ev_per_ms }
-event_time = { column = "ts", allowed_delay = "1s" }
-
-[[window]]
-name = "hop"
-input = "events"
-kind = "hop"
-size = "10m"
-slide = "5s"
-key = ["k"]
-aggregates = "SUM(score) AS total"
-
-[[sink]]
-name = "out"
-input = "hop"
-connector = "discard"
-SPEC
+  hop_job "$(generator_source "count = $n, keys = $keys, seed = 1, events_per_ms = $ev_per_ms")" 1 5s "${BACKEND:-rocksdb}" >"$RUN_DIR/window.toml"
   local pid=${WORKER_PIDS[0]} cpu0 cpu1 job status
   cpu0=$(cpu_seconds "$pid")
   log "running $n events, $keys keys"
@@ -100,8 +91,219 @@ bench_pipeline() {
   (cd "$ROOT" && python3 scripts/bench_pipeline.py)
 }
 
+# A generator source with options $1, event time on `ts`.
+generator_source() {
+  cat <<SPEC
+[[source]]
+name = "events"
+connector = "generator"
+parallelism = 1
+options = { $1 }
+event_time = { column = "ts", allowed_delay = "1s" }
+SPEC
+}
+
+# A HOP(10 min, 5 s) SUM-per-key job: $1 = its [[source]] (named events, key k, score), $2 = window
+# parallelism, $3 = checkpoint interval, $4 = state backend (default rocksdb).
+hop_job() {
+  cat <<SPEC
+name = "bench-hop"
+[state]
+backend = "${4:-rocksdb}"
+checkpoint_interval = "$3"
+$1
+[[window]]
+name = "hop"
+input = "events"
+kind = "hop"
+size = "10m"
+slide = "5s"
+key = ["k"]
+aggregates = "SUM(score) AS total"
+parallelism = $2
+[[sink]]
+name = "out"
+input = "hop"
+connector = "discard"
+parallelism = 1
+SPEC
+}
+
+bench_recovery() {
+  log "building release binaries"
+  BIN=$(build_bins release)
+  start_cluster 3 1
+  # Event time runs 20 s per second, so windows (5 s slide) fire every 0.25 s of wall time.
+  hop_job "$(generator_source "keys = 1000, seed = 1, events_per_ms = 1, rate = 20000")" 2 1s >"$RUN_DIR/recovery.toml"
+  local job
+  job=$("$BIN/eddy" submit "$RUN_DIR/recovery.toml")
+  wait_job "$job" running 60
+  export BIN RUN_DIR JOB=$job KILLS=${KILLS:-3}
+  python3 - <<'PY'
+import json, os, signal, statistics, subprocess, sys, time
+BIN, RUN, JOB = os.environ["BIN"], os.environ["RUN_DIR"], os.environ["JOB"]
+def status():
+    return json.loads(subprocess.run([f"{BIN}/eddy", "status", JOB, "--json"], capture_output=True, check=True).stdout)
+def window_tasks(s):
+    return [t for t in s["tasks"] if t["operators"].startswith("hop")]
+def wait_checkpoint(after):
+    while True:
+        s = status()
+        done = [c["checkpoint_id"] for c in s["checkpoints"] if c["state"] == "completed"]
+        if s["state"] == "running" and done and max(done) > after:
+            return max(done)
+        time.sleep(0.2)
+times, last = [], wait_checkpoint(0)
+for i in range(int(os.environ["KILLS"])):
+    time.sleep(2)
+    s = status()
+    victim = window_tasks(s)[-1]["worker_id"]
+    pid = int(open(f"{RUN}/{victim}.pid").read())
+    attempt = s["attempt"]
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    # The first output of the new attempt: a window result counted by a window task of it.
+    while True:
+        s = status()
+        if s["attempt"] > attempt and s["state"] == "running" and sum(t["records_out"] for t in window_tasks(s)) > 0:
+            break
+        time.sleep(0.01)
+    took = time.monotonic() - killed
+    times.append(took)
+    print(f"kill {i + 1}: {victim} -> first output of attempt {s['attempt']} after {took:.2f} s", file=sys.stderr)
+    # A replacement joins, as an orchestrator would start one; then wait for a checkpoint.
+    out = open(f"{RUN}/r{i}.log", "w")
+    worker = subprocess.Popen(
+        [f"{BIN}/eddy-worker", "--coordinator", os.environ["EDDY_COORDINATOR"], "--listen", "127.0.0.1:0",
+         "--id", f"r{i}", "--slots", "1", "--state-dir", f"{RUN}/r{i}-state"],
+        stdout=out, stderr=out, env={**os.environ, "RUST_LOG": "warn"})
+    open(f"{RUN}/r{i}.pid", "w").write(str(worker.pid))
+    last = wait_checkpoint(last)
+print(f"recovery_seconds={statistics.median(times):.2f}")
+print(f"recovery_seconds_max={max(times):.2f}")
+print(f"recovery_kills={len(times)}")
+PY
+  # The replacements are not in PIDS: stop them here.
+  for f in "$RUN_DIR"/r*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+}
+
+bench_checkpoint() {
+  log "building release binaries"
+  BIN=$(build_bins release)
+  start_cluster 1 2
+  local keys job
+  for keys in ${KEY_COUNTS:-100000 1000000}; do
+    # 3 events per key on average, within a few seconds of event time: the state holds about
+    # every key while the job runs, and checkpoints are taken under full load.
+    hop_job "$(generator_source "count = $((keys * 3)), keys = $keys, seed = 1, events_per_ms = 1000")" 1 1s >"$RUN_DIR/checkpoint-$keys.toml"
+    log "checkpoints with $keys keys"
+    job=$("$BIN/eddy" submit "$RUN_DIR/checkpoint-$keys.toml")
+    wait_job "$job" running 60
+    BIN=$BIN JOB=$job KEYS=$keys python3 - <<'PY'
+import json, os, statistics, subprocess, time
+BIN, JOB, KEYS = os.environ["BIN"], os.environ["JOB"], os.environ["KEYS"]
+seen = {}
+while True:
+    s = json.loads(subprocess.run([f"{BIN}/eddy", "status", JOB, "--json"], capture_output=True, check=True).stdout)
+    for c in s["checkpoints"]:
+        if c["state"] == "completed":
+            seen[c["checkpoint_id"]] = c
+    if s["state"] != "running":
+        break
+    time.sleep(0.3)
+cs = [seen[k] for k in sorted(seen)]
+if not cs:
+    raise SystemExit(f"no checkpoint completed with {KEYS} keys")
+d = sorted(c["duration_ms"] for c in cs)
+p99 = d[min(len(d) - 1, int(round(0.99 * (len(d) - 1))))]
+print(f"checkpoints_{KEYS}_keys={len(cs)}")
+print(f"checkpoint_p99_ms_{KEYS}_keys={p99}")
+print(f"checkpoint_full_bytes_{KEYS}_keys={max(c['full_bytes'] for c in cs)}")
+print(f"checkpoint_incremental_bytes_{KEYS}_keys={int(statistics.median(c['incremental_bytes'] for c in cs[1:] or cs))}")
+PY
+    wait_job "$job" finished 600
+  done
+}
+
+bench_vs_flink() {
+  local n=${N:-5000000} keys=${KEYS:-1000} ev_per_ms=${EV_PER_MS:-10} job pid cpu0 cpu1 rss
+  command -v java >/dev/null || { echo "vs-flink needs Java 17 (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
+  [ -x /usr/bin/time ] || { echo "vs-flink needs GNU time (apt-get install time)" >&2; exit 1; }
+  log "building release binaries"
+  BIN=$(build_bins release)
+  start_cluster 1 2
+  # 1. The events, written once by Eddy's generator: {"seq","k","score","ts_ms"} per line.
+  local events="$RUN_DIR/events.jsonl"
+  cat >"$RUN_DIR/events.toml" <<SPEC
+name = "bench-events"
+[state]
+checkpoint_interval = "0s"
+[[source]]
+name = "events"
+connector = "generator"
+options = { count = $n, keys = $keys, seed = 1, events_per_ms = $ev_per_ms }
+[[transform]]
+name = "renamed"
+input = "events"
+select = "seq, k, score, ts AS ts_ms"
+[[sink]]
+name = "file"
+input = "renamed"
+connector = "file"
+options = { path = "$events" }
+SPEC
+  log "writing $n events to a file"
+  job=$("$BIN/eddy" submit "$RUN_DIR/events.toml")
+  wait_job "$job" finished 900
+  # 2. Eddy: file -> HOP(10 min, 5 s) SUM per key, RocksDB state, checkpoints every 10 s (as Flink's).
+  hop_job "[[source]]
+name = \"events\"
+connector = \"file\"
+options = { path = \"$events\", columns = \"seq BIGINT, k BIGINT, score DOUBLE, ts_ms TIMESTAMP\" }
+event_time = { column = \"ts_ms\", allowed_delay = \"1s\" }" 1 10s rocksdb >"$RUN_DIR/eddy.toml"
+  pid=${WORKER_PIDS[0]}
+  cpu0=$(cpu_seconds "$pid")
+  log "Eddy: $n events"
+  job=$("$BIN/eddy" submit "$RUN_DIR/eddy.toml")
+  wait_job "$job" finished 1800
+  cpu1=$(cpu_seconds "$pid")
+  rss=$(peak_rss_mb "$pid")
+  # 3. Flink 2.3 on the same file, RocksDB state; a run on one event measures its start-up.
+  log "Flink: $n events (and a 1-event run for start-up cost)"
+  head -n 1 "$events" >"$RUN_DIR/one.jsonl"
+  local flink="$ROOT/../shared/bench/flink/run.sh"
+  [ -x "$flink" ] || flink=${FLINK_RUN:-}
+  [ -n "$flink" ] && [ -e "$flink" ] || { echo "set FLINK_RUN to shared/bench/flink/run.sh" >&2; exit 1; }
+  SRC_FILE="$RUN_DIR/one.jsonl" BACKEND=rocksdb CKPT_DIR="$RUN_DIR/flink-ckpt0" /usr/bin/time -v bash "$flink" >"$RUN_DIR/flink0.out" 2>"$RUN_DIR/flink0.time"
+  SRC_FILE="$events" BACKEND=rocksdb CKPT_DIR="$RUN_DIR/flink-ckpt" /usr/bin/time -v bash "$flink" >"$RUN_DIR/flink.out" 2>"$RUN_DIR/flink.time"
+  python3 - "$n" "$cpu0" "$cpu1" "$rss" "$RUN_DIR" <<'PY'
+import re, sys
+n, cpu0, cpu1, rss, run = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5]
+def timed(name):
+    text = open(f"{run}/{name}.time").read()
+    grab = lambda label: float(re.search(label + r":\s*([\d.]+)", text).group(1))
+    return grab("User time \\(seconds\\)") + grab("System time \\(seconds\\)"), grab("Maximum resident set size \\(kbytes\\)") / 1024
+flink_cpu, flink_rss = timed("flink")
+startup_cpu, _ = timed("flink0")
+eddy = n / (cpu1 - cpu0)
+flink = n / max(flink_cpu - startup_cpu, 1e-9)
+print(f"events={n}")
+print(f"eddy_cpu_seconds={cpu1 - cpu0:.2f}")
+print(f"flink_cpu_seconds={flink_cpu - startup_cpu:.2f}")
+print(f"eddy_events_per_cpu_second={eddy:.0f}")
+print(f"flink_events_per_cpu_second={flink:.0f}")
+print(f"ratio={eddy / flink:.1f}")
+print(f"eddy_peak_rss_mb={rss:.1f}")
+print(f"flink_peak_rss_mb={flink_rss:.1f}")
+print(f"rss_ratio={flink_rss / rss:.1f}")
+PY
+}
+
 case $name in
   window) bench_window ;;
   pipeline) bench_pipeline ;;
-  *) echo "unknown benchmark '$name'; available: window, pipeline" >&2; exit 2 ;;
+  recovery) bench_recovery ;;
+  checkpoint) bench_checkpoint ;;
+  vs-flink) bench_vs_flink ;;
+  *) echo "unknown benchmark '$name'; available: window, pipeline, recovery, checkpoint, vs-flink" >&2; exit 2 ;;
 esac

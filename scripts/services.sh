@@ -134,12 +134,10 @@ apt_install() {
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 }
 
-# Build dependencies of crates Eddy uses (curl-sys, rdkafka-style cmake builds), checked once
-# per `start`.
+# Build dependencies of crates Eddy uses (librdkafka's cmake build needs curl's headers; RocksDB's
+# bindings are generated with libclang), checked once per `start`.
 ensure_build_deps() {
-  if ! command -v cmake >/dev/null || ! command -v curl-config >/dev/null || ! command -v curl >/dev/null; then
-    apt_install cmake libcurl4-openssl-dev curl
-  fi
+  apt_install cmake libcurl4-openssl-dev curl libclang-dev g++
 }
 
 # ---------------------------------------------------------------------------------------------

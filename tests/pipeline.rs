@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use eddy_tests::{bin, http_get_json, spawn_background, Background, Cluster, Services};
 use serde_json::Value;
 
@@ -21,12 +21,16 @@ struct Pipeline {
 
 impl Pipeline {
     fn start(name: &str) -> Result<Pipeline> {
+        Pipeline::start_with(name, 2)
+    }
+
+    fn start_with(name: &str, workers: usize) -> Result<Pipeline> {
         let services = Services::start()?;
         let name = format!("{name}_{}", std::process::id());
         services.drop_slot(&name)?;
         let pg_url = services.postgres_database(&name)?;
         services.clickhouse_database(&name)?;
-        let cluster = Cluster::start(&name, 2, 4)?;
+        let cluster = Cluster::start(&name, workers, 4)?;
         let log = cluster.dir.0.join("mock-api.log");
         let mock = spawn_background(Command::new(bin("eddy-mock-api")).args(["--listen", "127.0.0.1:0"]), &log)?;
         let mock_url = format!("http://{}", eddy_tests::wait_for_line(&log, "eddy-mock-api listening on ")?);
@@ -50,6 +54,7 @@ impl Pipeline {
             ("EDDY_EXTERNAL_URL".into(), format!("{}/events", self.mock_url)),
             ("EDDY_DEAD_LETTERS".into(), format!("{dir}/dead-letters.jsonl")),
             ("EDDY_HTTP_DEAD_LETTERS".into(), format!("{dir}/http-dead-letters.jsonl")),
+            ("EDDY_CHECKPOINT_INTERVAL".into(), "1s".into()),
         ]);
         env
     }
@@ -68,16 +73,13 @@ impl Pipeline {
 
     /// Runs the data generator to completion; returns its `name=value` summary.
     fn datagen(&self, args: &[&str]) -> Result<HashMap<String, u64>> {
-        let out = Command::new(bin("eddy-datagen")).args(["--pg-url", &self.pg_url]).args(args).output()?;
-        if !out.status.success() {
-            bail!("eddy-datagen {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        let text = String::from_utf8(out.stdout)?;
-        Ok(text
-            .split_whitespace()
-            .filter_map(|kv| kv.split_once('='))
-            .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-            .collect())
+        datagen_summary(self.datagen_command(args).output()?, args)
+    }
+
+    fn datagen_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("eddy-datagen"));
+        cmd.args(["--pg-url", &self.pg_url]).args(args);
+        cmd
     }
 
     fn gauge(&self, job: &str, name: &str) -> Result<Option<i64>> {
@@ -150,6 +152,18 @@ impl Drop for Pipeline {
     }
 }
 
+fn datagen_summary(out: std::process::Output, args: &[&str]) -> Result<HashMap<String, u64>> {
+    if !out.status.success() {
+        bail!("eddy-datagen {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8(out.stdout)?;
+    Ok(text
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect())
+}
+
 fn num(v: &Value) -> Option<f64> {
     v.as_f64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
 }
@@ -179,7 +193,13 @@ fn engagement_pipeline_matches_postgres() -> Result<()> {
         "--contents", "40", "--count", "2500", "--rate", "1000", "--seed", "2",
         "--updates-pct", "10", "--deletes-pct", "5", "--unknown-pct", "5",
     ])?;
+    check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"])
+}
 
+/// The outcomes a user checks, against PostgreSQL: ClickHouse holds exactly the surviving events,
+/// enriched; the external system received each of `versions` event versions once; the leaderboard
+/// is the exact sum of the latest closed 10-minute window.
+fn check_outcomes(p: &Pipeline, versions: u64) -> Result<()> {
     // ClickHouse converges to exactly the surviving events, enriched.
     let expected = p.expected_rows()?;
     p.cluster.wait(Duration::from_secs(120), "ClickHouse to hold every surviving event", |_| {
@@ -198,7 +218,6 @@ fn engagement_pipeline_matches_postgres() -> Result<()> {
     }
 
     // The external system got every event version exactly once (its keys are id:version).
-    let versions = before["inserted"] + during["inserted"] + during["updated"];
     p.cluster.wait(Duration::from_secs(60), "the external system to receive every version", |_| {
         Ok(http_get_json(&format!("{}/stats", p.mock_url))?["unique"].as_u64() == Some(versions))
     })?;
@@ -249,6 +268,50 @@ fn engagement_pipeline_matches_postgres() -> Result<()> {
         assert!((board[member] - total).abs() < 1e-6, "{member}: leaderboard {} vs SQL {total}", board[member]);
     }
     Ok(())
+}
+
+/// Workers are killed with SIGKILL while events flow: three times one running the process job's
+/// window, once the one running the CDC source. Each time the jobs restart from their latest
+/// checkpoints on the workers left (a replacement joins), and the outcomes end exactly as without
+/// failures.
+#[test]
+fn pipeline_recovers_from_killed_workers() -> Result<()> {
+    let mut p = Pipeline::start_with("crash", 3)?;
+    let before = p.datagen(&["--contents", "40", "--count", "1500", "--rate", "5000", "--seed", "3", "--unknown-pct", "5", "--updates-pct", "0", "--deletes-pct", "0"])?;
+    let ingest = p.submit("ingest.toml")?;
+    p.cluster.wait_state(&ingest, "running", Duration::from_secs(30))?;
+    let process = p.submit("process.toml")?;
+    p.cluster.wait_state(&process, "running", Duration::from_secs(30))?;
+    let args = ["--contents", "40", "--count", "9000", "--rate", "600", "--seed", "4", "--updates-pct", "10", "--deletes-pct", "5", "--unknown-pct", "5"];
+    let during = p.datagen_command(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
+    // "Random" moments: spread by the process id, so runs differ but a failure can be replayed.
+    let mut seed = std::process::id() as u64;
+    let mut pause = || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        Duration::from_millis(1_000 + (seed >> 33) % 2_000)
+    };
+    let worker_of = |p: &Pipeline, job: &str, operator: &str| -> Result<String> {
+        let status = p.cluster.status(job)?;
+        let task = status["tasks"].as_array().context("tasks")?.iter().find(|t| t["operators"].as_str().is_some_and(|o| o.contains(operator)));
+        Ok(task.and_then(|t| t["worker_id"].as_str()).context("task placed")?.to_string())
+    };
+    let running = |p: &Pipeline, job: &str| -> Result<bool> { Ok(p.cluster.status(job)?["state"] == "running") };
+    for round in 0..4 {
+        std::thread::sleep(pause());
+        p.cluster.wait(Duration::from_secs(60), "both jobs to run", |_| Ok(running(&p, &ingest)? && running(&p, &process)?))?;
+        let (job, operator) = if round < 3 { (&process, "engagement_10m") } else { (&ingest, "engagement_events") };
+        let victim = worker_of(&p, job, operator)?;
+        eprintln!("round {round}: killing {victim}, which runs {operator}");
+        p.cluster.kill_worker(&victim)?;
+        p.cluster.add_worker(&format!("r{round}"), 4)?;
+    }
+    let during = datagen_summary(during.wait_with_output()?, &args)?;
+    for job in [&ingest, &process] {
+        p.cluster.wait(Duration::from_secs(60), "the jobs to run again", |c| Ok(c.status(job)?["state"] == "running"))?;
+        let restarts = p.cluster.status(job)?["restarts"].as_u64().unwrap_or(0);
+        ensure!(restarts >= 1, "job {job} should have restarted");
+    }
+    check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"])
 }
 
 /// Kafka round trip in upsert format, and the bad-record policy: records that do not match the

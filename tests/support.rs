@@ -61,7 +61,7 @@ impl Cluster {
         let dir = Scratch::new(name);
         // Port 0: the coordinator picks a free port and prints it (no race between tests).
         let log = dir.0.join("coordinator.log");
-        let coordinator = spawn_logged(Command::new(bin("eddy-coordinator")).args(["--listen", "127.0.0.1:0"]), &log)?;
+        let coordinator = spawn_coordinator(&dir.0, "127.0.0.1:0", &log)?;
         let address = wait_for_line(&log, "eddy-coordinator listening on ")?;
         let mut cluster = Cluster { address, coordinator, workers: Vec::new(), dir };
         for i in 1..=workers {
@@ -74,10 +74,24 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// Kills the coordinator (SIGKILL) and starts a new one on the same address and data
+    /// directory; workers reconnect to it by themselves.
+    pub fn restart_coordinator(&mut self) -> Result<()> {
+        self.coordinator.kill()?;
+        self.coordinator.wait()?;
+        let log = self.dir.0.join("coordinator-2.log");
+        self.coordinator = spawn_coordinator(&self.dir.0, &self.address, &log)?;
+        wait_for_line(&log, "eddy-coordinator listening on ")?;
+        Ok(())
+    }
+
     /// Starts one more worker (on a port of its choosing, which it registers).
     pub fn add_worker(&mut self, id: &str, slots: u32) -> Result<()> {
+        let state = self.dir.0.join(format!("{id}-state"));
         let child = spawn_logged(
-            Command::new(bin("eddy-worker")).args(["--coordinator", &self.address, "--listen", "127.0.0.1:0", "--id", id, "--slots", &slots.to_string()]),
+            Command::new(bin("eddy-worker")).args(["--coordinator", &self.address, "--listen", "127.0.0.1:0", "--id", id, "--slots", &slots.to_string()])
+                .arg("--state-dir")
+                .arg(&state),
             &self.dir.0.join(format!("{id}.log")),
         )?;
         self.workers.push((id.to_string(), child));
@@ -182,6 +196,11 @@ impl Drop for Cluster {
             eprintln!("logs kept in {}", keep.display());
         }
     }
+}
+
+/// A coordinator keeping its metadata and checkpoints under `dir`.
+fn spawn_coordinator(dir: &Path, listen: &str, log: &Path) -> Result<Child> {
+    spawn_logged(Command::new(bin("eddy-coordinator")).args(["--listen", listen]).arg("--data-dir").arg(dir.join("coordinator")), log)
 }
 
 /// Waits (up to 10 s) for a line starting with `prefix` in `log`; returns the rest of the line.

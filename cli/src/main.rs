@@ -32,6 +32,9 @@ enum Command {
     Submit {
         /// The spec file (TOML).
         file: std::path::PathBuf,
+        /// Start from this savepoint's state (an id printed by `eddy savepoint`).
+        #[arg(long)]
+        from_savepoint: Option<String>,
     },
     /// List jobs.
     Jobs,
@@ -44,6 +47,22 @@ enum Command {
     Cancel {
         /// Job id.
         job: String,
+        /// Take a savepoint first; prints its id.
+        #[arg(long)]
+        savepoint: bool,
+    },
+    /// Take a savepoint of a running job; prints its id, for `submit --from-savepoint`.
+    Savepoint {
+        /// Job id.
+        job: String,
+    },
+    /// Change a running job's parallelism: savepoint, then redeploy from it with key groups
+    /// redistributed. Stages with a parallelism of their own in the spec keep it.
+    Rescale {
+        /// Job id.
+        job: String,
+        /// New parallelism.
+        parallelism: u32,
     },
     /// List workers and their slots.
     Workers,
@@ -104,7 +123,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
     let coordinator = cli.coordinator.as_str();
     let rpc = |s| from_status(s, coordinator);
     match &cli.command {
-        Command::Submit { file } => {
+        Command::Submit { file, from_savepoint } => {
             let text = std::fs::read_to_string(file)
                 .map_err(|e| Failure::new(4, format!("cannot read {}: {e}", file.display())))?;
             let spec = eddy_jobs::substitute_env(&text, |k| std::env::var(k).ok())
@@ -112,7 +131,8 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             // Validate locally first: a bad spec fails fast, even with no coordinator running.
             eddy_jobs::compile(&spec).map_err(|e| Failure::new(4, format!("invalid job spec {}: {e}", file.display())))?;
             let mut client = connect(coordinator).await?;
-            let job_id = client.submit(SubmitRequest { spec }).await.map_err(rpc)?.into_inner().job_id;
+            let request = SubmitRequest { spec, from_savepoint: from_savepoint.clone().unwrap_or_default() };
+            let job_id = client.submit(request).await.map_err(rpc)?.into_inner().job_id;
             if cli.json {
                 println!("{}", json!({ "job_id": job_id }));
             } else {
@@ -156,10 +176,12 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 out["history"] = json!(history);
                 out["running_since_ms"] = json!(s.running_since_ms);
                 out["finished_at_ms"] = json!(s.finished_at_ms);
+                out["restarts"] = json!(s.restarts);
+                out["checkpoints"] = json!(s.checkpoints.iter().map(checkpoint_json).collect::<Vec<_>>());
                 println!("{out}");
             } else {
                 println!("job      {} ({})", j.job_id, j.name);
-                println!("state    {} (attempt {}): {}", j.state, j.attempt, j.cause);
+                println!("state    {} (attempt {}, {} restarts): {}", j.state, j.attempt, s.restarts, j.cause);
                 println!();
                 let rows = s
                     .tasks
@@ -183,11 +205,57 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                     .collect();
                 table(&["TASK", "OPERATORS", "SUBTASK", "WORKER", "STATE", "IN", "OUT", "LATE", "DEAD", "DETAILS", "ERROR"], rows);
                 println!();
+                if !s.checkpoints.is_empty() {
+                    let rows = s
+                        .checkpoints
+                        .iter()
+                        .map(|c| {
+                            vec![
+                                c.checkpoint_id.to_string(),
+                                c.kind.clone(),
+                                c.state.clone(),
+                                format!("{} ms", c.duration_ms),
+                                bytes(c.full_bytes),
+                                bytes(c.incremental_bytes),
+                                if c.savepoint_id.is_empty() { c.cause.clone() } else { c.savepoint_id.clone() },
+                            ]
+                        })
+                        .collect();
+                    table(&["CHECKPOINT", "KIND", "STATE", "DURATION", "FULL", "INCREMENTAL", "SAVEPOINT / CAUSE"], rows);
+                    println!();
+                }
                 let rows = s.history.iter().map(|h| vec![format!("{}", h.at_ms), format!("{} -> {}", h.from, h.to), h.cause.clone()]).collect();
                 table(&["AT (UNIX MS)", "TRANSITION", "CAUSE"], rows);
             }
         }
-        Command::Cancel { job } => {
+        Command::Cancel { job, savepoint: true } => {
+            let r = connect(coordinator).await?.savepoint(SavepointRequest { job_id: job.clone(), cancel: true }).await.map_err(rpc)?.into_inner();
+            if cli.json {
+                println!("{}", json!({ "job_id": job, "savepoint_id": r.savepoint_id }));
+            } else {
+                println!("{}", r.savepoint_id);
+            }
+        }
+        Command::Savepoint { job } => {
+            let r = connect(coordinator).await?.savepoint(SavepointRequest { job_id: job.clone(), cancel: false }).await.map_err(rpc)?.into_inner();
+            if cli.json {
+                let mut out = r.savepoint.as_ref().map(checkpoint_json).unwrap_or_default();
+                out["job_id"] = json!(job);
+                println!("{out}");
+            } else {
+                println!("{}", r.savepoint_id);
+            }
+        }
+        Command::Rescale { job, parallelism } => {
+            let request = RescaleRequest { job_id: job.clone(), parallelism: *parallelism };
+            let r = connect(coordinator).await?.rescale(request).await.map_err(rpc)?.into_inner();
+            if cli.json {
+                println!("{}", json!({ "job_id": job, "savepoint_id": r.savepoint_id, "attempt": r.attempt, "parallelism": parallelism }));
+            } else {
+                println!("{job} rescaling to {parallelism} (attempt {}) from savepoint {}", r.attempt, r.savepoint_id);
+            }
+        }
+        Command::Cancel { job, savepoint: false } => {
             let state = connect(coordinator).await?.cancel(CancelRequest { job_id: job.clone() }).await.map_err(rpc)?.into_inner().state;
             if cli.json {
                 println!("{}", json!({ "job_id": job, "state": state }));
@@ -220,6 +288,24 @@ fn details(gauges: &std::collections::HashMap<String, i64>) -> String {
     let mut pairs: Vec<_> = gauges.iter().collect();
     pairs.sort();
     pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+}
+
+fn checkpoint_json(c: &CheckpointView) -> serde_json::Value {
+    json!({
+        "checkpoint_id": c.checkpoint_id, "kind": c.kind, "state": c.state, "triggered_at_ms": c.triggered_at_ms,
+        "duration_ms": c.duration_ms, "full_bytes": c.full_bytes, "incremental_bytes": c.incremental_bytes,
+        "cause": c.cause, "savepoint_id": c.savepoint_id,
+    })
+}
+
+/// A byte count for people: `512 B`, `3.4 MB`.
+fn bytes(n: u64) -> String {
+    match n {
+        0..1_000 => format!("{n} B"),
+        1_000..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.1} GB", n as f64 / 1e9),
+    }
 }
 
 fn job_json(j: &JobSummary) -> serde_json::Value {

@@ -1,15 +1,24 @@
 //! The coordinator's single owner of state. Requests arrive on a channel (from gRPC handlers and
-//! worker streams) and are handled one at a time; a timer drives the failure detector.
+//! worker streams) and are handled one at a time; a timer drives the failure detector, checkpoint
+//! triggers and timeouts, and restarts. I/O (manifests, metadata) never blocks the loop for long:
+//! manifests are stored by spawned tasks that report back on an internal channel.
+//!
+//! Failures: a task that fails with a retryable error, or a lost worker, sends the job to
+//! `restarting`; after a backoff (doubling from `restart_backoff` up to `max_restart_backoff`) it is
+//! redeployed as a new attempt on the slots available, restoring its latest completed checkpoint.
+//! After `max_restarts` restarts in a row (a run of a minute without failure resets the count) or
+//! an error in the spec or the data, the job fails.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use eddy_jobs::plan::OperatorKind;
 use eddy_jobs::{Plan, TaskId};
 use eddy_proto::coordinator_message::Msg as Order;
 use eddy_proto::{
-    CancelJob, CoordinatorMessage, DeployTasks, JobStatusResponse, JobSummary, TaskMetrics, TaskState, TaskUpdate,
-    TaskView, Transition, WorkerView,
+    CancelJob, CheckpointAck, CheckpointDone, CheckpointManifest, CheckpointView, CoordinatorMessage, DeployTasks,
+    JobStatusResponse, JobSummary, TaskMetrics, TaskState, TaskUpdate, TaskView, Transition, TriggerCheckpoint, WorkerView,
 };
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -17,16 +26,21 @@ use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tracing::{info, warn};
 
+use crate::checkpoint::{savepoint_id, AckOutcome, CheckpointTracker, Completed};
 use crate::state::JobState;
+use crate::store::{CheckpointRecord, CheckpointStore, JobRecord, MetadataStore};
 use crate::CoordinatorConfig;
 
 /// Orders to one worker's control stream.
 pub type WorkerSender = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 
+/// How long a restart waits for the old attempt's tasks to report that they stopped.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
 /// What the actor is asked to do.
 pub enum Request {
     /// Validate, plan and schedule a spec.
-    Submit { spec: String, reply: oneshot::Sender<Result<String, Status>> },
+    Submit { spec: String, from_savepoint: String, reply: oneshot::Sender<Result<String, Status>> },
     /// All jobs.
     ListJobs { reply: oneshot::Sender<Vec<JobSummary>> },
     /// One job in detail.
@@ -43,6 +57,43 @@ pub enum Request {
     TaskUpdate { worker_id: String, session: u64, update: TaskUpdate },
     /// A worker's control stream ended.
     Disconnected { worker_id: String, session: u64, cause: String },
+    /// A task answered a checkpoint barrier.
+    CheckpointAck { worker_id: String, session: u64, ack: CheckpointAck },
+    /// Take a savepoint; then cancel the job, or redeploy it with a new parallelism.
+    Savepoint { job_id: String, then: AfterSavepoint, reply: oneshot::Sender<Result<SavepointDone, Status>> },
+}
+
+/// What to do once a requested savepoint is complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterSavepoint {
+    /// Keep running.
+    Continue,
+    /// Cancel the job.
+    Cancel,
+    /// Redeploy with this parallelism from the savepoint.
+    Rescale(u32),
+}
+
+/// A completed savepoint, as answered to the client.
+#[derive(Debug, Clone)]
+pub struct SavepointDone {
+    /// The id to restore from.
+    pub savepoint_id: String,
+    /// Its statistics.
+    pub view: CheckpointView,
+    /// The job's attempt afterwards.
+    pub attempt: u64,
+}
+
+/// Results of I/O the actor spawned.
+enum Internal {
+    /// The manifest of a checkpoint whose every task acked has been stored (or not).
+    ManifestStored { job_id: String, manifest: Arc<CheckpointManifest>, result: Result<(), String> },
+}
+
+struct SavepointWaiter {
+    then: AfterSavepoint,
+    reply: oneshot::Sender<Result<SavepointDone, Status>>,
 }
 
 struct Worker {
@@ -65,6 +116,8 @@ struct TaskRecord {
 struct Job {
     name: String,
     spec: String,
+    /// Parallelism set by a rescale, replacing the spec's default.
+    parallelism: Option<u32>,
     plan: Arc<Plan>,
     state: JobState,
     cause: String,
@@ -74,18 +127,37 @@ struct Job {
     running_since_ms: i64,
     finished_at_ms: i64,
     history: Vec<Transition>,
-    /// Slot `i` of the job (subtask `i` of every vertex) runs on `slots[i]`.
+    /// Slot `i` of the job (subtask `i` of every vertex) runs on `slots[i]`; empty while restarting.
     slots: Vec<String>,
     tasks: BTreeMap<TaskId, TaskRecord>,
+    checkpoints: CheckpointTracker,
+    /// State to start from when no checkpoint of this job exists yet (a savepoint it was submitted from).
+    initial_restore: Option<Arc<CheckpointManifest>>,
+    /// Restarts after failures, in total and in a row.
+    restarts: u32,
+    failures_in_row: u32,
+    /// When the next restart attempt is due, while restarting.
+    restart_at: Option<Instant>,
+    /// Since when the current attempt has been running.
+    running_since: Option<Instant>,
+    /// How long a restart waits for the old attempt's tasks to stop.
+    stop_deadline: Option<Instant>,
+    /// Workers of the attempt before the current one.
+    previous_workers: Vec<String>,
+    savepoint_waiters: Vec<SavepointWaiter>,
 }
 
 /// The coordinator's state and its loop.
 pub struct Coordinator {
     config: CoordinatorConfig,
     requests: mpsc::Receiver<Request>,
+    internal_tx: mpsc::UnboundedSender<Internal>,
+    internal: mpsc::UnboundedReceiver<Internal>,
     workers: BTreeMap<String, Worker>,
     jobs: BTreeMap<String, Job>,
     next_session: u64,
+    metadata: Option<MetadataStore>,
+    storage: Option<CheckpointStore>,
 }
 
 fn now_ms() -> i64 {
@@ -93,32 +165,439 @@ fn now_ms() -> i64 {
 }
 
 impl Coordinator {
-    /// A coordinator reading `requests`.
+    /// A coordinator reading `requests`, keeping nothing on disk (tests).
     pub fn new(config: CoordinatorConfig, requests: mpsc::Receiver<Request>) -> Coordinator {
-        Coordinator { config, requests, workers: BTreeMap::new(), jobs: BTreeMap::new(), next_session: 1 }
+        let (internal_tx, internal) = mpsc::unbounded_channel();
+        Coordinator {
+            config,
+            requests,
+            internal_tx,
+            internal,
+            workers: BTreeMap::new(),
+            jobs: BTreeMap::new(),
+            next_session: 1,
+            metadata: None,
+            storage: None,
+        }
+    }
+
+    /// Keeps job metadata in `metadata` and checkpoints in `storage`, and resumes the jobs
+    /// stored there: those that were not over restart from their latest checkpoint once workers
+    /// offer enough slots.
+    pub async fn with_stores(mut self, metadata: MetadataStore, storage: CheckpointStore) -> anyhow::Result<Coordinator> {
+        let records = metadata.load()?;
+        for r in records {
+            let mut kept = Vec::new();
+            for c in &r.checkpoints {
+                match storage.get_manifest(&r.job_id, c.id).await {
+                    Ok(m) => kept.push(Completed { id: c.id, savepoint: c.savepoint, manifest: Arc::new(m), view: record_view(&r.job_id, c) }),
+                    Err(e) => warn!(job_id = %r.job_id, checkpoint = c.id, error = %e, "cannot read a checkpoint manifest; skipping it"),
+                }
+            }
+            self.resume_job(r, kept);
+        }
+        self.metadata = Some(metadata);
+        self.storage = Some(storage);
+        Ok(self)
+    }
+
+    fn resume_job(&mut self, r: JobRecord, kept: Vec<Completed>) {
+        let plan = match eddy_jobs::compile_with_parallelism(&r.spec, r.parallelism) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(job_id = %r.job_id, error = %e, "a stored job's spec no longer plans; dropping it");
+                return;
+            }
+        };
+        let stored_state = match r.state.as_str() {
+            "cancelled" => JobState::Cancelled,
+            "failed" => JobState::Failed,
+            "finished" => JobState::Finished,
+            _ => JobState::Restarting,
+        };
+        let now = Instant::now();
+        let mut job = self.new_job(&r.job_id, r.spec, r.parallelism, plan, now);
+        job.checkpoints.resume(r.next_checkpoint_id, kept);
+        job.attempt = r.attempt;
+        job.restarts = r.restarts;
+        job.submitted_at_ms = r.submitted_at_ms;
+        job.state = stored_state;
+        job.cause = r.cause.clone();
+        if stored_state == JobState::Restarting {
+            let from = job.checkpoints.latest().map(|c| format!("checkpoint {}", c.id)).unwrap_or_else(|| "the start".into());
+            job.cause = format!("coordinator restarted; resuming from {from}");
+            // Give workers a moment to reconnect before the first placement attempt.
+            job.restart_at = Some(now + Duration::from_secs(1));
+        }
+        job.history = vec![Transition { at_ms: now_ms(), from: String::new(), to: job.state.to_string(), cause: job.cause.clone() }];
+        info!(job_id = %r.job_id, state = %job.state, cause = %job.cause, "job loaded from metadata");
+        self.jobs.insert(r.job_id, job);
+    }
+
+    fn new_job(&self, job_id: &str, spec: String, parallelism: Option<u32>, plan: Plan, now: Instant) -> Job {
+        let at = now_ms();
+        let interval = plan.state.checkpoint_interval_ms.map(Duration::from_millis);
+        let checkpoints = CheckpointTracker::new(job_id, interval, self.config.checkpoint_timeout, self.config.retained_checkpoints, now);
+        Job {
+            name: plan.name.clone(),
+            spec,
+            parallelism,
+            plan: Arc::new(plan),
+            state: JobState::Created,
+            cause: "submitted".into(),
+            attempt: 1,
+            submitted_at_ms: at,
+            state_changed_at_ms: at,
+            running_since_ms: 0,
+            finished_at_ms: 0,
+            history: vec![Transition { at_ms: at, from: String::new(), to: JobState::Created.to_string(), cause: "submitted".into() }],
+            slots: Vec::new(),
+            tasks: BTreeMap::new(),
+            checkpoints,
+            initial_restore: None,
+            restarts: 0,
+            failures_in_row: 0,
+            restart_at: None,
+            running_since: None,
+            stop_deadline: None,
+            previous_workers: Vec::new(),
+            savepoint_waiters: Vec::new(),
+        }
     }
 
     /// Handles requests until shutdown.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut detector = tokio::time::interval(Duration::from_millis(250));
+        let mut timer = tokio::time::interval(Duration::from_millis(100));
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                // The failure detector: workers silent past the timeout are lost.
-                _ = detector.tick() => self.check_heartbeats(),
+                // The failure detector, checkpoint triggers and timeouts, restarts.
+                _ = timer.tick() => self.on_timer(),
+                // Results of spawned I/O.
+                Some(event) = self.internal.recv() => self.on_internal(event),
                 request = self.requests.recv() => match request {
                     Some(r) => self.handle(r),
                     None => break,
                 },
             }
         }
+        // Savepoints still waiting get an answer rather than a dropped channel.
+        for job in self.jobs.values_mut() {
+            for w in job.savepoint_waiters.drain(..) {
+                let _ = w.reply.send(Err(Status::unavailable("the coordinator is shutting down")));
+            }
+        }
+    }
+
+    fn on_timer(&mut self) {
+        self.check_heartbeats();
+        let now = Instant::now();
+        let ids: Vec<String> = self.jobs.keys().cloned().collect();
+        for job_id in ids {
+            let job = &self.jobs[&job_id];
+            if job.state == JobState::Restarting && job.restart_at.is_some_and(|t| t <= now) {
+                self.try_restart(&job_id);
+                continue;
+            }
+            if job.state != JobState::Running {
+                continue;
+            }
+            let job = self.jobs.get_mut(&job_id).expect("listed above");
+            if let Some(p) = job.checkpoints.check_timeout(now) {
+                warn!(job_id, checkpoint = p.id, "checkpoint timed out");
+                if p.savepoint {
+                    self.savepoint_failed(&job_id, "the savepoint timed out");
+                }
+            }
+            self.maybe_trigger(&job_id, now);
+        }
+    }
+
+    /// Starts a checkpoint (or a waiting savepoint) when one is due and every task is running.
+    fn maybe_trigger(&mut self, job_id: &str, now: Instant) {
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        let savepoint = !job.savepoint_waiters.is_empty();
+        if self.storage.is_none() || job.checkpoints.pending().is_some() || !(savepoint || job.checkpoints.due(now)) {
+            return;
+        }
+        if !job.tasks.values().all(|t| t.state == TaskState::Running) {
+            return;
+        }
+        let tasks = job.tasks.keys().map(|t| t.to_string()).collect();
+        let id = job.checkpoints.trigger(now, now_ms(), job.attempt, tasks, savepoint);
+        let order = TriggerCheckpoint { job_id: job_id.to_string(), attempt: job.attempt, checkpoint_id: id };
+        let mut sources: Vec<&str> = job
+            .tasks
+            .iter()
+            .filter(|(t, _)| matches!(job.plan.operators[job.plan.vertices[t.vertex].operators[0]].kind, OperatorKind::Source { .. }))
+            .map(|(_, r)| r.worker_id.as_str())
+            .collect();
+        sources.sort();
+        sources.dedup();
+        tracing::debug!(job_id, checkpoint = id, savepoint, "triggering checkpoint");
+        for w in sources {
+            if let Some(worker) = self.workers.get(w).filter(|w| w.lost.is_none()) {
+                let _ = worker.orders.try_send(Ok(CoordinatorMessage { msg: Some(Order::TriggerCheckpoint(order.clone())) }));
+            }
+        }
+    }
+
+    fn on_checkpoint_ack(&mut self, ack: CheckpointAck) {
+        let Some(job) = self.jobs.get_mut(&ack.job_id) else { return };
+        let snapshot = if ack.declined.is_empty() { Ok(ack.snapshot.unwrap_or_default()) } else { Err(ack.declined) };
+        match job.checkpoints.ack(ack.attempt, ack.checkpoint_id, &ack.task_id, snapshot, Instant::now()) {
+            AckOutcome::Stale | AckOutcome::Waiting => {}
+            AckOutcome::Aborted { cause, savepoint } => {
+                warn!(job_id = %ack.job_id, checkpoint = ack.checkpoint_id, %cause, "checkpoint aborted");
+                if savepoint {
+                    self.savepoint_failed(&ack.job_id, &cause);
+                }
+            }
+            AckOutcome::AllAcked(mut manifest) => {
+                manifest.job_id = ack.job_id.clone();
+                manifest.parallelism = job.plan.operators.iter().enumerate().map(|(i, o)| (i as u32, o.parallelism)).collect();
+                let manifest = Arc::new(manifest);
+                let Some(storage) = self.storage.clone() else { return };
+                let events = self.internal_tx.clone();
+                let job_id = ack.job_id.clone();
+                tokio::spawn(async move {
+                    let result = storage.put_manifest(&manifest).await;
+                    let _ = events.send(Internal::ManifestStored { job_id, manifest, result });
+                });
+            }
+        }
+    }
+
+    fn on_internal(&mut self, event: Internal) {
+        match event {
+            Internal::ManifestStored { job_id, manifest, result } => {
+                let Some(job) = self.jobs.get_mut(&job_id) else { return };
+                let now = Instant::now();
+                if let Err(e) = result {
+                    job.checkpoints.abort(&e, now);
+                    warn!(job_id, checkpoint = manifest.checkpoint_id, error = %e, "checkpoint aborted: manifest not stored");
+                    self.savepoint_failed(&job_id, &e);
+                    return;
+                }
+                let (done, dropped) = job.checkpoints.stored(manifest.checkpoint_id, manifest.clone(), now);
+                let Some(done) = done else { return };
+                info!(
+                    job_id, checkpoint = done.id, savepoint = done.savepoint, duration_ms = done.view.duration_ms,
+                    full_bytes = done.view.full_bytes, incremental_bytes = done.view.incremental_bytes, "checkpoint completed"
+                );
+                // Sources may now confirm positions upstream; sinks commit what they staged.
+                let order = CheckpointDone { job_id: job_id.clone(), attempt: job.attempt, checkpoint_id: done.id };
+                let mut workers: Vec<String> = job.slots.clone();
+                workers.sort();
+                workers.dedup();
+                for w in workers {
+                    if let Some(worker) = self.workers.get(&w).filter(|w| w.lost.is_none()) {
+                        let _ = worker.orders.try_send(Ok(CoordinatorMessage { msg: Some(Order::CheckpointDone(order.clone())) }));
+                    }
+                }
+                if let Some(storage) = self.storage.clone() {
+                    let kept: Vec<Arc<CheckpointManifest>> = job.checkpoints.kept().iter().map(|c| c.manifest.clone()).collect();
+                    let dropped: Vec<u64> = dropped.iter().map(|c| c.id).collect();
+                    let before = done.view.triggered_at_ms;
+                    let id = job_id.clone();
+                    tokio::spawn(async move { storage.collect(&id, dropped, kept, before).await });
+                }
+                self.persist();
+                if done.savepoint {
+                    self.savepoint_done(&job_id, done);
+                }
+            }
+        }
+    }
+
+    fn savepoint_done(&mut self, job_id: &str, done: Completed) {
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        let waiters = std::mem::take(&mut job.savepoint_waiters);
+        let then = waiters.iter().map(|w| w.then).find(|t| *t != AfterSavepoint::Continue).unwrap_or(AfterSavepoint::Continue);
+        match then {
+            AfterSavepoint::Continue => {}
+            AfterSavepoint::Cancel => {
+                let _ = self.cancel(job_id);
+            }
+            AfterSavepoint::Rescale(n) => self.rescale(job_id, n, done.manifest.clone()),
+        }
+        let attempt = self.jobs.get(job_id).map(|j| j.attempt).unwrap_or_default();
+        for w in waiters {
+            let _ = w.reply.send(Ok(SavepointDone { savepoint_id: done.view.savepoint_id.clone(), view: done.view.clone(), attempt }));
+        }
+    }
+
+    fn savepoint_failed(&mut self, job_id: &str, cause: &str) {
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        for w in job.savepoint_waiters.drain(..) {
+            let _ = w.reply.send(Err(Status::aborted(format!("savepoint failed: {cause}; the job keeps running, try again"))));
+        }
+    }
+
+    fn request_savepoint(&mut self, job_id: &str, then: AfterSavepoint, reply: oneshot::Sender<Result<SavepointDone, Status>>) {
+        let Some(job) = self.jobs.get_mut(job_id) else {
+            let _ = reply.send(Err(not_found(job_id)));
+            return;
+        };
+        if self.storage.is_none() || !job.checkpoints.enabled() {
+            let _ = reply.send(Err(Status::failed_precondition(format!(
+                "job {job_id} takes no checkpoints (its spec sets state.checkpoint_interval = \"0s\"), so it cannot take a savepoint"
+            ))));
+            return;
+        }
+        if job.state != JobState::Running {
+            let _ = reply.send(Err(Status::failed_precondition(format!(
+                "job {job_id} is {}; savepoints are taken of running jobs",
+                job.state
+            ))));
+            return;
+        }
+        if let AfterSavepoint::Rescale(n) = then {
+            if let Err(e) = eddy_jobs::compile_with_parallelism(&job.spec, Some(n)) {
+                let _ = reply.send(Err(Status::invalid_argument(format!("cannot rescale to {n}: {e}"))));
+                return;
+            }
+        }
+        job.savepoint_waiters.push(SavepointWaiter { then, reply });
+        self.maybe_trigger(job_id, Instant::now());
+    }
+
+    /// Redeploys a job with `parallelism` from `manifest` (a savepoint just taken).
+    fn rescale(&mut self, job_id: &str, parallelism: u32, manifest: Arc<CheckpointManifest>) {
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        let plan = match eddy_jobs::compile_with_parallelism(&job.spec, Some(parallelism)) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(job_id, error = %e, "rescale refused");
+                return;
+            }
+        };
+        let old_parallelism = job.plan.slots_needed();
+        self.stop_tasks(job_id);
+        let job = self.jobs.get_mut(job_id).expect("checked above");
+        job.parallelism = Some(parallelism);
+        job.plan = Arc::new(plan);
+        job.initial_restore = Some(manifest);
+        job.previous_workers = std::mem::take(&mut job.slots);
+        job.restart_at = Some(Instant::now());
+        job.stop_deadline = Some(Instant::now() + STOP_WAIT);
+        self.transition(job_id, JobState::Restarting, &format!("rescaling from {old_parallelism} to {parallelism} slots"));
+        self.try_restart(job_id);
+    }
+
+    /// A failure: restart from the latest checkpoint after a backoff, or fail for good.
+    fn restart_or_fail(&mut self, job_id: &str, why: &str, retryable: bool) {
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        if !retryable {
+            self.fail(job_id, &format!("{why} (not retried: the error is in the spec or the data)"));
+            return;
+        }
+        if job.running_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(60)) {
+            job.failures_in_row = 0;
+        }
+        if job.failures_in_row >= self.config.max_restarts {
+            let n = job.failures_in_row;
+            self.fail(job_id, &format!("{why} (gave up after {n} restarts in a row)"));
+            return;
+        }
+        let backoff = self.config.restart_backoff.saturating_mul(1 << job.failures_in_row.min(16)).min(self.config.max_restart_backoff);
+        job.failures_in_row += 1;
+        job.restarts += 1;
+        job.running_since = None;
+        job.restart_at = Some(Instant::now() + backoff);
+        if let Some(p) = job.checkpoints.abort("the job is restarting", Instant::now()) {
+            if p.savepoint {
+                self.savepoint_failed(job_id, "the job failed while taking it");
+            }
+        }
+        self.stop_tasks(job_id);
+        let job = self.jobs.get_mut(job_id).expect("checked above");
+        job.previous_workers = std::mem::take(&mut job.slots);
+        job.stop_deadline = Some(Instant::now() + STOP_WAIT);
+        let cause = format!("{why}; restarting in {} ms", backoff.as_millis());
+        self.transition(job_id, JobState::Restarting, &cause);
+    }
+
+    /// Whether every task of the job's current attempt has stopped (or its worker is gone), so
+    /// that a new attempt cannot meet an old one writing to the same place.
+    fn old_tasks_stopped(&self, job: &Job) -> bool {
+        job.tasks.values().all(|t| matches!(t.state, TaskState::Finished | TaskState::Failed | TaskState::Cancelled))
+    }
+
+    /// Places a restarting job's tasks and deploys a new attempt from its latest checkpoint.
+    fn try_restart(&mut self, job_id: &str) {
+        let Some(job) = self.jobs.get(job_id) else { return };
+        if !self.old_tasks_stopped(job) && job.stop_deadline.is_some_and(|d| Instant::now() < d) {
+            let job = self.jobs.get_mut(job_id).expect("checked above");
+            job.restart_at = Some(Instant::now() + Duration::from_millis(50));
+            return;
+        }
+        let needed = job.plan.slots_needed() as usize;
+        let Some(slots) = self.place(needed) else {
+            let job = self.jobs.get_mut(job_id).expect("checked above");
+            let wait = self.config.restart_backoff.max(Duration::from_millis(500));
+            job.restart_at = Some(Instant::now() + wait);
+            let free: u32 = self.free_slots().values().sum();
+            let cause = format!("waiting for slots: needs {needed}, {free} free");
+            if self.jobs[job_id].cause != cause {
+                let job = self.jobs.get_mut(job_id).expect("checked above");
+                info!(job_id, %cause, "restart postponed");
+                job.cause = cause;
+            }
+            return;
+        };
+        let job = self.jobs.get_mut(job_id).expect("checked above");
+        job.attempt += 1;
+        job.restart_at = None;
+        job.tasks = assign_tasks(&job.plan, &slots);
+        job.slots = slots;
+        let from = job.checkpoints.latest().map(|c| format!("checkpoint {}", c.id));
+        info!(job_id, attempt = job.attempt, from = from.as_deref().unwrap_or("the start"), "redeploying");
+        self.deploy(job_id);
+    }
+
+    /// Writes the jobs' metadata; a failure is logged (the next change tries again).
+    fn persist(&self) {
+        let Some(store) = &self.metadata else { return };
+        let records = self
+            .jobs
+            .iter()
+            .map(|(id, j)| JobRecord {
+                job_id: id.clone(),
+                spec: j.spec.clone(),
+                parallelism: j.parallelism,
+                attempt: j.attempt,
+                state: j.state.to_string(),
+                cause: j.cause.clone(),
+                submitted_at_ms: j.submitted_at_ms,
+                next_checkpoint_id: j.checkpoints.next_id(),
+                restarts: j.restarts,
+                checkpoints: j
+                    .checkpoints
+                    .kept()
+                    .iter()
+                    .map(|c| CheckpointRecord {
+                        id: c.id,
+                        savepoint: c.savepoint,
+                        triggered_at_ms: c.view.triggered_at_ms,
+                        duration_ms: c.view.duration_ms,
+                        full_bytes: c.view.full_bytes,
+                        incremental_bytes: c.view.incremental_bytes,
+                    })
+                    .collect(),
+            })
+            .collect();
+        if let Err(e) = store.save(records) {
+            warn!(error = %e, "cannot write job metadata; a coordinator restart would lose the latest changes");
+        }
     }
 
     fn handle(&mut self, request: Request) {
         match request {
-            Request::Submit { spec, reply } => {
-                let _ = reply.send(self.submit(spec));
+            Request::Submit { spec, from_savepoint, reply } => {
+                let _ = reply.send(self.submit(spec, from_savepoint));
             }
             Request::ListJobs { reply } => {
                 let _ = reply.send(self.jobs.iter().map(|(id, j)| summary(id, j)).collect());
@@ -165,6 +644,12 @@ impl Coordinator {
                     self.worker_lost(&worker_id, cause);
                 }
             }
+            Request::CheckpointAck { worker_id, session, ack } => {
+                if self.touch(&worker_id, session) {
+                    self.on_checkpoint_ack(ack);
+                }
+            }
+            Request::Savepoint { job_id, then, reply } => self.request_savepoint(&job_id, then, reply),
         }
     }
 
@@ -199,33 +684,59 @@ impl Coordinator {
         w.lost = Some(cause.clone());
         // Closing the stream tells a live-but-partitioned worker to drop its tasks and re-register.
         let _ = w.orders.try_send(Err(Status::unavailable(format!("declared lost: {cause}"))));
+        // Its tasks are gone with it.
+        for job in self.jobs.values_mut() {
+            for t in job.tasks.values_mut().filter(|t| t.worker_id == worker_id) {
+                if !matches!(t.state, TaskState::Finished | TaskState::Failed | TaskState::Cancelled) {
+                    t.state = TaskState::Failed;
+                    t.error = format!("worker lost: {cause}");
+                }
+            }
+        }
         let affected: Vec<String> = self
             .jobs
             .iter()
             .filter(|(_, j)| j.state.holds_slots() && j.slots.iter().any(|s| s == worker_id))
             .map(|(id, _)| id.clone())
             .collect();
-        // A job may have failed a moment ago because its tasks lost their exchange with this worker
-        // before its control stream broke: name the root cause there too.
+        // A job may have failed or restarted a moment ago because its tasks lost their exchange
+        // with this worker before its control stream broke: name the root cause there too.
         let now = now_ms();
-        for job in self.jobs.values_mut().filter(|j| {
-            j.state == JobState::Failed && now - j.state_changed_at_ms < 5_000 && j.slots.iter().any(|s| s == worker_id)
-        }) {
-            job.cause = format!("worker {worker_id} lost: {cause} (first seen as: {})", job.cause);
+        for job in self.jobs.values_mut() {
+            let ran_there = job.slots.iter().chain(&job.previous_workers).any(|s| s == worker_id);
+            let Some(last) = job.history.iter_mut().rev().find(|h| h.to == "failed" || h.to == "restarting") else { continue };
+            if !ran_there || now - last.at_ms >= 5_000 || last.cause.contains(&format!("worker {worker_id} lost")) {
+                continue;
+            }
+            last.cause = format!("worker {worker_id} lost: {cause} (first seen as: {})", last.cause);
+            if matches!(job.state, JobState::Failed | JobState::Restarting) {
+                job.cause = last.cause.clone();
+            }
         }
         for job_id in affected {
             let why = format!("worker {worker_id} lost: {cause}");
-            if self.jobs[&job_id].state == JobState::Cancelling {
-                self.transition(&job_id, JobState::Cancelled, &format!("cancelled; {why}"));
-            } else {
-                // Restarting from checkpoints comes with checkpoints; until then a lost worker fails the job.
-                self.fail(&job_id, &why);
+            match self.jobs[&job_id].state {
+                JobState::Cancelling => self.transition(&job_id, JobState::Cancelled, &format!("cancelled; {why}")),
+                JobState::Restarting => {}
+                _ => self.restart_or_fail(&job_id, &why, true),
             }
         }
     }
 
-    fn submit(&mut self, spec: String) -> Result<String, Status> {
+    fn submit(&mut self, spec: String, from_savepoint: String) -> Result<String, Status> {
         let plan = eddy_jobs::compile(&spec).map_err(|e| Status::invalid_argument(format!("invalid job spec: {e}")))?;
+        let initial_restore = if from_savepoint.is_empty() {
+            None
+        } else {
+            let manifest = self.find_savepoint(&from_savepoint)?;
+            let operators = plan.operators.len() as u32;
+            if manifest.parallelism.keys().any(|o| *o >= operators) {
+                return Err(Status::invalid_argument(format!(
+                    "savepoint {from_savepoint} was taken of a job with other stages; submit the spec it was taken from"
+                )));
+            }
+            Some(manifest)
+        };
         let needed = plan.slots_needed() as usize;
         let slots = self.place(needed).ok_or_else(|| {
             let free: u32 = self.free_slots().values().sum();
@@ -237,35 +748,10 @@ impl Coordinator {
             ))
         })?;
         let job_id = format!("job-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let now = now_ms();
-        let tasks = plan
-            .tasks()
-            .into_iter()
-            .map(|t| {
-                let record = TaskRecord {
-                    worker_id: slots[t.subtask as usize].clone(),
-                    state: TaskState::Deploying,
-                    metrics: TaskMetrics { watermark_ms: i64::MIN, ..Default::default() },
-                    error: String::new(),
-                };
-                (t, record)
-            })
-            .collect();
-        let job = Job {
-            name: plan.name.clone(),
-            spec,
-            plan: Arc::new(plan),
-            state: JobState::Created,
-            cause: "submitted".into(),
-            attempt: 1,
-            submitted_at_ms: now,
-            state_changed_at_ms: now,
-            running_since_ms: 0,
-            finished_at_ms: 0,
-            history: vec![Transition { at_ms: now, from: String::new(), to: JobState::Created.to_string(), cause: "submitted".into() }],
-            slots,
-            tasks,
-        };
+        let mut job = self.new_job(&job_id, spec, None, plan, Instant::now());
+        job.tasks = assign_tasks(&job.plan, &slots);
+        job.slots = slots;
+        job.initial_restore = initial_restore;
         info!(job_id, name = %job.name, tasks = job.tasks.len(), slots = needed, "job created");
         self.jobs.insert(job_id.clone(), job);
         self.deploy(&job_id);
@@ -306,7 +792,21 @@ impl Coordinator {
         Some(picked)
     }
 
+    /// The manifest of a savepoint, by the id `eddy savepoint` printed.
+    fn find_savepoint(&self, id: &str) -> Result<Arc<CheckpointManifest>, Status> {
+        self.jobs
+            .values()
+            .flat_map(|j| j.checkpoints.kept())
+            .find(|c| c.savepoint && c.view.savepoint_id == id)
+            .map(|c| c.manifest.clone())
+            .ok_or_else(|| Status::not_found(format!("no savepoint `{id}`; `eddy status JOB` lists a job's savepoints")))
+    }
+
     fn deploy(&mut self, job_id: &str) {
+        let root = self.storage.as_ref().map(|s| s.root().to_string()).unwrap_or_default();
+        let job = self.jobs.get_mut(job_id).expect("deploy of a known job");
+        job.checkpoints.restart_interval(Instant::now());
+        let restore = job.checkpoints.latest().map(|c| c.manifest.clone()).or_else(|| job.initial_restore.clone());
         let job = &self.jobs[job_id];
         let placement: HashMap<String, String> = job
             .tasks
@@ -326,6 +826,9 @@ impl Coordinator {
                     spec: job.spec.clone(),
                     placement: placement.clone(),
                     task_ids,
+                    checkpoint_storage: root.clone(),
+                    restore: restore.as_deref().cloned(),
+                    parallelism: job.parallelism.unwrap_or(0),
                 })),
             };
             let sent = self.workers.get(worker_id).map(|w| w.orders.try_send(Ok(order)).is_ok()).unwrap_or(false);
@@ -336,7 +839,7 @@ impl Coordinator {
         let tasks = self.jobs[job_id].tasks.len();
         self.transition(job_id, JobState::Scheduling, &format!("deploying {tasks} tasks"));
         if let Some(why) = failed {
-            self.fail(job_id, &why);
+            self.restart_or_fail(job_id, &why, true);
         }
     }
 
@@ -368,7 +871,11 @@ impl Coordinator {
         let job_id = u.job_id.clone();
         let all = |s: &[TaskState]| job.tasks.values().all(|r| s.contains(&r.state));
         match (job.state, state) {
-            (_, TaskState::Failed) if !job.state.is_terminal() => {
+            (JobState::Scheduling | JobState::Running, TaskState::Failed) => {
+                let why = format!("task {task} failed on worker {worker_id}: {}", u.error);
+                self.restart_or_fail(&job_id, &why, u.retryable);
+            }
+            (_, TaskState::Failed) if !job.state.is_terminal() && job.state != JobState::Restarting => {
                 let why = format!("task {task} failed on worker {worker_id}: {}", u.error);
                 self.fail(&job_id, &why);
             }
@@ -409,7 +916,11 @@ impl Coordinator {
         if state.is_terminal() {
             return Err(Status::failed_precondition(format!("job {job_id} is already {state}; nothing to cancel")));
         }
-        if state != JobState::Cancelling {
+        if state == JobState::Restarting {
+            // Nothing runs between two attempts.
+            self.transition(job_id, JobState::Cancelling, "cancel requested");
+            self.transition(job_id, JobState::Cancelled, "cancelled while restarting");
+        } else if state != JobState::Cancelling {
             self.stop_tasks(job_id);
             self.transition(job_id, JobState::Cancelling, "cancel requested");
             let job = &self.jobs[job_id];
@@ -438,11 +949,18 @@ impl Coordinator {
         job.state_changed_at_ms = now;
         if to == JobState::Running {
             job.running_since_ms = now;
+            job.running_since = Some(Instant::now());
         }
         if to.is_terminal() {
             job.finished_at_ms = now;
+            job.restart_at = None;
+            job.checkpoints.abort(&format!("the job is {to}"), Instant::now());
+            for w in job.savepoint_waiters.drain(..) {
+                let _ = w.reply.send(Err(Status::aborted(format!("the job became {to} before the savepoint completed: {cause}"))));
+            }
         }
         job.history.push(Transition { at_ms: now, from: from.to_string(), to: to.to_string(), cause: cause.to_string() });
+        self.persist();
     }
 
     fn status(&self, job_id: &str) -> Result<JobStatusResponse, Status> {
@@ -467,6 +985,8 @@ impl Coordinator {
             history: job.history.clone(),
             running_since_ms: job.running_since_ms,
             finished_at_ms: job.finished_at_ms,
+            checkpoints: job.checkpoints.views(),
+            restarts: job.restarts,
         })
     }
 
@@ -486,6 +1006,36 @@ impl Coordinator {
                 last_heartbeat_ms: w.last_heartbeat_ms,
             })
             .collect()
+    }
+}
+
+/// Tasks of `plan` placed on `slots` (subtask `i` of every vertex on slot `i`), not yet deployed.
+fn assign_tasks(plan: &Plan, slots: &[String]) -> BTreeMap<TaskId, TaskRecord> {
+    plan.tasks()
+        .into_iter()
+        .map(|t| {
+            let record = TaskRecord {
+                worker_id: slots[t.subtask as usize].clone(),
+                state: TaskState::Deploying,
+                metrics: TaskMetrics { watermark_ms: i64::MIN, ..Default::default() },
+                error: String::new(),
+            };
+            (t, record)
+        })
+        .collect()
+}
+
+fn record_view(job_id: &str, c: &CheckpointRecord) -> CheckpointView {
+    CheckpointView {
+        checkpoint_id: c.id,
+        kind: if c.savepoint { "savepoint" } else { "checkpoint" }.into(),
+        state: "completed".into(),
+        triggered_at_ms: c.triggered_at_ms,
+        duration_ms: c.duration_ms,
+        full_bytes: c.full_bytes,
+        incremental_bytes: c.incremental_bytes,
+        cause: String::new(),
+        savepoint_id: if c.savepoint { savepoint_id(job_id, c.id) } else { String::new() },
     }
 }
 
@@ -571,7 +1121,7 @@ connector = "discard"
 
         fn submit(&mut self, spec: &str) -> Result<String, Status> {
             let (reply, mut rx) = oneshot::channel();
-            self.coordinator.handle(Request::Submit { spec: spec.into(), reply });
+            self.coordinator.handle(Request::Submit { spec: spec.into(), from_savepoint: String::new(), reply });
             rx.try_recv().unwrap()
         }
 
@@ -672,7 +1222,7 @@ connector = "discard"
     }
 
     #[tokio::test(start_paused = true)]
-    async fn silent_worker_is_lost_and_fails_its_jobs() {
+    async fn silent_worker_is_lost_and_its_jobs_restart_on_the_slots_left() {
         let mut h = Harness::new();
         h.register("a", 2);
         h.register("b", 2);
@@ -683,15 +1233,63 @@ connector = "discard"
         tokio::time::advance(Duration::from_millis(1000)).await;
         h.coordinator.check_heartbeats();
         // b has been silent for 2.5 s (> 2 s), a for 1 s.
-        assert_eq!(h.state(&job), JobState::Failed);
+        assert_eq!(h.state(&job), JobState::Restarting);
         let cause = &h.coordinator.jobs[&job].cause;
         assert!(cause.contains("worker b lost") && cause.contains("no heartbeat"), "{cause}");
         assert!(h.coordinator.workers["a"].lost.is_none());
         // The survivor is told to stop the job's tasks.
-        assert!(h.coordinator.jobs[&job].cause.starts_with("worker b lost"));
         let cancels: Vec<_> = std::iter::from_fn(|| h.orders.get_mut("a").unwrap().try_recv().ok())
             .filter(|m| matches!(m, Ok(CoordinatorMessage { msg: Some(Order::Cancel(_)) })))
             .collect();
         assert_eq!(cancels.len(), 1);
+        // After the backoff, and once a's tasks of attempt 1 have stopped, the job is redeployed as
+        // attempt 2, all on a (2 slots).
+        tokio::time::advance(Duration::from_millis(300)).await;
+        h.coordinator.on_timer();
+        assert_eq!(h.state(&job), JobState::Restarting, "a's old tasks have not stopped yet");
+        for t in ["0.0", "1.0"] {
+            h.report("a", &job, 1, t, TaskState::Cancelled);
+        }
+        tokio::time::advance(Duration::from_millis(100)).await;
+        h.coordinator.on_timer();
+        assert_eq!(h.state(&job), JobState::Scheduling);
+        let deployed = h.deployed("a");
+        assert_eq!(deployed.len(), 1);
+        assert_eq!(deployed[0].attempt, 2);
+        assert_eq!(deployed[0].task_ids, ["0.0", "1.0", "1.1"]);
+        assert_eq!(h.coordinator.jobs[&job].restarts, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_job_without_slots_waits_and_one_failing_for_good_gives_up() {
+        let mut h = Harness::new();
+        h.coordinator.config.max_restarts = 2;
+        h.register("a", 2);
+        let job = h.submit(&SPEC.replace("parallelism = 4", "parallelism = 2")).unwrap();
+        let session = h.sessions["a"];
+        h.coordinator.handle(Request::Disconnected { worker_id: "a".into(), session, cause: "killed".into() });
+        assert_eq!(h.state(&job), JobState::Restarting);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        h.coordinator.on_timer();
+        assert_eq!(h.state(&job), JobState::Restarting, "no slots: it waits");
+        assert!(h.coordinator.jobs[&job].cause.contains("waiting for slots"), "{}", h.coordinator.jobs[&job].cause);
+        h.register("a", 2);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        h.coordinator.on_timer();
+        assert_eq!(h.state(&job), JobState::Scheduling);
+        // Two more failures use up the restarts; the third fails the job.
+        for attempt in 2..=4 {
+            let update = TaskUpdate { job_id: job.clone(), attempt, task_id: "1.0".into(), state: TaskState::Failed as i32, retryable: true, error: "boom".into(), ..Default::default() };
+            let session = h.sessions["a"];
+            h.coordinator.handle(Request::TaskUpdate { worker_id: "a".into(), session, update });
+            // a stays alive; its other tasks never report, so the restart waits out STOP_WAIT.
+            for _ in 0..20 {
+                tokio::time::advance(Duration::from_secs(1)).await;
+                h.coordinator.handle(Request::Heartbeat { worker_id: "a".into(), session, tasks: vec![] });
+                h.coordinator.on_timer();
+            }
+        }
+        assert_eq!(h.state(&job), JobState::Failed, "{:?}", h.coordinator.jobs[&job].history);
+        assert!(h.coordinator.jobs[&job].cause.contains("gave up after 2 restarts"), "{}", h.coordinator.jobs[&job].cause);
     }
 }

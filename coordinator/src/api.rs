@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::actor::Request as Ask;
+use crate::actor::{AfterSavepoint, Request as Ask};
 
 /// The job and cluster services, both backed by the actor.
 #[derive(Clone)]
@@ -31,9 +31,26 @@ impl Api {
 #[tonic::async_trait]
 impl JobService for Api {
     async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
-        let spec = request.into_inner().spec;
-        let job_id = self.ask(|reply| Ask::Submit { spec, reply }).await??;
+        let SubmitRequest { spec, from_savepoint } = request.into_inner();
+        let job_id = self.ask(|reply| Ask::Submit { spec, from_savepoint, reply }).await??;
         Ok(Response::new(SubmitResponse { job_id }))
+    }
+
+    async fn savepoint(&self, request: Request<SavepointRequest>) -> Result<Response<SavepointResponse>, Status> {
+        let SavepointRequest { job_id, cancel } = request.into_inner();
+        let then = if cancel { AfterSavepoint::Cancel } else { AfterSavepoint::Continue };
+        let done = self.ask(|reply| Ask::Savepoint { job_id, then, reply }).await??;
+        Ok(Response::new(SavepointResponse { savepoint_id: done.savepoint_id, savepoint: Some(done.view) }))
+    }
+
+    async fn rescale(&self, request: Request<RescaleRequest>) -> Result<Response<RescaleResponse>, Status> {
+        let RescaleRequest { job_id, parallelism } = request.into_inner();
+        if parallelism == 0 {
+            return Err(Status::invalid_argument("parallelism must be at least 1"));
+        }
+        let then = AfterSavepoint::Rescale(parallelism);
+        let done = self.ask(|reply| Ask::Savepoint { job_id, then, reply }).await??;
+        Ok(Response::new(RescaleResponse { savepoint_id: done.savepoint_id, attempt: done.attempt }))
     }
 
     async fn list_jobs(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
@@ -96,6 +113,9 @@ impl ClusterService for Api {
                     }
                     Ok(Some(WorkerMessage { msg: Some(Report::TaskUpdate(update)) })) => {
                         Ask::TaskUpdate { worker_id: worker_id.clone(), session, update }
+                    }
+                    Ok(Some(WorkerMessage { msg: Some(Report::CheckpointAck(ack)) })) => {
+                        Ask::CheckpointAck { worker_id: worker_id.clone(), session, ack }
                     }
                     Ok(Some(_)) => continue,
                     Ok(None) => break "control stream closed".to_string(),

@@ -7,8 +7,11 @@
 
 pub mod actor;
 pub mod api;
+pub mod checkpoint;
 pub mod state;
+pub mod store;
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use eddy_proto::cluster_service_server::ClusterServiceServer;
@@ -25,18 +28,48 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     /// A worker silent for this long is lost.
     pub heartbeat_timeout: Duration,
+    /// Where job metadata is kept; `None` keeps nothing (and takes no checkpoints).
+    pub data_dir: Option<PathBuf>,
+    /// Checkpoint storage (default: `checkpoints` in `data_dir`), shared with every worker.
+    pub checkpoint_dir: Option<PathBuf>,
+    /// A checkpoint not complete after this long is aborted.
+    pub checkpoint_timeout: Duration,
+    /// Completed checkpoints kept per job (savepoints are always kept).
+    pub retained_checkpoints: usize,
+    /// First restart delay; doubles with each restart in a row.
+    pub restart_backoff: Duration,
+    /// Longest restart delay.
+    pub max_restart_backoff: Duration,
+    /// Restarts in a row after which a job fails.
+    pub max_restarts: u32,
 }
 
 impl Default for CoordinatorConfig {
     fn default() -> CoordinatorConfig {
-        CoordinatorConfig { heartbeat_interval: Duration::from_millis(500), heartbeat_timeout: Duration::from_secs(2) }
+        CoordinatorConfig {
+            heartbeat_interval: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_secs(2),
+            data_dir: None,
+            checkpoint_dir: None,
+            checkpoint_timeout: Duration::from_secs(60),
+            retained_checkpoints: 3,
+            restart_backoff: Duration::from_millis(250),
+            max_restart_backoff: Duration::from_secs(10),
+            max_restarts: 10,
+        }
     }
 }
 
 /// Serves the job and cluster APIs on `listener` until `shutdown` is cancelled.
 pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel(256);
-    let coordinator = actor::Coordinator::new(config.clone(), rx);
+    let mut coordinator = actor::Coordinator::new(config.clone(), rx);
+    if let Some(data) = &config.data_dir {
+        let checkpoints = config.checkpoint_dir.clone().unwrap_or_else(|| data.join("checkpoints"));
+        coordinator = coordinator
+            .with_stores(store::MetadataStore::open(data)?, store::CheckpointStore::open(&checkpoints)?)
+            .await?;
+    }
     let actor = tokio::spawn(coordinator.run(shutdown.clone()));
     let api = api::Api { actor: tx, heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64 };
     tonic::transport::Server::builder()

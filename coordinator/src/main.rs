@@ -16,6 +16,19 @@ struct Args {
     /// Milliseconds of worker silence after which it is declared lost.
     #[arg(long, env = "EDDY_HEARTBEAT_TIMEOUT_MS", default_value_t = 2000)]
     heartbeat_timeout_ms: u64,
+    /// Directory for job metadata; a restarted coordinator resumes the jobs found there.
+    #[arg(long, env = "EDDY_DATA_DIR", default_value = "eddy-data")]
+    data_dir: std::path::PathBuf,
+    /// Checkpoint storage, a directory every worker can reach at the same path (a shared volume).
+    /// Default: `checkpoints` under --data-dir.
+    #[arg(long, env = "EDDY_CHECKPOINT_DIR")]
+    checkpoint_dir: Option<std::path::PathBuf>,
+    /// Completed checkpoints kept per job (savepoints are always kept).
+    #[arg(long, env = "EDDY_RETAINED_CHECKPOINTS", default_value_t = 3)]
+    retained_checkpoints: usize,
+    /// Restarts in a row after which a failing job is given up.
+    #[arg(long, env = "EDDY_MAX_RESTARTS", default_value_t = 10)]
+    max_restarts: u32,
 }
 
 #[tokio::main]
@@ -42,6 +55,13 @@ async fn main() -> anyhow::Result<()> {
         }
         signal.cancel();
     });
-    let config = CoordinatorConfig { heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms), ..Default::default() };
+    let config = CoordinatorConfig {
+        heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
+        data_dir: Some(args.data_dir),
+        checkpoint_dir: args.checkpoint_dir,
+        retained_checkpoints: args.retained_checkpoints,
+        max_restarts: args.max_restarts,
+        ..Default::default()
+    };
     eddy_coordinator::run(config, listener, shutdown).await
 }

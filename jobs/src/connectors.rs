@@ -14,6 +14,18 @@ pub enum SourceConnector {
     PostgresCdc(PostgresCdcOptions),
     /// A Kafka topic of JSON records, plain or upsert.
     Kafka(KafkaSourceOptions),
+    /// A file of newline-delimited JSON objects, read once.
+    File(FileSourceOptions),
+}
+
+/// Options of the `file` source.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSourceOptions {
+    /// The file: one JSON object per line; TIMESTAMP fields as epoch milliseconds or ISO 8601.
+    pub path: String,
+    /// The columns to read, as `name TYPE, …`.
+    pub columns: String,
 }
 
 /// A sink connector with its checked options.
@@ -357,6 +369,14 @@ pub struct FileSinkOptions {
 /// Checks a source's connector name and options; returns the connector and its schema.
 pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Schema), String> {
     match name {
+        "file" => {
+            let o: FileSourceOptions = decode(options)?;
+            if o.path.trim().is_empty() {
+                return Err("options.path: must not be empty".into());
+            }
+            let schema = parse_columns(&o.columns).map_err(|m| format!("options.columns: {m}"))?;
+            Ok((SourceConnector::File(o), schema))
+        }
         "generator" => {
             let o: GeneratorOptions = decode(options)?;
             if o.keys == 0 {

@@ -35,3 +35,13 @@ impl SpecError {
 pub fn compile(text: &str) -> Result<Plan, SpecError> {
     plan(&JobSpec::parse(text)?)
 }
+
+/// Like [`compile`], with the job's default parallelism replaced by `parallelism` when given (a
+/// rescale): every stage that sets no parallelism of its own runs with it.
+pub fn compile_with_parallelism(text: &str, parallelism: Option<u32>) -> Result<Plan, SpecError> {
+    let mut spec = JobSpec::parse(text)?;
+    if parallelism.is_some() {
+        spec.parallelism = parallelism;
+    }
+    plan(&spec)
+}

@@ -31,6 +31,49 @@ pub struct Plan {
     pub vertices: Vec<Vertex>,
     /// Exchanges between vertices.
     pub edges: Vec<Edge>,
+    /// State backend and checkpointing.
+    pub state: StatePlan,
+}
+
+/// Where keyed state lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateBackend {
+    /// RocksDB on the worker's disk, snapshotted incrementally (the default).
+    RocksDb,
+    /// The heap; snapshots write every entry.
+    Memory,
+}
+
+/// State settings of a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatePlan {
+    /// Backend of keyed operator state.
+    pub backend: StateBackend,
+    /// Time between checkpoints; `None` when checkpoints are off.
+    pub checkpoint_interval_ms: Option<u64>,
+}
+
+/// Checkpoint interval when the spec sets none.
+pub const DEFAULT_CHECKPOINT_INTERVAL_MS: u64 = 5_000;
+
+impl StatePlan {
+    fn from_spec(spec: &crate::spec::StateSpec) -> Result<StatePlan, SpecError> {
+        let backend = match spec.backend.as_deref().unwrap_or("rocksdb") {
+            "rocksdb" => StateBackend::RocksDb,
+            "memory" => StateBackend::Memory,
+            other => return Err(SpecError::new("state.backend", format!("unknown backend `{other}`; use \"rocksdb\" or \"memory\""))),
+        };
+        let checkpoint_interval_ms = match &spec.checkpoint_interval {
+            None => Some(DEFAULT_CHECKPOINT_INTERVAL_MS),
+            Some(text) => match crate::spec::parse_duration_ms(text) {
+                Ok(0) => None,
+                Ok(ms) if ms >= 100 => Some(ms as u64),
+                Ok(_) => return Err(SpecError::new("state.checkpoint_interval", "must be 0s (off) or at least 100ms")),
+                Err(e) => return Err(SpecError::new("state.checkpoint_interval", e)),
+            },
+        };
+        Ok(StatePlan { backend, checkpoint_interval_ms })
+    }
 }
 
 /// One stage of the spec, checked.
@@ -427,6 +470,7 @@ impl<'a> Planner<'a> {
             operators: self.operators,
             vertices,
             edges,
+            state: StatePlan::from_spec(&self.spec.state)?,
         })
     }
 

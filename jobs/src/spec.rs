@@ -33,6 +33,19 @@ pub struct JobSpec {
     /// Sinks.
     #[serde(default, rename = "sink")]
     pub sinks: Vec<SinkSpec>,
+    /// Where keyed state lives and how often it is checkpointed.
+    #[serde(default)]
+    pub state: StateSpec,
+}
+
+/// The `[state]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSpec {
+    /// `rocksdb` (default) or `memory`.
+    pub backend: Option<String>,
+    /// Time between checkpoints, e.g. `5s` (default); `0s` turns checkpoints off.
+    pub checkpoint_interval: Option<String>,
 }
 
 /// A `[[source]]` table.

@@ -1,5 +1,5 @@
 //! Batches of rows, the unit that moves through tasks and exchanges, and the in-band messages
-//! (data, watermarks, end of stream) that travel with them.
+//! (data, watermarks, checkpoint barriers, end of stream) that travel with them.
 
 use eddy_jobs::{Row, Value};
 
@@ -69,4 +69,7 @@ pub enum Message {
     Watermark(i64),
     /// The sender has finished; nothing follows.
     End,
+    /// Checkpoint barrier: everything before it on this channel belongs to checkpoint `id`,
+    /// everything after it to the next.
+    Barrier(u64),
 }

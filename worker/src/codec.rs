@@ -12,6 +12,7 @@ const VERSION: u8 = 1;
 const MSG_DATA: u8 = 0;
 const MSG_WATERMARK: u8 = 1;
 const MSG_END: u8 = 2;
+const MSG_BARRIER: u8 = 3;
 
 /// A frame that could not be decoded: a bug or a version mismatch between workers.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +46,10 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             out.extend_from_slice(&w.to_le_bytes());
         }
         Message::End => out.push(MSG_END),
+        Message::Barrier(id) => {
+            out.push(MSG_BARRIER);
+            out.extend_from_slice(&id.to_le_bytes());
+        }
     }
     out
 }
@@ -138,6 +143,7 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         }
         MSG_WATERMARK => Message::Watermark(i64::from_le_bytes(r.fixed()?)),
         MSG_END => Message::End,
+        MSG_BARRIER => Message::Barrier(u64::from_le_bytes(r.fixed()?)),
         _ => return Err(DecodeError("unknown message tag")),
     };
     if !r.buf.is_empty() {
@@ -186,7 +192,7 @@ mod tests {
 
     #[test]
     fn control_messages_round_trip() {
-        for m in [Message::Watermark(-5), Message::Watermark(i64::MAX), Message::End] {
+        for m in [Message::Watermark(-5), Message::Watermark(i64::MAX), Message::End, Message::Barrier(7)] {
             assert_eq!(decode(&encode(&m)).unwrap(), m);
         }
         assert!(decode(&[9, 0]).is_err());

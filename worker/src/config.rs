@@ -11,6 +11,8 @@ pub struct WorkerConfig {
     pub slots: u32,
     /// `host:port` other workers reach this worker's data service on.
     pub advertised_address: String,
+    /// Local directory for task state (RocksDB) and checkpoint scratch files.
+    pub state_dir: std::path::PathBuf,
 }
 
 impl WorkerConfig {

@@ -4,6 +4,9 @@
 //!
 //! When the stream breaks, every running task is cancelled (the coordinator has declared this worker
 //! lost and will not count on them) and the worker reconnects with backoff.
+//!
+//! Checkpoint orders are passed to the tasks: triggers to source tasks (which inject barriers),
+//! completions to every task; tasks send their acks on the same stream themselves.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -15,11 +18,13 @@ use eddy_proto::cluster_service_client::ClusterServiceClient;
 use eddy_proto::coordinator_message::Msg as Order;
 use eddy_proto::worker_message::Msg as Report;
 use eddy_proto::{DeployTasks, Heartbeat, Register, TaskMetrics as WireMetrics, TaskState, TaskUpdate, WorkerMessage};
+use eddy_jobs::plan::OperatorKind;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::checkpoint::{Storage, TaskCommand};
 use crate::config::WorkerConfig;
 use crate::exchange::{Inboxes, Peers};
 use crate::task::{self, TaskContext, TaskMetrics};
@@ -27,8 +32,17 @@ use crate::task::{self, TaskContext, TaskMetrics};
 struct RunningJob {
     attempt: u64,
     cancel: CancellationToken,
-    tasks: HashMap<TaskId, Arc<TaskMetrics>>,
+    tasks: HashMap<TaskId, RunningTask>,
 }
+
+struct RunningTask {
+    metrics: Arc<TaskMetrics>,
+    commands: mpsc::Sender<TaskCommand>,
+    source: bool,
+}
+
+/// Checkpoint orders a task may have queued before it reads them.
+const TASK_COMMANDS: usize = 16;
 
 /// Owns the worker's job table; all changes go through its single loop.
 pub struct Control {
@@ -37,6 +51,8 @@ pub struct Control {
     peers: Peers,
     jobs: HashMap<String, RunningJob>,
     shutdown: CancellationToken,
+    /// The data plane's runtime, where tasks run.
+    tasks: tokio::runtime::Handle,
 }
 
 struct Finished {
@@ -48,8 +64,8 @@ struct Finished {
 
 impl Control {
     /// A control loop for this worker.
-    pub fn new(config: Arc<WorkerConfig>, inboxes: Inboxes, shutdown: CancellationToken) -> Control {
-        Control { config, inboxes, peers: Peers::default(), jobs: HashMap::new(), shutdown }
+    pub fn new(config: Arc<WorkerConfig>, inboxes: Inboxes, shutdown: CancellationToken, tasks: tokio::runtime::Handle) -> Control {
+        Control { config, inboxes, peers: Peers::default(), jobs: HashMap::new(), shutdown, tasks }
     }
 
     /// Connects, serves one session, and reconnects until shutdown.
@@ -119,6 +135,8 @@ impl Control {
                             job.cancel.cancel();
                         }
                     }
+                    Some(Order::TriggerCheckpoint(t)) => self.command(&t.job_id, t.attempt, TaskCommand::Trigger(t.checkpoint_id)),
+                    Some(Order::CheckpointDone(c)) => self.command(&c.job_id, c.attempt, TaskCommand::Complete(c.checkpoint_id)),
                     Some(Order::Registered(_)) => {}
                     None => anyhow::bail!("coordinator closed the control stream"),
                 },
@@ -129,10 +147,24 @@ impl Control {
                 }
                 _ = heartbeat.tick() => {
                     let tasks = self.jobs.iter().flat_map(|(job_id, job)| {
-                        job.tasks.iter().map(move |(t, m)| update(job_id, job.attempt, *t, TaskState::Running, String::new(), m))
+                        job.tasks.iter().map(move |(t, r)| update(job_id, job.attempt, *t, TaskState::Running, String::new(), &r.metrics))
                     }).collect();
                     tx.send(WorkerMessage { msg: Some(Report::Heartbeat(Heartbeat { tasks })) }).await?;
                 }
+            }
+        }
+    }
+
+    /// Passes a checkpoint order to the tasks of the current attempt it concerns.
+    fn command(&self, job_id: &str, attempt: u64, command: TaskCommand) {
+        let Some(job) = self.jobs.get(job_id).filter(|j| j.attempt == attempt) else { return };
+        for (task, t) in &job.tasks {
+            if matches!(command, TaskCommand::Trigger(_)) && !t.source {
+                continue;
+            }
+            // A task too busy to take the order misses this checkpoint; the coordinator times it out.
+            if t.commands.try_send(command).is_err() {
+                warn!(job_id, attempt, %task, ?command, "task did not take a checkpoint order");
             }
         }
     }
@@ -148,7 +180,7 @@ impl Control {
         }
         self.inboxes.fence(&d.job_id, d.attempt);
         let cancel = self.shutdown.child_token();
-        let plan = eddy_jobs::compile(&d.spec);
+        let plan = eddy_jobs::compile_with_parallelism(&d.spec, (d.parallelism > 0).then_some(d.parallelism));
         let mut job = RunningJob { attempt: d.attempt, cancel: cancel.clone(), tasks: HashMap::new() };
         let mut placement = HashMap::new();
         for (t, addr) in &d.placement {
@@ -157,19 +189,32 @@ impl Control {
             }
         }
         let placement = Arc::new(placement);
+        let storage = match (&plan, d.checkpoint_storage.as_str()) {
+            (Ok(p), root) if p.state.checkpoint_interval_ms.is_some() && !root.is_empty() => Some(Storage::open(root)),
+            _ => None,
+        };
+        let restore = d.restore.map(Arc::new);
         for id in &d.task_ids {
             let task: TaskId = match id.parse() {
                 Ok(t) => t,
                 Err(e) => anyhow::bail!("coordinator sent a bad task id: {e}"),
             };
             let metrics = Arc::new(TaskMetrics::default());
-            job.tasks.insert(task, metrics.clone());
-            let plan = match &plan {
-                Ok(p) => Arc::new(p.clone()),
-                Err(e) => {
+            let (commands_tx, commands) = mpsc::channel(TASK_COMMANDS);
+            let source = plan.as_ref().ok().and_then(|p| p.vertices.get(task.vertex)).is_some_and(|v| {
+                plan.as_ref().is_ok_and(|p| matches!(p.operators[v.operators[0]].kind, OperatorKind::Source { .. }))
+            });
+            job.tasks.insert(task, RunningTask { metrics: metrics.clone(), commands: commands_tx, source });
+            let (plan, storage) = match (&plan, &storage) {
+                (Ok(p), None | Some(Ok(_))) => (Arc::new(p.clone()), storage.as_ref().and_then(|s| s.as_ref().ok()).cloned()),
+                (Err(e), _) => {
                     // The coordinator validated this spec; a failure here means mismatched versions.
                     let r = Err(crate::error::TaskError::internal(format!("cannot plan the job on this worker: {e}")));
                     done.send(Finished { job_id: d.job_id.clone(), attempt: d.attempt, task, result: Some(r) }).await?;
+                    continue;
+                }
+                (_, Some(Err(e))) => {
+                    done.send(Finished { job_id: d.job_id.clone(), attempt: d.attempt, task, result: Some(Err(e.clone())) }).await?;
                     continue;
                 }
             };
@@ -183,6 +228,11 @@ impl Control {
                 inboxes: self.inboxes.clone(),
                 peers: self.peers.clone(),
                 metrics: metrics.clone(),
+                commands,
+                reports: tx.clone(),
+                storage,
+                dir: self.config.state_dir.join(&d.job_id).join(d.attempt.to_string()).join(task.to_string()),
+                restore: restore.clone(),
             };
             tx.send(WorkerMessage {
                 msg: Some(Report::TaskUpdate(update(&d.job_id, d.attempt, task, TaskState::Running, String::new(), &metrics))),
@@ -191,12 +241,17 @@ impl Control {
             let cancel = cancel.clone();
             let done = done.clone();
             let (job_id, attempt) = (d.job_id.clone(), d.attempt);
-            tokio::spawn(async move {
+            let dir = ctx.dir.clone();
+            self.tasks.spawn(async move {
                 let result = tokio::select! {
                     biased;
                     _ = cancel.cancelled() => None,
                     r = task::run(ctx) => Some(r),
                 };
+                if result.is_none() {
+                    // A cancelled task leaves its state and scratch files behind: remove them.
+                    let _ = tokio::fs::remove_dir_all(&dir).await;
+                }
                 // The control loop may be gone (shutdown); then nobody needs the report.
                 let _ = done.send(Finished { job_id, attempt, task, result }).await;
             });
@@ -207,10 +262,10 @@ impl Control {
     }
 
     fn finished(&mut self, done: Finished) -> TaskUpdate {
-        let (state, error) = match &done.result {
-            None => (TaskState::Cancelled, String::new()),
-            Some(Ok(())) => (TaskState::Finished, String::new()),
-            Some(Err(e)) => (TaskState::Failed, format!("{e} ({:?} error)", e.blame)),
+        let (state, error, retryable) = match &done.result {
+            None => (TaskState::Cancelled, String::new(), true),
+            Some(Ok(())) => (TaskState::Finished, String::new(), true),
+            Some(Err(e)) => (TaskState::Failed, format!("{e} ({:?} error)", e.blame), e.retryable()),
         };
         match &done.result {
             Some(Err(e)) => warn!(job_id = %done.job_id, attempt = done.attempt, task = %done.task, error = %e, "task failed"),
@@ -218,8 +273,8 @@ impl Control {
         }
         let mut metrics = Arc::new(TaskMetrics::default());
         if let Some(job) = self.jobs.get_mut(&done.job_id).filter(|j| j.attempt == done.attempt) {
-            if let Some(m) = job.tasks.remove(&done.task) {
-                metrics = m;
+            if let Some(t) = job.tasks.remove(&done.task) {
+                metrics = t.metrics;
             }
             if matches!(state, TaskState::Failed) {
                 // One failed task fails the attempt; stop its siblings here rather than let them block.
@@ -230,7 +285,7 @@ impl Control {
                 self.inboxes.remove(&done.job_id, done.attempt);
             }
         }
-        update(&done.job_id, done.attempt, done.task, state, error, &metrics)
+        TaskUpdate { retryable, ..update(&done.job_id, done.attempt, done.task, state, error, &metrics) }
     }
 }
 
@@ -251,5 +306,6 @@ fn update(job_id: &str, attempt: u64, task: TaskId, state: TaskState, error: Str
             dead_lettered: m.dead_lettered.load(Ordering::Relaxed),
             gauges: m.gauges().into_iter().collect(),
         }),
+        retryable: true,
     }
 }

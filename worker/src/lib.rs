@@ -6,6 +6,7 @@
 //! and windows, [`connectors`] for sources and sinks, [`control`] for the coordinator session.
 
 pub mod batch;
+pub mod checkpoint;
 pub mod codec;
 pub mod config;
 pub mod connectors;
@@ -29,6 +30,10 @@ pub use config::WorkerConfig;
 
 /// Runs a worker: serves its data service on `data_listener` and keeps a control session with the
 /// coordinator until `shutdown` is cancelled.
+///
+/// The control session runs on a thread and runtime of its own, so that tasks keeping the data
+/// plane's threads busy (a large window firing, a state restore) never delay heartbeats: a busy
+/// worker must not look dead.
 pub async fn run(config: WorkerConfig, data_listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let inboxes = exchange::Inboxes::default();
@@ -36,8 +41,16 @@ pub async fn run(config: WorkerConfig, data_listener: TcpListener, shutdown: Can
         .tcp_nodelay(true)
         .add_service(DataServiceServer::new(exchange::DataServer { inboxes: inboxes.clone() }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(data_listener), shutdown.clone().cancelled_owned());
-    let control = control::Control::new(config, inboxes, shutdown.clone());
-    let (served, ()) = tokio::join!(server, control.run());
+    let control = control::Control::new(config, inboxes, shutdown.clone(), tokio::runtime::Handle::current());
+    let (done_tx, done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new().name("eddy-control".into()).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(runtime) => runtime.block_on(control.run()),
+            Err(e) => tracing::error!(error = %e, "cannot start the control runtime"),
+        }
+        let _ = done_tx.send(());
+    })?;
+    let (served, _) = tokio::join!(server, done);
     served?;
     Ok(())
 }

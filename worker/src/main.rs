@@ -24,6 +24,10 @@ struct Args {
     /// Worker id (default: a random one).
     #[arg(long, env = "EDDY_WORKER_ID")]
     id: Option<String>,
+    /// Local directory for task state and checkpoint scratch files (default: a folder named after
+    /// the worker in the system's temporary directory).
+    #[arg(long, env = "EDDY_STATE_DIR")]
+    state_dir: Option<std::path::PathBuf>,
 }
 
 #[tokio::main]
@@ -61,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
         }
         signal.cancel();
     });
-    let config = WorkerConfig { worker_id, coordinator: args.coordinator, slots: args.slots, advertised_address: advertised };
+    let state_dir = args.state_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("eddy-{worker_id}")));
+    let config = WorkerConfig { worker_id, coordinator: args.coordinator, slots: args.slots, advertised_address: advertised, state_dir };
     eddy_worker::run(config, listener, shutdown).await
 }

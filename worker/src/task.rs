@@ -2,21 +2,33 @@
 //! connector and generates watermarks; any other task reads its inbox, aligns watermarks over its
 //! input channels (the minimum) and waits for every input to end. Either way, batches run through
 //! the chained operators and leave through a sink or a [`Router`].
+//!
+//! Checkpoints (see [`crate::checkpoint`]): a source task injects a barrier when the coordinator
+//! triggers one; other tasks align barriers over their inputs. On the barrier a task snapshots its
+//! chain (source position, operator state, sink staging), forwards the barrier and uploads the
+//! snapshot in the background, acking to the coordinator when the files are stored. On restore,
+//! each operator gets the snapshots of the earlier subtasks whose key groups it now owns.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use eddy_jobs::plan::{EventTime, OperatorKind, Plan, Port};
 use eddy_jobs::{TaskId, Value};
+use eddy_proto::worker_message::Msg as Report;
+use eddy_proto::{CheckpointAck, CheckpointManifest, TaskSnapshot, WorkerMessage};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 use crate::batch::{Batch, Message};
+use crate::checkpoint::{self, Aligner, Offer, Storage, TaskCommand, Uploader};
 use crate::connectors::{self, ConnectorContext, Sink};
 use crate::error::{Result, TaskError};
 use crate::exchange::{Inboxes, Peers, Router};
-use crate::operators::{self, Collector, Operator};
+use crate::keys::key_group_range;
+use crate::operators::{self, Collector, Operator, OperatorContext, OperatorSnapshot};
 
 /// Live counters of one task, read by heartbeats.
 #[derive(Debug)]
@@ -92,6 +104,16 @@ pub struct TaskContext {
     pub peers: Peers,
     /// Counters.
     pub metrics: Arc<TaskMetrics>,
+    /// Orders from the control loop (checkpoint triggers and completions).
+    pub commands: mpsc::Receiver<TaskCommand>,
+    /// The control stream to the coordinator, for checkpoint acks.
+    pub reports: mpsc::Sender<WorkerMessage>,
+    /// Checkpoint storage; `None` when the job takes no checkpoints.
+    pub storage: Option<Storage>,
+    /// A local directory of this task's own for state and scratch files, removed when it ends.
+    pub dir: PathBuf,
+    /// The checkpoint to restore from.
+    pub restore: Option<Arc<CheckpointManifest>>,
 }
 
 enum Tail {
@@ -101,8 +123,22 @@ enum Tail {
 
 struct Chain {
     ops: Vec<Box<dyn Operator>>,
+    /// Plan index of each of `ops`, and of the sink at the tail (if any).
+    op_indices: Vec<usize>,
+    sink_index: Option<usize>,
     tail: Tail,
     metrics: Arc<TaskMetrics>,
+    checkpoints: Option<Checkpoints>,
+}
+
+/// What a task needs to take checkpoints.
+struct Checkpoints {
+    uploader: Arc<Uploader>,
+    reports: mpsc::Sender<WorkerMessage>,
+    job_id: String,
+    attempt: u64,
+    task: TaskId,
+    dir: PathBuf,
 }
 
 impl Chain {
@@ -207,43 +243,185 @@ impl Chain {
             Tail::Router(_) => Ok(()),
         }
     }
+
+    /// Barrier `id` passes this task: snapshot every operator (plus `extra`, the source's
+    /// position), let the sink stage its output, forward the barrier, and upload and ack in the
+    /// background.
+    async fn checkpoint(&mut self, id: u64, extra: Option<(usize, OperatorSnapshot)>) -> Result<()> {
+        let Some(c) = &self.checkpoints else {
+            // Checkpoints are off for this job, yet a barrier came: pass it on, store nothing.
+            if let Tail::Router(r) = &mut self.tail {
+                r.broadcast(Message::Barrier(id)).await?;
+            }
+            return Ok(());
+        };
+        let started = Instant::now();
+        let scratch = c.dir.join(format!("chk-{id}"));
+        let mut snapshots: Vec<(usize, OperatorSnapshot)> = extra.into_iter().collect();
+        let mut failure = None;
+        for (op, index) in self.ops.iter_mut().zip(&self.op_indices) {
+            match op.snapshot(&scratch.join(format!("op{index}"))).await {
+                Ok(s) => snapshots.push((*index, s)),
+                Err(e) => failure = Some(e),
+            }
+        }
+        match &mut self.tail {
+            Tail::Sink(s) => {
+                let inline = s.on_barrier(id).await?;
+                if let Some(index) = self.sink_index {
+                    snapshots.push((index, OperatorSnapshot { inline, files: None }));
+                }
+            }
+            Tail::Router(r) => r.broadcast(Message::Barrier(id)).await?,
+        }
+        let mut ack = CheckpointAck {
+            job_id: c.job_id.clone(),
+            attempt: c.attempt,
+            checkpoint_id: id,
+            task_id: c.task.to_string(),
+            snapshot: None,
+            declined: String::new(),
+        };
+        tracing::debug!(job_id = %c.job_id, task = %c.task, checkpoint = id, sync_ms = started.elapsed().as_millis() as u64, "snapshot taken");
+        let (uploader, reports) = (c.uploader.clone(), c.reports.clone());
+        tokio::spawn(async move {
+            let result = match failure {
+                Some(e) => Err(e),
+                None => uploader.upload(id, snapshots).await,
+            };
+            match result {
+                Ok(s) => ack.snapshot = Some(s),
+                Err(e) => {
+                    tracing::warn!(task = %ack.task_id, checkpoint = id, error = %e, "declining checkpoint");
+                    ack.declined = e.to_string();
+                }
+            }
+            let _ = tokio::fs::remove_dir_all(&scratch).await;
+            // The control stream may be gone (the attempt is over); then nobody waits for the ack.
+            let _ = reports.send(WorkerMessage { msg: Some(Report::CheckpointAck(ack)) }).await;
+        });
+        Ok(())
+    }
+
+    /// Checkpoint `id` is complete.
+    async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
+        match &mut self.tail {
+            Tail::Sink(s) => s.checkpoint_complete(id).await,
+            Tail::Router(_) => Ok(()),
+        }
+    }
 }
 
-/// Runs a task until its input ends (`Ok`) or it fails.
-pub async fn run(ctx: TaskContext) -> Result<()> {
+/// Runs a task until its input ends (`Ok`) or it fails, then removes its local files.
+pub async fn run(mut ctx: TaskContext) -> Result<()> {
+    let dir = ctx.dir.clone();
+    let result = run_task(&mut ctx).await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+    result
+}
+
+/// The earlier subtasks that stored state for operator `op`, with the key groups they owned.
+/// Operators are matched by their index in the plan, which a change of parallelism keeps (unlike
+/// the chaining of operators into tasks).
+fn earlier_snapshots(manifest: &CheckpointManifest, op: usize, max_parallelism: u32) -> Vec<(String, std::ops::Range<u32>, &TaskSnapshot)> {
+    let Some(&n) = manifest.parallelism.get(&(op as u32)) else { return Vec::new() };
+    let mut out: Vec<_> = manifest
+        .tasks
+        .iter()
+        .filter(|(_, snap)| snap.operators.iter().any(|s| s.operator as usize == op))
+        .filter_map(|(id, snap)| {
+            let t: TaskId = id.parse().ok()?;
+            Some((id.clone(), key_group_range(t.subtask, max_parallelism, n), snap))
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    out
+}
+
+async fn run_task(ctx: &mut TaskContext) -> Result<()> {
     let plan = ctx.plan.clone();
     let vertex = &plan.vertices[ctx.task.vertex];
-    let mut ops = Vec::new();
-    let mut sink = None;
-    let connector_ctx = |schema: &eddy_jobs::Schema| ConnectorContext {
+    let key_groups = key_group_range(ctx.task.subtask, plan.max_parallelism, vertex.parallelism);
+    let restore_dir = ctx.dir.join("restore");
+    // What every earlier subtask stored for operator `o` (`keyed`: only those whose key groups
+    // overlap this subtask's), fetched to local disk.
+    let fetch = |o: usize, keyed: bool| {
+        let earlier = match &ctx.restore {
+            Some(m) => earlier_snapshots(m, o, plan.max_parallelism),
+            None => Vec::new(),
+        };
+        let from: Vec<(String, &TaskSnapshot)> = earlier
+            .into_iter()
+            .filter(|(_, groups, _)| !keyed || (groups.start < key_groups.end && key_groups.start < groups.end))
+            .map(|(id, _, snap)| (id, snap))
+            .collect();
+        let storage = ctx.storage.clone();
+        let dir = restore_dir.clone();
+        async move {
+            match (&storage, from.is_empty()) {
+                (Some(storage), false) => checkpoint::fetch(storage, o, &from, &dir).await,
+                _ => Ok(Vec::new()),
+            }
+        }
+    };
+    let restored_id = ctx.restore.as_ref().map(|m| m.checkpoint_id);
+    let connector_ctx = |schema: &eddy_jobs::Schema, restore: Vec<Vec<u8>>| ConnectorContext {
         job_id: ctx.job_id.clone(),
         task: ctx.task,
         parallelism: vertex.parallelism,
         schema: schema.clone(),
         metrics: ctx.metrics.clone(),
+        checkpointing: ctx.storage.is_some(),
+        attempt: ctx.attempt,
+        restore: restored_id.map(|id| (id, restore)),
     };
+    let inline = |states: Vec<operators::RestoredState>| states.into_iter().map(|s| s.inline).collect::<Vec<_>>();
+    let mut ops = Vec::new();
+    let mut op_indices = Vec::new();
+    let mut sink = None;
+    let mut sink_index = None;
     for &o in &vertex.operators {
         let op = &plan.operators[o];
         match &op.kind {
             OperatorKind::Sink { connector } => {
-                sink = Some(connectors::sink(connector, connector_ctx(&op.schema)).await?);
+                let restore = inline(fetch(o, false).await?);
+                sink = Some(connectors::sink(connector, connector_ctx(&op.schema, restore)).await?);
+                sink_index = Some(o);
             }
             OperatorKind::Source { .. } => {}
-            _ => ops.push(operators::build(&plan, o).await?.ok_or_else(|| TaskError::internal("operator has no builder"))?),
+            kind => {
+                let octx = OperatorContext {
+                    state_dir: ctx.dir.join(format!("op{o}")),
+                    key_groups: key_groups.clone(),
+                    restore: fetch(o, matches!(kind, OperatorKind::Window(_))).await?,
+                };
+                ops.push(operators::build(&plan, o, octx).await?.ok_or_else(|| TaskError::internal("operator has no builder"))?);
+                op_indices.push(o);
+            }
         }
     }
+    let _ = tokio::fs::remove_dir_all(&restore_dir).await;
     let tail = match sink {
         Some(s) => Tail::Sink(s),
-        None => Tail::Router(Router::open(&ctx)?),
+        None => Tail::Router(Router::open(ctx)?),
     };
-    let mut chain = Chain { ops, tail, metrics: ctx.metrics.clone() };
-    match &plan.operators[vertex.operators[0]].kind {
+    let checkpoints = ctx.storage.as_ref().map(|storage| Checkpoints {
+        uploader: Arc::new(Uploader::new(storage.clone(), &ctx.job_id, &ctx.task.to_string())),
+        reports: ctx.reports.clone(),
+        job_id: ctx.job_id.clone(),
+        attempt: ctx.attempt,
+        task: ctx.task,
+        dir: ctx.dir.clone(),
+    });
+    let mut chain = Chain { ops, op_indices, sink_index, tail, metrics: ctx.metrics.clone(), checkpoints };
+    let first = vertex.operators[0];
+    match &plan.operators[first].kind {
         OperatorKind::Source { connector, event_time } => {
-            let schema = &plan.operators[vertex.operators[0]].schema;
-            let source = connectors::source(connector, connector_ctx(schema)).await?;
-            run_source(source, *event_time, &mut chain).await
+            let restore = inline(fetch(first, false).await?);
+            let source = connectors::source(connector, connector_ctx(&plan.operators[first].schema, restore)).await?;
+            run_source(source, first, *event_time, &mut chain, &mut ctx.commands).await
         }
-        _ => run_inputs(&ctx, &mut chain).await,
+        _ => run_inputs(ctx, &mut chain).await,
     }
 }
 
@@ -296,7 +474,13 @@ impl WatermarkGenerator {
     }
 }
 
-async fn run_source(mut source: Box<dyn connectors::Source>, event_time: Option<EventTime>, chain: &mut Chain) -> Result<()> {
+async fn run_source(
+    mut source: Box<dyn connectors::Source>,
+    index: usize,
+    event_time: Option<EventTime>,
+    chain: &mut Chain,
+    commands: &mut mpsc::Receiver<TaskCommand>,
+) -> Result<()> {
     let mut watermarks = event_time.map(WatermarkGenerator::new);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -318,6 +502,17 @@ async fn run_source(mut source: Box<dyn connectors::Source>, event_time: Option<
                     return chain.end().await;
                 }
             },
+            // Checkpoints: inject a barrier between two batches; confirm positions once complete.
+            Some(command) = commands.recv() => match command {
+                TaskCommand::Trigger(id) => {
+                    let position = source.snapshot(id).await?;
+                    chain.checkpoint(id, Some((index, OperatorSnapshot { inline: position, files: None }))).await?;
+                }
+                TaskCommand::Complete(id) => {
+                    source.checkpoint_complete(id).await?;
+                    chain.checkpoint_complete(id).await?;
+                }
+            },
             // Idle sources still advance their watermark, and partial batches get flushed.
             _ = tick.tick() => {
                 if let Some(wm) = watermarks.as_mut().and_then(WatermarkGenerator::on_tick) {
@@ -332,7 +527,7 @@ async fn run_source(mut source: Box<dyn connectors::Source>, event_time: Option<
     }
 }
 
-async fn run_inputs(ctx: &TaskContext, chain: &mut Chain) -> Result<()> {
+async fn run_inputs(ctx: &mut TaskContext, chain: &mut Chain) -> Result<()> {
     let key = (ctx.job_id.clone(), ctx.attempt, ctx.task);
     let mut inbox = ctx
         .inboxes
@@ -342,19 +537,32 @@ async fn run_inputs(ctx: &TaskContext, chain: &mut Chain) -> Result<()> {
     let mut watermarks = vec![i64::MIN; n];
     let mut ended = vec![false; n];
     let mut current = i64::MIN;
+    let mut aligner = Aligner::new(n);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = chain.flush_deadline();
+        // Messages held back by the last barrier alignment go first, in their order.
+        let replayed = aligner.next_replay();
+        let replaying = replayed.is_some();
         tokio::select! {
             biased;
-            delivery = inbox.recv() => {
+            delivery = async { match replayed { Some(d) => Some(d), None => inbox.recv().await } } => {
                 let delivery = delivery.ok_or_else(|| TaskError::internal("inbox closed"))?;
                 let input = delivery.input;
                 if input >= n {
                     return Err(TaskError::internal(format!("message for input {input}, task has {n}")));
                 }
+                let delivery = match aligner.offer(delivery) {
+                    Offer::Process(d) => d,
+                    Offer::Held => continue,
+                    Offer::Aligned(id) => {
+                        chain.checkpoint(id, None).await?;
+                        continue;
+                    }
+                };
                 match delivery.msg {
+                    Message::Barrier(_) => {}
                     Message::Data(batch) => chain.push(batch).await?,
                     Message::Watermark(w) => {
                         watermarks[input] = watermarks[input].max(w);
@@ -373,13 +581,23 @@ async fn run_inputs(ctx: &TaskContext, chain: &mut Chain) -> Result<()> {
                             }
                             return chain.end().await;
                         }
+                        // The inputs still running may have all delivered a pending barrier.
+                        if let Some(id) = aligner.after_end() {
+                            chain.checkpoint(id, None).await?;
+                        }
                     }
                 }
             }
+            // Completed checkpoints let sinks commit what they staged.
+            Some(command) = ctx.commands.recv(), if !replaying => {
+                if let TaskCommand::Complete(id) = command {
+                    chain.checkpoint_complete(id).await?;
+                }
+            }
             // A partly filled output batch has waited long enough.
-            _ = sleep_until_opt(deadline), if deadline.is_some() => chain.flush().await?,
+            _ = sleep_until_opt(deadline), if deadline.is_some() && !replaying => chain.flush().await?,
             // Sinks flush on time, not only on data.
-            _ = tick.tick() => chain.tick().await?,
+            _ = tick.tick(), if !replaying => chain.tick().await?,
         }
     }
 }

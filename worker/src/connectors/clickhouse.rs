@@ -60,9 +60,16 @@ const END_TIMEOUT: Duration = Duration::from_secs(60);
 /// table or database, a syntax error, or refused credentials.
 const PERMANENT_CODES: &[u32] = &[6, 16, 26, 27, 32, 38, 41, 47, 53, 60, 62, 69, 70, 72, 81, 117, 164, 192, 193, 194, 195, 497, 516];
 
+/// What the sink hands its writer.
+enum Input {
+    Rows(Batch),
+    /// Insert everything buffered now, then answer (a checkpoint barrier).
+    Flush(tokio::sync::oneshot::Sender<()>),
+}
+
 /// The ClickHouse sink: a handle on its writer task.
 pub struct ClickHouseSink {
-    batches: Option<mpsc::Sender<Batch>>,
+    batches: Option<mpsc::Sender<Input>>,
     writer: Option<JoinHandle<Result<()>>>,
 }
 
@@ -126,12 +133,26 @@ impl Sink for ClickHouseSink {
         let Some(batches) = &self.batches else {
             return Err(TaskError::internal("clickhouse sink: write after finish"));
         };
-        if batches.send(batch).await.is_err() {
+        if batches.send(Input::Rows(batch)).await.is_err() {
             self.batches = None;
             self.writer_outcome().await?;
             return Err(TaskError::internal("clickhouse sink: the writer stopped early"));
         }
         Ok(())
+    }
+
+    async fn on_barrier(&mut self, _id: u64) -> Result<Vec<u8>> {
+        // Rows before the barrier are not read again after a restore: insert them first.
+        let Some(batches) = &self.batches else {
+            return Err(TaskError::internal("clickhouse sink: checkpoint after finish"));
+        };
+        let (done, flushed) = tokio::sync::oneshot::channel();
+        if batches.send(Input::Flush(done)).await.is_err() || flushed.await.is_err() {
+            self.batches = None;
+            self.writer_outcome().await?;
+            return Err(TaskError::internal("clickhouse sink: the writer stopped early"));
+        }
+        Ok(Vec::new())
     }
 
     async fn on_watermark(&mut self, _watermark: i64) -> Result<()> {
@@ -427,7 +448,7 @@ struct Writer {
 }
 
 impl Writer {
-    async fn run(mut self, mut batches: mpsc::Receiver<Batch>) -> Result<()> {
+    async fn run(mut self, mut batches: mpsc::Receiver<Input>) -> Result<()> {
         let layout = self.load_layout().await?;
         let mut buffer = Buffer::default();
         loop {
@@ -440,7 +461,11 @@ impl Writer {
                 }
                 // Input; a closed channel is `finish` (or a dropped sink): insert the rest and stop.
                 batch = batches.recv() => match batch {
-                    Some(batch) => self.add(&layout, &mut buffer, batch).await?,
+                    Some(Input::Rows(batch)) => self.add(&layout, &mut buffer, batch).await?,
+                    Some(Input::Flush(done)) => {
+                        self.flush(&mut buffer).await?;
+                        let _ = done.send(());
+                    }
                     None => return self.flush(&mut buffer).await,
                 },
             }
@@ -761,6 +786,9 @@ mod tests {
             parallelism: 1,
             schema: schema(),
             metrics: Arc::new(TaskMetrics::default()),
+            checkpointing: false,
+            attempt: 1,
+            restore: None,
         }
     }
 

@@ -1,6 +1,16 @@
-//! The `file` sink: newline-delimited JSON, one object per row keyed by column name. Timestamps are
+//! The `file` source and sink.
+//!
+//! The source reads a file of newline-delimited JSON objects once, from subtask 0 (a file is one
+//! ordered stream); its checkpointed position is the byte offset of the next line.
+//!
+//! The sink writes newline-delimited JSON, one object per row keyed by column name. Timestamps are
 //! written as Unix milliseconds; retractions carry `"_op": "-"`. Subtask `i` of a sink with
 //! parallelism above 1 writes `<path>.<i>`.
+//!
+//! Exactly once with checkpoints: the file only grows, so on a barrier the sink flushes, syncs and
+//! stores its length; a restore cuts the file back to the length its checkpoint stored, dropping
+//! what was written after it, which the restored job writes again. (Readers may see those rows
+//! before they are cut: the guarantee is about the file once the job has finished.)
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -8,12 +18,82 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eddy_jobs::connectors::FileSinkOptions;
-use eddy_jobs::{Schema, Value};
+use eddy_jobs::Value;
 use tokio::time::Instant;
 
-use super::Sink;
+use super::{ConnectorContext, Sink};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
+
+/// Lines per batch of the source.
+const SOURCE_BATCH: usize = 1024;
+
+/// The file source.
+pub struct FileSource {
+    path: String,
+    reader: Option<std::io::BufReader<File>>,
+    schema: eddy_jobs::Schema,
+    /// Byte offset of the next line, and its number (1-based).
+    offset: u64,
+    line: u64,
+}
+
+impl FileSource {
+    /// Opens the file (subtask 0 only), at the offset a restored checkpoint stored.
+    pub fn open(o: &eddy_jobs::connectors::FileSourceOptions, ctx: &ConnectorContext) -> Result<FileSource> {
+        let mut source = FileSource { path: o.path.clone(), reader: None, schema: ctx.schema.clone(), offset: 0, line: 1 };
+        if ctx.task.subtask != 0 {
+            return Ok(source);
+        }
+        if let Some((_, states)) = &ctx.restore {
+            for s in states.iter().filter(|s| s.len() == 16) {
+                source.offset = u64::from_le_bytes(s[..8].try_into().unwrap_or_default());
+                source.line = u64::from_le_bytes(s[8..].try_into().unwrap_or_default());
+            }
+        }
+        let mut file = File::open(&o.path)
+            .map_err(|e| TaskError::user(format!("file source: options.path `{}`: {e}; check the file exists", o.path)))?;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::Start(source.offset)).map_err(|e| io_error(&o.path, e))?;
+        source.reader = Some(std::io::BufReader::with_capacity(1 << 20, file));
+        Ok(source)
+    }
+}
+
+#[async_trait]
+impl super::Source for FileSource {
+    async fn next_batch(&mut self) -> Result<Option<Batch>> {
+        let Some(reader) = self.reader.as_mut() else { return Ok(None) };
+        let mut batch = Batch::with_capacity(SOURCE_BATCH);
+        let mut buf = Vec::with_capacity(256);
+        while batch.len() < SOURCE_BATCH {
+            buf.clear();
+            let n = std::io::BufRead::read_until(reader, b'\n', &mut buf).map_err(|e| io_error(&self.path, e))?;
+            if n == 0 {
+                break;
+            }
+            self.offset += n as u64;
+            let at = self.line;
+            self.line += 1;
+            let text = buf.trim_ascii();
+            if text.is_empty() {
+                continue;
+            }
+            let row = serde_json::from_slice(text)
+                .map_err(|e| e.to_string())
+                .and_then(|json| crate::json::row_from_json(&self.schema, &json))
+                .map_err(|e| TaskError::user(format!("file source `{}` line {at}: {e}", self.path)))?;
+            batch.push(row, Op::Insert);
+        }
+        Ok((!batch.is_empty()).then_some(batch))
+    }
+
+    async fn snapshot(&mut self, _id: u64) -> Result<Vec<u8>> {
+        if self.reader.is_none() {
+            return Ok(Vec::new());
+        }
+        Ok([self.offset, self.line].iter().flat_map(|w| w.to_le_bytes()).collect())
+    }
+}
 
 /// The file sink.
 pub struct FileSink {
@@ -26,13 +106,22 @@ pub struct FileSink {
 }
 
 impl FileSink {
-    /// Creates (truncates) the subtask's file.
-    pub fn open(o: &FileSinkOptions, schema: &Schema, subtask: u32, parallelism: u32) -> Result<FileSink> {
+    /// Creates (truncates) the subtask's file, or on a restore cuts it back to its checkpointed
+    /// length.
+    pub fn open(o: &FileSinkOptions, ctx: &ConnectorContext) -> Result<FileSink> {
+        let (schema, subtask, parallelism) = (&ctx.schema, ctx.task.subtask, ctx.parallelism);
         let path = if parallelism > 1 { format!("{}.{subtask}", o.path) } else { o.path.clone() };
         if let Some(dir) = std::path::Path::new(&path).parent() {
             std::fs::create_dir_all(dir).map_err(|e| io_error(&path, e))?;
         }
-        let file = File::create(&path).map_err(|e| io_error(&path, e))?;
+        let length = match &ctx.restore {
+            None => 0,
+            Some((_, states)) => states.iter().filter_map(|s| stored_length(s, &path)).max().unwrap_or(0),
+        };
+        let file = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path).map_err(|e| io_error(&path, e))?;
+        file.set_len(length).map_err(|e| io_error(&path, e))?;
+        let mut file = file;
+        std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(|e| io_error(&path, e))?;
         Ok(FileSink {
             path,
             out: BufWriter::with_capacity(1 << 16, file),
@@ -42,6 +131,12 @@ impl FileSink {
             started: Instant::now(),
         })
     }
+}
+
+/// The length a checkpoint stored for `path`, if this state is about that file.
+fn stored_length(state: &[u8], path: &str) -> Option<u64> {
+    let length = u64::from_le_bytes(state.get(..8)?.try_into().ok()?);
+    (state.get(8..)? == path.as_bytes()).then_some(length)
 }
 
 fn io_error(path: &str, e: std::io::Error) -> TaskError {
@@ -94,6 +189,16 @@ impl Sink for FileSink {
 
     async fn tick(&mut self) -> Result<()> {
         self.out.flush().map_err(|e| io_error(&self.path, e))
+    }
+
+    async fn on_barrier(&mut self, _id: u64) -> Result<Vec<u8>> {
+        self.out.flush().map_err(|e| io_error(&self.path, e))?;
+        let file = self.out.get_ref();
+        file.sync_data().map_err(|e| io_error(&self.path, e))?;
+        let length = file.metadata().map_err(|e| io_error(&self.path, e))?.len();
+        let mut state = length.to_le_bytes().to_vec();
+        state.extend_from_slice(self.path.as_bytes());
+        Ok(state)
     }
 
     async fn finish(&mut self) -> Result<()> {

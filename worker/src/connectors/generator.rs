@@ -1,6 +1,7 @@
 //! The `generator` source: deterministic synthetic events for tests, demos and benchmarks.
 //! Subtask `i` of `p` produces rows `seq = i, i + p, i + 2p, …`; every column is a pure function of
 //! (`seed`, `seq`), so any run — and any reference computed in a test — sees the same events.
+//! Its checkpointed position is the next `seq`; a restore needs the same parallelism.
 
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use tokio::time::Instant;
 
 use super::Source;
 use crate::batch::Batch;
-use crate::error::Result;
+use crate::error::{Result, TaskError};
 
 const BATCH_ROWS: u64 = 1024;
 
@@ -32,6 +33,29 @@ impl Generator {
         let rate = options.rate.map(|r| r as f64 / parallelism as f64);
         Generator { options, next_seq: subtask as u64, step: parallelism as u64, produced: 0, started: None, rate }
     }
+
+    /// Continues where this subtask's entry in a checkpoint left off.
+    pub fn restored(mut self, states: &[Vec<u8>]) -> Result<Generator> {
+        for state in states {
+            let (Some(subtask), Some(step), Some(next)) = (word(state, 0), word(state, 1), word(state, 2)) else {
+                return Err(TaskError::internal("generator: corrupt checkpoint state"));
+            };
+            if step != self.step {
+                return Err(TaskError::user(format!(
+                    "the generator ran with parallelism {step} when the checkpoint was taken; give its [[source]] that \
+                     parallelism explicitly to restore it with another job parallelism"
+                )));
+            }
+            if subtask == self.next_seq % self.step {
+                self.next_seq = next;
+            }
+        }
+        Ok(self)
+    }
+}
+
+fn word(state: &[u8], i: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(state.get(i * 8..i * 8 + 8)?.try_into().ok()?))
 }
 
 /// splitmix64: a good 64-bit mix of (seed, seq, column).
@@ -75,5 +99,10 @@ impl Source for Generator {
         }
         self.produced += batch.len() as u64;
         Ok(Some(batch))
+    }
+
+    async fn snapshot(&mut self, _id: u64) -> Result<Vec<u8>> {
+        let subtask = self.next_seq % self.step;
+        Ok([subtask, self.step, self.next_seq].iter().flat_map(|w| w.to_le_bytes()).collect())
     }
 }

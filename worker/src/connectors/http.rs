@@ -172,6 +172,14 @@ impl Sink for HttpSink {
         self.settle_ready()
     }
 
+    async fn on_barrier(&mut self, _id: u64) -> Result<Vec<u8>> {
+        // Rows before the barrier are not read again after a restore: deliver them first.
+        while let Some(joined) = self.in_flight.join_next().await {
+            self.settle(joined)?;
+        }
+        Ok(Vec::new())
+    }
+
     async fn finish(&mut self) -> Result<()> {
         while let Some(joined) = self.in_flight.join_next().await {
             self.settle(joined)?;
@@ -450,6 +458,9 @@ mod tests {
             parallelism: 1,
             schema: schema(),
             metrics: Arc::new(TaskMetrics::default()),
+            checkpointing: false,
+            attempt: 1,
+            restore: None,
         }
     }
 

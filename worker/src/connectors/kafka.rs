@@ -6,13 +6,19 @@
 //! the key. `json`: values only, append-only. `raw` (sink only): the text of the row's single
 //! VARCHAR column as the value, for payloads serialized upstream.
 //!
-//! **Source.** Joins a consumer group, so the topic's partitions are spread over the source's
-//! subtasks. In upsert mode it keeps each key's last row (keys are partitioned, so each key lives in
-//! one subtask) and turns the topic into a changelog: a new value for a known key retracts the old
-//! row and inserts the new one; a tombstone retracts it. Re-reading a record therefore changes
-//! nothing downstream. Offsets are stored once a batch has been handed on and committed by
-//! librdkafka in the background (at least once; checkpoints will make it exact). Malformed records
-//! follow `bad_records`: fail the task, drop and count, or dead-letter to a file and count.
+//! **Source.** Subtask `i` of `n` reads the partitions `p` with `p % n == i` (assigned by Eddy, as
+//! Flink's Kafka source does, so a restore knows which positions and keys each subtask owns); the
+//! consumer group only records committed offsets, for lag and for a fresh start. In upsert mode it
+//! keeps each key's last row (keys are partitioned, so each key lives in one subtask) and turns the
+//! topic into a changelog: a new value for a known key retracts the old row and inserts the new
+//! one; a tombstone retracts it. Re-reading a record therefore changes nothing downstream.
+//!
+//! With checkpoints, the next offset of every partition and the upsert state (each key's last row,
+//! with its partition) go into each checkpoint; a restore seeks to those offsets, so every record
+//! after the checkpoint is read again exactly once into the restored state. Offsets are committed
+//! to the group when a checkpoint completes. Without checkpoints, offsets are stored once a batch
+//! has been handed on and committed by librdkafka in the background (at least once). Malformed
+//! records follow `bad_records`: fail the task, drop and count, or dead-letter to a file and count.
 //!
 //! **Sink.** An idempotent producer (`enable.idempotence`), `acks=all`. `write` returns once the
 //! broker has acknowledged every record of the batch. An update arrives as a retraction followed by
@@ -28,10 +34,11 @@ use async_trait::async_trait;
 use eddy_jobs::connectors::{BadRecordPolicy, KafkaFormat, KafkaSinkOptions, KafkaSourceOptions};
 use eddy_jobs::{Schema, Value};
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
 use serde_json::Value as Json;
 use tracing::warn;
@@ -66,14 +73,24 @@ impl ConsumerContext for LagContext {}
 
 /// Reads a topic as a changelog (upsert) or as appends (json).
 pub struct KafkaSource {
-    consumer: StreamConsumer<LagContext>,
+    consumer: Arc<StreamConsumer<LagContext>>,
     options: KafkaSourceOptions,
     schema: Schema,
     key_columns: Vec<usize>,
-    /// Upsert state: each key's current row.
-    current: HashMap<Vec<u8>, Vec<Value>>,
-    /// Highest offset handed out per partition, stored once handed on.
+    /// Upsert state: each key's current row and the partition it came from.
+    current: HashMap<Vec<u8>, (i32, Vec<Value>)>,
+    /// Highest offset handed out per partition, stored once handed on (without checkpoints).
     pending: HashMap<i32, i64>,
+    /// Next offset to read per partition read so far (restored ones included).
+    positions: HashMap<i32, i64>,
+    /// Positions of checkpoints taken and not yet complete, committed when they are.
+    snapshots: Vec<(u64, HashMap<i32, i64>)>,
+    checkpointing: bool,
+    subtask: u32,
+    parallelism: u32,
+    /// Whether this subtask's partitions are assigned yet (the topic may not exist yet).
+    assigned: bool,
+    next_discovery: tokio::time::Instant,
     /// Records taken from the consumer and not yet turned into a batch.
     received: Vec<OwnedMessage>,
     metrics: Arc<TaskMetrics>,
@@ -82,7 +99,7 @@ pub struct KafkaSource {
 }
 
 impl KafkaSource {
-    /// Creates the consumer and subscribes to the topic.
+    /// Creates the consumer; partitions are assigned once the topic exists.
     pub fn start(o: &KafkaSourceOptions, ctx: ConnectorContext) -> Result<KafkaSource> {
         let lag = Arc::new(AtomicI64::new(0));
         let consumer: StreamConsumer<LagContext> = ClientConfig::new()
@@ -90,7 +107,7 @@ impl KafkaSource {
             .set("group.id", &o.group_id)
             .set("client.id", format!("eddy-{}-{}", ctx.job_id, ctx.task))
             .set("auto.offset.reset", &o.start)
-            .set("enable.auto.commit", "true")
+            .set("enable.auto.commit", if ctx.checkpointing { "false" } else { "true" })
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("statistics.interval.ms", "1000")
@@ -99,9 +116,6 @@ impl KafkaSource {
             .set("fetch.wait.max.ms", "10")
             .create_with_context(LagContext { lag: lag.clone() })
             .map_err(|e| TaskError::external(format!("kafka consumer for {}: {e}", o.brokers)))?;
-        consumer
-            .subscribe(&[&o.topic])
-            .map_err(|e| TaskError::external(format!("subscribing to kafka topic `{}`: {e}", o.topic)))?;
         let key_columns = o.primary_key.iter().filter_map(|k| ctx.schema.index_of(k)).collect();
         let dead_letters = match (&o.bad_records, &o.dead_letter_path) {
             (BadRecordPolicy::DeadLetter, Some(path)) => Some(
@@ -113,18 +127,100 @@ impl KafkaSource {
             ),
             _ => None,
         };
-        Ok(KafkaSource {
-            consumer,
+        let mut source = KafkaSource {
+            consumer: Arc::new(consumer),
             options: o.clone(),
             schema: ctx.schema.clone(),
             key_columns,
             current: HashMap::new(),
             pending: HashMap::new(),
+            positions: HashMap::new(),
+            snapshots: Vec::new(),
+            checkpointing: ctx.checkpointing,
+            subtask: ctx.task.subtask,
+            parallelism: ctx.parallelism,
+            assigned: false,
+            next_discovery: tokio::time::Instant::now(),
             received: Vec::new(),
             metrics: ctx.metrics,
             lag,
             dead_letters,
-        })
+        };
+        if let Some((_, states)) = &ctx.restore {
+            for state in states {
+                source.restore(state)?;
+            }
+        }
+        Ok(source)
+    }
+
+    fn owns(&self, partition: i32) -> bool {
+        partition.rem_euclid(self.parallelism as i32) as u32 == self.subtask
+    }
+
+    /// Takes the positions and keys this subtask owns from one earlier subtask's state.
+    fn restore(&mut self, state: &[u8]) -> Result<()> {
+        let corrupt = || TaskError::internal("kafka source: corrupt checkpoint state");
+        let n = u32::from_le_bytes(state.get(..4).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?) as usize;
+        let mut at = 4;
+        for _ in 0..n {
+            let p = i32::from_le_bytes(state.get(at..at + 4).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?);
+            let o = i64::from_le_bytes(state.get(at + 4..at + 12).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?);
+            at += 12;
+            if self.owns(p) {
+                self.positions.insert(p, o);
+            }
+        }
+        let crate::batch::Message::Data(rows) = crate::codec::decode(state.get(at..).ok_or_else(corrupt)?).map_err(|_| corrupt())? else {
+            return Err(corrupt());
+        };
+        for mut row in rows.rows {
+            let (Some(Value::Int(p)), Some(Value::String(key))) = (row.first().cloned(), row.get(1).cloned()) else {
+                return Err(corrupt());
+            };
+            if self.owns(p as i32) {
+                let values = row.split_off(2);
+                self.current.insert(key.as_bytes().to_vec(), (p as i32, values));
+            }
+        }
+        Ok(())
+    }
+
+    /// Assigns this subtask's partitions once the topic exists: at the restored positions, else
+    /// at the group's committed offsets (or `start` without any).
+    async fn assign(&mut self) -> Result<()> {
+        while !self.assigned {
+            tokio::time::sleep_until(self.next_discovery).await;
+            self.next_discovery = tokio::time::Instant::now() + Duration::from_millis(500);
+            let consumer = self.consumer.clone();
+            let topic = self.options.topic.clone();
+            let partitions = tokio::task::spawn_blocking(move || {
+                consumer
+                    .fetch_metadata(Some(&topic), Duration::from_secs(2))
+                    .map(|m| m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<i32>>())
+            })
+            .await
+            .map_err(|e| TaskError::internal(format!("kafka metadata: {e}")))?;
+            let partitions = match partitions {
+                Ok(p) if !p.is_empty() => p,
+                Ok(_) => continue, // the topic does not exist yet: its producer creates it
+                Err(e) => {
+                    warn!(topic = %self.options.topic, error = %e, "kafka: cannot read topic metadata; retrying");
+                    continue;
+                }
+            };
+            let mut list = TopicPartitionList::new();
+            for p in partitions.into_iter().filter(|p| self.owns(*p)) {
+                let offset = self.positions.get(&p).map_or(Offset::Stored, |o| Offset::Offset(*o));
+                list.add_partition_offset(&self.options.topic, p, offset)
+                    .map_err(|e| TaskError::internal(format!("kafka: {e}")))?;
+            }
+            self.consumer
+                .assign(&list)
+                .map_err(|e| TaskError::external(format!("kafka: assigning partitions of `{}`: {e}", self.options.topic)))?;
+            self.assigned = true;
+        }
+        Ok(())
     }
 
     /// Turns one record into changelog rows.
@@ -150,7 +246,7 @@ impl KafkaSource {
         };
         let previous = match value {
             Some(row) => {
-                let previous = self.current.insert(key, row.clone());
+                let previous = self.current.insert(key, (m.partition(), row.clone())).map(|(_, row)| row);
                 if previous.as_ref() == Some(&row) {
                     return Ok(()); // a replay of what we already have
                 }
@@ -160,7 +256,7 @@ impl KafkaSource {
                 out.push(row, Op::Insert);
                 return Ok(());
             }
-            None => self.current.remove(&key),
+            None => self.current.remove(&key).map(|(_, row)| row),
         };
         if let Some(p) = previous {
             out.push(p, Op::Retract);
@@ -197,6 +293,7 @@ impl KafkaSource {
 
     fn take_owned(&mut self, m: &OwnedMessage, out: &mut Batch) -> Result<()> {
         self.pending.insert(m.partition(), m.offset());
+        self.positions.insert(m.partition(), m.offset() + 1);
         if let Err(e) = self.decode(m, out) {
             self.bad_record(m, e)?;
         }
@@ -214,6 +311,7 @@ impl Source for KafkaSource {
         // Received records wait in `self.received`, not in a local: if this future is dropped at
         // an await below (the runtime's select! may do so), nothing already taken from the
         // consumer is lost.
+        self.assign().await?;
         if self.received.is_empty() {
             let first = self.consumer.recv().await.map_err(|e| TaskError::external(format!("kafka: {e}")))?;
             self.received.push(first.detach());
@@ -233,6 +331,9 @@ impl Source for KafkaSource {
     }
 
     async fn handed_on(&mut self) -> Result<()> {
+        if self.checkpointing {
+            return Ok(()); // offsets are committed with checkpoints
+        }
         for (partition, offset) in self.pending.drain() {
             // The stored offset is the next one to read.
             self.consumer
@@ -244,6 +345,43 @@ impl Source for KafkaSource {
 
     async fn tick(&mut self) -> Result<()> {
         self.metrics.set_gauge("consumer_lag", self.lag.load(Ordering::Relaxed));
+        Ok(())
+    }
+
+    async fn snapshot(&mut self, id: u64) -> Result<Vec<u8>> {
+        let mut out = Vec::with_capacity(4 + self.positions.len() * 12);
+        out.extend_from_slice(&(self.positions.len() as u32).to_le_bytes());
+        for (p, o) in &self.positions {
+            out.extend_from_slice(&p.to_le_bytes());
+            out.extend_from_slice(&o.to_le_bytes());
+        }
+        let mut rows = Batch::with_capacity(self.current.len());
+        for (key, (p, row)) in &self.current {
+            let mut r = Vec::with_capacity(row.len() + 2);
+            r.push(Value::Int(*p as i64));
+            r.push(Value::String(String::from_utf8_lossy(key).into()));
+            r.extend(row.iter().cloned());
+            rows.push(r, Op::Insert);
+        }
+        out.extend_from_slice(&crate::codec::encode(&crate::batch::Message::Data(rows)));
+        self.snapshots.push((id, self.positions.clone()));
+        Ok(out)
+    }
+
+    async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
+        let Some(i) = self.snapshots.iter().position(|(s, _)| *s == id) else { return Ok(()) };
+        let (_, positions) = self.snapshots.remove(i);
+        self.snapshots.drain(..i); // older ones are superseded
+        let mut list = TopicPartitionList::new();
+        for (p, o) in positions {
+            list.add_partition_offset(&self.options.topic, p, Offset::Offset(o))
+                .map_err(|e| TaskError::internal(format!("kafka: {e}")))?;
+        }
+        // Only for lag and fresh starts: a restore seeks to the checkpoint's own offsets. A failed
+        // commit is therefore not worth failing the job for.
+        if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
+            warn!(topic = %self.options.topic, error = %e, "kafka: committing checkpoint offsets failed");
+        }
         Ok(())
     }
 }

@@ -32,6 +32,14 @@ pub struct ConnectorContext {
     pub schema: Schema,
     /// The task's counters and gauges, for lag, progress and dead-letter counts.
     pub metrics: Arc<TaskMetrics>,
+    /// Whether the job takes checkpoints: then sources confirm positions upstream only when a
+    /// checkpoint holding them completes, not when batches are handed on.
+    pub checkpointing: bool,
+    /// The job's attempt (1 for the first run; higher after restarts).
+    pub attempt: u64,
+    /// When restoring: the checkpoint, and what every earlier subtask of this connector stored in
+    /// it (sources pick what they own now; sinks learn which checkpoint survived).
+    pub restore: Option<(u64, Vec<Vec<u8>>)>,
 }
 
 /// Produces batches. `next_batch` must be cancel-safe: dropping its future loses nothing.
@@ -40,9 +48,20 @@ pub trait Source: Send {
     /// The next batch, or `None` once the source is exhausted.
     async fn next_batch(&mut self) -> Result<Option<Batch>>;
 
-    /// Every batch returned so far has been handed to the next task. Until checkpoints exist this
-    /// is when a source may confirm its position upstream (a replication slot's LSN).
+    /// Every batch returned so far has been handed to the next task. Without checkpoints this is
+    /// when a source may confirm its position upstream (a replication slot's LSN).
     async fn handed_on(&mut self) -> Result<()> {
+        Ok(())
+    }
+
+    /// Checkpoint `id` starts here: the position to resume from so that exactly the batches
+    /// returned after this call are read again, as bytes this source can read back on restore.
+    async fn snapshot(&mut self, _id: u64) -> Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+
+    /// Checkpoint `id` is complete: the position it holds may be confirmed upstream.
+    async fn checkpoint_complete(&mut self, _id: u64) -> Result<()> {
         Ok(())
     }
 
@@ -66,6 +85,15 @@ pub trait Sink: Send {
     async fn tick(&mut self) -> Result<()> {
         Ok(())
     }
+    /// A checkpoint barrier arrived: everything written before it must be safely out (or staged
+    /// for [`Sink::checkpoint_complete`]) when this returns. Returns what to store in the checkpoint.
+    async fn on_barrier(&mut self, _id: u64) -> Result<Vec<u8>> {
+        Ok(Vec::new())
+    }
+    /// Checkpoint `id` is complete: commit what was staged for it.
+    async fn checkpoint_complete(&mut self, _id: u64) -> Result<()> {
+        Ok(())
+    }
     /// No more input: flush everything.
     async fn finish(&mut self) -> Result<()>;
 }
@@ -73,16 +101,20 @@ pub trait Sink: Send {
 /// Builds a source instance: every source connector is registered here.
 pub async fn source(connector: &SourceConnector, ctx: ConnectorContext) -> Result<Box<dyn Source>> {
     Ok(match connector {
-        SourceConnector::Generator(o) => Box::new(generator::Generator::new(o.clone(), ctx.task.subtask, ctx.parallelism)),
+        SourceConnector::Generator(o) => {
+            let restore = ctx.restore.as_ref().map(|(_, states)| states.as_slice()).unwrap_or_default();
+            Box::new(generator::Generator::new(o.clone(), ctx.task.subtask, ctx.parallelism).restored(restore)?)
+        }
         SourceConnector::PostgresCdc(o) => Box::new(postgres_cdc::PostgresCdc::start(o, ctx).await?),
         SourceConnector::Kafka(o) => Box::new(kafka::KafkaSource::start(o, ctx)?),
+        SourceConnector::File(o) => Box::new(file::FileSource::open(o, &ctx)?),
     })
 }
 
 /// Builds a sink instance: every sink connector is registered here.
 pub async fn sink(connector: &SinkConnector, ctx: ConnectorContext) -> Result<Box<dyn Sink>> {
     Ok(match connector {
-        SinkConnector::File(o) => Box::new(file::FileSink::open(o, &ctx.schema, ctx.task.subtask, ctx.parallelism)?),
+        SinkConnector::File(o) => Box::new(file::FileSink::open(o, &ctx)?),
         SinkConnector::Discard => Box::new(Discard),
         SinkConnector::Kafka(o) => Box::new(kafka::KafkaSink::start(o, ctx).await?),
         SinkConnector::Redis(o) => Box::new(redis::RedisLeaderboard::connect(o, ctx).await?),

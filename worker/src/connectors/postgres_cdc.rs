@@ -146,6 +146,14 @@ pub struct PostgresCdc {
     confirmed: Lsn,
     metrics: Arc<TaskMetrics>,
     lag: Option<LagProbe>,
+    /// Positions are confirmed when checkpoints complete, not when batches are handed on.
+    checkpointing: bool,
+    /// Every snapshot row has been returned (or there was no snapshot to read).
+    snapshot_done: bool,
+    /// Positions of checkpoints taken and not complete yet.
+    pending: Vec<(u64, Lsn)>,
+    /// The version floor of changes (see `Changes::floor`).
+    floor: Lsn,
 }
 
 /// What the reader task hands to `next_batch`, in order.
@@ -173,6 +181,10 @@ impl PostgresCdc {
             confirmed: Lsn(0),
             metrics: ctx.metrics.clone(),
             lag: None,
+            checkpointing: ctx.checkpointing,
+            snapshot_done: false,
+            pending: Vec::new(),
+            floor: Lsn(0),
         };
         if ctx.task.subtask != 0 {
             info!(job_id = %ctx.job_id, task = %ctx.task, "postgres_cdc: one replication slot is one stream; only subtask 0 reads");
@@ -185,11 +197,24 @@ impl PostgresCdc {
         let control = Arc::new(connect(&pg, "the control connection").await?);
         let table = Table::resolve(&control, &o.table, declared, o.version_column.is_some()).await?;
         ensure_publication(&control, &o.publication, &table).await?;
-        let existing = existing_slot(&control, &o.slot).await?;
+        let mut existing = existing_slot(&control, &o.slot).await?;
+        // With checkpoints, the snapshot counts as read only once a checkpoint taken after it
+        // completed. A restart without such a checkpoint reads everything again, on a new slot
+        // (the Kafka topic it feeds is an upsert log: rows sent twice change nothing).
+        let snapshot_checkpointed = match &ctx.restore {
+            Some((_, states)) => states.iter().any(|s| s.first() == Some(&1)),
+            None => !(ctx.checkpointing && ctx.attempt > 1),
+        };
+        if existing.is_some() && !snapshot_checkpointed && o.snapshot {
+            warn!(job_id = %ctx.job_id, slot = %o.slot, "postgres_cdc: no completed checkpoint holds the whole snapshot; dropping the slot to read it again");
+            drop_slot(&control, &o.slot).await?;
+            existing = None;
+        }
 
         let mut repl = ReplicationClient::connect_gated(replication_config(&pg, o, &ctx)?)
             .await
             .map_err(|e| wire_error("opening the replication session", e))?;
+        let fresh_slot = existing.is_none();
         let (start, snapshot) = match existing {
             Some(confirmed) => {
                 info!(job_id = %ctx.job_id, slot = %o.slot, lsn = %confirmed, "postgres_cdc: slot exists; resuming the stream without a snapshot");
@@ -222,6 +247,14 @@ impl PostgresCdc {
             }
         };
         source.metrics.set_gauge("confirmed_lsn", start.0 as i64);
+        source.snapshot_done = snapshot.is_none();
+        // A new slot's floor is its consistent point; a resumed one keeps the floor its checkpoint
+        // recorded (without one, the position it resumes from is the best there is).
+        let restored_floor = match (&ctx.restore, fresh_slot) {
+            (Some((_, states)), false) => states.iter().filter_map(|s| s.get(9..17)).find_map(|b| b.try_into().ok().map(u64::from_le_bytes)),
+            _ => None,
+        };
+        source.floor = Lsn(restored_floor.unwrap_or(start.0));
         if snapshot.is_none() {
             source.metrics.set_gauge("snapshot_rows_total", 0);
             source.metrics.set_gauge("snapshot_rows_done", 0);
@@ -232,7 +265,7 @@ impl PostgresCdc {
         let reader = Reader {
             out: tx,
             confirm: source.confirm.subscribe(),
-            changes: Changes { table, relation: None, start },
+            changes: Changes { table, relation: None, start, floor: source.floor },
             metrics: source.metrics.clone(),
             control: control.clone(),
             slot: o.slot.clone(),
@@ -286,7 +319,10 @@ impl Source for PostgresCdc {
                     return Ok(Some(batch));
                 }
                 Some(Ok(Chunk::Progress(lsn))) => self.returned = self.returned.max(lsn),
-                Some(Ok(Chunk::SnapshotEnd)) => self.snapshot_returned = true,
+                Some(Ok(Chunk::SnapshotEnd)) => {
+                    self.snapshot_returned = true;
+                    self.snapshot_done = true;
+                }
                 Some(Err(e)) => return Err(e),
                 None => return Err(TaskError::internal("postgres_cdc: the replication reader ended without an error")),
             }
@@ -299,12 +335,28 @@ impl Source for PostgresCdc {
                 let _ = ack.send(());
             }
         }
-        if self.returned > self.confirmed {
-            self.confirmed = self.returned;
-            // The reader may have ended; its error comes through `next_batch`.
-            let _ = self.confirm.send(self.confirmed);
-            self.metrics.set_gauge("confirmed_lsn", self.confirmed.0 as i64);
+        if !self.checkpointing {
+            self.confirm_up_to(self.returned);
         }
+        Ok(())
+    }
+
+    async fn snapshot(&mut self, id: u64) -> Result<Vec<u8>> {
+        if self.chunks.is_none() {
+            return Ok(Vec::new()); // a subtask that reads nothing
+        }
+        self.pending.push((id, self.returned));
+        let mut state = vec![u8::from(self.snapshot_done)];
+        state.extend_from_slice(&self.returned.0.to_le_bytes());
+        state.extend_from_slice(&self.floor.0.to_le_bytes());
+        Ok(state)
+    }
+
+    async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
+        let Some(i) = self.pending.iter().position(|(c, _)| *c == id) else { return Ok(()) };
+        let (_, lsn) = self.pending[i];
+        self.pending.drain(..=i);
+        self.confirm_up_to(lsn);
         Ok(())
     }
 
@@ -313,6 +365,18 @@ impl Source for PostgresCdc {
             lag.poll();
         }
         Ok(())
+    }
+}
+
+impl PostgresCdc {
+    /// Lets the reader report `lsn` to the slot (positions only move forward).
+    fn confirm_up_to(&mut self, lsn: Lsn) {
+        if lsn > self.confirmed {
+            self.confirmed = lsn;
+            // The reader may have ended; its error comes through `next_batch`.
+            let _ = self.confirm.send(self.confirmed);
+            self.metrics.set_gauge("confirmed_lsn", self.confirmed.0 as i64);
+        }
     }
 }
 
@@ -689,6 +753,15 @@ async fn import_snapshot(pg: &tokio_postgres::Config, name: &str) -> Result<Clie
 
 /// Drops a slot created by this run whose snapshot was not handed on, so the next start takes a new
 /// one. Best effort: the error that led here is the one reported.
+/// Drops an idle slot (after `existing_slot` saw no session holding it).
+async fn drop_slot(control: &Client, slot: &str) -> Result<()> {
+    control
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await
+        .map(|_| ())
+        .map_err(|e| pg_error("postgres_cdc: dropping the replication slot to take a new snapshot", e))
+}
+
 async fn abandon_slot(control: &Client, slot: &str) {
     let deadline = Instant::now() + SLOT_RELEASE_WAIT;
     loop {
@@ -965,8 +1038,13 @@ struct Changes {
     table: Table,
     /// Where each column of the latest relation message for the table goes in an output row.
     relation: Option<Vec<Option<usize>>>,
-    /// The slot position this run streams from: snapshot rows' version, changes' floor.
+    /// The slot position this run streams from (and the snapshot rows' version).
     start: Lsn,
+    /// Changes get at least version `floor + 1`: the slot's consistent point, where its snapshot
+    /// was taken, so a change committed after the snapshot outranks the snapshot's row even if its
+    /// WAL record is older. Kept for the slot's whole life (in checkpoints), so a replay after a
+    /// restore gives every change the version it had the first time.
+    floor: Lsn,
 }
 
 impl Changes {
@@ -974,7 +1052,7 @@ impl Changes {
     fn on_message(&mut self, data: &[u8], wal_start: Lsn, pending: &mut Batch) -> Result<()> {
         let message =
             decode_pgoutput(data).map_err(|m| TaskError::internal(format!("postgres_cdc: at {wal_start}: {m}")))?;
-        let version = wal_start.0.max(self.start.0 + 1);
+        let version = wal_start.0.max(self.floor.0 + 1);
         match message {
             PgOutput::Relation(rel) if rel.id == self.table.oid => self.relation = Some(self.map_relation(&rel)?),
             PgOutput::Insert { relation, new } if relation == self.table.oid => {
@@ -1549,7 +1627,7 @@ mod tests {
             columns: columns.iter().map(|(n, t)| (n.to_string(), *t)).collect(),
             versioned,
         };
-        Changes { table, relation: None, start: Lsn(0x196_0000) }
+        Changes { table, relation: None, start: Lsn(0x196_0000), floor: Lsn(0x196_0000) }
     }
 
     #[test]
@@ -1609,7 +1687,7 @@ mod tests {
             columns: vec![("id".into(), DataType::Int), ("big".into(), DataType::String), ("k".into(), DataType::Int)],
             versioned: false,
         };
-        let mut changes = Changes { table, relation: None, start: Lsn(0) };
+        let mut changes = Changes { table, relation: None, start: Lsn(0), floor: Lsn(0) };
         let mut batch = Batch::default();
         changes.on_message(&hex(FY_RELATION), Lsn(0), &mut batch).unwrap();
         changes.on_message(&fy_update(), Lsn(0x197_1BC8), &mut batch).unwrap();
@@ -1654,6 +1732,9 @@ mod tests {
             parallelism: 2,
             schema: eddy_jobs::connectors::parse_columns(&o.columns).unwrap(),
             metrics: Arc::new(TaskMetrics::default()),
+            checkpointing: false,
+            attempt: 1,
+            restore: None,
         };
         let mut source = PostgresCdc::start(&o, ctx).await.unwrap();
         assert_eq!(source.next_batch().await.unwrap(), None);
@@ -1782,6 +1863,9 @@ mod tests {
                     parallelism: 1,
                     schema,
                     metrics: metrics.clone(),
+                    checkpointing: false,
+                    attempt: 1,
+                    restore: None,
                 };
                 (PostgresCdc::start(o, ctx).await, metrics)
             }

@@ -105,6 +105,19 @@ impl RedisLeaderboard {
             windows: Windows::default(),
             ctx,
         };
+        // Window results that waited for their window's end when the checkpoint was taken.
+        if let Some((_, states)) = &sink.ctx.restore {
+            for state in states {
+                let Ok(crate::batch::Message::Data(rows)) = crate::codec::decode(state) else {
+                    return Err(TaskError::internal("redis sink: corrupt checkpoint state"));
+                };
+                for row in rows.rows {
+                    if let [Value::Int(end), Value::String(member), Value::Float(score)] = row.as_slice() {
+                        sink.windows.by_end.entry(*end).or_default().insert(member.to_string(), *score);
+                    }
+                }
+            }
+        }
         if let Err(e) = sink.connection().await {
             tracing::warn!(job_id = %sink.ctx.job_id, task = %sink.ctx.task, error = %e, "redis sink: Redis unreachable at start; will retry on the first write");
         }
@@ -198,6 +211,17 @@ impl Sink for RedisLeaderboard {
             Some((end, scores)) => self.replace(end, &scores).await,
             None => Ok(()),
         }
+    }
+
+    async fn on_barrier(&mut self, _id: u64) -> Result<Vec<u8>> {
+        // Buffered windows were fired before the barrier: a restore must not lose them.
+        let mut rows = Batch::default();
+        for (end, window) in &self.windows.by_end {
+            for (member, score) in window {
+                rows.push(vec![Value::Int(*end), Value::String(member.as_str().into()), Value::Float(*score)], Op::Insert);
+            }
+        }
+        Ok(crate::codec::encode(&crate::batch::Message::Data(rows)))
     }
 
     async fn finish(&mut self) -> Result<()> {
@@ -316,6 +340,9 @@ mod tests {
                 Field::new("window_end", DataType::Timestamp),
             ]),
             metrics: Arc::new(TaskMetrics::default()),
+            checkpointing: false,
+            attempt: 1,
+            restore: None,
         }
     }
 

@@ -6,11 +6,13 @@ pub mod lookup;
 pub mod transform;
 pub mod window;
 
+use std::ops::Range;
+use std::path::PathBuf;
+
 use eddy_jobs::plan::{OperatorKind, Plan};
 
 use crate::batch::Batch;
 use crate::error::Result;
-use crate::state::MemoryWindowState;
 
 /// Where an operator puts its output.
 #[derive(Debug, Default)]
@@ -19,6 +21,36 @@ pub struct Collector {
     pub main: Vec<Batch>,
     /// Late records (windows only).
     pub late: Vec<Batch>,
+}
+
+/// What an operator hands to a checkpoint.
+#[derive(Debug, Default)]
+pub struct OperatorSnapshot {
+    /// Small state (watermarks, counters, positions), stored as one file; empty for none.
+    pub inline: Vec<u8>,
+    /// A directory of files written by a state backend, uploaded as they are.
+    pub files: Option<PathBuf>,
+}
+
+/// One subtask's snapshot of this operator from an earlier run, fetched to local disk.
+#[derive(Debug, Clone, Default)]
+pub struct RestoredState {
+    /// What `OperatorSnapshot::inline` held.
+    pub inline: Vec<u8>,
+    /// Where the files of `OperatorSnapshot::files` were downloaded to.
+    pub files: Option<PathBuf>,
+}
+
+/// What building an operator needs beyond the plan.
+#[derive(Debug, Clone)]
+pub struct OperatorContext {
+    /// A directory of this task's own for the operator's state (created on demand).
+    pub state_dir: PathBuf,
+    /// The key groups this subtask owns.
+    pub key_groups: Range<u32>,
+    /// Snapshots of every earlier subtask whose key groups overlap `key_groups` (empty on a fresh
+    /// start). Entries outside `key_groups` must be skipped.
+    pub restore: Vec<RestoredState>,
 }
 
 /// One step of a chain. Only `process_batch` is required; the hooks default to doing nothing.
@@ -43,16 +75,22 @@ pub trait Operator: Send {
     fn late_records(&self) -> u64 {
         0
     }
+
+    /// A checkpoint barrier passed: capture the state as of now. `scratch` is an empty local
+    /// directory the operator may write files into (and return as `files`).
+    async fn snapshot(&mut self, _scratch: &std::path::Path) -> Result<OperatorSnapshot> {
+        Ok(OperatorSnapshot::default())
+    }
 }
 
-/// Builds operator `index` of `plan`; `None` for sources and sinks.
-pub async fn build(plan: &Plan, index: usize) -> Result<Option<Box<dyn Operator>>> {
+/// Builds operator `index` of `plan`, restoring its state from `ctx`; `None` for sources and sinks.
+pub async fn build(plan: &Plan, index: usize, ctx: OperatorContext) -> Result<Option<Box<dyn Operator>>> {
     let op = &plan.operators[index];
     Ok(match &op.kind {
         OperatorKind::Transform { filter, projection } => {
             Some(Box::new(transform::Transform::new(filter.clone(), projection.clone())))
         }
-        OperatorKind::Window(w) => Some(Box::new(window::Window::new(w.clone(), Box::new(MemoryWindowState::default())))),
+        OperatorKind::Window(w) => Some(Box::new(window::Window::open(w.clone(), plan.max_parallelism, plan.state.backend, ctx)?)),
         OperatorKind::Lookup { options, on, columns } => {
             Some(Box::new(lookup::PostgresLookup::connect(options, *on, columns).await?))
         }

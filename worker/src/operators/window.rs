@@ -13,20 +13,37 @@
 //!
 //! SUM, COUNT and AVG accept retractions (subtracting); MIN and MAX do not, and fail the task if
 //! they see one, since the planner rules that out for updating inputs.
+//!
+//! State: the accumulators live in a [`WindowState`] (memory or RocksDB, from the job's spec), each
+//! entry tagged with its key's key group. A checkpoint holds the state backend's snapshot files and,
+//! inline, the operator's own scalars (watermark, end of the last window fired, late count). On a
+//! restore after rescaling, a subtask restores the entries of its key groups from every earlier
+//! subtask's snapshot and takes the smallest watermark and last window fired among them: firing a
+//! window again is harmless (sinks overwrite by window end), skipping one is not. With aligned
+//! barriers every subtask has seen the same watermarks when it snapshots, so these agree anyway;
+//! were they to differ, a window re-fired for keys whose subtask had already dropped its oldest
+//! slices would carry a partial result.
 
-use eddy_jobs::plan::{AggFunc, WindowPlan};
+use std::path::Path;
+
+use eddy_jobs::plan::{AggFunc, StateBackend, WindowPlan};
 use eddy_jobs::{DataType, Value};
 
-use super::{Collector, Operator};
+use super::{Collector, Operator, OperatorContext, OperatorSnapshot};
 use crate::batch::{Batch, Op};
 use crate::codec::encode_value;
 use crate::error::{Result, TaskError};
+use crate::keys::{hash_key, key_group};
 use crate::state::{Acc, Accs, WindowState};
+
+/// Version of the inline snapshot (watermark, last fired, late count), its first byte.
+const INLINE_VERSION: u8 = 1;
 
 /// The window operator.
 pub struct Window {
     plan: WindowPlan,
     slice_ms: i64,
+    max_parallelism: u32,
     state: Box<dyn WindowState>,
     watermark: i64,
     /// End of the last window fired.
@@ -38,11 +55,60 @@ pub struct Window {
 }
 
 impl Window {
-    /// A window operator over `state`.
-    pub fn new(plan: WindowPlan, state: Box<dyn WindowState>) -> Window {
+    /// A window operator over `state`, which is empty or restored; keys are placed in key groups
+    /// of `max_parallelism`.
+    pub fn new(plan: WindowPlan, max_parallelism: u32, state: Box<dyn WindowState>) -> Window {
         let slice_ms = plan.slice_ms();
         let empty = empty_accs(&plan);
-        Window { plan, slice_ms, state, watermark: i64::MIN, last_fired: i64::MIN, late: 0, key_buf: Vec::new(), empty }
+        Window {
+            plan,
+            slice_ms,
+            max_parallelism,
+            state,
+            watermark: i64::MIN,
+            last_fired: i64::MIN,
+            late: 0,
+            key_buf: Vec::new(),
+            empty,
+        }
+    }
+
+    /// A window operator on the job's state backend (files under `ctx.state_dir`), restored from
+    /// the earlier subtasks' snapshots in `ctx.restore`, keeping the key groups of
+    /// `ctx.key_groups`.
+    pub fn open(plan: WindowPlan, max_parallelism: u32, backend: StateBackend, ctx: OperatorContext) -> Result<Window> {
+        let mut state = crate::state::open(backend, &ctx.state_dir)?;
+        let mut scalars: Option<(i64, i64, u64)> = None;
+        for restored in &ctx.restore {
+            if let Some(files) = &restored.files {
+                state.restore(files, ctx.key_groups.clone())?;
+            }
+            if let Some((watermark, last_fired, late)) = decode_inline(&restored.inline)? {
+                scalars = Some(match scalars {
+                    None => (watermark, last_fired, late),
+                    Some((w, f, l)) => (w.min(watermark), f.min(last_fired), l + late),
+                });
+            }
+        }
+        let mut window = Window::new(plan, max_parallelism, state);
+        if let Some((watermark, last_fired, late)) = scalars {
+            window.watermark = watermark;
+            window.last_fired = last_fired;
+            window.late = late;
+        }
+        Ok(window)
+    }
+
+    /// Snapshots the state into `scratch/state` (see [`Operator::snapshot`]).
+    pub fn checkpoint(&mut self, scratch: &Path) -> Result<OperatorSnapshot> {
+        let dir = scratch.join("state");
+        self.state.snapshot(&dir)?;
+        let mut inline = Vec::with_capacity(25);
+        inline.push(INLINE_VERSION);
+        inline.extend_from_slice(&self.watermark.to_le_bytes());
+        inline.extend_from_slice(&self.last_fired.to_le_bytes());
+        inline.extend_from_slice(&self.late.to_le_bytes());
+        Ok(OperatorSnapshot { inline, files: Some(dir) })
     }
 
     fn fire(&mut self, end: i64, out: &mut Collector) -> Result<()> {
@@ -68,7 +134,7 @@ impl Window {
                 }
                 Err(e) => error = Some(e),
             }
-        });
+        })?;
         if let Some(e) = error {
             return Err(e);
         }
@@ -76,6 +142,18 @@ impl Window {
             out.main.push(batch);
         }
         Ok(())
+    }
+}
+
+/// Decodes `(watermark, last_fired, late)` written by [`Window::checkpoint`]; `None` when empty.
+fn decode_inline(inline: &[u8]) -> Result<Option<(i64, i64, u64)>> {
+    match inline.split_first() {
+        None => Ok(None),
+        Some((&INLINE_VERSION, rest)) if rest.len() == 24 => {
+            let word = |i: usize| -> [u8; 8] { rest[i * 8..i * 8 + 8].try_into().expect("8 bytes") };
+            Ok(Some((i64::from_le_bytes(word(0)), i64::from_le_bytes(word(1)), u64::from_le_bytes(word(2)))))
+        }
+        Some(_) => Err(TaskError::internal("window: corrupt or unknown inline snapshot")),
     }
 }
 
@@ -110,6 +188,10 @@ impl Operator for Window {
     fn late_records(&self) -> u64 {
         self.late
     }
+
+    async fn snapshot(&mut self, scratch: &Path) -> Result<OperatorSnapshot> {
+        self.checkpoint(scratch)
+    }
 }
 
 impl Window {
@@ -134,8 +216,9 @@ impl Window {
             for &k in &self.plan.key {
                 encode_value(&row[k], &mut self.key_buf);
             }
+            let group = key_group(hash_key(&row, &self.plan.key), self.max_parallelism);
             let empty = &self.empty;
-            let accs = self.state.accumulators(&self.key_buf, slice_end, &|| empty.clone());
+            let accs = self.state.accumulators(group, &self.key_buf, slice_end, &|| empty.clone())?;
             let sign = match op {
                 Op::Insert => 1,
                 Op::Retract => -1,
@@ -181,7 +264,7 @@ impl Window {
             self.fire(end, out)?;
             self.last_fired = end;
             // The next window starts after end + slide − size: earlier slices are done with.
-            self.state.drop_through(end + slide - self.plan.size_ms);
+            self.state.drop_through(end + slide - self.plan.size_ms)?;
         }
         Ok(())
     }
@@ -303,7 +386,8 @@ fn decode_key(key: &[u8], width: usize) -> Result<Vec<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::MemoryWindowState;
+    use crate::operators::RestoredState;
+    use crate::state::TempDir;
     use eddy_jobs::expr::Expr;
     use eddy_jobs::plan::Aggregate;
     use eddy_jobs::{Field, Schema};
@@ -314,7 +398,10 @@ mod tests {
         Schema::new(vec![Field::new("k", DataType::Int), Field::new("v", DataType::Int), Field::new("ts", DataType::Timestamp)])
     }
 
-    fn window(size: i64, slide: i64) -> Window {
+    const BACKENDS: [StateBackend; 2] = [StateBackend::Memory, StateBackend::RocksDb];
+    const MAX_PARALLELISM: u32 = 128;
+
+    fn plan(size: i64, slide: i64) -> WindowPlan {
         let s = schema();
         let agg = |name: &str, func, arg: Option<&str>, data_type| Aggregate {
             name: name.into(),
@@ -333,7 +420,19 @@ mod tests {
                 agg("mean", AggFunc::Avg, Some("v"), DataType::Float),
             ],
         };
-        Window::new(plan, Box::new(MemoryWindowState::default()))
+        plan
+    }
+
+    /// A window on `backend` in a temporary directory (kept while the returned guard lives),
+    /// owning `key_groups` and restored from `restore`.
+    fn open(size: i64, slide: i64, backend: StateBackend, key_groups: std::ops::Range<u32>, restore: Vec<RestoredState>) -> (Window, TempDir) {
+        let dir = TempDir::new("window-test");
+        let ctx = OperatorContext { state_dir: dir.path().join("state"), key_groups, restore };
+        (Window::open(plan(size, slide), MAX_PARALLELISM, backend, ctx).unwrap(), dir)
+    }
+
+    fn window(size: i64, slide: i64, backend: StateBackend) -> (Window, TempDir) {
+        open(size, slide, backend, 0..MAX_PARALLELISM, Vec::new())
     }
 
     fn row(k: i64, v: i64, ts: i64) -> Vec<Value> {
@@ -356,20 +455,28 @@ mod tests {
 
     #[test]
     fn hop_window_sums_every_window_a_record_belongs_to() {
-        // size 10, slide 5: a record at t=7 belongs to windows [0,10) and [5,15).
-        let mut w = window(10, 5);
-        let mut out = Collector::default();
-        w.process(Batch::inserts(vec![row(1, 3, 7), row(1, 4, 12), row(2, 1, 1)]), &mut out).unwrap();
-        w.advance(i64::MAX, &mut out).unwrap();
-        let r = results(&out);
-        let expected: BTreeMap<_, _> =
-            [((1, 10), (3, 1)), ((1, 15), (7, 2)), ((1, 20), (4, 1)), ((2, 5), (1, 1)), ((2, 10), (1, 1))].into();
-        assert_eq!(r, expected);
+        for backend in BACKENDS {
+            // size 10, slide 5: a record at t=7 belongs to windows [0,10) and [5,15).
+            let (mut w, _dir) = window(10, 5, backend);
+            let mut out = Collector::default();
+            w.process(Batch::inserts(vec![row(1, 3, 7), row(1, 4, 12), row(2, 1, 1)]), &mut out).unwrap();
+            w.advance(i64::MAX, &mut out).unwrap();
+            let r = results(&out);
+            let expected: BTreeMap<_, _> =
+                [((1, 10), (3, 1)), ((1, 15), (7, 2)), ((1, 20), (4, 1)), ((2, 5), (1, 1)), ((2, 10), (1, 1))].into();
+            assert_eq!(r, expected, "{backend:?}");
+        }
     }
 
     #[test]
     fn late_records_are_counted_and_side_output() {
-        let mut w = window(10, 5);
+        for backend in BACKENDS {
+            late_records_on(backend);
+        }
+    }
+
+    fn late_records_on(backend: StateBackend) {
+        let (mut w, _dir) = window(10, 5, backend);
         let mut out = Collector::default();
         w.process(Batch::inserts(vec![row(1, 1, 3)]), &mut out).unwrap();
         w.advance(9, &mut out).unwrap(); // fires [-5,5) and [0,10)
@@ -383,15 +490,192 @@ mod tests {
 
     #[test]
     fn retractions_cancel_inserts() {
-        let mut w = window(10, 10);
-        let mut out = Collector::default();
-        let mut b = Batch::inserts(vec![row(1, 5, 1), row(2, 7, 2)]);
-        b.push(row(1, 5, 1), Op::Retract);
-        b.push(row(2, 9, 3), Op::Insert);
-        w.process(b, &mut out).unwrap();
-        w.advance(i64::MAX, &mut out).unwrap();
-        // Key 1 has no rows left, so no result; key 2 has two.
-        assert_eq!(results(&out), [((2, 10), (16, 2))].into());
+        for backend in BACKENDS {
+            let (mut w, _dir) = window(10, 10, backend);
+            let mut out = Collector::default();
+            let mut b = Batch::inserts(vec![row(1, 5, 1), row(2, 7, 2)]);
+            b.push(row(1, 5, 1), Op::Retract);
+            b.push(row(2, 9, 3), Op::Insert);
+            w.process(b, &mut out).unwrap();
+            w.advance(i64::MAX, &mut out).unwrap();
+            // Key 1 has no rows left, so no result; key 2 has two.
+            assert_eq!(results(&out), [((2, 10), (16, 2))].into(), "{backend:?}");
+        }
+    }
+
+    /// A reproducible stream: `n` rows over `keys` keys, 10 per ms, up to 1.5 s out of order,
+    /// some retracting an earlier row, with a watermark (200 ms behind) after every 500 rows.
+    fn stream(n: usize, keys: i64) -> Vec<Step> {
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let mut steps = Vec::new();
+        let mut rows: Vec<(i64, i64, i64)> = Vec::new();
+        for i in 0..n {
+            let ts = i as i64 / 10 - (next() % 1_500) as i64;
+            if next() % 10 == 0 && !rows.is_empty() {
+                let (k, v, ts) = rows.swap_remove((next() % rows.len() as u64) as usize);
+                steps.push(Step::Row { k, v, ts, retract: true });
+            } else {
+                let (k, v) = ((next() % keys as u64) as i64, (next() % 100) as i64);
+                rows.push((k, v, ts));
+                steps.push(Step::Row { k, v, ts, retract: false });
+            }
+            if i % 500 == 499 {
+                steps.push(Step::Watermark(i as i64 / 10 - 200));
+            }
+        }
+        steps.push(Step::Watermark(i64::MAX));
+        steps
+    }
+
+    /// Feeds `steps` to the windows, each row to the one whose key groups hold its key.
+    fn feed(windows: &mut [(&mut Window, std::ops::Range<u32>)], steps: &[Step], out: &mut Collector) {
+        for s in steps {
+            match s {
+                Step::Row { k, v, ts, retract } => {
+                    let r = row(*k, *v, *ts);
+                    let group = key_group(hash_key(&r, &[0]), MAX_PARALLELISM);
+                    let (w, _) = windows.iter_mut().find(|(_, g)| g.contains(&group)).expect("a window owns every group");
+                    let mut b = Batch::default();
+                    b.push(r, if *retract { Op::Retract } else { Op::Insert });
+                    w.process(b, out).unwrap();
+                }
+                Step::Watermark(t) => {
+                    for (w, _) in windows.iter_mut() {
+                        w.advance(*t, out).unwrap();
+                    }
+                }
+            }
+        }
+    }
+
+    /// Snapshot mid-stream, restore (into one subtask, or split by key-group range into two, as a
+    /// rescale 1 → 2 does) and carry on: the windows fired before and after, together, equal those
+    /// of an uninterrupted run, with none fired twice and the same late count.
+    #[test]
+    fn snapshot_and_restore_mid_stream_changes_no_result() {
+        let steps = stream(60_000, 40);
+        for backend in BACKENDS {
+            let (mut w, _dir) = window(1_000, 250, backend);
+            let mut expected = Collector::default();
+            feed(&mut [(&mut w, 0..MAX_PARALLELISM)], &steps, &mut expected);
+            let expected_late = w.late_records();
+            assert!(expected_late > 1_000 && results(&expected).len() > 500, "the stream exercises late rows and many windows");
+
+            for cut in [1_234, 30_001, 59_000] {
+                for split in [None, Some(50)] {
+                    let (mut w, _dir) = window(1_000, 250, backend);
+                    let mut out = Collector::default();
+                    feed(&mut [(&mut w, 0..MAX_PARALLELISM)], &steps[..cut], &mut out);
+                    let scratch = TempDir::new("window-scratch");
+                    let snap = w.checkpoint(scratch.path()).unwrap();
+                    drop(w);
+                    let restored = vec![RestoredState { inline: snap.inline, files: snap.files }];
+                    let late = match split {
+                        None => {
+                            let (mut w, _d) = open(1_000, 250, backend, 0..MAX_PARALLELISM, restored);
+                            feed(&mut [(&mut w, 0..MAX_PARALLELISM)], &steps[cut..], &mut out);
+                            w.late_records()
+                        }
+                        Some(at) => {
+                            let (mut low, _d1) = open(1_000, 250, backend, 0..at, restored.clone());
+                            let (mut high, _d2) = open(1_000, 250, backend, at..MAX_PARALLELISM, restored);
+                            let late_before = low.late_records();
+                            feed(&mut [(&mut low, 0..at), (&mut high, at..MAX_PARALLELISM)], &steps[cut..], &mut out);
+                            // Each new subtask starts from the old one's count.
+                            low.late_records() + high.late_records() - late_before
+                        }
+                    };
+                    assert_eq!(results(&out), results(&expected), "{backend:?}, cut at {cut}, split {split:?}");
+                    assert_eq!(late, expected_late, "{backend:?}, cut at {cut}, split {split:?}");
+                }
+            }
+        }
+    }
+
+    /// Several earlier subtasks merged into one (rescale 2 → 1): the smallest watermark wins, so
+    /// no window is skipped, and late counts add up.
+    #[test]
+    fn restoring_several_subtasks_keeps_the_earliest_progress() {
+        for backend in BACKENDS {
+            let mut snaps = Vec::new();
+            let scratch = TempDir::new("window-merge");
+            for (i, (groups, wm)) in [(0..64, 100), (64..MAX_PARALLELISM, 40)].into_iter().enumerate() {
+                let (mut w, _dir) = open(10, 5, backend, groups, Vec::new());
+                let mut out = Collector::default();
+                w.advance(wm, &mut out).unwrap();
+                w.process(Batch::inserts(vec![row(1, 1, wm - 20)]), &mut out).unwrap();
+                assert_eq!(w.late_records(), 1);
+                let snap = w.checkpoint(&scratch.path().join(i.to_string())).unwrap();
+                snaps.push(RestoredState { inline: snap.inline, files: snap.files });
+            }
+            let (w, _dir) = open(10, 5, backend, 0..MAX_PARALLELISM, snaps);
+            assert_eq!((w.watermark, w.late_records()), (40, 2), "{backend:?}");
+        }
+    }
+
+    /// Throughput of the window on each backend, as in `scripts/bench.sh window`: HOP(10 min, 5 s)
+    /// SUM per key over 1,000 keys, 10 events per ms, 2M rows (`EDDY_BENCH_ROWS` to change; 6M
+    /// and more reach the steady state of 120 live slices per key). Run in release:
+    /// `cargo test --release -p eddy-worker --lib -- --ignored --nocapture window_throughput`.
+    #[test]
+    #[ignore]
+    fn window_throughput() {
+        let rows_total: usize = std::env::var("EDDY_BENCH_ROWS").ok().and_then(|n| n.parse().ok()).unwrap_or(2_000_000);
+        const BATCH: usize = 1_000;
+        let s = schema();
+        let plan = WindowPlan {
+            size_ms: 600_000,
+            slide_ms: 5_000,
+            key: vec![0],
+            time_column: 2,
+            aggregates: vec![Aggregate {
+                name: "total".into(),
+                func: AggFunc::Sum,
+                arg: Some(Expr::compile("v", &s).unwrap()),
+                data_type: DataType::Int,
+            }],
+        };
+        let batches = || (0..rows_total / BATCH)
+            .map(|b| {
+                let rows = (b * BATCH..(b + 1) * BATCH).map(|i| row((i * 7_919 % 1_000) as i64, (i % 100) as i64, i as i64 / 10)).collect();
+                (Batch::inserts(rows), ((b + 1) * BATCH) as i64 / 10 - 1_000)
+            })
+            .collect::<Vec<(Batch, i64)>>();
+        for backend in BACKENDS {
+            let batches = batches();
+            let dir = TempDir::new("window-bench");
+            let ctx = OperatorContext { state_dir: dir.path().join("state"), key_groups: 0..MAX_PARALLELISM, restore: Vec::new() };
+            let mut w = Window::open(plan.clone(), MAX_PARALLELISM, backend, ctx).unwrap();
+            let (cpu0, t0) = (cpu_seconds(), std::time::Instant::now());
+            let mut fired = 0;
+            for (batch, watermark) in batches {
+                let mut out = Collector::default();
+                w.process(batch, &mut out).unwrap();
+                w.advance(watermark, &mut out).unwrap();
+                fired += out.main.iter().map(|b| b.rows.len()).sum::<usize>();
+            }
+            let (cpu, wall) = (cpu_seconds() - cpu0, t0.elapsed().as_secs_f64());
+            println!(
+                "{backend:?}: {rows_total} rows in {wall:.2} s wall, {cpu:.2} s CPU: {:.0} rows/s, {:.0} rows per CPU-second ({fired} window rows)",
+                rows_total as f64 / wall,
+                rows_total as f64 / cpu
+            );
+        }
+    }
+
+    /// CPU time of this process (all threads, RocksDB's included), from /proc.
+    fn cpu_seconds() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let fields: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+        // utime and stime are fields 14 and 15 of the line, 12 and 13 after the command name.
+        let ticks: f64 = fields.get(11..13).map(|f| f.iter().filter_map(|x| x.parse::<f64>().ok()).sum()).unwrap_or(0.0);
+        ticks / 100.0
     }
 
     #[derive(Debug, Clone)]
@@ -417,9 +701,13 @@ mod tests {
         /// the records accepted so far with a timestamp inside it; a record is late when every window
         /// holding it has passed.
         #[test]
-        fn equals_naive_reference(steps in steps(), shape in prop::sample::select(vec![(10i64, 10i64), (20, 5), (30, 20), (12, 8)])) {
+        fn equals_naive_reference(
+            steps in steps(),
+            shape in prop::sample::select(vec![(10i64, 10i64), (20, 5), (30, 20), (12, 8)]),
+            backend in prop::sample::select(BACKENDS.to_vec()),
+        ) {
             let (size, slide) = shape;
-            let mut w = window(size, slide);
+            let (mut w, _dir) = window(size, slide, backend);
             let mut out = Collector::default();
             let mut accepted: Vec<(i64, i64, i64, i64)> = Vec::new(); // (k, v, ts, sign)
             let mut expected: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();

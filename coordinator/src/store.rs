@@ -1,0 +1,197 @@
+//! What the coordinator keeps on disk: job metadata (so a restarted coordinator resumes its jobs
+//! from their latest checkpoints) and the checkpoint manifests and their garbage collection in
+//! checkpoint storage.
+//!
+//! Metadata is one JSON document rewritten atomically (write, fsync, rename) after every change
+//! that must survive: a job submitted, a state change, a checkpoint completed. It is small (specs
+//! and checkpoint references); the manifests themselves live next to the checkpoint files. This
+//! is the local durable store that stands in for the Raft log until the coordinators replicate.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use eddy_proto::CheckpointManifest;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, PutPayload};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tokio_stream::StreamExt;
+
+/// A job as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Job id.
+    pub job_id: String,
+    /// The spec as submitted.
+    pub spec: String,
+    /// Parallelism set by a rescale, overriding the spec's default.
+    #[serde(default)]
+    pub parallelism: Option<u32>,
+    /// Attempt of the last deployment.
+    pub attempt: u64,
+    /// Job state when stored.
+    pub state: String,
+    /// Why it is in that state.
+    pub cause: String,
+    /// Unix ms.
+    pub submitted_at_ms: i64,
+    /// Next checkpoint id.
+    pub next_checkpoint_id: u64,
+    /// Restarts after failures so far.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Kept checkpoints and savepoints, oldest first.
+    pub checkpoints: Vec<CheckpointRecord>,
+}
+
+/// A completed checkpoint as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    /// Checkpoint id.
+    pub id: u64,
+    /// Whether it is a savepoint.
+    pub savepoint: bool,
+    /// Unix ms.
+    pub triggered_at_ms: i64,
+    /// Time to complete.
+    pub duration_ms: u64,
+    /// Sizes.
+    pub full_bytes: u64,
+    /// Bytes uploaded for this checkpoint.
+    pub incremental_bytes: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Metadata {
+    jobs: Vec<JobRecord>,
+}
+
+/// The metadata file.
+#[derive(Debug, Clone)]
+pub struct MetadataStore {
+    path: PathBuf,
+}
+
+impl MetadataStore {
+    /// Metadata in `dir` (created when missing).
+    pub fn open(dir: &Path) -> anyhow::Result<MetadataStore> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}; pick another with --data-dir", dir.display()))?;
+        Ok(MetadataStore { path: dir.join("jobs.json") })
+    }
+
+    /// The jobs stored, or none on a first start.
+    pub fn load(&self) -> anyhow::Result<Vec<JobRecord>> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => {
+                let m: Metadata = serde_json::from_slice(&bytes).map_err(|e| {
+                    anyhow::anyhow!("{} is damaged ({e}); move it away to start with no jobs", self.path.display())
+                })?;
+                Ok(m.jobs)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(anyhow::anyhow!("reading {}: {e}", self.path.display())),
+        }
+    }
+
+    /// Replaces the stored jobs.
+    pub fn save(&self, jobs: Vec<JobRecord>) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec_pretty(&Metadata { jobs }).map_err(std::io::Error::other)?;
+        let tmp = self.path.with_extension("json.tmp");
+        {
+            use std::io::Write;
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+/// Checkpoint storage as the coordinator uses it: manifests and garbage collection.
+#[derive(Clone)]
+pub struct CheckpointStore {
+    root: String,
+    store: Arc<dyn ObjectStore>,
+}
+
+fn manifest_path(job_id: &str, id: u64) -> String {
+    format!("{job_id}/chk-{id}/_manifest.pb")
+}
+
+impl CheckpointStore {
+    /// Storage rooted at directory `root` (created when missing).
+    pub fn open(root: &Path) -> anyhow::Result<CheckpointStore> {
+        std::fs::create_dir_all(root).map_err(|e| {
+            anyhow::anyhow!("cannot create the checkpoint directory {}: {e}; pick another with --checkpoint-dir", root.display())
+        })?;
+        let root = std::fs::canonicalize(root)?;
+        let store = LocalFileSystem::new_with_prefix(&root)?;
+        Ok(CheckpointStore { root: root.to_string_lossy().into_owned(), store: Arc::new(store) })
+    }
+
+    /// The root, as workers are told.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    /// Stores a manifest; the checkpoint is complete once this returns.
+    pub async fn put_manifest(&self, m: &CheckpointManifest) -> Result<(), String> {
+        let path = manifest_path(&m.job_id, m.checkpoint_id);
+        self.store
+            .put(&StorePath::from(path.as_str()), PutPayload::from(m.encode_to_vec()))
+            .await
+            .map(|_| ())
+            .map_err(|e| format!("storing {path}: {e}"))
+    }
+
+    /// Reads a manifest back.
+    pub async fn get_manifest(&self, job_id: &str, id: u64) -> anyhow::Result<CheckpointManifest> {
+        let path = manifest_path(job_id, id);
+        let bytes = self.store.get(&StorePath::from(path.as_str())).await?.bytes().await?;
+        Ok(CheckpointManifest::decode(bytes)?)
+    }
+
+    /// Deletes dropped checkpoints' own files, then every shared file of the job that no kept
+    /// checkpoint references and that is older than `before` (Unix ms: the start of the newest
+    /// completed checkpoint, so files a later checkpoint is uploading now are never touched).
+    pub async fn collect(&self, job_id: &str, dropped: Vec<u64>, kept: Vec<Arc<CheckpointManifest>>, before_ms: i64) {
+        for id in dropped {
+            self.delete_prefix(&format!("{job_id}/chk-{id}"), |_| true).await;
+        }
+        let referenced: BTreeSet<String> = kept
+            .iter()
+            .flat_map(|m| m.tasks.values())
+            .flat_map(|t| t.operators.iter())
+            .flat_map(|o| o.files.iter().map(|f| f.path.clone()))
+            .collect();
+        self.delete_prefix(&format!("{job_id}/shared"), |meta| {
+            !referenced.contains(meta.location.as_ref()) && meta.last_modified.timestamp_millis() < before_ms
+        })
+        .await;
+    }
+
+    async fn delete_prefix(&self, prefix: &str, keep_if_not: impl Fn(&object_store::ObjectMeta) -> bool) {
+        let prefix = StorePath::from(prefix);
+        let mut listing = self.store.list(Some(&prefix));
+        let mut doomed = Vec::new();
+        while let Some(item) = listing.next().await {
+            match item {
+                Ok(meta) if keep_if_not(&meta) => doomed.push(meta.location),
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(%prefix, error = %e, "listing checkpoint files failed; collection skipped");
+                    return;
+                }
+            }
+        }
+        drop(listing);
+        for path in doomed {
+            if let Err(e) = self.store.delete(&path).await {
+                tracing::warn!(%path, error = %e, "deleting a checkpoint file failed");
+            }
+        }
+    }
+}
