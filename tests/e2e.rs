@@ -11,6 +11,17 @@ use eddy_tests::{read_jsonl, rss_mib, Cluster};
 use serde_json::Value;
 
 const SIZE_MS: i64 = 600_000;
+
+/// HOP(10 min, 5 s) SUM and COUNT of the generator's score per key, for specs to include.
+const HOP_WINDOW: &str = r#"[[window]]
+name = "hop"
+input = "events"
+kind = "hop"
+size = "10m"
+slide = "5s"
+key = ["k"]
+aggregates = "SUM(score) AS total, COUNT(*) AS n"
+"#;
 const SLIDE_MS: i64 = 5_000;
 
 fn hop_spec(out: &str) -> String {
@@ -24,15 +35,7 @@ connector = "generator"
 options = {{ count = 1000000, keys = 1000, seed = 11, events_per_ms = 10, disorder_ms = 300 }}
 event_time = {{ column = "ts", allowed_delay = "1s" }}
 
-[[window]]
-name = "hop"
-input = "events"
-kind = "hop"
-size = "10m"
-slide = "5s"
-key = ["k"]
-aggregates = "SUM(score) AS total, COUNT(*) AS n"
-parallelism = 4
+{HOP_WINDOW}parallelism = 4
 
 [[sink]]
 name = "windows"

@@ -9,7 +9,7 @@ use anyhow::{ensure, Context, Result};
 use eddy_tests::{read_jsonl, Cluster};
 use serde_json::Value;
 
-use crate::{reference, SIZE_MS};
+use crate::{reference, HOP_WINDOW, SIZE_MS};
 
 const EVENTS: u64 = 300_000;
 
@@ -29,15 +29,7 @@ parallelism = 1
 options = {{ count = {EVENTS}, keys = 200, seed = 21, events_per_ms = 5, disorder_ms = 300, rate = {rate} }}
 event_time = {{ column = "ts", allowed_delay = "1s" }}
 
-[[window]]
-name = "hop"
-input = "events"
-kind = "hop"
-size = "10m"
-slide = "5s"
-key = ["k"]
-aggregates = "SUM(score) AS total, COUNT(*) AS n"
-
+{HOP_WINDOW}
 [[sink]]
 name = "windows"
 input = "hop"

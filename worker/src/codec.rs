@@ -163,11 +163,12 @@ pub fn decode_values(buf: &[u8], n: usize) -> Result<Vec<Value>, DecodeError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn value() -> impl Strategy<Value = Value> {
+    /// Any value (for property tests here and of the state backends).
+    pub(crate) fn value() -> impl Strategy<Value = Value> {
         prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),

@@ -409,7 +409,7 @@ mod tests {
             arg: arg.map(|a| Expr::compile(a, &s).unwrap()),
             data_type,
         };
-        let plan = WindowPlan {
+        WindowPlan {
             size_ms: size,
             slide_ms: slide,
             key: vec![0],
@@ -419,8 +419,7 @@ mod tests {
                 agg("n", AggFunc::Count, None, DataType::Int),
                 agg("mean", AggFunc::Avg, Some("v"), DataType::Float),
             ],
-        };
-        plan
+        }
     }
 
     /// A window on `backend` in a temporary directory (kept while the returned guard lives),

@@ -14,7 +14,7 @@ use std::path::Path;
 
 use rustc_hash::FxHashMap;
 
-use super::{decode_accs, encode_accs, io_error, take, Accs, KeyVisitor, WindowState};
+use super::{decode_accs, encode_accs, io_error, take, Accs, EntryVisitor, KeyVisitor, WindowState};
 use crate::error::{Result, TaskError};
 
 /// Name of the snapshot file.
@@ -146,7 +146,7 @@ pub(super) fn is_snapshot(dir: &Path) -> bool {
 
 /// Calls `f(key_group, key, slice_end, encoded accs)` for every entry of the snapshot file in
 /// `dir` whose key group is in `key_groups`.
-pub(super) fn read_snapshot(dir: &Path, key_groups: Range<u32>, f: &mut dyn FnMut(u32, &[u8], i64, &[u8]) -> Result<()>) -> Result<()> {
+pub(super) fn read_snapshot(dir: &Path, key_groups: Range<u32>, f: &mut EntryVisitor<'_>) -> Result<()> {
     let path = dir.join(FILE);
     let data = std::fs::read(&path).map_err(|e| io_error("reading", &path, e))?;
     let corrupt = |what: &str| TaskError::internal(format!("window state: corrupt snapshot {} ({what})", path.display()));

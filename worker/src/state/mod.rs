@@ -101,9 +101,12 @@ pub fn open(backend: StateBackend, dir: &Path) -> Result<Box<dyn WindowState>> {
     })
 }
 
-/// Calls `f(key_group, key, slice_end, encoded accs)` for every entry of the snapshot in `dir`
-/// whose key group is in `key_groups`, whichever backend wrote it.
-fn read_snapshot(dir: &Path, key_groups: Range<u32>, f: &mut dyn FnMut(u32, &[u8], i64, &[u8]) -> Result<()>) -> Result<()> {
+/// Receives one snapshot entry: key group, key, slice end and the [`encode_accs`] bytes.
+type EntryVisitor<'a> = dyn FnMut(u32, &[u8], i64, &[u8]) -> Result<()> + 'a;
+
+/// Calls `f` for every entry of the snapshot in `dir` whose key group is in `key_groups`,
+/// whichever backend wrote it.
+fn read_snapshot(dir: &Path, key_groups: Range<u32>, f: &mut EntryVisitor<'_>) -> Result<()> {
     if memory::is_snapshot(dir) {
         memory::read_snapshot(dir, key_groups, f)
     } else if rocks::is_snapshot(dir) {
@@ -289,16 +292,7 @@ mod tests {
 
     const GROUPS: u32 = 4;
 
-    fn value() -> impl Strategy<Value = Value> {
-        prop_oneof![
-            Just(Value::Null),
-            any::<bool>().prop_map(Value::Bool),
-            any::<i64>().prop_map(Value::Int),
-            any::<f64>().prop_filter("NaN never equals itself", |f| !f.is_nan()).prop_map(Value::Float),
-            ".{0,12}".prop_map(|s| Value::string(&s)),
-            any::<i64>().prop_map(Value::Timestamp),
-        ]
-    }
+    use crate::codec::tests::value;
 
     fn acc() -> impl Strategy<Value = Acc> {
         prop_oneof![
@@ -370,12 +364,12 @@ mod tests {
     }
 
     /// Snapshot `state` and restore it into `into`, over `ranges` one after another.
-    fn copy(state: &mut dyn WindowState, into: &mut dyn WindowState, ranges: &[Range<u32>]) {
+    fn copy(state: &mut dyn WindowState, into: &mut dyn WindowState, ranges: impl IntoIterator<Item = Range<u32>>) {
         let dir = TempDir::new("state-snap");
         let snap = dir.path().join("snap");
         state.snapshot(&snap).unwrap();
         for r in ranges {
-            into.restore(&snap, r.clone()).unwrap();
+            into.restore(&snap, r).unwrap();
         }
     }
 
@@ -428,18 +422,18 @@ mod tests {
                     Op::Restore { split } => {
                         let mut next = Pair::new();
                         let ranges = [0..split, split..GROUPS];
-                        copy(&mut s.memory, &mut next.memory, &ranges);
-                        copy(&mut s.rocks, &mut next.rocks, &ranges);
+                        copy(&mut s.memory, &mut next.memory, ranges.clone());
+                        copy(&mut s.rocks, &mut next.rocks, ranges);
                         prop_assert_eq!(observe(&mut s.memory), observe(&mut next.memory));
                         s = next;
                     }
                     Op::Rescale { split } => {
                         let whole = observe(&mut s.memory);
                         let (mut low, mut high) = (Pair::new(), Pair::new());
-                        copy(&mut s.memory, &mut low.memory, &[0..split]);
-                        copy(&mut s.memory, &mut high.memory, &[split..GROUPS]);
-                        copy(&mut s.rocks, &mut low.rocks, &[0..split]);
-                        copy(&mut s.rocks, &mut high.rocks, &[split..GROUPS]);
+                        copy(&mut s.memory, &mut low.memory, Some(0..split));
+                        copy(&mut s.memory, &mut high.memory, Some(split..GROUPS));
+                        copy(&mut s.rocks, &mut low.rocks, Some(0..split));
+                        copy(&mut s.rocks, &mut high.rocks, Some(split..GROUPS));
                         let mut parts = BTreeMap::new();
                         let mut len = 0;
                         for (half, range) in [(&mut low, 0..split), (&mut high, split..GROUPS)] {
@@ -492,8 +486,8 @@ mod tests {
         s.memory.drop_through(0).unwrap();
         s.rocks.drop_through(0).unwrap();
         let mut next = Pair::new();
-        copy(&mut s.rocks, &mut next.memory, &[0..GROUPS]);
-        copy(&mut s.memory, &mut next.rocks, &[0..GROUPS]);
+        copy(&mut s.rocks, &mut next.memory, Some(0..GROUPS));
+        copy(&mut s.memory, &mut next.rocks, Some(0..GROUPS));
         let expected = observe(&mut s.memory);
         assert_eq!(expected.1, 5);
         assert_eq!(observe(&mut next.memory), expected);

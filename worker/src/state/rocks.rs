@@ -34,7 +34,7 @@ use rocksdb::checkpoint::Checkpoint;
 use rocksdb::{DBCompressionType, Options, ReadOptions, WriteBatch, WriteOptions, DB};
 use rustc_hash::FxHashMap;
 
-use super::{decode_accs, encode_accs, io_error, Accs, KeyVisitor, WindowState};
+use super::{decode_accs, encode_accs, io_error, Accs, EntryVisitor, KeyVisitor, WindowState};
 use crate::error::{Result, TaskError};
 
 /// Entries the write-back cache holds before it is flushed (about 100 bytes each with their key).
@@ -277,7 +277,7 @@ pub(super) fn is_snapshot(dir: &Path) -> bool {
 
 /// Calls `f(key_group, key, slice_end, encoded accs)` for every live entry of the checkpoint in
 /// `dir` whose key group is in `key_groups`, reading only that key range.
-pub(super) fn read_snapshot(dir: &Path, key_groups: Range<u32>, f: &mut dyn FnMut(u32, &[u8], i64, &[u8]) -> Result<()>) -> Result<()> {
+pub(super) fn read_snapshot(dir: &Path, key_groups: Range<u32>, f: &mut EntryVisitor<'_>) -> Result<()> {
     let dead_through = match std::fs::read(dir.join(DEAD_FILE)) {
         Ok(bytes) => match bytes.split_first() {
             Some((&DEAD_FILE_VERSION, bound)) if bound.len() == 8 => i64::from_le_bytes(bound.try_into().expect("8 bytes")),
