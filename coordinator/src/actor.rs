@@ -13,7 +13,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use eddy_jobs::plan::OperatorKind;
 use eddy_jobs::{Plan, TaskId};
 use eddy_proto::coordinator_message::Msg as Order;
 use eddy_proto::{
@@ -331,7 +330,7 @@ impl Coordinator {
         let mut sources: Vec<&str> = job
             .tasks
             .iter()
-            .filter(|(t, _)| matches!(job.plan.operators[job.plan.vertices[t.vertex].operators[0]].kind, OperatorKind::Source { .. }))
+            .filter(|(t, _)| job.plan.is_source_vertex(t.vertex))
             .map(|(_, r)| r.worker_id.as_str())
             .collect();
         sources.sort();

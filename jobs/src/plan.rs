@@ -285,6 +285,13 @@ impl Plan {
             .collect()
     }
 
+    /// Whether a vertex starts with a source (its tasks inject checkpoint barriers).
+    pub fn is_source_vertex(&self, vertex: usize) -> bool {
+        self.vertices
+            .get(vertex)
+            .is_some_and(|v| matches!(self.operators[v.operators[0]].kind, OperatorKind::Source { .. }))
+    }
+
     /// Chained operator names of a vertex, e.g. `events -> hop`.
     pub fn vertex_label(&self, vertex: usize) -> String {
         self.vertices[vertex]

@@ -18,7 +18,6 @@ use eddy_proto::cluster_service_client::ClusterServiceClient;
 use eddy_proto::coordinator_message::Msg as Order;
 use eddy_proto::worker_message::Msg as Report;
 use eddy_proto::{DeployTasks, Heartbeat, Register, TaskMetrics as WireMetrics, TaskState, TaskUpdate, WorkerMessage};
-use eddy_jobs::plan::OperatorKind;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -201,9 +200,7 @@ impl Control {
             };
             let metrics = Arc::new(TaskMetrics::default());
             let (commands_tx, commands) = mpsc::channel(TASK_COMMANDS);
-            let source = plan.as_ref().ok().and_then(|p| p.vertices.get(task.vertex)).is_some_and(|v| {
-                plan.as_ref().is_ok_and(|p| matches!(p.operators[v.operators[0]].kind, OperatorKind::Source { .. }))
-            });
+            let source = plan.as_ref().is_ok_and(|p| p.is_source_vertex(task.vertex));
             job.tasks.insert(task, RunningTask { metrics: metrics.clone(), commands: commands_tx, source });
             let (plan, storage) = match (&plan, &storage) {
                 (Ok(p), None | Some(Ok(_))) => (Arc::new(p.clone()), storage.as_ref().and_then(|s| s.as_ref().ok()).cloned()),

@@ -638,7 +638,6 @@ fn unescape_tsv(s: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use eddy_jobs::{DataType, Field};
 
@@ -780,16 +779,7 @@ mod tests {
     }
 
     fn ctx() -> ConnectorContext {
-        ConnectorContext {
-            job_id: "test".into(),
-            task: TaskId { vertex: 4, subtask: 0 },
-            parallelism: 1,
-            schema: schema(),
-            metrics: Arc::new(TaskMetrics::default()),
-            checkpointing: false,
-            attempt: 1,
-            restore: None,
-        }
+        ConnectorContext::for_test(TaskId { vertex: 4, subtask: 0 }, 1, schema())
     }
 
     async fn sql(url: &str, query: &str) -> String {

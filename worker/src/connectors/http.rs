@@ -452,16 +452,7 @@ mod tests {
     }
 
     fn ctx() -> ConnectorContext {
-        ConnectorContext {
-            job_id: "test".into(),
-            task: TaskId { vertex: 5, subtask: 0 },
-            parallelism: 1,
-            schema: schema(),
-            metrics: Arc::new(TaskMetrics::default()),
-            checkpointing: false,
-            attempt: 1,
-            restore: None,
-        }
+        ConnectorContext::for_test(TaskId { vertex: 5, subtask: 0 }, 1, schema())
     }
 
     fn options(url: &str) -> HttpSinkOptions {

@@ -42,6 +42,23 @@ pub struct ConnectorContext {
     pub restore: Option<(u64, Vec<Vec<u8>>)>,
 }
 
+#[cfg(test)]
+impl ConnectorContext {
+    /// A context for connector tests: a first attempt without checkpoints, fresh counters.
+    pub fn for_test(task: TaskId, parallelism: u32, schema: Schema) -> ConnectorContext {
+        ConnectorContext {
+            job_id: "test".into(),
+            task,
+            parallelism,
+            schema,
+            metrics: Arc::new(TaskMetrics::default()),
+            checkpointing: false,
+            attempt: 1,
+            restore: None,
+        }
+    }
+}
+
 /// Produces batches. `next_batch` must be cancel-safe: dropping its future loses nothing.
 #[async_trait]
 pub trait Source: Send {

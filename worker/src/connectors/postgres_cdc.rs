@@ -1726,16 +1726,8 @@ mod tests {
             version_column: None,
             snapshot: true,
         };
-        let ctx = ConnectorContext {
-            job_id: "j".into(),
-            task: eddy_jobs::TaskId { vertex: 0, subtask: 1 },
-            parallelism: 2,
-            schema: eddy_jobs::connectors::parse_columns(&o.columns).unwrap(),
-            metrics: Arc::new(TaskMetrics::default()),
-            checkpointing: false,
-            attempt: 1,
-            restore: None,
-        };
+        let schema = eddy_jobs::connectors::parse_columns(&o.columns).unwrap();
+        let ctx = ConnectorContext::for_test(eddy_jobs::TaskId { vertex: 0, subtask: 1 }, 2, schema);
         let mut source = PostgresCdc::start(&o, ctx).await.unwrap();
         assert_eq!(source.next_batch().await.unwrap(), None);
     }
@@ -1856,17 +1848,8 @@ mod tests {
                 if let Some(v) = &o.version_column {
                     schema.fields.push(eddy_jobs::Field::new(v.clone(), DataType::Int));
                 }
-                let metrics = Arc::new(TaskMetrics::default());
-                let ctx = ConnectorContext {
-                    job_id: "cdc-test".into(),
-                    task: eddy_jobs::TaskId { vertex: 0, subtask: 0 },
-                    parallelism: 1,
-                    schema,
-                    metrics: metrics.clone(),
-                    checkpointing: false,
-                    attempt: 1,
-                    restore: None,
-                };
+                let ctx = ConnectorContext::for_test(eddy_jobs::TaskId { vertex: 0, subtask: 0 }, 1, schema);
+                let metrics = ctx.metrics.clone();
                 (PostgresCdc::start(o, ctx).await, metrics)
             }
 

@@ -284,12 +284,10 @@ impl Windows {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
 
     use eddy_jobs::{DataType, Field, Schema, TaskId};
 
     use super::*;
-    use crate::task::TaskMetrics;
 
     fn result(member: &str, score: f64, end: i64) -> Row {
         vec![Value::string(member), Value::Float(score), Value::Timestamp(end)]
@@ -330,20 +328,12 @@ mod tests {
     }
 
     fn ctx(parallelism: u32) -> ConnectorContext {
-        ConnectorContext {
-            job_id: "test".into(),
-            task: TaskId { vertex: 3, subtask: 0 },
-            parallelism,
-            schema: Schema::new(vec![
-                Field::new("content_id", DataType::String),
-                Field::new("score", DataType::Float),
-                Field::new("window_end", DataType::Timestamp),
-            ]),
-            metrics: Arc::new(TaskMetrics::default()),
-            checkpointing: false,
-            attempt: 1,
-            restore: None,
-        }
+        let schema = Schema::new(vec![
+            Field::new("content_id", DataType::String),
+            Field::new("score", DataType::Float),
+            Field::new("window_end", DataType::Timestamp),
+        ]);
+        ConnectorContext::for_test(TaskId { vertex: 3, subtask: 0 }, parallelism, schema)
     }
 
     fn options(url: &str, key: &str) -> RedisSinkOptions {
