@@ -19,9 +19,9 @@ trap 'kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null' EXIT
 export EDDY_COORDINATOR=127.0.0.1:${EDDY_PORT:-6123}
 export EDDY_EXTERNAL_URL=http://127.0.0.1:${EDDY_MOCK_PORT:-58080}/events
 export EDDY_DEAD_LETTERS=$RUN_DIR/dead-letters.jsonl EDDY_HTTP_DEAD_LETTERS=$RUN_DIR/http-dead-letters.jsonl
-"$BIN/eddy-coordinator" --listen "$EDDY_COORDINATOR" >"$RUN_DIR/coordinator.log" 2>&1 & PIDS+=($!)
+"$BIN/eddy-coordinator" --listen "$EDDY_COORDINATOR" --data-dir "$RUN_DIR/coordinator" >"$RUN_DIR/coordinator.log" 2>&1 & PIDS+=($!)
 for i in 1 2; do
-  "$BIN/eddy-worker" --coordinator "$EDDY_COORDINATOR" --listen 127.0.0.1:0 --id "worker-$i" >"$RUN_DIR/worker-$i.log" 2>&1 & PIDS+=($!)
+  "$BIN/eddy-worker" --coordinator "$EDDY_COORDINATOR" --listen 127.0.0.1:0 --id "worker-$i" --state-dir "$RUN_DIR/worker-$i-state" >"$RUN_DIR/worker-$i.log" 2>&1 & PIDS+=($!)
 done
 "$BIN/eddy-mock-api" --listen "127.0.0.1:${EDDY_MOCK_PORT:-58080}" --log "$RUN_DIR/external.jsonl" >"$RUN_DIR/mock-api.log" 2>&1 & PIDS+=($!)
 wait_workers 2
