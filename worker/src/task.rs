@@ -485,9 +485,13 @@ async fn run_source(
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let deadline = chain.flush_deadline();
         tokio::select! {
             biased;
-            // Data first; `next_batch` is cancel-safe, so losing the race to the tick loses nothing.
+            // A partly filled output batch has waited long enough: it goes before more data, so a
+            // steady trickle of input cannot hold it back.
+            _ = sleep_until_opt(deadline), if deadline.is_some() => chain.flush().await?,
+            // Data; `next_batch` is cancel-safe, so losing the race to another arm loses nothing.
             next = source.next_batch() => match next? {
                 Some(batch) => {
                     let wm = watermarks.as_mut().and_then(|w| w.on_batch(&batch));
@@ -547,6 +551,8 @@ async fn run_inputs(ctx: &mut TaskContext, chain: &mut Chain) -> Result<()> {
         let replaying = replayed.is_some();
         tokio::select! {
             biased;
+            // A partly filled output batch has waited long enough: it goes before more input.
+            _ = sleep_until_opt(deadline), if deadline.is_some() && !replaying => chain.flush().await?,
             delivery = async { match replayed { Some(d) => Some(d), None => inbox.recv().await } } => {
                 let delivery = delivery.ok_or_else(|| TaskError::internal("inbox closed"))?;
                 let input = delivery.input;
@@ -594,8 +600,6 @@ async fn run_inputs(ctx: &mut TaskContext, chain: &mut Chain) -> Result<()> {
                     chain.checkpoint_complete(id).await?;
                 }
             }
-            // A partly filled output batch has waited long enough.
-            _ = sleep_until_opt(deadline), if deadline.is_some() && !replaying => chain.flush().await?,
             // Sinks flush on time, not only on data.
             _ = tick.tick(), if !replaying => chain.tick().await?,
         }

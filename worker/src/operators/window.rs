@@ -14,6 +14,16 @@
 //! SUM, COUNT and AVG accept retractions (subtracting); MIN and MAX do not, and fail the task if
 //! they see one, since the planner rules that out for updating inputs.
 //!
+//! Firing: with SUM, COUNT and AVG only, the operator keeps per key a running aggregate, the merge
+//! of the key's slices that the next window shares with the last one fired. A window's result is
+//! that plus the slices it adds; the slices it then leaves behind are subtracted. Firing thus reads
+//! two slices per key whatever size/slide is (the state backend may be RocksDB: 120 reads per key
+//! and window were the cost that mattered), and a record only touches the running aggregate when
+//! it lands in a slice already folded into it. The running aggregates are derived data: they are
+//! not checkpointed but rebuilt by one scan after a restore. MIN and MAX cannot be subtracted, and
+//! beyond [`MAX_RUNNING_KEYS`] keys their memory is not spent: windows are then merged from all
+//! their slices. Float sums computed either way may differ in the last bits.
+//!
 //! State: the accumulators live in a [`WindowState`] (memory or RocksDB, from the job's spec), each
 //! entry tagged with its key's key group. A checkpoint holds the state backend's snapshot files and,
 //! inline, the operator's own scalars (watermark, end of the last window fired, late count). On a
@@ -24,6 +34,7 @@
 //! were they to differ, a window re-fired for keys whose subtask had already dropped its oldest
 //! slices would carry a partial result.
 
+use std::cell::Cell;
 use std::path::Path;
 
 use eddy_jobs::plan::{AggFunc, StateBackend, WindowPlan};
@@ -35,9 +46,35 @@ use crate::codec::encode_value;
 use crate::error::{Result, TaskError};
 use crate::keys::{hash_key, key_group};
 use crate::state::{Acc, Accs, WindowState};
+use rustc_hash::FxHashMap;
 
 /// Version of the inline snapshot (watermark, last fired, late count), its first byte.
 const INLINE_VERSION: u8 = 1;
+
+/// Keys up to which the operator keeps running aggregates (about 100 bytes each, so some 20 MB);
+/// above it, windows are merged from their slices.
+pub const MAX_RUNNING_KEYS: usize = 200_000;
+
+/// A key's running aggregate (see the module docs).
+#[derive(Debug)]
+struct Running {
+    key_group: u32,
+    /// Merge of the key's slices ending in `(last_fired + slide − size, last_fired]`.
+    accs: Accs,
+    /// The latest slice end the key has had: the key is forgotten once that slice is dropped.
+    last_slice: i64,
+}
+
+/// Where running aggregates stand.
+#[derive(Debug)]
+enum RunningState {
+    /// Kept for every key that has slices.
+    Kept(FxHashMap<Box<[u8]>, Running>),
+    /// To be rebuilt from the state by a scan before the next firing (after a restore).
+    Stale,
+    /// Not kept (MIN or MAX, or too many keys): windows are merged from all their slices.
+    Off,
+}
 
 /// The window operator.
 pub struct Window {
@@ -52,6 +89,9 @@ pub struct Window {
     key_buf: Vec<u8>,
     /// Empty accumulators, cloned for each new (key, slice).
     empty: Accs,
+    running: RunningState,
+    /// A row's aggregate inputs, when they also go into a running aggregate.
+    inputs: Vec<Value>,
 }
 
 impl Window {
@@ -60,6 +100,13 @@ impl Window {
     pub fn new(plan: WindowPlan, max_parallelism: u32, state: Box<dyn WindowState>) -> Window {
         let slice_ms = plan.slice_ms();
         let empty = empty_accs(&plan);
+        let invertible = plan.aggregates.iter().all(|a| !matches!(a.func, AggFunc::Min | AggFunc::Max));
+        // An empty state has no keys yet; a restored one is scanned before the first firing.
+        let running = match (invertible, state.is_empty()) {
+            (false, _) => RunningState::Off,
+            (true, true) => RunningState::Kept(FxHashMap::default()),
+            (true, false) => RunningState::Stale,
+        };
         Window {
             plan,
             slice_ms,
@@ -70,6 +117,8 @@ impl Window {
             late: 0,
             key_buf: Vec::new(),
             empty,
+            running,
+            inputs: Vec::new(),
         }
     }
 
@@ -111,38 +160,140 @@ impl Window {
         Ok(OperatorSnapshot { inline, files: Some(dir) })
     }
 
+    /// Emits the result of the window ending at `end` for every key with rows in it.
     fn fire(&mut self, end: i64, out: &mut Collector) -> Result<()> {
-        let width = self.plan.key.len();
-        let start = end - self.plan.size_ms;
+        if matches!(self.running, RunningState::Stale) {
+            self.rebuild_running()?;
+        }
         let mut batch = Batch::default();
-        let mut error = None;
-        self.state.for_each_key(start, end, &mut |key, slices| {
-            let Some(first) = slices.next() else { return };
-            let mut merged = first.clone();
-            for a in slices {
-                merge(&mut merged, a);
-            }
-            if merged.rows <= 0 {
-                return;
-            }
-            match decode_key(key, width) {
-                Ok(mut row) => {
-                    row.push(Value::Timestamp(start));
-                    row.push(Value::Timestamp(end));
-                    row.extend(merged.values.iter().map(result));
-                    batch.push(row, Op::Insert);
-                }
-                Err(e) => error = Some(e),
-            }
-        })?;
-        if let Some(e) = error {
-            return Err(e);
+        if matches!(self.running, RunningState::Kept(_)) {
+            self.fire_running(end, &mut batch)?;
+        } else {
+            self.fire_merging(end, &mut batch)?;
         }
         if !batch.is_empty() {
             out.main.push(batch);
         }
         Ok(())
     }
+
+    /// Fires by merging every slice of the window, per key.
+    fn fire_merging(&mut self, end: i64, batch: &mut Batch) -> Result<()> {
+        let mut merged_keys: Vec<(Box<[u8]>, Accs)> = Vec::new();
+        self.state.for_each_key(end - self.plan.size_ms, end, &mut |_, key, slices| {
+            let Some((_, first)) = slices.next() else { return };
+            let mut merged = first.clone();
+            for (_, a) in slices {
+                merge(&mut merged, a);
+            }
+            if merged.rows > 0 {
+                merged_keys.push((key.into(), merged));
+            }
+        })?;
+        for (key, merged) in merged_keys {
+            emit(&self.plan, &key, end, &merged, batch)?;
+        }
+        Ok(())
+    }
+
+    /// Fires from the running aggregates: adds the slices the window has beyond the last one
+    /// fired, emits, then subtracts the slices the next window no longer holds.
+    fn fire_running(&mut self, end: i64, batch: &mut Batch) -> Result<()> {
+        let RunningState::Kept(mut running) = std::mem::replace(&mut self.running, RunningState::Off) else {
+            return Ok(());
+        };
+        let (size, slide, slice) = (self.plan.size_ms, self.plan.slide_ms, self.slice_ms);
+        let fired = self.last_fired;
+        // What the running aggregates hold: slices in (held_from, fired]; normally the window's
+        // first size − slide. After a gap of more than one slide, part or all of that has left.
+        let held_from = if fired == i64::MIN { end } else { fired + slide - size };
+        let reset = fired == i64::MIN || end - size >= fired;
+        let mut result = Ok(());
+        running.retain(|key, r| {
+            if result.is_err() {
+                return true;
+            }
+            let step = (|| -> Result<bool> {
+                let mut accs = if reset { self.empty.clone() } else { std::mem::replace(&mut r.accs, self.empty.clone()) };
+                if !reset {
+                    apply_slices(&mut *self.state, r.key_group, key, held_from, end - size, slice, &mut accs, unmerge)?;
+                }
+                apply_slices(&mut *self.state, r.key_group, key, fired.max(end - size), end, slice, &mut accs, merge)?;
+                if accs.rows > 0 {
+                    emit(&self.plan, key, end, &accs, batch)?;
+                }
+                let next_from = end + slide - size;
+                apply_slices(&mut *self.state, r.key_group, key, end - size, next_from, slice, &mut accs, unmerge)?;
+                // No rows left: start from exact zeros rather than float residue.
+                r.accs = if accs.rows == 0 { self.empty.clone() } else { accs };
+                // Slices through next_from are dropped after this firing.
+                Ok(r.last_slice > next_from)
+            })();
+            step.unwrap_or_else(|e| {
+                result = Err(e);
+                true
+            })
+        });
+        self.running = RunningState::Kept(running);
+        result
+    }
+
+    /// Builds the running aggregates from the state (after a restore).
+    fn rebuild_running(&mut self) -> Result<()> {
+        let fired = self.last_fired;
+        let held_from = if fired == i64::MIN { i64::MIN } else { fired + self.plan.slide_ms - self.plan.size_ms };
+        let mut running = FxHashMap::default();
+        let mut too_many = false;
+        let empty = &self.empty;
+        self.state.for_each_key(held_from, i64::MAX, &mut |key_group, key, slices| {
+            if running.len() >= MAX_RUNNING_KEYS {
+                too_many = true;
+                return;
+            }
+            let mut r = Running { key_group, accs: empty.clone(), last_slice: i64::MIN };
+            for (slice_end, accs) in slices {
+                if slice_end <= fired {
+                    merge(&mut r.accs, accs);
+                }
+                r.last_slice = slice_end;
+            }
+            running.insert(key.into(), r);
+        })?;
+        self.running = if too_many { RunningState::Off } else { RunningState::Kept(running) };
+        Ok(())
+    }
+}
+
+/// Appends the result row of `key` (a key of `plan`) in the window ending at `end`.
+fn emit(plan: &WindowPlan, key: &[u8], end: i64, merged: &Accs, batch: &mut Batch) -> Result<()> {
+    let mut row = decode_key(key, plan.key.len())?;
+    row.push(Value::Timestamp(end - plan.size_ms));
+    row.push(Value::Timestamp(end));
+    row.extend(merged.values.iter().map(result));
+    batch.push(row, Op::Insert);
+    Ok(())
+}
+
+/// Merges (or with `unmerge`, subtracts) into `accs` the key's slices ending in `(after, through]`.
+#[allow(clippy::too_many_arguments)]
+fn apply_slices(
+    state: &mut dyn WindowState,
+    key_group: u32,
+    key: &[u8],
+    after: i64,
+    through: i64,
+    slice: i64,
+    accs: &mut Accs,
+    apply: fn(&mut Accs, &Accs),
+) -> Result<()> {
+    let mut slice_end = after.saturating_add(slice);
+    while slice_end <= through {
+        if let Some(a) = state.get(key_group, key, slice_end)? {
+            apply(accs, a);
+        }
+        slice_end += slice;
+    }
+    Ok(())
 }
 
 /// Decodes `(watermark, last_fired, late)` written by [`Window::checkpoint`]; `None` when empty.
@@ -218,11 +369,18 @@ impl Window {
             }
             let group = key_group(hash_key(&row, &self.plan.key), self.max_parallelism);
             let empty = &self.empty;
-            let accs = self.state.accumulators(group, &self.key_buf, slice_end, &|| empty.clone())?;
+            let created = Cell::new(false);
+            let init = || {
+                created.set(true);
+                empty.clone()
+            };
+            let accs = self.state.accumulators(group, &self.key_buf, slice_end, &init)?;
             let sign = match op {
                 Op::Insert => 1,
                 Op::Retract => -1,
             };
+            // A slice already folded into the key's running aggregate: the row goes there too.
+            let folded = slice_end <= self.last_fired && matches!(self.running, RunningState::Kept(_));
             accs.rows += sign;
             for (acc, agg) in accs.values.iter_mut().zip(&self.plan.aggregates) {
                 let v = match &agg.arg {
@@ -230,11 +388,42 @@ impl Window {
                     Some(e) => e.eval(&row).map_err(|e| TaskError::user(format!("aggregate `{}` failed on a row: {e}", agg.name)))?,
                 };
                 update(acc, &v, sign).map_err(|m| TaskError::user(format!("aggregate `{}`: {m}", agg.name)))?;
+                if folded {
+                    self.inputs.push(v);
+                }
+            }
+            if created.get() || folded {
+                self.track(group, slice_end, folded.then_some(sign))?;
             }
         }
         if !late.is_empty() {
             self.late += late.len() as u64;
             out.late.push(late);
+        }
+        Ok(())
+    }
+
+    /// Keeps the running aggregate of the key in `key_buf` (key group `key_group`) up to date
+    /// after a row landed in its slice ending at `slice_end`: a new slice may extend the key's
+    /// life; with `sign`, the row (its inputs in `inputs`) is also added to the running aggregate.
+    fn track(&mut self, key_group: u32, slice_end: i64, sign: Option<i64>) -> Result<()> {
+        let RunningState::Kept(running) = &mut self.running else { return Ok(()) };
+        if !running.contains_key(self.key_buf.as_slice()) {
+            if running.len() >= MAX_RUNNING_KEYS {
+                tracing::info!(keys = running.len(), "window: too many keys for running aggregates; merging slices instead");
+                self.running = RunningState::Off;
+                self.inputs.clear();
+                return Ok(());
+            }
+            running.insert(self.key_buf.as_slice().into(), Running { key_group, accs: self.empty.clone(), last_slice: slice_end });
+        }
+        let r = running.get_mut(self.key_buf.as_slice()).expect("inserted above");
+        r.last_slice = r.last_slice.max(slice_end);
+        if let Some(sign) = sign {
+            r.accs.rows += sign;
+            for (acc, v) in r.accs.values.iter_mut().zip(self.inputs.drain(..)) {
+                update(acc, &v, sign).map_err(TaskError::internal)?;
+            }
         }
         Ok(())
     }
@@ -364,6 +553,26 @@ fn merge(into: &mut Accs, from: &Accs) {
             (Acc::Min(x), Acc::Min(Some(y))) => keep_extreme(x, y, true),
             (Acc::Max(x), Acc::Max(Some(y))) => keep_extreme(x, y, false),
             _ => {}
+        }
+    }
+}
+
+/// Takes `from` back out of `into` (the inverse of [`merge`] for SUM, COUNT and AVG).
+fn unmerge(into: &mut Accs, from: &Accs) {
+    into.rows -= from.rows;
+    for (a, b) in into.values.iter_mut().zip(&from.values) {
+        match (a, b) {
+            (Acc::SumInt { sum, n }, Acc::SumInt { sum: s, n: m }) => {
+                *sum = sum.wrapping_sub(*s);
+                *n -= m;
+            }
+            (Acc::SumFloat { sum, n }, Acc::SumFloat { sum: s, n: m }) | (Acc::Avg { sum, n }, Acc::Avg { sum: s, n: m }) => {
+                *sum -= s;
+                *n -= m;
+            }
+            (Acc::Count(c), Acc::Count(d)) => *c -= d,
+            // Not invertible: running aggregates are off when MIN or MAX is present.
+            _ => unreachable!("unmerge of MIN or MAX"),
         }
     }
 }
@@ -704,9 +913,14 @@ mod tests {
             steps in steps(),
             shape in prop::sample::select(vec![(10i64, 10i64), (20, 5), (30, 20), (12, 8)]),
             backend in prop::sample::select(BACKENDS.to_vec()),
+            merging in any::<bool>(),
         ) {
             let (size, slide) = shape;
             let (mut w, _dir) = window(size, slide, backend);
+            if merging {
+                // As with MIN or MAX: every window merged from its slices.
+                w.running = RunningState::Off;
+            }
             let mut out = Collector::default();
             let mut accepted: Vec<(i64, i64, i64, i64)> = Vec::new(); // (k, v, ts, sign)
             let mut expected: BTreeMap<(i64, i64), (i64, i64)> = BTreeMap::new();

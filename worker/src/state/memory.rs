@@ -76,16 +76,22 @@ impl WindowState for MemoryWindowState {
         Ok(&mut ring[pos].1)
     }
 
+    fn get(&mut self, _key_group: u32, key: &[u8], slice_end: i64) -> Result<Option<&Accs>> {
+        let Some(KeySlices { ring, .. }) = self.keys.get(key) else { return Ok(None) };
+        let pos = ring.partition_point(|(s, _)| *s < slice_end);
+        Ok(ring.get(pos).filter(|(s, _)| *s == slice_end).map(|(_, a)| a))
+    }
+
     fn first_slice(&self) -> Option<i64> {
         self.slices.keys().next().copied()
     }
 
     fn for_each_key(&mut self, after: i64, through: i64, f: &mut KeyVisitor<'_>) -> Result<()> {
-        for (key, KeySlices { ring, .. }) in &self.keys {
+        for (key, KeySlices { key_group, ring }) in &self.keys {
             let start = ring.partition_point(|(s, _)| *s <= after);
             if ring.get(start).is_some_and(|(s, _)| *s <= through) {
-                let mut slices = ring.range(start..).take_while(|(s, _)| *s <= through).map(|(_, a)| a);
-                f(key, &mut slices);
+                let mut slices = ring.range(start..).take_while(|(s, _)| *s <= through).map(|(s, a)| (*s, a));
+                f(*key_group, key, &mut slices);
             }
         }
         Ok(())

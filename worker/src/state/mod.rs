@@ -58,8 +58,9 @@ pub struct Accs {
     pub values: Vec<Acc>,
 }
 
-/// Receives one key and its slices in a window, oldest first.
-pub type KeyVisitor<'a> = dyn FnMut(&[u8], &mut dyn Iterator<Item = &Accs>) + 'a;
+/// Receives one key's group, the key, and its slices in a range as (slice end, accumulators),
+/// oldest first.
+pub type KeyVisitor<'a> = dyn FnMut(u32, &[u8], &mut dyn Iterator<Item = (i64, &Accs)>) + 'a;
 
 /// The window operator's state: accumulators per (key group, key, slice end), grouped by key.
 ///
@@ -69,6 +70,9 @@ pub trait WindowState: Send {
     /// The accumulators of `key` (in `key_group`) in the slice ending at `slice_end`, created with
     /// `init` if absent. The reference is valid until the next call on the state.
     fn accumulators(&mut self, key_group: u32, key: &[u8], slice_end: i64, init: &dyn Fn() -> Accs) -> Result<&mut Accs>;
+    /// The accumulators of `key` in the slice ending at `slice_end`, if held; creates nothing.
+    /// The reference is valid until the next call on the state.
+    fn get(&mut self, key_group: u32, key: &[u8], slice_end: i64) -> Result<Option<&Accs>>;
     /// The earliest slice end held, if any.
     fn first_slice(&self) -> Option<i64>;
     /// Calls `f` once per key that has slices ending in `(after, through]`, with those slices in
@@ -331,6 +335,11 @@ mod tests {
         (k as u32 % GROUPS, buf)
     }
 
+    /// The key group `key` was given by [`key`].
+    fn key_group_of(encoded: &[u8]) -> u32 {
+        (0..8).map(key).find(|(_, e)| e == encoded).expect("a test key").0
+    }
+
     fn update(state: &mut dyn WindowState, k: u8, slice_end: i64, x: i64) -> Accs {
         let (group, key) = key(k);
         let accs = state.accumulators(group, &key, slice_end, &init).unwrap();
@@ -347,11 +356,12 @@ mod tests {
     }
 
     /// Everything `for_each_key` shows, by key (backends visit keys in different orders).
-    fn scan(state: &mut dyn WindowState, after: i64, through: i64) -> BTreeMap<Vec<u8>, Vec<Accs>> {
+    fn scan(state: &mut dyn WindowState, after: i64, through: i64) -> BTreeMap<Vec<u8>, Vec<(i64, Accs)>> {
         let mut seen = BTreeMap::new();
         state
-            .for_each_key(after, through, &mut |key, slices| {
-                let slices: Vec<Accs> = slices.cloned().collect();
+            .for_each_key(after, through, &mut |group, key, slices| {
+                assert_eq!(key_group_of(key), group, "a key visited with another key group");
+                let slices: Vec<(i64, Accs)> = slices.map(|(s, a)| (s, a.clone())).collect();
                 assert!(!slices.is_empty(), "a key visited with no slices");
                 assert!(seen.insert(key.to_vec(), slices).is_none(), "a key visited twice");
             })
@@ -359,7 +369,7 @@ mod tests {
         seen
     }
 
-    fn observe(state: &mut dyn WindowState) -> (Option<i64>, usize, BTreeMap<Vec<u8>, Vec<Accs>>) {
+    fn observe(state: &mut dyn WindowState) -> (Option<i64>, usize, BTreeMap<Vec<u8>, Vec<(i64, Accs)>>) {
         (state.first_slice(), state.len(), scan(state, i64::MIN, i64::MAX))
     }
 
@@ -377,6 +387,7 @@ mod tests {
     enum Op {
         Update { k: u8, slice: i64, x: i64 },
         Scan { after: i64, through: i64 },
+        Get { k: u8, slice: i64 },
         Drop(i64),
         /// Snapshot, then continue on fresh instances restored from it, over one range or split
         /// in two at `split` (restored one after the other into the same instance).
@@ -391,6 +402,7 @@ mod tests {
             prop_oneof![
                 12 => (0u8..8, 0i64..16, -100i64..100).prop_map(|(k, s, x)| Op::Update { k, slice: s * 10, x }),
                 2 => (-10i64..170, 0i64..170).prop_map(|(after, d)| Op::Scan { after, through: after + d }),
+                3 => (0u8..8, 0i64..16).prop_map(|(k, s)| Op::Get { k, slice: s * 10 }),
                 2 => (-10i64..170).prop_map(Op::Drop),
                 1 => (0u32..=GROUPS).prop_map(|split| Op::Restore { split }),
                 1 => (0u32..=GROUPS).prop_map(|split| Op::Rescale { split }),
@@ -414,6 +426,11 @@ mod tests {
                     }
                     Op::Scan { after, through } => {
                         prop_assert_eq!(scan(&mut s.memory, after, through), scan(&mut s.rocks, after, through));
+                    }
+                    Op::Get { k, slice } => {
+                        let (group, key) = key(k);
+                        let m = s.memory.get(group, &key, slice).unwrap().cloned();
+                        prop_assert_eq!(m, s.rocks.get(group, &key, slice).unwrap().cloned());
                     }
                     Op::Drop(through) => {
                         s.memory.drop_through(through).unwrap();
@@ -440,7 +457,7 @@ mod tests {
                             let m = observe(&mut half.memory);
                             prop_assert_eq!(&m, &observe(&mut half.rocks));
                             for k in m.2.keys() {
-                                let group = (0..8).map(key).find(|(_, e)| e == k).unwrap().0;
+                                let group = key_group_of(k);
                                 prop_assert!(range.contains(&group), "key group {} restored outside {:?}", group, range);
                             }
                             len += m.1;

@@ -17,9 +17,10 @@
 //! without touching RocksDB (it is rebuilt by a key scan on restore).
 //!
 //! Dropping is lazy: `drop_through` only raises a bound below which entries are dead; reads skip
-//! them and the next scan deletes them (the window scans everything on each firing anyway). A
-//! snapshot stores the bound beside the checkpoint (file [`DEAD_FILE`]) so that a restore skips
-//! them too.
+//! them and the next scan deletes them. The window operator rarely scans (it keeps running
+//! aggregates), so once the dead entries outnumber the live ones `drop_through` scans to delete
+//! them: every entry is read a bounded number of times over its life. A snapshot stores the bound
+//! beside the checkpoint (file [`DEAD_FILE`]) so that a restore skips them too.
 //!
 //! Snapshots are RocksDB checkpoints: the memtable is flushed and the live SST files are
 //! hard-linked into the snapshot directory, with the small MANIFEST, CURRENT and OPTIONS files.
@@ -60,6 +61,10 @@ pub struct RocksWindowState {
     /// Entries with a slice ending at or before this are dead, though maybe still in RocksDB.
     /// `i64::MIN` when there are none.
     dead_through: i64,
+    /// Entries below `dead_through` that may still be in RocksDB.
+    dead_entries: usize,
+    /// The last entry [`WindowState::get`] read from RocksDB.
+    read: Accs,
     key_buf: Vec<u8>,
     value_buf: Vec<u8>,
 }
@@ -99,6 +104,8 @@ impl RocksWindowState {
             cache: FxHashMap::default(),
             slices: BTreeMap::new(),
             dead_through: i64::MIN,
+            dead_entries: 0,
+            read: Accs { rows: 0, values: Vec::new() },
             key_buf: Vec::new(),
             value_buf: Vec::new(),
         })
@@ -126,7 +133,7 @@ impl RocksWindowState {
     fn purge(&mut self) -> Result<()> {
         self.flush()?;
         if self.dead_through != i64::MIN {
-            self.for_each_key(i64::MAX, i64::MAX, &mut |_, _| {})?;
+            self.for_each_key(i64::MAX, i64::MAX, &mut |_, _, _| {})?;
         }
         Ok(())
     }
@@ -171,6 +178,24 @@ impl WindowState for RocksWindowState {
         Ok(self.cache.get_mut(self.key_buf.as_slice()).expect("inserted above"))
     }
 
+    fn get(&mut self, key_group: u32, key: &[u8], slice_end: i64) -> Result<Option<&Accs>> {
+        if slice_end <= self.dead_through {
+            return Ok(None);
+        }
+        self.key_buf.clear();
+        put_key(&mut self.key_buf, key_group, key, slice_end)?;
+        if self.cache.contains_key(self.key_buf.as_slice()) {
+            return Ok(self.cache.get(self.key_buf.as_slice()));
+        }
+        match self.db.get_pinned(&self.key_buf).map_err(|e| db_error(&self.dir, e))? {
+            Some(value) => {
+                self.read = decode_accs(&value)?;
+                Ok(Some(&self.read))
+            }
+            None => Ok(None),
+        }
+    }
+
     fn first_slice(&self) -> Option<i64> {
         self.slices.keys().next().copied()
     }
@@ -181,10 +206,11 @@ impl WindowState for RocksWindowState {
         let mut deletes = WriteBatch::default();
         // The (key group, key) prefix of the key being gathered, and its slices in range.
         let mut current: Vec<u8> = Vec::new();
-        let mut slices: Vec<Accs> = Vec::new();
-        let mut emit = |prefix: &[u8], slices: &mut Vec<Accs>| {
+        let mut slices: Vec<(i64, Accs)> = Vec::new();
+        let mut emit = |prefix: &[u8], slices: &mut Vec<(i64, Accs)>| {
             if !slices.is_empty() {
-                f(&prefix[2..], &mut slices.iter());
+                let key_group = u16::from_be_bytes([prefix[0], prefix[1]]) as u32;
+                f(key_group, &prefix[2..], &mut slices.iter().map(|(s, a)| (*s, a)));
                 slices.clear();
             }
         };
@@ -202,7 +228,7 @@ impl WindowState for RocksWindowState {
                     current.extend_from_slice(prefix);
                 }
                 if slice_end > after && slice_end <= through {
-                    slices.push(decode_accs(value)?);
+                    slices.push((slice_end, decode_accs(value)?));
                 }
             }
             it.next();
@@ -214,6 +240,7 @@ impl WindowState for RocksWindowState {
             self.db.write_opt(deletes, &self.write_opts).map_err(|e| self.err(e))?;
         }
         self.dead_through = i64::MIN;
+        self.dead_entries = 0;
         Ok(())
     }
 
@@ -221,9 +248,16 @@ impl WindowState for RocksWindowState {
         if self.first_slice().is_none_or(|first| first > through) {
             return Ok(());
         }
-        self.slices = self.slices.split_off(&through.saturating_add(1));
+        let live = self.slices.split_off(&through.saturating_add(1));
+        self.dead_entries += self.slices.values().sum::<usize>();
+        self.slices = live;
         self.cache.retain(|key, _| split_key(key).is_ok_and(|(_, _, s)| s > through));
         self.dead_through = self.dead_through.max(through);
+        // Once the dead outnumber the live, one scan deletes them all: each entry is scanned a
+        // bounded number of times over its life, however rarely the window itself scans.
+        if self.dead_entries > self.len().max(CACHE_ENTRIES) {
+            self.purge()?;
+        }
         Ok(())
     }
 
