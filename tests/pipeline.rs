@@ -314,6 +314,35 @@ fn pipeline_recovers_from_killed_workers() -> Result<()> {
     check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"])
 }
 
+/// ClickHouse and Redis are stopped for 20 seconds while events flow, then started again: the
+/// sinks retry, nothing is lost, and the outcomes end exactly as without the outage.
+#[test]
+fn pipeline_rides_out_clickhouse_and_redis_outages() -> Result<()> {
+    let p = Pipeline::start("outage")?;
+    let ingest = p.submit("ingest.toml")?;
+    p.cluster.wait_state(&ingest, "running", Duration::from_secs(30))?;
+    let process = p.submit("process.toml")?;
+    p.cluster.wait_state(&process, "running", Duration::from_secs(30))?;
+    let args = ["--contents", "40", "--count", "9000", "--rate", "300", "--seed", "5", "--updates-pct", "10", "--deletes-pct", "5", "--unknown-pct", "5"];
+    let during = p.datagen_command(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
+    std::thread::sleep(Duration::from_secs(4));
+    eprintln!("stopping ClickHouse and Redis for 20 s");
+    p.services.control("stop", "clickhouse")?;
+    p.services.control("stop", "redis")?;
+    std::thread::sleep(Duration::from_secs(20));
+    let down = p.cluster.status(&process)?["state"].clone();
+    p.services.control("start", "redis")?;
+    p.services.control("start", "clickhouse")?;
+    ensure!(down == "running", "the process job should ride out the outage, but it is {down}");
+    let during = datagen_summary(during.wait_with_output()?, &args)?;
+    check_outcomes(&p, during["inserted"] + during["updated"])?;
+    for job in [&ingest, &process] {
+        let status = p.cluster.status(job)?;
+        ensure!(status["state"] == "running", "job {job} should still run: {status}");
+    }
+    Ok(())
+}
+
 /// Kafka round trip in upsert format, and the bad-record policy: records that do not match the
 /// declared columns are dead-lettered and counted while the job keeps running.
 #[test]

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 
 /// Directory holding the workspace's binaries (next to this test executable's `deps/`).
@@ -280,6 +280,13 @@ impl Services {
             }
         }
         Ok(Services { env })
+    }
+
+    /// Runs `scripts/services.sh ACTION SERVICE` (e.g. `stop clickhouse`), to stage an outage.
+    pub fn control(&self, action: &str, service: &str) -> Result<()> {
+        let status = Command::new(repo_root().join("scripts/services.sh")).args([action, service]).stdin(Stdio::null()).status()?;
+        ensure!(status.success(), "`scripts/services.sh {action} {service}` failed");
+        Ok(())
     }
 
     /// A setting, e.g. `EDDY_PG_URL`.
