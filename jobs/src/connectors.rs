@@ -132,6 +132,17 @@ pub struct KafkaSourceOptions {
     pub bad_records: BadRecordPolicy,
     /// File for dead-lettered records (with `bad_records = "dead-letter"`).
     pub dead_letter_path: Option<String>,
+    /// Upsert format: how long a key's last row is kept after its last write (a duration such as
+    /// `1h`); a key not written for that long is forgotten, so its next version retracts nothing.
+    /// Kept forever when absent.
+    pub state_ttl: Option<String>,
+}
+
+impl KafkaSourceOptions {
+    /// `state_ttl` in milliseconds; `None` when absent.
+    pub fn state_ttl_ms(&self) -> Result<Option<i64>, String> {
+        self.state_ttl.as_deref().map(crate::spec::parse_duration_ms).transpose()
+    }
 }
 
 fn default_earliest() -> String {
@@ -420,6 +431,14 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
             }
             if o.bad_records == BadRecordPolicy::DeadLetter && o.dead_letter_path.is_none() {
                 return Err("options.dead_letter_path: bad_records = \"dead-letter\" needs a file to write them to".into());
+            }
+            if let Some(text) = &o.state_ttl {
+                if o.format != KafkaFormat::UpsertJson {
+                    return Err("options.state_ttl: only the upsert-json format keeps state; remove it".into());
+                }
+                if duration_option("options.state_ttl", text)? <= 0 {
+                    return Err(format!("options.state_ttl: must be positive, got `{text}` (omit it to keep keys forever)"));
+                }
             }
             Ok((SourceConnector::Kafka(o), schema))
         }

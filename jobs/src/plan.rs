@@ -1021,4 +1021,17 @@ mod shipped_specs {
         let names: Vec<_> = enriched.schema.fields.iter().map(|f| f.name.as_str()).collect();
         assert!(names.contains(&"engagement_pct") && names.contains(&"slug"), "{names:?}");
     }
+
+    /// The Kafka source's `state_ttl` is checked at submit time.
+    #[test]
+    fn a_bad_state_ttl_is_refused() {
+        let text = substitute_env(include_str!("../specs/process.toml"), |_| None).unwrap();
+        for (bad, says) in [("\"soon\"", "bad duration"), ("\"0s\"", "must be positive"), ("5", "invalid type")] {
+            let e = compile(&text.replace("state_ttl = \"1h\"", &format!("state_ttl = {bad}"))).unwrap_err().to_string();
+            assert!(e.contains("source[events]") && e.contains(says), "{bad}: {e}");
+        }
+        let json = text.replace("format = \"upsert-json\"", "format = \"json\"");
+        let e = compile(&json).unwrap_err().to_string();
+        assert!(e.contains("options.state_ttl: only the upsert-json format"), "{e}");
+    }
 }

@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::batch::{Batch, Message};
 use crate::checkpoint::{self, Aligner, Offer, Storage, TaskCommand, Uploader};
-use crate::connectors::{self, ConnectorContext, Sink};
+use crate::connectors::{self, ConnectorContext, Sink, Source};
 use crate::error::{Result, TaskError};
 use crate::exchange::{Inboxes, Peers, Router};
 use crate::keys::key_group_range;
@@ -244,10 +244,10 @@ impl Chain {
         }
     }
 
-    /// Barrier `id` passes this task: snapshot every operator (plus `extra`, the source's
-    /// position), let the sink stage its output, forward the barrier, and upload and ack in the
-    /// background.
-    async fn checkpoint(&mut self, id: u64, extra: Option<(usize, OperatorSnapshot)>) -> Result<()> {
+    /// Barrier `id` passes this task: snapshot the source (if the task has one, with its plan
+    /// index) and every operator, let the sink stage its output, forward the barrier, and upload
+    /// and ack in the background.
+    async fn checkpoint(&mut self, id: u64, source: Option<(usize, &mut dyn Source)>) -> Result<()> {
         let Some(c) = &self.checkpoints else {
             // Checkpoints are off for this job, yet a barrier came: pass it on, store nothing.
             if let Tail::Router(r) = &mut self.tail {
@@ -257,7 +257,10 @@ impl Chain {
         };
         let started = Instant::now();
         let scratch = c.dir.join(format!("chk-{id}"));
-        let mut snapshots: Vec<(usize, OperatorSnapshot)> = extra.into_iter().collect();
+        let mut snapshots: Vec<(usize, OperatorSnapshot)> = Vec::new();
+        if let Some((index, source)) = source {
+            snapshots.push((index, source.snapshot(id, &scratch.join(format!("op{index}"))).await?));
+        }
         let mut failure = None;
         for (op, index) in self.ops.iter_mut().zip(&self.op_indices) {
             match op.snapshot(&scratch.join(format!("op{index}"))).await {
@@ -365,17 +368,18 @@ async fn run_task(ctx: &mut TaskContext) -> Result<()> {
         }
     };
     let restored_id = ctx.restore.as_ref().map(|m| m.checkpoint_id);
-    let connector_ctx = |schema: &eddy_jobs::Schema, restore: Vec<Vec<u8>>| ConnectorContext {
+    let connector_ctx = |o: usize, restore: Vec<operators::RestoredState>| ConnectorContext {
         job_id: ctx.job_id.clone(),
         task: ctx.task,
         parallelism: vertex.parallelism,
-        schema: schema.clone(),
+        schema: plan.operators[o].schema.clone(),
         metrics: ctx.metrics.clone(),
         checkpointing: ctx.storage.is_some(),
         attempt: ctx.attempt,
         restore: restored_id.map(|id| (id, restore)),
+        state_dir: ctx.dir.join(format!("op{o}")),
+        state_backend: plan.state.backend,
     };
-    let inline = |states: Vec<operators::RestoredState>| states.into_iter().map(|s| s.inline).collect::<Vec<_>>();
     let mut ops = Vec::new();
     let mut op_indices = Vec::new();
     let mut sink = None;
@@ -384,8 +388,8 @@ async fn run_task(ctx: &mut TaskContext) -> Result<()> {
         let op = &plan.operators[o];
         match &op.kind {
             OperatorKind::Sink { connector } => {
-                let restore = inline(fetch(o, false).await?);
-                sink = Some(connectors::sink(connector, connector_ctx(&op.schema, restore)).await?);
+                let restore = fetch(o, false).await?;
+                sink = Some(connectors::sink(connector, connector_ctx(o, restore)).await?);
                 sink_index = Some(o);
             }
             OperatorKind::Source { .. } => {}
@@ -400,6 +404,15 @@ async fn run_task(ctx: &mut TaskContext) -> Result<()> {
             }
         }
     }
+    // A source restores from every earlier subtask (it picks what it owns, such as partitions).
+    let first = vertex.operators[0];
+    let source = match &plan.operators[first].kind {
+        OperatorKind::Source { connector, event_time } => {
+            let restore = fetch(first, false).await?;
+            Some((connectors::source(connector, connector_ctx(first, restore)).await?, *event_time))
+        }
+        _ => None,
+    };
     let _ = tokio::fs::remove_dir_all(&restore_dir).await;
     let tail = match sink {
         Some(s) => Tail::Sink(s),
@@ -414,14 +427,9 @@ async fn run_task(ctx: &mut TaskContext) -> Result<()> {
         dir: ctx.dir.clone(),
     });
     let mut chain = Chain { ops, op_indices, sink_index, tail, metrics: ctx.metrics.clone(), checkpoints };
-    let first = vertex.operators[0];
-    match &plan.operators[first].kind {
-        OperatorKind::Source { connector, event_time } => {
-            let restore = inline(fetch(first, false).await?);
-            let source = connectors::source(connector, connector_ctx(&plan.operators[first].schema, restore)).await?;
-            run_source(source, first, *event_time, &mut chain, &mut ctx.commands).await
-        }
-        _ => run_inputs(ctx, &mut chain).await,
+    match source {
+        Some((source, event_time)) => run_source(source, first, event_time, &mut chain, &mut ctx.commands).await,
+        None => run_inputs(ctx, &mut chain).await,
     }
 }
 
@@ -508,10 +516,7 @@ async fn run_source(
             },
             // Checkpoints: inject a barrier between two batches; confirm positions once complete.
             Some(command) = commands.recv() => match command {
-                TaskCommand::Trigger(id) => {
-                    let position = source.snapshot(id).await?;
-                    chain.checkpoint(id, Some((index, OperatorSnapshot { inline: position, files: None }))).await?;
-                }
+                TaskCommand::Trigger(id) => chain.checkpoint(id, Some((index, source.as_mut()))).await?,
                 TaskCommand::Complete(id) => {
                     source.checkpoint_complete(id).await?;
                     chain.checkpoint_complete(id).await?;

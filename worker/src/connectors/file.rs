@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use super::{ConnectorContext, Sink};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
+use crate::operators::OperatorSnapshot;
 
 /// Lines per batch of the source.
 const SOURCE_BATCH: usize = 1024;
@@ -46,7 +47,7 @@ impl FileSource {
             return Ok(source);
         }
         if let Some((_, states)) = &ctx.restore {
-            for s in states.iter().filter(|s| s.len() == 16) {
+            for s in states.iter().map(|s| &s.inline).filter(|s| s.len() == 16) {
                 source.offset = u64::from_le_bytes(s[..8].try_into().unwrap_or_default());
                 source.line = u64::from_le_bytes(s[8..].try_into().unwrap_or_default());
             }
@@ -87,11 +88,11 @@ impl super::Source for FileSource {
         Ok((!batch.is_empty()).then_some(batch))
     }
 
-    async fn snapshot(&mut self, _id: u64) -> Result<Vec<u8>> {
+    async fn snapshot(&mut self, _id: u64, _scratch: &std::path::Path) -> Result<OperatorSnapshot> {
         if self.reader.is_none() {
-            return Ok(Vec::new());
+            return Ok(OperatorSnapshot::default());
         }
-        Ok([self.offset, self.line].iter().flat_map(|w| w.to_le_bytes()).collect())
+        Ok(OperatorSnapshot::inline([self.offset, self.line].iter().flat_map(|w| w.to_le_bytes()).collect()))
     }
 }
 
@@ -116,7 +117,7 @@ impl FileSink {
         }
         let length = match &ctx.restore {
             None => 0,
-            Some((_, states)) => states.iter().filter_map(|s| stored_length(s, &path)).max().unwrap_or(0),
+            Some((_, states)) => states.iter().filter_map(|s| stored_length(&s.inline, &path)).max().unwrap_or(0),
         };
         let file = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path).map_err(|e| io_error(&path, e))?;
         file.set_len(length).map_err(|e| io_error(&path, e))?;

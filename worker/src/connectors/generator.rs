@@ -13,6 +13,7 @@ use tokio::time::Instant;
 use super::Source;
 use crate::batch::Batch;
 use crate::error::{Result, TaskError};
+use crate::operators::{OperatorSnapshot, RestoredState};
 
 const BATCH_ROWS: u64 = 1024;
 
@@ -35,8 +36,8 @@ impl Generator {
     }
 
     /// Continues where this subtask's entry in a checkpoint left off.
-    pub fn restored(mut self, states: &[Vec<u8>]) -> Result<Generator> {
-        for state in states {
+    pub fn restored(mut self, states: &[RestoredState]) -> Result<Generator> {
+        for RestoredState { inline: state, .. } in states {
             let (Some(subtask), Some(step), Some(next)) = (word(state, 0), word(state, 1), word(state, 2)) else {
                 return Err(TaskError::internal("generator: corrupt checkpoint state"));
             };
@@ -101,8 +102,8 @@ impl Source for Generator {
         Ok(Some(batch))
     }
 
-    async fn snapshot(&mut self, _id: u64) -> Result<Vec<u8>> {
+    async fn snapshot(&mut self, _id: u64, _scratch: &std::path::Path) -> Result<OperatorSnapshot> {
         let subtask = self.next_seq % self.step;
-        Ok([subtask, self.step, self.next_seq].iter().flat_map(|w| w.to_le_bytes()).collect())
+        Ok(OperatorSnapshot::inline([subtask, self.step, self.next_seq].iter().flat_map(|w| w.to_le_bytes()).collect()))
     }
 }

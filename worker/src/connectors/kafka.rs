@@ -13,9 +13,16 @@
 //! topic into a changelog: a new value for a known key retracts the old row and inserts the new
 //! one; a tombstone retracts it. Re-reading a record therefore changes nothing downstream.
 //!
-//! With checkpoints, the next offset of every partition and the upsert state (each key's last row,
-//! with its partition) go into each checkpoint; a restore seeks to those offsets, so every record
-//! after the checkpoint is read again exactly once into the restored state. Offsets are committed
+//! The last rows live in a [`LastValueState`] sharded by partition, on the job's state backend
+//! (RocksDB by default, under the task's directory). With `state_ttl`, a key not written for that
+//! long is forgotten (by wall-clock time, as Flink's state TTL): its next version is then an insert
+//! with no retraction, and a tombstone for it retracts nothing. The TTL must therefore exceed the
+//! time downstream state still depends on the row (a window's size plus its lateness).
+//!
+//! With checkpoints, the next offset of every partition goes into each checkpoint inline, and the
+//! upsert state as the state backend's files (incremental with RocksDB); a restore seeks to those
+//! offsets, so every record after the checkpoint is read again exactly once into the restored
+//! state, which keeps the partitions this subtask owns now. Offsets are committed
 //! to the group when a checkpoint completes. Without checkpoints, offsets are stored once a batch
 //! has been handed on and committed by librdkafka in the background (at least once). Malformed
 //! records follow `bad_records`: fail the task, drop and count, or dead-letter to a file and count.
@@ -26,6 +33,7 @@
 
 use std::collections::HashMap;
 use std::io::Write;
+use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,9 +55,14 @@ use super::{ConnectorContext, Sink, Source};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::json::{row_from_json, row_to_json};
+use crate::operators::{OperatorSnapshot, RestoredState};
+use crate::state::last_value::{self, LastValueState};
 use crate::task::TaskMetrics;
 
 const MAX_BATCH: usize = 1024;
+
+/// Longest time between two sweeps of expired upsert state.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Collects librdkafka's statistics: the consumer's lag over its partitions.
 struct LagContext {
@@ -71,14 +84,21 @@ impl ClientContext for LagContext {
 
 impl ConsumerContext for LagContext {}
 
+/// A decoded record: its key identity (upsert format only) and its row (`None` for a tombstone).
+type Decoded = (Option<Vec<u8>>, Option<Vec<Value>>);
+
 /// Reads a topic as a changelog (upsert) or as appends (json).
 pub struct KafkaSource {
     consumer: Arc<StreamConsumer<LagContext>>,
     options: KafkaSourceOptions,
     schema: Schema,
     key_columns: Vec<usize>,
-    /// Upsert state: each key's current row and the partition it came from.
-    current: HashMap<Vec<u8>, (i32, Vec<Value>)>,
+    /// Upsert state: each key's current row, sharded by partition (`None` for the json format).
+    current: Option<Box<dyn LastValueState>>,
+    /// How long a key's row outlives its last write (`state_ttl`); forever with `None`.
+    state_ttl_ms: Option<i64>,
+    /// When to next remove expired upsert state (with a `state_ttl`).
+    next_sweep: tokio::time::Instant,
     /// Highest offset handed out per partition, stored once handed on (without checkpoints).
     pending: HashMap<i32, i64>,
     /// Next offset to read per partition read so far (restored ones included).
@@ -127,12 +147,19 @@ impl KafkaSource {
             ),
             _ => None,
         };
+        let state_ttl_ms = o.state_ttl_ms().map_err(|e| TaskError::user(format!("kafka source: options.state_ttl: {e}")))?;
+        let current = match o.format {
+            KafkaFormat::UpsertJson => Some(last_value::open(ctx.state_backend, &ctx.state_dir.join("upsert"), state_ttl_ms)?),
+            KafkaFormat::Json | KafkaFormat::Raw => None,
+        };
         let mut source = KafkaSource {
             consumer: Arc::new(consumer),
             options: o.clone(),
             schema: ctx.schema.clone(),
             key_columns,
-            current: HashMap::new(),
+            current,
+            state_ttl_ms,
+            next_sweep: tokio::time::Instant::now(),
             pending: HashMap::new(),
             positions: HashMap::new(),
             snapshots: Vec::new(),
@@ -155,11 +182,19 @@ impl KafkaSource {
     }
 
     fn owns(&self, partition: i32) -> bool {
-        partition.rem_euclid(self.parallelism as i32) as u32 == self.subtask
+        owns(partition, self.parallelism, self.subtask)
     }
 
     /// Takes the positions and keys this subtask owns from one earlier subtask's state.
-    fn restore(&mut self, state: &[u8]) -> Result<()> {
+    fn restore(&mut self, restored: &RestoredState) -> Result<()> {
+        let (parallelism, subtask) = (self.parallelism, self.subtask);
+        if let (Some(files), Some(current)) = (&restored.files, &mut self.current) {
+            current.restore(files, &|shard| owns(shard as i32, parallelism, subtask))?;
+        }
+        let state = restored.inline.as_slice();
+        if state.is_empty() {
+            return Ok(());
+        }
         let corrupt = || TaskError::internal("kafka source: corrupt checkpoint state");
         let n = u32::from_le_bytes(state.get(..4).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?) as usize;
         let mut at = 4;
@@ -171,6 +206,12 @@ impl KafkaSource {
                 self.positions.insert(p, o);
             }
         }
+        // Checkpoints taken before the upsert state moved to the state backend hold it inline,
+        // after the positions.
+        if at == state.len() {
+            return Ok(());
+        }
+        let now = now_ms();
         let crate::batch::Message::Data(rows) = crate::codec::decode(state.get(at..).ok_or_else(corrupt)?).map_err(|_| corrupt())? else {
             return Err(corrupt());
         };
@@ -178,9 +219,8 @@ impl KafkaSource {
             let (Some(Value::Int(p)), Some(Value::String(key))) = (row.first().cloned(), row.get(1).cloned()) else {
                 return Err(corrupt());
             };
-            if self.owns(p as i32) {
-                let values = row.split_off(2);
-                self.current.insert(key.as_bytes().to_vec(), (p as i32, values));
+            if let (true, Some(current)) = (self.owns(p as i32), &mut self.current) {
+                current.put(p as u32, key.as_bytes(), &row.split_off(2), now)?;
             }
         }
         Ok(())
@@ -223,17 +263,15 @@ impl KafkaSource {
         Ok(())
     }
 
-    /// Turns one record into changelog rows.
-    fn decode(&mut self, m: &OwnedMessage, out: &mut Batch) -> std::result::Result<(), String> {
+    /// Decodes one record: its key identity (upsert format only) and its row (`None` for a
+    /// tombstone).
+    fn decode(&self, m: &OwnedMessage) -> std::result::Result<Decoded, String> {
         let value = match m.payload() {
             None => None,
             Some(bytes) => Some(row_from_json(&self.schema, &parse(bytes)?)?),
         };
         if self.options.format == KafkaFormat::Json {
-            if let Some(row) = value {
-                out.push(row, Op::Insert);
-            }
-            return Ok(());
+            return Ok((None, value));
         }
         // Key identity: the record key's canonical JSON (or the value's key columns without one).
         let key = match (m.key(), &value) {
@@ -244,22 +282,32 @@ impl KafkaSource {
             }
             (None, None) => return Err("a tombstone without a key".into()),
         };
-        let previous = match value {
+        Ok((Some(key), value))
+    }
+
+    /// Turns a new value (or a tombstone) of `key` in `partition` into changelog rows.
+    fn upsert(&mut self, partition: i32, key: &[u8], value: Option<Vec<Value>>, out: &mut Batch) -> Result<()> {
+        let current = self.current.as_mut().ok_or_else(|| TaskError::internal("kafka source: upsert record without upsert state"))?;
+        let (shard, now) = (partition as u32, now_ms());
+        let previous = current.get(shard, key, now)?;
+        match value {
             Some(row) => {
-                let previous = self.current.insert(key, (m.partition(), row.clone())).map(|(_, row)| row);
+                // Written even when unchanged: a write keeps the key alive (`state_ttl`).
+                current.put(shard, key, &row, now)?;
                 if previous.as_ref() == Some(&row) {
                     return Ok(()); // a replay of what we already have
                 }
-                if let Some(p) = &previous {
-                    out.push(p.clone(), Op::Retract);
+                if let Some(p) = previous {
+                    out.push(p, Op::Retract);
                 }
                 out.push(row, Op::Insert);
-                return Ok(());
             }
-            None => self.current.remove(&key).map(|(_, row)| row),
-        };
-        if let Some(p) = previous {
-            out.push(p, Op::Retract);
+            None => {
+                if let Some(p) = previous {
+                    current.delete(shard, key)?;
+                    out.push(p, Op::Retract);
+                }
+            }
         }
         Ok(())
     }
@@ -294,11 +342,27 @@ impl KafkaSource {
     fn take_owned(&mut self, m: &OwnedMessage, out: &mut Batch) -> Result<()> {
         self.pending.insert(m.partition(), m.offset());
         self.positions.insert(m.partition(), m.offset() + 1);
-        if let Err(e) = self.decode(m, out) {
-            self.bad_record(m, e)?;
+        match self.decode(m) {
+            Ok((Some(key), value)) => self.upsert(m.partition(), &key, value, out),
+            Ok((None, value)) => {
+                if let Some(row) = value {
+                    out.push(row, Op::Insert);
+                }
+                Ok(())
+            }
+            Err(e) => self.bad_record(m, e),
         }
-        Ok(())
     }
+}
+
+/// Whether subtask `subtask` of `parallelism` reads `partition`.
+fn owns(partition: i32, parallelism: u32, subtask: u32) -> bool {
+    partition.rem_euclid(parallelism as i32) as u32 == subtask
+}
+
+/// Wall-clock time in Unix milliseconds, the clock of the upsert state's TTL.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 fn parse(bytes: &[u8]) -> std::result::Result<Json, String> {
@@ -345,27 +409,33 @@ impl Source for KafkaSource {
 
     async fn tick(&mut self) -> Result<()> {
         self.metrics.set_gauge("consumer_lag", self.lag.load(Ordering::Relaxed));
+        if let (Some(ttl), Some(current)) = (self.state_ttl_ms, &mut self.current) {
+            let now = tokio::time::Instant::now();
+            if now >= self.next_sweep {
+                current.expire(now_ms())?;
+                self.next_sweep = now + SWEEP_INTERVAL.min(Duration::from_millis(ttl as u64));
+            }
+        }
         Ok(())
     }
 
-    async fn snapshot(&mut self, id: u64) -> Result<Vec<u8>> {
-        let mut out = Vec::with_capacity(4 + self.positions.len() * 12);
-        out.extend_from_slice(&(self.positions.len() as u32).to_le_bytes());
+    async fn snapshot(&mut self, id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
+        let mut inline = Vec::with_capacity(4 + self.positions.len() * 12);
+        inline.extend_from_slice(&(self.positions.len() as u32).to_le_bytes());
         for (p, o) in &self.positions {
-            out.extend_from_slice(&p.to_le_bytes());
-            out.extend_from_slice(&o.to_le_bytes());
+            inline.extend_from_slice(&p.to_le_bytes());
+            inline.extend_from_slice(&o.to_le_bytes());
         }
-        let mut rows = Batch::with_capacity(self.current.len());
-        for (key, (p, row)) in &self.current {
-            let mut r = Vec::with_capacity(row.len() + 2);
-            r.push(Value::Int(*p as i64));
-            r.push(Value::String(String::from_utf8_lossy(key).into()));
-            r.extend(row.iter().cloned());
-            rows.push(r, Op::Insert);
-        }
-        out.extend_from_slice(&crate::codec::encode(&crate::batch::Message::Data(rows)));
+        let files = match &mut self.current {
+            Some(current) => {
+                let dir = scratch.join("state");
+                current.snapshot(&dir)?;
+                Some(dir)
+            }
+            None => None,
+        };
         self.snapshots.push((id, self.positions.clone()));
-        Ok(out)
+        Ok(OperatorSnapshot { inline, files })
     }
 
     async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {

@@ -9,14 +9,17 @@ pub mod kafka;
 pub mod postgres_cdc;
 pub mod redis;
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use eddy_jobs::connectors::{SinkConnector, SourceConnector};
+use eddy_jobs::plan::StateBackend;
 use eddy_jobs::{Schema, TaskId};
 
 use crate::batch::Batch;
 use crate::error::Result;
+use crate::operators::{OperatorSnapshot, RestoredState};
 use crate::task::TaskMetrics;
 
 /// What a connector instance knows about where it runs.
@@ -38,8 +41,13 @@ pub struct ConnectorContext {
     /// The job's attempt (1 for the first run; higher after restarts).
     pub attempt: u64,
     /// When restoring: the checkpoint, and what every earlier subtask of this connector stored in
-    /// it (sources pick what they own now; sinks learn which checkpoint survived).
-    pub restore: Option<(u64, Vec<Vec<u8>>)>,
+    /// it (sources pick what they own now; sinks learn which checkpoint survived). Files are on
+    /// local disk until the connector is built.
+    pub restore: Option<(u64, Vec<RestoredState>)>,
+    /// A directory of this connector's own for state files (created on demand).
+    pub state_dir: PathBuf,
+    /// The job's state backend, for connectors that keep keyed state.
+    pub state_backend: StateBackend,
 }
 
 #[cfg(test)]
@@ -55,6 +63,8 @@ impl ConnectorContext {
             checkpointing: false,
             attempt: 1,
             restore: None,
+            state_dir: std::env::temp_dir().join(format!("eddy-connector-test-{}", std::process::id())),
+            state_backend: StateBackend::Memory,
         }
     }
 }
@@ -72,9 +82,11 @@ pub trait Source: Send {
     }
 
     /// Checkpoint `id` starts here: the position to resume from so that exactly the batches
-    /// returned after this call are read again, as bytes this source can read back on restore.
-    async fn snapshot(&mut self, _id: u64) -> Result<Vec<u8>> {
-        Ok(Vec::new())
+    /// returned after this call are read again, as inline bytes this source can read back on
+    /// restore, plus any state it keeps, as files it may write into `scratch` (an empty local
+    /// directory) and return as `files`.
+    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
+        Ok(OperatorSnapshot::default())
     }
 
     /// Checkpoint `id` is complete: the position it holds may be confirmed upstream.

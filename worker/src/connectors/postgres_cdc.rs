@@ -113,6 +113,7 @@ use tracing::{debug, info, warn};
 use super::{ConnectorContext, Source};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
+use crate::operators::OperatorSnapshot;
 use crate::task::TaskMetrics;
 
 /// Rows per batch (an update's two rows are never split, so a batch may hold one more).
@@ -202,7 +203,7 @@ impl PostgresCdc {
         // completed. A restart without such a checkpoint reads everything again, on a new slot
         // (the Kafka topic it feeds is an upsert log: rows sent twice change nothing).
         let snapshot_checkpointed = match &ctx.restore {
-            Some((_, states)) => states.iter().any(|s| s.first() == Some(&1)),
+            Some((_, states)) => states.iter().any(|s| s.inline.first() == Some(&1)),
             None => !(ctx.checkpointing && ctx.attempt > 1),
         };
         if existing.is_some() && !snapshot_checkpointed && o.snapshot {
@@ -251,7 +252,7 @@ impl PostgresCdc {
         // A new slot's floor is its consistent point; a resumed one keeps the floor its checkpoint
         // recorded (without one, the position it resumes from is the best there is).
         let restored_floor = match (&ctx.restore, fresh_slot) {
-            (Some((_, states)), false) => states.iter().filter_map(|s| s.get(9..17)).find_map(|b| b.try_into().ok().map(u64::from_le_bytes)),
+            (Some((_, states)), false) => states.iter().filter_map(|s| s.inline.get(9..17)).find_map(|b| b.try_into().ok().map(u64::from_le_bytes)),
             _ => None,
         };
         source.floor = Lsn(restored_floor.unwrap_or(start.0));
@@ -341,15 +342,15 @@ impl Source for PostgresCdc {
         Ok(())
     }
 
-    async fn snapshot(&mut self, id: u64) -> Result<Vec<u8>> {
+    async fn snapshot(&mut self, id: u64, _scratch: &std::path::Path) -> Result<OperatorSnapshot> {
         if self.chunks.is_none() {
-            return Ok(Vec::new()); // a subtask that reads nothing
+            return Ok(OperatorSnapshot::default()); // a subtask that reads nothing
         }
         self.pending.push((id, self.returned));
         let mut state = vec![u8::from(self.snapshot_done)];
         state.extend_from_slice(&self.returned.0.to_le_bytes());
         state.extend_from_slice(&self.floor.0.to_le_bytes());
-        Ok(state)
+        Ok(OperatorSnapshot::inline(state))
     }
 
     async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {

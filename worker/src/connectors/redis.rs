@@ -108,7 +108,7 @@ impl RedisLeaderboard {
         // Window results that waited for their window's end when the checkpoint was taken.
         if let Some((_, states)) = &sink.ctx.restore {
             for state in states {
-                let Ok(crate::batch::Message::Data(rows)) = crate::codec::decode(state) else {
+                let Ok(crate::batch::Message::Data(rows)) = crate::codec::decode(&state.inline) else {
                     return Err(TaskError::internal("redis sink: corrupt checkpoint state"));
                 };
                 for row in rows.rows {

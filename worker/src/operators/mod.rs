@@ -32,6 +32,13 @@ pub struct OperatorSnapshot {
     pub files: Option<PathBuf>,
 }
 
+impl OperatorSnapshot {
+    /// A snapshot of inline state only.
+    pub fn inline(inline: Vec<u8>) -> OperatorSnapshot {
+        OperatorSnapshot { inline, files: None }
+    }
+}
+
 /// One subtask's snapshot of this operator from an earlier run, fetched to local disk.
 #[derive(Debug, Clone, Default)]
 pub struct RestoredState {

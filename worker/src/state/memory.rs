@@ -14,8 +14,8 @@ use std::path::Path;
 
 use rustc_hash::FxHashMap;
 
-use super::{decode_accs, encode_accs, io_error, take, Accs, EntryVisitor, KeyVisitor, WindowState};
-use crate::error::{Result, TaskError};
+use super::{decode_accs, encode_accs, io_error, Accs, EntryVisitor, KeyVisitor, SnapshotFile, WindowState};
+use crate::error::Result;
 
 /// Name of the snapshot file.
 const FILE: &str = "window-state.bin";
@@ -155,21 +155,13 @@ pub(super) fn is_snapshot(dir: &Path) -> bool {
 pub(super) fn read_snapshot(dir: &Path, key_groups: Range<u32>, f: &mut EntryVisitor<'_>) -> Result<()> {
     let path = dir.join(FILE);
     let data = std::fs::read(&path).map_err(|e| io_error("reading", &path, e))?;
-    let corrupt = |what: &str| TaskError::internal(format!("window state: corrupt snapshot {} ({what})", path.display()));
-    let (&version, mut rest) = data.split_first().ok_or_else(|| corrupt("empty"))?;
-    if version != VERSION {
-        return Err(corrupt("unknown version"));
-    }
-    let r = &mut rest;
-    let u32_at = |b: &[u8]| u32::from_le_bytes(b.try_into().expect("4 bytes"));
+    let mut r = SnapshotFile::new("window state", &path, &data, VERSION)?;
     // Entries follow each other to the end of the file.
     while !r.is_empty() {
-        let key_group = u32_at(take(r, 4).map_err(corrupt)?);
-        let key_len = u32_at(take(r, 4).map_err(corrupt)?) as usize;
-        let key = take(r, key_len).map_err(corrupt)?;
-        let slice_end = i64::from_le_bytes(take(r, 8).map_err(corrupt)?.try_into().expect("8 bytes"));
-        let accs_len = u32_at(take(r, 4).map_err(corrupt)?) as usize;
-        let accs = take(r, accs_len).map_err(corrupt)?;
+        let key_group = r.u32()?;
+        let key = r.sized()?;
+        let slice_end = r.i64()?;
+        let accs = r.sized()?;
         if key_groups.contains(&key_group) {
             f(key_group, key, slice_end, accs)?;
         }

@@ -16,7 +16,11 @@
 //!
 //! A backend restores snapshots written by either backend, so a job can switch backends across a
 //! savepoint.
+//!
+//! [`last_value`] holds the other kind of state, an upsert source's last row per key, behind a
+//! trait of its own with the same two backends.
 
+pub mod last_value;
 pub mod memory;
 pub mod rocks;
 
@@ -122,6 +126,55 @@ fn read_snapshot(dir: &Path, key_groups: Range<u32>, f: &mut EntryVisitor<'_>) -
 
 fn io_error(what: &str, path: &Path, e: std::io::Error) -> TaskError {
     TaskError::internal(format!("window state: {what} {}: {e}", path.display()))
+}
+
+/// A snapshot file of the state called `label`: a version byte, then little-endian fields read
+/// one after another with errors that name the file.
+pub(crate) struct SnapshotFile<'a> {
+    label: &'static str,
+    path: &'a Path,
+    rest: &'a [u8],
+}
+
+impl<'a> SnapshotFile<'a> {
+    /// Checks that `data`, read from `path`, starts with `version`.
+    pub(crate) fn new(label: &'static str, path: &'a Path, data: &'a [u8], version: u8) -> Result<SnapshotFile<'a>> {
+        let mut file = SnapshotFile { label, path, rest: data };
+        match file.bytes(1)? {
+            [v] if *v == version => Ok(file),
+            _ => Err(file.corrupt("unknown version")),
+        }
+    }
+
+    fn corrupt(&self, what: &str) -> TaskError {
+        TaskError::internal(format!("{}: corrupt snapshot {} ({what})", self.label, self.path.display()))
+    }
+
+    /// Whether every field has been read.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    /// The next `n` bytes.
+    pub(crate) fn bytes(&mut self, n: usize) -> Result<&'a [u8]> {
+        take(&mut self.rest, n).map_err(|what| self.corrupt(what))
+    }
+
+    /// The next u32.
+    pub(crate) fn u32(&mut self) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.bytes(4)?.try_into().expect("4 bytes")))
+    }
+
+    /// The next i64.
+    pub(crate) fn i64(&mut self) -> Result<i64> {
+        Ok(i64::from_le_bytes(self.bytes(8)?.try_into().expect("8 bytes")))
+    }
+
+    /// The next length-prefixed (u32) bytes.
+    pub(crate) fn sized(&mut self) -> Result<&'a [u8]> {
+        let n = self.u32()? as usize;
+        self.bytes(n)
+    }
 }
 
 /// Version of the accumulator encoding, its first byte.

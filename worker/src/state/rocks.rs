@@ -80,27 +80,11 @@ impl RocksWindowState {
     /// `dir` by an earlier run is deleted: state always starts empty and is restored from a
     /// checkpoint.
     pub fn open(dir: &Path) -> Result<RocksWindowState> {
-        std::fs::create_dir_all(dir).map_err(|e| io_error("creating", dir, e))?;
-        let mut opts = Options::default();
-        opts.create_if_missing(true);
-        // No compression library is compiled in; say so rather than rely on the default.
-        opts.set_compression_type(DBCompressionType::None);
-        // Large enough that a checkpoint interval's updates usually fit one memtable.
-        opts.set_write_buffer_size(64 << 20);
-        opts.set_max_write_buffer_number(3);
-        opts.set_max_background_jobs(2);
-        opts.set_keep_log_file_num(2);
-        opts.set_max_log_file_size(4 << 20);
-        if dir.join("CURRENT").exists() {
-            DB::destroy(&opts, dir).map_err(|e| db_error(dir, e))?;
-        }
-        let db = DB::open(&opts, dir).map_err(|e| db_error(dir, e))?;
-        let mut write_opts = WriteOptions::default();
-        write_opts.disable_wal(true);
+        let db = open_fresh(LABEL, &db_options(), dir)?;
         Ok(RocksWindowState {
             db,
             dir: dir.to_path_buf(),
-            write_opts,
+            write_opts: unlogged(),
             cache: FxHashMap::default(),
             slices: BTreeMap::new(),
             dead_through: i64::MIN,
@@ -267,17 +251,7 @@ impl WindowState for RocksWindowState {
 
     fn snapshot(&mut self, dir: &Path) -> Result<()> {
         self.flush()?;
-        // RocksDB creates the checkpoint directory itself (not its parents) and refuses an
-        // existing one.
-        if dir.exists() {
-            std::fs::remove_dir(dir).map_err(|e| io_error("removing (it must be empty)", dir, e))?;
-        } else if let Some(parent) = dir.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| io_error("creating", parent, e))?;
-        }
-        // With a flush threshold of 0 (the crate's), the memtable is flushed first, so the
-        // checkpoint is SST files plus metadata, and needs no WAL.
-        let checkpoint = Checkpoint::new(&self.db).map_err(|e| self.err(e))?;
-        checkpoint.create_checkpoint(dir).map_err(|e| self.err(e))?;
+        write_checkpoint(LABEL, &self.db, &self.dir, dir)?;
         let path = dir.join(DEAD_FILE);
         let mut bound = vec![DEAD_FILE_VERSION];
         bound.extend_from_slice(&self.dead_through.to_le_bytes());
@@ -324,9 +298,7 @@ pub(super) fn read_snapshot(dir: &Path, key_groups: Range<u32>, f: &mut EntryVis
     if start >= key_groups.end {
         return Ok(());
     }
-    let mut opts = Options::default();
-    opts.set_keep_log_file_num(1);
-    let db = DB::open_for_read_only(&opts, dir, false).map_err(|e| db_error(dir, e))?;
+    let db = open_snapshot(LABEL, dir)?;
     let mut read = ReadOptions::default();
     read.fill_cache(false);
     read.set_iterate_lower_bound((start as u16).to_be_bytes().to_vec());
@@ -367,8 +339,72 @@ fn split_key(raw: &[u8]) -> std::result::Result<(u32, &[u8], i64), &'static str>
     Ok((key_group, &head[2..], slice_end))
 }
 
+/// What this state calls itself in errors.
+const LABEL: &str = "window state";
+
 fn db_error(dir: &Path, e: rocksdb::Error) -> TaskError {
-    TaskError::internal(format!("window state (RocksDB in {}): {e}", dir.display()))
+    labelled_db_error(LABEL, dir, e)
+}
+
+/// An error of the RocksDB database in `dir`, used by the state called `label`.
+pub(super) fn labelled_db_error(label: &str, dir: &Path, e: rocksdb::Error) -> TaskError {
+    TaskError::internal(format!("{label} (RocksDB in {}): {e}", dir.display()))
+}
+
+/// Options shared by Eddy's RocksDB states.
+pub(super) fn db_options() -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    // No compression library is compiled in; say so rather than rely on the default.
+    opts.set_compression_type(DBCompressionType::None);
+    // Large enough that a checkpoint interval's updates usually fit one memtable.
+    opts.set_write_buffer_size(64 << 20);
+    opts.set_max_write_buffer_number(3);
+    opts.set_max_background_jobs(2);
+    opts.set_keep_log_file_num(2);
+    opts.set_max_log_file_size(4 << 20);
+    opts
+}
+
+/// Write options of every state write: no WAL, since durability comes from checkpoints and after a
+/// crash the state is rebuilt from the last one, never reopened.
+pub(super) fn unlogged() -> WriteOptions {
+    let mut write_opts = WriteOptions::default();
+    write_opts.disable_wal(true);
+    write_opts
+}
+
+/// Opens an empty database in `dir` (created if missing), deleting one left by an earlier run:
+/// state always starts empty and is restored from a checkpoint.
+pub(super) fn open_fresh(label: &str, opts: &Options, dir: &Path) -> Result<DB> {
+    std::fs::create_dir_all(dir).map_err(|e| TaskError::internal(format!("{label}: creating {}: {e}", dir.display())))?;
+    if dir.join("CURRENT").exists() {
+        DB::destroy(opts, dir).map_err(|e| labelled_db_error(label, dir, e))?;
+    }
+    DB::open(opts, dir).map_err(|e| labelled_db_error(label, dir, e))
+}
+
+/// Writes a RocksDB checkpoint of `db` (whose files are in `db_dir`) into `dir`, which does not
+/// exist yet or is empty: hard links to its SST files plus the small metadata files.
+pub(super) fn write_checkpoint(label: &str, db: &DB, db_dir: &Path, dir: &Path) -> Result<()> {
+    let io = |what: &str, path: &Path, e: std::io::Error| TaskError::internal(format!("{label}: {what} {}: {e}", path.display()));
+    // RocksDB creates the checkpoint directory itself (not its parents) and refuses an existing one.
+    if dir.exists() {
+        std::fs::remove_dir(dir).map_err(|e| io("removing (it must be empty)", dir, e))?;
+    } else if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io("creating", parent, e))?;
+    }
+    // With a flush threshold of 0 (the crate's), the memtable is flushed first, so the checkpoint
+    // is SST files plus metadata, and needs no WAL.
+    let checkpoint = Checkpoint::new(db).map_err(|e| labelled_db_error(label, db_dir, e))?;
+    checkpoint.create_checkpoint(dir).map_err(|e| labelled_db_error(label, db_dir, e))
+}
+
+/// Opens the checkpoint in `dir` for reading.
+pub(super) fn open_snapshot(label: &str, dir: &Path) -> Result<DB> {
+    let mut opts = Options::default();
+    opts.set_keep_log_file_num(1);
+    DB::open_for_read_only(&opts, dir, false).map_err(|e| labelled_db_error(label, dir, e))
 }
 
 fn corrupt(dir: &Path, what: &str) -> TaskError {
