@@ -224,8 +224,9 @@ impl Window {
                 }
                 let next_from = end + slide - size;
                 apply_slices(&mut *self.state, r.key_group, key, end - size, next_from, slice, &mut accs, unmerge)?;
-                // No rows left: start from exact zeros rather than float residue.
-                r.accs = if accs.rows == 0 { self.empty.clone() } else { accs };
+                // Not reset when no rows are left: a retraction without its insert (whose insert
+                // came late, say) still counts until its slice leaves.
+                r.accs = accs;
                 // Slices through next_from are dropped after this firing.
                 Ok(r.last_slice > next_from)
             })();
