@@ -408,8 +408,11 @@ mod tests {
         before
     }
 
+    /// Per key, its slices as (slice end, accumulators).
+    type Scan = BTreeMap<Vec<u8>, Vec<(i64, Accs)>>;
+
     /// Everything `for_each_key` shows, by key (backends visit keys in different orders).
-    fn scan(state: &mut dyn WindowState, after: i64, through: i64) -> BTreeMap<Vec<u8>, Vec<(i64, Accs)>> {
+    fn scan(state: &mut dyn WindowState, after: i64, through: i64) -> Scan {
         let mut seen = BTreeMap::new();
         state
             .for_each_key(after, through, &mut |group, key, slices| {
@@ -424,7 +427,7 @@ mod tests {
         seen
     }
 
-    fn observe(state: &mut dyn WindowState) -> (Option<i64>, usize, BTreeMap<Vec<u8>, Vec<(i64, Accs)>>) {
+    fn observe(state: &mut dyn WindowState) -> (Option<i64>, usize, Scan) {
         (state.first_slice(), state.len(), scan(state, i64::MIN, i64::MAX))
     }
 
