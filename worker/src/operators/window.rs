@@ -204,36 +204,39 @@ impl Window {
         };
         let (size, slide, slice) = (self.plan.size_ms, self.plan.slide_ms, self.slice_ms);
         let fired = self.last_fired;
-        // What the running aggregates hold: slices in (held_from, fired]; normally the window's
-        // first size − slide. After a gap of more than one slide, part or all of that has left.
-        let held_from = if fired == i64::MIN { end } else { fired + slide - size };
+        // The running aggregates hold slices in (fired + slide − size, fired]: the window's first
+        // size − slide, unless more than a slide passed since the last firing (or none was fired),
+        // which leaves nothing of them in this window.
         let reset = fired == i64::MIN || end - size >= fired;
+        let next_from = end + slide - size;
         let mut result = Ok(());
         running.retain(|key, r| {
             if result.is_err() {
                 return true;
             }
-            let step = (|| -> Result<bool> {
-                let mut accs = if reset { self.empty.clone() } else { std::mem::replace(&mut r.accs, self.empty.clone()) };
-                if !reset {
-                    apply_slices(&mut *self.state, r.key_group, key, held_from, end - size, slice, &mut accs, unmerge)?;
+            let (state, group, accs) = (&mut *self.state, r.key_group, &mut r.accs);
+            let step = (|| -> Result<()> {
+                if reset {
+                    *accs = self.empty.clone();
+                } else {
+                    apply_slices(state, group, key, fired + slide - size, end - size, slice, accs, unmerge)?;
                 }
-                apply_slices(&mut *self.state, r.key_group, key, fired.max(end - size), end, slice, &mut accs, merge)?;
+                apply_slices(state, group, key, fired.max(end - size), end, slice, accs, merge)?;
                 if accs.rows > 0 {
-                    emit(&self.plan, key, end, &accs, batch)?;
+                    emit(&self.plan, key, end, accs, batch)?;
                 }
-                let next_from = end + slide - size;
-                apply_slices(&mut *self.state, r.key_group, key, end - size, next_from, slice, &mut accs, unmerge)?;
                 // Not reset when no rows are left: a retraction without its insert (whose insert
                 // came late, say) still counts until its slice leaves.
-                r.accs = accs;
-                // Slices through next_from are dropped after this firing.
-                Ok(r.last_slice > next_from)
+                apply_slices(state, group, key, end - size, next_from, slice, accs, unmerge)
             })();
-            step.unwrap_or_else(|e| {
-                result = Err(e);
-                true
-            })
+            match step {
+                // Slices through next_from are dropped after this firing: forget keys with no others.
+                Ok(()) => r.last_slice > next_from,
+                Err(e) => {
+                    result = Err(e);
+                    true
+                }
+            }
         });
         self.running = RunningState::Kept(running);
         result
