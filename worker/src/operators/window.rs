@@ -179,21 +179,19 @@ impl Window {
 
     /// Fires by merging every slice of the window, per key.
     fn fire_merging(&mut self, end: i64, batch: &mut Batch) -> Result<()> {
-        let mut merged_keys: Vec<(Box<[u8]>, Accs)> = Vec::new();
-        self.state.for_each_key(end - self.plan.size_ms, end, &mut |_, key, slices| {
+        let plan = &self.plan;
+        let mut result = Ok(());
+        self.state.for_each_key(end - plan.size_ms, end, &mut |_, key, slices| {
             let Some((_, first)) = slices.next() else { return };
             let mut merged = first.clone();
             for (_, a) in slices {
                 merge(&mut merged, a);
             }
-            if merged.rows > 0 {
-                merged_keys.push((key.into(), merged));
+            if merged.rows > 0 && result.is_ok() {
+                result = emit(plan, key, end, &merged, batch);
             }
         })?;
-        for (key, merged) in merged_keys {
-            emit(&self.plan, &key, end, &merged, batch)?;
-        }
-        Ok(())
+        result
     }
 
     /// Fires from the running aggregates: adds the slices the window has beyond the last one
