@@ -11,6 +11,7 @@ scripts/services.sh start
 eval "$(scripts/services.sh env)"
 # What the connector and tool integration tests talk to (they skip when these are unset).
 export EDDY_TEST_REDIS_URL=$EDDY_REDIS_URL EDDY_TEST_CLICKHOUSE_URL=$EDDY_CLICKHOUSE_URL EDDY_TEST_PG_URL=$EDDY_PG_URL
+export EDDY_TEST_KAFKA_BROKERS=$EDDY_KAFKA_BROKERS
 export EDDY_TEST_SERVICES_CTL=$ROOT/scripts/services.sh
 log "building binaries"
 build_bins debug >/dev/null

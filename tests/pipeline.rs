@@ -284,12 +284,9 @@ fn pipeline_recovers_from_killed_workers() -> Result<()> {
     p.cluster.wait_state(&process, "running", Duration::from_secs(30))?;
     let args = ["--contents", "40", "--count", "9000", "--rate", "600", "--seed", "4", "--updates-pct", "10", "--deletes-pct", "5", "--unknown-pct", "5"];
     let during = p.datagen_command(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
-    // "Random" moments: spread by the process id, so runs differ but a failure can be replayed.
-    let mut seed = std::process::id() as u64;
-    let mut pause = || {
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        Duration::from_millis(1_000 + (seed >> 33) % 2_000)
-    };
+    // Random moments, from a printed seed so that a failure can be replayed.
+    let mut rng = eddy_tests::Rng::for_test("pipeline_recovers_from_killed_workers");
+    let mut pause = || Duration::from_millis(rng.between(1_000..3_000));
     let worker_of = |p: &Pipeline, job: &str, operator: &str| -> Result<String> {
         let status = p.cluster.status(job)?;
         let task = status["tasks"].as_array().context("tasks")?.iter().find(|t| t["operators"].as_str().is_some_and(|o| o.contains(operator)));

@@ -26,6 +26,28 @@ pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
 }
 
+/// A small reproducible random source for tests that pick moments or data at random. The seed
+/// comes from `EDDY_TEST_SEED` when set, else from the clock; it is printed, so a failing run
+/// replays with `EDDY_TEST_SEED=<seed>`.
+pub struct Rng(u64);
+
+impl Rng {
+    /// A generator for `test`, printing its seed.
+    pub fn for_test(test: &str) -> Rng {
+        let seed = std::env::var("EDDY_TEST_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64 % 1_000_000_007)
+        });
+        eprintln!("{test}: seed={seed} (replay with EDDY_TEST_SEED={seed})");
+        Rng(seed)
+    }
+
+    /// The next number in `range`.
+    pub fn between(&mut self, range: std::ops::Range<u64>) -> u64 {
+        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        range.start + (self.0 >> 33) % (range.end - range.start).max(1)
+    }
+}
+
 /// A fresh scratch directory under the system temp dir, removed on drop.
 pub struct Scratch(pub PathBuf);
 

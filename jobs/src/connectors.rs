@@ -136,6 +136,11 @@ pub struct KafkaSourceOptions {
     /// `1h`); a key not written for that long is forgotten, so its next version retracts nothing.
     /// Kept forever when absent.
     pub state_ttl: Option<String>,
+    /// Upsert format: a BIGINT column that orders each key's versions (the ingest job's LSN). A
+    /// record whose version is not above the one held for its key, or above the version of the
+    /// key's last tombstone (carried in the tombstone's `version` header), is a replay and changes
+    /// nothing; without it every record counts.
+    pub version_column: Option<String>,
 }
 
 impl KafkaSourceOptions {
@@ -166,6 +171,9 @@ pub struct KafkaSinkOptions {
     /// Partitions of the topic when the sink creates it (default 4).
     #[serde(default = "default_partitions")]
     pub partitions: i32,
+    /// Upsert format: a BIGINT column whose value a tombstone carries in its `version` header,
+    /// so that a reader with `version_column` can tell a replayed older record from a newer one.
+    pub version_column: Option<String>,
 }
 
 fn default_partitions() -> i32 {
@@ -188,6 +196,11 @@ pub struct RedisSinkOptions {
     /// Column giving the window end (default `window_end`).
     #[serde(default = "default_window_end")]
     pub window_end: String,
+    /// The slide of the window whose results the sink receives, when its input is a window (set
+    /// by the planner, not by the spec): a window end the watermark passed without rows is an
+    /// empty window, and the leaderboard is cleared for it.
+    #[serde(skip)]
+    pub window_slide_ms: Option<i64>,
 }
 
 fn default_window_end() -> String {
@@ -403,6 +416,7 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
         }
         "postgres_cdc" => {
             let o: PostgresCdcOptions = decode(options)?;
+            check_url("options.url", &o.url, &["postgres", "postgresql"])?;
             let mut schema = parse_columns(&o.columns).map_err(|m| format!("options.columns: {m}"))?;
             if o.primary_key.is_empty() {
                 return Err("options.primary_key: list the table's primary-key columns, e.g. [\"id\"]".into());
@@ -418,6 +432,7 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
         }
         "kafka" => {
             let o: KafkaSourceOptions = decode(options)?;
+            check_brokers(&o.brokers)?;
             let schema = parse_columns(&o.columns).map_err(|m| format!("options.columns: {m}"))?;
             if o.format == KafkaFormat::Raw {
                 return Err("options.format: `raw` is for sinks; sources read `upsert-json` or `json`".into());
@@ -440,9 +455,69 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
                     return Err(format!("options.state_ttl: must be positive, got `{text}` (omit it to keep keys forever)"));
                 }
             }
+            if let Some(v) = &o.version_column {
+                check_version_column(&schema, v, &o.primary_key, o.format)?;
+            }
             Ok((SourceConnector::Kafka(o), schema))
         }
         other => Err(format!("connector: unknown source connector `{other}`; available: generator, postgres_cdc, kafka")),
+    }
+}
+
+/// Checks that `url` is `scheme://host…` with one of `schemes`, quoting it without a password.
+fn check_url(field: &str, url: &str, schemes: &[&str]) -> Result<(), String> {
+    let expected = schemes.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(" or ");
+    let shown = redact_url(url);
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Err(format!("{field}: `{shown}` is not a URL; expected {expected}HOST[:PORT]…"));
+    };
+    if !schemes.iter().any(|s| s.eq_ignore_ascii_case(scheme)) {
+        return Err(format!("{field}: `{shown}` has scheme `{scheme}`; expected {expected}…"));
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err(format!("{field}: `{shown}` names no host; expected {expected}HOST[:PORT]…"));
+    }
+    Ok(())
+}
+
+/// `url` with the password of its user info (if any) replaced by `***`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..end].rsplit_once('@') {
+        Some((user, host)) if user.contains(':') => {
+            let name = user.split_once(':').map_or(user, |(n, _)| n);
+            format!("{scheme}://{name}:***@{host}{}", &rest[end..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// Checks a Kafka bootstrap list: `host:port[,host:port…]`.
+fn check_brokers(brokers: &str) -> Result<(), String> {
+    for b in brokers.split(',').map(str::trim) {
+        let ok = b.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            return Err(format!("options.brokers: `{b}` is not HOST:PORT; list the brokers as host:port[,host:port…]"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a Kafka `version_column`: a BIGINT column, not part of the key, in the upsert format.
+fn check_version_column(schema: &Schema, column: &str, key: &[String], format: KafkaFormat) -> Result<(), String> {
+    if format != KafkaFormat::UpsertJson {
+        return Err("options.version_column: only the upsert-json format has versions; remove it".into());
+    }
+    match schema.index_of(column).map(|i| schema.fields[i].data_type) {
+        None => Err(format!("options.version_column: no column `{column}`; columns are {}", schema.names())),
+        Some(DataType::Int) if key.iter().any(|k| k == column) => {
+            Err(format!("options.version_column: `{column}` is a key column; name the column that orders a key's versions"))
+        }
+        Some(DataType::Int) => Ok(()),
+        Some(other) => Err(format!("options.version_column: `{column}` is {other}; versions must be BIGINT")),
     }
 }
 
@@ -465,6 +540,7 @@ pub fn sink(name: &str, options: &toml::Table, input: &Schema) -> Result<SinkCon
         }
         "kafka" => {
             let o: KafkaSinkOptions = decode(options)?;
+            check_brokers(&o.brokers)?;
             if o.format == KafkaFormat::UpsertJson && o.key.is_empty() {
                 return Err("options.key: the upsert-json format needs key columns, e.g. [\"id\"]".into());
             }
@@ -472,15 +548,20 @@ pub fn sink(name: &str, options: &toml::Table, input: &Schema) -> Result<SinkCon
             if o.format == KafkaFormat::Raw && (input.fields.len() != 1 || input.fields[0].data_type != DataType::String) {
                 return Err(format!("options.format: `raw` writes one VARCHAR column as the value; the input has {}", input.names()));
             }
+            if let Some(v) = &o.version_column {
+                check_version_column(input, v, &o.key, o.format)?;
+            }
             Ok(SinkConnector::Kafka(o))
         }
         "redis" => {
             let o: RedisSinkOptions = decode(options)?;
+            check_url("options.url", &o.url, &["redis", "rediss"])?;
             columns_exist(input, "options", &[o.member.clone(), o.score.clone(), o.window_end.clone()])?;
             Ok(SinkConnector::Redis(o))
         }
         "clickhouse" => {
             let o: ClickHouseSinkOptions = decode(options)?;
+            check_url("options.url", &o.url, &["http", "https"])?;
             duration_option("options.flush_interval", &o.flush_interval)?;
             if o.batch_rows == 0 {
                 return Err("options.batch_rows: must be at least 1".into());
@@ -490,6 +571,7 @@ pub fn sink(name: &str, options: &toml::Table, input: &Schema) -> Result<SinkCon
         }
         "http" => {
             let o: HttpSinkOptions = decode(options)?;
+            check_url("options.url", &o.url, &["http", "https"])?;
             duration_option("options.timeout", &o.timeout)?;
             if o.concurrency == 0 {
                 return Err("options.concurrency: must be at least 1".into());
@@ -510,6 +592,7 @@ pub fn lookup(name: &str, options: &toml::Table) -> Result<(PostgresLookupOption
     match name {
         "postgres" => {
             let o: PostgresLookupOptions = decode(options)?;
+            check_url("options.url", &o.url, &["postgres", "postgresql"])?;
             let schema = parse_columns(&o.columns).map_err(|m| format!("options.columns: {m}"))?;
             duration_option("options.cache_ttl", &o.cache_ttl)?;
             Ok((o, schema))
@@ -526,4 +609,49 @@ fn decode<T: serde::de::DeserializeOwned>(options: &toml::Table) -> Result<T, St
     toml::Value::Table(options.clone())
         .try_into()
         .map_err(|e: toml::de::Error| format!("options: {}", e.message()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table(text: &str) -> toml::Table {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn endpoints_are_checked_at_submit() {
+        let input = parse_columns("id BIGINT, version BIGINT, name VARCHAR").unwrap();
+        let cases = [
+            ("clickhouse", r#"url = "ftp://h:8123"
+database = "d"
+table = "t""#, "options.url: `ftp://h:8123` has scheme `ftp`"),
+            ("http", r#"url = "not a url at all"
+columns = ["id"]
+idempotency_key = ["id"]"#, "options.url: `not a url at all` is not a URL"),
+            ("redis", r#"url = "redis://"
+key = "k"
+member = "id"
+score = "version""#, "names no host"),
+            ("kafka", r#"brokers = "localhost"
+topic = "t"
+key = ["id"]"#, "options.brokers: `localhost` is not HOST:PORT"),
+            ("kafka", r#"brokers = "h:1"
+topic = "t"
+key = ["id"]
+version_column = "name""#, "options.version_column: `name` is VARCHAR"),
+            ("kafka", r#"brokers = "h:1"
+topic = "t"
+key = ["id"]
+version_column = "id""#, "is a key column"),
+        ];
+        for (connector, options, want) in cases {
+            let e = sink(connector, &table(options), &input).err().unwrap_or_default();
+            assert!(e.contains(want), "{connector} {options}: {e}");
+        }
+        let e = sink("clickhouse", &table("url = \"https://u:secret@h\"\ndatabase = \"d\"\ntable = \"t\""), &input);
+        assert!(e.is_ok(), "{e:?}");
+        let e = sink("clickhouse", &table("url = \"gopher://u:secret@h\"\ndatabase = \"d\"\ntable = \"t\""), &input).unwrap_err();
+        assert!(e.contains("gopher://u:***@h") && !e.contains("secret"), "{e}");
+    }
 }
