@@ -165,10 +165,13 @@ impl JobSpec {
     /// Parses a spec's text (after [`substitute_env`]).
     pub fn parse(text: &str) -> Result<JobSpec, SpecError> {
         toml::from_str(text).map_err(|e| {
-            let field = e
-                .span()
-                .map(|span| key_at(text, span.start))
-                .unwrap_or_default();
+            let mut field = e.span().map(|span| key_at(text, span.start)).unwrap_or_default();
+            // A misspelt top-level table (`[[sinks]]`) has no span of its own: name it.
+            if field.is_empty() {
+                if let Some(name) = e.message().strip_prefix("unknown field `").and_then(|m| m.split('`').next()) {
+                    field = name.to_string();
+                }
+            }
             SpecError::new(field, e.message().to_string())
         })
     }

@@ -11,6 +11,10 @@
 //!    the window has no rows), so a reader never sees a mix of two windows;
 //! 3. set the fence to `W`.
 //!
+//! When the input is a window (the planner passes its slide), a window end that the watermark
+//! passed without any rows is an empty window: the leaderboard is cleared for it, so that it
+//! decays to empty when traffic stops instead of showing the last non-empty window for good.
+//!
 //! `finish` writes the newest buffered window. Rows with a NULL member or score are skipped.
 //! Connection failures are retried with backoff for up to [`RETRY_BUDGET`] (a Redis restart or a
 //! short outage costs nothing but delay; meanwhile `on_watermark` does not return, which
@@ -71,6 +75,10 @@ pub struct RedisLeaderboard {
     window_end: usize,
     /// Buffered rows by window end: member → score (a later row for a member replaces it).
     windows: Windows,
+    /// The input window's slide, when known: windows end on its multiples.
+    slide_ms: Option<i64>,
+    /// The newest window end written (or found already written) by this instance.
+    written: i64,
     ctx: ConnectorContext,
 }
 
@@ -103,6 +111,8 @@ impl RedisLeaderboard {
             score,
             window_end,
             windows: Windows::default(),
+            slide_ms: o.window_slide_ms.filter(|s| *s > 0),
+            written: i64::MIN,
             ctx,
         };
         // Window results that waited for their window's end when the checkpoint was taken.
@@ -151,6 +161,7 @@ impl RedisLeaderboard {
             };
             match outcome {
                 Ok(replaced) => {
+                    self.written = self.written.max(end);
                     if attempt > 0 {
                         tracing::info!(job_id = %self.ctx.job_id, task = %self.ctx.task, attempt, "redis sink: Redis reachable again");
                     }
@@ -207,9 +218,17 @@ impl Sink for RedisLeaderboard {
     }
 
     async fn on_watermark(&mut self, watermark: i64) -> Result<()> {
-        match self.windows.take_newest_complete(watermark) {
-            Some((end, scores)) => self.replace(end, &scores).await,
-            None => Ok(()),
+        let newest = self.windows.take_newest_complete(watermark);
+        // The last window that closed by this watermark; with no rows for it, it is empty.
+        let closed = match self.slide_ms {
+            Some(slide) if watermark < i64::MAX => Some(watermark.saturating_add(1).div_euclid(slide) * slide),
+            _ => None,
+        };
+        match (newest, closed) {
+            (Some((end, scores)), closed) if closed.is_none_or(|c| end >= c) => self.replace(end, &scores).await,
+            (_, Some(closed)) if closed > self.written => self.replace(closed, &BTreeMap::new()).await,
+            (Some((end, scores)), None) => self.replace(end, &scores).await,
+            _ => Ok(()),
         }
     }
 
@@ -343,6 +362,7 @@ mod tests {
             member: "content_id".into(),
             score: "score".into(),
             window_end: "window_end".into(),
+            window_slide_ms: None,
         }
     }
 
@@ -414,6 +434,31 @@ mod tests {
         empty.write(Batch { rows: vec![result("d", 3.0, 40_000)], ops: vec![Op::Retract] }).await.unwrap();
         empty.finish().await.unwrap();
         assert_eq!(leaderboard(&url, &key).await, (vec![], Some(40_000)));
+        clear(&url, &key).await;
+    }
+
+    /// Behind a window (slide 5 s): once the watermark passes a window end that brought no rows,
+    /// that window is empty and the leaderboard is cleared, instead of keeping the last non-empty
+    /// window for good.
+    #[tokio::test]
+    async fn redis_leaderboard_decays_to_empty_when_windows_are_empty() {
+        let Some(url) = redis_url() else { return };
+        let _server = SERVER.lock().await;
+        let key = format!("eddy-test-lb-decay-{}", std::process::id());
+        clear(&url, &key).await;
+        let mut o = options(&url, &key);
+        o.window_slide_ms = Some(5_000);
+        let mut sink = RedisLeaderboard::connect(&o, ctx(1)).await.unwrap();
+        sink.write(Batch::inserts(vec![result("a", 5.0, 10_000)])).await.unwrap();
+        sink.on_watermark(9_999).await.unwrap();
+        assert_eq!(leaderboard(&url, &key).await, (vec![("a".into(), 5.0)], Some(10_000)));
+        // Window 15 000 closes with no rows: it is empty.
+        sink.on_watermark(15_200).await.unwrap();
+        assert_eq!(leaderboard(&url, &key).await, (vec![], Some(15_000)));
+        // A later non-empty window shows again.
+        sink.write(Batch::inserts(vec![result("b", 1.0, 25_000)])).await.unwrap();
+        sink.on_watermark(24_999).await.unwrap();
+        assert_eq!(leaderboard(&url, &key).await, (vec![("b".into(), 1.0)], Some(25_000)));
         clear(&url, &key).await;
     }
 
