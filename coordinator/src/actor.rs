@@ -209,7 +209,9 @@ impl Coordinator {
             }
         };
         let stored_state = match r.state.as_str() {
-            "cancelled" => JobState::Cancelled,
+            // A cancel was under way: the workers stopped its tasks when this coordinator's
+            // streams broke, so the cancel is complete.
+            "cancelled" | "cancelling" => JobState::Cancelled,
             "failed" => JobState::Failed,
             "finished" => JobState::Finished,
             _ => JobState::Restarting,
@@ -221,7 +223,7 @@ impl Coordinator {
         job.restarts = r.restarts;
         job.submitted_at_ms = r.submitted_at_ms;
         job.state = stored_state;
-        job.cause = r.cause.clone();
+        job.cause = if r.state == "cancelling" { "cancelled; the coordinator restarted while its tasks stopped".into() } else { r.cause.clone() };
         if stored_state == JobState::Restarting {
             let from = job.checkpoints.latest().map(|c| format!("checkpoint {}", c.id)).unwrap_or_else(|| "the start".into());
             job.cause = format!("coordinator restarted; resuming from {from}");
@@ -1161,6 +1163,32 @@ connector = "discard"
             }
         }
         assert_eq!(h.state(&job), JobState::Running);
+    }
+
+    /// A cancel stored just before the coordinator died is not undone by the restart.
+    #[tokio::test]
+    async fn a_cancel_in_progress_survives_a_coordinator_restart() {
+        let dir = std::env::temp_dir().join(format!("eddy-cancel-restart-{}", std::process::id()));
+        let metadata = MetadataStore::open(&dir.join("meta")).unwrap();
+        let record = |state: &str, id: &str| JobRecord {
+            job_id: id.into(),
+            spec: SPEC.into(),
+            parallelism: None,
+            attempt: 3,
+            state: state.into(),
+            cause: "cancel requested".into(),
+            submitted_at_ms: 0,
+            next_checkpoint_id: 1,
+            restarts: 0,
+            checkpoints: Vec::new(),
+        };
+        metadata.save(vec![record("cancelling", "c"), record("running", "r")]).unwrap();
+        let storage = CheckpointStore::open(&dir.join("checkpoints")).unwrap();
+        let (_tx, rx) = mpsc::channel(1);
+        let coordinator = Coordinator::new(CoordinatorConfig::default(), rx).with_stores(metadata, storage).await.unwrap();
+        assert_eq!(coordinator.jobs["c"].state, JobState::Cancelled);
+        assert_eq!(coordinator.jobs["r"].state, JobState::Restarting);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -240,11 +240,7 @@ impl Control {
             let (job_id, attempt) = (d.job_id.clone(), d.attempt);
             let dir = ctx.dir.clone();
             self.tasks.spawn(async move {
-                let result = tokio::select! {
-                    biased;
-                    _ = cancel.cancelled() => None,
-                    r = task::run(ctx) => Some(r),
-                };
+                let result = run_guarded(task::run(ctx), &cancel).await;
                 if result.is_none() {
                     // A cancelled task leaves its state and scratch files behind: remove them.
                     let _ = tokio::fs::remove_dir_all(&dir).await;
@@ -304,5 +300,51 @@ fn update(job_id: &str, attempt: u64, task: TaskId, state: TaskState, error: Str
             gauges: m.gauges().into_iter().collect(),
         }),
         retryable: true,
+    }
+}
+
+/// Runs a task's future in a tokio task of its own until it ends or `cancel` fires (`None`). A
+/// panic in it fails the task with an internal error, so the coordinator restarts the job, rather
+/// than leaving a task that reports `Running` and does nothing.
+async fn run_guarded<F>(run: F, cancel: &CancellationToken) -> Option<crate::error::Result<()>>
+where
+    F: std::future::Future<Output = crate::error::Result<()>> + Send + 'static,
+{
+    let mut handle = tokio::spawn(run);
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => {
+            handle.abort();
+            // Wait until it is gone: the caller removes its files next.
+            let _ = handle.await;
+            None
+        }
+        joined = &mut handle => Some(match joined {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => {
+                let panic = e.into_panic();
+                let what = panic.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| panic.downcast_ref::<String>().cloned());
+                Err(crate::error::TaskError::internal(format!("the task panicked: {}", what.unwrap_or_else(|| "no message".into()))))
+            }
+            Err(e) => Err(crate::error::TaskError::internal(format!("the task ended abnormally: {e}"))),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_task_fails_instead_of_hanging() {
+        let cancel = CancellationToken::new();
+        let result = run_guarded(async { panic!("slice end overflowed") }, &cancel).await;
+        let e = result.expect("ended").expect_err("failed");
+        assert_eq!(e.blame, crate::error::Blame::Internal);
+        assert!(e.message.contains("slice end overflowed"), "{}", e.message);
+        let result = run_guarded(async { Ok(()) }, &cancel).await;
+        assert!(matches!(result, Some(Ok(()))));
+        cancel.cancel();
+        assert!(run_guarded(std::future::pending(), &cancel).await.is_none());
     }
 }

@@ -83,12 +83,14 @@ impl PostgresLookup {
             let query = self.query.clone();
             let result = match self.client().await {
                 Ok(client) => client.query(&query, &[&keys]).await.map_err(|e| {
-                    let user = e.as_db_error().is_some();
                     let message = format!("lookup: {e}");
-                    if user {
-                        TaskError::user(format!("{message}; check the table, key and columns of the lookup"))
-                    } else {
-                        TaskError::external(message)
+                    match e.code() {
+                        Some(code) if is_user_error(code.code()) => {
+                            TaskError::user(format!("{message}; check the table, key and columns of the lookup"))
+                        }
+                        // A restart, failover, cancelled query, serialization failure or lost
+                        // connection: the same query may well succeed later.
+                        _ => TaskError::external(message),
                     }
                 }),
                 Err(e) => Err(e),
@@ -197,6 +199,15 @@ fn redact(url: &str) -> String {
     }
 }
 
+/// Whether a SQLSTATE means the lookup itself is wrong (retrying the same query cannot help):
+/// syntax or access rule violations (class 42: an unknown table or column), data exceptions (22),
+/// a refused login (28), an unknown database (3D), an unsupported feature (0A). Every other
+/// class — connection exceptions (08), operator intervention such as a server restart (57),
+/// transaction rollbacks (40), insufficient resources (53), system errors (58) — passes with time.
+fn is_user_error(sqlstate: &str) -> bool {
+    matches!(sqlstate.get(..2), Some("42" | "22" | "28" | "3D" | "0A"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,5 +220,70 @@ mod tests {
         assert_eq!(parse_text(Some("2024-05-01 12:34:56.5+00"), DataType::Timestamp), Ok(Value::Timestamp(1_714_566_896_500)));
         assert!(parse_text(Some("x"), DataType::Float).is_err());
         assert_eq!(redact("postgres://eddy:secret@h:5432/db"), "postgres://eddy:***@h:5432/db");
+    }
+
+    #[test]
+    fn only_mistakes_in_the_lookup_are_the_users() {
+        for user in ["42P01", "42703", "22P02", "28P01", "3D000"] {
+            assert!(is_user_error(user), "{user}");
+        }
+        for passing in ["57P01", "57014", "40001", "08006", "53300", "XX000"] {
+            assert!(!is_user_error(passing), "{passing}");
+        }
+    }
+
+    /// Against a real server (`EDDY_TEST_PG_URL`): the server ends the lookup's query in flight
+    /// (as a restart or failover does, SQLSTATE 57P01); the lookup retries and answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_query_ended_by_the_server_is_retried() {
+        let Ok(url) = std::env::var("EDDY_TEST_PG_URL") else {
+            eprintln!("skipped: set EDDY_TEST_PG_URL=postgres://user@host:port/db to run against a real PostgreSQL");
+            return;
+        };
+        let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let view = format!("slow_dim_{}", std::process::id());
+        // Slow on the first query only, so that the retry answers at once.
+        admin
+            .batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {view}_seen (n int);
+                 CREATE OR REPLACE VIEW {view} AS
+                   SELECT '1'::text AS id, 'one'::text AS slug
+                   FROM (SELECT pg_sleep(CASE WHEN EXISTS (SELECT 1 FROM {view}_seen) THEN 0 ELSE 30 END)) s;"
+            ))
+            .await
+            .unwrap();
+        let options = PostgresLookupOptions {
+            url: url.clone(),
+            table: view.clone(),
+            key: "id".into(),
+            columns: "slug VARCHAR".into(),
+            cache_size: 10,
+            cache_ttl: "60s".into(),
+        };
+        let columns = eddy_jobs::connectors::parse_columns(&options.columns).unwrap();
+        let mut lookup = PostgresLookup::connect(&options, 0, &columns).await.unwrap();
+        let fetch = tokio::spawn(async move { lookup.fetch(vec!["1".into()]).await });
+        // Wait for the query to be running, then end it from the server side.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let ended = admin
+                .query_one(
+                    &format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE '%FROM {view} WHERE%' AND pid <> pg_backend_pid()"),
+                    &[],
+                )
+                .await
+                .unwrap();
+            if ended.get::<_, i64>(0) > 0 {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the lookup query never showed up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        admin.batch_execute(&format!("INSERT INTO {view}_seen VALUES (1)")).await.unwrap();
+        let found = fetch.await.unwrap();
+        admin.batch_execute(&format!("DROP VIEW {view}; DROP TABLE {view}_seen")).await.unwrap();
+        let found = found.expect("the lookup should retry after the server ended its query");
+        assert_eq!(found.get("1"), Some(&vec![Value::String("one".into())]));
     }
 }
