@@ -451,9 +451,14 @@ impl WatermarkGenerator {
 
     fn on_batch(&mut self, batch: &Batch) -> Option<i64> {
         let col = self.event_time.column;
+        // A record stamped far beyond the wall clock (a typo, a year 2200) cannot move the
+        // watermark: it would make every later record late, for good.
+        let horizon = operators::future_horizon_ms();
         for row in &batch.rows {
             if let Value::Timestamp(t) = row[col] {
-                self.max_ts = self.max_ts.max(t);
+                if t <= horizon {
+                    self.max_ts = self.max_ts.max(t);
+                }
             }
         }
         let now = Instant::now();

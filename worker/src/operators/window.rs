@@ -351,6 +351,7 @@ impl Window {
     /// Adds a batch's rows to their slices; late rows go to `out.late`.
     pub fn process(&mut self, batch: Batch, out: &mut Collector) -> Result<()> {
         let mut late = Batch::default();
+        let horizon = super::future_horizon_ms();
         for (row, op) in batch.rows.into_iter().zip(batch.ops) {
             let ts = match &row[self.plan.time_column] {
                 Value::Timestamp(t) => *t,
@@ -360,8 +361,13 @@ impl Window {
                     continue;
                 }
             };
+            // Beyond the wall clock's horizon: a bogus time, kept out of the state and counted.
+            if ts > horizon {
+                late.push(row, op);
+                continue;
+            }
             let slice_end = slice_end(ts, self.slice_ms);
-            if self.last_window_end(slice_end) - 1 <= self.watermark {
+            if self.last_window_end(slice_end).saturating_sub(1) <= self.watermark {
                 late.push(row, op);
                 continue;
             }
@@ -432,7 +438,7 @@ impl Window {
 
     /// End of the last window that holds the slice ending at `slice_end`.
     fn last_window_end(&self, slice_end: i64) -> i64 {
-        floor_to(slice_end - self.slice_ms + self.plan.size_ms, self.plan.slide_ms)
+        floor_to(slice_end.saturating_sub(self.slice_ms).saturating_add(self.plan.size_ms), self.plan.slide_ms)
     }
 
     /// Moves event time to `watermark`, firing every window that ends at or before it.
@@ -463,7 +469,7 @@ impl Window {
 
 /// End (exclusive) of the slice holding `ts`.
 fn slice_end(ts: i64, slice: i64) -> i64 {
-    ts.div_euclid(slice) * slice + slice
+    ts.div_euclid(slice).saturating_mul(slice).saturating_add(slice)
 }
 
 /// Largest multiple of `step` at or below `x`.
@@ -696,6 +702,19 @@ mod tests {
         assert_eq!(out.late[0].rows, vec![row(1, 1, 2)]);
         w.advance(i64::MAX, &mut out).unwrap();
         assert_eq!(results(&out), [((1, 5), (1, 1)), ((1, 10), (1, 1)), ((1, 15), (2, 1))].into());
+    }
+
+    #[test]
+    fn far_future_and_extreme_times_are_late_not_a_panic() {
+        for backend in BACKENDS {
+            let (mut w, _dir) = window(10, 5, backend);
+            let mut out = Collector::default();
+            let far = super::super::future_horizon_ms() + 86_400_000;
+            w.process(Batch::inserts(vec![row(1, 1, 3), row(1, 1, far), row(1, 1, i64::MAX)]), &mut out).unwrap();
+            assert_eq!(w.late_records(), 2, "{backend:?}");
+            w.advance(20, &mut out).unwrap();
+            assert_eq!(results(&out), [((1, 5), (1, 1)), ((1, 10), (1, 1))].into(), "{backend:?}");
+        }
     }
 
     #[test]
