@@ -1465,7 +1465,10 @@ const POW10: [f64; 23] = [
 ];
 
 /// Rounds to `n` decimal places (negative `n` rounds left of the point), half away from zero, on
-/// the value's shortest decimal representation (so `ROUND(1.005, 2)` is `1.01`, as written).
+/// the value's decimal digits to 15 significant places: as many as a double holds for any decimal
+/// input, so the binary noise of arithmetic on decimal inputs is gone and ties round as SQL's
+/// NUMERIC rounds them (`ROUND(1.005, 2)` is `1.01`, and `ROUND(10885 / 1000.0 / 311, 2)` is
+/// `0.04` as in PostgreSQL, though the double computed is 0.034999999999999996).
 fn round_f64(x: f64, n: i64) -> f64 {
     if !x.is_finite() {
         return x;
@@ -1484,8 +1487,8 @@ fn round_f64(x: f64, n: i64) -> f64 {
 }
 
 fn round_f64_decimal(x: f64, n: i64) -> f64 {
-    // Shortest round-trip digits: d.ddd…e±E, i.e. 0.dddd × 10^(E+1).
-    let s = format!("{:e}", x.abs());
+    // Fifteen significant digits: d.dddddddddddddd e±E, i.e. 0.dddd × 10^(E+1).
+    let s = format!("{:.14e}", x.abs());
     let (mantissa, exp) = s.split_once('e').unwrap_or((&s, "0"));
     let exp: i64 = exp.parse().unwrap_or(0);
     let digits: Vec<u8> = mantissa.bytes().filter(u8::is_ascii_digit).map(|b| b - b'0').collect();
@@ -2210,6 +2213,8 @@ mod tests {
         assert_eq!(eval("ROUND(1.005, 2)"), Value::Float(1.01));
         assert_eq!(eval("ROUND(-1.005, 2)"), Value::Float(-1.01));
         assert_eq!(eval("ROUND(2.675, 2)"), Value::Float(2.68));
+        // A tie in decimal that binary arithmetic puts just below: 10.885 / 311 = 0.035 exactly.
+        assert_eq!(eval("ROUND(10885 / 1000.0 / 311, 2)"), Value::Float(0.04));
         assert_eq!(eval("ROUND(-0.4)"), Value::Float(0.0));
         assert_eq!(eval("ROUND(123456789012.5)"), Value::Float(123456789013.0));
         assert_eq!(eval("ROUND(1.5e-10, 10)"), Value::Float(2e-10));

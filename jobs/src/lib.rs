@@ -25,11 +25,29 @@ pub struct SpecError {
 }
 
 impl SpecError {
-    /// A new error about `field`.
+    /// A new error about `field`. A message that quotes much of a large spec (a select list of
+    /// thousands of columns, say) keeps its start and its end, where the fault is named, so that
+    /// it stays readable and fits in a gRPC status.
     pub fn new(field: impl Into<String>, message: impl Into<String>) -> SpecError {
-        SpecError { field: field.into(), message: message.into() }
+        SpecError { field: bounded(field.into()), message: bounded(message.into()) }
     }
 }
+
+/// Characters of an error message kept at most: its start and its end.
+const MESSAGE_HEAD: usize = 700;
+const MESSAGE_TAIL: usize = 500;
+
+/// `text`, or its first and last characters with the number left out between them.
+fn bounded(text: String) -> String {
+    let chars = text.chars().count();
+    if chars <= MESSAGE_HEAD + MESSAGE_TAIL + 40 {
+        return text;
+    }
+    let head: String = text.chars().take(MESSAGE_HEAD).collect();
+    let tail: String = text.chars().skip(chars - MESSAGE_TAIL).collect();
+    format!("{head} … [{} characters left out] … {tail}", chars - MESSAGE_HEAD - MESSAGE_TAIL)
+}
+
 
 /// Parses, validates and plans a spec's text (already substituted).
 pub fn compile(text: &str) -> Result<Plan, SpecError> {
@@ -44,4 +62,23 @@ pub fn compile_with_parallelism(text: &str, parallelism: Option<u32>) -> Result<
         spec.parallelism = parallelism;
     }
     plan(&spec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_about_huge_specs_quote_a_bounded_excerpt() {
+        // A 200 KB select list naming an unknown column: the error quotes it, bounded.
+        let huge = format!("x{}", "y".repeat(200_000));
+        let spec = format!(
+            "name = \"big\"\n[[source]]\nname = \"events\"\nconnector = \"generator\"\noptions = {{ count = 1 }}\n[[transform]]\nname = \"t\"\ninput = \"events\"\nselect = \"k, {huge}\"\n[[sink]]\nname = \"out\"\ninput = \"t\"\nconnector = \"discard\"\n"
+        );
+        let e = compile(&spec).unwrap_err();
+        let text = e.to_string();
+        assert!(text.len() < 4_000, "{} bytes", text.len());
+        assert!(e.field.starts_with("transform[t]"), "{e:?}");
+        assert!(text.contains("characters left out"), "{text}");
+    }
 }
