@@ -7,7 +7,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
-use eddy_jobs::connectors::PostgresLookupOptions;
+use eddy_jobs::connectors::{redact_url, PostgresLookupOptions};
 use eddy_jobs::spec::parse_duration_ms;
 use eddy_jobs::{DataType, Schema, Value};
 use tokio::time::Instant;
@@ -63,7 +63,7 @@ impl PostgresLookup {
         if self.client.as_ref().is_none_or(Client::is_closed) {
             let (client, connection) = tokio_postgres::connect(&self.options.url, NoTls)
                 .await
-                .map_err(|e| TaskError::external(format!("lookup database {}: {e}", redact(&self.options.url))))?;
+                .map_err(|e| TaskError::external(format!("lookup database {}: {e}", redact_url(&self.options.url))))?;
             tokio::spawn(async move {
                 if let Err(e) = connection.await {
                     warn!(error = %e, "lookup connection ended");
@@ -188,17 +188,6 @@ pub fn parse_text(text: Option<&str>, ty: DataType) -> std::result::Result<Value
     text.map_or(Ok(Value::Null), |t| decode_value(t, ty))
 }
 
-/// A connection URL without its password, for messages.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{}:***{}", &url[..s + 3], user, &url[at..]),
-            None => url.to_string(),
-        },
-        _ => url.to_string(),
-    }
-}
-
 /// Whether a SQLSTATE means the lookup itself is wrong (retrying the same query cannot help):
 /// syntax or access rule violations (class 42: an unknown table or column), data exceptions (22),
 /// a refused login (28), an unknown database (3D), an unsupported feature (0A). Every other
@@ -219,7 +208,7 @@ mod tests {
         assert_eq!(parse_text(Some("t"), DataType::Bool), Ok(Value::Bool(true)));
         assert_eq!(parse_text(Some("2024-05-01 12:34:56.5+00"), DataType::Timestamp), Ok(Value::Timestamp(1_714_566_896_500)));
         assert!(parse_text(Some("x"), DataType::Float).is_err());
-        assert_eq!(redact("postgres://eddy:secret@h:5432/db"), "postgres://eddy:***@h:5432/db");
+        assert_eq!(redact_url("postgres://eddy:secret@h:5432/db"), "postgres://eddy:***@h:5432/db");
     }
 
     #[test]
