@@ -360,6 +360,7 @@ impl Upserts {
     /// `shard` into changelog rows, at wall-clock time `now` (for the state's TTL).
     fn apply(&mut self, shard: u32, key: &[u8], value: Option<Vec<Value>>, tombstone_version: Option<i64>, now: i64, out: &mut Batch) -> Result<()> {
         let held = self.state.get(shard, key, now)?;
+        let held_anything = held.is_some();
         let (previous, held_version) = match (held, self.version) {
             (Some(marker), Some(_)) if marker.len() == 1 => (None, int(&marker[0])),
             (Some(row), Some(v)) => {
@@ -391,9 +392,11 @@ impl Upserts {
                 out.push(row, Op::Insert);
             }
             None => {
+                // `incoming` is the tombstone's version, known only with a version column.
                 match incoming {
-                    Some(v) if self.version.is_some() => self.state.put(shard, key, &[Value::Int(v)], now)?,
-                    _ => self.state.delete(shard, key)?,
+                    Some(v) => self.state.put(shard, key, &[Value::Int(v)], now)?,
+                    None if held_anything => self.state.delete(shard, key)?,
+                    None => {}
                 }
                 if let Some(p) = previous {
                     out.push(p, Op::Retract);

@@ -227,7 +227,6 @@ impl Sink for RedisLeaderboard {
         match (newest, closed) {
             (Some((end, scores)), closed) if closed.is_none_or(|c| end >= c) => self.replace(end, &scores).await,
             (_, Some(closed)) if closed > self.written => self.replace(closed, &BTreeMap::new()).await,
-            (Some((end, scores)), None) => self.replace(end, &scores).await,
             _ => Ok(()),
         }
     }
