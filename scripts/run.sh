@@ -18,6 +18,8 @@ PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null' EXIT
 export EDDY_COORDINATOR=127.0.0.1:${EDDY_PORT:-6123}
 export EDDY_EXTERNAL_URL=http://127.0.0.1:${EDDY_MOCK_PORT:-58080}/events
+# A slot left by an earlier run is read again from its position rather than refused.
+export EDDY_EXISTING_SLOT=${EDDY_EXISTING_SLOT:-reread}
 export EDDY_DEAD_LETTERS=$RUN_DIR/dead-letters.jsonl EDDY_HTTP_DEAD_LETTERS=$RUN_DIR/http-dead-letters.jsonl
 "$BIN/eddy-coordinator" --listen "$EDDY_COORDINATOR" --data-dir "$RUN_DIR/coordinator" >"$RUN_DIR/coordinator.log" 2>&1 & PIDS+=($!)
 for i in 1 2; do

@@ -47,9 +47,14 @@ enum Command {
     Cancel {
         /// Job id.
         job: String,
-        /// Take a savepoint first; prints its id.
+        /// Take a savepoint first; prints its id. Sources keep their replication slots, so that
+        /// `submit --from-savepoint` resumes from them.
         #[arg(long)]
         savepoint: bool,
+        /// Keep the job's PostgreSQL replication slot (dropped by default: a kept slot holds
+        /// WAL on the server until a job reads from it again).
+        #[arg(long)]
+        keep_slot: bool,
     },
     /// Take a savepoint of a running job; prints its id, for `submit --from-savepoint`.
     Savepoint {
@@ -228,7 +233,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 table(&["AT (UNIX MS)", "TRANSITION", "CAUSE"], rows);
             }
         }
-        Command::Cancel { job, savepoint: true } => {
+        Command::Cancel { job, savepoint: true, .. } => {
             let r = connect(coordinator).await?.savepoint(SavepointRequest { job_id: job.clone(), cancel: true }).await.map_err(rpc)?.into_inner();
             if cli.json {
                 println!("{}", json!({ "job_id": job, "savepoint_id": r.savepoint_id }));
@@ -255,8 +260,9 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 println!("{job} rescaling to {parallelism} (attempt {}) from savepoint {}", r.attempt, r.savepoint_id);
             }
         }
-        Command::Cancel { job, savepoint: false } => {
-            let state = connect(coordinator).await?.cancel(CancelRequest { job_id: job.clone() }).await.map_err(rpc)?.into_inner().state;
+        Command::Cancel { job, savepoint: false, keep_slot } => {
+            let request = CancelRequest { job_id: job.clone(), keep_slots: *keep_slot };
+            let state = connect(coordinator).await?.cancel(request).await.map_err(rpc)?.into_inner().state;
             if cli.json {
                 println!("{}", json!({ "job_id": job, "state": state }));
             } else {

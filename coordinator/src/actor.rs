@@ -39,13 +39,16 @@ const STOP_WAIT: Duration = Duration::from_secs(10);
 /// What the actor is asked to do.
 pub enum Request {
     /// Validate, plan and schedule a spec.
-    Submit { spec: String, from_savepoint: String, reply: oneshot::Sender<Result<String, Status>> },
+    /// A new job; its spec was compiled to `plan` before it reached the loop (validation of a
+    /// large spec must not hold up heartbeats).
+    Submit { spec: String, plan: Box<Plan>, from_savepoint: String, reply: oneshot::Sender<Result<String, Status>> },
     /// All jobs.
     ListJobs { reply: oneshot::Sender<Vec<JobSummary>> },
     /// One job in detail.
     JobStatus { job_id: String, reply: oneshot::Sender<Result<JobStatusResponse, Status>> },
     /// Cancel a job.
-    Cancel { job_id: String, reply: oneshot::Sender<Result<String, Status>> },
+    /// `release`: the job's sources give up what they hold upstream (a replication slot).
+    Cancel { job_id: String, release: bool, reply: oneshot::Sender<Result<String, Status>> },
     /// All workers.
     ListWorkers { reply: oneshot::Sender<Vec<WorkerView>> },
     /// A worker opened its control stream.
@@ -132,6 +135,9 @@ struct Job {
     checkpoints: CheckpointTracker,
     /// State to start from when no checkpoint of this job exists yet (a savepoint it was submitted from).
     initial_restore: Option<Arc<CheckpointManifest>>,
+    /// The savepoint `initial_restore` came from when the job was submitted from one (kept in the
+    /// metadata, so a coordinator restart before the first checkpoint still restores it).
+    from_savepoint: Option<String>,
     /// Restarts after failures, in total and in a row.
     restarts: u32,
     failures_in_row: u32,
@@ -195,6 +201,17 @@ impl Coordinator {
             }
             self.resume_job(r, kept);
         }
+        // Savepoints a job was submitted from belong to other jobs, all loaded by now.
+        let from: Vec<(String, String)> =
+            self.jobs.iter().filter_map(|(id, j)| Some((id.clone(), j.from_savepoint.clone()?))).collect();
+        for (job_id, savepoint) in from {
+            let job = &self.jobs[&job_id];
+            let restore = self.find_savepoint(&savepoint).map_err(|e| e.message().to_string()).and_then(|m| state_for_plan(&m, &job.plan));
+            match restore {
+                Ok(manifest) => self.jobs.get_mut(&job_id).expect("listed above").initial_restore = Some(Arc::new(manifest)),
+                Err(e) => warn!(job_id, savepoint, error = %e, "the savepoint the job was submitted from cannot be restored; it restarts without it"),
+            }
+        }
         self.metadata = Some(metadata);
         self.storage = Some(storage);
         Ok(self)
@@ -218,10 +235,14 @@ impl Coordinator {
         };
         let now = Instant::now();
         let mut job = self.new_job(&r.job_id, r.spec, r.parallelism, plan, now);
-        job.checkpoints.resume(r.next_checkpoint_id, kept);
+        // The id stored is the one the last checkpoint triggered before the stop may have had
+        // (ids are recorded when checkpoints end, not when they start): skip it, so that files an
+        // old attempt still uploads under it never mix with a new checkpoint's.
+        job.checkpoints.resume(r.next_checkpoint_id + 1, kept);
         job.attempt = r.attempt;
         job.restarts = r.restarts;
         job.submitted_at_ms = r.submitted_at_ms;
+        job.from_savepoint = r.from_savepoint.clone();
         job.state = stored_state;
         job.cause = if r.state == "cancelling" { "cancelled; the coordinator restarted while its tasks stopped".into() } else { r.cause.clone() };
         if stored_state == JobState::Restarting {
@@ -256,6 +277,7 @@ impl Coordinator {
             tasks: BTreeMap::new(),
             checkpoints,
             initial_restore: None,
+            from_savepoint: None,
             restarts: 0,
             failures_in_row: 0,
             restart_at: None,
@@ -311,6 +333,8 @@ impl Coordinator {
                 if p.savepoint {
                     self.savepoint_failed(&job_id, "the savepoint timed out");
                 }
+                // Its id is used up: recorded, so a restart never hands it out again.
+                self.persist();
             }
             self.maybe_trigger(&job_id, now);
         }
@@ -359,6 +383,8 @@ impl Coordinator {
             AckOutcome::AllAcked(mut manifest) => {
                 manifest.job_id = ack.job_id.clone();
                 manifest.parallelism = job.plan.operators.iter().enumerate().map(|(i, o)| (i as u32, o.parallelism)).collect();
+                manifest.operator_names = job.plan.operators.iter().enumerate().map(|(i, o)| (i as u32, o.name.clone())).collect();
+                manifest.operator_kinds = job.plan.operators.iter().enumerate().map(|(i, o)| (i as u32, kind_of(o))).collect();
                 let manifest = Arc::new(manifest);
                 let Some(storage) = self.storage.clone() else { return };
                 let events = self.internal_tx.clone();
@@ -388,16 +414,10 @@ impl Coordinator {
                     job_id, checkpoint = done.id, savepoint = done.savepoint, duration_ms = done.view.duration_ms,
                     full_bytes = done.view.full_bytes, incremental_bytes = done.view.incremental_bytes, "checkpoint completed"
                 );
-                // Sources may now confirm positions upstream; sinks commit what they staged.
                 let order = CheckpointDone { job_id: job_id.clone(), attempt: job.attempt, checkpoint_id: done.id };
                 let mut workers: Vec<String> = job.slots.clone();
                 workers.sort();
                 workers.dedup();
-                for w in workers {
-                    if let Some(worker) = self.workers.get(&w).filter(|w| w.lost.is_none()) {
-                        let _ = worker.orders.try_send(Ok(CoordinatorMessage { msg: Some(Order::CheckpointDone(order.clone())) }));
-                    }
-                }
                 if let Some(storage) = self.storage.clone() {
                     let kept: Vec<Arc<CheckpointManifest>> = job.checkpoints.kept().iter().map(|c| c.manifest.clone()).collect();
                     let dropped: Vec<u64> = dropped.iter().map(|c| c.id).collect();
@@ -405,7 +425,21 @@ impl Coordinator {
                     let id = job_id.clone();
                     tokio::spawn(async move { storage.collect(&id, dropped, kept, before).await });
                 }
-                self.persist();
+                // Recorded before anyone hears of it: a source that confirms this checkpoint's
+                // position upstream (a replication slot) can never be restored from an older one.
+                if !self.persist() {
+                    // Not confirmed upstream until a later checkpoint is recorded.
+                    if done.savepoint {
+                        self.savepoint_failed(&job_id, "the coordinator could not record it");
+                    }
+                    return;
+                }
+                // Sources may now confirm positions upstream; sinks commit what they staged.
+                for w in workers {
+                    if let Some(worker) = self.workers.get(&w).filter(|w| w.lost.is_none()) {
+                        let _ = worker.orders.try_send(Ok(CoordinatorMessage { msg: Some(Order::CheckpointDone(order.clone())) }));
+                    }
+                }
                 if done.savepoint {
                     self.savepoint_done(&job_id, done);
                 }
@@ -420,7 +454,8 @@ impl Coordinator {
         match then {
             AfterSavepoint::Continue => {}
             AfterSavepoint::Cancel => {
-                let _ = self.cancel(job_id);
+                // Cancelled to be resumed from the savepoint: sources keep their upstream state.
+                let _ = self.cancel(job_id, false);
             }
             AfterSavepoint::Rescale(n) => self.rescale(job_id, n, done.manifest.clone()),
         }
@@ -476,7 +511,7 @@ impl Coordinator {
             }
         };
         let old_parallelism = job.plan.slots_needed();
-        self.stop_tasks(job_id);
+        self.stop_tasks(job_id, false);
         let job = self.jobs.get_mut(job_id).expect("checked above");
         job.parallelism = Some(parallelism);
         job.plan = Arc::new(plan);
@@ -513,7 +548,7 @@ impl Coordinator {
                 self.savepoint_failed(job_id, "the job failed while taking it");
             }
         }
-        self.stop_tasks(job_id);
+        self.stop_tasks(job_id, false);
         let job = self.jobs.get_mut(job_id).expect("checked above");
         job.previous_workers = std::mem::take(&mut job.slots);
         job.stop_deadline = Some(Instant::now() + STOP_WAIT);
@@ -559,9 +594,9 @@ impl Coordinator {
         self.deploy(job_id);
     }
 
-    /// Writes the jobs' metadata; a failure is logged (the next change tries again).
-    fn persist(&self) {
-        let Some(store) = &self.metadata else { return };
+    /// Writes the jobs' metadata; false if that failed (logged; the next change tries again).
+    fn persist(&self) -> bool {
+        let Some(store) = &self.metadata else { return true };
         let records = self
             .jobs
             .iter()
@@ -575,6 +610,7 @@ impl Coordinator {
                 submitted_at_ms: j.submitted_at_ms,
                 next_checkpoint_id: j.checkpoints.next_id(),
                 restarts: j.restarts,
+                from_savepoint: j.from_savepoint.clone(),
                 checkpoints: j
                     .checkpoints
                     .kept()
@@ -590,15 +626,19 @@ impl Coordinator {
                     .collect(),
             })
             .collect();
-        if let Err(e) = store.save(records) {
-            warn!(error = %e, "cannot write job metadata; a coordinator restart would lose the latest changes");
+        match store.save(records) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(error = %e, "cannot write job metadata; a coordinator restart would lose the latest changes");
+                false
+            }
         }
     }
 
     fn handle(&mut self, request: Request) {
         match request {
-            Request::Submit { spec, from_savepoint, reply } => {
-                let _ = reply.send(self.submit(spec, from_savepoint));
+            Request::Submit { spec, plan, from_savepoint, reply } => {
+                let _ = reply.send(self.submit(spec, *plan, from_savepoint));
             }
             Request::ListJobs { reply } => {
                 let _ = reply.send(self.jobs.iter().map(|(id, j)| summary(id, j)).collect());
@@ -606,8 +646,8 @@ impl Coordinator {
             Request::JobStatus { job_id, reply } => {
                 let _ = reply.send(self.status(&job_id));
             }
-            Request::Cancel { job_id, reply } => {
-                let _ = reply.send(self.cancel(&job_id));
+            Request::Cancel { job_id, release, reply } => {
+                let _ = reply.send(self.cancel(&job_id, release));
             }
             Request::ListWorkers { reply } => {
                 let _ = reply.send(self.worker_views());
@@ -724,19 +764,14 @@ impl Coordinator {
         }
     }
 
-    fn submit(&mut self, spec: String, from_savepoint: String) -> Result<String, Status> {
-        let plan = eddy_jobs::compile(&spec).map_err(|e| Status::invalid_argument(format!("invalid job spec: {e}")))?;
+    fn submit(&mut self, spec: String, plan: Plan, from_savepoint: String) -> Result<String, Status> {
         let initial_restore = if from_savepoint.is_empty() {
             None
         } else {
             let manifest = self.find_savepoint(&from_savepoint)?;
-            let operators = plan.operators.len() as u32;
-            if manifest.parallelism.keys().any(|o| *o >= operators) {
-                return Err(Status::invalid_argument(format!(
-                    "savepoint {from_savepoint} was taken of a job with other stages; submit the spec it was taken from"
-                )));
-            }
-            Some(manifest)
+            let manifest = state_for_plan(&manifest, &plan)
+                .map_err(|e| Status::invalid_argument(format!("savepoint {from_savepoint} does not fit this spec: {e}")))?;
+            Some(Arc::new(manifest))
         };
         let needed = plan.slots_needed() as usize;
         let slots = self.place(needed).ok_or_else(|| {
@@ -753,6 +788,7 @@ impl Coordinator {
         job.tasks = assign_tasks(&job.plan, &slots);
         job.slots = slots;
         job.initial_restore = initial_restore;
+        job.from_savepoint = (!from_savepoint.is_empty()).then_some(from_savepoint);
         info!(job_id, name = %job.name, tasks = job.tasks.len(), slots = needed, "job created");
         self.jobs.insert(job_id.clone(), job);
         self.deploy(&job_id);
@@ -895,14 +931,15 @@ impl Coordinator {
     }
 
     fn fail(&mut self, job_id: &str, why: &str) {
-        self.stop_tasks(job_id);
+        self.stop_tasks(job_id, false);
         self.transition(job_id, JobState::Failed, why);
     }
 
-    /// Tells every live worker running the job to stop its tasks.
-    fn stop_tasks(&mut self, job_id: &str) {
+    /// Tells every live worker running the job to stop its tasks; with `release`, the job ends
+    /// for good and its sources release what they hold upstream.
+    fn stop_tasks(&mut self, job_id: &str, release: bool) {
         let Some(job) = self.jobs.get(job_id) else { return };
-        let order = CancelJob { job_id: job_id.to_string(), attempt: job.attempt };
+        let order = CancelJob { job_id: job_id.to_string(), attempt: job.attempt, release };
         let mut workers: Vec<&String> = job.slots.iter().collect();
         workers.dedup();
         for w in workers {
@@ -912,7 +949,7 @@ impl Coordinator {
         }
     }
 
-    fn cancel(&mut self, job_id: &str) -> Result<String, Status> {
+    fn cancel(&mut self, job_id: &str, release: bool) -> Result<String, Status> {
         let state = self.jobs.get(job_id).ok_or_else(|| not_found(job_id))?.state;
         if state.is_terminal() {
             return Err(Status::failed_precondition(format!("job {job_id} is already {state}; nothing to cancel")));
@@ -922,7 +959,7 @@ impl Coordinator {
             self.transition(job_id, JobState::Cancelling, "cancel requested");
             self.transition(job_id, JobState::Cancelled, "cancelled while restarting");
         } else if state != JobState::Cancelling {
-            self.stop_tasks(job_id);
+            self.stop_tasks(job_id, release);
             self.transition(job_id, JobState::Cancelling, "cancel requested");
             let job = &self.jobs[job_id];
             let all_stopped = job.tasks.values().all(|r| matches!(r.state, TaskState::Cancelled | TaskState::Finished | TaskState::Failed));
@@ -1069,6 +1106,69 @@ pub fn task_state_name(s: TaskState) -> &'static str {
     }
 }
 
+/// What an operator is, as recorded in manifests: a savepoint's state only goes to a stage of the
+/// same name and kind.
+fn kind_of(o: &eddy_jobs::plan::Operator) -> String {
+    use eddy_jobs::plan::OperatorKind as K;
+    match &o.kind {
+        K::Source { connector, .. } => format!("source:{}", connector.name()),
+        K::Sink { connector } => format!("sink:{}", connector.name()),
+        K::Transform { .. } => "transform".into(),
+        K::Window(_) => "window".into(),
+        K::Lookup { .. } => "lookup".into(),
+    }
+}
+
+/// A savepoint's state addressed to `plan`'s operators, matched by stage name (a stable id, as
+/// Flink's operator uid): a spec edited since (a stage added, removed or reordered) still gets
+/// each stage's own state. A stage whose state has no stage of the same name and kind to go to is
+/// refused, naming it; a new stage starts empty. Savepoints taken before names were recorded
+/// match by position.
+fn state_for_plan(manifest: &CheckpointManifest, plan: &Plan) -> Result<CheckpointManifest, String> {
+    if manifest.operator_names.is_empty() {
+        if manifest.parallelism.keys().any(|o| *o as usize >= plan.operators.len()) {
+            return Err("it was taken of a job with other stages; submit the spec it was taken from".into());
+        }
+        return Ok(manifest.clone());
+    }
+    let holds_state = |op: u32| manifest.tasks.values().any(|t| t.operators.iter().any(|s| s.operator == op));
+    let mut to_new = HashMap::new();
+    for (old, name) in &manifest.operator_names {
+        let kind = manifest.operator_kinds.get(old).cloned().unwrap_or_default();
+        match plan.operators.iter().position(|o| &o.name == name) {
+            Some(new) if kind.is_empty() || kind_of(&plan.operators[new]) == kind => {
+                to_new.insert(*old, new as u32);
+            }
+            Some(new) if holds_state(*old) => {
+                return Err(format!(
+                    "stage `{name}` was a {kind} when the savepoint was taken and is a {} now; give the new stage another name",
+                    kind_of(&plan.operators[new])
+                ));
+            }
+            None if holds_state(*old) => {
+                return Err(format!(
+                    "it holds state of stage `{name}` ({kind}), which the spec no longer has; keep a stage of that name, or submit without the savepoint"
+                ));
+            }
+            _ => {}
+        }
+    }
+    let mut out = manifest.clone();
+    out.parallelism = manifest.parallelism.iter().filter_map(|(old, p)| Some((*to_new.get(old)?, *p))).collect();
+    out.operator_names = manifest.operator_names.iter().filter_map(|(old, n)| Some((*to_new.get(old)?, n.clone()))).collect();
+    out.operator_kinds = manifest.operator_kinds.iter().filter_map(|(old, k)| Some((*to_new.get(old)?, k.clone()))).collect();
+    for task in out.tasks.values_mut() {
+        task.operators.retain_mut(|s| match to_new.get(&s.operator) {
+            Some(new) => {
+                s.operator = *new;
+                true
+            }
+            None => false,
+        });
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1093,6 +1193,42 @@ name = "out"
 input = "w"
 connector = "discard"
 "#;
+
+    #[test]
+    fn savepoint_state_follows_stage_names_across_spec_edits() {
+        let before = eddy_jobs::compile(SPEC).unwrap();
+        // A transform inserted before the window moves the window to another index.
+        let edited = SPEC.replace(
+            "[[window]]\nname = \"w\"\ninput = \"events\"",
+            "[[transform]]\nname = \"kept\"\ninput = \"events\"\nwhere = \"k > 0\"\n[[window]]\nname = \"w\"\ninput = \"kept\"",
+        );
+        let after = eddy_jobs::compile(&edited).unwrap();
+        let index = |plan: &Plan, name: &str| plan.operators.iter().position(|o| o.name == name).unwrap() as u32;
+        assert_ne!(index(&before, "w"), index(&after, "w"), "the edit must move the window");
+        let snapshot = |op: u32| eddy_proto::OperatorSnapshot { operator: op, inline: vec![op as u8], ..Default::default() };
+        let manifest = CheckpointManifest {
+            job_id: "j".into(),
+            checkpoint_id: 1,
+            parallelism: before.operators.iter().enumerate().map(|(i, o)| (i as u32, o.parallelism)).collect(),
+            tasks: [
+                ("0.0".to_string(), eddy_proto::TaskSnapshot { operators: vec![snapshot(index(&before, "events"))], ..Default::default() }),
+                ("1.0".to_string(), eddy_proto::TaskSnapshot { operators: vec![snapshot(index(&before, "w"))], ..Default::default() }),
+            ]
+            .into_iter()
+            .collect(),
+            operator_names: before.operators.iter().enumerate().map(|(i, o)| (i as u32, o.name.clone())).collect(),
+            operator_kinds: before.operators.iter().enumerate().map(|(i, o)| (i as u32, kind_of(o))).collect(),
+        };
+        let moved = state_for_plan(&manifest, &after).unwrap();
+        let window_state = &moved.tasks["1.0"].operators[0];
+        assert_eq!(window_state.operator, index(&after, "w"));
+        assert_eq!(window_state.inline, vec![index(&before, "w") as u8], "the window's own state");
+        assert_eq!(moved.parallelism.get(&index(&after, "w")), Some(&4));
+        // A spec without the window cannot take its state; the error names the stage.
+        let without = "name = \"t\"\n[[source]]\nname = \"events\"\nconnector = \"generator\"\noptions = { keys = 10 }\n[[sink]]\nname = \"out\"\ninput = \"events\"\nconnector = \"discard\"\n";
+        let e = state_for_plan(&manifest, &eddy_jobs::compile(without).unwrap()).unwrap_err();
+        assert!(e.contains("`w`") && e.contains("window"), "{e}");
+    }
 
     struct Harness {
         coordinator: Coordinator,
@@ -1122,7 +1258,11 @@ connector = "discard"
 
         fn submit(&mut self, spec: &str) -> Result<String, Status> {
             let (reply, mut rx) = oneshot::channel();
-            self.coordinator.handle(Request::Submit { spec: spec.into(), from_savepoint: String::new(), reply });
+            let plan = match eddy_jobs::compile(spec) {
+                Ok(plan) => Box::new(plan),
+                Err(e) => return Err(Status::invalid_argument(format!("invalid job spec: {e}"))),
+            };
+            self.coordinator.handle(Request::Submit { spec: spec.into(), plan, from_savepoint: String::new(), reply });
             rx.try_recv().unwrap()
         }
 
@@ -1181,6 +1321,7 @@ connector = "discard"
             next_checkpoint_id: 1,
             restarts: 0,
             checkpoints: Vec::new(),
+            from_savepoint: None,
         };
         metadata.save(vec![record("cancelling", "c"), record("running", "r")]).unwrap();
         let storage = CheckpointStore::open(&dir.join("checkpoints")).unwrap();
@@ -1236,7 +1377,7 @@ connector = "discard"
         h.register("a", 4);
         let job = h.submit(SPEC).unwrap();
         let (reply, _rx) = oneshot::channel();
-        h.coordinator.handle(Request::Cancel { job_id: job.clone(), reply });
+        h.coordinator.handle(Request::Cancel { job_id: job.clone(), release: true, reply });
         assert_eq!(h.state(&job), JobState::Cancelling);
         // A source loses its downstream peer as that one is cancelled first.
         h.report("a", &job, 1, "0.0", TaskState::Failed);

@@ -32,7 +32,15 @@ impl Api {
 impl JobService for Api {
     async fn submit(&self, request: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
         let SubmitRequest { spec, from_savepoint } = request.into_inner();
-        let job_id = self.ask(|reply| Ask::Submit { spec, from_savepoint, reply }).await??;
+        // Validated here, on a blocking thread, not in the coordinator's loop.
+        let (spec, plan) = tokio::task::spawn_blocking(move || {
+            let plan = eddy_jobs::compile(&spec);
+            (spec, plan)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("validating the spec: {e}")))?;
+        let plan = Box::new(plan.map_err(|e| Status::invalid_argument(format!("invalid job spec: {e}")))?);
+        let job_id = self.ask(|reply| Ask::Submit { spec, plan, from_savepoint, reply }).await??;
         Ok(Response::new(SubmitResponse { job_id }))
     }
 
@@ -64,8 +72,8 @@ impl JobService for Api {
     }
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
-        let job_id = request.into_inner().job_id;
-        let state = self.ask(|reply| Ask::Cancel { job_id, reply }).await??;
+        let CancelRequest { job_id, keep_slots } = request.into_inner();
+        let state = self.ask(|reply| Ask::Cancel { job_id, release: !keep_slots, reply }).await??;
         Ok(Response::new(CancelResponse { state }))
     }
 

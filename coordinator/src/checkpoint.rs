@@ -164,6 +164,7 @@ impl CheckpointTracker {
                     checkpoint_id: p.id,
                     parallelism: BTreeMap::new().into_iter().collect(),
                     tasks: p.acks.clone().into_iter().collect(),
+                    ..Default::default()
                 })
             }
         }

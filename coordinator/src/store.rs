@@ -44,6 +44,9 @@ pub struct JobRecord {
     pub restarts: u32,
     /// Kept checkpoints and savepoints, oldest first.
     pub checkpoints: Vec<CheckpointRecord>,
+    /// The savepoint the job was submitted from, restored until its first checkpoint completes.
+    #[serde(default)]
+    pub from_savepoint: Option<String>,
 }
 
 /// A completed checkpoint as stored.
@@ -68,10 +71,14 @@ struct Metadata {
     jobs: Vec<JobRecord>,
 }
 
-/// The metadata file.
+/// The metadata file, in a data directory this coordinator holds locked.
 #[derive(Debug, Clone)]
 pub struct MetadataStore {
     path: PathBuf,
+    /// Held (an exclusive lock on `LOCK`) while the store lives: two coordinators on one
+    /// directory would resume the same jobs under colliding attempt numbers and each delete files
+    /// the other's checkpoints use.
+    _lock: Arc<std::fs::File>,
 }
 
 impl MetadataStore {
@@ -79,7 +86,21 @@ impl MetadataStore {
     pub fn open(dir: &Path) -> anyhow::Result<MetadataStore> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}; pick another with --data-dir", dir.display()))?;
-        Ok(MetadataStore { path: dir.join("jobs.json") })
+        let lock_path = dir.join("LOCK");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}; pick another --data-dir", lock_path.display()))?;
+        lock.try_lock().map_err(|_| {
+            anyhow::anyhow!(
+                "another coordinator is using the data directory {} (it holds {}); stop it, or give this one another --data-dir",
+                dir.display(),
+                lock_path.display()
+            )
+        })?;
+        Ok(MetadataStore { path: dir.join("jobs.json"), _lock: Arc::new(lock) })
     }
 
     /// The jobs stored, or none on a first start.
@@ -193,5 +214,21 @@ impl CheckpointStore {
                 tracing::warn!(%path, error = %e, "deleting a checkpoint file failed");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_data_directory_serves_one_coordinator_at_a_time() {
+        let dir = std::env::temp_dir().join(format!("eddy-lock-{}", std::process::id()));
+        let first = MetadataStore::open(&dir).unwrap();
+        let e = MetadataStore::open(&dir).unwrap_err().to_string();
+        assert!(e.contains("another coordinator") && e.contains("--data-dir"), "{e}");
+        drop(first);
+        MetadataStore::open(&dir).expect("free again once the first is gone");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -18,6 +18,18 @@ pub enum SourceConnector {
     File(FileSourceOptions),
 }
 
+impl SourceConnector {
+    /// The connector's name in specs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SourceConnector::Generator(_) => "generator",
+            SourceConnector::PostgresCdc(_) => "postgres_cdc",
+            SourceConnector::Kafka(_) => "kafka",
+            SourceConnector::File(_) => "file",
+        }
+    }
+}
+
 /// Options of the `file` source.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -43,6 +55,20 @@ pub enum SinkConnector {
     ClickHouse(ClickHouseSinkOptions),
     /// An HTTP endpoint: one JSON POST per row, idempotent by key.
     Http(HttpSinkOptions),
+}
+
+impl SinkConnector {
+    /// The connector's name in specs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SinkConnector::File(_) => "file",
+            SinkConnector::Discard => "discard",
+            SinkConnector::Kafka(_) => "kafka",
+            SinkConnector::Redis(_) => "redis",
+            SinkConnector::ClickHouse(_) => "clickhouse",
+            SinkConnector::Http(_) => "http",
+        }
+    }
 }
 
 /// What a source does with a record it cannot decode.
@@ -81,6 +107,26 @@ pub struct PostgresCdcOptions {
     /// Read the table's existing rows first (default true).
     #[serde(default = "default_true")]
     pub snapshot: bool,
+    /// What a new job (not a restart or a restore) does when `slot` already exists.
+    #[serde(default)]
+    pub existing_slot: ExistingSlot,
+}
+
+/// What a new `postgres_cdc` job does with a replication slot an earlier job left behind. The slot
+/// alone does not tell whether that job finished its snapshot, so nothing is guessed by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExistingSlot {
+    /// Refuse to start, naming the slot and these choices.
+    #[default]
+    Fail,
+    /// Stream from the slot's position without a snapshot (right when the earlier job had read
+    /// its snapshot completely).
+    Resume,
+    /// Read the table as it is now, every row carrying the slot's position as its version, then
+    /// stream from that position: right in every case (deletes made meanwhile come from the slot),
+    /// at the cost of sending every row again.
+    Reread,
 }
 
 fn default_slot() -> String {
@@ -228,6 +274,10 @@ pub struct ClickHouseSinkOptions {
     pub version_column: Option<String>,
     /// UInt8 column set to 1 on the row that records a retraction (delete).
     pub deleted_column: Option<String>,
+    /// File for rows the table cannot hold (a value outside its column's type, or refused by
+    /// ClickHouse), one JSON line each; they are counted and logged either way, and the job
+    /// carries on.
+    pub dead_letter_path: Option<String>,
 }
 
 fn default_database() -> String {
@@ -256,9 +306,12 @@ pub struct HttpSinkOptions {
     /// Per-request timeout.
     #[serde(default = "default_timeout")]
     pub timeout: String,
-    /// Retries after a timeout or a 5xx, with exponential backoff.
-    #[serde(default = "default_retries")]
-    pub max_retries: u32,
+    /// How long a row is retried after timeouts, connection errors, 408, 429 and 5xx answers
+    /// (backoff with jitter) before it goes to the dead letters.
+    #[serde(default = "default_retry_for")]
+    pub retry_for: String,
+    /// At most this many retries per row, if set (otherwise `retry_for` alone bounds them).
+    pub max_retries: Option<u32>,
     /// File where rows refused with a 4xx, or out of retries, are appended with the error.
     pub dead_letter_path: Option<String>,
 }
@@ -269,8 +322,8 @@ fn default_concurrency() -> usize {
 fn default_timeout() -> String {
     "5s".into()
 }
-fn default_retries() -> u32 {
-    5
+fn default_retry_for() -> String {
+    "5m".into()
 }
 
 /// Options of the `postgres` lookup (a LEFT join against a table or view).
@@ -573,6 +626,7 @@ pub fn sink(name: &str, options: &toml::Table, input: &Schema) -> Result<SinkCon
             let o: HttpSinkOptions = decode(options)?;
             check_url("options.url", &o.url, &["http", "https"])?;
             duration_option("options.timeout", &o.timeout)?;
+            duration_option("options.retry_for", &o.retry_for)?;
             if o.concurrency == 0 {
                 return Err("options.concurrency: must be at least 1".into());
             }

@@ -143,6 +143,8 @@ pub fn parse_select_list(sql: &str) -> Result<Vec<(String, ast::Expr)>, ExprErro
     let items = parser.parse_projection().map_err(|e| parse_error("select list", sql, e))?;
     expect_end(&parser, "select list", sql)?;
     let mut out: Vec<(String, ast::Expr)> = Vec::with_capacity(items.len());
+    // Lower-cased names seen so far: a linear check, whatever the length of the list.
+    let mut names = std::collections::HashSet::with_capacity(items.len());
     for item in items {
         let (name, expr) = match item {
             ast::SelectItem::ExprWithAlias { expr, alias } => (alias.value, expr),
@@ -164,7 +166,7 @@ pub fn parse_select_list(sql: &str) -> Result<Vec<(String, ast::Expr)>, ExprErro
                 )))
             }
         };
-        if out.iter().any(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+        if !names.insert(name.to_ascii_lowercase()) {
             return Err(ExprError::Unsupported(format!(
                 "duplicate output name `{name}` in `{sql}`; give each expression a distinct name with `AS`"
             )));

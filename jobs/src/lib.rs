@@ -81,4 +81,20 @@ mod tests {
         assert!(e.field.starts_with("transform[t]"), "{e:?}");
         assert!(text.contains("characters left out"), "{text}");
     }
+
+    #[test]
+    fn a_spec_with_45000_select_columns_compiles() {
+        // About 1 MB; the duplicate-name check used to compare every pair of names (minutes in a
+        // debug build, inside the coordinator's loop).
+        let select: Vec<String> = (0..45_000).map(|i| format!("k + {i} AS column_number_{i}")).collect();
+        let spec = format!(
+            "name = \"wide\"\n[[source]]\nname = \"events\"\nconnector = \"generator\"\noptions = {{ count = 1 }}\n[[transform]]\nname = \"t\"\ninput = \"events\"\nselect = \"{}\"\n[[sink]]\nname = \"out\"\ninput = \"t\"\nconnector = \"discard\"\n",
+            select.join(", ")
+        );
+        assert!(spec.len() > 1_000_000, "{} bytes", spec.len());
+        let plan = compile(&spec).unwrap();
+        assert_eq!(plan.operators[1].schema.fields.len(), 45_000);
+        let dup = spec.replace("AS column_number_44999", "AS COLUMN_NUMBER_7");
+        assert!(compile(&dup).unwrap_err().to_string().contains("duplicate output name"));
+    }
 }

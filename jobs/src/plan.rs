@@ -553,7 +553,16 @@ impl<'a> Planner<'a> {
                 let s = &self.spec.sources[*s];
                 let (connector, schema) = connectors::source(&s.connector, &s.options)
                     .map_err(|m| split_field(field, &m))?;
-                let parallelism = self.parallelism(&at("parallelism"), s.parallelism)?;
+                // One replication slot is one ordered stream: one task reads it, whatever the
+                // job's parallelism (or a rescale's).
+                let single = matches!(connector, SourceConnector::PostgresCdc(_));
+                if single && s.parallelism.is_some_and(|p| p != 1) {
+                    return Err(SpecError::new(
+                        at("parallelism"),
+                        "postgres_cdc reads one replication slot, which is one stream, so it runs as one task; remove `parallelism` or set it to 1",
+                    ));
+                }
+                let parallelism = self.parallelism(&at("parallelism"), s.parallelism.or(single.then_some(1)))?;
                 let event_time = match &s.event_time {
                     None => None,
                     Some(et) => {
@@ -610,10 +619,8 @@ impl<'a> Planner<'a> {
                         let mut exprs = Vec::new();
                         let mut fields = Vec::new();
                         for (name, ast) in items {
+                            // Names are distinct: `parse_select_list` checked them.
                             let e = Expr::from_ast(&ast, &schema_in).map_err(|e| SpecError::new(at("select"), e.to_string()))?;
-                            if fields.iter().any(|f: &Field| f.name.eq_ignore_ascii_case(&name)) {
-                                return Err(SpecError::new(at("select"), format!("column `{name}` appears twice; rename one with AS")));
-                            }
                             fields.push(Field::new(name, e.data_type()));
                             exprs.push(e);
                         }

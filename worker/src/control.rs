@@ -9,7 +9,7 @@
 //! completions to every task; tasks send their acks on the same stream themselves.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,8 @@ use crate::task::{self, TaskContext, TaskMetrics};
 struct RunningJob {
     attempt: u64,
     cancel: CancellationToken,
+    /// Set before `cancel` when the job ends for good (see `ConnectorContext::released`).
+    released: Arc<AtomicBool>,
     tasks: HashMap<TaskId, RunningTask>,
 }
 
@@ -130,7 +132,10 @@ impl Control {
                     Some(Order::Deploy(d)) => self.deploy(d, &tx, &done_tx).await?,
                     Some(Order::Cancel(c)) => {
                         if let Some(job) = self.jobs.get(&c.job_id).filter(|j| j.attempt <= c.attempt) {
-                            info!(job_id = %c.job_id, attempt = c.attempt, "cancel ordered");
+                            info!(job_id = %c.job_id, attempt = c.attempt, release = c.release, "cancel ordered");
+                            if c.release {
+                                job.released.store(true, Ordering::SeqCst);
+                            }
                             job.cancel.cancel();
                         }
                     }
@@ -180,7 +185,8 @@ impl Control {
         self.inboxes.fence(&d.job_id, d.attempt);
         let cancel = self.shutdown.child_token();
         let plan = eddy_jobs::compile_with_parallelism(&d.spec, (d.parallelism > 0).then_some(d.parallelism));
-        let mut job = RunningJob { attempt: d.attempt, cancel: cancel.clone(), tasks: HashMap::new() };
+        let released = Arc::new(AtomicBool::new(false));
+        let mut job = RunningJob { attempt: d.attempt, cancel: cancel.clone(), released: released.clone(), tasks: HashMap::new() };
         let mut placement = HashMap::new();
         for (t, addr) in &d.placement {
             if let Ok(id) = t.parse::<TaskId>() {
@@ -230,6 +236,7 @@ impl Control {
                 storage,
                 dir: self.config.state_dir.join(&d.job_id).join(d.attempt.to_string()).join(task.to_string()),
                 restore: restore.clone(),
+                released: released.clone(),
             };
             tx.send(WorkerMessage {
                 msg: Some(Report::TaskUpdate(update(&d.job_id, d.attempt, task, TaskState::Running, String::new(), &metrics))),

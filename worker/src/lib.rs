@@ -16,6 +16,7 @@ pub mod exchange;
 pub mod json;
 pub mod keys;
 pub mod operators;
+pub mod retry;
 pub mod state;
 pub mod task;
 

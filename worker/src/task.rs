@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -114,6 +114,8 @@ pub struct TaskContext {
     pub dir: PathBuf,
     /// The checkpoint to restore from.
     pub restore: Option<Arc<CheckpointManifest>>,
+    /// Set when the job is cancelled for good (see `ConnectorContext::released`).
+    pub released: Arc<AtomicBool>,
 }
 
 enum Tail {
@@ -379,6 +381,11 @@ async fn run_task(ctx: &mut TaskContext) -> Result<()> {
         restore: restored_id.map(|id| (id, restore)),
         state_dir: ctx.dir.join(format!("op{o}")),
         state_backend: plan.state.backend,
+        event_time: match &plan.operators[o].kind {
+            OperatorKind::Source { event_time: Some(e), .. } => Some(e.column),
+            _ => None,
+        },
+        released: ctx.released.clone(),
     };
     let mut ops = Vec::new();
     let mut op_indices = Vec::new();

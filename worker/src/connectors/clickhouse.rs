@@ -22,11 +22,16 @@
 //! oldest buffered row has waited `flush_interval`, whether or not more input or watermarks come.
 //! `write` hands batches to it through a channel of [`QUEUED_BATCHES`] batches, so at most
 //! `batch_rows` + that many batches are held; while an insert is retried the channel fills and
-//! `write` waits, which backpressures upstream. Failed inserts are retried with backoff for up to
-//! [`RETRY_BUDGET`] (an outage of ClickHouse loses nothing; re-inserting a batch whose first attempt
+//! `write` waits, which backpressures upstream. Failed inserts are retried under the connectors'
+//! shared policy ([`crate::retry`], up to 5 minutes; an outage of ClickHouse loses nothing; re-inserting a batch whose first attempt
 //! did land is harmless, as the table deduplicates by key and version), then the task fails with an
-//! `external` error; data or schema errors (a missing table, a value it cannot parse) fail at once
-//! as the user's. `finish` inserts what is left. Gauges: `rows_written`, `insert_retries`.
+//! `external` error; schema errors (a missing table or column, refused credentials) fail at once
+//! as the user's. A row the table cannot hold never stops the job: a value outside its column's
+//! type (a negative number for `UInt64`, 99,999,999,999 for `Int32`, a time before 1970 for
+//! `DateTime`), which ClickHouse would store wrapped around, is caught while rendering; a value
+//! ClickHouse refuses to parse is found by splitting the failed insert in halves. Either goes to
+//! the dead letters with the reason (`dead_letter_path`, `{"table", "row", "error"}` per line;
+//! counted in `dead_lettered`). `finish` inserts what is left. Gauges: `rows_written`, `insert_retries`.
 
 use std::future::Future;
 use std::time::Duration;
@@ -40,25 +45,27 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
+use serde_json::Value as Json;
+
 use super::http::json_string;
-use super::{ConnectorContext, Sink};
+use super::{ConnectorContext, DeadLetters, Sink};
+use crate::retry::Policy;
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::task::TaskMetrics;
 
 /// Batches queued between `write` and the writer task.
 const QUEUED_BATCHES: usize = 2;
-/// How long the writer keeps retrying an unreachable ClickHouse before the task fails.
-const RETRY_BUDGET: Duration = Duration::from_secs(120);
-const FIRST_BACKOFF: Duration = Duration::from_millis(200);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Longest an insert may take to send its data, and then to be acknowledged.
 const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 const END_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// ClickHouse exception codes that retrying cannot fix: bad data, a schema mismatch, a missing
-/// table or database, a syntax error, or refused credentials.
-const PERMANENT_CODES: &[u32] = &[6, 16, 26, 27, 32, 38, 41, 47, 53, 60, 62, 69, 70, 72, 81, 117, 164, 192, 193, 194, 195, 497, 516];
+/// ClickHouse exception codes that retrying cannot fix: a schema mismatch, a missing table or
+/// database, a syntax error, or refused credentials. The job fails with the user's error.
+const PERMANENT_CODES: &[u32] = &[16, 47, 60, 62, 81, 164, 192, 193, 194, 195, 497, 516];
+/// Codes by which ClickHouse refuses some rows' values (it cannot parse or convert them): the
+/// insert is split until the refused rows are found, and those go to the dead letters.
+const ROW_CODES: &[u32] = &[6, 26, 27, 32, 38, 41, 53, 69, 70, 72, 117];
 
 /// What the sink hands its writer.
 enum Input {
@@ -98,6 +105,7 @@ impl ClickHouseSink {
             rows_written: 0,
             retries: 0,
             warned_skipped_retractions: false,
+            dead_letters: DeadLetters::open("clickhouse sink", o.dead_letter_path.as_deref(), ctx.metrics.clone())?,
             job_id: ctx.job_id,
             task: ctx.task,
             metrics: ctx.metrics,
@@ -200,6 +208,91 @@ fn plan_rows(rows: &[Row], ops: &[Op], key: &[usize]) -> Vec<(usize, RowKind)> {
     out
 }
 
+/// A table column an input column goes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Column {
+    /// JSON-quoted name.
+    name: String,
+    kind: ColumnKind,
+    /// The ClickHouse type, for messages.
+    type_name: String,
+    /// The integers the column holds, for integer, `DateTime` (seconds) and `Date` (days) columns:
+    /// a value outside them would be stored wrapped around, silently wrong.
+    range: Option<(i128, i128)>,
+}
+
+impl Column {
+    fn new(name: &str, type_name: &str) -> Column {
+        let kind = ColumnKind::of(type_name);
+        let base = strip_wrappers(type_name);
+        let range = match kind {
+            ColumnKind::DateTime => Some((0, u32::MAX as i128)),
+            ColumnKind::Date => Some((0, u16::MAX as i128)),
+            _ => integer_range(base),
+        };
+        Column { name: json_string(name), kind, type_name: type_name.to_string(), range }
+    }
+
+    /// Why `v` cannot be stored in this column as it would be written, if it cannot.
+    fn misfit(&self, v: &Value) -> Option<String> {
+        // DateTime64's range (ClickHouse 20.1 and later: 1900 to 2299).
+        const DATETIME64_MS: (i64, i64) = (-2_208_988_800_000, 10_413_792_000_000 - 1);
+        let written: Option<i128> = match (v, self.kind) {
+            (Value::Timestamp(ms), ColumnKind::DateTime) => Some(ms.div_euclid(1000) as i128),
+            (Value::Timestamp(ms), ColumnKind::Date) => Some(ms.div_euclid(86_400_000) as i128),
+            (Value::Timestamp(ms), ColumnKind::DateTime64) => {
+                return (*ms < DATETIME64_MS.0 || *ms > DATETIME64_MS.1).then(|| {
+                    format!("{} is outside {}'s range (1900 to 2299)", eddy_jobs::time::format_iso8601(*ms), self.type_name)
+                });
+            }
+            (Value::Timestamp(ms), ColumnKind::Number) => Some(*ms as i128),
+            (Value::Int(i), ColumnKind::Number | ColumnKind::DateTime | ColumnKind::Date) => Some(*i as i128),
+            (Value::Float(f), ColumnKind::Number) if self.range.is_some() => {
+                if f.fract() != 0.0 || !f.is_finite() || f.abs() > 1e38 {
+                    return Some(format!("{f} is not an integer, as {} needs", self.type_name));
+                }
+                Some(*f as i128)
+            }
+            _ => None,
+        };
+        let (lo, hi) = self.range?;
+        let n = written?;
+        (n < lo || n > hi).then(|| {
+            let shown = match v {
+                Value::Timestamp(ms) => eddy_jobs::time::format_iso8601(*ms),
+                other => format!("{other:?}"),
+            };
+            format!("{shown} does not fit {} (from {lo} to {hi})", self.type_name)
+        })
+    }
+}
+
+/// The type inside `Nullable(…)` and `LowCardinality(…)`.
+fn strip_wrappers(type_name: &str) -> &str {
+    let mut t = type_name.trim();
+    for wrapper in ["LowCardinality(", "Nullable("] {
+        if let Some(inner) = t.strip_prefix(wrapper).and_then(|r| r.strip_suffix(')')) {
+            t = inner.trim();
+        }
+    }
+    t
+}
+
+/// The values of ClickHouse's integer types (`UInt64` as far as an input BIGINT reaches).
+fn integer_range(base: &str) -> Option<(i128, i128)> {
+    Some(match base {
+        "UInt8" | "Bool" => (0, u8::MAX as i128),
+        "UInt16" => (0, u16::MAX as i128),
+        "UInt32" => (0, u32::MAX as i128),
+        "UInt64" => (0, u64::MAX as i128),
+        "Int8" => (i8::MIN as i128, i8::MAX as i128),
+        "Int16" => (i16::MIN as i128, i16::MAX as i128),
+        "Int32" => (i32::MIN as i128, i32::MAX as i128),
+        "Int64" => (i64::MIN as i128, i64::MAX as i128),
+        _ => return None,
+    })
+}
+
 /// How a value is rendered for a column, by the column's ClickHouse type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum ColumnKind {
@@ -219,12 +312,7 @@ enum ColumnKind {
 
 impl ColumnKind {
     fn of(type_name: &str) -> ColumnKind {
-        let mut t = type_name.trim();
-        for wrapper in ["LowCardinality(", "Nullable("] {
-            if let Some(inner) = t.strip_prefix(wrapper).and_then(|r| r.strip_suffix(')')) {
-                t = inner.trim();
-            }
-        }
+        let t = strip_wrappers(type_name);
         if t.starts_with("DateTime64") {
             ColumnKind::DateTime64
         } else if t.starts_with("DateTime") {
@@ -288,9 +376,8 @@ fn write_value(out: &mut String, v: &Value, kind: ColumnKind) -> bool {
 /// Where each input column goes in the table.
 #[derive(Debug, Clone)]
 struct Layout {
-    /// Per input column: the table column's JSON-quoted name and kind, or `None` when the table
-    /// has no such column.
-    columns: Vec<Option<(String, ColumnKind)>>,
+    /// Per input column: the table column, or `None` when the table has no such column.
+    columns: Vec<Option<Column>>,
     /// Input columns holding the table's sorting key (what makes two rows the same row).
     key: Vec<usize>,
     /// Input column holding the version.
@@ -326,7 +413,7 @@ impl Layout {
             .map(|f| match find(&f.name) {
                 // The deleted flag is the sink's to set.
                 Some((n, _)) if deleted.as_deref().is_some_and(|d| d == n) => None,
-                Some((n, ty)) => Some((json_string(n), ColumnKind::of(ty))),
+                Some((n, ty)) => Some(Column::new(n, ty)),
                 None => None,
             })
             .collect();
@@ -360,23 +447,28 @@ impl Layout {
         self.version.is_some() || self.deleted.is_some()
     }
 
-    /// Appends one JSONEachRow line.
-    fn render(&self, out: &mut String, row: &Row, kind: RowKind) {
+    /// Appends one JSONEachRow line; a value its column cannot hold appends nothing and says why.
+    fn render(&self, out: &mut String, row: &Row, kind: RowKind) -> std::result::Result<(), String> {
+        let start = out.len();
         out.push('{');
         let mut first = true;
         for (i, (column, value)) in self.columns.iter().zip(row).enumerate() {
-            let Some((name, column_kind)) = column else { continue };
-            let mark = out.len();
-            if !first {
-                out.push(',');
-            }
-            out.push_str(name);
-            out.push(':');
+            let Some(column) = column else { continue };
             let value = match (kind, value) {
                 (RowKind::Deleted, Value::Int(v)) if Some(i) == self.version => Value::Int(v.saturating_add(1)),
                 _ => value.clone(),
             };
-            if write_value(out, &value, *column_kind) {
+            if let Some(why) = column.misfit(&value) {
+                out.truncate(start);
+                return Err(format!("column {}: {why}", column.name));
+            }
+            let mark = out.len();
+            if !first {
+                out.push(',');
+            }
+            out.push_str(&column.name);
+            out.push(':');
+            if write_value(out, &value, column.kind) {
                 first = false;
             } else {
                 out.truncate(mark);
@@ -390,6 +482,7 @@ impl Layout {
             out.push_str(if kind == RowKind::Deleted { ":1" } else { ":0" });
         }
         out.push_str("}\n");
+        Ok(())
     }
 }
 
@@ -414,8 +507,9 @@ fn permanent(e: &ChError) -> bool {
     }
 }
 
-fn backoff(attempt: u32) -> Duration {
-    FIRST_BACKOFF.saturating_mul(1u32 << attempt.min(16)).min(MAX_BACKOFF)
+/// Whether ClickHouse refused values of the rows sent (not the table or the request).
+fn refuses_rows(e: &ChError) -> bool {
+    matches!(e, ChError::BadResponse(message) if exception_code(message).is_some_and(|c| ROW_CODES.contains(&c)))
 }
 
 /// Rows rendered and waiting for their insert.
@@ -442,6 +536,7 @@ struct Writer {
     rows_written: u64,
     retries: u64,
     warned_skipped_retractions: bool,
+    dead_letters: DeadLetters,
     job_id: String,
     task: TaskId,
     metrics: std::sync::Arc<TaskMetrics>,
@@ -482,7 +577,11 @@ impl Writer {
                 }
                 continue;
             }
-            layout.render(&mut buffer.text, &batch.rows[i], kind);
+            if let Err(why) = layout.render(&mut buffer.text, &batch.rows[i], kind) {
+                let row = Json::Object(crate::json::row_to_json(&self.schema, &batch.rows[i], None));
+                self.dead_letter(&row.to_string(), &why)?;
+                continue;
+            }
             buffer.rows += 1;
             buffer.since.get_or_insert_with(Instant::now);
             if buffer.rows >= self.batch_rows {
@@ -492,31 +591,74 @@ impl Writer {
         Ok(())
     }
 
-    /// Inserts the buffered rows, retrying until they are in or the budget is spent.
+    /// Inserts the buffered rows, retrying until they are in or the budget is spent. Rows whose
+    /// values ClickHouse refuses are found by splitting the insert in halves (an insert that fails
+    /// to parse stores nothing) and go to the dead letters; the others are inserted.
     async fn flush(&mut self, buffer: &mut Buffer) -> Result<()> {
         if buffer.rows == 0 {
             return Ok(());
         }
-        let sql = format!("INSERT INTO {} FORMAT JSONEachRow", self.target);
-        let client = self.client.clone();
         let body = std::mem::take(&mut buffer.text);
-        self.retrying("insert", || {
-            let mut insert = client.insert_formatted_with(sql.clone()).with_timeouts(Some(SEND_TIMEOUT), Some(END_TIMEOUT));
-            let data = body.clone().into_bytes();
-            async move {
-                insert.send(data.into()).await?;
-                insert.end().await
+        let mut refused = 0;
+        if let Some(error) = self.insert(&body).await? {
+            // JSON escapes newlines inside strings: every line is one row.
+            let rows: Vec<&str> = body.split_inclusive('\n').collect();
+            let mut parts = vec![(rows.as_slice(), error)];
+            while let Some((part, error)) = parts.pop() {
+                if let [row] = part {
+                    self.dead_letter(row.trim_end(), &error)?;
+                    refused += 1;
+                    continue;
+                }
+                let (left, right) = part.split_at(part.len() / 2);
+                for half in [right, left] {
+                    if let Some(error) = self.insert(&half.concat()).await? {
+                        parts.push((half, error));
+                    }
+                }
             }
-        })
-        .await?;
-        self.rows_written += buffer.rows as u64;
+        }
+        self.rows_written += (buffer.rows - refused) as u64;
         self.metrics.set_gauge("rows_written", self.rows_written as i64);
-        tracing::debug!(job_id = %self.job_id, task = %self.task, table = %self.target, rows = buffer.rows, "clickhouse sink: inserted");
+        tracing::debug!(job_id = %self.job_id, task = %self.task, table = %self.target, rows = buffer.rows, refused, "clickhouse sink: inserted");
         buffer.text = body;
         buffer.text.clear();
         buffer.rows = 0;
         buffer.since = None;
         Ok(())
+    }
+
+    /// One insert of `body`, retried while ClickHouse is unreachable; `Some(error)` when it refused
+    /// values of the rows.
+    async fn insert(&mut self, body: &str) -> Result<Option<String>> {
+        let sql = format!("INSERT INTO {} FORMAT JSONEachRow", self.target);
+        let client = self.client.clone();
+        self.retrying("insert", || {
+            let mut insert = client.insert_formatted_with(sql.clone()).with_timeouts(Some(SEND_TIMEOUT), Some(END_TIMEOUT));
+            let data = body.to_string().into_bytes();
+            async move {
+                let sent = match insert.send(data.into()).await {
+                    Ok(()) => insert.end().await,
+                    Err(e) => Err(e),
+                };
+                match sent {
+                    Ok(()) => Ok(None),
+                    Err(e) if refuses_rows(&e) => Ok(Some(e.to_string())),
+                    Err(e) => Err(e),
+                }
+            }
+        })
+        .await
+    }
+
+    /// A row the table cannot hold: to the dead letters, with why.
+    fn dead_letter(&self, row: &str, why: &str) -> Result<()> {
+        tracing::warn!(job_id = %self.job_id, task = %self.task, table = %self.target, error = %why, "clickhouse sink: row dead-lettered");
+        self.dead_letters.record(&format!(
+            "{{\"table\":{},\"row\":{row},\"error\":{}}}",
+            json_string(&self.target),
+            json_string(why)
+        ))
     }
 
     /// Reads the table's columns and sorting key and matches them to the input.
@@ -577,39 +719,37 @@ impl Writer {
     }
 
     /// Runs `attempt` until it succeeds, fails permanently (the user's error), or has failed for
-    /// longer than [`RETRY_BUDGET`] (an external error).
+    /// longer than the shared retry policy allows (an external error).
     async fn retrying<T, F, Fut>(&mut self, what: &str, mut attempt: F) -> Result<T>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = clickhouse::error::Result<T>>,
     {
-        let started = Instant::now();
-        let mut failures = 0u32;
+        let mut retry = Policy::DEFAULT.start();
         loop {
             match attempt().await {
                 Ok(v) => {
-                    if failures > 0 {
-                        tracing::info!(job_id = %self.job_id, task = %self.task, table = %self.target, attempt = failures, "clickhouse sink: {what} succeeded again");
+                    if retry.failures() > 0 {
+                        tracing::info!(job_id = %self.job_id, task = %self.task, table = %self.target, attempt = retry.failures(), "clickhouse sink: {what} succeeded again");
                     }
                     return Ok(v);
                 }
                 Err(e) if permanent(&e) => {
                     return Err(TaskError::user(format!("clickhouse sink: {what} into {}: {e}", self.target)));
                 }
-                Err(e) if started.elapsed() >= RETRY_BUDGET => {
-                    return Err(TaskError::external(format!(
-                        "clickhouse sink: {what} into {} kept failing for {}s ({failures} retries): {e}; check that ClickHouse is up",
-                        self.target,
-                        started.elapsed().as_secs()
-                    )));
-                }
                 Err(e) => {
+                    let Some(delay) = retry.next_delay() else {
+                        return Err(TaskError::external(format!(
+                            "clickhouse sink: {what} into {} kept failing for {}s ({} retries): {e}; check that ClickHouse is up",
+                            self.target,
+                            retry.elapsed().as_secs(),
+                            retry.failures()
+                        )));
+                    };
                     self.retries += 1;
                     self.metrics.set_gauge("insert_retries", self.retries as i64);
-                    let delay = backoff(failures);
-                    tracing::warn!(job_id = %self.job_id, task = %self.task, table = %self.target, attempt = failures, error = %e, ?delay, "clickhouse sink: {what} failed; retrying");
+                    tracing::warn!(job_id = %self.job_id, task = %self.task, table = %self.target, attempt = retry.failures(), error = %e, ?delay, "clickhouse sink: {what} failed; retrying");
                     tokio::time::sleep(delay).await;
-                    failures += 1;
                 }
             }
         }
@@ -704,14 +844,14 @@ mod tests {
         assert_eq!(l.key, vec![0]);
         assert_eq!(l.version, Some(5));
         let mut out = String::new();
-        l.render(&mut out, &event(7, Some(1500), 41), RowKind::Live);
+        l.render(&mut out, &event(7, Some(1500), 41), RowKind::Live).unwrap();
         assert_eq!(
             out,
             "{\"id\":7,\"event_ts\":1714566896,\"duration_ms\":1500,\"event_type\":\"play\",\"engagement_pct\":0.5,\"lsn\":41,\"deleted\":0}\n"
         );
         out.clear();
         // A delete: NULL left out, version + 1, flagged.
-        l.render(&mut out, &event(7, None, 41), RowKind::Deleted);
+        l.render(&mut out, &event(7, None, 41), RowKind::Deleted).unwrap();
         assert_eq!(out, "{\"id\":7,\"event_ts\":1714566896,\"event_type\":\"play\",\"engagement_pct\":0.5,\"lsn\":42,\"deleted\":1}\n");
     }
 
@@ -744,6 +884,32 @@ mod tests {
     }
 
     #[test]
+    fn values_outside_their_column_are_caught_not_wrapped() {
+        let misfit = |ty: &str, v: Value| Column::new("c", ty).misfit(&v);
+        assert!(misfit("UInt64", Value::Int(-5)).unwrap().contains("does not fit UInt64"));
+        assert!(misfit("Nullable(Int32)", Value::Int(99_999_999_999)).is_some());
+        assert_eq!(misfit("Nullable(Int32)", Value::Int(-2_147_483_648)), None);
+        assert_eq!(misfit("Int64", Value::Int(i64::MIN)), None);
+        assert!(misfit("UInt8", Value::Float(1.5)).unwrap().contains("not an integer"));
+        assert_eq!(misfit("Float64", Value::Float(-1.5)), None);
+        // 1900 and 2200 do not fit DateTime (1970 to 2106); they would be stored as other dates.
+        let e = misfit("DateTime", Value::Timestamp(-2_208_988_800_000)).unwrap();
+        assert!(e.contains("1900-01-01T00:00:00.000Z") && e.contains("DateTime"), "{e}");
+        assert!(misfit("DateTime('UTC')", Value::Timestamp(7_258_118_400_000)).is_some());
+        assert_eq!(misfit("DateTime", Value::Timestamp(1_714_566_896_789)), None);
+        assert!(misfit("Date", Value::Timestamp(-86_400_000)).is_some());
+        assert!(misfit("DateTime64(3)", Value::Timestamp(-2_208_988_800_001)).is_some());
+        assert_eq!(misfit("String", Value::Int(-5)), None);
+        assert_eq!(misfit("UInt64", Value::Null), None, "NULL takes the column's default");
+
+        // A row with such a value renders nothing and says which column.
+        let mut out = String::from("kept\n");
+        let e = layout().render(&mut out, &event(7, Some(1), -5), RowKind::Live).unwrap_err();
+        assert!(e.contains("\"lsn\"") && e.contains("-5"), "{e}");
+        assert_eq!(out, "kept\n");
+    }
+
+    #[test]
     fn layout_errors_say_what_to_fix() {
         let e = Layout::new(&schema(), &table_columns(), "id", Some("lsn"), Some("is_deleted"), "t").unwrap_err();
         assert!(e.message.contains("is_deleted"), "{}", e.message);
@@ -757,7 +923,9 @@ mod tests {
     #[test]
     fn error_classification() {
         assert_eq!(exception_code("Code: 60, e.displayText() = DB::Exception: Table default.x doesn't exist."), Some(60));
-        assert!(permanent(&ChError::BadResponse("Code: 27, e.displayText() = DB::Exception: Cannot parse input".into())));
+        assert!(permanent(&ChError::BadResponse("Code: 60, e.displayText() = DB::Exception: Table default.x doesn't exist.".into())));
+        let parse = ChError::BadResponse("Code: 27, e.displayText() = DB::Exception: Cannot parse input".into());
+        assert!(!permanent(&parse) && refuses_rows(&parse), "a value it cannot parse is the row's fault");
         assert!(!permanent(&ChError::BadResponse("Code: 252, e.displayText() = DB::Exception: Too many parts".into())));
         assert!(!permanent(&ChError::TimedOut));
         assert!(!permanent(&ChError::Network("connection refused".into())));
@@ -809,6 +977,7 @@ mod tests {
             flush_interval: "200ms".into(),
             version_column: Some("lsn".into()),
             deleted_column: Some("deleted".into()),
+            dead_letter_path: None,
         }
     }
 
@@ -829,8 +998,11 @@ mod tests {
             .unwrap();
         // A row that waits only for the flush interval (no more input, no watermark).
         sink.write(Batch::inserts(vec![event(4, Some(500), 13)])).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert_eq!(sql(&url, &format!("SELECT count() FROM default.{table} FINAL WHERE id = 4")).await, "1\n");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sql(&url, &format!("SELECT count() FROM default.{table} FINAL WHERE id = 4")).await != "1\n" {
+            assert!(Instant::now() < deadline, "id 4 was not flushed without more input");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         sink.finish().await.unwrap();
         let rows =
             sql(&url, &format!("SELECT id, duration_ms, lsn, deleted, toUnixTimestamp(event_ts) FROM default.{table} FINAL ORDER BY id"))
@@ -838,6 +1010,65 @@ mod tests {
         assert_eq!(rows, "1\t4000\t20\t0\t1714566896\n2\t2000\t12\t1\t1714566896\n3\t\\N\t12\t0\t1714566896\n4\t500\t13\t0\t1714566896\n");
         assert_eq!(sql(&url, &format!("SELECT count() FROM default.{table} FINAL WHERE deleted = 0")).await, "3\n");
         assert_eq!(metrics.gauges().get("rows_written"), Some(&6));
+    }
+
+    /// Rows the table cannot hold go to the dead letters with the reason; the others are stored
+    /// and the job carries on.
+    #[tokio::test]
+    async fn clickhouse_rows_it_cannot_hold_go_to_the_dead_letters() {
+        let Some(url) = clickhouse_url() else { return };
+        let _server = SERVER.lock().await;
+        let table = "eddy_test_bad_rows";
+        sql(&url, &format!("DROP TABLE IF EXISTS default.{table}")).await;
+        sql(
+            &url,
+            &format!(
+                "CREATE TABLE default.{table} (id Int64, event_ts DateTime, duration_ms Nullable(Int32), event_type Int64, \
+                 engagement_pct Nullable(Float64), lsn UInt64, deleted UInt8 DEFAULT 0) ENGINE = ReplacingMergeTree(lsn) ORDER BY id"
+            ),
+        )
+        .await;
+        let dir = std::env::temp_dir().join(format!("eddy-ch-dead-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dead.jsonl");
+        let _ = std::fs::remove_file(&path);
+        let mut o = options(&url, table, 100);
+        o.dead_letter_path = Some(path.to_string_lossy().into_owned());
+        let c = ctx();
+        let metrics = c.metrics.clone();
+        let mut sink = ClickHouseSink::new(&o, c).unwrap();
+        let typed = |id: i64, event_type: &str| {
+            let mut row = event(id, Some(1000), 10);
+            row[3] = Value::string(event_type);
+            row
+        };
+        let mut rows: Vec<Row> = (1..=20).map(|id| typed(id, &id.to_string())).collect();
+        rows[4] = typed(5, "play"); // ClickHouse cannot parse it as Int64
+        rows[11] = typed(12, "pause");
+        rows[6][5] = Value::Int(-5); // version -5 into UInt64
+        rows[8][2] = Value::Int(99_999_999_999); // into Nullable(Int32)
+        rows[9][1] = Value::Timestamp(-2_208_988_800_000); // 1900 into DateTime
+        sink.write(Batch::inserts(rows)).await.unwrap();
+        sink.finish().await.unwrap();
+
+        let ids = sql(&url, &format!("SELECT groupArray(id) FROM (SELECT id FROM default.{table} FINAL ORDER BY id)")).await;
+        assert_eq!(ids, "[1,2,3,4,6,8,11,13,14,15,16,17,18,19,20]\n");
+        assert_eq!(metrics.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 5);
+        assert_eq!(metrics.gauges().get("rows_written"), Some(&15));
+        let letters: Vec<Json> = std::fs::read_to_string(&path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let mut dead: Vec<i64> = letters.iter().map(|l| l["row"]["id"].as_i64().unwrap()).collect();
+        dead.sort_unstable();
+        assert_eq!(dead, [5, 7, 9, 10, 12]);
+        for letter in &letters {
+            let error = letter["error"].as_str().unwrap();
+            match letter["row"]["id"].as_i64().unwrap() {
+                5 | 12 => assert!(error.contains("Code:"), "ClickHouse's own reason: {error}"),
+                7 => assert!(error.contains("lsn") && error.contains("UInt64"), "{error}"),
+                9 => assert!(error.contains("duration_ms") && error.contains("Int32"), "{error}"),
+                _ => assert!(error.contains("event_ts") && error.contains("1900"), "{error}"),
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

@@ -1,7 +1,14 @@
 //! The `generator` source: deterministic synthetic events for tests, demos and benchmarks.
-//! Subtask `i` of `p` produces rows `seq = i, i + p, i + 2p, …`; every column is a pure function of
-//! (`seed`, `seq`), so any run — and any reference computed in a test — sees the same events.
-//! Its checkpointed position is the next `seq`; a restore needs the same parallelism.
+//! Every column is a pure function of (`seed`, `seq`), so any run — and any reference computed in
+//! a test — sees the same events.
+//!
+//! The sequence is cut into lanes: a lane is `next, next + stride, next + 2·stride, …`. A first
+//! run of parallelism `p` has lanes `i` (stride `p`), one per subtask. A checkpoint stores each
+//! subtask's lanes; a restore at another parallelism (`eddy rescale`) gathers every lane, splits
+//! lanes while there are fewer than subtasks (stride `s` into `k` lanes of stride `k·s`), and deals
+//! them out in a fixed order, so every `seq` is still produced exactly once. A subtask with several
+//! lanes always takes the lowest `next`, so its rows come in `seq` order, and its share of `rate` is
+//! the share of the sequence its lanes hold.
 
 use std::time::Duration;
 
@@ -16,12 +23,22 @@ use crate::error::{Result, TaskError};
 use crate::operators::{OperatorSnapshot, RestoredState};
 
 const BATCH_ROWS: u64 = 1024;
+/// First word of a checkpoint state in the lane format (older states hold `subtask, step, next`).
+const LANES_FORMAT: u64 = u64::MAX;
+
+/// Part of the sequence: `next`, `next + stride`, ….
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct Lane {
+    next: u64,
+    stride: u64,
+}
 
 /// The generator source.
 pub struct Generator {
     options: GeneratorOptions,
-    next_seq: u64,
-    step: u64,
+    subtask: u32,
+    parallelism: u32,
+    lanes: Vec<Lane>,
     produced: u64,
     started: Option<Instant>,
     /// Rows per second of this subtask, if throttled.
@@ -29,34 +46,63 @@ pub struct Generator {
 }
 
 impl Generator {
-    /// Subtask `subtask` of `parallelism`.
+    /// Subtask `subtask` of `parallelism`, from the start.
     pub fn new(options: GeneratorOptions, subtask: u32, parallelism: u32) -> Generator {
-        let rate = options.rate.map(|r| r as f64 / parallelism as f64);
-        Generator { options, next_seq: subtask as u64, step: parallelism as u64, produced: 0, started: None, rate }
+        let lanes = vec![Lane { next: subtask as u64, stride: parallelism.max(1) as u64 }];
+        let mut g = Generator { options, subtask, parallelism: parallelism.max(1), lanes, produced: 0, started: None, rate: None };
+        g.set_rate();
+        g
     }
 
-    /// Continues where this subtask's entry in a checkpoint left off.
+    /// Continues from a checkpoint: this subtask's share of every lane the checkpoint holds.
     pub fn restored(mut self, states: &[RestoredState]) -> Result<Generator> {
+        let mut lanes = Vec::new();
         for RestoredState { inline: state, .. } in states {
-            let (Some(subtask), Some(step), Some(next)) = (word(state, 0), word(state, 1), word(state, 2)) else {
-                return Err(TaskError::internal("generator: corrupt checkpoint state"));
-            };
-            if step != self.step {
-                return Err(TaskError::user(format!(
-                    "the generator ran with parallelism {step} when the checkpoint was taken; give its [[source]] that \
-                     parallelism explicitly to restore it with another job parallelism"
-                )));
-            }
-            if subtask == self.next_seq % self.step {
-                self.next_seq = next;
-            }
+            lanes.extend(decode(state).ok_or_else(|| TaskError::internal("generator: corrupt checkpoint state"))?);
         }
+        if lanes.is_empty() {
+            return Ok(self);
+        }
+        let limit = self.options.count.unwrap_or(u64::MAX);
+        lanes.sort_unstable();
+        // Split lanes until every subtask can have one (an exhausted lane needs no subtask).
+        let live = lanes.iter().filter(|l| l.next < limit).count().max(1);
+        let split = (self.parallelism as usize).div_ceil(live) as u64;
+        if split > 1 {
+            lanes = lanes
+                .iter()
+                .filter(|l| l.next < limit)
+                .flat_map(|l| (0..split).map(move |m| Lane { next: l.next + m * l.stride, stride: l.stride * split }))
+                .collect();
+            lanes.sort_unstable();
+        }
+        self.lanes = lanes
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i % self.parallelism as usize == self.subtask as usize)
+            .map(|(_, l)| l)
+            .collect();
+        self.set_rate();
         Ok(self)
+    }
+
+    /// This subtask's share of the rate: the share of the sequence its lanes hold.
+    fn set_rate(&mut self) {
+        let share: f64 = self.lanes.iter().map(|l| 1.0 / l.stride as f64).sum();
+        self.rate = self.options.rate.map(|r| r as f64 * share);
     }
 }
 
-fn word(state: &[u8], i: usize) -> Option<u64> {
-    Some(u64::from_le_bytes(state.get(i * 8..i * 8 + 8)?.try_into().ok()?))
+/// The lanes of a checkpoint state, in either format.
+fn decode(state: &[u8]) -> Option<Vec<Lane>> {
+    let words: Vec<u64> = state.chunks(8).map(|c| c.try_into().ok().map(u64::from_le_bytes)).collect::<Option<_>>()?;
+    match words.as_slice() {
+        [LANES_FORMAT, pairs @ ..] if pairs.len() % 2 == 0 => {
+            Some(pairs.chunks(2).map(|p| Lane { next: p[0], stride: p[1].max(1) }).collect())
+        }
+        [_subtask, step, next] => Some(vec![Lane { next: *next, stride: (*step).max(1) }]),
+        _ => None,
+    }
 }
 
 /// splitmix64: a good 64-bit mix of (seed, seq, column).
@@ -82,7 +128,7 @@ pub fn row(o: &GeneratorOptions, seq: u64) -> Vec<Value> {
 impl Source for Generator {
     async fn next_batch(&mut self) -> Result<Option<Batch>> {
         let limit = self.options.count.unwrap_or(u64::MAX);
-        if self.next_seq >= limit {
+        if self.lanes.iter().all(|l| l.next >= limit) {
             return Ok(None);
         }
         let mut n = BATCH_ROWS;
@@ -94,16 +140,78 @@ impl Source for Generator {
             tokio::time::sleep_until(due).await;
         }
         let mut batch = Batch::with_capacity(n as usize);
-        while batch.len() < n as usize && self.next_seq < limit {
-            batch.push(row(&self.options, self.next_seq), crate::batch::Op::Insert);
-            self.next_seq += self.step;
+        while batch.len() < n as usize {
+            let Some(lane) = self.lanes.iter_mut().filter(|l| l.next < limit).min_by_key(|l| l.next) else { break };
+            batch.push(row(&self.options, lane.next), crate::batch::Op::Insert);
+            lane.next = lane.next.saturating_add(lane.stride);
         }
         self.produced += batch.len() as u64;
         Ok(Some(batch))
     }
 
     async fn snapshot(&mut self, _id: u64, _scratch: &std::path::Path) -> Result<OperatorSnapshot> {
-        let subtask = self.next_seq % self.step;
-        Ok(OperatorSnapshot::inline([subtask, self.step, self.next_seq].iter().flat_map(|w| w.to_le_bytes()).collect()))
+        let mut words = vec![LANES_FORMAT];
+        for l in &self.lanes {
+            words.extend([l.next, l.stride]);
+        }
+        Ok(OperatorSnapshot::inline(words.iter().flat_map(|w| w.to_le_bytes()).collect()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    fn options(count: u64) -> GeneratorOptions {
+        serde_json::from_value(serde_json::json!({ "count": count, "keys": 10 })).unwrap()
+    }
+
+    /// Runs every subtask for `batches` batches (all if `None`); returns the seqs and the states.
+    async fn run(subtasks: Vec<Generator>, batches: Option<usize>) -> (Vec<u64>, Vec<RestoredState>) {
+        let mut seqs = Vec::new();
+        let mut states = Vec::new();
+        for mut g in subtasks {
+            let mut taken = 0;
+            while batches.is_none_or(|b| taken < b) {
+                let Some(batch) = g.next_batch().await.unwrap() else { break };
+                let mut last = None;
+                for row in &batch.rows {
+                    let Value::Int(seq) = row[0] else { panic!() };
+                    assert!(last.is_none_or(|l| seq as u64 > l), "rows in seq order");
+                    last = Some(seq as u64);
+                    seqs.push(seq as u64);
+                }
+                taken += 1;
+            }
+            let state = g.snapshot(0, std::path::Path::new("/nonexistent")).await.unwrap();
+            states.push(RestoredState { inline: state.inline, files: None });
+        }
+        (seqs, states)
+    }
+
+    #[tokio::test]
+    async fn rescaled_generators_produce_every_seq_once() {
+        let o = options(50_000);
+        // Parallelism 1, then 3 (lanes split), then 2, then 5, to the end.
+        let (mut all, states) = run(vec![Generator::new(o.clone(), 0, 1)], Some(3)).await;
+        let mut states = states;
+        for (p, batches) in [(3u32, Some(2)), (2, Some(5)), (5, None)] {
+            let subtasks = (0..p).map(|i| Generator::new(o.clone(), i, p).restored(&states).unwrap()).collect();
+            let (seqs, next) = run(subtasks, batches).await;
+            all.extend(seqs);
+            states = next;
+        }
+        let distinct: BTreeSet<u64> = all.iter().copied().collect();
+        assert_eq!(distinct.len(), all.len(), "a seq came twice");
+        assert_eq!(distinct, (0..50_000).collect::<BTreeSet<u64>>());
+    }
+
+    #[test]
+    fn states_of_the_old_format_still_restore() {
+        let old: Vec<u8> = [1u64, 2, 4097].iter().flat_map(|w| w.to_le_bytes()).collect();
+        assert_eq!(decode(&old), Some(vec![Lane { next: 4097, stride: 2 }]));
+        assert_eq!(decode(&[1, 2, 3]), None);
     }
 }

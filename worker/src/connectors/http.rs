@@ -8,15 +8,16 @@
 //!
 //! At most `concurrency` requests are in flight: each row is delivered by its own tokio task held in
 //! a `JoinSet`, and `write` waits for one to finish when the set is full (backpressure). Timeouts,
-//! connection errors, `408`, `429` and `5xx` answers are retried with exponential backoff up to
-//! `max_retries` times; any other answer outside `2xx`, or running out of retries, sends the row to
+//! connection errors, `408`, `429` and `5xx` answers are retried under the connectors' shared
+//! policy ([`crate::retry`]: backoff with jitter) for `retry_for` (default 5 minutes, so an outage of
+//! the endpoint is ridden out) and at most `max_retries` times if that is set; any other answer
+//! outside `2xx`, or running out of retries, sends the row to
 //! the dead-letter file (`{"row": …, "idempotency_key": …, "error": …}` per line, when
 //! `dead_letter_path` is set), counts it in `dead_lettered` and logs it. The job carries on.
 //! `finish` waits for every request. Gauges: `http_sent` (rows accepted by the endpoint) and
 //! `http_retries` (retried attempts).
 
 use std::fmt::Write as _;
-use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,7 +27,8 @@ use eddy_jobs::connectors::HttpSinkOptions;
 use eddy_jobs::{Row, Value};
 use tokio::task::{JoinError, JoinSet};
 
-use super::{ConnectorContext, Sink};
+use super::{ConnectorContext, DeadLetters, Sink};
+use crate::retry::Policy;
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 
@@ -42,9 +44,9 @@ pub struct HttpSink {
     body_columns: Arc<[(String, usize)]>,
     key_columns: Vec<usize>,
     concurrency: usize,
-    max_retries: u32,
+    retry: RetryLimits,
     in_flight: JoinSet<Delivery>,
-    dead_letter_path: Option<String>,
+    dead_letters: DeadLetters,
     counters: Arc<Counters>,
     ctx: ConnectorContext,
 }
@@ -81,6 +83,9 @@ impl HttpSink {
         let timeout =
             eddy_jobs::spec::parse_duration_ms(&o.timeout).map_err(|e| TaskError::user(format!("http sink: options.timeout: {e}")))?;
         let timeout = Duration::from_millis(timeout.max(1) as u64);
+        let retry_for = eddy_jobs::spec::parse_duration_ms(&o.retry_for)
+            .map_err(|e| TaskError::user(format!("http sink: options.retry_for: {e}")))?
+            .max(0);
         let column = |name: &str, what: &str| {
             ctx.schema
                 .index_of(name)
@@ -103,9 +108,12 @@ impl HttpSink {
             body_columns: body_columns.into(),
             key_columns,
             concurrency: o.concurrency.max(1),
-            max_retries: o.max_retries,
+            retry: RetryLimits {
+                policy: Policy { first: FIRST_BACKOFF, max: MAX_BACKOFF, budget: Duration::from_millis(retry_for as u64) },
+                max_retries: o.max_retries,
+            },
             in_flight: JoinSet::new(),
-            dead_letter_path: o.dead_letter_path.clone(),
+            dead_letters: DeadLetters::open("http sink", o.dead_letter_path.as_deref(), ctx.metrics.clone())?,
             counters: Arc::default(),
             ctx,
         })
@@ -118,13 +126,7 @@ impl HttpSink {
             return Ok(());
         };
         tracing::warn!(job_id = %self.ctx.job_id, task = %self.ctx.task, idempotency_key = %key, %error, "http sink: row dead-lettered");
-        self.ctx.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        if let Some(path) = &self.dead_letter_path {
-            let line = format!("{{\"row\":{body},\"idempotency_key\":{},\"error\":{}}}\n", json_string(&key), json_string(&error));
-            append_line(path, &line)
-                .map_err(|e| TaskError::external(format!("http sink: writing the dead-letter file `{path}`: {e}; check it is writable")))?;
-        }
-        Ok(())
+        self.dead_letters.record(&format!("{{\"row\":{body},\"idempotency_key\":{},\"error\":{}}}", json_string(&key), json_string(&error)))
     }
 
     /// Settles the deliveries that have already ended, without waiting.
@@ -134,12 +136,6 @@ impl HttpSink {
         }
         Ok(())
     }
-}
-
-/// Appends one line in a single write, so concurrent subtasks sharing the file never interleave.
-fn append_line(path: &str, line: &str) -> std::io::Result<()> {
-    let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
-    file.write_all(line.as_bytes())
 }
 
 #[async_trait]
@@ -159,7 +155,7 @@ impl Sink for HttpSink {
                 url: self.url.clone(),
                 body: render_body(&self.body_columns, row),
                 key: render_key(&self.key_columns, row),
-                max_retries: self.max_retries,
+                retry: self.retry,
                 counters: self.counters.clone(),
                 ctx: self.ctx.clone(),
             };
@@ -194,14 +190,14 @@ struct Request {
     url: reqwest::Url,
     body: String,
     key: String,
-    max_retries: u32,
+    retry: RetryLimits,
     counters: Arc<Counters>,
     ctx: ConnectorContext,
 }
 
 impl Request {
     async fn deliver(self) -> Delivery {
-        let mut attempt = 0u32;
+        let mut retry = self.retry.policy.start();
         loop {
             let sent = self
                 .client
@@ -227,17 +223,20 @@ impl Request {
                     return Delivery::Sent;
                 }
                 Verdict::Refused(error) => return Delivery::Failed { body: self.body, key: self.key, error },
-                Verdict::Retry(error) if attempt >= self.max_retries => {
-                    let error = format!("{error} (gave up after {attempt} retries)");
-                    return Delivery::Failed { body: self.body, key: self.key, error };
-                }
                 Verdict::Retry(error) => {
+                    let capped = self.retry.max_retries.is_some_and(|m| retry.failures() >= m);
+                    let Some(delay) = (!capped).then(|| retry.next_delay()).flatten() else {
+                        let error = format!(
+                            "{error} (gave up after {} retries in {}s)",
+                            retry.failures(),
+                            retry.elapsed().as_secs()
+                        );
+                        return Delivery::Failed { body: self.body, key: self.key, error };
+                    };
                     let retries = self.counters.retries.fetch_add(1, Ordering::Relaxed) + 1;
                     self.ctx.metrics.set_gauge("http_retries", retries as i64);
-                    let delay = backoff(attempt);
-                    tracing::debug!(job_id = %self.ctx.job_id, task = %self.ctx.task, idempotency_key = %self.key, attempt, %error, ?delay, "http sink: retrying");
+                    tracing::debug!(job_id = %self.ctx.job_id, task = %self.ctx.task, idempotency_key = %self.key, attempt = retry.failures(), %error, ?delay, "http sink: retrying");
                     tokio::time::sleep(delay).await;
-                    attempt += 1;
                 }
             }
         }
@@ -274,9 +273,11 @@ fn classify_error(e: &reqwest::Error) -> Verdict {
     }
 }
 
-/// Delay before retry number `attempt + 1`: 100 ms, doubling, at most 10 s.
-fn backoff(attempt: u32) -> Duration {
-    FIRST_BACKOFF.saturating_mul(1u32 << attempt.min(16)).min(MAX_BACKOFF)
+/// When a row's delivery gives up.
+#[derive(Debug, Clone, Copy)]
+struct RetryLimits {
+    policy: Policy,
+    max_retries: Option<u32>,
 }
 
 /// The request body: a JSON object of the chosen columns, in their order.
@@ -385,9 +386,6 @@ mod tests {
         assert_eq!(classify_status(400, "bad field"), Verdict::Refused("HTTP 400: bad field".into()));
         assert!(matches!(classify_status(404, ""), Verdict::Refused(_)));
         assert!(matches!(classify_status(302, ""), Verdict::Refused(_)));
-        assert_eq!(backoff(0), Duration::from_millis(100));
-        assert_eq!(backoff(3), Duration::from_millis(800));
-        assert_eq!(backoff(40), MAX_BACKOFF);
     }
 
     // ---- Integration tests against the mock external system (`eddy-mock-api`). ----
@@ -462,7 +460,8 @@ mod tests {
             idempotency_key: vec!["id".into(), "version".into()],
             concurrency: 4,
             timeout: "2s".into(),
-            max_retries: 5,
+            retry_for: "30s".into(),
+            max_retries: Some(5),
             dead_letter_path: None,
         }
     }
@@ -543,7 +542,7 @@ mod tests {
         let c = ctx();
         let metrics = c.metrics.clone();
         let mut o = options(&mock.base);
-        o.max_retries = 0;
+        o.max_retries = Some(0);
         o.concurrency = 1;
         o.idempotency_key = vec!["id".into()];
         o.dead_letter_path = Some(path.to_string_lossy().into_owned());
@@ -561,13 +560,15 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         // One request at a time: rows 1, 3, …, 11 hit the mock's every-other 503 and have no retry
         // left; row 10 has an empty key and is refused with 400; rows 0, 2, 4, 6, 8 arrive.
-        assert_eq!(stats, serde_json::json!({"received": 12, "unique": 5, "duplicates": 0, "failed": 6, "refused": 1}));
+        for (field, want) in [("received", 12), ("unique", 5), ("duplicates", 0), ("failed", 6), ("refused", 1)] {
+            assert_eq!(stats[field], want, "{field} in {stats}");
+        }
         assert_eq!(lines.len(), 7);
         assert_eq!(metrics.dead_lettered.load(Ordering::Relaxed), 7);
         let errors = |prefix: &str| lines.iter().filter(|l| l["error"].as_str().unwrap().starts_with(prefix)).count();
         assert_eq!(errors("HTTP 503"), 6, "{lines:?}");
         assert!(lines.iter().all(|l| !l["error"].as_str().unwrap().starts_with("HTTP 503")
-            || l["error"].as_str().unwrap().ends_with("(gave up after 0 retries)")));
+            || l["error"].as_str().unwrap().contains("(gave up after 0 retries")));
         let refusal = lines.iter().find(|l| l["error"].as_str().unwrap().starts_with("HTTP 400")).unwrap();
         assert_eq!(refusal["idempotency_key"], "");
         assert_eq!(
@@ -586,7 +587,7 @@ mod tests {
         let metrics = c.metrics.clone();
         let mut o = options(&mock.base);
         o.timeout = "100ms".into();
-        o.max_retries = 2;
+        o.max_retries = Some(2);
         let mut sink = HttpSink::new(&o, c).unwrap();
         sink.write(Batch::inserts(vec![event(1, 1)])).await.unwrap();
         sink.finish().await.unwrap();

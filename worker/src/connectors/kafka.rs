@@ -24,10 +24,15 @@
 //! and a window firing meanwhile would publish that older state.
 //!
 //! The last rows live in a [`LastValueState`] sharded by partition, on the job's state backend
-//! (RocksDB by default, under the task's directory). With `state_ttl`, a key not written for that
-//! long is forgotten (by wall-clock time, as Flink's state TTL): its next version is then an insert
-//! with no retraction, and a tombstone for it retracts nothing. The TTL must therefore exceed the
-//! time downstream state still depends on the row (a window's size plus its lateness).
+//! (RocksDB by default, under the task's directory). With `state_ttl`, a key is forgotten once the
+//! topic's time has moved that far past its row's: the topic's time is the latest event time read
+//! (the record timestamps for a source without `event_time`), not the wall clock as in Flink's
+//! state TTL, so a job that was stopped, or whose input stalled, forgets nothing for it. A
+//! forgotten key's next version is an insert with no retraction, which no window needs once the
+//! TTL exceeds its size plus lateness (the row is late there anyway). A tombstone for a forgotten
+//! key still retracts it: with versions, as a row holding only the key and the tombstone's
+//! version (NULL elsewhere), which deletes it in sinks that key by it (ClickHouse) and which a
+//! window counts as late.
 //!
 //! With checkpoints, the next offset of every partition goes into each checkpoint inline, and the
 //! upsert state as the state backend's files (incremental with RocksDB); a restore seeks to those
@@ -42,7 +47,6 @@
 //! an insert of the same key: the retraction is skipped; a lone retraction becomes a tombstone.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -50,7 +54,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eddy_jobs::connectors::{BadRecordPolicy, KafkaFormat, KafkaSinkOptions, KafkaSourceOptions};
-use eddy_jobs::{Schema, Value};
+use eddy_jobs::{Row, Schema, Value};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
@@ -61,7 +65,7 @@ use rdkafka::ClientContext;
 use serde_json::Value as Json;
 use tracing::warn;
 
-use super::{ConnectorContext, Sink, Source};
+use super::{ConnectorContext, DeadLetters, Sink, Source};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::json::{row_from_json, row_to_json};
@@ -125,7 +129,13 @@ pub struct KafkaSource {
     received: Vec<OwnedMessage>,
     metrics: Arc<TaskMetrics>,
     lag: Arc<AtomicI64>,
-    dead_letters: Option<std::fs::File>,
+    dead_letters: DeadLetters,
+    /// The source's event-time column, whose values drive `clock`.
+    event_time: Option<usize>,
+    /// The topic's time, which `state_ttl` is measured on: the latest event time read (or, for
+    /// a source without event time, the latest record timestamp), never the wall clock, so a job
+    /// that was down forgets nothing for having been down. `i64::MIN` before the first record.
+    clock: i64,
 }
 
 impl KafkaSource {
@@ -147,21 +157,14 @@ impl KafkaSource {
             .create_with_context(LagContext { lag: lag.clone() })
             .map_err(|e| TaskError::external(format!("kafka consumer for {}: {e}", o.brokers)))?;
         let key_columns = o.primary_key.iter().filter_map(|k| ctx.schema.index_of(k)).collect();
-        let dead_letters = match (&o.bad_records, &o.dead_letter_path) {
-            (BadRecordPolicy::DeadLetter, Some(path)) => Some(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| TaskError::user(format!("dead-letter file `{path}`: {e}; check the directory exists")))?,
-            ),
-            _ => None,
-        };
+        let path = o.dead_letter_path.as_deref().filter(|_| o.bad_records == BadRecordPolicy::DeadLetter);
+        let dead_letters = DeadLetters::open("kafka source", path, ctx.metrics.clone())?;
         let state_ttl_ms = o.state_ttl_ms().map_err(|e| TaskError::user(format!("kafka source: options.state_ttl: {e}")))?;
         let upserts = match o.format {
             KafkaFormat::UpsertJson => Some(Upserts {
                 state: last_value::open(ctx.state_backend, &ctx.state_dir.join("upsert"), state_ttl_ms)?,
                 version: o.version_column.as_deref().and_then(|c| ctx.schema.index_of(c)),
+                key: KeyRow::new(&ctx.schema, &o.primary_key),
             }),
             KafkaFormat::Json | KafkaFormat::Raw => None,
         };
@@ -185,6 +188,8 @@ impl KafkaSource {
             metrics: ctx.metrics,
             lag,
             dead_letters,
+            event_time: ctx.event_time,
+            clock: i64::MIN,
         };
         if let Some((_, states)) = &ctx.restore {
             for state in states {
@@ -316,11 +321,7 @@ impl KafkaSource {
                     "value": m.payload().map(|v| String::from_utf8_lossy(v).into_owned()),
                     "error": error,
                 });
-                if let Some(f) = &mut self.dead_letters {
-                    writeln!(f, "{line}").map_err(|e| TaskError::external(format!("writing the dead-letter file: {e}")))?;
-                }
-                self.metrics.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+                self.dead_letters.record(&line.to_string())
             }
         }
     }
@@ -330,9 +331,11 @@ impl KafkaSource {
         self.positions.insert(m.partition(), m.offset() + 1);
         match self.decode(m) {
             Ok((Some(key), value)) => {
+                let written = self.advance_clock(m, value.as_ref());
+                let times = Times { written: written.unwrap_or(self.clock), now: self.clock };
                 let upserts =
                     self.upserts.as_mut().ok_or_else(|| TaskError::internal("kafka source: upsert record without upsert state"))?;
-                upserts.apply(m.partition() as u32, &key, value, tombstone_version(m), now_ms(), out)
+                upserts.apply(m.partition() as u32, &key, value, tombstone_version(m), times, out)
             }
             Ok((None, value)) => {
                 if let Some(row) = value {
@@ -345,6 +348,71 @@ impl KafkaSource {
     }
 }
 
+impl KafkaSource {
+    /// The time of a record on the topic's clock (its event time, or for a source without one its
+    /// record timestamp), which moves the clock forward; `None` for a tombstone of a source with
+    /// event time. Times past the wall clock plus [`crate::operators::MAX_FUTURE_MS`] do not count:
+    /// one record stamped in 2200 would otherwise expire every key at once.
+    fn advance_clock(&mut self, m: &OwnedMessage, row: Option<&Row>) -> Option<i64> {
+        let time = match self.event_time {
+            Some(c) => match row.and_then(|r| r.get(c)) {
+                Some(Value::Timestamp(t)) => Some(*t),
+                _ => None,
+            },
+            None => m.timestamp().to_millis(),
+        };
+        let time = time.filter(|t| *t <= crate::operators::future_horizon_ms())?;
+        self.clock = self.clock.max(time);
+        Some(time)
+    }
+}
+
+/// When a record happened on the topic's clock, for the upsert state's time to live.
+#[derive(Debug, Clone, Copy)]
+struct Times {
+    /// When the record's row was written (its event time).
+    written: i64,
+    /// The clock now.
+    now: i64,
+}
+
+/// Builds the row a delete retracts when only its key is known: the key columns from the
+/// record key, the version from the tombstone, NULL elsewhere.
+struct KeyRow {
+    /// Per key column: its name and where it goes.
+    columns: Vec<(String, usize, eddy_jobs::DataType)>,
+    width: usize,
+}
+
+impl KeyRow {
+    fn new(schema: &Schema, primary_key: &[String]) -> KeyRow {
+        let columns = primary_key
+            .iter()
+            .filter_map(|k| schema.index_of(k).map(|i| (k.clone(), i, schema.fields[i].data_type)))
+            .collect();
+        KeyRow { columns, width: schema.fields.len() }
+    }
+
+    /// The row of `key` (a record key's JSON: an object by column name, or an array in key
+    /// order), or `None` if the key does not name every key column.
+    fn row(&self, key: &[u8], version: Option<(usize, i64)>) -> Option<Row> {
+        let key: Json = serde_json::from_slice(key).ok()?;
+        let mut row = vec![Value::Null; self.width];
+        for (n, (name, at, ty)) in self.columns.iter().enumerate() {
+            let j = match &key {
+                Json::Object(o) => o.get(name)?,
+                Json::Array(a) => a.get(n)?,
+                _ => return None,
+            };
+            row[*at] = crate::json::from_json(j, *ty).ok()?;
+        }
+        if let Some((at, v)) = version {
+            row[at] = Value::Int(v);
+        }
+        Some(row)
+    }
+}
+
 /// The upsert view of a topic: each key's current row, sharded by partition, in a
 /// [`LastValueState`]. With versions, a deleted key whose tombstone carried a version keeps the
 /// one-column row `[version]` as a marker (a real row holds at least its key and its version, so
@@ -353,12 +421,22 @@ struct Upserts {
     state: Box<dyn LastValueState>,
     /// Index of the version column (`version_column`).
     version: Option<usize>,
+    key: KeyRow,
 }
 
 impl Upserts {
     /// Turns a new value (or a tombstone, whose version is `tombstone_version`) of `key` in
-    /// `shard` into changelog rows, at wall-clock time `now` (for the state's TTL).
-    fn apply(&mut self, shard: u32, key: &[u8], value: Option<Vec<Value>>, tombstone_version: Option<i64>, now: i64, out: &mut Batch) -> Result<()> {
+    /// `shard` into changelog rows, at `times` on the topic's clock (for the state's TTL).
+    fn apply(
+        &mut self,
+        shard: u32,
+        key: &[u8],
+        value: Option<Vec<Value>>,
+        tombstone_version: Option<i64>,
+        times: Times,
+        out: &mut Batch,
+    ) -> Result<()> {
+        let now = times.now;
         let held = self.state.get(shard, key, now)?;
         let held_anything = held.is_some();
         let (previous, held_version) = match (held, self.version) {
@@ -382,7 +460,7 @@ impl Upserts {
         match value {
             Some(row) => {
                 // Written even when unchanged: a write keeps the key alive (`state_ttl`).
-                self.state.put(shard, key, &row, now)?;
+                self.state.put(shard, key, &row, times.written)?;
                 if previous.as_ref() == Some(&row) {
                     return Ok(()); // a replay of what we already have
                 }
@@ -398,8 +476,17 @@ impl Upserts {
                     None if held_anything => self.state.delete(shard, key)?,
                     None => {}
                 }
-                if let Some(p) = previous {
-                    out.push(p, Op::Retract);
+                match previous {
+                    Some(p) => out.push(p, Op::Retract),
+                    // The row is not held (its state expired, or this job never read it): a
+                    // retraction of the key alone, at the tombstone's version, still deletes it in
+                    // sinks that key by it (ClickHouse); a window counts it as late (no event time).
+                    None => {
+                        let version = self.version.zip(incoming);
+                        if let Some(row) = version.and_then(|v| self.key.row(key, Some(v))) {
+                            out.push(row, Op::Retract);
+                        }
+                    }
                 }
             }
         }
@@ -482,8 +569,8 @@ impl Source for KafkaSource {
         self.metrics.set_gauge("consumer_lag", self.lag.load(Ordering::Relaxed));
         if let (Some(ttl), Some(Upserts { state: current, .. })) = (self.state_ttl_ms, &mut self.upserts) {
             let now = tokio::time::Instant::now();
-            if now >= self.next_sweep {
-                current.expire(now_ms())?;
+            if now >= self.next_sweep && self.clock > i64::MIN {
+                current.expire(self.clock)?;
                 self.next_sweep = now + SWEEP_INTERVAL.min(Duration::from_millis(ttl as u64));
             }
         }
@@ -681,12 +768,41 @@ mod tests {
     }
 
     fn read(topic: &[(Option<Vec<Value>>, Option<i64>)], version: Option<usize>) -> Vec<(char, i64, i64)> {
-        let mut upserts = Upserts { state: Box::new(MemoryLastValueState::new(None)), version };
+        let mut upserts =
+            Upserts { state: Box::new(MemoryLastValueState::new(None)), version, key: KeyRow::new(&schema(), &["id".into()]) };
         let mut out = Batch::default();
         for (value, tombstone) in topic {
-            upserts.apply(0, b"{\"id\":1}", value.clone(), *tombstone, 0, &mut out).unwrap();
+            upserts.apply(0, b"{\"id\":1}", value.clone(), *tombstone, Times { written: 0, now: 0 }, &mut out).unwrap();
         }
         changes(&out)
+    }
+
+    #[test]
+    fn a_delete_after_the_state_expired_still_retracts_the_key() {
+        // state_ttl 5 s on the topic's clock: event 1 at t=0, others move the clock to t=10 s.
+        let mut upserts = Upserts {
+            state: Box::new(MemoryLastValueState::new(Some(5_000))),
+            version: Some(2),
+            key: KeyRow::new(&schema(), &["id".into()]),
+        };
+        let at = |written, now| Times { written, now };
+        let mut out = Batch::default();
+        upserts.apply(0, b"{\"id\":1}", Some(row(1, 10, 1)), None, at(0, 0), &mut out).unwrap();
+        upserts.apply(0, b"{\"id\":2}", Some(row(2, 10, 2)), None, at(10_000, 10_000), &mut out).unwrap();
+        // Event 1 is deleted: its row is forgotten, so the retraction carries the key and the
+        // tombstone's version only.
+        upserts.apply(0, b"{\"id\":1}", None, Some(7), at(10_000, 10_000), &mut out).unwrap();
+        assert_eq!(out.ops, [Op::Insert, Op::Insert, Op::Retract]);
+        assert_eq!(out.rows[2], vec![Value::Int(1), Value::Null, Value::Int(7)]);
+        // A replay of the same tombstone changes nothing (its version is kept as a marker).
+        upserts.apply(0, b"{\"id\":1}", None, Some(7), at(10_000, 10_000), &mut out).unwrap();
+        assert_eq!(out.len(), 3);
+        // Downtime does not count: with the clock where it was, event 2 is still held.
+        upserts.apply(0, b"{\"id\":2}", None, Some(8), at(10_000, 14_999), &mut out).unwrap();
+        assert_eq!(out.rows[3], row(2, 10, 2), "the whole row is retracted");
+        // Keys given as arrays (no record key) work too; without a version nothing can be said.
+        assert_eq!(upserts.key.row(b"[5]", Some((2, 9))), Some(vec![Value::Int(5), Value::Null, Value::Int(9)]));
+        assert_eq!(upserts.key.row(b"{\"other\":5}", None), None);
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod postgres_cdc;
 pub mod redis;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -48,6 +49,12 @@ pub struct ConnectorContext {
     pub state_dir: PathBuf,
     /// The job's state backend, for connectors that keep keyed state.
     pub state_backend: StateBackend,
+    /// For a source with `event_time`: the column holding it.
+    pub event_time: Option<usize>,
+    /// Set before the task is cancelled when the job ends for good (a user's `eddy cancel`, not a
+    /// restart, rescale or savepoint): a source then releases what it holds upstream, such as a
+    /// replication slot.
+    pub released: Arc<AtomicBool>,
 }
 
 #[cfg(test)]
@@ -65,6 +72,8 @@ impl ConnectorContext {
             restore: None,
             state_dir: std::env::temp_dir().join(format!("eddy-connector-test-{}", std::process::id())),
             state_backend: StateBackend::Memory,
+            event_time: None,
+            released: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -125,6 +134,51 @@ pub trait Sink: Send {
     }
     /// No more input: flush everything.
     async fn finish(&mut self) -> Result<()>;
+}
+
+/// Where a connector puts what it cannot read or deliver, so that the job carries on and nothing is
+/// lost silently: each record is counted in `dead_lettered` and, when the spec names a file,
+/// appended to it as one JSON line in a single write (subtasks sharing the file never interleave).
+pub struct DeadLetters {
+    path: Option<String>,
+    metrics: Arc<TaskMetrics>,
+    /// Who writes, for error messages (`"http sink"`).
+    who: &'static str,
+}
+
+impl DeadLetters {
+    /// Checks at once that the file (if any) can be appended to.
+    pub fn open(who: &'static str, path: Option<&str>, metrics: Arc<TaskMetrics>) -> Result<DeadLetters> {
+        if let Some(path) = path {
+            std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
+                crate::error::TaskError::user(format!(
+                    "{who}: dead-letter file `{path}`: {e}; check that its directory exists and is writable"
+                ))
+            })?;
+        }
+        Ok(DeadLetters { path: path.map(str::to_string), metrics, who })
+    }
+
+    /// Records one dead letter; `line` is a JSON object without the newline.
+    pub fn record(&self, line: &str) -> Result<()> {
+        use std::io::Write as _;
+        self.metrics.dead_lettered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let Some(path) = &self.path else { return Ok(()) };
+        let mut text = String::with_capacity(line.len() + 1);
+        text.push_str(line);
+        text.push('\n');
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| f.write_all(text.as_bytes()))
+            .map_err(|e| {
+                crate::error::TaskError::external(format!(
+                    "{}: writing the dead-letter file `{path}`: {e}; check it is writable",
+                    self.who
+                ))
+            })
+    }
 }
 
 /// Builds a source instance: every source connector is registered here.

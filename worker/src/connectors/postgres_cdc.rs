@@ -15,8 +15,21 @@
 //!   while the replication session still waits, so the snapshot read by `SELECT` and the stream
 //!   that starts at `C` meet with no gap and no overlap: every row committed before `C` comes from
 //!   the snapshot, every change committed after it from the stream.
-//! - **Existing slot** (a restart). The snapshot is skipped and the stream resumes at the slot's
-//!   `confirmed_flush_lsn`.
+//! - **Existing slot, restored from a checkpoint that holds the whole snapshot.** The stream
+//!   resumes at the position the checkpoint recorded (`START_REPLICATION` there: transactions that
+//!   committed before it are not sent again), never silently wherever the slot is. A slot that has
+//!   moved past it (an older savepoint) cannot go back, and a slot that is gone or invalidated
+//!   cannot be read: each is an error that says what to do, never a silent new snapshot.
+//! - **Existing slot, no completed checkpoint holds the whole snapshot** (the worker died during the
+//!   snapshot, or before the first checkpoint after it). Nothing was confirmed, so the slot is
+//!   still at `C`; the exported snapshot died with its session. The table is read again as it is
+//!   now, every row still carrying version `C`, then the stream from `C` replays every change made
+//!   since, each with a higher version. Rows delivered the first time come again with the same
+//!   version (an upsert consumer skips them), and a row deleted meanwhile gets its delete from the
+//!   stream. The slot is kept, not dropped, for exactly this.
+//! - **Existing slot, new job** (no restore, attempt 1): the slot does not tell whether its job
+//!   finished the snapshot, so `existing_slot` decides: `fail` (the default, naming the choices),
+//!   `resume` (stream from the slot) or `reread` (as above, under the slot's position).
 //! - With `snapshot = false` a new slot exports nothing and only changes from `C` on are read.
 //!
 //! A reader task owns both connections. It reads the snapshot with a cursor (`FETCH 1024` at a time,
@@ -46,19 +59,20 @@
 //! # Versions
 //!
 //! The optional `version_column` carries an LSN as BIGINT. Snapshot rows carry the consistent point
-//! `C`. A change carries the LSN of its WAL record, raised to at least `start + 1` where `start` is
-//! the slot position this run streams from (`C`, or `confirmed_flush_lsn` on a restart). Per row,
-//! versions never decrease: two transactions changing the same row are serialised by its lock, so
-//! the later one's record comes later in the WAL; the raise covers the one exception, a transaction
-//! that wrote before `C` but committed after it, whose records would otherwise sort below the
-//! snapshot's `C`. (The commit LSN would be monotonic too, but would give every change of a
-//! transaction the same version.) Both rows of an update, and a delete's retraction, carry the
-//! change's version: the WAL does not say which version the old row was emitted with.
+//! `C`. A change carries the LSN of its WAL record, raised above `C` and above the previous
+//! change's version: versions are distinct and grow in stream order, and per row that is commit
+//! order (two transactions changing a row are serialised by its lock). The raise covers the
+//! transactions that wrote before `C` but committed after it, whose records would otherwise sort
+//! below the snapshot's `C` or share one version. Checkpoints record the last version given out
+//! with their position, so a replay gives every change the version it had the first time. Both
+//! rows of an update, and a delete's retraction, carry the change's version: the WAL does not say
+//! which version the old row was emitted with.
 //!
 //! # Confirming positions
 //!
-//! The slot's `confirmed_flush_lsn` is what a restart resumes from, so it only ever moves to a
-//! position whose changes have all been handed on: each batch carries the end LSN of the last
+//! The slot's `confirmed_flush_lsn` is the oldest position a restart can go back to (the server
+//! discards WAL before it), so it only ever moves to a position whose changes have all been handed
+//! on (with checkpoints: are in a completed checkpoint, see below): each batch carries the end LSN of the last
 //! transaction it completes; [`Source::handed_on`] passes the highest one returned so far to the
 //! reader, which reports it with `update_applied_lsn` (the library sends it as a standby status
 //! update within a second). A batch that ends inside a transaction confirms nothing new: on a
@@ -70,13 +84,11 @@
 //! refreshed from [`Source::tick`] at most once a second; `confirmed_lsn` is the last position
 //! handed to the library.
 //!
-//! The slot is deliberately not dropped when the task is cancelled: its position is the source's
-//! durable state. (Until checkpoints exist, DESIGN §5, "handed on" is the durability point.) The
-//! one exception is a slot this run created whose snapshot was not handed on completely (an error,
-//! or a cancel of `start` or of the task while the snapshot is read): it is dropped, so the next
-//! start takes a new snapshot instead of resuming a stream that never had one. A process that dies
-//! at that moment leaves the slot behind, and a restart then streams without the snapshot: drop
-//! the slot by hand in that case. (Once checkpoints exist, "snapshot done" belongs in them.)
+//! The slot is not dropped when the task stops for a restart, a rescale or a savepoint: its
+//! position is the source's durable state. It is dropped when the job is cancelled for good
+//! (`eddy cancel`, unless `--keep-slot`), since a slot nobody reads holds WAL on the server. Without
+//! checkpoints, a slot this run created whose snapshot was not handed on completely is dropped
+//! too, so the next start takes a new snapshot.
 //!
 //! # Parallelism
 //!
@@ -95,11 +107,12 @@
 //! and it shares the text decoding with the snapshot path. TLS is not enabled (its `tls-rustls`
 //! feature is off), so `sslmode=require` is refused.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use eddy_jobs::connectors::PostgresCdcOptions;
+use eddy_jobs::connectors::{ExistingSlot, PostgresCdcOptions};
 use eddy_jobs::{DataType, Row, Schema, Value};
 use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -143,6 +156,8 @@ pub struct PostgresCdc {
     snapshot_returned: bool,
     /// Highest position whose changes are all in batches returned so far.
     returned: Lsn,
+    /// The last version given to a change at `returned` (see `Changes::last`).
+    returned_version: u64,
     /// Highest position passed to `confirm`.
     confirmed: Lsn,
     metrics: Arc<TaskMetrics>,
@@ -155,16 +170,139 @@ pub struct PostgresCdc {
     pending: Vec<(u64, Lsn)>,
     /// The version floor of changes (see `Changes::floor`).
     floor: Lsn,
+    /// Without checkpoints, a slot whose snapshot was not handed on is dropped when the reader
+    /// fails; with them, it is kept for the restart to read again under the same versions.
+    release_on_failure: bool,
+    /// The slot, dropped when the task ends after the job was cancelled for good.
+    release: Option<(Arc<Client>, String, Arc<AtomicBool>)>,
+}
+
+/// What a checkpoint records of the source (inline, little-endian): whether the snapshot had been
+/// handed on, the position every change up to which was handed on, the slot's version floor and
+/// the last version given out at that position. Checkpoints written before the last field existed
+/// hold 17 bytes; their last version is taken as the position, which no later change is below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Position {
+    snapshot_done: bool,
+    lsn: Lsn,
+    floor: Lsn,
+    version: u64,
+}
+
+impl Position {
+    fn encode(&self) -> Vec<u8> {
+        let mut out = vec![u8::from(self.snapshot_done)];
+        for n in [self.lsn.0, self.floor.0, self.version] {
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Position> {
+        let word = |at: usize| bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+        let (lsn, floor) = (word(1)?, word(9)?);
+        Some(Position { snapshot_done: bytes[0] == 1, lsn: Lsn(lsn), floor: Lsn(floor), version: word(17).unwrap_or(lsn.max(floor)) })
+    }
+}
+
+/// Where a run begins, decided from the slot and the checkpoint restored (if any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Begin {
+    /// Create the slot; read the snapshot it exports (unless `snapshot = false`), then stream.
+    Fresh,
+    /// The slot exists but no completed checkpoint holds the whole snapshot: read the table again
+    /// under the slot's position `from` (its consistent point: nothing is confirmed before the
+    /// snapshot is checkpointed), then stream from it.
+    Reread { from: Lsn },
+    /// Stream from `from`, giving versions above `version` (and above `floor`).
+    Stream { from: Lsn, floor: Lsn, version: u64 },
+}
+
+impl Begin {
+    fn decide(
+        o: &PostgresCdcOptions,
+        ctx: &ConnectorContext,
+        slot: Option<Lsn>,
+        restored: Option<(u64, Position)>,
+    ) -> Result<Begin> {
+        let name = &o.slot;
+        let reread_or_stream = |from: Lsn| {
+            if o.snapshot {
+                Begin::Reread { from }
+            } else {
+                Begin::Stream { from, floor: from, version: from.0 }
+            }
+        };
+        Ok(match (slot, restored) {
+            (None, None) => Begin::Fresh,
+            (None, Some((id, p))) => {
+                return Err(TaskError::user(format!(
+                    "postgres_cdc: replication slot `{name}` is gone, but checkpoint {id} read from it up to {}: \
+                     the changes since cannot be read again. Cancel the job and submit it again without a \
+                     savepoint to take a new snapshot",
+                    p.lsn
+                )))
+            }
+            (Some(at), Some((id, p))) if p.snapshot_done => {
+                if at > p.lsn {
+                    return Err(TaskError::user(format!(
+                        "postgres_cdc: replication slot `{name}` is at {at}, past {} where checkpoint {id} \
+                         stopped (an older savepoint?): the changes between cannot be read again. Restore from \
+                         the job's latest checkpoint or savepoint, or drop the slot and submit without one",
+                        p.lsn
+                    )));
+                }
+                Begin::Stream { from: p.lsn, floor: p.floor, version: p.version }
+            }
+            (Some(at), Some((id, p))) => {
+                if at != p.floor {
+                    return Err(TaskError::user(format!(
+                        "postgres_cdc: replication slot `{name}` is at {at}, but checkpoint {id} was taken during \
+                         the snapshot of a slot created at {}: it was dropped and created again. Cancel the job \
+                         and submit it again without a savepoint",
+                        p.floor
+                    )));
+                }
+                reread_or_stream(at)
+            }
+            // A restart before any checkpoint completed: nothing was confirmed, so the slot is still
+            // at its consistent point, whether or not the snapshot had been read.
+            (Some(at), None) if ctx.checkpointing && ctx.attempt > 1 => reread_or_stream(at),
+            // Without checkpoints, a slot is confirmed as batches are handed on.
+            (Some(at), None) if ctx.attempt > 1 => Begin::Stream { from: at, floor: at, version: at.0 },
+            (Some(at), None) => match o.existing_slot {
+                ExistingSlot::Resume => Begin::Stream { from: at, floor: at, version: at.0 },
+                ExistingSlot::Reread => reread_or_stream(at),
+                ExistingSlot::Fail => {
+                    return Err(TaskError::user(format!(
+                        "postgres_cdc: replication slot `{name}` already exists (at {at}), left by an earlier job; \
+                         whether that job finished its snapshot is unknown. Set options.existing_slot = \"resume\" \
+                         to stream from it without a snapshot, or \"reread\" to read the table again first (safe \
+                         in every case), or drop it: SELECT pg_drop_replication_slot('{name}')"
+                    )))
+                }
+            },
+        })
+    }
+
+    /// Where the replication stream starts (`0`: at the slot's position).
+    fn from(&self) -> Lsn {
+        match self {
+            Begin::Fresh => Lsn(0),
+            Begin::Reread { from } | Begin::Stream { from, .. } => *from,
+        }
+    }
 }
 
 /// What the reader task hands to `next_batch`, in order.
 #[derive(Debug)]
 enum Chunk {
-    /// Rows; once handed on, every change up to `confirm` has been.
-    Rows { batch: Batch, confirm: Option<Lsn> },
+    /// Rows; once handed on, every change up to `confirm` has been (with the last version given
+    /// out by then).
+    Rows { batch: Batch, confirm: Option<(Lsn, u64)> },
     /// No rows, but everything up to this position has been read (a transaction that touched none
     /// of the table, or an idle stream's keepalive).
-    Progress(Lsn),
+    Progress(Lsn, u64),
     /// The snapshot's last rows came before this.
     SnapshotEnd,
 }
@@ -179,6 +317,7 @@ impl PostgresCdc {
             snapshot_handed_on: None,
             snapshot_returned: false,
             returned: Lsn(0),
+            returned_version: 0,
             confirmed: Lsn(0),
             metrics: ctx.metrics.clone(),
             lag: None,
@@ -186,6 +325,8 @@ impl PostgresCdc {
             snapshot_done: false,
             pending: Vec::new(),
             floor: Lsn(0),
+            release_on_failure: false,
+            release: None,
         };
         if ctx.task.subtask != 0 {
             info!(job_id = %ctx.job_id, task = %ctx.task, "postgres_cdc: one replication slot is one stream; only subtask 0 reads");
@@ -198,30 +339,32 @@ impl PostgresCdc {
         let control = Arc::new(connect(&pg, "the control connection").await?);
         let table = Table::resolve(&control, &o.table, declared, o.version_column.is_some()).await?;
         ensure_publication(&control, &o.publication, &table).await?;
-        let mut existing = existing_slot(&control, &o.slot).await?;
-        // With checkpoints, the snapshot counts as read only once a checkpoint taken after it
-        // completed. A restart without such a checkpoint reads everything again, on a new slot
-        // (the Kafka topic it feeds is an upsert log: rows sent twice change nothing).
-        let snapshot_checkpointed = match &ctx.restore {
-            Some((_, states)) => states.iter().any(|s| s.inline.first() == Some(&1)),
-            None => !(ctx.checkpointing && ctx.attempt > 1),
-        };
-        if existing.is_some() && !snapshot_checkpointed && o.snapshot {
-            warn!(job_id = %ctx.job_id, slot = %o.slot, "postgres_cdc: no completed checkpoint holds the whole snapshot; dropping the slot to read it again");
-            drop_slot(&control, &o.slot).await?;
-            existing = None;
+        let existing = existing_slot(&control, &o.slot).await?;
+        let restored = ctx.restore.as_ref().and_then(|(id, states)| {
+            states.iter().find_map(|s| Position::decode(&s.inline)).map(|p| (*id, p))
+        });
+        let begin = Begin::decide(o, &ctx, existing, restored)?;
+        if !ctx.checkpointing {
+            source.release_on_failure = true;
         }
 
-        let mut repl = ReplicationClient::connect_gated(replication_config(&pg, o, &ctx)?)
+        let mut repl = ReplicationClient::connect_gated(replication_config(&pg, o, &ctx)?.with_start_lsn(begin.from()))
             .await
             .map_err(|e| wire_error("opening the replication session", e))?;
-        let fresh_slot = existing.is_none();
-        let (start, snapshot) = match existing {
-            Some(confirmed) => {
-                info!(job_id = %ctx.job_id, slot = %o.slot, lsn = %confirmed, "postgres_cdc: slot exists; resuming the stream without a snapshot");
-                (confirmed, None)
+        let (start, floor, version, snapshot) = match begin {
+            Begin::Stream { from, floor, version } => {
+                info!(job_id = %ctx.job_id, slot = %o.slot, lsn = %from, "postgres_cdc: resuming the stream without a snapshot");
+                (from, floor, version, None)
             }
-            None => {
+            Begin::Reread { from } => {
+                // The snapshot exported with the slot is gone: the table is read as it is now,
+                // every row carrying the slot's position, and the stream from that position
+                // replays every change since (deletes included), each with a higher version.
+                warn!(job_id = %ctx.job_id, slot = %o.slot, lsn = %from, "postgres_cdc: the snapshot was not completed under a checkpoint; reading the table again under the slot's position");
+                let client = begin_read(&pg).await?;
+                (from, from, from.0, Some(client))
+            }
+            Begin::Fresh => {
                 let (consistent, exported) = create_slot(&mut repl, &o.slot, o.snapshot).await?;
                 info!(job_id = %ctx.job_id, slot = %o.slot, lsn = %consistent, snapshot = o.snapshot, "postgres_cdc: created the replication slot");
                 let snapshot = match exported {
@@ -237,25 +380,21 @@ impl PostgresCdc {
                             }
                             Err(e) => {
                                 drop(repl);
-                                abandon_slot(&control, &o.slot).await;
+                                abandon_slot(&control, &o.slot, "its snapshot could not be imported").await;
                                 guard.armed = false;
                                 return Err(e);
                             }
                         }
                     }
                 };
-                (consistent, snapshot)
+                (consistent, consistent, consistent.0, snapshot)
             }
         };
         source.metrics.set_gauge("confirmed_lsn", start.0 as i64);
         source.snapshot_done = snapshot.is_none();
-        // A new slot's floor is its consistent point; a resumed one keeps the floor its checkpoint
-        // recorded (without one, the position it resumes from is the best there is).
-        let restored_floor = match (&ctx.restore, fresh_slot) {
-            (Some((_, states)), false) => states.iter().filter_map(|s| s.inline.get(9..17)).find_map(|b| b.try_into().ok().map(u64::from_le_bytes)),
-            _ => None,
-        };
-        source.floor = Lsn(restored_floor.unwrap_or(start.0));
+        source.returned = start;
+        source.returned_version = version;
+        source.floor = floor;
         if snapshot.is_none() {
             source.metrics.set_gauge("snapshot_rows_total", 0);
             source.metrics.set_gauge("snapshot_rows_done", 0);
@@ -266,15 +405,17 @@ impl PostgresCdc {
         let reader = Reader {
             out: tx,
             confirm: source.confirm.subscribe(),
-            changes: Changes { table, relation: None, start, floor: source.floor },
+            changes: Changes { table, relation: None, start, floor, last: version },
             metrics: source.metrics.clone(),
             control: control.clone(),
             slot: o.slot.clone(),
             job_id: ctx.job_id.clone(),
+            release_on_failure: source.release_on_failure,
         };
         tokio::spawn(reader.run(repl, snapshot.map(|client| (client, ack_rx))));
         source.chunks = Some(rx);
         source.snapshot_handed_on = Some(ack_tx);
+        source.release = Some((control.clone(), o.slot.clone(), ctx.released.clone()));
         source.lag = Some(LagProbe {
             client: control,
             slot: o.slot.clone(),
@@ -301,7 +442,7 @@ impl Drop for NewSlot {
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (control, slot) = (self.control.clone(), std::mem::take(&mut self.slot));
-            runtime.spawn(async move { abandon_slot(&control, &slot).await });
+            runtime.spawn(async move { abandon_slot(&control, &slot, "its snapshot was never read").await });
         }
     }
 }
@@ -314,12 +455,14 @@ impl Source for PostgresCdc {
         loop {
             match chunks.recv().await {
                 Some(Ok(Chunk::Rows { batch, confirm })) => {
-                    if let Some(lsn) = confirm {
-                        self.returned = self.returned.max(lsn);
+                    if let Some(at) = confirm {
+                        advance(&mut self.returned, &mut self.returned_version, at);
                     }
                     return Ok(Some(batch));
                 }
-                Some(Ok(Chunk::Progress(lsn))) => self.returned = self.returned.max(lsn),
+                Some(Ok(Chunk::Progress(lsn, version))) => {
+                    advance(&mut self.returned, &mut self.returned_version, (lsn, version))
+                }
                 Some(Ok(Chunk::SnapshotEnd)) => {
                     self.snapshot_returned = true;
                     self.snapshot_done = true;
@@ -347,10 +490,13 @@ impl Source for PostgresCdc {
             return Ok(OperatorSnapshot::default()); // a subtask that reads nothing
         }
         self.pending.push((id, self.returned));
-        let mut state = vec![u8::from(self.snapshot_done)];
-        state.extend_from_slice(&self.returned.0.to_le_bytes());
-        state.extend_from_slice(&self.floor.0.to_le_bytes());
-        Ok(OperatorSnapshot::inline(state))
+        let position = Position {
+            snapshot_done: self.snapshot_done,
+            lsn: self.returned,
+            floor: self.floor,
+            version: self.returned_version,
+        };
+        Ok(OperatorSnapshot::inline(position.encode()))
     }
 
     async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
@@ -366,6 +512,14 @@ impl Source for PostgresCdc {
             lag.poll();
         }
         Ok(())
+    }
+}
+
+/// Every change up to `lsn` has been returned, the last with version `version` at most.
+fn advance(returned: &mut Lsn, returned_version: &mut u64, (lsn, version): (Lsn, u64)) {
+    if lsn >= *returned {
+        *returned = lsn;
+        *returned_version = (*returned_version).max(version);
     }
 }
 
@@ -387,6 +541,14 @@ impl Drop for PostgresCdc {
         // whose snapshot was not handed on); only the lag query is cut short.
         if let Some(handle) = self.lag.as_mut().and_then(|l| l.running.take()) {
             handle.abort();
+        }
+        // The job was cancelled for good: the slot would only hold WAL back on the server.
+        if let Some((control, slot, released)) = self.release.take() {
+            if released.load(Ordering::SeqCst) {
+                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                    runtime.spawn(async move { abandon_slot(&control, &slot, "the job was cancelled").await });
+                }
+            }
         }
     }
 }
@@ -684,7 +846,7 @@ async fn ensure_publication(control: &Client, publication: &str, table: &Table) 
 async fn existing_slot(control: &Client, slot: &str) -> Result<Option<Lsn>> {
     let context = "postgres_cdc: checking the replication slot";
     let sql = "SELECT s.plugin::text, s.slot_type, s.database = current_database(), s.active, s.active_pid, \
-                      s.confirmed_flush_lsn::text \
+                      s.confirmed_flush_lsn::text, s.wal_status \
                FROM pg_replication_slots s WHERE s.slot_name = $1";
     let deadline = Instant::now() + SLOT_RELEASE_WAIT;
     loop {
@@ -703,6 +865,13 @@ async fn existing_slot(control: &Client, slot: &str) -> Result<Option<Lsn>> {
             )));
         }
         let (active, pid): (bool, Option<i32>) = (row.get(3), row.get(4));
+        if row.get::<_, Option<String>>(6).as_deref() == Some("lost") {
+            return Err(TaskError::user(format!(
+                "postgres_cdc: replication slot `{slot}` was invalidated (the server removed WAL it still \
+                 needed: max_slot_wal_keep_size); the changes it held are gone. Drop it (SELECT \
+                 pg_drop_replication_slot('{slot}')), then cancel the job and submit it again to take a new snapshot"
+            )));
+        }
         if !active {
             let lsn: Option<String> = row.get(5);
             let lsn = lsn.as_deref().and_then(|l| Lsn::parse(l).ok()).ok_or_else(|| {
@@ -743,6 +912,14 @@ async fn create_slot(repl: &mut ReplicationClient, slot: &str, export: bool) -> 
     Ok((consistent, snapshot))
 }
 
+/// A connection inside a repeatable-read transaction that sees the table as it is now.
+async fn begin_read(pg: &tokio_postgres::Config) -> Result<Client> {
+    let client = connect(pg, "the snapshot connection").await?;
+    let sql = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY";
+    client.batch_execute(sql).await.map_err(|e| pg_error("postgres_cdc: starting to read the table again", e))?;
+    Ok(client)
+}
+
 /// A connection inside a repeatable-read transaction that sees the exported snapshot.
 async fn import_snapshot(pg: &tokio_postgres::Config, name: &str) -> Result<Client> {
     let client = connect(pg, "the snapshot connection").await?;
@@ -752,30 +929,21 @@ async fn import_snapshot(pg: &tokio_postgres::Config, name: &str) -> Result<Clie
     Ok(client)
 }
 
-/// Drops a slot created by this run whose snapshot was not handed on, so the next start takes a new
-/// one. Best effort: the error that led here is the one reported.
-/// Drops an idle slot (after `existing_slot` saw no session holding it).
-async fn drop_slot(control: &Client, slot: &str) -> Result<()> {
-    control
-        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-        .await
-        .map(|_| ())
-        .map_err(|e| pg_error("postgres_cdc: dropping the replication slot to take a new snapshot", e))
-}
-
-async fn abandon_slot(control: &Client, slot: &str) {
+/// Drops the slot because `why`, once the session reading it (ours, ending) lets go. Best effort:
+/// the error that led here is the one reported.
+async fn abandon_slot(control: &Client, slot: &str, why: &str) {
     let deadline = Instant::now() + SLOT_RELEASE_WAIT;
     loop {
         match control.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await {
             Ok(_) => {
-                warn!(slot, "postgres_cdc: dropped the new slot, whose snapshot was not handed on; the next start takes a new snapshot");
+                info!(slot, why, "postgres_cdc: dropped the replication slot; the next start takes a new snapshot");
                 return;
             }
             Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {
-                warn!(slot, error = %e, "postgres_cdc: could not drop the new slot whose snapshot was not handed on; drop it by hand, or the next start resumes without a snapshot");
+                warn!(slot, why, error = %e, "postgres_cdc: could not drop the replication slot; drop it by hand (SELECT pg_drop_replication_slot(name)), or it holds WAL on the server");
                 return;
             }
         }
@@ -847,6 +1015,8 @@ struct Reader {
     control: Arc<Client>,
     slot: String,
     job_id: String,
+    /// Drop the slot if the snapshot fails (see `PostgresCdc::release_on_failure`).
+    release_on_failure: bool,
 }
 
 /// Why the reader stops.
@@ -874,7 +1044,9 @@ impl Reader {
             };
             if let Err(halt) = outcome {
                 drop(repl);
-                abandon_slot(&self.control, &self.slot).await;
+                if self.release_on_failure {
+                    abandon_slot(&self.control, &self.slot, "its snapshot was not handed on").await;
+                }
                 self.report(halt).await;
                 return;
             }
@@ -895,7 +1067,8 @@ impl Reader {
         self.out.send(Ok(chunk)).await.map_err(|_| Halt::Closed)
     }
 
-    /// Reads the imported snapshot through a cursor.
+    /// Reads the snapshot (exported with the slot, or the table as it is now) through a cursor; every
+    /// row carries the slot's position `start` as its version.
     async fn read_snapshot(&mut self, client: Client) -> std::result::Result<(), Halt> {
         let context = "postgres_cdc: reading the snapshot";
         let failed = |e| Halt::Failed(pg_error(context, e));
@@ -957,8 +1130,9 @@ impl Reader {
         repl.wait_started().await.map_err(|e| wire_error("starting replication", e))?;
         info!(job_id = %self.job_id, slot = %self.slot, from = %self.changes.start, "postgres_cdc: streaming changes");
         let mut pending = Batch::with_capacity(BATCH_ROWS + 1);
-        // End of the last transaction read completely, not yet attached to a chunk.
-        let mut completed: Option<Lsn> = None;
+        // End of the last transaction read completely (and the last version given out by then),
+        // not yet attached to a chunk.
+        let mut completed: Option<(Lsn, u64)> = None;
         // Highest position attached to a chunk so far.
         let mut sent = self.changes.start;
         let mut in_transaction = false;
@@ -989,12 +1163,13 @@ impl Reader {
                     Ok(event) => event,
                     Err(_) => {
                         let chunk = if pending.is_empty() {
-                            Chunk::Progress(completed.take().unwrap_or(sent))
+                            let (lsn, version) = completed.take().unwrap_or((sent, self.changes.last));
+                            Chunk::Progress(lsn, version)
                         } else {
                             let batch = std::mem::replace(&mut pending, Batch::with_capacity(BATCH_ROWS + 1));
                             Chunk::Rows { batch, confirm: completed.take() }
                         };
-                        if let Chunk::Rows { confirm: Some(lsn), .. } | Chunk::Progress(lsn) = &chunk {
+                        if let Chunk::Rows { confirm: Some((lsn, _)), .. } | Chunk::Progress(lsn, _) = &chunk {
                             sent = sent.max(*lsn);
                         }
                         self.send(chunk).await?;
@@ -1012,12 +1187,13 @@ impl Reader {
                 }
                 ReplicationEvent::Commit { end_lsn, .. } => {
                     in_transaction = false;
-                    completed = Some(completed.map_or(end_lsn, |c| c.max(end_lsn)));
+                    let end = completed.map_or(end_lsn, |(c, _)| c.max(end_lsn));
+                    completed = Some((end, self.changes.last));
                 }
                 // Between transactions, the server's WAL end is safe to confirm once all before it is.
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    if !in_transaction && wal_end > sent && completed.is_none_or(|c| wal_end > c) {
-                        completed = Some(wal_end);
+                    if !in_transaction && wal_end > sent && completed.is_none_or(|(c, _)| wal_end > c) {
+                        completed = Some((wal_end, self.changes.last));
                     }
                 }
                 ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
@@ -1025,7 +1201,7 @@ impl Reader {
             if pending.len() >= BATCH_ROWS {
                 let batch = std::mem::replace(&mut pending, Batch::with_capacity(BATCH_ROWS + 1));
                 let confirm = completed.take();
-                if let Some(lsn) = confirm {
+                if let Some((lsn, _)) = confirm {
                     sent = sent.max(lsn);
                 }
                 self.send(Chunk::Rows { batch, confirm }).await?;
@@ -1046,6 +1222,11 @@ struct Changes {
     /// WAL record is older. Kept for the slot's whole life (in checkpoints), so a replay after a
     /// restore gives every change the version it had the first time.
     floor: Lsn,
+    /// The last version given to a change. Each change gets its WAL position, raised above this
+    /// (and above `floor`): versions are distinct and grow in stream order, which per row is commit
+    /// order, even for several changes of one transaction whose records precede `floor`.
+    /// Checkpointed with the position it belongs to, so a replay repeats them exactly.
+    last: u64,
 }
 
 impl Changes {
@@ -1053,7 +1234,12 @@ impl Changes {
     fn on_message(&mut self, data: &[u8], wal_start: Lsn, pending: &mut Batch) -> Result<()> {
         let message =
             decode_pgoutput(data).map_err(|m| TaskError::internal(format!("postgres_cdc: at {wal_start}: {m}")))?;
-        let version = wal_start.0.max(self.floor.0 + 1);
+        let version = wal_start.0.max(self.floor.0 + 1).max(self.last + 1);
+        let ours = matches!(
+            &message,
+            PgOutput::Insert { relation, .. } | PgOutput::Update { relation, .. } | PgOutput::Delete { relation, .. }
+                if *relation == self.table.oid
+        );
         match message {
             PgOutput::Relation(rel) if rel.id == self.table.oid => self.relation = Some(self.map_relation(&rel)?),
             PgOutput::Insert { relation, new } if relation == self.table.oid => {
@@ -1076,6 +1262,9 @@ impl Changes {
                 warn!(table = %self.table.qualified, lsn = %wal_start, "postgres_cdc: TRUNCATE skipped: its rows cannot be retracted, so downstream keeps them");
             }
             _ => {}
+        }
+        if ours {
+            self.last = version;
         }
         Ok(())
     }
@@ -1628,7 +1817,7 @@ mod tests {
             columns: columns.iter().map(|(n, t)| (n.to_string(), *t)).collect(),
             versioned,
         };
-        Changes { table, relation: None, start: Lsn(0x196_0000), floor: Lsn(0x196_0000) }
+        Changes { table, relation: None, start: Lsn(0x196_0000), floor: Lsn(0x196_0000), last: 0x196_0000 }
     }
 
     #[test]
@@ -1642,7 +1831,8 @@ mod tests {
         changes.on_message(&hex(FX_UPDATE), Lsn(0x196_BB00), &mut batch).unwrap();
         let delete = hex(FX_DELETE);
         changes.on_message(&delete, Lsn(0x196_BC00), &mut batch).unwrap();
-        // A change below the run's start (written before the consistent point) is raised above it.
+        // A change whose record is older (written before the consistent point, committed later) is
+        // raised above the last version given out.
         changes.on_message(&hex(FX_INSERT), Lsn(0x10), &mut batch).unwrap();
 
         let s = |t: &str| Value::String(t.into());
@@ -1666,7 +1856,7 @@ mod tests {
                 row(Value::Null, 0x196_BB00),
                 row(Value::Int(7), 0x196_BB00),
                 row(Value::Int(7), 0x196_BC00),
-                row(Value::Null, 0x196_0001),
+                row(Value::Null, 0x196_BC01),
             ]
         );
 
@@ -1679,6 +1869,44 @@ mod tests {
     }
 
     #[test]
+    fn changes_of_one_transaction_before_the_floor_get_distinct_versions() {
+        // A transaction that began before the slot's consistent point updates a row twice and
+        // commits after it: both records are below the floor, yet each version must be its own
+        // (an idempotency key `id:version` would otherwise swallow the final one).
+        let mut changes = fx_changes(true);
+        let mut batch = Batch::default();
+        changes.on_message(&hex(FX_RELATION), Lsn(0), &mut batch).unwrap();
+        changes.on_message(&hex(FX_UPDATE), Lsn(0x100), &mut batch).unwrap();
+        changes.on_message(&hex(FX_UPDATE), Lsn(0x180), &mut batch).unwrap();
+        changes.on_message(&hex(FX_DELETE), Lsn(0x200), &mut batch).unwrap();
+        let versions: Vec<i64> = batch.rows.iter().map(|r| match r.last() {
+            Some(Value::Int(v)) => *v,
+            other => panic!("no version: {other:?}"),
+        }).collect();
+        let floor = 0x196_0000;
+        assert_eq!(versions, [floor + 1, floor + 1, floor + 2, floor + 2, floor + 3]);
+
+        // A replay from a checkpoint (the floor and the last version restored) repeats them.
+        let mut again = fx_changes(true);
+        again.last = (floor + 1) as u64;
+        let mut replay = Batch::default();
+        again.on_message(&hex(FX_RELATION), Lsn(0), &mut replay).unwrap();
+        again.on_message(&hex(FX_UPDATE), Lsn(0x180), &mut replay).unwrap();
+        again.on_message(&hex(FX_DELETE), Lsn(0x200), &mut replay).unwrap();
+        assert_eq!(replay.rows, batch.rows[2..]);
+    }
+
+    #[test]
+    fn checkpointed_positions_read_back_old_and_new() {
+        let p = Position { snapshot_done: true, lsn: Lsn(0x50), floor: Lsn(0x10), version: 0x51 };
+        assert_eq!(Position::decode(&p.encode()), Some(p));
+        // Written before the last version was kept: the position stands in for it.
+        let old = &p.encode()[..17];
+        assert_eq!(Position::decode(old), Some(Position { version: 0x50, ..p }));
+        assert_eq!(Position::decode(&[]), None, "a subtask that read nothing");
+    }
+
+    #[test]
     fn unchanged_toast_comes_from_the_old_row() {
         let table = Table {
             oid: 16399,
@@ -1688,7 +1916,7 @@ mod tests {
             columns: vec![("id".into(), DataType::Int), ("big".into(), DataType::String), ("k".into(), DataType::Int)],
             versioned: false,
         };
-        let mut changes = Changes { table, relation: None, start: Lsn(0), floor: Lsn(0) };
+        let mut changes = Changes { table, relation: None, start: Lsn(0), floor: Lsn(0), last: 0 };
         let mut batch = Batch::default();
         changes.on_message(&hex(FY_RELATION), Lsn(0), &mut batch).unwrap();
         changes.on_message(&fy_update(), Lsn(0x197_1BC8), &mut batch).unwrap();
@@ -1726,6 +1954,7 @@ mod tests {
             publication: "p".into(),
             version_column: None,
             snapshot: true,
+            existing_slot: ExistingSlot::Fail,
         };
         let schema = eddy_jobs::connectors::parse_columns(&o.columns).unwrap();
         let ctx = ConnectorContext::for_test(eddy_jobs::TaskId { vertex: 0, subtask: 1 }, 2, schema);
@@ -1738,6 +1967,7 @@ mod tests {
     /// test works in its own schema, slot and publication and removes them.
     mod live {
         use std::collections::{BTreeMap, HashMap};
+        use std::path::Path;
 
         use super::*;
         use crate::error::Blame;
@@ -1841,15 +2071,26 @@ mod tests {
                     publication: self.publication.clone(),
                     version_column: Some("lsn".into()),
                     snapshot: true,
+                    existing_slot: ExistingSlot::Fail,
                 }
             }
 
             async fn start(&self, o: &PostgresCdcOptions) -> (Result<PostgresCdc>, Arc<TaskMetrics>) {
+                self.start_with(o, |_| {}).await
+            }
+
+            /// Starts with a context changed by `edit` (attempt, checkpoints, restore).
+            async fn start_with(
+                &self,
+                o: &PostgresCdcOptions,
+                edit: impl FnOnce(&mut ConnectorContext),
+            ) -> (Result<PostgresCdc>, Arc<TaskMetrics>) {
                 let mut schema = eddy_jobs::connectors::parse_columns(&o.columns).unwrap();
                 if let Some(v) = &o.version_column {
                     schema.fields.push(eddy_jobs::Field::new(v.clone(), DataType::Int));
                 }
-                let ctx = ConnectorContext::for_test(eddy_jobs::TaskId { vertex: 0, subtask: 0 }, 1, schema);
+                let mut ctx = ConnectorContext::for_test(eddy_jobs::TaskId { vertex: 0, subtask: 0 }, 1, schema);
+                edit(&mut ctx);
                 let metrics = ctx.metrics.clone();
                 (PostgresCdc::start(o, ctx).await, metrics)
             }
@@ -1918,6 +2159,12 @@ mod tests {
             }
         }
 
+        /// What a test keeps of the changelog it is handed.
+        trait Apply {
+            fn apply(&mut self, batch: &Batch);
+            fn rows(&self) -> &BTreeMap<i64, Row>;
+        }
+
         /// The changelog applied to a map by id, checking each retraction removes exactly the row
         /// it names and versions never go down per id.
         #[derive(Default)]
@@ -1927,7 +2174,11 @@ mod tests {
             changes: usize,
         }
 
-        impl Applied {
+        impl Apply for Applied {
+            fn rows(&self) -> &BTreeMap<i64, Row> {
+                &self.rows
+            }
+
             fn apply(&mut self, batch: &Batch) {
                 assert_eq!(batch.rows.len(), batch.ops.len());
                 for (i, (row, op)) in batch.rows.iter().zip(&batch.ops).enumerate() {
@@ -1957,8 +2208,48 @@ mod tests {
             }
         }
 
+        /// The changelog as an upsert topic and its consumer see it (what the ingest job's Kafka
+        /// sink and the process job's upsert source make of it): per batch, the last change of each
+        /// id; per id, a change only if its version is above the one held (a delete's too).
+        #[derive(Default)]
+        struct Upserted {
+            rows: BTreeMap<i64, Row>,
+            versions: HashMap<i64, i64>,
+            /// Every (id, version, insert?) taken, in order.
+            taken: Vec<(i64, i64, bool)>,
+        }
+
+        impl Apply for Upserted {
+            fn rows(&self) -> &BTreeMap<i64, Row> {
+                &self.rows
+            }
+
+            fn apply(&mut self, batch: &Batch) {
+                let mut last: BTreeMap<i64, usize> = BTreeMap::new();
+                for (i, row) in batch.rows.iter().enumerate() {
+                    let Value::Int(id) = row[0] else { panic!("bad row {row:?}") };
+                    last.insert(id, i);
+                }
+                let mut order: Vec<usize> = last.into_values().collect();
+                order.sort_unstable();
+                for i in order {
+                    let (row, op) = (&batch.rows[i], batch.ops[i]);
+                    let (Value::Int(id), Value::Int(version)) = (&row[0], &row[10]) else { panic!("bad row {row:?}") };
+                    if self.versions.get(id).is_some_and(|held| version <= held) {
+                        continue;
+                    }
+                    self.versions.insert(*id, *version);
+                    self.taken.push((*id, *version, op == Op::Insert));
+                    match op {
+                        Op::Insert => self.rows.insert(*id, row[..10].to_vec()),
+                        Op::Retract => self.rows.remove(id),
+                    };
+                }
+            }
+        }
+
         /// One round of the task loop: a batch if one comes soon, then `handed_on` and `tick`.
-        async fn step(source: &mut PostgresCdc, applied: &mut Applied) -> usize {
+        async fn step(source: &mut PostgresCdc, applied: &mut impl Apply) -> usize {
             let mut rows = 0;
             if let Ok(next) = tokio::time::timeout(Duration::from_millis(50), source.next_batch()).await {
                 let batch = next.unwrap_or_else(|e| panic!("next_batch: {e}")).expect("the stream does not end");
@@ -1973,14 +2264,14 @@ mod tests {
         }
 
         /// Drives the source until the map equals the table.
-        async fn catch_up(db: &Db, source: &mut PostgresCdc, applied: &mut Applied) {
+        async fn catch_up(db: &Db, source: &mut PostgresCdc, applied: &mut impl Apply) {
             let expected = db.expected().await;
             let deadline = Instant::now() + Duration::from_secs(60);
-            while applied.rows != expected {
+            while *applied.rows() != expected {
                 assert!(
                     Instant::now() < deadline,
                     "did not catch up: {}",
-                    describe_difference(&applied.rows, &expected)
+                    describe_difference(applied.rows(), &expected)
                 );
                 step(source, applied).await;
             }
@@ -2110,10 +2401,11 @@ mod tests {
                 step(&mut source, &mut applied).await;
             }
 
-            // A restart resumes from the slot without a snapshot; changes made meanwhile arrive.
+            // A restart (of a job without checkpoints) resumes from the slot without a snapshot;
+            // changes made meanwhile arrive.
             drop(source);
             write_changes(db.url.clone(), db.table(), db.schema.clone(), 90, 99, INITIAL, 200_000).await;
-            let (source, metrics) = db.start(&o).await;
+            let (source, metrics) = db.start_with(&o, |ctx| ctx.attempt = 2).await;
             let mut source = source.unwrap_or_else(|e| panic!("restart: {e}"));
             catch_up(&db, &mut source, &mut applied).await;
             assert_eq!(metrics.gauges().get("snapshot_rows_total"), Some(&0));
@@ -2205,6 +2497,158 @@ mod tests {
             catch_up(&db, &mut source, &mut applied).await;
             assert_eq!(metrics.gauges().get("snapshot_rows_done"), Some(&10_000));
             drop(source);
+            db.drop_all().await;
+        }
+
+        /// A checkpoint's state of the source, as a restore hands it back.
+        fn restore_of(id: u64, state: &OperatorSnapshot) -> Option<(u64, Vec<crate::operators::RestoredState>)> {
+            Some((id, vec![crate::operators::RestoredState { inline: state.inline.clone(), files: None }]))
+        }
+
+        async fn wait_slot(db: &Db, what: &str, ok: impl Fn(Option<u64>) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !ok(db.confirmed().await) {
+                assert!(Instant::now() < deadline, "{what}: slot at {:?}", db.confirmed().await);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_worker_lost_during_the_snapshot_resends_no_new_versions_and_misses_no_delete() {
+            let Some(url) = url() else { return };
+            let db = Db::new(url).await;
+            db.insert_rows(1, 20_000).await;
+            let o = db.options();
+            let checkpointed = |attempt: u64| move |ctx: &mut ConnectorContext| {
+                ctx.checkpointing = true;
+                ctx.attempt = attempt;
+            };
+            let (source, _) = db.start_with(&o, checkpointed(1)).await;
+            let mut source = source.unwrap();
+            let mut topic = Upserted::default();
+            while topic.rows.len() < 3_000 {
+                step(&mut source, &mut topic).await;
+            }
+            let created_at = db.confirmed().await.expect("the slot was created");
+            // The task dies before any checkpoint completes (the reader's session ends with it).
+            drop(source);
+            let first = topic.versions.clone();
+            let delivered: Vec<i64> = first.keys().copied().filter(|id| *id > 10).take(3).collect();
+            let changed = [delivered[0], delivered[1], delivered[2], 19_990, 19_991, 19_992];
+            db.exec(&format!(
+                "DELETE FROM {t} WHERE id IN ({a}, 19990);
+                 UPDATE {t} SET duration_ms = -1 WHERE id IN ({b}, 19991);
+                 UPDATE {t} SET id = 30000 WHERE id IN ({c});
+                 DELETE FROM {t} WHERE id = 19992;
+                 INSERT INTO {t} (id, event_type, event_ts) VALUES (40000, 'play', now());",
+                t = db.table(),
+                a = changed[0],
+                b = changed[1],
+                c = changed[2]
+            ))
+            .await;
+
+            // The restart finds the slot where it was created, and reads the table again under it.
+            let (source, metrics) = db.start_with(&o, checkpointed(2)).await;
+            let mut source = source.unwrap();
+            assert_eq!(db.confirmed().await, Some(created_at), "the slot was kept");
+            catch_up(&db, &mut source, &mut topic).await;
+            assert_eq!(metrics.gauges().get("snapshot_rows_done"), Some(&19_998));
+            // Rows delivered the first time and untouched since kept their version.
+            for (id, version) in &first {
+                if !changed.contains(id) {
+                    assert_eq!(topic.versions.get(id), Some(version), "id {id} got a new version");
+                }
+            }
+            assert_eq!(first.values().collect::<std::collections::HashSet<_>>().len(), 1, "one snapshot version");
+            drop(source);
+            db.drop_all().await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_restore_resumes_where_its_checkpoint_stopped_and_a_lost_slot_is_an_error() {
+            let Some(url) = url() else { return };
+            let db = Db::new(url).await;
+            db.insert_rows(1, 1_000).await;
+            let o = db.options();
+            let (source, _) = db.start_with(&o, |ctx| ctx.checkpointing = true).await;
+            let mut source = source.unwrap();
+            let mut topic = Upserted::default();
+            catch_up(&db, &mut source, &mut topic).await;
+            db.insert_rows(1_001, 1_050).await;
+            catch_up(&db, &mut source, &mut topic).await;
+            let first = source.snapshot(1, Path::new("/nonexistent")).await.unwrap();
+            source.checkpoint_complete(1).await.unwrap();
+            db.insert_rows(1_051, 1_100).await;
+            catch_up(&db, &mut source, &mut topic).await;
+            let second = source.snapshot(2, Path::new("/nonexistent")).await.unwrap();
+            // Checkpoint 2 never completes: the slot stays at checkpoint 1's position.
+            let after_second = topic.taken.len();
+            db.exec(&format!("UPDATE {} SET duration_ms = 7 WHERE id <= 50", db.table())).await;
+            db.insert_rows(1_101, 1_110).await;
+            catch_up(&db, &mut source, &mut topic).await;
+            let since: Vec<_> = topic.taken[after_second..].to_vec();
+            assert_eq!(since.len(), 60);
+            drop(source);
+
+            // Restored from checkpoint 2, the source replays what followed it, with the same
+            // versions, and nothing before it (the slot itself is further back).
+            let slot = db.confirmed().await.unwrap();
+            let restored = Position::decode(&second.inline).unwrap();
+            assert!(slot < restored.lsn.0, "the slot ({slot:x}) is behind checkpoint 2 ({})", restored.lsn);
+            let (source, _) = db
+                .start_with(&o, |ctx| {
+                    ctx.checkpointing = true;
+                    ctx.attempt = 2;
+                    ctx.restore = restore_of(2, &second);
+                })
+                .await;
+            let mut source = source.unwrap();
+            let mut replay = Upserted::default();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while replay.taken.len() < since.len() {
+                assert!(Instant::now() < deadline, "replayed {:?} of {since:?}", replay.taken);
+                step(&mut source, &mut replay).await;
+            }
+            assert_eq!(replay.taken, since, "the replay differs from the first reading");
+            drop(source);
+            // The slot moved to where the replay started.
+            wait_slot(&db, "slot at checkpoint 2", |at| at >= Some(restored.lsn.0)).await;
+
+            // An older checkpoint cannot be restored: the slot cannot go back.
+            let (source, _) = db
+                .start_with(&o, |ctx| {
+                    ctx.checkpointing = true;
+                    ctx.attempt = 3;
+                    ctx.restore = restore_of(1, &first);
+                })
+                .await;
+            let e = source.err().expect("restoring behind the slot").to_string();
+            assert!(e.contains("past") && e.contains("checkpoint 1"), "{e}");
+
+            // A new job over the slot says what it can do; `resume` streams from it.
+            let e = db.start(&o).await.0.err().expect("a new job over an existing slot").to_string();
+            assert!(e.contains("already exists") && e.contains("existing_slot"), "{e}");
+            let resume = PostgresCdcOptions { existing_slot: ExistingSlot::Resume, ..o.clone() };
+            let released = Arc::new(AtomicBool::new(false));
+            let (source, _) = db.start_with(&resume, |ctx| ctx.released = released.clone()).await;
+            let source = source.unwrap();
+            // Cancelled for good: the slot goes.
+            released.store(true, Ordering::SeqCst);
+            drop(source);
+            wait_slot(&db, "the slot of a cancelled job to be dropped", |at| at.is_none()).await;
+
+            // A restore whose slot is gone is an error, not a new snapshot.
+            let (source, _) = db
+                .start_with(&o, |ctx| {
+                    ctx.checkpointing = true;
+                    ctx.attempt = 4;
+                    ctx.restore = restore_of(2, &second);
+                })
+                .await;
+            let e = source.err().expect("restoring without the slot").to_string();
+            assert!(e.contains("is gone"), "{e}");
+            assert_eq!(db.confirmed().await, None, "no slot was created");
             db.drop_all().await;
         }
 

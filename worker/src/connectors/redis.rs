@@ -16,7 +16,8 @@
 //! decays to empty when traffic stops instead of showing the last non-empty window for good.
 //!
 //! `finish` writes the newest buffered window. Rows with a NULL member or score are skipped.
-//! Connection failures are retried with backoff for up to [`RETRY_BUDGET`] (a Redis restart or a
+//! Connection failures are retried under the connectors' shared policy ([`crate::retry`], up to
+//! 5 minutes; a Redis restart or a
 //! short outage costs nothing but delay; meanwhile `on_watermark` does not return, which
 //! backpressures upstream), then the task fails with an `external` error. The sink must run with
 //! parallelism 1: each subtask would otherwise replace the others' part of the window. In Redis
@@ -30,16 +31,12 @@ use async_trait::async_trait;
 use eddy_jobs::connectors::RedisSinkOptions;
 use eddy_jobs::{Row, Value};
 use redis::aio::MultiplexedConnection;
-use tokio::time::Instant;
 
 use super::{ConnectorContext, Sink};
+use crate::retry::Policy;
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 
-/// How long a write keeps retrying an unreachable Redis before the task fails.
-const RETRY_BUDGET: Duration = Duration::from_secs(60);
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// KEYS: leaderboard, fence, temporary set. ARGV: window end, then score/member pairs.
@@ -152,8 +149,7 @@ impl RedisLeaderboard {
         for (member, score) in scores {
             invocation.arg(*score).arg(member.as_str());
         }
-        let started = Instant::now();
-        let mut attempt = 0u32;
+        let mut retry = Policy::DEFAULT.start();
         loop {
             let outcome = match self.connection().await {
                 Ok(mut conn) => invocation.invoke_async::<i64>(&mut conn).await,
@@ -162,8 +158,8 @@ impl RedisLeaderboard {
             match outcome {
                 Ok(replaced) => {
                     self.written = self.written.max(end);
-                    if attempt > 0 {
-                        tracing::info!(job_id = %self.ctx.job_id, task = %self.ctx.task, attempt, "redis sink: Redis reachable again");
+                    if retry.failures() > 0 {
+                        tracing::info!(job_id = %self.ctx.job_id, task = %self.ctx.task, attempt = retry.failures(), "redis sink: Redis reachable again");
                     }
                     if replaced == 1 {
                         self.ctx.metrics.set_gauge("last_window_end", end);
@@ -178,16 +174,15 @@ impl RedisLeaderboard {
                 }
                 Err(e) => {
                     self.conn = None;
-                    if started.elapsed() >= RETRY_BUDGET {
+                    let Some(delay) = retry.next_delay() else {
                         return Err(TaskError::external(format!(
-                            "redis sink: Redis unreachable for {}s ({attempt} retries): {e}; check that Redis is up",
-                            started.elapsed().as_secs()
+                            "redis sink: Redis unreachable for {}s ({} retries): {e}; check that Redis is up",
+                            retry.elapsed().as_secs(),
+                            retry.failures()
                         )));
-                    }
-                    let delay = backoff(attempt);
-                    tracing::warn!(job_id = %self.ctx.job_id, task = %self.ctx.task, attempt, error = %e, ?delay, "redis sink: Redis unreachable; retrying");
+                    };
+                    tracing::warn!(job_id = %self.ctx.job_id, task = %self.ctx.task, attempt = retry.failures(), error = %e, ?delay, "redis sink: Redis unreachable; retrying");
                     tokio::time::sleep(delay).await;
-                    attempt += 1;
                 }
             }
         }
@@ -202,10 +197,6 @@ fn transient(e: &redis::RedisError) -> bool {
         || e.is_connection_dropped()
         || e.is_connection_refusal()
         || matches!(e.kind(), K::BusyLoadingError | K::TryAgain | K::ClusterDown | K::MasterDown)
-}
-
-fn backoff(attempt: u32) -> Duration {
-    FIRST_BACKOFF.saturating_mul(1u32 << attempt.min(16)).min(MAX_BACKOFF)
 }
 
 #[async_trait]
@@ -304,6 +295,7 @@ impl Windows {
 mod tests {
 
     use eddy_jobs::{DataType, Field, Schema, TaskId};
+    use tokio::time::Instant;
 
     use super::*;
 

@@ -18,6 +18,7 @@ use super::{Collector, Operator};
 use crate::batch::Batch;
 use crate::connectors::postgres_cdc::{decode_value, quote_ident};
 use crate::error::{Result, TaskError};
+use crate::retry::Policy;
 
 /// LEFT join with a PostgreSQL table or view.
 pub struct PostgresLookup {
@@ -76,10 +77,8 @@ impl PostgresLookup {
 
     /// Fetches `keys`, retrying with backoff while the database is unreachable.
     async fn fetch(&mut self, keys: Vec<String>) -> Result<HashMap<String, Vec<Value>>> {
-        let mut delay = Duration::from_millis(100);
-        let mut attempt = 0;
+        let mut retry = Policy::DEFAULT.start();
         loop {
-            attempt += 1;
             let query = self.query.clone();
             let result = match self.client().await {
                 Ok(client) => client.query(&query, &[&keys]).await.map_err(|e| {
@@ -113,11 +112,18 @@ impl PostgresLookup {
                     }
                     return Ok(found);
                 }
-                Err(e) if e.retryable() && attempt < 8 => {
-                    warn!(error = %e, attempt, "lookup failed; retrying");
+                Err(e) if e.retryable() => {
+                    let Some(delay) = retry.next_delay() else {
+                        return Err(TaskError::external(format!(
+                            "{} (still failing after {} retries in {}s; check that the database is up)",
+                            e.message,
+                            retry.failures(),
+                            retry.elapsed().as_secs()
+                        )));
+                    };
+                    warn!(error = %e, attempt = retry.failures(), ?delay, "lookup failed; retrying");
                     self.client = None;
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(5));
                 }
                 Err(e) => return Err(e),
             }
@@ -152,16 +158,25 @@ impl Operator for PostgresLookup {
             .collect();
         missing.sort_unstable();
         missing.dedup();
+        // What this batch's rows get, taken before the cache makes room for the new keys: with
+        // more distinct keys in a batch than `cache_size`, the cache cannot hold them all at once.
+        let mut batch_values: HashMap<String, Option<Vec<Value>>> = HashMap::new();
+        for k in keys.iter().flatten() {
+            if let Some((_, v)) = self.cache.get(k) {
+                batch_values.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
         if !missing.is_empty() {
             let mut found = self.fetch(missing.clone()).await?;
             for k in missing {
                 let v = found.remove(&k);
+                batch_values.insert(k.clone(), v.clone());
                 self.remember(k, v);
             }
         }
         let width = self.columns.fields.len();
         for (row, key) in batch.rows.iter_mut().zip(keys) {
-            match key.and_then(|k| self.cache.get(&k)).and_then(|(_, v)| v.as_ref()) {
+            match key.and_then(|k| batch_values.get(&k)).and_then(|v| v.as_ref()) {
                 Some(values) => row.extend(values.iter().cloned()),
                 None => row.extend(std::iter::repeat_n(Value::Null, width)),
             }
@@ -219,6 +234,45 @@ mod tests {
         for passing in ["57P01", "57014", "40001", "08006", "53300", "XX000"] {
             assert!(!is_user_error(passing), "{passing}");
         }
+    }
+
+    /// Against a real server (`EDDY_TEST_PG_URL`): a batch with more distinct keys than the cache
+    /// holds is enriched whole (the cache used to evict keys the batch still needed: NULLs).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_wider_than_the_cache_is_enriched_whole() {
+        let Ok(url) = std::env::var("EDDY_TEST_PG_URL") else {
+            eprintln!("skipped: set EDDY_TEST_PG_URL=postgres://user@host:port/db to run against a real PostgreSQL");
+            return;
+        };
+        let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let table = format!("wide_dim_{}", std::process::id());
+        admin
+            .batch_execute(&format!(
+                "CREATE TABLE {table} (id text PRIMARY KEY, slug text);
+                 INSERT INTO {table} SELECT g::text, 'slug-' || g FROM generate_series(1, 6) g;"
+            ))
+            .await
+            .unwrap();
+        let options = PostgresLookupOptions {
+            url: url.clone(),
+            table: table.clone(),
+            key: "id".into(),
+            columns: "slug VARCHAR".into(),
+            cache_size: 2,
+            cache_ttl: "60s".into(),
+        };
+        let columns = eddy_jobs::connectors::parse_columns(&options.columns).unwrap();
+        let mut lookup = PostgresLookup::connect(&options, 0, &columns).await.unwrap();
+        let mut out = Collector::default();
+        for keys in [vec![1, 2], vec![1, 2, 3, 4, 5, 6, 1]] {
+            let rows = keys.iter().map(|k: &i64| vec![Value::String(k.to_string().into())]).collect();
+            lookup.process_batch(Batch::inserts(rows), &mut out).await.unwrap();
+        }
+        admin.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
+        let enriched: Vec<Value> = out.main[1].rows.iter().map(|r| r[1].clone()).collect();
+        let want: Vec<Value> = [1, 2, 3, 4, 5, 6, 1].iter().map(|k| Value::String(format!("slug-{k}").into())).collect();
+        assert_eq!(enriched, want);
     }
 
     /// Against a real server (`EDDY_TEST_PG_URL`): the server ends the lookup's query in flight
