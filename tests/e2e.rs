@@ -295,11 +295,17 @@ options = {{ path = "{}", rows_per_second = 1000 }}
     // an exchange, and sink subtask 1 runs on the other worker.
     let job = cluster.submit("backpressure", &spec)?;
     cluster.wait_state(&job, "running", Duration::from_secs(20))?;
-    std::thread::sleep(Duration::from_secs(4));
     let produced = |c: &Cluster| -> Result<u64> {
         let s = c.status(&job)?;
         s["tasks"].as_array().context("tasks")?.iter().find(|t| t["operators"] == "events").and_then(|t| t["records_out"].as_u64()).context("source")
     };
+    // The buffers between source and sinks fill at once; measure once the sinks have worked for
+    // about two seconds (4,000 rows at 2,000 rows/s), when only their pace moves the source.
+    let consumed = |c: &Cluster| -> Result<u64> {
+        let s = c.status(&job)?;
+        Ok(s["tasks"].as_array().context("tasks")?.iter().filter(|t| t["operators"] == "slow").filter_map(|t| t["records_in"].as_u64()).sum())
+    };
+    cluster.wait(Duration::from_secs(30), "the sinks to work through 4,000 rows", |c| Ok(consumed(c)? >= 4_000))?;
     let rss = |c: &Cluster| -> Result<f64> { Ok(rss_mib(c.worker_pid("w1"))?.max(rss_mib(c.worker_pid("w2"))?)) };
     let (p1, m1) = (produced(&cluster)?, rss(&cluster)?);
     std::thread::sleep(Duration::from_secs(6));

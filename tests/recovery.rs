@@ -255,8 +255,12 @@ options = {{ path = "{}" }}
         ),
     )?;
     cluster.wait_state(&consumer, "running", Duration::from_secs(30))?;
+    // Each kill comes once the consumer has written 2,000 more lines (the producer runs at
+    // 3,000 rows/s): mid-stream, with a checkpoint or more behind it.
+    let lines = |path: &std::path::Path| std::fs::read_to_string(path).map(|t| t.lines().count()).unwrap_or(0);
     for round in 0..2 {
-        std::thread::sleep(Duration::from_millis(2_500));
+        let target = lines(&out) + 2_000;
+        cluster.wait(Duration::from_secs(60), "the consumer to make progress", |_| Ok(lines(&out) >= target))?;
         let status = cluster.status(&consumer)?;
         let victim = status["tasks"][0]["worker_id"].as_str().context("placed")?.to_string();
         let n = attempt(&status);
