@@ -1074,6 +1074,35 @@ mod shipped_specs {
         assert!(names.contains(&"engagement_pct") && names.contains(&"slug"), "{names:?}");
     }
 
+    /// `eddy rescale JOB 2` on each shipped spec plans, and the stages that must run as one task
+    /// (the CDC source: one slot is one stream; the Redis sink) stay at one.
+    #[test]
+    fn shipped_specs_rescale_with_single_task_stages_kept() {
+        let specs = [
+            ("ingest", include_str!("../specs/ingest.toml")),
+            ("process", include_str!("../specs/process.toml")),
+            ("hop-sum", include_str!("../specs/hop-sum.toml")),
+        ];
+        for (name, text) in specs {
+            let text = substitute_env(text, |_| None).unwrap();
+            let plan = crate::compile_with_parallelism(&text, Some(2)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            for o in &plan.operators {
+                let single = matches!(
+                    &o.kind,
+                    super::OperatorKind::Source { connector: crate::connectors::SourceConnector::PostgresCdc(_), .. }
+                        | super::OperatorKind::Sink { connector: crate::connectors::SinkConnector::Redis(_) }
+                );
+                if single {
+                    assert_eq!(o.parallelism, 1, "{name}: {}", o.name);
+                }
+            }
+        }
+        let ingest = substitute_env(include_str!("../specs/ingest.toml"), |_| None).unwrap();
+        let two = ingest.replace("connector = \"postgres_cdc\"", "connector = \"postgres_cdc\"\nparallelism = 2");
+        let e = compile(&two).unwrap_err().to_string();
+        assert!(e.contains("source[engagement_events].parallelism") && e.contains("one replication slot"), "{e}");
+    }
+
     /// The Kafka source's `state_ttl` is checked at submit time.
     #[test]
     fn a_bad_state_ttl_is_refused() {

@@ -46,21 +46,42 @@ fn civil_from_days(z: i64) -> (i64, i64, i64) {
     (if m <= 2 { y + 1 } else { y }, m, d)
 }
 
-/// Formats milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS[.fff]` (UTC).
+/// The text of the two timestamps PostgreSQL calls `infinity` and `-infinity`, which Eddy keeps
+/// as the largest and smallest milliseconds.
+fn infinity(ms: i64) -> Option<&'static str> {
+    match ms {
+        i64::MAX => Some("infinity"),
+        i64::MIN => Some("-infinity"),
+        _ => None,
+    }
+}
+
+/// Formats milliseconds since the epoch as `YYYY-MM-DD HH:MM:SS[.fff]` (UTC). Years outside
+/// 0000–9999 take a sign and six digits (ISO 8601's expanded years, e.g. `+010000-01-01`);
+/// `i64::MAX` and `i64::MIN` are `infinity` and `-infinity`. [`parse_timestamp`] reads all of them.
 pub fn format_timestamp(ms: i64) -> String {
+    if let Some(text) = infinity(ms) {
+        return text.to_string();
+    }
     let days = ms.div_euclid(86_400_000);
     let rem = ms.rem_euclid(86_400_000);
     let (y, m, d) = civil_from_days(days);
     let (h, mi, s, frac) = (rem / 3_600_000, rem / 60_000 % 60, rem / 1000 % 60, rem % 1000);
     let mut out = String::with_capacity(23);
-    let _ = write!(out, "{y:04}-{m:02}-{d:02} {h:02}:{mi:02}:{s:02}");
+    if (0..=9999).contains(&y) {
+        let _ = write!(out, "{y:04}");
+    } else {
+        let _ = write!(out, "{}{:06}", if y < 0 { '-' } else { '+' }, y.unsigned_abs());
+    }
+    let _ = write!(out, "-{m:02}-{d:02} {h:02}:{mi:02}:{s:02}");
     if frac != 0 {
         let _ = write!(out, ".{frac:03}");
     }
     out
 }
 
-/// Parses `YYYY-MM-DD[( |T)HH:MM[:SS[.fff…]]][Z|UTC|±HH[:MM]]` into milliseconds since the epoch.
+/// Parses `YYYY-MM-DD[( |T)HH:MM[:SS[.fff…]]][Z|UTC|±HH[:MM]]` into milliseconds since the epoch;
+/// also an expanded year (`±YYYYYY-…`) and `±infinity`, as [`format_timestamp`] writes them.
 pub fn parse_timestamp(s: &str) -> Option<i64> {
     struct Cur<'a> {
         b: &'a [u8],
@@ -87,8 +108,19 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
             self.i == self.b.len()
         }
     }
+    match s.trim() {
+        "infinity" | "+infinity" => return Some(i64::MAX),
+        "-infinity" => return Some(i64::MIN),
+        _ => {}
+    }
     let mut c = Cur { b: s.trim().as_bytes(), i: 0 };
-    let y = c.num(4)?;
+    let y = if c.eat(b'+') {
+        c.num(6)?
+    } else if c.eat(b'-') {
+        -c.num(6)?
+    } else {
+        c.num(4)?
+    };
     if !c.eat(b'-') {
         return None;
     }
@@ -150,16 +182,23 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
         return None;
     }
     let days = days_from_civil(y, mo, d);
-    Some(((days * 24 + h) * 60 + mi - offset_min) * 60_000 + sec * 1000 + ms)
+    let total = ((days.checked_mul(24)? + h) * 60 + mi - offset_min).checked_mul(60_000)?.checked_add(sec * 1000 + ms)?;
+    // The two extremes stand for ±infinity; a date that lands on them is out of range.
+    (infinity(total).is_none()).then_some(total)
 }
 
 /// Formats milliseconds since the epoch as ISO 8601 UTC: `YYYY-MM-DDTHH:MM:SS.fffZ`.
 pub fn format_iso8601(ms: i64) -> String {
+    if let Some(text) = infinity(ms) {
+        return text.to_string();
+    }
     let mut s = format_timestamp(ms);
-    if s.len() == 19 {
+    if !s.contains('.') {
         s.push_str(".000");
     }
-    s.replace_range(10..11, "T");
+    if let Some(space) = s.find(' ') {
+        s.replace_range(space..space + 1, "T");
+    }
     s.push('Z');
     s
 }
@@ -175,5 +214,26 @@ mod tests {
         assert_eq!(format_iso8601(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(format_iso8601(-1), "1969-12-31T23:59:59.999Z");
         assert_eq!(parse_timestamp(&format_iso8601(1_714_566_896_789)), Some(1_714_566_896_789));
+    }
+
+    #[test]
+    fn years_outside_0000_to_9999_and_infinity_round_trip() {
+        // 10000-01-01, 0001-01-01 BC (year 0), 0002 BC (year -1), PostgreSQL's extremes.
+        let cases = [
+            (253_402_300_800_000, "+010000-01-01T00:00:00.000Z"),
+            (-62_167_219_200_000, "0000-01-01T00:00:00.000Z"),
+            (-62_167_219_200_001, "-000001-12-31T23:59:59.999Z"),
+            (i64::MAX, "infinity"),
+            (i64::MIN, "-infinity"),
+        ];
+        for (ms, text) in cases {
+            assert_eq!(format_iso8601(ms), text);
+            assert_eq!(parse_timestamp(text), Some(ms), "{text}");
+            assert_eq!(parse_timestamp(&format_timestamp(ms)), Some(ms), "{}", format_timestamp(ms));
+        }
+        // Far beyond what milliseconds hold: no value, not a wrapped one.
+        let far = parse_timestamp("+999999-12-31T23:59:59Z").unwrap();
+        assert_eq!(format_iso8601(far), "+999999-12-31T23:59:59.000Z");
+        assert_eq!(parse_timestamp("+99999999-01-01"), None);
     }
 }
