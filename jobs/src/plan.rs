@@ -105,6 +105,10 @@ pub enum OperatorKind {
         filter: Option<Expr>,
         /// Output columns; `None` keeps the input row.
         projection: Option<Vec<Expr>>,
+        /// What happens to a row the expressions fail on.
+        bad_records: connectors::BadRecordPolicy,
+        /// Where `bad_records = "dead-letter"` puts such rows.
+        dead_letter_path: Option<String>,
     },
     /// Keyed event-time window aggregation.
     Window(WindowPlan),
@@ -636,11 +640,19 @@ impl<'a> Planner<'a> {
                             }),
                         }
                 });
+                if t.bad_records == connectors::BadRecordPolicy::DeadLetter && t.dead_letter_path.is_none() {
+                    return Err(SpecError::new(at("dead_letter_path"), "bad_records = \"dead-letter\" needs a file to write them to"));
+                }
                 let parallelism = self.parallelism(&at("parallelism"), t.parallelism.or(Some(self.operators[up].parallelism)))?;
                 let partition = self.partition(field, t.partition.as_deref(), t.key.as_deref(), &schema_in, up, parallelism)?;
                 let op = Operator {
                     name: t.name.clone(),
-                    kind: OperatorKind::Transform { filter, projection },
+                    kind: OperatorKind::Transform {
+                        filter,
+                        projection,
+                        bad_records: t.bad_records,
+                        dead_letter_path: t.dead_letter_path.clone(),
+                    },
                     parallelism,
                     schema,
                 };

@@ -96,6 +96,17 @@ pub struct TransformSpec {
     pub partition: Option<String>,
     /// Columns to hash by when `partition = "hash"`.
     pub key: Option<Vec<String>>,
+    /// A row the expressions fail on (a bad CAST, an overflow): `drop` it (the default: counted
+    /// and logged), set it aside in `dead_letter_path` with the reason (`dead-letter`), or `fail`
+    /// the job.
+    #[serde(default = "drop_bad_rows")]
+    pub bad_records: crate::connectors::BadRecordPolicy,
+    /// File for `bad_records = "dead-letter"`.
+    pub dead_letter_path: Option<String>,
+}
+
+fn drop_bad_rows() -> crate::connectors::BadRecordPolicy {
+    crate::connectors::BadRecordPolicy::Drop
 }
 
 /// A `[[lookup]]` table: a LEFT join of each row with the external row whose key equals `on`.

@@ -406,7 +406,7 @@ async fn run_task(ctx: &mut TaskContext) -> Result<()> {
                     key_groups: key_groups.clone(),
                     restore: fetch(o, matches!(kind, OperatorKind::Window(_))).await?,
                 };
-                ops.push(operators::build(&plan, o, octx).await?.ok_or_else(|| TaskError::internal("operator has no builder"))?);
+                ops.push(operators::build(&plan, o, octx, &ctx.metrics).await?.ok_or_else(|| TaskError::internal("operator has no builder"))?);
                 op_indices.push(o);
             }
         }

@@ -91,11 +91,23 @@ pub trait Operator: Send {
 }
 
 /// Builds operator `index` of `plan`, restoring its state from `ctx`; `None` for sources and sinks.
-pub async fn build(plan: &Plan, index: usize, ctx: OperatorContext) -> Result<Option<Box<dyn Operator>>> {
+/// `metrics` are the task's (for the rows an operator sets aside).
+pub async fn build(
+    plan: &Plan,
+    index: usize,
+    ctx: OperatorContext,
+    metrics: &std::sync::Arc<crate::task::TaskMetrics>,
+) -> Result<Option<Box<dyn Operator>>> {
     let op = &plan.operators[index];
     Ok(match &op.kind {
-        OperatorKind::Transform { filter, projection } => {
-            Some(Box::new(transform::Transform::new(filter.clone(), projection.clone())))
+        OperatorKind::Transform { filter, projection, bad_records, dead_letter_path } => {
+            let path = dead_letter_path.as_deref().filter(|_| *bad_records == eddy_jobs::connectors::BadRecordPolicy::DeadLetter);
+            let dead_letters = crate::connectors::DeadLetters::open("transform", path, metrics.clone())?;
+            Some(Box::new(transform::Transform::new(filter.clone(), projection.clone()).with_bad_rows(
+                &op.name,
+                *bad_records,
+                dead_letters,
+            )))
         }
         OperatorKind::Window(w) => Some(Box::new(window::Window::open(w.clone(), plan.max_parallelism, plan.state.backend, ctx)?)),
         OperatorKind::Lookup { options, on, columns } => {

@@ -1,22 +1,71 @@
-//! Filter and projection with SQL expressions.
+//! Filter and projection with SQL expressions. A row the expressions fail on (a CAST that cannot
+//! convert, an integer overflow, a division by zero where SQL says so) follows the stage's
+//! `bad_records`: dropped (the default) or set aside in the dead letters, counted either way and
+//! logged, or the job fails. A row fails the same way as an insert and as a retraction, so a
+//! dropped insert is never retracted later.
 
+use eddy_jobs::connectors::BadRecordPolicy;
 use eddy_jobs::expr::Expr;
 use eddy_jobs::Value;
 
 use super::{Collector, Operator};
 use crate::batch::Batch;
+use crate::connectors::DeadLetters;
 use crate::error::{Result, TaskError};
 
 /// `SELECT projection FROM input WHERE filter`, row by row.
 pub struct Transform {
     filter: Option<Expr>,
     projection: Option<Vec<Expr>>,
+    bad_rows: Option<BadRows>,
+}
+
+/// What a transform does with rows its expressions fail on.
+struct BadRows {
+    stage: String,
+    policy: BadRecordPolicy,
+    dead_letters: DeadLetters,
+    /// Rows set aside so far (only the first few are logged one by one).
+    count: u64,
 }
 
 impl Transform {
-    /// A transform; `None` parts pass rows through.
+    /// A transform; `None` parts pass rows through. A row the expressions fail on fails the task
+    /// unless [`Transform::with_bad_rows`] says otherwise.
     pub fn new(filter: Option<Expr>, projection: Option<Vec<Expr>>) -> Transform {
-        Transform { filter, projection }
+        Transform { filter, projection, bad_rows: None }
+    }
+
+    /// Rows the expressions fail on follow `policy`.
+    pub fn with_bad_rows(mut self, stage: &str, policy: BadRecordPolicy, dead_letters: DeadLetters) -> Transform {
+        self.bad_rows = Some(BadRows { stage: stage.to_string(), policy, dead_letters, count: 0 });
+        self
+    }
+
+    /// A row the expressions failed on: set aside, or the task's error.
+    fn bad_row(&mut self, row: &[Value], error: String) -> Result<()> {
+        match &mut self.bad_rows {
+            Some(bad) => bad.take(row, error),
+            None => Err(TaskError::user(error)),
+        }
+    }
+}
+
+impl BadRows {
+    fn take(&mut self, row: &[Value], error: String) -> Result<()> {
+        if self.policy == BadRecordPolicy::Fail {
+            return Err(TaskError::user(format!(
+                "transform[{}]: {error}; fix the data or the expression, or set bad_records = \"drop\" or \"dead-letter\" on the stage",
+                self.stage
+            )));
+        }
+        self.count += 1;
+        if self.count <= 10 {
+            tracing::warn!(stage = %self.stage, %error, "transform: a bad row set aside");
+        }
+        let values: Vec<serde_json::Value> = row.iter().map(crate::json::to_json).collect();
+        let line = serde_json::json!({ "stage": self.stage, "row": values, "error": error });
+        self.dead_letters.record(&line.to_string())
     }
 }
 
@@ -29,16 +78,21 @@ impl Operator for Transform {
                 match f.eval(&row) {
                     Ok(Value::Bool(true)) => {}
                     Ok(_) => continue,
-                    Err(e) => return Err(TaskError::user(format!("`where` failed on a row: {e}"))),
+                    Err(e) => {
+                        self.bad_row(&row, format!("`where` failed on a row: {e}"))?;
+                        continue;
+                    }
                 }
             }
             let row = match &self.projection {
                 None => row,
-                Some(exprs) => exprs
-                    .iter()
-                    .map(|e| e.eval(&row))
-                    .collect::<std::result::Result<Vec<_>, _>>()
-                    .map_err(|e| TaskError::user(format!("`select` failed on a row: {e}")))?,
+                Some(exprs) => match exprs.iter().map(|e| e.eval(&row)).collect::<std::result::Result<Vec<_>, _>>() {
+                    Ok(projected) => projected,
+                    Err(e) => {
+                        self.bad_row(&row, format!("`select` failed on a row: {e}"))?;
+                        continue;
+                    }
+                },
             };
             result.push(row, op);
         }
@@ -46,5 +100,43 @@ impl Operator for Transform {
             out.main.push(result);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    use eddy_jobs::{DataType, Field, Schema};
+
+    use super::*;
+    use crate::task::TaskMetrics;
+
+    #[tokio::test]
+    async fn rows_the_select_fails_on_are_set_aside_and_the_rest_goes_on() {
+        let schema = Schema::new(vec![Field::new("s", DataType::String)]);
+        let select = Expr::compile("CAST(s AS BIGINT)", &schema).unwrap();
+        let dir = std::env::temp_dir().join(format!("eddy-transform-dead-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("dead.jsonl");
+        let metrics = Arc::new(TaskMetrics::default());
+        let letters = DeadLetters::open("transform", path.to_str(), metrics.clone()).unwrap();
+        let mut t = Transform::new(None, Some(vec![select.clone()])).with_bad_rows("casted", BadRecordPolicy::DeadLetter, letters);
+        let rows = ["1", "two", "3"].iter().map(|s| vec![Value::string(s)]).collect();
+        let mut out = Collector::default();
+        t.process_batch(Batch::inserts(rows), &mut out).await.unwrap();
+        assert_eq!(out.main[0].rows, vec![vec![Value::Int(1)], vec![Value::Int(3)]]);
+        assert_eq!(metrics.dead_lettered.load(Ordering::Relaxed), 1);
+        let letter: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+        assert_eq!(letter["stage"], "casted");
+        assert_eq!(letter["row"], serde_json::json!(["two"]));
+        assert!(letter["error"].as_str().unwrap().contains("select"), "{letter}");
+        let _ = std::fs::remove_dir_all(&dir);
+
+        // Without a policy (or with `fail`) the row fails the task, as the user's error.
+        let mut strict = Transform::new(None, Some(vec![select]));
+        let e = strict.process_batch(Batch::inserts(vec![vec![Value::string("x")]]), &mut Collector::default()).await.unwrap_err();
+        assert_eq!(e.blame, crate::error::Blame::User);
     }
 }
