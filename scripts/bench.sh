@@ -11,6 +11,13 @@
 #            100,000 and 1,000,000 keys. Env: KEY_COUNTS ("100000 1000000").
 #   vs-flink HOP-window throughput per CPU-second and peak RSS of Eddy and Flink 2.3 on the same
 #            events file, RocksDB state on both sides. Env: N (5,000,000), KEYS (1000).
+#   chaos    the engagement pipeline on local services under faults (worker kills, a coordinator
+#            kill, a PostgreSQL restart, Redis, ClickHouse and external-system outages) while events
+#            are written, then every outcome checked against PostgreSQL (tests/chaos.rs; the test
+#            command runs a short version). Env: CHAOS_SECONDS (600), CHAOS_KILLS (CHAOS_SECONDS/40),
+#            CHAOS_OUTAGE_SECONDS (CHAOS_SECONDS/8, 5 to 60), CHAOS_PREFILL_ROWS, CHAOS_RATE (200), EDDY_TEST_SEED (random,
+#            printed as chaos_seed), CHAOS_PROFILE (debug, as the test command builds; or
+#            release). chaos_mismatches must be 0.
 # Every benchmark prints `name=value` lines on stdout; progress goes to stderr.
 source "$(dirname "$0")/common.sh"
 
@@ -299,11 +306,31 @@ print(f"rss_ratio={flink_rss / rss:.1f}")
 PY
 }
 
+bench_chaos() {
+  "$ROOT/scripts/services.sh" start >&2
+  eval "$("$ROOT/scripts/services.sh" env)"
+  export EDDY_TEST_REDIS_URL=$EDDY_REDIS_URL EDDY_TEST_CLICKHOUSE_URL=$EDDY_CLICKHOUSE_URL EDDY_TEST_PG_URL=$EDDY_PG_URL
+  export EDDY_TEST_KAFKA_BROKERS=$EDDY_KAFKA_BROKERS EDDY_TEST_SERVICES_CTL=$ROOT/scripts/services.sh
+  # Outages last CHAOS_SECONDS / 8 (60 s in the full run) unless CHAOS_OUTAGE_SECONDS is set.
+  export CHAOS_SECONDS=${CHAOS_SECONDS:-600}
+  local profile=${CHAOS_PROFILE:-debug} flags=() status=0
+  [ "$profile" = release ] && flags=(--release)
+  log "building $profile binaries"
+  build_bins "$profile" >/dev/null
+  log "chaos run: ${CHAOS_SECONDS}s of writers under faults (progress below; figures on stdout at the end)"
+  # The test prints its figures as name=value lines on stdout, progress and mismatches on stderr.
+  (cd "$ROOT" && cargo test --quiet "${flags[@]}" --workspace --test chaos -- --nocapture) >"$RUN_DIR/chaos.out" || status=$?
+  grep -v -E '^chaos_[a-z_]+=' "$RUN_DIR/chaos.out" >&2 || true
+  grep -E '^chaos_[a-z_]+=' "$RUN_DIR/chaos.out" || true
+  return "$status"
+}
+
 case $name in
   window) bench_window ;;
   pipeline) bench_pipeline ;;
   recovery) bench_recovery ;;
   checkpoint) bench_checkpoint ;;
   vs-flink) bench_vs_flink ;;
-  *) echo "unknown benchmark '$name'; available: window, pipeline, recovery, checkpoint, vs-flink" >&2; exit 2 ;;
+  chaos) bench_chaos ;;
+  *) echo "unknown benchmark '$name'; available: window, pipeline, recovery, checkpoint, vs-flink, chaos" >&2; exit 2 ;;
 esac

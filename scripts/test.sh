@@ -16,4 +16,7 @@ export EDDY_TEST_SERVICES_CTL=$ROOT/scripts/services.sh
 log "building binaries"
 build_bins debug >/dev/null
 log "running tests"
+# Among them the short chaos run (tests/chaos.rs: about 40 s of writers under worker kills, a
+# coordinator kill, a PostgreSQL restart and outages; its seed is printed). `scripts/bench.sh chaos`
+# runs the long one.
 cargo test --workspace --no-fail-fast "$@"

@@ -1,6 +1,7 @@
 //! Helpers for the end-to-end tests: start the real `eddy-coordinator` and `eddy-worker` binaries
 //! on free loopback ports, run the real `eddy` CLI against them, and clean up on drop.
 
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -29,7 +30,10 @@ pub fn free_port() -> u16 {
 /// A small reproducible random source for tests that pick moments or data at random. The seed
 /// comes from `EDDY_TEST_SEED` when set, else from the clock; it is printed, so a failing run
 /// replays with `EDDY_TEST_SEED=<seed>`.
-pub struct Rng(u64);
+pub struct Rng {
+    state: u64,
+    seed: u64,
+}
 
 impl Rng {
     /// A generator for `test`, printing its seed.
@@ -38,13 +42,23 @@ impl Rng {
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64 % 1_000_000_007)
         });
         eprintln!("{test}: seed={seed} (replay with EDDY_TEST_SEED={seed})");
-        Rng(seed)
+        Rng::from_seed(seed)
+    }
+
+    /// A generator starting from `seed` (e.g. one drawn from another, for a second thread).
+    pub fn from_seed(seed: u64) -> Rng {
+        Rng { state: seed, seed }
+    }
+
+    /// The seed this generator started from.
+    pub fn seed(&self) -> u64 {
+        self.seed
     }
 
     /// The next number in `range`.
     pub fn between(&mut self, range: std::ops::Range<u64>) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        range.start + (self.0 >> 33) % (range.end - range.start).max(1)
+        self.state = self.state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        range.start + (self.state >> 33) % (range.end - range.start).max(1)
     }
 }
 
@@ -412,4 +426,382 @@ pub fn http_get_json(url: &str) -> Result<Value> {
         bail!("GET {url}: {}", String::from_utf8_lossy(&out.stderr));
     }
     Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// One test's private slice of the services for the engagement pipeline (PostgreSQL → ingest job →
+/// Kafka → process job → ClickHouse, the external API stand-in and the Redis leaderboard): its own
+/// database, topic, slot, group and keys, and a cluster to run the shipped specs on.
+pub struct Pipeline {
+    /// The services.
+    pub services: Services,
+    /// The coordinator and workers.
+    pub cluster: Cluster,
+    /// Names the database, topic, slot, group and keys (the test's name and process id).
+    pub name: String,
+    /// The test's PostgreSQL database.
+    pub pg_url: String,
+    /// `http://host:port` of the external API stand-in.
+    pub mock_url: String,
+    mock: Option<Background>,
+    mock_starts: u32,
+}
+
+impl Pipeline {
+    /// A pipeline on two workers.
+    pub fn start(name: &str) -> Result<Pipeline> {
+        Pipeline::start_with(name, 2)
+    }
+
+    /// A pipeline on `workers` workers of 4 slots each.
+    pub fn start_with(name: &str, workers: usize) -> Result<Pipeline> {
+        let services = Services::start()?;
+        let name = format!("{name}_{}", std::process::id());
+        services.drop_slot(&name)?;
+        let pg_url = services.postgres_database(&name)?;
+        services.clickhouse_database(&name)?;
+        let cluster = Cluster::start(&name, workers, 4)?;
+        let mut p = Pipeline { services, cluster, name, pg_url, mock_url: String::new(), mock: None, mock_starts: 0 };
+        p.start_mock()?;
+        Ok(p)
+    }
+
+    /// Starts the external API stand-in: on a free port the first time, then on the same address
+    /// again, with what it received before loaded from its log (`--resume`).
+    pub fn start_mock(&mut self) -> Result<()> {
+        let listen = self.mock_url.strip_prefix("http://").unwrap_or("127.0.0.1:0").to_string();
+        self.mock_starts += 1;
+        let log = self.cluster.dir.0.join(format!("mock-api-{}.log", self.mock_starts));
+        let received = self.cluster.dir.0.join("external.jsonl");
+        let mut cmd = Command::new(bin("eddy-mock-api"));
+        cmd.args(["--listen", &listen, "--resume", "--log"]).arg(&received);
+        self.mock = Some(spawn_background(&mut cmd, &log)?);
+        self.mock_url = format!("http://{}", wait_for_line(&log, "eddy-mock-api listening on ")?);
+        let stats = format!("{}/stats", self.mock_url);
+        self.cluster.wait(Duration::from_secs(10), "the external API stand-in", |_| Ok(http_get_json(&stats).is_ok()))?;
+        Ok(())
+    }
+
+    /// Kills the external API stand-in (SIGKILL): its address refuses connections until
+    /// [`Pipeline::start_mock`].
+    pub fn stop_mock(&mut self) {
+        self.mock = None;
+    }
+
+    /// The settings the shipped specs read, pointing at this test's slice.
+    pub fn env(&self) -> Vec<(String, String)> {
+        let dir = self.cluster.dir.0.display().to_string();
+        let mut env: Vec<(String, String)> = ["EDDY_KAFKA_BROKERS", "EDDY_REDIS_URL", "EDDY_CLICKHOUSE_URL"]
+            .iter()
+            .filter_map(|k| self.services.env.get(*k).map(|v| (k.to_string(), v.clone())))
+            .collect();
+        env.extend([
+            ("EDDY_PG_URL".into(), self.pg_url.clone()),
+            ("EDDY_TOPIC".into(), self.name.clone()),
+            ("EDDY_SLOT".into(), self.name.clone()),
+            ("EDDY_GROUP".into(), self.name.clone()),
+            ("EDDY_CLICKHOUSE_DB".into(), self.name.clone()),
+            ("EDDY_LEADERBOARD_KEY".into(), self.name.clone()),
+            ("EDDY_EXTERNAL_URL".into(), format!("{}/events", self.mock_url)),
+            ("EDDY_DEAD_LETTERS".into(), format!("{dir}/dead-letters.jsonl")),
+            ("EDDY_HTTP_DEAD_LETTERS".into(), format!("{dir}/http-dead-letters.jsonl")),
+            ("EDDY_CHECKPOINT_INTERVAL".into(), "1s".into()),
+        ]);
+        env
+    }
+
+    /// Submits a shipped spec (`jobs/specs/<spec>`); returns the job id.
+    pub fn submit(&self, spec: &str) -> Result<String> {
+        self.submit_with(spec, &[])
+    }
+
+    /// Submits a shipped spec with `extra` settings added to the test's environment.
+    pub fn submit_with(&self, spec: &str, extra: &[(&str, &str)]) -> Result<String> {
+        let path = repo_root().join("jobs/specs").join(spec);
+        let env = self.env();
+        let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        env.extend_from_slice(extra);
+        let out = self.cluster.eddy_env(&["submit", path.to_str().context("path")?, "--json"], &env)?;
+        if !out.status.success() {
+            bail!("submit {spec}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let v: Value = serde_json::from_slice(&out.stdout)?;
+        Ok(v["job_id"].as_str().context("job_id")?.to_string())
+    }
+
+    /// Runs the data generator to completion; returns its `name=value` summary.
+    pub fn datagen(&self, args: &[&str]) -> Result<HashMap<String, u64>> {
+        datagen_summary(self.datagen_command(args).output()?, args)
+    }
+
+    /// The data generator writing into this test's database, with `args`.
+    pub fn datagen_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("eddy-datagen"));
+        cmd.args(["--pg-url", &self.pg_url]).args(args);
+        cmd
+    }
+
+    /// A gauge of the first task of `job` that reports it.
+    pub fn gauge(&self, job: &str, name: &str) -> Result<Option<i64>> {
+        let s = self.cluster.status(job)?;
+        Ok(s["tasks"].as_array().context("tasks")?.iter().find_map(|t| t["gauges"][name].as_i64()))
+    }
+
+    /// Surviving events in PostgreSQL, enriched there with the expected derived fields.
+    pub fn expected_rows(&self) -> Result<BTreeMap<i64, Value>> {
+        let rows = self.services.psql_json(
+            &self.pg_url,
+            "SELECT json_agg(t) FROM (
+               SELECT e.id, e.content_id::text AS content_id, e.user_id::text AS user_id, e.event_type,
+                      floor(extract(epoch FROM e.event_ts))::bigint AS event_ts_s, e.duration_ms, e.device,
+                      (e.duration_ms / 1000.0)::float8 AS engagement_seconds, c.content_type, c.length_seconds,
+                      c.slug, c.title,
+                      (CASE WHEN c.length_seconds > 0 THEN round(e.duration_ms / 1000.0 / c.length_seconds, 2) END)::float8 AS engagement_pct
+               FROM engagement_events e LEFT JOIN content c ON c.id = e.content_id) t",
+        )?;
+        let mut out = BTreeMap::new();
+        for r in rows.as_array().cloned().unwrap_or_default() {
+            out.insert(r["id"].as_i64().context("id")?, r);
+        }
+        Ok(out)
+    }
+
+    /// Live rows in ClickHouse (latest version of each id, deletes hidden).
+    pub fn clickhouse_rows(&self) -> Result<BTreeMap<i64, Value>> {
+        let text = self.services.clickhouse(&format!(
+            "SELECT id, content_id, user_id, event_type, toUnixTimestamp(event_ts) AS event_ts_s, duration_ms, device,
+                    engagement_seconds, content_type, length_seconds, slug, title, engagement_pct, version
+             FROM {}.engagement_enriched FINAL WHERE deleted = 0 FORMAT JSONEachRow",
+            self.name
+        ))?;
+        let mut out = BTreeMap::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let v: Value = serde_json::from_str(line)?;
+            // 18.16 quotes 64-bit integers in JSON; accept both forms.
+            let id = v["id"].as_i64().or_else(|| v["id"].as_str().and_then(|s| s.parse().ok())).context("id")?;
+            out.insert(id, v);
+        }
+        Ok(out)
+    }
+
+    /// What the external system received: `[{"key": "id:version", "body": {…}}, …]`.
+    pub fn external_events(&self) -> Result<Vec<Value>> {
+        Ok(http_get_json(&format!("{}/events", self.mock_url))?.as_array().cloned().unwrap_or_default())
+    }
+
+    /// The external system's counters (`unique`, `duplicates`, `conflicts`, …).
+    pub fn external_stats(&self) -> Result<Value> {
+        http_get_json(&format!("{}/stats", self.mock_url))
+    }
+
+    /// The leaderboard and its fence, read together: (window end, member → score).
+    pub fn leaderboard(&self) -> Result<(Option<i64>, BTreeMap<String, f64>)> {
+        let script = "return {redis.call('GET', KEYS[2]), redis.call('ZRANGE', KEYS[1], 0, -1, 'WITHSCORES')}";
+        let reply = self.services.redis(&["EVAL", script, "2", &self.name, &format!("{}:window_end", self.name)])?;
+        let window_end = reply[0].as_str().and_then(|s| s.parse::<i64>().ok());
+        let mut board = BTreeMap::new();
+        for pair in reply[1].as_array().map(Vec::as_slice).unwrap_or_default().chunks(2) {
+            board.insert(pair[0].as_str().context("member")?.to_string(), num(&pair[1]).context("score")?);
+        }
+        Ok((window_end, board))
+    }
+
+    /// The leaderboard SQL computes from PostgreSQL for the 10-minute window ending at `window_end`.
+    pub fn leaderboard_reference(&self, window_end: i64) -> Result<BTreeMap<String, f64>> {
+        let sql = format!(
+            "SELECT json_object_agg(content_id, total) FROM (
+               SELECT content_id::text, SUM(duration_ms / 1000.0)::float8 AS total FROM engagement_events
+               WHERE event_ts >= to_timestamp({start} / 1000.0) AND event_ts < to_timestamp({window_end} / 1000.0)
+                 AND duration_ms IS NOT NULL
+               GROUP BY 1) t",
+            start = window_end - 600_000
+        );
+        Ok(serde_json::from_value(self.services.psql_json(&self.pg_url, &sql)?).unwrap_or_default())
+    }
+}
+
+impl Drop for Pipeline {
+    fn drop(&mut self) {
+        // The cluster (and its replication connection) must be gone before the slot can go. The
+        // slot goes even when the evidence stays: left behind, it would hold WAL on the shared
+        // PostgreSQL for good.
+        for (_, w) in &mut self.cluster.workers {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+        let admin = self.services.var("EDDY_PG_URL").map(str::to_string);
+        for _ in 0..50 {
+            if self.services.drop_slot(&self.name).is_ok()
+                && self.services.psql(admin.as_deref().unwrap_or_default(), &format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", self.name)).is_ok_and(|o| o.trim().is_empty())
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if std::thread::panicking() || std::env::var_os("EDDY_KEEP_LOGS").is_some() {
+            return; // keep the evidence: the databases and the leaderboard
+        }
+        if let Ok(admin) = &admin {
+            let _ = self.services.psql(admin, &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+        }
+        let _ = self.services.clickhouse(&format!("DROP DATABASE IF EXISTS {}", self.name));
+        let _ = self.services.redis(&["DEL", &self.name, &format!("{}:window_end", self.name)]);
+    }
+}
+
+/// The `name=value` summary `eddy-datagen` printed.
+pub fn datagen_summary(out: Output, args: &[&str]) -> Result<HashMap<String, u64>> {
+    if !out.status.success() {
+        bail!("eddy-datagen {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let text = String::from_utf8(out.stdout)?;
+    Ok(text
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
+        .collect())
+}
+
+/// A JSON number, or a string holding one (ClickHouse quotes 64-bit integers).
+pub fn num(v: &Value) -> Option<f64> {
+    v.as_f64().or_else(|| v.as_str().and_then(|s| s.parse().ok()))
+}
+
+/// Two JSON numbers (or both NULL) equal to 1e-6.
+pub fn same_number(a: &Value, b: &Value) -> bool {
+    match (num(a), num(b)) {
+        (Some(x), Some(y)) => (x - y).abs() < 1e-6,
+        (None, None) => a.is_null() == b.is_null(),
+        _ => false,
+    }
+}
+
+/// The outcomes a user checks, against PostgreSQL: ClickHouse holds exactly the surviving events,
+/// enriched; the external system received each of `versions` event versions once; the leaderboard
+/// is the exact sum of the latest closed 10-minute window.
+pub fn check_outcomes(p: &Pipeline, versions: u64) -> Result<()> {
+    check_outcomes_within(p, versions..=versions)
+}
+
+/// As [`check_outcomes`], for a run where how many versions reached the external system depends
+/// on timing (events deleted around a crash may or may not have been sent before it).
+pub fn check_outcomes_within(p: &Pipeline, versions: std::ops::RangeInclusive<u64>) -> Result<()> {
+    let found = outcome_mismatches(p, Some(versions), Duration::from_secs(120))?;
+    let n = found.mismatches.len();
+    ensure!(n == 0, "{n} mismatches:\n{}", found.mismatches.iter().take(20).cloned().collect::<Vec<_>>().join("\n"));
+    Ok(())
+}
+
+/// What [`outcome_mismatches`] compared, and every difference it found.
+pub struct Outcomes {
+    /// One line per difference, saying what and where.
+    pub mismatches: Vec<String>,
+    /// The surviving events in PostgreSQL with their expected derived fields.
+    pub expected: BTreeMap<i64, Value>,
+    /// ClickHouse's live rows at the end of the check.
+    pub clickhouse: BTreeMap<i64, Value>,
+    /// The end of the leaderboard window compared with SQL, if one closed.
+    pub window_end: Option<i64>,
+}
+
+/// ClickHouse's row for `id` against PostgreSQL's: one line per difference.
+fn row_differences(expected: &BTreeMap<i64, Value>, got: &BTreeMap<i64, Value>) -> Vec<String> {
+    let mut out = Vec::new();
+    for (id, want) in expected {
+        let Some(row) = got.get(id) else {
+            out.push(format!("clickhouse: event {id} is missing (PostgreSQL has {want})"));
+            continue;
+        };
+        for col in ["content_id", "user_id", "event_type", "device", "content_type", "slug", "title"] {
+            if row[col].as_str() != want[col].as_str() {
+                out.push(format!("clickhouse: event {id} column {col}: {} vs PostgreSQL {}", row[col], want[col]));
+            }
+        }
+        for col in ["event_ts_s", "duration_ms", "engagement_seconds", "length_seconds", "engagement_pct"] {
+            if !same_number(&row[col], &want[col]) {
+                out.push(format!("clickhouse: event {id} column {col}: {} vs PostgreSQL {}", row[col], want[col]));
+            }
+        }
+    }
+    for (id, row) in got.iter().filter(|(id, _)| !expected.contains_key(id)) {
+        out.push(format!("clickhouse: event {id} is live but gone from PostgreSQL: {row}"));
+    }
+    out
+}
+
+/// The idempotency key ClickHouse's row implies: `id:version`.
+pub fn external_key(id: i64, row: &Value) -> String {
+    format!("{id}:{}", row["version"].as_str().map(str::to_string).unwrap_or_else(|| row["version"].to_string()))
+}
+
+/// Compares the outcomes with PostgreSQL as [`check_outcomes`] does, waiting up to `settle` for
+/// ClickHouse and the external system to converge, and returns every difference instead of
+/// stopping at the first. `versions`, when given, bounds how many distinct event versions the
+/// external system received.
+pub fn outcome_mismatches(p: &Pipeline, versions: Option<std::ops::RangeInclusive<u64>>, settle: Duration) -> Result<Outcomes> {
+    let mut mismatches = Vec::new();
+    // ClickHouse converges to exactly the surviving events, enriched.
+    let expected = p.expected_rows()?;
+    let _ = p.cluster.wait(settle, "ClickHouse to hold every surviving event", |_| Ok(row_differences(&expected, &p.clickhouse_rows()?).is_empty()));
+    let got = p.clickhouse_rows()?;
+    mismatches.extend(row_differences(&expected, &got));
+
+    // The external system got the version of every event that ClickHouse holds (its keys are
+    // id:version), with the same derived fields.
+    let received_all = |events: &[Value]| -> HashMap<String, Value> {
+        events.iter().filter_map(|e| Some((e["key"].as_str()?.to_string(), e["body"].clone()))).collect()
+    };
+    let _ = p.cluster.wait(settle.min(Duration::from_secs(60)), "the external system to receive every version", |_| {
+        let by_key = received_all(&p.external_events()?);
+        let enough = versions.as_ref().is_none_or(|v| by_key.len() as u64 >= *v.start());
+        Ok(enough && got.iter().all(|(id, row)| by_key.contains_key(&external_key(*id, row))))
+    });
+    let by_key = received_all(&p.external_events()?);
+    if let Some(versions) = &versions {
+        let stats = p.external_stats()?;
+        let unique = stats["unique"].as_u64().context("unique")?;
+        if !versions.contains(&unique) {
+            mismatches.push(format!("external: {unique} versions received, expected {versions:?}: {stats}"));
+        }
+    }
+    for (id, row) in &got {
+        let key = external_key(*id, row);
+        match by_key.get(&key) {
+            None => mismatches.push(format!("external: never got {key}, the version ClickHouse holds")),
+            Some(body) => match expected.get(id) {
+                Some(want) if !same_number(&body["engagement_pct"], &want["engagement_pct"]) => {
+                    mismatches.push(format!("external: {key}: engagement_pct {} vs PostgreSQL {}", body["engagement_pct"], want["engagement_pct"]))
+                }
+                _ => {}
+            },
+        }
+    }
+
+    // The leaderboard is the exact 10-minute sum of the latest closed window, as SQL computes it.
+    // Wait for a window that closed after everything above was processed.
+    let first = p.leaderboard().map(|(end, _)| end).unwrap_or_default().unwrap_or(i64::MIN);
+    let patience = settle.min(Duration::from_secs(60));
+    let newer = p.cluster.wait(patience, "a newer leaderboard window", |_| Ok(p.leaderboard()?.0.is_some_and(|w| w > first)));
+    let mut window_end = None;
+    if newer.is_err() {
+        mismatches.push(format!("leaderboard: no window closed within {patience:?} after the other checks (the last was {first})"));
+    } else {
+        let (end, board) = p.leaderboard()?;
+        let end = end.context("window end")?;
+        window_end = Some(end);
+        let want = p.leaderboard_reference(end)?;
+        if want.is_empty() {
+            mismatches.push(format!("leaderboard: the window ending {end} should hold events"));
+        }
+        if board.keys().ne(want.keys()) {
+            let missing: Vec<_> = want.keys().filter(|k| !board.contains_key(*k)).collect();
+            let extra: Vec<_> = board.keys().filter(|k| !want.contains_key(*k)).collect();
+            mismatches.push(format!("leaderboard: members of window {end} differ from SQL: missing {missing:?}, extra {extra:?}"));
+        }
+        for (member, total) in &want {
+            if let Some(score) = board.get(member).filter(|s| (*s - total).abs() >= 1e-6) {
+                mismatches.push(format!("leaderboard: window {end}, {member}: leaderboard {score} vs SQL {total}"));
+            }
+        }
+    }
+    Ok(Outcomes { mismatches, expected, clickhouse: got, window_end })
 }

@@ -3,14 +3,20 @@
 //! - `POST /events` (any path is accepted) with a JSON body and an `Idempotency-Key` header: the
 //!   first request with a key records the body (and appends `{"key": …, "body": …, "received_at_ms": …}` to the log file,
 //!   if any) and counts as `unique`; a repeat counts as a `duplicate` and is answered 200 all the
-//!   same. A body that is not JSON, or a missing or empty key, is refused with 400.
+//!   same. A repeat whose body differs from the first one's also counts as a `conflict` (a sender
+//!   that reused a key for another payload, which deduplication would hide). A body that is not
+//!   JSON, or a missing or empty key, is refused with 400.
+//! - With `resume`, the events already in the log file are loaded first, as if received again: a
+//!   stand-in stopped and started on the same log (an outage of the external system) keeps what it
+//!   had received.
 //! - With `fail_every = N`, every Nth POST is answered 503 before it is looked at (`failed`).
 //! - `latency` delays every POST's answer (to exercise timeouts).
-//! - `GET /stats` → `{"received": POSTs, "unique": n, "duplicates": n, "failed": n, "refused": n}`.
+//! - `GET /stats` → `{"received": POSTs, "unique": n, "duplicates": n, "conflicts": n, "failed": n,
+//!   "refused": n}` (`unique` includes the events loaded with `resume`; the rest count this run).
 //! - `GET /events` → every recorded body with its key, in arrival order:
 //!   `[{"key": "…", "body": {…}}, …]`.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io::Write;
@@ -37,6 +43,8 @@ pub struct MockConfig {
     pub latency: Duration,
     /// File to append each first-seen event to, as a JSON line.
     pub log: Option<PathBuf>,
+    /// Load the events already in `log` before serving.
+    pub resume: bool,
 }
 
 /// What the mock has seen.
@@ -45,10 +53,54 @@ struct Seen {
     received: u64,
     unique: u64,
     duplicates: u64,
+    conflicts: u64,
     failed: u64,
     refused: u64,
-    keys: HashSet<String>,
+    /// Each key's first body.
+    keys: HashMap<String, Value>,
     events: Vec<Value>,
+}
+
+impl Seen {
+    /// Records `body` under `key`: true when the key is new.
+    fn record(&mut self, key: String, body: &Value, event: Value) -> bool {
+        match self.keys.get(&key) {
+            Some(first) => {
+                self.duplicates += 1;
+                self.conflicts += u64::from(first != body);
+                false
+            }
+            None => {
+                self.keys.insert(key, body.clone());
+                self.unique += 1;
+                self.events.push(event);
+                true
+            }
+        }
+    }
+}
+
+/// The events of an earlier run's log (`{"key", "body", …}` per line), as first seen.
+fn load_log(path: &std::path::Path) -> anyhow::Result<Seen> {
+    let mut seen = Seen::default();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(seen),
+        Err(e) => anyhow::bail!("reading the log file {}: {e}", path.display()),
+    };
+    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        // A line cut short by a kill during its write is the only one that may be broken: the last.
+        let Ok(event) = serde_json::from_str::<Value>(line) else {
+            anyhow::ensure!(n + 1 == text.lines().count(), "{}: line {} is not JSON", path.display(), n + 1);
+            continue;
+        };
+        let key = event["key"].as_str().unwrap_or_default().to_string();
+        let body = event["body"].clone();
+        seen.record(key, &body, event);
+    }
+    seen.duplicates = 0;
+    seen.conflicts = 0;
+    Ok(seen)
 }
 
 struct Mock {
@@ -69,7 +121,11 @@ pub async fn run(listener: TcpListener, config: MockConfig, shutdown: impl Futur
         )),
         None => None,
     };
-    let mock = Arc::new(Mock { config, seen: Mutex::default(), log });
+    let seen = match (&config.log, config.resume) {
+        (Some(path), true) => load_log(path)?,
+        _ => Seen::default(),
+    };
+    let mock = Arc::new(Mock { config, seen: Mutex::new(seen), log });
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -118,7 +174,10 @@ impl Mock {
                 let s = self.seen();
                 reply(
                     StatusCode::OK,
-                    json!({"received": s.received, "unique": s.unique, "duplicates": s.duplicates, "failed": s.failed, "refused": s.refused}),
+                    json!({
+                        "received": s.received, "unique": s.unique, "duplicates": s.duplicates, "conflicts": s.conflicts,
+                        "failed": s.failed, "refused": s.refused,
+                    }),
                 )
             }
             (&Method::GET, "/events") => reply(StatusCode::OK, Value::Array(self.seen().events.clone())),
@@ -156,17 +215,7 @@ impl Mock {
             .map(|d| d.as_millis() as u64)
             .unwrap_or_default();
         let event = json!({"key": key, "body": body, "received_at_ms": received_at_ms});
-        let first = {
-            let mut s = self.seen();
-            if s.keys.insert(key) {
-                s.unique += 1;
-                s.events.push(event.clone());
-                true
-            } else {
-                s.duplicates += 1;
-                false
-            }
-        };
+        let first = self.seen().record(key, &body, event.clone());
         if first {
             if let Some(log) = &self.log {
                 let mut line = event.to_string();
@@ -212,7 +261,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let log = std::env::temp_dir().join(format!("eddy-mock-api-test-{}.jsonl", std::process::id()));
         let _ = std::fs::remove_file(&log);
-        let config = MockConfig { fail_every: 4, latency: Duration::ZERO, log: Some(log.clone()) };
+        let config = MockConfig { fail_every: 4, latency: Duration::ZERO, log: Some(log.clone()), resume: false };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(run(listener, config, async {
             let _ = stopped.await;
@@ -228,7 +277,7 @@ mod tests {
         assert_eq!(http(addr, "GET", "/nope", None, "").await.0, 404);
 
         let (_, stats) = http(addr, "GET", "/stats", None, "").await;
-        assert_eq!(stats, json!({"received": 6, "unique": 2, "duplicates": 1, "failed": 1, "refused": 2}));
+        assert_eq!(stats, json!({"received": 6, "unique": 2, "duplicates": 1, "conflicts": 0, "failed": 1, "refused": 2}));
         let (_, events) = http(addr, "GET", "/events", None, "").await;
         let without_time = |mut v: serde_json::Value| {
             v.as_object_mut().map(|o| o.remove("received_at_ms"));
@@ -237,11 +286,31 @@ mod tests {
         let events: Vec<_> = events.as_array().unwrap().iter().cloned().map(without_time).collect();
         assert_eq!(events, [json!({"key": "1:1", "body": {"id": 1}}), json!({"key": "2:1", "body": {"id": 2}})]);
         let logged = std::fs::read_to_string(&log).unwrap();
-        let _ = std::fs::remove_file(&log);
         let logged: Vec<_> = logged.lines().map(|l| without_time(serde_json::from_str(l).unwrap())).collect();
         assert_eq!(logged, events);
 
         stop.send(()).unwrap();
         server.await.unwrap().unwrap();
+
+        // Started again on the same log with `resume`: what was received is still there, and a
+        // repeat of a known key with another body is a conflict.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = MockConfig { fail_every: 0, latency: Duration::ZERO, log: Some(log.clone()), resume: true };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(run(listener, config, async {
+            let _ = stopped.await;
+        }));
+        assert_eq!(http(addr, "POST", "/events", Some("1:1"), r#"{"id":1}"#).await.0, 200);
+        assert_eq!(http(addr, "POST", "/events", Some("2:1"), r#"{"id":22}"#).await.0, 200);
+        assert_eq!(http(addr, "POST", "/events", Some("6:1"), r#"{"id":6}"#).await.0, 200);
+        let (_, stats) = http(addr, "GET", "/stats", None, "").await;
+        assert_eq!(stats, json!({"received": 3, "unique": 3, "duplicates": 2, "conflicts": 1, "failed": 0, "refused": 0}));
+        let (_, events) = http(addr, "GET", "/events", None, "").await;
+        let keys: Vec<_> = events.as_array().unwrap().iter().map(|e| e["key"].as_str().unwrap().to_string()).collect();
+        assert_eq!(keys, ["1:1", "2:1", "6:1"]);
+        stop.send(()).unwrap();
+        server.await.unwrap().unwrap();
+        let _ = std::fs::remove_file(&log);
     }
 }

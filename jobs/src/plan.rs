@@ -481,6 +481,7 @@ impl<'a> Planner<'a> {
                 ));
             }
         }
+        self.check_state_ttls()?;
         let (vertices, edges) = self.chain();
         Ok(Plan {
             name: self.spec.name.clone(),
@@ -490,6 +491,33 @@ impl<'a> Planner<'a> {
             edges,
             state: StatePlan::from_spec(&self.spec.state)?,
         })
+    }
+
+    /// An upsert source's `state_ttl` must outlast every window it feeds (size plus the source's
+    /// allowed delay): a record replayed after its key's state expired is taken for a new row, which
+    /// a window still open would count twice.
+    fn check_state_ttls(&self) -> Result<(), SpecError> {
+        for (w, op) in self.operators.iter().enumerate() {
+            let OperatorKind::Window(window) = &op.kind else { continue };
+            let mut at = w;
+            while let Some((input, _, _)) = self.links[at] {
+                at = input;
+            }
+            let OperatorKind::Source { connector: SourceConnector::Kafka(o), event_time } = &self.operators[at].kind else { continue };
+            let Ok(Some(ttl)) = o.state_ttl_ms() else { continue };
+            let needed = window.size_ms + event_time.map_or(0, |e| e.allowed_delay_ms);
+            if ttl < needed {
+                let source = &self.stages[self.by_name[&self.operators[at].name]].1;
+                return Err(SpecError::new(
+                    format!("{}.options.state_ttl", source.field(self.spec)),
+                    format!(
+                        "{ttl} ms is shorter than window `{}`'s size plus the allowed delay ({needed} ms): a record replayed after its key's state expired would count twice there; set at least that",
+                        op.name
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Plans stage `i` after its input (depth first), returning its operator index.
@@ -1126,5 +1154,9 @@ mod shipped_specs {
         let json = text.replace("format = \"upsert-json\"", "format = \"json\"");
         let e = compile(&json).unwrap_err().to_string();
         assert!(e.contains("options.state_ttl: only the upsert-json format"), "{e}");
+        // Shorter than the 10-minute window (plus its 2 s delay): replays would count twice.
+        let short = text.replace("state_ttl = \"1h\"", "state_ttl = \"10m\"");
+        let e = compile(&short).unwrap_err().to_string();
+        assert!(e.contains("source[events].options.state_ttl") && e.contains("engagement_10m") && e.contains("602000 ms"), "{e}");
     }
 }

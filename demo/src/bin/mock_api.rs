@@ -22,6 +22,10 @@ struct Args {
     /// Append each first-seen event to this file as a JSON line.
     #[arg(long)]
     log: Option<std::path::PathBuf>,
+    /// Load the events already in the --log file first, so that a stand-in started again on the
+    /// same log (after an outage) still knows what it received.
+    #[arg(long, requires = "log")]
+    resume: bool,
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -31,7 +35,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::net::TcpListener::bind(&args.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     // Tests read this line to learn the port.
     println!("eddy-mock-api listening on {}", listener.local_addr()?);
-    let config = MockConfig { fail_every: args.fail_every, latency: Duration::from_millis(args.latency_ms), log: args.log };
+    let config =
+        MockConfig { fail_every: args.fail_every, latency: Duration::from_millis(args.latency_ms), log: args.log, resume: args.resume };
     run(listener, config, shutdown_signal()).await
 }
 
