@@ -173,7 +173,7 @@ name = "bench-cdc"
 [[source]]
 name = "events"
 connector = "postgres_cdc"
-options = {{ url = "{DB_URL}", table = "public.engagement_events", slot = "bench_cdc_eddy", primary_key = ["id"],
+options = {{ url = "{DB_URL}", table = "public.engagement_events", slot = "bench_cdc_eddy", existing_slot = "resume", primary_key = ["id"],
   columns = "id BIGINT, content_id VARCHAR, user_id VARCHAR, event_type VARCHAR, event_ts TIMESTAMP, duration_ms BIGINT, device VARCHAR, raw_payload VARCHAR" }}
 [[sink]]
 name = "out"

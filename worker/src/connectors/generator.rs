@@ -140,6 +140,13 @@ impl Source for Generator {
             tokio::time::sleep_until(due).await;
         }
         let mut batch = Batch::with_capacity(n as usize);
+        if let [lane] = self.lanes.as_mut_slice() {
+            // One lane (no rescale since the start): no choosing between lanes per row.
+            while batch.len() < n as usize && lane.next < limit {
+                batch.push(row(&self.options, lane.next), crate::batch::Op::Insert);
+                lane.next = lane.next.saturating_add(lane.stride);
+            }
+        }
         while batch.len() < n as usize {
             let Some(lane) = self.lanes.iter_mut().filter(|l| l.next < limit).min_by_key(|l| l.next) else { break };
             batch.push(row(&self.options, lane.next), crate::batch::Op::Insert);
