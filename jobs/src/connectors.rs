@@ -123,9 +123,9 @@ pub enum ExistingSlot {
     /// Stream from the slot's position without a snapshot (right when the earlier job had read
     /// its snapshot completely).
     Resume,
-    /// Read the table as it is now, every row carrying the slot's position as its version, then
-    /// stream from that position: right in every case (deletes made meanwhile come from the slot),
-    /// at the cost of sending every row again.
+    /// Read the table again (a temporary slot's snapshot), then catch up from the slot's position
+    /// with the deletes made meanwhile: right in every case, at the cost of reading every row
+    /// again (rows unchanged but for their version are not passed on by an upsert consumer).
     Reread,
 }
 

@@ -22,14 +22,16 @@
 //!   cannot be read: each is an error that says what to do, never a silent new snapshot.
 //! - **Existing slot, no completed checkpoint holds the whole snapshot** (the worker died during the
 //!   snapshot, or before the first checkpoint after it). Nothing was confirmed, so the slot is
-//!   still at `C`; the exported snapshot died with its session. The table is read again as it is
-//!   now, every row still carrying version `C`, then the stream from `C` replays every change made
-//!   since, each with a higher version. Rows delivered the first time come again with the same
-//!   version (an upsert consumer skips them), and a row deleted meanwhile gets its delete from the
-//!   stream. The slot is kept, not dropped, for exactly this.
+//!   still at `C`; the exported snapshot died with its session. A temporary slot exports a new
+//!   snapshot at its own consistent point `C2`, read whole under version `C2`; the kept slot's
+//!   stream from `C` then catches up to `C2` with only what that snapshot cannot show (deletes, and
+//!   the old key of an update that changed the key), and goes on as usual after it. A row delivered
+//!   the first time comes again under `C2` with the same content, which an upsert consumer does not
+//!   pass on; a row deleted meanwhile gets its delete from the stream. The slot is kept, not
+//!   dropped, for exactly this.
 //! - **Existing slot, new job** (no restore, attempt 1): the slot does not tell whether its job
 //!   finished the snapshot, so `existing_slot` decides: `fail` (the default, naming the choices),
-//!   `resume` (stream from the slot) or `reread` (as above, under the slot's position).
+//!   `resume` (stream from the slot) or `reread` (as above, catching up from the slot's position).
 //! - With `snapshot = false` a new slot exports nothing and only changes from `C` on are read.
 //!
 //! A reader task owns both connections. It reads the snapshot with a cursor (`FETCH 1024` at a time,
@@ -220,9 +222,9 @@ impl Position {
 enum Begin {
     /// Create the slot; read the snapshot it exports (unless `snapshot = false`), then stream.
     Fresh,
-    /// The slot exists but no completed checkpoint holds the whole snapshot: read the table again
-    /// under the slot's position `from` (its consistent point: nothing is confirmed before the
-    /// snapshot is checkpointed), then stream from it.
+    /// The slot exists but no completed checkpoint holds the whole snapshot: read a temporary
+    /// slot's snapshot, then catch up from the slot's position `from` (its consistent point:
+    /// nothing is confirmed before the snapshot is checkpointed).
     Reread { from: Lsn },
     /// Stream from `from`, giving versions above `version` (and above `floor`); until `catch_up`
     /// (when not 0), as after a re-read.
@@ -1079,8 +1081,8 @@ impl Reader {
         snapshot: Option<(Client, Option<ReplicationClient>, oneshot::Receiver<()>)>,
     ) {
         if let Some((client, exporter, handed_on)) = snapshot {
-            // Stream only once every snapshot row is handed on: until then a restart must not find
-            // a slot that looks complete, so on any failure the new slot goes.
+            // Stream only once every snapshot row is handed on. Without checkpoints a failure drops
+            // the new slot, so that a restart does not find one that looks complete.
             let read = self.read_snapshot(client).await;
             // A temporary slot goes with its session once its snapshot is read.
             drop(exporter);
