@@ -15,19 +15,17 @@
 //! - `CHAOS_OUTAGE_SECONDS` (`CHAOS_SECONDS / 8`, from 5 to 60): length of each outage.
 //! - `CHAOS_PREFILL_ROWS` (30,000 to 200,000): rows in the table before the ingest job's snapshot.
 //! - `CHAOS_RATE` (200): events inserted per second by the writers (bursts are ten times that).
-//! - `CHAOS_STATE_TTL` (1h, the shipped spec's): the process job's `state_ttl`.
+//! - `CHAOS_STATE_TTL` (11m): the process job's `state_ttl`.
 //! - `EDDY_TEST_SEED`: the seed of every choice (moments, victims, data); printed as `chaos_seed`.
 //!
 //! What is written, and why it is shaped so (the checks must hold for a correct engine):
 //!
-//! - The process job runs with the shipped `state_ttl` (1 hour of event time). With a TTL shorter
-//!   than the old events' age (`CHAOS_STATE_TTL=11m`, the shortest the planner accepts above the
-//!   10-minute window plus 2 s), a CDC re-read after a crash during the snapshot sends the old
-//!   events whose upsert state expired to the external system again, under the re-read's version
-//!   (same content): a known gap, so that setting is for investigating it. Deletes after the
-//!   state expired have their own test (`a_delete_after_the_state_ttl_still_reaches_clickhouse`).
-//!   The "old" events are stamped 15 to 20 minutes in the past before the ingest job starts and lie
-//!   outside every window the leaderboard is checked on; the run updates and deletes them late.
+//! - The process job's `state_ttl` is 11 minutes of event time (the shortest the planner accepts
+//!   above the 10-minute window plus 2 s), shorter than the "old" events' age: they are stamped 15
+//!   to 20 minutes in the past before the ingest job starts, so their upsert state expires once the
+//!   live events move the topic's time on, and the run updates and deletes them after that (and a
+//!   CDC re-read sends them again, which must not make new versions). They lie outside every
+//!   window the leaderboard is checked on.
 //!   Events of the live stream are updated or deleted within a few seconds of their insert (the
 //!   data generator's own updates and deletes).
 //! - An audit table (`chaos_writes`, filled by a trigger and not published) counts every insert
@@ -44,8 +42,8 @@ use eddy_tests::{bin, num, outcome_mismatches, repo_root, Pipeline, Rng};
 use serde_json::Value;
 
 /// The process job's upsert state TTL (measured on the topic's event time), unless
-/// `CHAOS_STATE_TTL` says otherwise.
-const STATE_TTL: &str = "1h";
+/// `CHAOS_STATE_TTL` says otherwise: shorter than the old events' age.
+const STATE_TTL: &str = "11m";
 /// The leaderboard's window (HOP 10 min, in process.toml).
 const WINDOW_MS: i64 = 600_000;
 

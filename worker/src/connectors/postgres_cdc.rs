@@ -23,12 +23,15 @@
 //! - **Existing slot, no completed checkpoint holds the whole snapshot** (the worker died during the
 //!   snapshot, or before the first checkpoint after it). Nothing was confirmed, so the slot is
 //!   still at `C`; the exported snapshot died with its session. A temporary slot exports a new
-//!   snapshot at its own consistent point `C2`, read whole under version `C2`; the kept slot's
-//!   stream from `C` then catches up to `C2` with only what that snapshot cannot show (deletes, and
-//!   the old key of an update that changed the key), and goes on as usual after it. A row delivered
-//!   the first time comes again under `C2` with the same content, which an upsert consumer does not
-//!   pass on; a row deleted meanwhile gets its delete from the stream. The slot is kept, not
-//!   dropped, for exactly this.
+//!   snapshot at its own consistent point `C2`. The kept slot's stream from `C` first catches up to
+//!   `C2`, every change as usual, noting the keys it touched; then the new snapshot is read,
+//!   without the touched rows (their latest change came from the stream) and with every other row
+//!   under version `C`: such a row has not changed since `C`, so it is what the first reading
+//!   sent, under the version it sent it with. Downstream sees exactly the versions an undisturbed
+//!   run gives, some of them twice, which an upsert consumer (and a receiver deduplicating by
+//!   id and version) ignores; a row deleted meanwhile gets its delete from the stream. The keys
+//!   changed while the job was down are held in memory until the snapshot is read. The slot is
+//!   kept, not dropped, for exactly this.
 //! - **Existing slot, new job** (no restore, attempt 1): the slot does not tell whether its job
 //!   finished the snapshot, so `existing_slot` decides: `fail` (the default, naming the choices),
 //!   `resume` (stream from the slot) or `reread` (as above, catching up from the slot's position).
@@ -37,7 +40,7 @@
 //! A reader task owns both connections. It reads the snapshot with a cursor (`FETCH 1024` at a time,
 //! counting `snapshot_rows_done` against `snapshot_rows_total`), waits until the source has handed
 //! every snapshot batch on, then sends `START_REPLICATION` on the session that created the slot and
-//! decodes the stream. Everything it produces goes through one bounded queue (a few batches deep),
+//! decodes the stream (a re-read streams first and reads the snapshot when the stream reaches `C2`). Everything it produces goes through one bounded queue (a few batches deep),
 //! so `next_batch` only receives from a channel and is cancel-safe, and a slow pipeline holds the
 //! reader back (and, through TCP, the server) instead of growing memory.
 //!
@@ -109,6 +112,7 @@
 //! and it shares the text decoding with the snapshot path. TLS is not enabled (its `tls-rustls`
 //! feature is off), so `sslmode=require` is refused.
 
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -125,7 +129,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use tracing::{debug, info, warn};
 
-use super::{ConnectorContext, Source};
+use super::{ConnectorContext, PendingCheckpoints, Source, BATCH_BYTES};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::operators::OperatorSnapshot;
@@ -169,11 +173,9 @@ pub struct PostgresCdc {
     /// Every snapshot row has been returned (or there was no snapshot to read).
     snapshot_done: bool,
     /// Positions of checkpoints taken and not complete yet.
-    pending: Vec<(u64, Lsn)>,
+    pending: PendingCheckpoints<Lsn>,
     /// The version floor of changes (see `Changes::floor`).
     floor: Lsn,
-    /// See `Changes::catch_up`; kept in checkpoints until the stream has passed it.
-    catch_up: Lsn,
     /// Without checkpoints, a slot whose snapshot was not handed on is dropped when the reader
     /// fails; with them, it is kept for the restart to read again under the same versions.
     release_on_failure: bool,
@@ -185,20 +187,21 @@ pub struct PostgresCdc {
 /// handed on, the position every change up to which was handed on, the slot's version floor and
 /// the last version given out at that position. Checkpoints written before the last field existed
 /// hold 17 bytes; their last version is taken as the position, which no later change is below.
+/// Some hold a fifth word, from an earlier way of re-reading: the position of a snapshot whose rows
+/// carry it as their version, so once that snapshot is handed on, later changes must outrank it
+/// (it raises the floor); before, the table is read again anyway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Position {
     snapshot_done: bool,
     lsn: Lsn,
     floor: Lsn,
     version: u64,
-    /// After a re-read: the snapshot's position (see `Changes::catch_up`); 0 when none.
-    catch_up: u64,
 }
 
 impl Position {
     fn encode(&self) -> Vec<u8> {
         let mut out = vec![u8::from(self.snapshot_done)];
-        for n in [self.lsn.0, self.floor.0, self.version, self.catch_up] {
+        for n in [self.lsn.0, self.floor.0, self.version] {
             out.extend_from_slice(&n.to_le_bytes());
         }
         out
@@ -206,13 +209,16 @@ impl Position {
 
     fn decode(bytes: &[u8]) -> Option<Position> {
         let word = |at: usize| bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
-        let (lsn, floor) = (word(1)?, word(9)?);
+        let snapshot_done = *bytes.first()? == 1;
+        let (lsn, mut floor) = (word(1)?, word(9)?);
+        if snapshot_done {
+            floor = floor.max(word(25).unwrap_or(0));
+        }
         Some(Position {
-            snapshot_done: bytes[0] == 1,
+            snapshot_done,
             lsn: Lsn(lsn),
             floor: Lsn(floor),
             version: word(17).unwrap_or(lsn.max(floor)),
-            catch_up: word(25).unwrap_or(0),
         })
     }
 }
@@ -222,13 +228,12 @@ impl Position {
 enum Begin {
     /// Create the slot; read the snapshot it exports (unless `snapshot = false`), then stream.
     Fresh,
-    /// The slot exists but no completed checkpoint holds the whole snapshot: read a temporary
-    /// slot's snapshot, then catch up from the slot's position `from` (its consistent point:
-    /// nothing is confirmed before the snapshot is checkpointed).
+    /// The slot exists but no completed checkpoint holds the whole snapshot: stream from the
+    /// slot's position `from` (its consistent point: nothing is confirmed before the snapshot is
+    /// checkpointed) up to a temporary slot's, then read that slot's snapshot.
     Reread { from: Lsn },
-    /// Stream from `from`, giving versions above `version` (and above `floor`); until `catch_up`
-    /// (when not 0), as after a re-read.
-    Stream { from: Lsn, floor: Lsn, version: u64, catch_up: u64 },
+    /// Stream from `from`, giving versions above `version` (and above `floor`).
+    Stream { from: Lsn, floor: Lsn, version: u64 },
 }
 
 impl Begin {
@@ -243,7 +248,7 @@ impl Begin {
             if o.snapshot {
                 Begin::Reread { from }
             } else {
-                Begin::Stream { from, floor: from, version: from.0, catch_up: 0 }
+                Begin::Stream { from, floor: from, version: from.0 }
             }
         };
         Ok(match (slot, restored) {
@@ -265,7 +270,7 @@ impl Begin {
                         p.lsn
                     )));
                 }
-                Begin::Stream { from: p.lsn, floor: p.floor, version: p.version, catch_up: p.catch_up }
+                Begin::Stream { from: p.lsn, floor: p.floor, version: p.version }
             }
             (Some(at), Some((id, p))) => {
                 if at != p.floor {
@@ -282,9 +287,9 @@ impl Begin {
             // at its consistent point, whether or not the snapshot had been read.
             (Some(at), None) if ctx.checkpointing && ctx.attempt > 1 => reread_or_stream(at),
             // Without checkpoints, a slot is confirmed as batches are handed on.
-            (Some(at), None) if ctx.attempt > 1 => Begin::Stream { from: at, floor: at, version: at.0, catch_up: 0 },
+            (Some(at), None) if ctx.attempt > 1 => Begin::Stream { from: at, floor: at, version: at.0 },
             (Some(at), None) => match o.existing_slot {
-                ExistingSlot::Resume => Begin::Stream { from: at, floor: at, version: at.0, catch_up: 0 },
+                ExistingSlot::Resume => Begin::Stream { from: at, floor: at, version: at.0 },
                 ExistingSlot::Reread => reread_or_stream(at),
                 ExistingSlot::Fail => {
                     return Err(TaskError::user(format!(
@@ -336,9 +341,8 @@ impl PostgresCdc {
             lag: None,
             checkpointing: ctx.checkpointing,
             snapshot_done: false,
-            pending: Vec::new(),
+            pending: PendingCheckpoints::default(),
             floor: Lsn(0),
-            catch_up: Lsn(0),
             release_on_failure: false,
             release: None,
         };
@@ -368,19 +372,18 @@ impl PostgresCdc {
         // The snapshot's rows carry `snapshot_at` as their version; a temporary slot's session
         // (a re-read) stays open until they are read.
         let mut snapshot_at = Lsn(0);
-        let mut catch_up = Lsn(0);
+        let mut reread_at = Lsn(0);
         let mut exporter = None;
         let (start, floor, version, snapshot) = match begin {
-            Begin::Stream { from, floor, version, catch_up: until } => {
+            Begin::Stream { from, floor, version } => {
                 info!(job_id = %ctx.job_id, slot = %o.slot, lsn = %from, "postgres_cdc: resuming the stream without a snapshot");
-                catch_up = Lsn(until);
                 (from, floor, version, None)
             }
             Begin::Reread { from } => {
                 // The snapshot exported with the slot died with its session. A temporary slot
-                // exports a new one at its own consistent point `C2`, which is read whole under
-                // version `C2`; the slot's stream from `from` then catches up to `C2` with only the
-                // deletes (whose rows the new snapshot lacks), and goes on as usual after it.
+                // exports a new one at its own consistent point `C2`; the slot's stream from
+                // `from` catches up to `C2`, then the rows of that snapshot it did not touch
+                // follow under version `from`, as the first reading sent them.
                 let mut temp = ReplicationClient::connect_gated(replication_config(&pg, o, &ctx)?)
                     .await
                     .map_err(|e| wire_error("opening a session for the temporary slot", e))?;
@@ -388,10 +391,10 @@ impl PostgresCdc {
                 let (at, exported) = create_slot_with(&mut temp, &name, "TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT").await?;
                 let exported = exported.ok_or_else(|| TaskError::external("postgres_cdc: the temporary slot exported no snapshot"))?;
                 let client = import_snapshot(&pg, &exported).await?;
-                warn!(job_id = %ctx.job_id, slot = %o.slot, from = %from, snapshot = %at, "postgres_cdc: no completed checkpoint holds the whole snapshot; reading the table again, then catching up from the slot");
+                warn!(job_id = %ctx.job_id, slot = %o.slot, from = %from, snapshot = %at, "postgres_cdc: no completed checkpoint holds the whole snapshot; catching up from the slot, then reading the table again");
                 exporter = Some(temp);
-                snapshot_at = at;
-                catch_up = at;
+                snapshot_at = from;
+                reread_at = at;
                 (from, from, from.0, Some(client))
             }
             Begin::Fresh => {
@@ -426,7 +429,6 @@ impl PostgresCdc {
         source.returned = start;
         source.returned_version = version;
         source.floor = floor;
-        source.catch_up = catch_up;
         if snapshot.is_none() {
             source.metrics.set_gauge("snapshot_rows_total", 0);
             source.metrics.set_gauge("snapshot_rows_done", 0);
@@ -445,16 +447,18 @@ impl PostgresCdc {
                 floor,
                 last: version,
                 snapshot_at,
-                catch_up,
-                commit: Lsn(0),
+                reread_at,
+                touched: HashSet::new(),
             },
             metrics: source.metrics.clone(),
             control: control.clone(),
             slot: o.slot.clone(),
             job_id: ctx.job_id.clone(),
             release_on_failure: source.release_on_failure,
+            snapshot_pending: snapshot.is_some(),
+            snapshot: snapshot.map(|client| SnapshotRead { client, exporter, handed_on: ack_rx }),
         };
-        tokio::spawn(reader.run(repl, snapshot.map(|client| (client, exporter, ack_rx))));
+        tokio::spawn(reader.run(repl));
         source.chunks = Some(rx);
         source.snapshot_handed_on = Some(ack_tx);
         source.release = Some((control.clone(), o.slot.clone(), ctx.released.clone()));
@@ -531,21 +535,18 @@ impl Source for PostgresCdc {
         if self.chunks.is_none() {
             return Ok(OperatorSnapshot::default()); // a subtask that reads nothing
         }
-        self.pending.push((id, self.returned));
+        self.pending.taken(id, self.returned);
         let position = Position {
             snapshot_done: self.snapshot_done,
             lsn: self.returned,
             floor: self.floor,
             version: self.returned_version,
-            catch_up: self.catch_up.0,
         };
         Ok(OperatorSnapshot::inline(position.encode()))
     }
 
     async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
-        let Some(i) = self.pending.iter().position(|(c, _)| *c == id) else { return Ok(()) };
-        let (_, lsn) = self.pending[i];
-        self.pending.drain(..=i);
+        let Some(lsn) = self.pending.complete(id) else { return Ok(()) };
         self.confirm_up_to(lsn);
         Ok(())
     }
@@ -1058,6 +1059,19 @@ struct Reader {
     job_id: String,
     /// Drop the slot if the snapshot fails (see `PostgresCdc::release_on_failure`).
     release_on_failure: bool,
+    /// The snapshot to read (first, or when a re-read's stream reaches `Changes::reread_at`).
+    snapshot: Option<SnapshotRead>,
+    /// Not every snapshot row has been handed on yet.
+    snapshot_pending: bool,
+}
+
+/// A snapshot to read: the connection that imported it, the temporary slot's session that
+/// exported it (a re-read; it must stay open until the snapshot is read), and the source's word
+/// that every snapshot batch was handed on.
+struct SnapshotRead {
+    client: Client,
+    exporter: Option<ReplicationClient>,
+    handed_on: oneshot::Receiver<()>,
 }
 
 /// Why the reader stops.
@@ -1075,33 +1089,28 @@ impl From<TaskError> for Halt {
 }
 
 impl Reader {
-    async fn run(
-        mut self,
-        mut repl: ReplicationClient,
-        snapshot: Option<(Client, Option<ReplicationClient>, oneshot::Receiver<()>)>,
-    ) {
-        if let Some((client, exporter, handed_on)) = snapshot {
-            // Stream only once every snapshot row is handed on. Without checkpoints a failure drops
-            // the new slot, so that a restart does not find one that looks complete.
-            let read = self.read_snapshot(client).await;
-            // A temporary slot goes with its session once its snapshot is read.
-            drop(exporter);
-            let outcome = match read {
-                Ok(()) => handed_on.await.map_err(|_| Halt::Closed),
-                Err(halt) => Err(halt),
-            };
-            if let Err(halt) = outcome {
-                drop(repl);
-                if self.release_on_failure {
-                    abandon_slot(&self.control, &self.slot, "its snapshot was not handed on").await;
-                }
-                self.report(halt).await;
-                return;
+    async fn run(mut self, mut repl: ReplicationClient) {
+        if let Err(halt) = self.read_and_stream(&mut repl).await {
+            // Without checkpoints a failure before the snapshot was handed on drops the new slot,
+            // so that a restart does not find one that looks complete (the session holding it
+            // goes first).
+            drop(repl);
+            if self.release_on_failure && self.snapshot_pending {
+                abandon_slot(&self.control, &self.slot, "its snapshot was not handed on").await;
             }
-        }
-        if let Err(halt) = self.stream(&mut repl).await {
             self.report(halt).await;
         }
+    }
+
+    /// The snapshot (unless a re-read: then the stream reads it when it gets there), then the
+    /// stream, until an error or until the source is gone.
+    async fn read_and_stream(&mut self, repl: &mut ReplicationClient) -> std::result::Result<(), Halt> {
+        if self.changes.reread_at.0 == 0 {
+            if let Some(snapshot) = self.snapshot.take() {
+                self.read_snapshot(snapshot).await?;
+            }
+        }
+        self.stream(repl).await
     }
 
     async fn report(&self, halt: Halt) {
@@ -1115,9 +1124,20 @@ impl Reader {
         self.out.send(Ok(chunk)).await.map_err(|_| Halt::Closed)
     }
 
-    /// Reads the snapshot (exported with the slot, or the table as it is now) through a cursor; every
-    /// row carries the slot's position `start` as its version.
-    async fn read_snapshot(&mut self, client: Client) -> std::result::Result<(), Halt> {
+    /// Reads the snapshot through a cursor, every row under version `Changes::snapshot_at` but
+    /// those a re-read's stream touched, and waits until it is all handed on (the stream is not
+    /// confirmed before).
+    async fn read_snapshot(&mut self, snapshot: SnapshotRead) -> std::result::Result<(), Halt> {
+        let SnapshotRead { client, exporter, handed_on } = snapshot;
+        self.read_rows(client).await?;
+        // A temporary slot goes with its session once its snapshot is read.
+        drop(exporter);
+        handed_on.await.map_err(|_| Halt::Closed)?;
+        self.snapshot_pending = false;
+        Ok(())
+    }
+
+    async fn read_rows(&mut self, client: Client) -> std::result::Result<(), Halt> {
         let context = "postgres_cdc: reading the snapshot";
         let failed = |e| Halt::Failed(pg_error(context, e));
         let count = client
@@ -1136,39 +1156,54 @@ impl Reader {
         info!(job_id = %self.job_id, table = %self.changes.table.qualified, rows = total, "postgres_cdc: reading the snapshot");
         let declare = format!("DECLARE eddy_snapshot NO SCROLL CURSOR FOR {}", self.changes.table.select());
         client.batch_execute(&declare).await.map_err(failed)?;
-        let fetch = format!("FETCH FORWARD {BATCH_ROWS} FROM eddy_snapshot");
+        // Rows per FETCH: BATCH_ROWS, fewer while rows are so large that a batch would pass
+        // BATCH_BYTES of text.
+        let mut rows_per_fetch = BATCH_ROWS;
         let version = self.changes.table.versioned.then_some(Value::Int(self.changes.snapshot_at.0 as i64));
-        let mut done = 0i64;
+        let (mut done, mut skipped) = (0i64, 0usize);
         loop {
+            let fetch = format!("FETCH FORWARD {rows_per_fetch} FROM eddy_snapshot");
             let messages = client.simple_query(&fetch).await.map_err(failed)?;
-            let mut batch = Batch::with_capacity(BATCH_ROWS);
+            let mut batch = Batch::with_capacity(rows_per_fetch);
+            let (mut fetched, mut bytes) = (0, 0);
             for message in &messages {
                 if let SimpleQueryMessage::Row(r) = message {
+                    fetched += 1;
                     let mut row = Vec::with_capacity(self.changes.table.width());
                     for (i, (name, ty)) in self.changes.table.columns.iter().enumerate() {
                         row.push(match r.get(i) {
                             None => Value::Null,
-                            Some(text) => decode_value(text, *ty).map_err(|m| value_error(name, &m, "the snapshot"))?,
+                            Some(text) => {
+                                bytes += text.len();
+                                decode_value(text, *ty).map_err(|m| value_error(name, &m, "the snapshot"))?
+                            }
                         });
+                    }
+                    if !self.changes.touched.is_empty() && self.changes.touched.contains(&self.changes.key_of(&row)) {
+                        skipped += 1;
+                        continue;
                     }
                     row.extend(version.clone());
                     batch.push(row, Op::Insert);
                 }
             }
-            if batch.is_empty() {
+            if fetched == 0 {
                 break;
             }
-            let last = batch.len() < BATCH_ROWS;
-            done += batch.len() as i64;
+            done += fetched as i64;
             self.metrics.set_gauge("snapshot_rows_done", done);
-            self.send(Chunk::Rows { batch, confirm: None }).await?;
-            if last {
+            if !batch.is_empty() {
+                self.send(Chunk::Rows { batch, confirm: None }).await?;
+            }
+            if fetched < rows_per_fetch {
                 break;
             }
+            let per_row = bytes / fetched;
+            rows_per_fetch = (BATCH_BYTES / per_row.max(1)).clamp(1, BATCH_ROWS);
         }
         client.batch_execute("CLOSE eddy_snapshot; COMMIT").await.map_err(failed)?;
         self.metrics.set_gauge("snapshot_rows_total", done.max(total));
-        info!(job_id = %self.job_id, rows = done, "postgres_cdc: snapshot read; streaming once it is handed on");
+        info!(job_id = %self.job_id, rows = done, skipped, "postgres_cdc: snapshot read (skipped: rows the stream changed); streaming once it is handed on");
         self.send(Chunk::SnapshotEnd).await
     }
 
@@ -1178,6 +1213,8 @@ impl Reader {
         repl.wait_started().await.map_err(|e| wire_error("starting replication", e))?;
         info!(job_id = %self.job_id, slot = %self.slot, from = %self.changes.start, "postgres_cdc: streaming changes");
         let mut pending = Batch::with_capacity(BATCH_ROWS + 1);
+        // Bytes of the messages behind `pending`.
+        let mut pending_bytes = 0;
         // End of the last transaction read completely (and the last version given out by then),
         // not yet attached to a chunk.
         let mut completed: Option<(Lsn, u64)> = None;
@@ -1185,6 +1222,9 @@ impl Reader {
         let mut sent = self.changes.start;
         let mut in_transaction = false;
         loop {
+            if pending.is_empty() {
+                pending_bytes = 0;
+            }
             // Pass on what the source handed on; the library reports it to the server.
             match self.confirm.has_changed() {
                 Ok(true) => repl.update_applied_lsn(*self.confirm.borrow_and_update()),
@@ -1230,26 +1270,39 @@ impl Reader {
                 .ok_or_else(|| TaskError::external("postgres_cdc: the server ended the replication stream"))?;
             match event {
                 ReplicationEvent::Begin { final_lsn, .. } => {
+                    if self.changes.rereading() && final_lsn >= self.changes.reread_at {
+                        self.reread(&mut pending).await?;
+                    }
                     in_transaction = true;
-                    self.changes.begin(final_lsn);
                 }
                 ReplicationEvent::XLogData { wal_start, data, .. } => {
+                    pending_bytes += data.len();
                     self.changes.on_message(&data, wal_start, &mut pending)?
                 }
+                // Nothing is confirmed before a re-read's snapshot is read.
                 ReplicationEvent::Commit { end_lsn, .. } => {
                     in_transaction = false;
-                    let end = completed.map_or(end_lsn, |(c, _)| c.max(end_lsn));
-                    completed = Some((end, self.changes.last));
+                    if !self.changes.rereading() {
+                        let end = completed.map_or(end_lsn, |(c, _)| c.max(end_lsn));
+                        completed = Some((end, self.changes.last));
+                    }
                 }
                 // Between transactions, the server's WAL end is safe to confirm once all before it is.
                 ReplicationEvent::KeepAlive { wal_end, .. } => {
-                    if !in_transaction && wal_end > sent && completed.is_none_or(|(c, _)| wal_end > c) {
+                    if !in_transaction && self.changes.rereading() && wal_end >= self.changes.reread_at {
+                        self.reread(&mut pending).await?;
+                    }
+                    if !in_transaction
+                        && !self.changes.rereading()
+                        && wal_end > sent
+                        && completed.is_none_or(|(c, _)| wal_end > c)
+                    {
                         completed = Some((wal_end, self.changes.last));
                     }
                 }
                 ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
             }
-            if pending.len() >= BATCH_ROWS {
+            if pending.len() >= BATCH_ROWS || pending_bytes >= BATCH_BYTES {
                 let batch = std::mem::replace(&mut pending, Batch::with_capacity(BATCH_ROWS + 1));
                 let confirm = completed.take();
                 if let Some((lsn, _)) = confirm {
@@ -1258,6 +1311,23 @@ impl Reader {
                 self.send(Chunk::Rows { batch, confirm }).await?;
             }
         }
+    }
+}
+
+impl Reader {
+    /// A re-read's stream has reached the temporary slot's snapshot: what it read goes on, then
+    /// the snapshot's rows it did not touch.
+    async fn reread(&mut self, pending: &mut Batch) -> std::result::Result<(), Halt> {
+        if !pending.is_empty() {
+            let batch = std::mem::replace(pending, Batch::with_capacity(BATCH_ROWS + 1));
+            self.send(Chunk::Rows { batch, confirm: None }).await?;
+        }
+        info!(job_id = %self.job_id, slot = %self.slot, at = %self.changes.reread_at, touched = self.changes.touched.len(), "postgres_cdc: caught up with the re-read's snapshot; reading it");
+        let snapshot = self.snapshot.take().ok_or_else(|| TaskError::internal("postgres_cdc: a re-read without its snapshot"))?;
+        self.read_snapshot(snapshot).await?;
+        self.changes.reread_at = Lsn(0);
+        self.changes.touched = HashSet::new();
+        Ok(())
     }
 }
 
@@ -1280,30 +1350,35 @@ struct Changes {
     last: u64,
     /// Key columns (output positions).
     key: Vec<usize>,
-    /// The version of the snapshot's rows (the consistent point it was taken at).
+    /// The version of the snapshot's rows: the slot's consistent point.
     snapshot_at: Lsn,
-    /// After a re-read whose snapshot was taken at this position (0: none): a transaction that
-    /// committed before it is in that snapshot already, so of its changes only what the snapshot
-    /// cannot show goes on, deletes (and the old key of an update that changed the key). The
-    /// first transaction after it raises the floor to it and ends the catching up.
-    catch_up: Lsn,
-    /// The commit position of the transaction being read.
-    commit: Lsn,
+    /// During a re-read: the temporary slot's consistent point, where its snapshot was taken (0:
+    /// not re-reading). The transactions that commit before it are in that snapshot too.
+    reread_at: Lsn,
+    /// During a re-read: the keys (encoded) of the rows the stream changed before `reread_at`,
+    /// which the snapshot does not send again.
+    touched: HashSet<Vec<u8>>,
 }
 
 impl Changes {
-    /// A transaction that commits at `commit` begins.
-    fn begin(&mut self, commit: Lsn) {
-        self.commit = commit;
-        if self.catch_up.0 != 0 && commit >= self.catch_up {
-            self.floor = self.floor.max(self.catch_up);
-            self.catch_up = Lsn(0);
-        }
+    fn rereading(&self) -> bool {
+        self.reread_at.0 != 0
     }
 
-    /// Whether the transaction being read is already in the re-read snapshot.
-    fn caught_up(&self) -> bool {
-        self.catch_up.0 == 0 || self.commit >= self.catch_up
+    /// The encoded key of a row.
+    fn key_of(&self, row: &[Value]) -> Vec<u8> {
+        let mut key = Vec::new();
+        for &k in &self.key {
+            crate::codec::encode_value(&row[k], &mut key);
+        }
+        key
+    }
+
+    fn touch(&mut self, row: &[Value]) {
+        if self.rereading() {
+            let key = self.key_of(row);
+            self.touched.insert(key);
+        }
     }
 
     /// Applies one pgoutput message to the pending batch.
@@ -1318,28 +1393,24 @@ impl Changes {
         );
         match message {
             PgOutput::Relation(rel) if rel.id == self.table.oid => self.relation = Some(self.map_relation(&rel)?),
-            PgOutput::Insert { relation, .. } if relation == self.table.oid && !self.caught_up() => {}
             PgOutput::Insert { relation, new } if relation == self.table.oid => {
                 let row = self.row(&new, None, version, wal_start)?;
+                self.touch(&row);
                 pending.push(row, Op::Insert);
             }
             PgOutput::Update { relation, old, new } if relation == self.table.oid => {
                 let Some(OldTuple::Full(old)) = old else { return Err(self.identity_error("an update")) };
                 let old = self.row(&old, None, version, wal_start)?;
                 let new = self.row(&new, Some(&old), version, wal_start)?;
-                if !self.caught_up() {
-                    // The snapshot holds the new row; the old key is gone only if it changed.
-                    if self.key.iter().any(|&k| old[k] != new[k]) {
-                        pending.push(old, Op::Retract);
-                    }
-                } else {
-                    pending.push(old, Op::Retract);
-                    pending.push(new, Op::Insert);
-                }
+                self.touch(&old);
+                self.touch(&new);
+                pending.push(old, Op::Retract);
+                pending.push(new, Op::Insert);
             }
             PgOutput::Delete { relation, old } if relation == self.table.oid => {
                 let OldTuple::Full(old) = old else { return Err(self.identity_error("a delete")) };
                 let old = self.row(&old, None, version, wal_start)?;
+                self.touch(&old);
                 pending.push(old, Op::Retract);
             }
             PgOutput::Truncate { relations } if relations.contains(&self.table.oid) => {
@@ -1909,8 +1980,8 @@ mod tests {
             last: 0x196_0000,
             key: vec![1],
             snapshot_at: Lsn(0x196_0000),
-            catch_up: Lsn(0),
-            commit: Lsn(0),
+            reread_at: Lsn(0),
+            touched: HashSet::new(),
         }
     }
 
@@ -1992,11 +2063,14 @@ mod tests {
 
     #[test]
     fn checkpointed_positions_read_back_old_and_new() {
-        let p = Position { snapshot_done: true, lsn: Lsn(0x50), floor: Lsn(0x10), version: 0x51, catch_up: 0x60 };
+        let p = Position { snapshot_done: true, lsn: Lsn(0x50), floor: Lsn(0x10), version: 0x51 };
         assert_eq!(Position::decode(&p.encode()), Some(p));
         // Written before the last version was kept: the position stands in for it.
         let old = &p.encode()[..17];
-        assert_eq!(Position::decode(old), Some(Position { version: 0x50, catch_up: 0, ..p }));
+        assert_eq!(Position::decode(old), Some(Position { version: 0x50, ..p }));
+        // With the word of an earlier way of re-reading after it, which raises the floor.
+        let longer = [p.encode(), 0x60u64.to_le_bytes().to_vec()].concat();
+        assert_eq!(Position::decode(&longer), Some(Position { floor: Lsn(0x60), ..p }));
         assert_eq!(Position::decode(&[]), None, "a subtask that read nothing");
     }
 
@@ -2018,8 +2092,8 @@ mod tests {
             last: 0,
             key: vec![0],
             snapshot_at: Lsn(0),
-            catch_up: Lsn(0),
-            commit: Lsn(0),
+            reread_at: Lsn(0),
+            touched: HashSet::new(),
         };
         let mut batch = Batch::default();
         changes.on_message(&hex(FY_RELATION), Lsn(0), &mut batch).unwrap();
@@ -2070,7 +2144,7 @@ mod tests {
     /// `wal_level = logical`, as a user with REPLICATION (and the right to create schemas); each
     /// test works in its own schema, slot and publication and removes them.
     mod live {
-        use std::collections::{BTreeMap, HashMap};
+        use std::collections::{BTreeMap, BTreeSet, HashMap};
         use std::path::Path;
 
         use super::*;
@@ -2324,6 +2398,9 @@ mod tests {
             taken: Vec<(i64, i64, bool)>,
             /// The version each live id was last passed on with.
             delivered: HashMap<i64, i64>,
+            /// Every version each id was inserted with, passed on or not (what a consumer that
+            /// no longer holds the id's version, its state expired, passes on).
+            inserted: HashMap<i64, BTreeSet<i64>>,
         }
 
         impl Apply for Upserted {
@@ -2336,6 +2413,9 @@ mod tests {
                 for (i, row) in batch.rows.iter().enumerate() {
                     let Value::Int(id) = row[0] else { panic!("bad row {row:?}") };
                     last.insert(id, i);
+                    if let (Op::Insert, Value::Int(version)) = (batch.ops[i], &row[10]) {
+                        self.inserted.entry(id).or_default().insert(*version);
+                    }
                 }
                 let mut order: Vec<usize> = last.into_values().collect();
                 order.sort_unstable();
@@ -2682,6 +2762,16 @@ mod tests {
                 }
             }
             assert_eq!(first.values().collect::<std::collections::HashSet<_>>().len(), 1, "one snapshot version");
+            // Nor under a new version, even to a consumer that forgot the old one: every row
+            // untouched since the first snapshot, read then or not, came under that snapshot's
+            // version only.
+            let snapshot_version = *first.values().next().unwrap();
+            for (id, versions) in &topic.inserted {
+                if !changed.contains(id) && *id < 30_000 {
+                    assert_eq!(versions.iter().copied().collect::<Vec<_>>(), [snapshot_version], "id {id}");
+                }
+            }
+            assert_eq!(topic.inserted.len(), 20_001, "every row of the table, and the ones inserted while down");
             drop(source);
             db.drop_all().await;
         }
