@@ -35,6 +35,12 @@ pub type WorkerSender = mpsc::Sender<Result<CoordinatorMessage, Status>>;
 
 /// How long a restart waits for the old attempt's tasks to report that they stopped.
 const STOP_WAIT: Duration = Duration::from_secs(10);
+/// State changes kept per job (the first one and the latest).
+const HISTORY_KEPT: usize = 200;
+/// Ended jobs (finished, failed, cancelled) kept, the latest ones; older ones are forgotten.
+const FINISHED_JOBS_KEPT: usize = 100;
+/// Lost workers still listed, the latest ones.
+const LOST_WORKERS_KEPT: usize = 32;
 
 /// What the actor is asked to do.
 pub enum Request {
@@ -315,6 +321,11 @@ impl Coordinator {
     }
 
     fn on_timer(&mut self) {
+        // What arrived while this loop was busy (a slow metadata write) is heard before anyone is
+        // judged silent: the loop's own stall is not the workers'.
+        while let Ok(request) = self.requests.try_recv() {
+            self.handle(request);
+        }
         self.check_heartbeats();
         let now = Instant::now();
         let ids: Vec<String> = self.jobs.keys().cloned().collect();
@@ -410,6 +421,8 @@ impl Coordinator {
                 }
                 let (done, dropped) = job.checkpoints.stored(manifest.checkpoint_id, manifest.clone(), now);
                 let Some(done) = done else { return };
+                // This attempt restored and made progress: its failures in a row are over.
+                job.failures_in_row = 0;
                 info!(
                     job_id, checkpoint = done.id, savepoint = done.savepoint, duration_ms = done.view.duration_ms,
                     full_bytes = done.view.full_bytes, incremental_bytes = done.view.incremental_bytes, "checkpoint completed"
@@ -530,7 +543,10 @@ impl Coordinator {
             self.fail(job_id, &format!("{why} (not retried: the error is in the spec or the data)"));
             return;
         }
-        if job.running_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(60)) {
+        // A job that takes checkpoints is healthy again once an attempt completes one (restored
+        // and made progress: see `ManifestStored`); "running" alone is reported at deploy, before
+        // the restore, so a restore that always fails after a minute would restart for ever.
+        if !job.checkpoints.enabled() && job.running_since.is_some_and(|t| t.elapsed() >= Duration::from_secs(60)) {
             job.failures_in_row = 0;
         }
         if job.failures_in_row >= self.config.max_restarts {
@@ -723,6 +739,18 @@ impl Coordinator {
         let Some(w) = self.workers.get_mut(worker_id) else { return };
         warn!(%worker_id, %cause, "worker lost");
         w.lost = Some(cause.clone());
+        // Lost workers stay listed (with why) until a newer one replaces them, a few at most.
+        let mut lost: Vec<(Instant, String)> =
+            self.workers.iter().filter(|(_, w)| w.lost.is_some()).map(|(id, w)| (w.last_heartbeat, id.clone())).collect();
+        if lost.len() > LOST_WORKERS_KEPT {
+            lost.sort();
+            for (_, id) in &lost[..lost.len() - LOST_WORKERS_KEPT] {
+                if id != worker_id {
+                    self.workers.remove(id);
+                }
+            }
+        }
+        let Some(w) = self.workers.get_mut(worker_id) else { return };
         // Closing the stream tells a live-but-partitioned worker to drop its tasks and re-register.
         let _ = w.orders.try_send(Err(Status::unavailable(format!("declared lost: {cause}"))));
         // Its tasks are gone with it.
@@ -998,7 +1026,29 @@ impl Coordinator {
             }
         }
         job.history.push(Transition { at_ms: now, from: from.to_string(), to: to.to_string(), cause: cause.to_string() });
+        // The first entry (the submission) and the latest ones are kept.
+        if job.history.len() > HISTORY_KEPT {
+            let extra = job.history.len() - HISTORY_KEPT;
+            job.history.drain(1..=extra);
+        }
+        if to.is_terminal() {
+            self.forget_old_finished_jobs();
+        }
         self.persist();
+    }
+
+    /// Keeps the [`FINISHED_JOBS_KEPT`] jobs that ended last; older ended jobs are forgotten.
+    fn forget_old_finished_jobs(&mut self) {
+        let mut ended: Vec<(i64, String)> =
+            self.jobs.iter().filter(|(_, j)| j.state.is_terminal()).map(|(id, j)| (j.finished_at_ms, id.clone())).collect();
+        if ended.len() <= FINISHED_JOBS_KEPT {
+            return;
+        }
+        ended.sort();
+        for (_, id) in &ended[..ended.len() - FINISHED_JOBS_KEPT] {
+            info!(job_id = %id, "forgetting an old finished job");
+            self.jobs.remove(id);
+        }
     }
 
     fn status(&self, job_id: &str) -> Result<JobStatusResponse, Status> {
@@ -1232,14 +1282,17 @@ connector = "discard"
 
     struct Harness {
         coordinator: Coordinator,
+        /// Requests queued for the loop (as the API would send them).
+        requests: mpsc::Sender<Request>,
         orders: HashMap<String, mpsc::Receiver<Result<CoordinatorMessage, Status>>>,
         sessions: HashMap<String, u64>,
     }
 
     impl Harness {
         fn new() -> Harness {
-            let (_tx, rx) = mpsc::channel(1);
-            Harness { coordinator: Coordinator::new(CoordinatorConfig::default(), rx), orders: HashMap::new(), sessions: HashMap::new() }
+            let (requests, rx) = mpsc::channel(16);
+            let config = CoordinatorConfig { heartbeat_timeout: Duration::from_secs(2), ..CoordinatorConfig::default() };
+            Harness { coordinator: Coordinator::new(config, rx), requests, orders: HashMap::new(), sessions: HashMap::new() }
         }
 
         fn register(&mut self, id: &str, slots: u32) {
@@ -1278,6 +1331,16 @@ connector = "discard"
             let session = self.sessions[worker];
             let update = TaskUpdate { job_id: job.into(), attempt, task_id: task.into(), state: state as i32, ..Default::default() };
             self.coordinator.handle(Request::TaskUpdate { worker_id: worker.into(), session, update });
+        }
+
+        /// `seconds` pass, `worker` heartbeating and the timer ticking every second.
+        async fn live_for(&mut self, worker: &str, seconds: u64) {
+            let session = self.sessions[worker];
+            for _ in 0..seconds {
+                tokio::time::advance(Duration::from_secs(1)).await;
+                self.coordinator.handle(Request::Heartbeat { worker_id: worker.into(), session, tasks: vec![] });
+                self.coordinator.on_timer();
+            }
         }
 
         fn state(&self, job: &str) -> JobState {
@@ -1390,6 +1453,23 @@ connector = "discard"
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_heartbeat_that_waited_for_a_busy_loop_is_heard_before_the_check() {
+        let mut h = Harness::new();
+        h.register("a", 2);
+        // The loop was busy (a slow metadata write) for longer than the timeout, while the
+        // worker's heartbeat waited in the queue.
+        tokio::time::advance(Duration::from_millis(2500)).await;
+        let session = h.sessions["a"];
+        h.requests.try_send(Request::Heartbeat { worker_id: "a".into(), session, tasks: vec![] }).unwrap();
+        h.coordinator.on_timer();
+        assert!(h.coordinator.workers["a"].lost.is_none(), "a worker was blamed for the loop's own stall");
+        // Silence that is the worker's own still counts.
+        tokio::time::advance(Duration::from_millis(2500)).await;
+        h.coordinator.on_timer();
+        assert!(h.coordinator.workers["a"].lost.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn silent_worker_is_lost_and_its_jobs_restart_on_the_slots_left() {
         let mut h = Harness::new();
         h.register("a", 2);
@@ -1428,6 +1508,41 @@ connector = "discard"
         assert_eq!(h.coordinator.jobs[&job].restarts, 1);
     }
 
+    /// "Running" is reported at deploy, before the restore: an attempt that runs a minute and
+    /// fails without completing a checkpoint (a restore that never finishes) is still a failure
+    /// in a row.
+    #[tokio::test(start_paused = true)]
+    async fn a_job_failing_a_minute_after_each_deploy_without_a_checkpoint_gives_up() {
+        let mut h = Harness::new();
+        h.coordinator.config.max_restarts = 2;
+        h.register("a", 4);
+        let job = h.submit(&SPEC.replace("parallelism = 4", "parallelism = 2")).unwrap();
+        for attempt in 1..=3 {
+            // The deploy, after the cancels of the previous attempt.
+            let orders = h.orders.get_mut("a").unwrap();
+            let deployed: Vec<DeployTasks> = std::iter::from_fn(|| orders.try_recv().ok())
+                .filter_map(|m| match m {
+                    Ok(CoordinatorMessage { msg: Some(Order::Deploy(d)) }) => Some(d),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(deployed.len(), 1, "attempt {attempt}: {:?}", h.coordinator.jobs[&job].history);
+            for t in deployed[0].task_ids.clone() {
+                h.report("a", &job, attempt, &t, TaskState::Running);
+            }
+            assert_eq!(h.state(&job), JobState::Running);
+            let session = h.sessions["a"];
+            h.live_for("a", 61).await;
+            for t in deployed[0].task_ids.clone() {
+                let update = TaskUpdate { job_id: job.clone(), attempt, task_id: t, state: TaskState::Failed as i32, retryable: true, error: "restore failed".into(), ..Default::default() };
+                h.coordinator.handle(Request::TaskUpdate { worker_id: "a".into(), session, update });
+            }
+            h.live_for("a", 20).await;
+        }
+        assert_eq!(h.state(&job), JobState::Failed, "{:?}", h.coordinator.jobs[&job].history);
+        assert!(h.coordinator.jobs[&job].cause.contains("gave up after 2 restarts"), "{}", h.coordinator.jobs[&job].cause);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_job_without_slots_waits_and_one_failing_for_good_gives_up() {
         let mut h = Harness::new();
@@ -1451,11 +1566,7 @@ connector = "discard"
             let session = h.sessions["a"];
             h.coordinator.handle(Request::TaskUpdate { worker_id: "a".into(), session, update });
             // a stays alive; its other tasks never report, so the restart waits out STOP_WAIT.
-            for _ in 0..20 {
-                tokio::time::advance(Duration::from_secs(1)).await;
-                h.coordinator.handle(Request::Heartbeat { worker_id: "a".into(), session, tasks: vec![] });
-                h.coordinator.on_timer();
-            }
+            h.live_for("a", 20).await;
         }
         assert_eq!(h.state(&job), JobState::Failed, "{:?}", h.coordinator.jobs[&job].history);
         assert!(h.coordinator.jobs[&job].cause.contains("gave up after 2 restarts"), "{}", h.coordinator.jobs[&job].cause);

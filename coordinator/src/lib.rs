@@ -26,7 +26,9 @@ use tokio_util::sync::CancellationToken;
 pub struct CoordinatorConfig {
     /// How often workers send heartbeats.
     pub heartbeat_interval: Duration,
-    /// A worker silent for this long is lost.
+    /// A worker silent for this long is lost. A worker whose control stream closes (it died, its
+    /// host restarted) is lost at once; the timeout is for one that hangs or is cut off, and long
+    /// enough that a machine busy for a few seconds does not look like one.
     pub heartbeat_timeout: Duration,
     /// Where job metadata is kept; `None` keeps nothing (and takes no checkpoints).
     pub data_dir: Option<PathBuf>,
@@ -48,7 +50,7 @@ impl Default for CoordinatorConfig {
     fn default() -> CoordinatorConfig {
         CoordinatorConfig {
             heartbeat_interval: Duration::from_millis(500),
-            heartbeat_timeout: Duration::from_secs(2),
+            heartbeat_timeout: Duration::from_secs(10),
             data_dir: None,
             checkpoint_dir: None,
             checkpoint_timeout: Duration::from_secs(60),

@@ -13,8 +13,9 @@ struct Args {
     /// Address to serve the job and cluster APIs on.
     #[arg(long, env = "EDDY_LISTEN", default_value = "0.0.0.0:6123")]
     listen: String,
-    /// Milliseconds of worker silence after which it is declared lost.
-    #[arg(long, env = "EDDY_HEARTBEAT_TIMEOUT_MS", default_value_t = 2000)]
+    /// Milliseconds of worker silence after which it is declared lost (a worker whose connection
+    /// closes is lost at once; this is for one that hangs or is cut off).
+    #[arg(long, env = "EDDY_HEARTBEAT_TIMEOUT_MS", default_value_t = 10_000)]
     heartbeat_timeout_ms: u64,
     /// Directory for job metadata; a restarted coordinator resumes the jobs found there.
     #[arg(long, env = "EDDY_DATA_DIR", default_value = "eddy-data")]
