@@ -170,7 +170,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                             "parallelism": t.parallelism, "worker_id": t.worker_id, "state": t.state,
                             "records_in": m.records_in, "records_out": m.records_out,
                             "late_records": m.late_records, "watermark_ms": m.watermark_ms, "error": t.error,
-                            "dead_lettered": m.dead_lettered, "gauges": m.gauges,
+                            "dead_lettered": m.dead_lettered, "gauges": m.gauges, "retrying": m.retrying,
                         })
                     })
                     .collect();
@@ -204,7 +204,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                             m.late_records.to_string(),
                             m.dead_lettered.to_string(),
                             details(&m.gauges),
-                            t.error.clone(),
+                            if t.error.is_empty() && !m.retrying.is_empty() { format!("retrying {}", m.retrying) } else { t.error.clone() },
                         ]
                     })
                     .collect();

@@ -305,6 +305,7 @@ fn update(job_id: &str, attempt: u64, task: TaskId, state: TaskState, error: Str
             batches_out: m.batches_out.load(Ordering::Relaxed),
             dead_lettered: m.dead_lettered.load(Ordering::Relaxed),
             gauges: m.gauges().into_iter().collect(),
+            retrying: m.retrying(),
         }),
         retryable: true,
     }

@@ -4,10 +4,14 @@
 //! counts as transient stays each connector's call; when to try again and when to give up is
 //! decided here.
 
+use std::fmt::Display;
 use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+
+use crate::task::TaskMetrics;
 
 /// Backoff settings: the first delay, the longest, and how long to keep trying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,7 +28,13 @@ impl Policy {
 
     /// Starts counting one operation's attempts.
     pub fn start(self) -> Retry {
-        Retry { policy: self, started: Instant::now(), failures: 0 }
+        Retry { policy: self, started: Instant::now(), failures: 0, report: None }
+    }
+
+    /// Starts counting one operation's attempts, showing the error being retried in `metrics`
+    /// (`eddy status`) from the first failure until the operation ends either way.
+    pub fn start_reporting(self, metrics: &Arc<TaskMetrics>, what: &'static str) -> Retry {
+        Retry { report: Some((metrics.clone(), what)), ..self.start() }
     }
 }
 
@@ -34,9 +44,32 @@ pub struct Retry {
     policy: Policy,
     started: Instant,
     failures: u32,
+    /// Where to show the error being retried, and what does it.
+    report: Option<(Arc<TaskMetrics>, &'static str)>,
+}
+
+impl Drop for Retry {
+    fn drop(&mut self) {
+        if let (Some((metrics, _)), true) = (&self.report, self.failures > 0) {
+            metrics.set_retrying(String::new());
+        }
+    }
 }
 
 impl Retry {
+    /// [`Retry::next_delay`] after `error`, which is shown as the cause while it is retried.
+    pub fn next_delay_after(&mut self, error: &dyn Display) -> Option<Duration> {
+        let delay = self.next_delay()?;
+        if let Some((metrics, what)) = &self.report {
+            metrics.set_retrying(format!(
+                "{what}: {error} (retry {} after {} s)",
+                self.failures,
+                self.started.elapsed().as_secs()
+            ));
+        }
+        Some(delay)
+    }
+
     /// After a transient failure: how long to wait before the next attempt, or `None` once the
     /// budget is spent. The delay is drawn from the upper half of the backoff step (jitter), so that
     /// many tasks failing together do not come back together.
@@ -86,5 +119,17 @@ mod tests {
         assert_eq!(retry.failures(), 6);
         let spent = Policy { budget: Duration::ZERO, ..policy }.start().next_delay();
         assert_eq!(spent, None, "no budget, no retry");
+    }
+
+    #[test]
+    fn the_error_being_retried_shows_until_the_operation_ends() {
+        let metrics = Arc::new(TaskMetrics::default());
+        let mut retry = Policy::DEFAULT.start_reporting(&metrics, "redis sink");
+        assert_eq!(metrics.retrying(), "");
+        retry.next_delay_after(&"connection refused").unwrap();
+        retry.next_delay_after(&"connection refused").unwrap();
+        assert!(metrics.retrying().starts_with("redis sink: connection refused (retry 2 after 0 s)"), "{}", metrics.retrying());
+        drop(retry);
+        assert_eq!(metrics.retrying(), "", "it succeeded (or gave up): nothing is being retried");
     }
 }

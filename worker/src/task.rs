@@ -49,6 +49,8 @@ pub struct TaskMetrics {
     pub dead_lettered: AtomicU64,
     /// Connector figures (snapshot progress, lag, …), by name.
     pub gauges: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
+    /// The error a connector is retrying now (empty when none); see `crate::retry`.
+    pub retrying: std::sync::Mutex<String>,
 }
 
 impl TaskMetrics {
@@ -67,6 +69,16 @@ impl TaskMetrics {
     pub fn gauges(&self) -> std::collections::BTreeMap<String, i64> {
         self.gauges.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Says which error is being retried now (empty: none).
+    pub fn set_retrying(&self, what: String) {
+        *self.retrying.lock().unwrap_or_else(|e| e.into_inner()) = what;
+    }
+
+    /// The error being retried now, if any.
+    pub fn retrying(&self) -> String {
+        self.retrying.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl Default for TaskMetrics {
@@ -80,6 +92,7 @@ impl Default for TaskMetrics {
             batches_out: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
             gauges: Default::default(),
+            retrying: Default::default(),
         }
     }
 }

@@ -725,7 +725,7 @@ impl Writer {
         F: FnMut() -> Fut,
         Fut: Future<Output = clickhouse::error::Result<T>>,
     {
-        let mut retry = Policy::DEFAULT.start();
+        let mut retry = Policy::DEFAULT.start_reporting(&self.metrics, "clickhouse sink");
         loop {
             match attempt().await {
                 Ok(v) => {
@@ -738,7 +738,7 @@ impl Writer {
                     return Err(TaskError::user(format!("clickhouse sink: {what} into {}: {e}", self.target)));
                 }
                 Err(e) => {
-                    let Some(delay) = retry.next_delay() else {
+                    let Some(delay) = retry.next_delay_after(&format_args!("{what} into {}: {e}", self.target)) else {
                         return Err(TaskError::external(format!(
                             "clickhouse sink: {what} into {} kept failing for {}s ({} retries): {e}; check that ClickHouse is up",
                             self.target,

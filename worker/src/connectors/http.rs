@@ -197,7 +197,7 @@ struct Request {
 
 impl Request {
     async fn deliver(self) -> Delivery {
-        let mut retry = self.retry.policy.start();
+        let mut retry = self.retry.policy.start_reporting(&self.ctx.metrics, "http sink");
         loop {
             let sent = self
                 .client
@@ -225,7 +225,7 @@ impl Request {
                 Verdict::Refused(error) => return Delivery::Failed { body: self.body, key: self.key, error },
                 Verdict::Retry(error) => {
                     let capped = self.retry.max_retries.is_some_and(|m| retry.failures() >= m);
-                    let Some(delay) = (!capped).then(|| retry.next_delay()).flatten() else {
+                    let Some(delay) = (!capped).then(|| retry.next_delay_after(&error)).flatten() else {
                         let error = format!(
                             "{error} (gave up after {} retries in {}s)",
                             retry.failures(),

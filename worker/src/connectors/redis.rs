@@ -149,7 +149,7 @@ impl RedisLeaderboard {
         for (member, score) in scores {
             invocation.arg(*score).arg(member.as_str());
         }
-        let mut retry = Policy::DEFAULT.start();
+        let mut retry = Policy::DEFAULT.start_reporting(&self.ctx.metrics, "redis sink");
         loop {
             let outcome = match self.connection().await {
                 Ok(mut conn) => invocation.invoke_async::<i64>(&mut conn).await,
@@ -174,7 +174,7 @@ impl RedisLeaderboard {
                 }
                 Err(e) => {
                     self.conn = None;
-                    let Some(delay) = retry.next_delay() else {
+                    let Some(delay) = retry.next_delay_after(&e) else {
                         return Err(TaskError::external(format!(
                             "redis sink: Redis unreachable for {}s ({} retries): {e}; check that Redis is up",
                             retry.elapsed().as_secs(),

@@ -5,6 +5,7 @@
 //! Values travel as text and are parsed into the declared column types.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::Duration;
 
 use eddy_jobs::connectors::{redact_url, PostgresLookupOptions};
@@ -19,6 +20,7 @@ use crate::batch::Batch;
 use crate::connectors::postgres_cdc::{decode_value, quote_ident};
 use crate::error::{Result, TaskError};
 use crate::retry::Policy;
+use crate::task::TaskMetrics;
 
 /// LEFT join with a PostgreSQL table or view.
 pub struct PostgresLookup {
@@ -30,11 +32,13 @@ pub struct PostgresLookup {
     cache: HashMap<String, (Instant, Option<Vec<Value>>)>,
     order: VecDeque<String>,
     ttl: Duration,
+    /// The task's metrics (where a query being retried shows).
+    metrics: Arc<TaskMetrics>,
 }
 
 impl PostgresLookup {
     /// Connects (lazily retried later if the database is down now).
-    pub async fn connect(o: &PostgresLookupOptions, on: usize, columns: &Schema) -> Result<PostgresLookup> {
+    pub async fn connect(o: &PostgresLookupOptions, on: usize, columns: &Schema, metrics: Arc<TaskMetrics>) -> Result<PostgresLookup> {
         let ttl = Duration::from_millis(parse_duration_ms(&o.cache_ttl).map_err(TaskError::user)?.max(0) as u64);
         let select: Vec<String> = columns.fields.iter().map(|f| format!("{}::text", quote_ident(&f.name))).collect();
         let query = format!(
@@ -53,6 +57,7 @@ impl PostgresLookup {
             cache: HashMap::new(),
             order: VecDeque::new(),
             ttl,
+            metrics,
         };
         if let Err(e) = lookup.client().await {
             warn!(error = %e, "lookup database not reachable yet; will retry");
@@ -77,7 +82,7 @@ impl PostgresLookup {
 
     /// Fetches `keys`, retrying with backoff while the database is unreachable.
     async fn fetch(&mut self, keys: Vec<String>) -> Result<HashMap<String, Vec<Value>>> {
-        let mut retry = Policy::DEFAULT.start();
+        let mut retry = Policy::DEFAULT.start_reporting(&self.metrics, "lookup");
         loop {
             let query = self.query.clone();
             let result = match self.client().await {
@@ -113,7 +118,7 @@ impl PostgresLookup {
                     return Ok(found);
                 }
                 Err(e) if e.retryable() => {
-                    let Some(delay) = retry.next_delay() else {
+                    let Some(delay) = retry.next_delay_after(&e) else {
                         return Err(TaskError::external(format!(
                             "{} (still failing after {} retries in {}s; check that the database is up)",
                             e.message,
@@ -263,7 +268,7 @@ mod tests {
             cache_ttl: "60s".into(),
         };
         let columns = eddy_jobs::connectors::parse_columns(&options.columns).unwrap();
-        let mut lookup = PostgresLookup::connect(&options, 0, &columns).await.unwrap();
+        let mut lookup = PostgresLookup::connect(&options, 0, &columns, Arc::default()).await.unwrap();
         let mut out = Collector::default();
         for keys in [vec![1, 2], vec![1, 2, 3, 4, 5, 6, 1]] {
             let rows = keys.iter().map(|k: &i64| vec![Value::String(k.to_string().into())]).collect();
@@ -305,7 +310,7 @@ mod tests {
             cache_ttl: "60s".into(),
         };
         let columns = eddy_jobs::connectors::parse_columns(&options.columns).unwrap();
-        let mut lookup = PostgresLookup::connect(&options, 0, &columns).await.unwrap();
+        let mut lookup = PostgresLookup::connect(&options, 0, &columns, Arc::default()).await.unwrap();
         let fetch = tokio::spawn(async move { lookup.fetch(vec!["1".into()]).await });
         // Wait for the query to be running, then end it from the server side.
         let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -111,7 +111,7 @@ pub async fn build(
         }
         OperatorKind::Window(w) => Some(Box::new(window::Window::open(w.clone(), plan.max_parallelism, plan.state.backend, ctx)?)),
         OperatorKind::Lookup { options, on, columns } => {
-            Some(Box::new(lookup::PostgresLookup::connect(options, *on, columns).await?))
+            Some(Box::new(lookup::PostgresLookup::connect(options, *on, columns, metrics.clone()).await?))
         }
         OperatorKind::Source { .. } | OperatorKind::Sink { .. } => None,
     })
