@@ -316,7 +316,7 @@ bench_chaos() {
   local profile=${CHAOS_PROFILE:-debug} flags=() status=0
   [ "$profile" = release ] && flags=(--release)
   log "building $profile binaries"
-  build_bins "$profile" >/dev/null
+  build_bins "$profile" --tests >/dev/null  # with the tests: one feature set, one RocksDB build
   log "chaos run: ${CHAOS_SECONDS}s of writers under faults (progress below; figures on stdout at the end)"
   # The test prints its figures as name=value lines on stdout, progress and mismatches on stderr.
   (cd "$ROOT" && cargo test --quiet "${flags[@]}" --workspace --test chaos -- --nocapture) >"$RUN_DIR/chaos.out" || status=$?

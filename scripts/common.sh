@@ -12,10 +12,11 @@ log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 # Builds the binaries with the given cargo profile (debug or release) and prints their directory.
 build_bins() {
   local profile=${1:-debug}
+  shift || true
   if [ "$profile" = release ]; then
-    (cd "$ROOT" && cargo build --quiet --release --workspace --bins) >&2
+    (cd "$ROOT" && cargo build --quiet --release --workspace --bins "$@") >&2
   else
-    (cd "$ROOT" && cargo build --quiet --workspace --bins) >&2
+    (cd "$ROOT" && cargo build --quiet --workspace --bins "$@") >&2
   fi
   echo "$CARGO_TARGET_DIR/$profile"
 }

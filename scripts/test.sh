@@ -13,8 +13,11 @@ eval "$(scripts/services.sh env)"
 export EDDY_TEST_REDIS_URL=$EDDY_REDIS_URL EDDY_TEST_CLICKHOUSE_URL=$EDDY_CLICKHOUSE_URL EDDY_TEST_PG_URL=$EDDY_PG_URL
 export EDDY_TEST_KAFKA_BROKERS=$EDDY_KAFKA_BROKERS
 export EDDY_TEST_SERVICES_CTL=$ROOT/scripts/services.sh
-log "building binaries"
-build_bins debug >/dev/null
+log "building binaries and tests"
+# With the tests, so that dependencies are built with the features `cargo test` unifies (its
+# dev-dependencies add some): RocksDB is compiled once, not once for the binaries and again for
+# the tests.
+build_bins debug --tests >/dev/null
 log "running tests"
 # Among them the short chaos run (tests/chaos.rs: about 40 s of writers under worker kills, a
 # coordinator kill, a PostgreSQL restart and outages; its seed is printed). `scripts/bench.sh chaos`

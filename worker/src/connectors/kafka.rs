@@ -65,7 +65,7 @@ use rdkafka::ClientContext;
 use serde_json::Value as Json;
 use tracing::warn;
 
-use super::{ConnectorContext, DeadLetters, Sink, Source};
+use super::{ConnectorContext, DeadLetters, PendingCheckpoints, Sink, Source, BATCH_BYTES};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::json::{row_from_json, row_to_json};
@@ -118,7 +118,7 @@ pub struct KafkaSource {
     /// Next offset to read per partition read so far (restored ones included).
     positions: HashMap<i32, i64>,
     /// Positions of checkpoints taken and not yet complete, committed when they are.
-    snapshots: Vec<(u64, HashMap<i32, i64>)>,
+    snapshots: PendingCheckpoints<HashMap<i32, i64>>,
     checkpointing: bool,
     subtask: u32,
     parallelism: u32,
@@ -178,7 +178,7 @@ impl KafkaSource {
             next_sweep: tokio::time::Instant::now(),
             pending: HashMap::new(),
             positions: HashMap::new(),
-            snapshots: Vec::new(),
+            snapshots: PendingCheckpoints::default(),
             checkpointing: ctx.checkpointing,
             subtask: ctx.task.subtask,
             parallelism: ctx.parallelism,
@@ -544,9 +544,15 @@ impl Source for KafkaSource {
             let first = self.consumer.recv().await.map_err(|e| TaskError::external(format!("kafka: {e}")))?;
             self.received.push(first.detach());
         }
-        while self.received.len() < MAX_BATCH {
+        let size = |m: &OwnedMessage| m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len);
+        let mut bytes: usize = self.received.iter().map(size).sum();
+        while self.received.len() < MAX_BATCH && bytes < BATCH_BYTES {
             match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
-                Ok(Ok(m)) => self.received.push(m.detach()),
+                Ok(Ok(m)) => {
+                    let m = m.detach();
+                    bytes += size(&m);
+                    self.received.push(m);
+                }
                 Ok(Err(e)) => return Err(TaskError::external(format!("kafka: {e}"))),
                 Err(_) => break,
             }
@@ -598,14 +604,12 @@ impl Source for KafkaSource {
             }
             None => None,
         };
-        self.snapshots.push((id, self.positions.clone()));
+        self.snapshots.taken(id, self.positions.clone());
         Ok(OperatorSnapshot { inline, files })
     }
 
     async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
-        let Some(i) = self.snapshots.iter().position(|(s, _)| *s == id) else { return Ok(()) };
-        let (_, positions) = self.snapshots.remove(i);
-        self.snapshots.drain(..i); // older ones are superseded
+        let Some(positions) = self.snapshots.complete(id) else { return Ok(()) };
         let mut list = TopicPartitionList::new();
         for (p, o) in positions {
             list.add_partition_offset(&self.options.topic, p, Offset::Offset(o))

@@ -110,6 +110,52 @@ pub trait Source: Send {
     }
 }
 
+/// Sources end a batch at about this many bytes of input, whatever its row count: rows with large
+/// values (jsonb, TOASTed text) must not make one batch hold gigabytes.
+pub const BATCH_BYTES: usize = 4 << 20;
+
+/// Positions of checkpoints taken and not complete yet, to confirm upstream once each completes. A
+/// later completion supersedes the earlier ones, so only the latest few are kept: checkpoints
+/// that never complete (a coordinator away, a sink hanging) cannot grow it.
+#[derive(Debug)]
+pub struct PendingCheckpoints<T> {
+    taken: std::collections::VecDeque<(u64, T)>,
+}
+
+impl<T> Default for PendingCheckpoints<T> {
+    fn default() -> Self {
+        PendingCheckpoints { taken: Default::default() }
+    }
+}
+
+impl<T> PendingCheckpoints<T> {
+    /// How many are kept at most.
+    pub const KEPT: usize = 16;
+
+    /// Checkpoint `id` holds `position`.
+    pub fn taken(&mut self, id: u64, position: T) {
+        if self.taken.len() == Self::KEPT {
+            self.taken.pop_front();
+        }
+        self.taken.push_back((id, position));
+    }
+
+    /// Checkpoint `id` completed: its position (if still kept), forgetting it and every older one.
+    pub fn complete(&mut self, id: u64) -> Option<T> {
+        let i = self.taken.iter().position(|(c, _)| *c == id)?;
+        self.taken.drain(..i);
+        self.taken.pop_front().map(|(_, position)| position)
+    }
+
+    pub fn len(&self) -> usize {
+        self.taken.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.taken.is_empty()
+    }
+}
+
 /// Writes batches to an external system.
 #[async_trait]
 pub trait Sink: Send {
@@ -216,5 +262,24 @@ impl Sink for Discard {
     }
     async fn finish(&mut self) -> Result<()> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PendingCheckpoints;
+
+    #[test]
+    fn a_completion_supersedes_older_ones_and_few_are_kept() {
+        let mut p = PendingCheckpoints::default();
+        for id in 1..=100u64 {
+            p.taken(id, id * 10);
+        }
+        assert_eq!(p.len(), PendingCheckpoints::<u64>::KEPT, "checkpoints that never complete do not pile up");
+        assert_eq!(p.complete(3), None, "forgotten: a later one will confirm more");
+        assert_eq!(p.complete(90), Some(900));
+        assert_eq!(p.complete(89), None, "superseded");
+        assert_eq!(p.complete(100), Some(1000));
+        assert!(p.is_empty());
     }
 }
