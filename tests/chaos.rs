@@ -591,9 +591,12 @@ fn chaos_run_keeps_every_outcome_exact() -> Result<()> {
 
     // 8. The figures.
     let mut restarts = BTreeMap::new();
+    let mut late = 0;
     for (name, job) in [("ingest", c.ingest.clone()), ("process", c.process.clone())] {
         let status = c.p.cluster.status(&job).unwrap_or_default();
         restarts.insert(name, status["restarts"].as_u64().unwrap_or(0));
+        // Records the windows found late (the old events' updates among them), this attempt's.
+        late += status["tasks"].as_array().map_or(0, |ts| ts.iter().filter_map(|t| t["late_records"].as_u64()).sum::<u64>());
         eprintln!("chaos: {name} job {job} is {}; history: {}", status["state"], status["history"]);
     }
     let stats = c.p.external_stats().unwrap_or_default();
@@ -626,6 +629,7 @@ fn chaos_run_keeps_every_outcome_exact() -> Result<()> {
         ("chaos_leaderboard_window_end", outcomes.window_end.map_or("none".into(), |e| e.to_string())),
         ("chaos_restarts_ingest", restarts["ingest"].to_string()),
         ("chaos_restarts_process", restarts["process"].to_string()),
+        ("chaos_late_records", late.to_string()),
         ("chaos_wall_seconds", format!("{:.0}", wall.elapsed().as_secs_f64())),
         ("chaos_mismatches", c.mismatches.len().to_string()),
     ];
