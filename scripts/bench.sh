@@ -15,7 +15,7 @@
 #            kill, a PostgreSQL restart, Redis, ClickHouse and external-system outages) while events
 #            are written, then every outcome checked against PostgreSQL (tests/chaos.rs; the test
 #            command runs a short version). Env: CHAOS_SECONDS (600), CHAOS_KILLS (CHAOS_SECONDS/40),
-#            CHAOS_OUTAGE_SECONDS (CHAOS_SECONDS/8, 5 to 60), CHAOS_PREFILL_ROWS, CHAOS_RATE (200), EDDY_TEST_SEED (random,
+#            CHAOS_OUTAGE_SECONDS (CHAOS_SECONDS/8, 5 to 60), CHAOS_PREFILL_ROWS, CHAOS_RATE (200), CHAOS_STATE_TTL (11m), EDDY_TEST_SEED (random,
 #            printed as chaos_seed), CHAOS_PROFILE (debug, as the test command builds; or
 #            release). chaos_mismatches must be 0.
 # Every benchmark prints `name=value` lines on stdout; progress goes to stderr.
@@ -313,6 +313,8 @@ bench_chaos() {
   export EDDY_TEST_KAFKA_BROKERS=$EDDY_KAFKA_BROKERS EDDY_TEST_SERVICES_CTL=$ROOT/scripts/services.sh
   # Outages last CHAOS_SECONDS / 8 (60 s in the full run) unless CHAOS_OUTAGE_SECONDS is set.
   export CHAOS_SECONDS=${CHAOS_SECONDS:-600}
+  # Shorter than the old events' age, so that their updates and deletes come after it expired.
+  export CHAOS_STATE_TTL=${CHAOS_STATE_TTL:-11m}
   local profile=${CHAOS_PROFILE:-debug} flags=() status=0
   [ "$profile" = release ] && flags=(--release)
   log "building $profile binaries"
