@@ -42,6 +42,16 @@ const FINISHED_JOBS_KEPT: usize = 100;
 /// Lost workers still listed, the latest ones.
 const LOST_WORKERS_KEPT: usize = 32;
 
+/// Of `(when, id)` pairs, the ids of all but the `kept` latest.
+fn older_than_the_latest<T: Ord>(mut items: Vec<(T, String)>, kept: usize) -> Vec<String> {
+    if items.len() <= kept {
+        return Vec::new();
+    }
+    items.sort();
+    items.truncate(items.len() - kept);
+    items.into_iter().map(|(_, id)| id).collect()
+}
+
 /// What the actor is asked to do.
 pub enum Request {
     /// Validate, plan and schedule a spec.
@@ -736,21 +746,14 @@ impl Coordinator {
     }
 
     fn worker_lost(&mut self, worker_id: &str, cause: String) {
+        // Lost workers stay listed (with why), the latest few: the oldest one goes to make room.
+        let lost = self.workers.iter().filter(|(id, w)| w.lost.is_some() && id.as_str() != worker_id);
+        for id in older_than_the_latest(lost.map(|(id, w)| (w.last_heartbeat, id.clone())).collect(), LOST_WORKERS_KEPT - 1) {
+            self.workers.remove(&id);
+        }
         let Some(w) = self.workers.get_mut(worker_id) else { return };
         warn!(%worker_id, %cause, "worker lost");
         w.lost = Some(cause.clone());
-        // Lost workers stay listed (with why) until a newer one replaces them, a few at most.
-        let mut lost: Vec<(Instant, String)> =
-            self.workers.iter().filter(|(_, w)| w.lost.is_some()).map(|(id, w)| (w.last_heartbeat, id.clone())).collect();
-        if lost.len() > LOST_WORKERS_KEPT {
-            lost.sort();
-            for (_, id) in &lost[..lost.len() - LOST_WORKERS_KEPT] {
-                if id != worker_id {
-                    self.workers.remove(id);
-                }
-            }
-        }
-        let Some(w) = self.workers.get_mut(worker_id) else { return };
         // Closing the stream tells a live-but-partitioned worker to drop its tasks and re-register.
         let _ = w.orders.try_send(Err(Status::unavailable(format!("declared lost: {cause}"))));
         // Its tasks are gone with it.
@@ -1039,15 +1042,10 @@ impl Coordinator {
 
     /// Keeps the [`FINISHED_JOBS_KEPT`] jobs that ended last; older ended jobs are forgotten.
     fn forget_old_finished_jobs(&mut self) {
-        let mut ended: Vec<(i64, String)> =
-            self.jobs.iter().filter(|(_, j)| j.state.is_terminal()).map(|(id, j)| (j.finished_at_ms, id.clone())).collect();
-        if ended.len() <= FINISHED_JOBS_KEPT {
-            return;
-        }
-        ended.sort();
-        for (_, id) in &ended[..ended.len() - FINISHED_JOBS_KEPT] {
+        let ended = self.jobs.iter().filter(|(_, j)| j.state.is_terminal()).map(|(id, j)| (j.finished_at_ms, id.clone()));
+        for id in older_than_the_latest(ended.collect(), FINISHED_JOBS_KEPT) {
             info!(job_id = %id, "forgetting an old finished job");
-            self.jobs.remove(id);
+            self.jobs.remove(&id);
         }
     }
 
@@ -1450,6 +1448,13 @@ connector = "discard"
             h.report("a", &job, 1, t, TaskState::Cancelled);
         }
         assert_eq!(h.state(&job), JobState::Cancelled);
+    }
+
+    #[test]
+    fn only_the_latest_ended_jobs_and_lost_workers_are_kept() {
+        let items = |times: &[i64]| times.iter().map(|t| (*t, format!("x{t}"))).collect::<Vec<_>>();
+        assert_eq!(older_than_the_latest(items(&[5, 1, 4, 2, 3]), 2), ["x1", "x2", "x3"]);
+        assert!(older_than_the_latest(items(&[1, 2]), 2).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -40,8 +40,9 @@
 //! A reader task owns both connections. It reads the snapshot with a cursor (`FETCH 1024` at a time,
 //! counting `snapshot_rows_done` against `snapshot_rows_total`), waits until the source has handed
 //! every snapshot batch on, then sends `START_REPLICATION` on the session that created the slot and
-//! decodes the stream (a re-read streams first and reads the snapshot when the stream reaches `C2`). Everything it produces goes through one bounded queue (a few batches deep),
-//! so `next_batch` only receives from a channel and is cancel-safe, and a slow pipeline holds the
+//! decodes the stream (a re-read streams first and reads the snapshot when the stream reaches
+//! `C2`). Everything it produces goes through one bounded queue (a few batches deep), so
+//! `next_batch` only receives from a channel and is cancel-safe, and a slow pipeline holds the
 //! reader back (and, through TCP, the server) instead of growing memory.
 //!
 //! # Rows
@@ -1312,9 +1313,7 @@ impl Reader {
             }
         }
     }
-}
 
-impl Reader {
     /// A re-read's stream has reached the temporary slot's snapshot: what it read goes on, then
     /// the snapshot's rows it did not touch.
     async fn reread(&mut self, pending: &mut Batch) -> std::result::Result<(), Halt> {
