@@ -46,7 +46,14 @@ CH_HTTP_PORT=${EDDY_CLICKHOUSE_HTTP_PORT:-58123}
 CH_TCP_PORT=${EDDY_CLICKHOUSE_TCP_PORT:-59000}
 TIMEOUT=${EDDY_SERVICES_TIMEOUT:-60}
 TANSU_VERSION=0.6.0
-TANSU=$EDDY_CACHE/tools/bin/tansu
+# tansu-storage 0.6.0's memory:// engine answers a fetch from an offset inside a record batch
+# with the batches after it, skipping the rest of that batch: a consumer resuming at a
+# checkpointed offset lost records. The broker is built with scripts/tansu-fetch-mid-batch.patch;
+# the patch level is part of its path, so a broker built without it is not used again.
+TANSU_PATCH=p1
+TANSU_STORAGE_SHA256=720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d
+TANSU_ROOT=$EDDY_CACHE/tools/tansu-$TANSU_VERSION-$TANSU_PATCH
+TANSU=$TANSU_ROOT/bin/tansu
 ALL_SERVICES=(postgres kafka redis clickhouse)
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -135,9 +142,9 @@ apt_install() {
 }
 
 # Build dependencies of crates Eddy uses (librdkafka's cmake build needs curl's headers; RocksDB's
-# bindings are generated with libclang), checked once per `start`.
+# bindings are generated with libclang; the broker is patched with `patch`), checked once per `start`.
 ensure_build_deps() {
-  apt_install cmake libcurl4-openssl-dev curl libclang-dev g++
+  apt_install cmake libcurl4-openssl-dev curl libclang-dev g++ patch
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -270,19 +277,39 @@ kafka_up() { pid_alive "$KAFKA_PID" && kafka_answers; }
 kafka_install() {
   [ -x "$TANSU" ] && return 0
   command -v cargo >/dev/null || die "kafka: cargo is needed to install tansu; install Rust (https://rustup.rs)"
-  log "kafka: installing tansu $TANSU_VERSION into $EDDY_CACHE/tools (a one-off build of several minutes)"
-  # dynostore is the feature behind memory:// storage; without it the broker exits at start.
-  # The lock keeps two concurrent starts from building it twice.
   mkdir -p "$EDDY_CACHE"
-  # (The inner sh re-checks for the binary once it holds the lock, then runs cargo.)
-  # shellcheck disable=SC2016 # $1 and $@ belong to the inner sh
-  flock "$EDDY_CACHE/tansu-install.lock" sh -c 'bin=$1; shift; [ -x "$bin" ] || exec "$@"' _ "$TANSU" \
-    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
-    --root "$EDDY_CACHE/tools" --target-dir "$EDDY_CACHE/tansu-target"
+  # The lock keeps two concurrent starts from building it twice.
+  (
+    flock 8
+    [ -x "$TANSU" ] || kafka_build
+  ) 8>"$EDDY_CACHE/tansu-install.lock"
   [ -x "$TANSU" ] || die "kafka: cargo install tansu did not produce $TANSU"
 }
 
+# Builds the patched broker (under the install lock).
+kafka_build() {
+  log "kafka: installing tansu $TANSU_VERSION ($TANSU_PATCH) into $TANSU_ROOT (a one-off build of several minutes)"
+  local src=$EDDY_CACHE/tansu-src crate
+  crate=$src/tansu-storage-$TANSU_VERSION.crate
+  rm -rf "$src" && mkdir -p "$src"
+  curl -sSfL -o "$crate" "https://static.crates.io/crates/tansu-storage/tansu-storage-$TANSU_VERSION.crate" \
+    || die "kafka: could not download tansu-storage $TANSU_VERSION from static.crates.io"
+  echo "$TANSU_STORAGE_SHA256  $crate" | sha256sum -c --quiet - || die "kafka: tansu-storage $TANSU_VERSION has an unexpected checksum"
+  tar -xzf "$crate" -C "$src"
+  patch -s -d "$src/tansu-storage-$TANSU_VERSION" -p1 <"$ROOT/scripts/tansu-fetch-mid-batch.patch" \
+    || die "kafka: scripts/tansu-fetch-mid-batch.patch does not apply to tansu-storage $TANSU_VERSION"
+  # dynostore is the feature behind memory:// storage; without it the broker exits at start.
+  cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
+    --config "patch.crates-io.tansu-storage.path=\"$src/tansu-storage-$TANSU_VERSION\"" \
+    --root "$TANSU_ROOT" --target-dir "$EDDY_CACHE/tansu-target"
+}
+
 kafka_start() {
+  # A broker left running by an older checkout may be one built without the patch: replace it.
+  if kafka_up && [ "$(readlink "/proc/$(cat "$KAFKA_PID")/exe" 2>/dev/null)" != "$TANSU" ]; then
+    log "kafka: the running broker is not $TANSU; restarting it"
+    kafka_stop
+  fi
   if kafka_up; then echo "kafka: already running"; return 0; fi
   rm -f "$KAFKA_PID"
   check_port_free kafka "$KAFKA_PORT" EDDY_KAFKA_PORT

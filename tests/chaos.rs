@@ -27,8 +27,7 @@
 //!   window plus 2 s; the full run's), their upsert state expires once the live events move the
 //!   topic's time on, so those updates and deletes come after it expired (and a CDC re-read sends
 //!   them again, which must not make new versions). The test command's short run keeps the
-//!   shipped 1h. Some seeds (915709678) end with a few leaderboard members of the last window
-//!   slightly low (about one event each), whatever the TTL: an open bug.
+//!   shipped 1h.
 //!   Events of the live stream are updated or deleted within a few seconds of their insert (the
 //!   data generator's own updates and deletes).
 //! - An audit table (`chaos_writes`, filled by a trigger and not published) counts every insert
