@@ -149,7 +149,8 @@ impl CheckpointStore {
             anyhow::anyhow!("cannot create the checkpoint directory {}: {e}; pick another with --checkpoint-dir", root.display())
         })?;
         let root = std::fs::canonicalize(root)?;
-        let store = LocalFileSystem::new_with_prefix(&root)?;
+        // Deleting a folder's last file removes the folder too (`collect` deletes whole checkpoints).
+        let store = LocalFileSystem::new_with_prefix(&root)?.with_automatic_cleanup(true);
         Ok(CheckpointStore { root: root.to_string_lossy().into_owned(), store: Arc::new(store) })
     }
 
@@ -178,9 +179,18 @@ impl CheckpointStore {
     /// Deletes dropped checkpoints' own files, then every shared file of the job that no kept
     /// checkpoint references and that is older than `before` (Unix ms: the start of the newest
     /// completed checkpoint, so files a later checkpoint is uploading now are never touched).
+    /// Checkpoints that never completed (aborted, declined, or cut short by a restart) and are
+    /// older than the newest kept one go too: they have no manifest, and nothing completes them
+    /// any more.
     pub async fn collect(&self, job_id: &str, dropped: Vec<u64>, kept: Vec<Arc<CheckpointManifest>>, before_ms: i64) {
         for id in dropped {
             self.delete_prefix(&format!("{job_id}/chk-{id}"), |_| true).await;
+        }
+        let kept_ids: BTreeSet<u64> = kept.iter().map(|m| m.checkpoint_id).collect();
+        if let Some(&newest) = kept_ids.last() {
+            for id in self.abandoned(job_id, newest, &kept_ids).await {
+                self.delete_prefix(&format!("{job_id}/chk-{id}"), |_| true).await;
+            }
         }
         let referenced: BTreeSet<String> = kept
             .iter()
@@ -192,6 +202,32 @@ impl CheckpointStore {
             !referenced.contains(meta.location.as_ref()) && meta.last_modified.timestamp_millis() < before_ms
         })
         .await;
+    }
+
+    /// Ids of the job's checkpoint folders below `newest`, not kept, that hold no manifest.
+    async fn abandoned(&self, job_id: &str, newest: u64, kept: &BTreeSet<u64>) -> Vec<u64> {
+        let listing = match self.store.list_with_delimiter(Some(&StorePath::from(job_id))).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(job_id, error = %e, "listing checkpoint folders failed; collection skipped");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for folder in listing.common_prefixes {
+            let Some(id) = folder.filename().and_then(|f| f.strip_prefix("chk-")).and_then(|n| n.parse::<u64>().ok()) else {
+                continue;
+            };
+            if id >= newest || kept.contains(&id) {
+                continue;
+            }
+            // A manifest that is there but not kept (one the coordinator could not read at start)
+            // may still be wanted: only folders without one are abandoned.
+            if matches!(self.store.head(&StorePath::from(manifest_path(job_id, id))).await, Err(object_store::Error::NotFound { .. })) {
+                out.push(id);
+            }
+        }
+        out
     }
 
     async fn delete_prefix(&self, prefix: &str, keep_if_not: impl Fn(&object_store::ObjectMeta) -> bool) {
@@ -220,6 +256,28 @@ impl CheckpointStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn checkpoints_that_never_completed_are_collected_once_a_newer_one_is_kept() {
+        let dir = std::env::temp_dir().join(format!("eddy-collect-{}", std::process::id()));
+        let store = CheckpointStore::open(&dir).unwrap();
+        let put = |path: &str| {
+            let (store, path) = (store.store.clone(), StorePath::from(path));
+            async move { store.put(&path, PutPayload::from(vec![1u8])).await.unwrap() }
+        };
+        let manifest = |id| CheckpointManifest { job_id: "job".into(), checkpoint_id: id, ..Default::default() };
+        // 1: completed, then not kept but with its manifest (unreadable at start, say); 2: aborted;
+        // 3: the newest completed; 4: in progress.
+        store.put_manifest(&manifest(1)).await.unwrap();
+        put("job/chk-2/1.0/op3/MANIFEST-000005").await;
+        store.put_manifest(&manifest(3)).await.unwrap();
+        put("job/chk-3/1.0/op3/MANIFEST-000009").await;
+        put("job/chk-4/1.0/op3/MANIFEST-000012").await;
+        store.collect("job", Vec::new(), vec![Arc::new(manifest(3))], 0).await;
+        let left: BTreeSet<String> = std::fs::read_dir(dir.join("job")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(left, ["chk-1", "chk-3", "chk-4"].map(String::from).into_iter().collect());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_data_directory_serves_one_coordinator_at_a_time() {
