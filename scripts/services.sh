@@ -46,11 +46,14 @@ CH_HTTP_PORT=${EDDY_CLICKHOUSE_HTTP_PORT:-58123}
 CH_TCP_PORT=${EDDY_CLICKHOUSE_TCP_PORT:-59000}
 TIMEOUT=${EDDY_SERVICES_TIMEOUT:-60}
 TANSU_VERSION=0.6.0
-# tansu-storage 0.6.0's memory:// engine answers a fetch from an offset inside a record batch
-# with the batches after it, skipping the rest of that batch: a consumer resuming at a
-# checkpointed offset lost records. The broker is built with scripts/tansu-fetch-mid-batch.patch;
-# the patch level is part of its path, so a broker built without it is not used again.
-TANSU_PATCH=p1
+# tansu-storage 0.6.0's memory:// engine can answer a fetch without records a consumer then
+# never reads: from an offset inside a record batch it answers with the batches after it, and
+# with two produces in flight on a partition it answers past the batch of the one that has taken
+# its offsets but not yet stored them. A job restored from a checkpoint lost the rest of a batch;
+# one reading while its ingest job restarted lost a few records. The broker is built with
+# scripts/tansu-fetch.patch (the batch that holds the offset first; never past a gap); the patch
+# level is part of its path, so a broker built without it is not used again.
+TANSU_PATCH=p2
 TANSU_STORAGE_SHA256=720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d
 TANSU_ROOT=$EDDY_CACHE/tools/tansu-$TANSU_VERSION-$TANSU_PATCH
 TANSU=$TANSU_ROOT/bin/tansu
@@ -296,8 +299,8 @@ kafka_build() {
     || die "kafka: could not download tansu-storage $TANSU_VERSION from static.crates.io"
   echo "$TANSU_STORAGE_SHA256  $crate" | sha256sum -c --quiet - || die "kafka: tansu-storage $TANSU_VERSION has an unexpected checksum"
   tar -xzf "$crate" -C "$src"
-  patch -s -d "$src/tansu-storage-$TANSU_VERSION" -p1 <"$ROOT/scripts/tansu-fetch-mid-batch.patch" \
-    || die "kafka: scripts/tansu-fetch-mid-batch.patch does not apply to tansu-storage $TANSU_VERSION"
+  patch -s -d "$src/tansu-storage-$TANSU_VERSION" -p1 <"$ROOT/scripts/tansu-fetch.patch" \
+    || die "kafka: scripts/tansu-fetch.patch does not apply to tansu-storage $TANSU_VERSION"
   # dynostore is the feature behind memory:// storage; without it the broker exits at start.
   cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore \
     --config "patch.crates-io.tansu-storage.path=\"$src/tansu-storage-$TANSU_VERSION\"" \

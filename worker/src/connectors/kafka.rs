@@ -119,8 +119,6 @@ pub struct KafkaSource {
     positions: HashMap<i32, i64>,
     /// Positions of checkpoints taken and not yet complete, committed when they are.
     snapshots: PendingCheckpoints<HashMap<i32, i64>>,
-    /// Restored positions whose first record has not come yet (see `take_owned`).
-    resumed: HashMap<i32, i64>,
     checkpointing: bool,
     subtask: u32,
     parallelism: u32,
@@ -181,7 +179,6 @@ impl KafkaSource {
             pending: HashMap::new(),
             positions: HashMap::new(),
             snapshots: PendingCheckpoints::default(),
-            resumed: HashMap::new(),
             checkpointing: ctx.checkpointing,
             subtask: ctx.task.subtask,
             parallelism: ctx.parallelism,
@@ -199,7 +196,6 @@ impl KafkaSource {
                 source.restore(state)?;
             }
         }
-        source.resumed = source.positions.clone();
         Ok(source)
     }
 
@@ -331,18 +327,18 @@ impl KafkaSource {
     }
 
     fn take_owned(&mut self, m: &OwnedMessage, out: &mut Batch) -> Result<()> {
-        // Offsets a restored partition skips are records this job never reads: normal on a
-        // compacted topic, data lost otherwise (a broker that answered a fetch from inside a
-        // record batch with the next batch did this). Counted and said, not fatal.
-        if let Some(expected) = self.resumed.remove(&m.partition()).filter(|e| m.offset() > *e) {
+        // Offsets skipped (after a restored position, or between two records) are records this
+        // job never reads: normal on a compacted or transactional topic, data lost otherwise (a
+        // broker that answered a fetch from inside a record batch with the next batch did this).
+        // Counted and said, not fatal.
+        if let Some(expected) = self.positions.insert(m.partition(), m.offset() + 1).filter(|e| m.offset() > *e) {
             let skipped = m.offset() - expected;
-            warn!(topic = %self.options.topic, partition = m.partition(), expected, resumed_at = m.offset(), skipped,
-                "kafka: resumed past the checkpointed offset; unless the topic is compacted, the broker skipped records");
+            warn!(topic = %self.options.topic, partition = m.partition(), expected, got = m.offset(), skipped,
+                "kafka: offsets skipped; unless the topic is compacted or transactional, the broker lost records");
             let total = self.metrics.gauges().get("skipped_offsets").copied().unwrap_or(0) + skipped;
             self.metrics.set_gauge("skipped_offsets", total);
         }
         self.pending.insert(m.partition(), m.offset());
-        self.positions.insert(m.partition(), m.offset() + 1);
         match self.decode(m) {
             Ok((Some(key), value)) => {
                 let written = self.advance_clock(m, value.as_ref());
@@ -919,7 +915,7 @@ mod tests {
     /// record batch on the broker: a broker answers such a fetch with the whole batch, and the
     /// records before the offset are skipped, none after it. (tansu 0.6.0 answered with the next
     /// batch, so a job restored from a checkpoint lost the rest of that batch; the test broker is
-    /// built with a fix, see `scripts/services.sh`.)
+    /// built with a fix, `scripts/tansu-fetch.patch`.)
     #[tokio::test]
     async fn a_source_restored_inside_a_record_batch_reads_on_from_its_offset() {
         let Some((sink_options, source_options)) = versioned_topic("mid_batch") else { return };
