@@ -159,6 +159,10 @@ pub struct WindowPlan {
     pub time_column: usize,
     /// Aggregates, in output order.
     pub aggregates: Vec<Aggregate>,
+    /// What happens to a row an aggregate's argument fails on.
+    pub bad_records: connectors::BadRecordPolicy,
+    /// Where `bad_records = "dead-letter"` puts such rows.
+    pub dead_letter_path: Option<String>,
 }
 
 impl WindowPlan {
@@ -166,6 +170,14 @@ impl WindowPlan {
     pub fn slice_ms(&self) -> i64 {
         gcd(self.size_ms, self.slide_ms)
     }
+}
+
+/// A stage that sets bad rows aside in dead letters must say where.
+fn check_dead_letters(at: &dyn Fn(&str) -> String, policy: connectors::BadRecordPolicy, path: &Option<String>) -> Result<(), SpecError> {
+    if policy == connectors::BadRecordPolicy::DeadLetter && path.is_none() {
+        return Err(SpecError::new(at("dead_letter_path"), "bad_records = \"dead-letter\" needs a file to write them to"));
+    }
+    Ok(())
 }
 
 fn gcd(a: i64, b: i64) -> i64 {
@@ -668,9 +680,7 @@ impl<'a> Planner<'a> {
                             }),
                         }
                 });
-                if t.bad_records == connectors::BadRecordPolicy::DeadLetter && t.dead_letter_path.is_none() {
-                    return Err(SpecError::new(at("dead_letter_path"), "bad_records = \"dead-letter\" needs a file to write them to"));
-                }
+                check_dead_letters(&at, t.bad_records, &t.dead_letter_path)?;
                 let parallelism = self.parallelism(&at("parallelism"), t.parallelism.or(Some(self.operators[up].parallelism)))?;
                 let partition = self.partition(field, t.partition.as_deref(), t.key.as_deref(), &schema_in, up, parallelism)?;
                 let op = Operator {
@@ -746,10 +756,19 @@ impl<'a> Planner<'a> {
                     }
                     fields.push(Field::new(a.name.clone(), a.data_type));
                 }
+                check_dead_letters(&at, w.bad_records, &w.dead_letter_path)?;
                 let parallelism = self.parallelism(&at("parallelism"), w.parallelism)?;
                 let op = Operator {
                     name: w.name.clone(),
-                    kind: OperatorKind::Window(WindowPlan { size_ms, slide_ms, key: key.clone(), time_column, aggregates }),
+                    kind: OperatorKind::Window(WindowPlan {
+                        size_ms,
+                        slide_ms,
+                        key: key.clone(),
+                        time_column,
+                        aggregates,
+                        bad_records: w.bad_records,
+                        dead_letter_path: w.dead_letter_path.clone(),
+                    }),
                     parallelism,
                     schema: Schema::new(fields),
                 };
@@ -1031,6 +1050,18 @@ options = { path = "/tmp/out.jsonl" }
         let outs = plan.outputs(TaskId { vertex: 0, subtask: 0 }, 0);
         assert_eq!(outs.len(), 4);
         assert!(outs.iter().all(|(_, input)| *input == 0));
+    }
+
+    #[test]
+    fn a_window_sets_bad_rows_aside_where_its_spec_says() {
+        let OperatorKind::Window(w) = &compile(VALID).unwrap().operators[2].kind else { panic!("window expected") };
+        assert_eq!(w.bad_records, connectors::BadRecordPolicy::Drop);
+        let spec = VALID.replace("parallelism = 4", "parallelism = 4\nbad_records = \"dead-letter\"");
+        let e = compile(&spec).unwrap_err();
+        assert_eq!(e.field, "window[hop].dead_letter_path");
+        let plan = compile(&spec.replace("bad_records = \"dead-letter\"", "bad_records = \"dead-letter\"\ndead_letter_path = \"/tmp/d.jsonl\"")).unwrap();
+        let OperatorKind::Window(w) = &plan.operators[2].kind else { panic!("window expected") };
+        assert_eq!((w.bad_records, w.dead_letter_path.as_deref()), (connectors::BadRecordPolicy::DeadLetter, Some("/tmp/d.jsonl")));
     }
 
     #[test]

@@ -151,6 +151,13 @@ pub struct WindowSpec {
     pub time: Option<String>,
     /// Parallel instances.
     pub parallelism: Option<u32>,
+    /// A row an aggregate's argument fails on (an overflow, a bad CAST): `drop` it (the default:
+    /// counted and logged), set it aside in `dead_letter_path` with the reason (`dead-letter`),
+    /// or `fail` the job. The row then counts in no window, as an insert or as a retraction.
+    #[serde(default = "drop_bad_rows")]
+    pub bad_records: crate::connectors::BadRecordPolicy,
+    /// File for `bad_records = "dead-letter"`.
+    pub dead_letter_path: Option<String>,
 }
 
 /// A `[[sink]]` table.

@@ -9,6 +9,7 @@ pub mod window;
 use std::ops::Range;
 use std::path::PathBuf;
 
+use eddy_jobs::connectors::BadRecordPolicy;
 use eddy_jobs::plan::{OperatorKind, Plan};
 
 use crate::batch::Batch;
@@ -101,20 +102,71 @@ pub async fn build(
     let op = &plan.operators[index];
     Ok(match &op.kind {
         OperatorKind::Transform { filter, projection, bad_records, dead_letter_path } => {
-            let path = dead_letter_path.as_deref().filter(|_| *bad_records == eddy_jobs::connectors::BadRecordPolicy::DeadLetter);
-            let dead_letters = crate::connectors::DeadLetters::open("transform", path, metrics.clone())?;
+            let dead_letters = dead_letters_of("transform", *bad_records, dead_letter_path, metrics)?;
             Some(Box::new(transform::Transform::new(filter.clone(), projection.clone()).with_bad_rows(
                 &op.name,
                 *bad_records,
                 dead_letters,
             )))
         }
-        OperatorKind::Window(w) => Some(Box::new(window::Window::open(w.clone(), plan.max_parallelism, plan.state.backend, ctx)?)),
+        OperatorKind::Window(w) => {
+            let dead_letters = dead_letters_of("window", w.bad_records, &w.dead_letter_path, metrics)?;
+            let bad_rows = BadRows::new("window", &op.name, w.bad_records, dead_letters);
+            Some(Box::new(window::Window::open(w.clone(), plan.max_parallelism, plan.state.backend, ctx)?.with_bad_rows(bad_rows)))
+        }
         OperatorKind::Lookup { options, on, columns } => {
             Some(Box::new(lookup::PostgresLookup::connect(options, *on, columns, metrics.clone()).await?))
         }
         OperatorKind::Source { .. } | OperatorKind::Sink { .. } => None,
     })
+}
+
+/// The dead letters of a stage with `policy` (a file only with `dead-letter`).
+fn dead_letters_of(
+    kind: &'static str,
+    policy: BadRecordPolicy,
+    path: &Option<String>,
+    metrics: &std::sync::Arc<crate::task::TaskMetrics>,
+) -> Result<crate::connectors::DeadLetters> {
+    let path = path.as_deref().filter(|_| policy == BadRecordPolicy::DeadLetter);
+    crate::connectors::DeadLetters::open(kind, path, metrics.clone())
+}
+
+/// What a stage does with rows it cannot compute (an expression failed on them): its
+/// `bad_records` policy, the dead letters it writes them to, and a count for the log.
+pub struct BadRows {
+    /// `transform[enriched]`, say.
+    stage: String,
+    name: String,
+    policy: BadRecordPolicy,
+    dead_letters: crate::connectors::DeadLetters,
+    /// Rows set aside so far (only the first few are logged one by one).
+    count: u64,
+}
+
+impl BadRows {
+    /// The bad rows of stage `name` of kind `kind` (`transform`, `window`).
+    pub fn new(kind: &str, name: &str, policy: BadRecordPolicy, dead_letters: crate::connectors::DeadLetters) -> BadRows {
+        BadRows { stage: format!("{kind}[{name}]"), name: name.to_string(), policy, dead_letters, count: 0 }
+    }
+
+    /// Sets `row` aside (dropped or dead-lettered, with `error`), or with `fail` returns the
+    /// task's error.
+    pub fn take(&mut self, row: &[eddy_jobs::Value], error: String) -> Result<()> {
+        if self.policy == BadRecordPolicy::Fail {
+            return Err(crate::error::TaskError::user(format!(
+                "{}: {error}; fix the data or the expression, or set bad_records = \"drop\" or \"dead-letter\" on the stage",
+                self.stage
+            )));
+        }
+        self.count += 1;
+        if self.count <= 10 {
+            tracing::warn!(stage = %self.stage, %error, "a bad row set aside");
+        }
+        let values: Vec<serde_json::Value> = row.iter().map(crate::json::to_json).collect();
+        let line = serde_json::json!({ "stage": self.name, "row": values, "error": error });
+        self.dead_letters.record(&line.to_string())
+    }
 }
 
 /// How far beyond the wall clock an event time may lie and still count (one hour).

@@ -8,7 +8,7 @@ use eddy_jobs::connectors::BadRecordPolicy;
 use eddy_jobs::expr::Expr;
 use eddy_jobs::Value;
 
-use super::{Collector, Operator};
+use super::{BadRows, Collector, Operator};
 use crate::batch::Batch;
 use crate::connectors::DeadLetters;
 use crate::error::{Result, TaskError};
@@ -20,15 +20,6 @@ pub struct Transform {
     bad_rows: Option<BadRows>,
 }
 
-/// What a transform does with rows its expressions fail on.
-struct BadRows {
-    stage: String,
-    policy: BadRecordPolicy,
-    dead_letters: DeadLetters,
-    /// Rows set aside so far (only the first few are logged one by one).
-    count: u64,
-}
-
 impl Transform {
     /// A transform; `None` parts pass rows through. A row the expressions fail on fails the task
     /// unless [`Transform::with_bad_rows`] says otherwise.
@@ -38,7 +29,7 @@ impl Transform {
 
     /// Rows the expressions fail on follow `policy`.
     pub fn with_bad_rows(mut self, stage: &str, policy: BadRecordPolicy, dead_letters: DeadLetters) -> Transform {
-        self.bad_rows = Some(BadRows { stage: stage.to_string(), policy, dead_letters, count: 0 });
+        self.bad_rows = Some(BadRows::new("transform", stage, policy, dead_letters));
         self
     }
 
@@ -48,24 +39,6 @@ impl Transform {
             Some(bad) => bad.take(row, error),
             None => Err(TaskError::user(error)),
         }
-    }
-}
-
-impl BadRows {
-    fn take(&mut self, row: &[Value], error: String) -> Result<()> {
-        if self.policy == BadRecordPolicy::Fail {
-            return Err(TaskError::user(format!(
-                "transform[{}]: {error}; fix the data or the expression, or set bad_records = \"drop\" or \"dead-letter\" on the stage",
-                self.stage
-            )));
-        }
-        self.count += 1;
-        if self.count <= 10 {
-            tracing::warn!(stage = %self.stage, %error, "transform: a bad row set aside");
-        }
-        let values: Vec<serde_json::Value> = row.iter().map(crate::json::to_json).collect();
-        let line = serde_json::json!({ "stage": self.stage, "row": values, "error": error });
-        self.dead_letters.record(&line.to_string())
     }
 }
 

@@ -11,6 +11,10 @@
 //! late only when the last window holding it has fired; it is then counted and sent to the late
 //! output, untouched.
 //!
+//! A row an aggregate's argument fails on (an overflow, a bad CAST) follows the stage's
+//! `bad_records`: dropped or dead-lettered before it touches any accumulator, so its retraction,
+//! which fails the same way, subtracts nothing either; or the job fails.
+//!
 //! SUM, COUNT and AVG accept retractions (subtracting); MIN and MAX do not, and fail the task if
 //! they see one, since the planner rules that out for updating inputs.
 //!
@@ -40,7 +44,7 @@ use std::path::Path;
 use eddy_jobs::plan::{AggFunc, StateBackend, WindowPlan};
 use eddy_jobs::{DataType, Value};
 
-use super::{Collector, Operator, OperatorContext, OperatorSnapshot};
+use super::{BadRows, Collector, Operator, OperatorContext, OperatorSnapshot};
 use crate::batch::{Batch, Op};
 use crate::codec::encode_value;
 use crate::error::{Result, TaskError};
@@ -92,6 +96,10 @@ pub struct Window {
     running: RunningState,
     /// A row's aggregate inputs, when they also go into a running aggregate.
     inputs: Vec<Value>,
+    /// The current row's aggregate arguments.
+    args: Vec<Value>,
+    /// What happens to rows an aggregate's argument fails on (without: the task fails).
+    bad_rows: Option<BadRows>,
 }
 
 impl Window {
@@ -119,7 +127,15 @@ impl Window {
             empty,
             running,
             inputs: Vec::new(),
+            args: Vec::new(),
+            bad_rows: None,
         }
+    }
+
+    /// Rows an aggregate's argument fails on follow the stage's `bad_records` policy.
+    pub fn with_bad_rows(mut self, bad_rows: BadRows) -> Window {
+        self.bad_rows = Some(bad_rows);
+        self
     }
 
     /// A window operator on the job's state backend (files under `ctx.state_dir`), restored from
@@ -371,6 +387,28 @@ impl Window {
                 late.push(row, op);
                 continue;
             }
+            // The arguments first: a row one fails on changes nothing, whatever its op.
+            self.args.clear();
+            let mut failed = None;
+            for agg in &self.plan.aggregates {
+                match &agg.arg {
+                    None => self.args.push(Value::Int(1)),
+                    Some(e) => match e.eval(&row) {
+                        Ok(v) => self.args.push(v),
+                        Err(e) => {
+                            failed = Some(format!("aggregate `{}` failed on a row: {e}", agg.name));
+                            break;
+                        }
+                    },
+                }
+            }
+            if let Some(error) = failed {
+                match &mut self.bad_rows {
+                    Some(bad) => bad.take(&row, error)?,
+                    None => return Err(TaskError::user(error)),
+                }
+                continue;
+            }
             self.key_buf.clear();
             for &k in &self.plan.key {
                 encode_value(&row[k], &mut self.key_buf);
@@ -390,15 +428,11 @@ impl Window {
             // A slice already folded into the key's running aggregate: the row goes there too.
             let folded = slice_end <= self.last_fired && matches!(self.running, RunningState::Kept(_));
             accs.rows += sign;
-            for (acc, agg) in accs.values.iter_mut().zip(&self.plan.aggregates) {
-                let v = match &agg.arg {
-                    None => Value::Int(1),
-                    Some(e) => e.eval(&row).map_err(|e| TaskError::user(format!("aggregate `{}` failed on a row: {e}", agg.name)))?,
-                };
-                update(acc, &v, sign).map_err(|m| TaskError::user(format!("aggregate `{}`: {m}", agg.name)))?;
-                if folded {
-                    self.inputs.push(v);
-                }
+            for ((acc, agg), v) in accs.values.iter_mut().zip(&self.plan.aggregates).zip(&self.args) {
+                update(acc, v, sign).map_err(|m| TaskError::user(format!("aggregate `{}`: {m}", agg.name)))?;
+            }
+            if folded {
+                self.inputs.extend(self.args.iter().cloned());
             }
             if created.get() || folded {
                 self.track(group, slice_end, folded.then_some(sign))?;
@@ -607,6 +641,7 @@ mod tests {
     use crate::state::TempDir;
     use eddy_jobs::expr::Expr;
     use eddy_jobs::plan::Aggregate;
+    use eddy_jobs::connectors::BadRecordPolicy;
     use eddy_jobs::{Field, Schema};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
@@ -636,7 +671,42 @@ mod tests {
                 agg("n", AggFunc::Count, None, DataType::Int),
                 agg("mean", AggFunc::Avg, Some("v"), DataType::Float),
             ],
+            bad_records: BadRecordPolicy::Fail,
+            dead_letter_path: None,
         }
+    }
+
+    #[test]
+    fn rows_an_aggregate_fails_on_follow_the_bad_records_policy() {
+        let mut plan = plan(10, 10);
+        // 2^62: fine for v = 1, an overflow for v = 3.
+        plan.aggregates[0].arg = Some(Expr::compile("v * 4611686018427387904", &schema()).unwrap());
+        let dir = TempDir::new("window-bad-rows");
+        let path = dir.path().join("dead.jsonl");
+        let metrics = std::sync::Arc::new(crate::task::TaskMetrics::default());
+        let letters = crate::connectors::DeadLetters::open("window", path.to_str(), metrics.clone()).unwrap();
+        let open = |plan: WindowPlan| {
+            let ctx = OperatorContext { state_dir: dir.path().join("state"), key_groups: 0..MAX_PARALLELISM, restore: Vec::new() };
+            Window::open(plan, MAX_PARALLELISM, StateBackend::Memory, ctx).unwrap()
+        };
+        let mut w = open(plan.clone()).with_bad_rows(BadRows::new("window", "scored", BadRecordPolicy::DeadLetter, letters));
+        let mut out = Collector::default();
+        w.process(Batch::inserts(vec![row(1, 1, 1), row(1, 3, 2)]), &mut out).unwrap();
+        // Its retraction is set aside too: nothing is subtracted that was never added.
+        let mut retraction = Batch::default();
+        retraction.push(row(1, 3, 2), Op::Retract);
+        w.process(retraction, &mut out).unwrap();
+        w.advance(100, &mut out).unwrap();
+        assert_eq!(results(&out), BTreeMap::from([((1, 10), (1 << 62, 1))]));
+        assert_eq!(metrics.dead_lettered.load(std::sync::atomic::Ordering::Relaxed), 2);
+        let letters = std::fs::read_to_string(&path).unwrap();
+        let first: serde_json::Value = serde_json::from_str(letters.lines().next().unwrap()).unwrap();
+        assert_eq!(first["stage"], "scored");
+        assert!(first["error"].as_str().unwrap().contains("aggregate `total` failed"), "{first}");
+
+        // Without a policy (or with `fail`) the row fails the task, as the user's error.
+        let e = open(plan).process(Batch::inserts(vec![row(1, 3, 2)]), &mut Collector::default()).unwrap_err();
+        assert_eq!(e.blame, crate::error::Blame::User);
     }
 
     /// A window on `backend` in a temporary directory (kept while the returned guard lives),
@@ -869,6 +939,8 @@ mod tests {
                 arg: Some(Expr::compile("v", &s).unwrap()),
                 data_type: DataType::Int,
             }],
+            bad_records: BadRecordPolicy::Fail,
+            dead_letter_path: None,
         };
         let batches = || (0..rows_total / BATCH)
             .map(|b| {
