@@ -309,7 +309,7 @@ kafka_build() {
 
 kafka_start() {
   # A broker left running by an older checkout may be one built without the patch: replace it.
-  if kafka_up && [ "$(readlink "/proc/$(cat "$KAFKA_PID")/exe" 2>/dev/null)" != "$TANSU" ]; then
+  if kafka_up && [ "$(readlink -f "/proc/$(cat "$KAFKA_PID")/exe" 2>/dev/null)" != "$(readlink -f "$TANSU")" ]; then
     log "kafka: the running broker is not $TANSU; restarting it"
     kafka_stop
   fi

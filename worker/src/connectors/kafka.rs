@@ -117,6 +117,8 @@ pub struct KafkaSource {
     pending: HashMap<i32, i64>,
     /// Next offset to read per partition read so far (restored ones included).
     positions: HashMap<i32, i64>,
+    /// Jumps in offsets seen so far (see `take_owned`).
+    jumps: u64,
     /// Positions of checkpoints taken and not yet complete, committed when they are.
     snapshots: PendingCheckpoints<HashMap<i32, i64>>,
     checkpointing: bool,
@@ -178,6 +180,7 @@ impl KafkaSource {
             next_sweep: tokio::time::Instant::now(),
             pending: HashMap::new(),
             positions: HashMap::new(),
+            jumps: 0,
             snapshots: PendingCheckpoints::default(),
             checkpointing: ctx.checkpointing,
             subtask: ctx.task.subtask,
@@ -333,8 +336,12 @@ impl KafkaSource {
         // Counted and said, not fatal.
         if let Some(expected) = self.positions.insert(m.partition(), m.offset() + 1).filter(|e| m.offset() > *e) {
             let skipped = m.offset() - expected;
-            warn!(topic = %self.options.topic, partition = m.partition(), expected, got = m.offset(), skipped,
-                "kafka: offsets skipped; unless the topic is compacted or transactional, the broker lost records");
+            // The first few are said; a compacted topic has many.
+            self.jumps += 1;
+            if self.jumps <= 10 {
+                warn!(topic = %self.options.topic, partition = m.partition(), expected, got = m.offset(), skipped,
+                    "kafka: offsets skipped; unless the topic is compacted or transactional, the broker lost records");
+            }
             let total = self.metrics.gauges().get("skipped_offsets").copied().unwrap_or(0) + skipped;
             self.metrics.set_gauge("skipped_offsets", total);
         }
