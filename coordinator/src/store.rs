@@ -183,14 +183,13 @@ impl CheckpointStore {
     /// older than the newest kept one go too: they have no manifest, and nothing completes them
     /// any more.
     pub async fn collect(&self, job_id: &str, dropped: Vec<u64>, kept: Vec<Arc<CheckpointManifest>>, before_ms: i64) {
-        for id in dropped {
-            self.delete_prefix(&format!("{job_id}/chk-{id}"), |_| true).await;
-        }
         let kept_ids: BTreeSet<u64> = kept.iter().map(|m| m.checkpoint_id).collect();
-        if let Some(&newest) = kept_ids.last() {
-            for id in self.abandoned(job_id, newest, &kept_ids).await {
-                self.delete_prefix(&format!("{job_id}/chk-{id}"), |_| true).await;
-            }
+        let abandoned = match kept_ids.last() {
+            Some(&newest) => self.abandoned(job_id, newest, &kept_ids).await,
+            None => Vec::new(),
+        };
+        for id in dropped.into_iter().chain(abandoned) {
+            self.delete_prefix(&format!("{job_id}/chk-{id}"), |_| true).await;
         }
         let referenced: BTreeSet<String> = kept
             .iter()
@@ -274,7 +273,8 @@ mod tests {
         put("job/chk-3/1.0/op3/MANIFEST-000009").await;
         put("job/chk-4/1.0/op3/MANIFEST-000012").await;
         store.collect("job", Vec::new(), vec![Arc::new(manifest(3))], 0).await;
-        let left: BTreeSet<String> = std::fs::read_dir(dir.join("job")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        let left: BTreeSet<String> =
+            std::fs::read_dir(dir.join("job")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert_eq!(left, ["chk-1", "chk-3", "chk-4"].map(String::from).into_iter().collect());
         let _ = std::fs::remove_dir_all(&dir);
     }

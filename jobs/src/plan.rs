@@ -1059,7 +1059,8 @@ options = { path = "/tmp/out.jsonl" }
         let spec = VALID.replace("parallelism = 4", "parallelism = 4\nbad_records = \"dead-letter\"");
         let e = compile(&spec).unwrap_err();
         assert_eq!(e.field, "window[hop].dead_letter_path");
-        let plan = compile(&spec.replace("bad_records = \"dead-letter\"", "bad_records = \"dead-letter\"\ndead_letter_path = \"/tmp/d.jsonl\"")).unwrap();
+        let with_path = spec.replace("bad_records = \"dead-letter\"", "bad_records = \"dead-letter\"\ndead_letter_path = \"/tmp/d.jsonl\"");
+        let plan = compile(&with_path).unwrap();
         let OperatorKind::Window(w) = &plan.operators[2].kind else { panic!("window expected") };
         assert_eq!((w.bad_records, w.dead_letter_path.as_deref()), (connectors::BadRecordPolicy::DeadLetter, Some("/tmp/d.jsonl")));
     }

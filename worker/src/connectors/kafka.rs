@@ -117,8 +117,9 @@ pub struct KafkaSource {
     pending: HashMap<i32, i64>,
     /// Next offset to read per partition read so far (restored ones included).
     positions: HashMap<i32, i64>,
-    /// Jumps in offsets seen so far (see `take_owned`).
+    /// Jumps in offsets seen so far, and the offsets they skipped (see `take_owned`).
     jumps: u64,
+    skipped: i64,
     /// Positions of checkpoints taken and not yet complete, committed when they are.
     snapshots: PendingCheckpoints<HashMap<i32, i64>>,
     checkpointing: bool,
@@ -181,6 +182,7 @@ impl KafkaSource {
             pending: HashMap::new(),
             positions: HashMap::new(),
             jumps: 0,
+            skipped: 0,
             snapshots: PendingCheckpoints::default(),
             checkpointing: ctx.checkpointing,
             subtask: ctx.task.subtask,
@@ -342,8 +344,8 @@ impl KafkaSource {
                 warn!(topic = %self.options.topic, partition = m.partition(), expected, got = m.offset(), skipped,
                     "kafka: offsets skipped; unless the topic is compacted or transactional, the broker lost records");
             }
-            let total = self.metrics.gauges().get("skipped_offsets").copied().unwrap_or(0) + skipped;
-            self.metrics.set_gauge("skipped_offsets", total);
+            self.skipped += skipped;
+            self.metrics.set_gauge("skipped_offsets", self.skipped);
         }
         self.pending.insert(m.partition(), m.offset());
         match self.decode(m) {

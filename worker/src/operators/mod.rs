@@ -102,16 +102,11 @@ pub async fn build(
     let op = &plan.operators[index];
     Ok(match &op.kind {
         OperatorKind::Transform { filter, projection, bad_records, dead_letter_path } => {
-            let dead_letters = dead_letters_of("transform", *bad_records, dead_letter_path, metrics)?;
-            Some(Box::new(transform::Transform::new(filter.clone(), projection.clone()).with_bad_rows(
-                &op.name,
-                *bad_records,
-                dead_letters,
-            )))
+            let bad_rows = BadRows::open("transform", &op.name, *bad_records, dead_letter_path, metrics)?;
+            Some(Box::new(transform::Transform::new(filter.clone(), projection.clone()).with_bad_rows(bad_rows)))
         }
         OperatorKind::Window(w) => {
-            let dead_letters = dead_letters_of("window", w.bad_records, &w.dead_letter_path, metrics)?;
-            let bad_rows = BadRows::new("window", &op.name, w.bad_records, dead_letters);
+            let bad_rows = BadRows::open("window", &op.name, w.bad_records, &w.dead_letter_path, metrics)?;
             Some(Box::new(window::Window::open(w.clone(), plan.max_parallelism, plan.state.backend, ctx)?.with_bad_rows(bad_rows)))
         }
         OperatorKind::Lookup { options, on, columns } => {
@@ -119,17 +114,6 @@ pub async fn build(
         }
         OperatorKind::Source { .. } | OperatorKind::Sink { .. } => None,
     })
-}
-
-/// The dead letters of a stage with `policy` (a file only with `dead-letter`).
-fn dead_letters_of(
-    kind: &'static str,
-    policy: BadRecordPolicy,
-    path: &Option<String>,
-    metrics: &std::sync::Arc<crate::task::TaskMetrics>,
-) -> Result<crate::connectors::DeadLetters> {
-    let path = path.as_deref().filter(|_| policy == BadRecordPolicy::DeadLetter);
-    crate::connectors::DeadLetters::open(kind, path, metrics.clone())
 }
 
 /// What a stage does with rows it cannot compute (an expression failed on them): its
@@ -145,7 +129,21 @@ pub struct BadRows {
 }
 
 impl BadRows {
-    /// The bad rows of stage `name` of kind `kind` (`transform`, `window`).
+    /// The bad rows of stage `name` of kind `kind` (`transform`, `window`) with `policy`, whose
+    /// dead letters go to `path` (a file only with `dead-letter`).
+    pub fn open(
+        kind: &'static str,
+        name: &str,
+        policy: BadRecordPolicy,
+        path: &Option<String>,
+        metrics: &std::sync::Arc<crate::task::TaskMetrics>,
+    ) -> Result<BadRows> {
+        let path = path.as_deref().filter(|_| policy == BadRecordPolicy::DeadLetter);
+        let dead_letters = crate::connectors::DeadLetters::open(kind, path, metrics.clone())?;
+        Ok(BadRows::new(kind, name, policy, dead_letters))
+    }
+
+    /// The bad rows of stage `name` of kind `kind`, set aside in `dead_letters`.
     pub fn new(kind: &str, name: &str, policy: BadRecordPolicy, dead_letters: crate::connectors::DeadLetters) -> BadRows {
         BadRows { stage: format!("{kind}[{name}]"), name: name.to_string(), policy, dead_letters, count: 0 }
     }
@@ -166,6 +164,15 @@ impl BadRows {
         let values: Vec<serde_json::Value> = row.iter().map(crate::json::to_json).collect();
         let line = serde_json::json!({ "stage": self.name, "row": values, "error": error });
         self.dead_letters.record(&line.to_string())
+    }
+}
+
+/// A row a stage could not compute (`error` says why): set aside by the stage's `bad_rows`, or
+/// without them the task's error (the user's).
+pub fn set_aside(bad_rows: &mut Option<BadRows>, row: &[eddy_jobs::Value], error: String) -> Result<()> {
+    match bad_rows {
+        Some(bad) => bad.take(row, error),
+        None => Err(crate::error::TaskError::user(error)),
     }
 }
 

@@ -4,14 +4,12 @@
 //! logged, or the job fails. A row fails the same way as an insert and as a retraction, so a
 //! dropped insert is never retracted later.
 
-use eddy_jobs::connectors::BadRecordPolicy;
 use eddy_jobs::expr::Expr;
 use eddy_jobs::Value;
 
-use super::{BadRows, Collector, Operator};
+use super::{set_aside, BadRows, Collector, Operator};
 use crate::batch::Batch;
-use crate::connectors::DeadLetters;
-use crate::error::{Result, TaskError};
+use crate::error::Result;
 
 /// `SELECT projection FROM input WHERE filter`, row by row.
 pub struct Transform {
@@ -27,18 +25,10 @@ impl Transform {
         Transform { filter, projection, bad_rows: None }
     }
 
-    /// Rows the expressions fail on follow `policy`.
-    pub fn with_bad_rows(mut self, stage: &str, policy: BadRecordPolicy, dead_letters: DeadLetters) -> Transform {
-        self.bad_rows = Some(BadRows::new("transform", stage, policy, dead_letters));
+    /// Rows the expressions fail on follow the stage's `bad_records` policy.
+    pub fn with_bad_rows(mut self, bad_rows: BadRows) -> Transform {
+        self.bad_rows = Some(bad_rows);
         self
-    }
-
-    /// A row the expressions failed on: set aside, or the task's error.
-    fn bad_row(&mut self, row: &[Value], error: String) -> Result<()> {
-        match &mut self.bad_rows {
-            Some(bad) => bad.take(row, error),
-            None => Err(TaskError::user(error)),
-        }
     }
 }
 
@@ -52,7 +42,7 @@ impl Operator for Transform {
                     Ok(Value::Bool(true)) => {}
                     Ok(_) => continue,
                     Err(e) => {
-                        self.bad_row(&row, format!("`where` failed on a row: {e}"))?;
+                        set_aside(&mut self.bad_rows, &row, format!("`where` failed on a row: {e}"))?;
                         continue;
                     }
                 }
@@ -62,7 +52,7 @@ impl Operator for Transform {
                 Some(exprs) => match exprs.iter().map(|e| e.eval(&row)).collect::<std::result::Result<Vec<_>, _>>() {
                     Ok(projected) => projected,
                     Err(e) => {
-                        self.bad_row(&row, format!("`select` failed on a row: {e}"))?;
+                        set_aside(&mut self.bad_rows, &row, format!("`select` failed on a row: {e}"))?;
                         continue;
                     }
                 },
@@ -81,9 +71,11 @@ mod tests {
     use std::sync::atomic::Ordering;
     use std::sync::Arc;
 
+    use eddy_jobs::connectors::BadRecordPolicy;
     use eddy_jobs::{DataType, Field, Schema};
 
     use super::*;
+    use crate::connectors::DeadLetters;
     use crate::task::TaskMetrics;
 
     #[tokio::test]
@@ -95,7 +87,8 @@ mod tests {
         let path = dir.join("dead.jsonl");
         let metrics = Arc::new(TaskMetrics::default());
         let letters = DeadLetters::open("transform", path.to_str(), metrics.clone()).unwrap();
-        let mut t = Transform::new(None, Some(vec![select.clone()])).with_bad_rows("casted", BadRecordPolicy::DeadLetter, letters);
+        let bad_rows = BadRows::new("transform", "casted", BadRecordPolicy::DeadLetter, letters);
+        let mut t = Transform::new(None, Some(vec![select.clone()])).with_bad_rows(bad_rows);
         let rows = ["1", "two", "3"].iter().map(|s| vec![Value::string(s)]).collect();
         let mut out = Collector::default();
         t.process_batch(Batch::inserts(rows), &mut out).await.unwrap();

@@ -44,7 +44,7 @@ use std::path::Path;
 use eddy_jobs::plan::{AggFunc, StateBackend, WindowPlan};
 use eddy_jobs::{DataType, Value};
 
-use super::{BadRows, Collector, Operator, OperatorContext, OperatorSnapshot};
+use super::{set_aside, BadRows, Collector, Operator, OperatorContext, OperatorSnapshot};
 use crate::batch::{Batch, Op};
 use crate::codec::encode_value;
 use crate::error::{Result, TaskError};
@@ -403,10 +403,7 @@ impl Window {
                 }
             }
             if let Some(error) = failed {
-                match &mut self.bad_rows {
-                    Some(bad) => bad.take(&row, error)?,
-                    None => return Err(TaskError::user(error)),
-                }
+                set_aside(&mut self.bad_rows, &row, error)?;
                 continue;
             }
             self.key_buf.clear();
@@ -639,9 +636,9 @@ mod tests {
     use super::*;
     use crate::operators::RestoredState;
     use crate::state::TempDir;
+    use eddy_jobs::connectors::BadRecordPolicy;
     use eddy_jobs::expr::Expr;
     use eddy_jobs::plan::Aggregate;
-    use eddy_jobs::connectors::BadRecordPolicy;
     use eddy_jobs::{Field, Schema};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
