@@ -127,6 +127,13 @@ fn hop_window_on_two_workers_equals_reference() -> Result<()> {
     Ok(())
 }
 
+/// Files in `dir` and its folders (0 when it does not exist).
+fn files_under(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.flatten().map(|e| if e.path().is_dir() { files_under(&e.path()) } else { 1 }).sum())
+        .unwrap_or(0)
+}
+
 fn endless_spec(parallelism: u32) -> String {
     format!(
         r#"
@@ -160,13 +167,20 @@ fn cancel_stops_a_running_job() -> Result<()> {
     let cluster = Cluster::start("cancel", 2, 2)?;
     let job = cluster.submit("endless", &endless_spec(2))?;
     cluster.wait_state(&job, "running", Duration::from_secs(20))?;
-    cluster.wait(Duration::from_secs(20), "records to flow", |c| {
-        Ok(c.status(&job)?["tasks"][0]["records_out"].as_u64().unwrap_or(0) > 0)
+    let completed = |c: &Cluster| -> Result<bool> {
+        Ok(c.status(&job)?["checkpoints"].as_array().is_some_and(|l| l.iter().any(|v| v["state"] == "completed")))
+    };
+    cluster.wait(Duration::from_secs(30), "records to flow and a checkpoint to complete", |c| {
+        Ok(c.status(&job)?["tasks"][0]["records_out"].as_u64().unwrap_or(0) > 0 && completed(c)?)
     })?;
+    let folder = cluster.dir.0.join("coordinator").join("checkpoints").join(&job);
+    assert!(files_under(&folder) > 0, "no checkpoint files under {}", folder.display());
     let out = cluster.eddy(&["cancel", &job])?;
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let status = cluster.wait_state(&job, "cancelled", Duration::from_secs(10))?;
     assert!(status["tasks"].as_array().context("tasks")?.iter().all(|t| t["state"] == "cancelled"), "{status}");
+    // Nothing can restore a cancelled job without a savepoint: its checkpoints' files are gone.
+    cluster.wait(Duration::from_secs(10), "the cancelled job's checkpoint files to go", |_| Ok(files_under(&folder) == 0))?;
     // The slots are free again.
     let workers = cluster.eddy_json(&["workers"])?;
     assert!(workers.as_array().context("workers")?.iter().all(|w| w["slots_used"] == 0), "{workers}");

@@ -1027,6 +1027,16 @@ impl Coordinator {
             for w in job.savepoint_waiters.drain(..) {
                 let _ = w.reply.send(Err(Status::aborted(format!("the job became {to} before the savepoint completed: {cause}"))));
             }
+            // A cancelled or finished job is never restored again: its checkpoints' files go, its
+            // savepoints' stay. A failed job keeps them, as evidence.
+            if matches!(to, JobState::Cancelled | JobState::Finished) {
+                let released: Vec<u64> = job.checkpoints.release_checkpoints().iter().map(|c| c.id).collect();
+                if let Some(storage) = self.storage.clone() {
+                    let kept: Vec<Arc<CheckpointManifest>> = job.checkpoints.kept().iter().map(|c| c.manifest.clone()).collect();
+                    let id = job_id.to_string();
+                    tokio::spawn(async move { storage.release(&id, released, kept, now).await });
+                }
+            }
         }
         job.history.push(Transition { at_ms: now, from: from.to_string(), to: to.to_string(), cause: cause.to_string() });
         // The first entry (the submission) and the latest ones are kept.

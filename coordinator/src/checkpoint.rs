@@ -251,6 +251,14 @@ impl CheckpointTracker {
         &self.completed
     }
 
+    /// Forgets every kept checkpoint but the savepoints, and returns them: the job ended for good,
+    /// and only a savepoint can start a new one.
+    pub fn release_checkpoints(&mut self) -> Vec<Completed> {
+        let (savepoints, checkpoints) = std::mem::take(&mut self.completed).into_iter().partition(|c| c.savepoint);
+        self.completed = savepoints;
+        checkpoints
+    }
+
     /// Recent checkpoints for status, oldest first (the one in flight last).
     pub fn views(&self) -> Vec<CheckpointView> {
         let mut v: Vec<CheckpointView> = self.history.iter().cloned().collect();

@@ -203,6 +203,16 @@ impl CheckpointStore {
         .await;
     }
 
+    /// A job ended for good: deletes its checkpoints (`released`) and every file no kept
+    /// savepoint references, or the job's whole folder when it keeps none.
+    pub async fn release(&self, job_id: &str, released: Vec<u64>, savepoints: Vec<Arc<CheckpointManifest>>, now_ms: i64) {
+        if savepoints.is_empty() {
+            self.delete_prefix(job_id, |_| true).await;
+        } else {
+            self.collect(job_id, released, savepoints, now_ms).await;
+        }
+    }
+
     /// Ids of the job's checkpoint folders below `newest`, not kept, that hold no manifest.
     async fn abandoned(&self, job_id: &str, newest: u64, kept: &BTreeSet<u64>) -> Vec<u64> {
         let listing = match self.store.list_with_delimiter(Some(&StorePath::from(job_id))).await {
