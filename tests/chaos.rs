@@ -30,8 +30,9 @@
 //!   shipped 1h.
 //!   Events of the live stream are updated or deleted within a few seconds of their insert (the
 //!   data generator's own updates and deletes).
-//! - An audit table (`chaos_writes`, filled by a trigger and not published) counts every insert
-//!   and update of each event: the number of versions the external system may receive for it.
+//! - An audit table (`chaos_writes`, filled by a trigger and not published) counts every insert,
+//!   update and delete of each event: the number of versions the external system may receive for
+//!   it (a delete is sent as a version of its own, flagged `deleted`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::{Command, Stdio};
@@ -389,8 +390,8 @@ fn chaos_run_keeps_every_outcome_exact() -> Result<()> {
     c.sql(
         "CREATE TABLE chaos_writes (id bigint NOT NULL);
          CREATE FUNCTION chaos_count_write() RETURNS trigger LANGUAGE plpgsql AS
-           $$ BEGIN INSERT INTO chaos_writes VALUES (NEW.id); RETURN NULL; END $$;
-         CREATE TRIGGER chaos_count_write AFTER INSERT OR UPDATE ON engagement_events
+           $$ BEGIN INSERT INTO chaos_writes VALUES (CASE WHEN TG_OP = 'DELETE' THEN OLD.id ELSE NEW.id END); RETURN NULL; END $$;
+         CREATE TRIGGER chaos_count_write AFTER INSERT OR UPDATE OR DELETE ON engagement_events
            FOR EACH ROW EXECUTE FUNCTION chaos_count_write();",
     )?;
     let seed = c.rng.seed();
@@ -505,6 +506,7 @@ fn chaos_run_keeps_every_outcome_exact() -> Result<()> {
     //      from the audit table);
     //    - nothing newer than what ClickHouse holds: the last version received for a surviving
     //      event is the one in ClickHouse;
+    //    - an event deleted from PostgreSQL was last received as a delete (`deleted: true`);
     //    - no version is lost to the HTTP sink's dead letters (a row given up on after its retries).
     let stats = c.p.external_stats()?;
     let conflicts = stats["conflicts"].as_u64().unwrap_or(0);
@@ -519,6 +521,25 @@ fn chaos_run_keeps_every_outcome_exact() -> Result<()> {
         .filter_map(|l| l.split_once('|'))
         .filter_map(|(id, n)| Some((id.parse().ok()?, n.parse().ok()?)))
         .collect();
+    let deleted_last: HashMap<i64, bool> = {
+        let mut last: HashMap<i64, (u64, bool)> = HashMap::new();
+        for e in &events {
+            let Some((id, version)) = e["key"].as_str().and_then(|k| k.split_once(':')) else { continue };
+            let (Ok(id), Ok(version)) = (id.parse::<i64>(), version.parse::<u64>()) else { continue };
+            let deleted = e["body"]["deleted"] == true;
+            if last.get(&id).is_none_or(|(v, _)| version > *v) {
+                last.insert(id, (version, deleted));
+            }
+        }
+        last.into_iter().map(|(id, (_, deleted))| (id, deleted)).collect()
+    };
+    for id in writes.keys().filter(|id| !outcomes.expected.contains_key(id)) {
+        match deleted_last.get(id) {
+            Some(true) => {}
+            Some(false) => c.mismatch(format!("external: event {id} was deleted, but the last version received is not a delete")),
+            None => c.mismatch(format!("external: event {id} was deleted, and nothing of it was received")),
+        }
+    }
     for (id, versions) in &received {
         let times = writes.get(id).copied().unwrap_or(0);
         if versions.len() as u64 > times {

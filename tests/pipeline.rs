@@ -12,19 +12,17 @@ fn engagement_pipeline_matches_postgres() -> Result<()> {
     let p = Pipeline::start("pipeline")?;
     // Rows that exist before the ingest job starts: read by its snapshot.
     let before = p.datagen(&["--contents", "40", "--count", "1500", "--rate", "5000", "--seed", "1", "--unknown-pct", "5", "--updates-pct", "0", "--deletes-pct", "0"])?;
-    let ingest = p.submit("ingest.toml")?;
-    p.cluster.wait_state(&ingest, "running", Duration::from_secs(30))?;
+    let ingest = p.run_with("ingest.toml", &[])?;
     p.cluster.wait(Duration::from_secs(60), "the snapshot to finish", |_| {
         Ok(p.gauge(&ingest, "snapshot_rows_done")? == Some(before["inserted"] as i64))
     })?;
-    let process = p.submit("process.toml")?;
-    p.cluster.wait_state(&process, "running", Duration::from_secs(30))?;
+    p.run_with("process.toml", &[])?;
     // Rows written while both jobs run, with updates, deletes and unknown content.
     let during = p.datagen(&[
         "--contents", "40", "--count", "2500", "--rate", "1000", "--seed", "2",
         "--updates-pct", "10", "--deletes-pct", "5", "--unknown-pct", "5",
     ])?;
-    check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"])
+    check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"] + during["deleted"])
 }
 
 /// Workers are killed with SIGKILL while events flow: three times one running the process job's
@@ -35,10 +33,7 @@ fn engagement_pipeline_matches_postgres() -> Result<()> {
 fn pipeline_recovers_from_killed_workers() -> Result<()> {
     let mut p = Pipeline::start_with("crash", 3)?;
     let before = p.datagen(&["--contents", "40", "--count", "1500", "--rate", "5000", "--seed", "3", "--unknown-pct", "5", "--updates-pct", "0", "--deletes-pct", "0"])?;
-    let ingest = p.submit("ingest.toml")?;
-    p.cluster.wait_state(&ingest, "running", Duration::from_secs(30))?;
-    let process = p.submit("process.toml")?;
-    p.cluster.wait_state(&process, "running", Duration::from_secs(30))?;
+    let (ingest, process) = p.run_both(&[])?;
     let args = ["--contents", "40", "--count", "9000", "--rate", "600", "--seed", "4", "--updates-pct", "10", "--deletes-pct", "5", "--unknown-pct", "5"];
     let during = p.datagen_command(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
     // Random moments, from a printed seed so that a failure can be replayed.
@@ -65,7 +60,7 @@ fn pipeline_recovers_from_killed_workers() -> Result<()> {
         let restarts = p.cluster.status(job)?["restarts"].as_u64().unwrap_or(0);
         ensure!(restarts >= 1, "job {job} should have restarted");
     }
-    check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"])
+    check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"] + during["deleted"])
 }
 
 /// The worker reading the ingest job's snapshot is killed part way through it, and rows are
@@ -80,8 +75,7 @@ fn a_worker_killed_during_the_snapshot_sends_nothing_twice_and_keeps_deletes() -
         "--contents", "40", "--count", &rows.to_string(), "--rate", "100000", "--seed", "8", "--unknown-pct", "5",
         "--updates-pct", "0", "--deletes-pct", "0",
     ])?;
-    let process = p.submit("process.toml")?;
-    p.cluster.wait_state(&process, "running", Duration::from_secs(30))?;
+    p.run_with("process.toml", &[])?;
     let ingest = p.submit("ingest.toml")?;
     let mut done_at_kill = 0;
     // Killed once the external system has received a thousand snapshot rows (so that sending
@@ -108,23 +102,21 @@ fn a_worker_killed_during_the_snapshot_sends_nothing_twice_and_keeps_deletes() -
     p.cluster.wait(Duration::from_secs(120), "the ingest job to read its snapshot again", |c| {
         Ok(c.status(&ingest)?["state"] == "running" && p.gauge(&ingest, "snapshot_rows_done")? == Some(rows - 20))
     })?;
-    // Every surviving row once, plus what was sent before the kill of the 20 deleted rows and of
-    // the 10 updated ones (their new versions come again); a snapshot read under new versions
-    // would send the thousand-odd rows delivered before the kill again.
+    // Every surviving row once and a delete for each of the 20 deleted rows, plus what was sent
+    // before the kill of the 20 deleted rows and of the 10 updated ones (their new versions come
+    // again); a snapshot read under new versions would send the thousand-odd rows delivered
+    // before the kill again.
     let rows = before["inserted"];
-    check_outcomes_within(&p, rows - 20..=rows + 10)
+    check_outcomes_within(&p, rows..=rows + 30)
 }
 
 /// An event is deleted after its upsert state has expired (the topic's event time moved past the
 /// event's by more than `state_ttl`, which must outlast the 10-minute window): the delete still
-/// reaches ClickHouse.
+/// reaches ClickHouse, and the external system as a delete of its own version.
 #[test]
-fn a_delete_after_the_state_ttl_still_reaches_clickhouse() -> Result<()> {
+fn a_delete_after_the_state_ttl_still_reaches_clickhouse_and_the_external_system() -> Result<()> {
     let p = Pipeline::start("ttl")?;
-    let ingest = p.submit("ingest.toml")?;
-    p.cluster.wait_state(&ingest, "running", Duration::from_secs(30))?;
-    let process = p.submit_with("process.toml", &[("EDDY_STATE_TTL", "11m")])?;
-    p.cluster.wait_state(&process, "running", Duration::from_secs(30))?;
+    p.run_both(&[("EDDY_STATE_TTL", "11m")])?;
     let insert = |ts: &str| -> Result<i64> {
         let id = p.services.psql(
             &p.pg_url,
@@ -149,6 +141,74 @@ fn a_delete_after_the_state_ttl_still_reaches_clickhouse() -> Result<()> {
     assert!(live(later)?);
     let deleted = p.services.clickhouse(&format!("SELECT deleted FROM {}.engagement_enriched FINAL WHERE id = {old}", p.name))?;
     assert_eq!(deleted.trim(), "1");
+    // The external system got the event, then its delete under a newer version of its own.
+    let versions_of = |deleted: bool| -> Result<Vec<u64>> {
+        Ok(p.external_events()?
+            .iter()
+            .filter(|e| e["body"]["id"] == old && e["body"]["deleted"] == deleted)
+            .filter_map(|e| e["key"].as_str()?.split_once(':')?.1.parse().ok())
+            .collect())
+    };
+    p.cluster.wait(Duration::from_secs(60), "the delete at the external system", |_| Ok(!versions_of(true)?.is_empty()))?;
+    let (inserted, deleted) = (versions_of(false)?, versions_of(true)?);
+    assert!(deleted.len() == 1 && inserted.iter().all(|v| *v < deleted[0]), "versions of event {old}: {inserted:?}, deleted {deleted:?}");
+    Ok(())
+}
+
+/// The process job's event time follows the ingest job's watermark heartbeats. While the ingest
+/// job is down, an event written to PostgreSQL cannot reach the process job, and its windows wait
+/// for it instead of closing on the wall clock (which published windows without it); once the
+/// ingest is back the leaderboard counts it. With no writes at all, PostgreSQL's clock still
+/// closes windows.
+#[test]
+fn windows_wait_for_a_stalled_ingest_and_close_on_a_quiet_database() -> Result<()> {
+    let p = Pipeline::start("stall")?;
+    let (ingest, process) = p.run_both(&[])?;
+    // Inserts `n` events stamped now; returns their event time (Unix ms).
+    let insert = |n: u32| -> Result<i64> {
+        let ts = p.services.psql(
+            &p.pg_url,
+            &format!(
+                "INSERT INTO engagement_events (content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload)
+                 SELECT gen_random_uuid(), gen_random_uuid(), 'play', now(), 7000, 'tv', '{{}}' FROM generate_series(1, {n})
+                 RETURNING floor(extract(epoch FROM event_ts) * 1000)::bigint"
+            ),
+        )?;
+        Ok(ts.lines().next().context("no row")?.trim().parse()?)
+    };
+    let window_end = || -> Result<i64> { Ok(p.leaderboard()?.0.unwrap_or(0)) };
+    // Twenty, so that every partition of the topic has some.
+    let first = insert(20)?;
+    p.cluster.wait(Duration::from_secs(30), "a window holding the first event to close", |_| Ok(window_end()? > first))?;
+
+    // The ingest job goes down (its slot kept); an event is written meanwhile.
+    p.cluster.eddy(&["cancel", &ingest, "--keep-slot"])?;
+    p.cluster.wait_state(&ingest, "cancelled", Duration::from_secs(30))?;
+    let stalled = insert(1)?;
+    // For four times the 2 s idle timeout that used to move event time on, no window that should
+    // hold the event closes without it.
+    let watch_until = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < watch_until {
+        let end = window_end()?;
+        ensure!(end <= stalled, "a window ending at {end} closed while the ingest job was down, without the event at {stalled}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Back (from its slot): the event arrives and the windows close again, on the database's
+    // clock alone, since nothing more is written.
+    p.run_with("ingest.toml", &[("EDDY_EXISTING_SLOT", "resume")])?;
+    p.cluster.wait(Duration::from_secs(60), "windows to close 10 s past the event on a quiet database", |_| {
+        Ok(window_end()? > stalled + 10_000)
+    })?;
+    let (end, board) = p.leaderboard()?;
+    let end = end.context("window end")?;
+    let reference = p.leaderboard_reference(end)?;
+    ensure!(
+        board.len() == reference.len() && board.iter().all(|(k, v)| reference.get(k).is_some_and(|r| (r - v).abs() < 1e-6)),
+        "leaderboard of the window ending at {end}: {board:?}, PostgreSQL says {reference:?}"
+    );
+    let late: u64 = p.cluster.status(&process)?["tasks"].as_array().context("tasks")?.iter().filter_map(|t| t["late_records"].as_u64()).sum();
+    ensure!(late == 0, "{late} records came late");
     Ok(())
 }
 
@@ -158,10 +218,7 @@ fn a_delete_after_the_state_ttl_still_reaches_clickhouse() -> Result<()> {
 #[test]
 fn pipeline_rides_out_clickhouse_and_redis_outages() -> Result<()> {
     let p = Pipeline::start("outage")?;
-    let ingest = p.submit("ingest.toml")?;
-    p.cluster.wait_state(&ingest, "running", Duration::from_secs(30))?;
-    let process = p.submit("process.toml")?;
-    p.cluster.wait_state(&process, "running", Duration::from_secs(30))?;
+    let (ingest, process) = p.run_both(&[])?;
     let args = ["--contents", "40", "--count", "9000", "--rate", "300", "--seed", "5", "--updates-pct", "10", "--deletes-pct", "5", "--unknown-pct", "5"];
     let during = p.datagen_command(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
     std::thread::sleep(Duration::from_secs(4));
@@ -196,7 +253,7 @@ fn pipeline_rides_out_clickhouse_and_redis_outages() -> Result<()> {
     eprintln!("retrying, as `eddy status` says: {causes:?}");
     ensure!(down == ["running", "running"], "the process job should ride out the outages, but it is {down:?}");
     let during = datagen_summary(during.wait_with_output()?, &args)?;
-    check_outcomes(&p, during["inserted"] + during["updated"])?;
+    check_outcomes(&p, during["inserted"] + during["updated"] + during["deleted"])?;
     for job in [&ingest, &process] {
         let status = p.cluster.status(job)?;
         ensure!(status["state"] == "running", "job {job} should still run: {status}");

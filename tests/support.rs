@@ -528,6 +528,20 @@ impl Pipeline {
         Ok(v["job_id"].as_str().context("job_id")?.to_string())
     }
 
+    /// Submits `spec` with `extra` settings and waits until it runs; returns its id.
+    pub fn run_with(&self, spec: &str, extra: &[(&str, &str)]) -> Result<String> {
+        let job = self.submit_with(spec, extra)?;
+        self.cluster.wait_state(&job, "running", Duration::from_secs(30))?;
+        Ok(job)
+    }
+
+    /// Submits the ingest job, then the process job (with `process_extra` settings), each once
+    /// the one before runs; returns their ids.
+    pub fn run_both(&self, process_extra: &[(&str, &str)]) -> Result<(String, String)> {
+        let ingest = self.run_with("ingest.toml", &[])?;
+        Ok((ingest, self.run_with("process.toml", process_extra)?))
+    }
+
     /// Runs the data generator to completion; returns its `name=value` summary.
     pub fn datagen(&self, args: &[&str]) -> Result<HashMap<String, u64>> {
         datagen_summary(self.datagen_command(args).output()?, args)

@@ -110,6 +110,30 @@ pub struct PostgresCdcOptions {
     /// What a new job (not a restart or a restore) does when `slot` already exists.
     #[serde(default)]
     pub existing_slot: ExistingSlot,
+    /// With `event_time` on the source: how often it writes PostgreSQL's clock into the WAL as a
+    /// logical message (default `1s`). A message's arrival on the stream says that every
+    /// transaction committed before it has been read, so the watermark follows the database's
+    /// clock while the table is quiet and stalls while the stream is behind.
+    pub heartbeat_interval: Option<String>,
+}
+
+/// Shortest heartbeat interval a source or sink may be given.
+pub const MIN_HEARTBEAT_MS: i64 = 100;
+
+impl PostgresCdcOptions {
+    /// `heartbeat_interval` in milliseconds (default one second).
+    pub fn heartbeat_interval_ms(&self) -> Result<i64, String> {
+        heartbeat_ms(self.heartbeat_interval.as_deref().unwrap_or("1s"))
+    }
+}
+
+/// A heartbeat interval, at least [`MIN_HEARTBEAT_MS`].
+fn heartbeat_ms(text: &str) -> Result<i64, String> {
+    let ms = duration_option("options.heartbeat_interval", text)?;
+    if ms < MIN_HEARTBEAT_MS {
+        return Err(format!("options.heartbeat_interval: at least {MIN_HEARTBEAT_MS}ms, got `{text}`"));
+    }
+    Ok(ms)
 }
 
 /// What a new `postgres_cdc` job does with a replication slot an earlier job left behind. The slot
@@ -187,6 +211,12 @@ pub struct KafkaSourceOptions {
     /// key's last tombstone (carried in the tombstone's `version` header), is a replay and changes
     /// nothing; without it every record counts.
     pub version_column: Option<String>,
+    /// Follow the watermark heartbeats that the writing job's kafka sink puts into every
+    /// partition (its `heartbeat_interval`): the source's watermark is then the lowest heartbeat
+    /// of its partitions, it stalls while the writer is down, and `idle_timeout` does not apply.
+    /// Heartbeat records are never rows, with or without this.
+    #[serde(default)]
+    pub heartbeats: bool,
 }
 
 impl KafkaSourceOptions {
@@ -220,6 +250,16 @@ pub struct KafkaSinkOptions {
     /// Upsert format: a BIGINT column whose value a tombstone carries in its `version` header,
     /// so that a reader with `version_column` can tell a replayed older record from a newer one.
     pub version_column: Option<String>,
+    /// Write the watermark into every partition as a heartbeat record at most this often (e.g.
+    /// `1s`), for a downstream kafka source with `heartbeats = true`; none when absent.
+    pub heartbeat_interval: Option<String>,
+}
+
+impl KafkaSinkOptions {
+    /// `heartbeat_interval` in milliseconds; `None` when absent.
+    pub fn heartbeat_interval_ms(&self) -> Result<Option<i64>, String> {
+        self.heartbeat_interval.as_deref().map(heartbeat_ms).transpose()
+    }
 }
 
 fn default_partitions() -> i32 {
@@ -314,6 +354,14 @@ pub struct HttpSinkOptions {
     pub max_retries: Option<u32>,
     /// File where rows refused with a 4xx, or out of retries, are appended with the error.
     pub dead_letter_path: Option<String>,
+    /// Send deletes too: every body gets this boolean field, `true` for a delete (a retraction not
+    /// followed by an insert of the same `key`), whose idempotency key carries the delete's
+    /// version. Without it only inserted row versions are sent.
+    pub deleted_field: Option<String>,
+    /// The columns that identify a row across its versions (e.g. `["id"]`), which tell an update's
+    /// old row from a delete; required with `deleted_field`.
+    #[serde(default)]
+    pub key: Vec<String>,
 }
 
 fn default_concurrency() -> usize {
@@ -481,6 +529,7 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
                 }
                 schema.fields.push(Field::new(v.clone(), DataType::Int));
             }
+            o.heartbeat_interval_ms()?;
             Ok((SourceConnector::PostgresCdc(o), schema))
         }
         "kafka" => {
@@ -604,6 +653,7 @@ pub fn sink(name: &str, options: &toml::Table, input: &Schema) -> Result<SinkCon
             if let Some(v) = &o.version_column {
                 check_version_column(input, v, &o.key, o.format)?;
             }
+            o.heartbeat_interval_ms()?;
             Ok(SinkConnector::Kafka(o))
         }
         "redis" => {
@@ -635,6 +685,15 @@ pub fn sink(name: &str, options: &toml::Table, input: &Schema) -> Result<SinkCon
             }
             columns_exist(input, "options.idempotency_key", &o.idempotency_key)?;
             columns_exist(input, "options.columns", o.columns.as_deref().unwrap_or_default())?;
+            columns_exist(input, "options.key", &o.key)?;
+            if let Some(field) = &o.deleted_field {
+                if o.key.is_empty() {
+                    return Err("options.key: deleted_field needs the columns that identify a row across versions, e.g. [\"id\"]".into());
+                }
+                if o.columns.as_ref().map_or(input.index_of(field).is_some(), |c| c.contains(field)) {
+                    return Err(format!("options.deleted_field: `{field}` is already a field of the body; choose another name"));
+                }
+            }
             Ok(SinkConnector::Http(o))
         }
         other => Err(format!("connector: unknown sink connector `{other}`; available: file, discard, kafka, redis, clickhouse, http")),

@@ -634,6 +634,12 @@ impl<'a> Planner<'a> {
                         })
                     }
                 };
+                if matches!(&connector, SourceConnector::Kafka(o) if o.heartbeats) && event_time.is_none() {
+                    return Err(SpecError::new(
+                        at("options.heartbeats"),
+                        "heartbeats move the source's watermark, which needs event_time on the source; add it, or remove heartbeats",
+                    ));
+                }
                 let time = event_time.map(|e| schema.fields[e.column].name.clone());
                 let op = Operator {
                     name: s.name.clone(),

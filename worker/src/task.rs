@@ -24,7 +24,7 @@ use tokio::time::Instant;
 
 use crate::batch::{Batch, Message};
 use crate::checkpoint::{self, Aligner, Offer, Storage, TaskCommand, Uploader};
-use crate::connectors::{self, ConnectorContext, Sink, Source};
+use crate::connectors::{self, ConnectorContext, Progress, Sink, Source};
 use crate::error::{Result, TaskError};
 use crate::exchange::{Inboxes, Peers, Router};
 use crate::keys::key_group_range;
@@ -453,8 +453,11 @@ async fn run_task(ctx: &mut TaskContext) -> Result<()> {
     }
 }
 
-/// Watermarks of a source: max event time seen − allowed delay; after `idle_timeout` without
-/// records, the watermark moves on with wall-clock time so that windows still close.
+/// Watermarks of a source: max event time seen − allowed delay, moved further by the source's own
+/// [`Progress`]: a clock it carries (minus the allowed delay), an upstream watermark, or
+/// nothing to read. A source that carries no such signal moves on with wall-clock time after
+/// `idle_timeout` without records, so that windows still close; one that carries it never does,
+/// so a stalled upstream holds windows back instead of firing them without its records.
 struct WatermarkGenerator {
     event_time: EventTime,
     max_ts: i64,
@@ -470,6 +473,10 @@ impl WatermarkGenerator {
     }
 
     fn on_batch(&mut self, batch: &Batch) -> Option<i64> {
+        // A batch without rows (a source saying only that time passed) is no sign of traffic.
+        if batch.is_empty() {
+            return None;
+        }
         let col = self.event_time.column;
         // A record stamped far beyond the wall clock (a typo, a year 2200) cannot move the
         // watermark: it would make every later record late, for good.
@@ -491,7 +498,24 @@ impl WatermarkGenerator {
         })
     }
 
-    fn on_tick(&mut self) -> Option<i64> {
+    /// After a batch and on every tick: the watermark, if the source's progress moved it.
+    fn on_progress(&mut self, progress: Progress) -> Option<i64> {
+        let wm = match progress {
+            Progress::Unknown => return self.on_idle(),
+            Progress::Waiting => return None,
+            Progress::Clock(t) => t.saturating_sub(self.event_time.allowed_delay_ms),
+            Progress::Watermark(w) => w,
+            Progress::Idle => i64::MAX,
+        };
+        (wm > self.current).then(|| {
+            self.current = wm;
+            self.last_advance = Instant::now();
+            wm
+        })
+    }
+
+    /// Wall-clock advance, for sources without a signal of their own.
+    fn on_idle(&mut self) -> Option<i64> {
         let now = Instant::now();
         let idle = now.duration_since(self.last_record).as_millis() as i64;
         if self.current == i64::MIN || idle < self.event_time.idle_timeout_ms {
@@ -529,6 +553,8 @@ async fn run_source(
                 Some(batch) => {
                     let wm = watermarks.as_mut().and_then(|w| w.on_batch(&batch));
                     chain.push(batch).await?;
+                    // The progress covers the batch just pushed, so it goes out after it.
+                    let wm = watermarks.as_mut().and_then(|w| w.on_progress(source.progress())).or(wm);
                     if let Some(wm) = wm {
                         chain.watermark(wm).await?;
                     }
@@ -549,7 +575,7 @@ async fn run_source(
             },
             // Idle sources still advance their watermark, and partial batches get flushed.
             _ = tick.tick() => {
-                if let Some(wm) = watermarks.as_mut().and_then(WatermarkGenerator::on_tick) {
+                if let Some(wm) = watermarks.as_mut().and_then(|w| w.on_progress(source.progress())) {
                     chain.watermark(wm).await?;
                 }
                 chain.flush().await?;
@@ -640,5 +666,66 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eddy_jobs::Row;
+
+    fn generator() -> WatermarkGenerator {
+        WatermarkGenerator::new(EventTime { column: 0, allowed_delay_ms: 1_000, idle_timeout_ms: 2_000 })
+    }
+
+    fn at(ts: i64) -> Batch {
+        Batch::inserts(vec![vec![Value::Timestamp(ts)] as Row])
+    }
+
+    /// A source that carries a signal (a database clock, upstream heartbeats) never follows the
+    /// wall clock: while it says nothing, the watermark stays where its records left it.
+    #[tokio::test(start_paused = true)]
+    async fn a_source_with_a_signal_stalls_when_the_signal_does() {
+        let mut g = generator();
+        assert_eq!(g.on_batch(&at(10_000)), Some(9_000));
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(g.on_progress(Progress::Waiting), None);
+        assert_eq!(g.on_progress(Progress::Watermark(8_000)), None, "never backwards");
+        assert_eq!(g.on_progress(Progress::Watermark(20_000)), Some(20_000));
+        assert_eq!(g.on_progress(Progress::Clock(30_000)), Some(29_000), "a clock less the allowed delay");
+        assert_eq!(g.on_batch(&at(25_000)), None, "a record below the watermark moves nothing");
+        assert_eq!(g.current, 29_000);
+    }
+
+    /// Without a signal the watermark moves with the wall clock once the source has been idle for
+    /// `idle_timeout`, as before.
+    #[tokio::test(start_paused = true)]
+    async fn a_source_without_a_signal_follows_the_wall_clock_when_idle() {
+        let mut g = generator();
+        assert_eq!(g.on_progress(Progress::Unknown), None, "nothing read yet: nothing to advance from");
+        assert_eq!(g.on_batch(&at(10_000)), Some(9_000));
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        assert_eq!(g.on_progress(Progress::Unknown), None);
+        tokio::time::advance(Duration::from_millis(1_000)).await;
+        assert_eq!(g.on_progress(Progress::Unknown), Some(11_500));
+    }
+
+    /// Empty batches (heartbeats, clock messages) are not traffic: they keep no source from idling.
+    #[tokio::test(start_paused = true)]
+    async fn empty_batches_are_not_traffic() {
+        let mut g = generator();
+        assert_eq!(g.on_batch(&at(10_000)), Some(9_000));
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        assert_eq!(g.on_batch(&Batch::default()), None);
+        tokio::time::advance(Duration::from_millis(1_000)).await;
+        assert_eq!(g.on_progress(Progress::Unknown), Some(11_500));
+    }
+
+    /// A source that reads nothing holds no window back.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_source_releases_every_window() {
+        let mut g = generator();
+        assert_eq!(g.on_progress(Progress::Idle), Some(i64::MAX));
+        assert_eq!(g.on_progress(Progress::Idle), None);
     }
 }

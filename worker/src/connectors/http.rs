@@ -2,9 +2,12 @@
 //!
 //! Each `Op::Insert` row becomes a JSON object of the chosen `columns` (all by default; timestamps as
 //! ISO-8601 UTC strings such as `2024-05-01T12:34:56.789Z`) sent with an `Idempotency-Key` header:
-//! the values of the `idempotency_key` columns joined with `:`. Retractions are not sent: the
-//! external system receives event versions, and the key (event id and version) makes a replay after
-//! a crash harmless for a receiver that deduplicates by it.
+//! the values of the `idempotency_key` columns joined with `:`. The external system receives event
+//! versions, and the key (event id and version) makes a replay after a crash harmless for a
+//! receiver that deduplicates by it. An update's old row (a retraction followed by an insert of the
+//! same `key`) is never sent. A delete (any other retraction) is sent with `deleted_field`, as the
+//! deleted row with that field `true` (`false` in every other body), under the delete's own
+//! version, which upstream sources give it; without `deleted_field` deletes are not sent.
 //!
 //! At most `concurrency` requests are in flight: each row is delivered by its own tokio task held in
 //! a `JoinSet`, and `write` waits for one to finish when the set is full (backpressure). Timeouts,
@@ -43,6 +46,8 @@ pub struct HttpSink {
     /// Body columns: JSON-quoted name and row position.
     body_columns: Arc<[(String, usize)]>,
     key_columns: Vec<usize>,
+    /// With deletes sent: the JSON-quoted field name, and the columns identifying a row.
+    deleted: Option<(String, Vec<usize>)>,
     concurrency: usize,
     retry: RetryLimits,
     in_flight: JoinSet<Delivery>,
@@ -96,6 +101,10 @@ impl HttpSink {
             None => ctx.schema.fields.iter().enumerate().map(|(i, f)| (json_string(&f.name), i)).collect(),
         };
         let key_columns = o.idempotency_key.iter().map(|n| column(n, "options.idempotency_key")).collect::<Result<Vec<_>>>()?;
+        let deleted = match &o.deleted_field {
+            Some(field) => Some((json_string(field), o.key.iter().map(|n| column(n, "options.key")).collect::<Result<Vec<_>>>()?)),
+            None => None,
+        };
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -107,6 +116,7 @@ impl HttpSink {
             url,
             body_columns: body_columns.into(),
             key_columns,
+            deleted,
             concurrency: o.concurrency.max(1),
             retry: RetryLimits {
                 policy: Policy { first: FIRST_BACKOFF, max: MAX_BACKOFF, budget: Duration::from_millis(retry_for as u64) },
@@ -141,9 +151,21 @@ impl HttpSink {
 #[async_trait]
 impl Sink for HttpSink {
     async fn write(&mut self, batch: Batch) -> Result<()> {
-        for (row, op) in batch.rows.iter().zip(&batch.ops) {
-            if *op == Op::Retract {
-                continue;
+        for (i, (row, op)) in batch.rows.iter().zip(&batch.ops).enumerate() {
+            let mut body = render_body(&self.body_columns, row);
+            match (op, &self.deleted) {
+                (Op::Retract, None) => continue,
+                (Op::Retract, Some((_, key))) => {
+                    let same_key = |next: &Row| key.iter().all(|&k| next.get(k) == row.get(k));
+                    if batch.ops.get(i + 1) == Some(&Op::Insert) && batch.rows.get(i + 1).is_some_and(same_key) {
+                        continue; // an update's old row: the insert that follows replaces it
+                    }
+                }
+                (Op::Insert, _) => {}
+            }
+            if let Some((field, _)) = &self.deleted {
+                body.pop();
+                let _ = write!(body, "{}{field}:{}}}", if body.len() > 1 { "," } else { "" }, *op == Op::Retract);
             }
             while self.in_flight.len() >= self.concurrency {
                 if let Some(joined) = self.in_flight.join_next().await {
@@ -153,7 +175,7 @@ impl Sink for HttpSink {
             let request = Request {
                 client: self.client.clone(),
                 url: self.url.clone(),
-                body: render_body(&self.body_columns, row),
+                body,
                 key: render_key(&self.key_columns, row),
                 retry: self.retry,
                 counters: self.counters.clone(),
@@ -463,6 +485,8 @@ mod tests {
             retry_for: "30s".into(),
             max_retries: Some(5),
             dead_letter_path: None,
+            deleted_field: None,
+            key: Vec::new(),
         }
     }
 
@@ -531,6 +555,36 @@ mod tests {
         replay.finish().await.unwrap();
         let stats = mock.get("/stats").await;
         assert_eq!((stats["unique"].as_i64(), stats["duplicates"].as_i64()), (Some(60), Some(60)), "{stats}");
+    }
+
+    /// With `deleted_field`, a delete reaches the receiver under its own version; an update's old
+    /// row does not.
+    #[tokio::test]
+    async fn http_sends_deletes_under_their_version_and_never_an_updates_old_row() {
+        let Some(bin) = mock_api_bin() else { return };
+        let mock = MockApi::start(&bin, &[]).await;
+        let o = HttpSinkOptions { deleted_field: Some("deleted".into()), key: vec!["id".into()], ..options(&mock.base) };
+        let mut sink = HttpSink::new(&o, ctx()).unwrap();
+        let mut b = Batch::default();
+        b.push(event(1, 1), Op::Insert);
+        b.push(event(1, 1), Op::Retract); // an update: old row, then new
+        b.push(event(1, 2), Op::Insert);
+        b.push(event(1, 3), Op::Retract); // a delete
+        b.push(event(2, 1), Op::Insert);
+        b.push(event(2, 5), Op::Retract); // a delete, though an insert of another id follows
+        b.push(event(3, 1), Op::Insert);
+        sink.write(b).await.unwrap();
+        sink.finish().await.unwrap();
+        let events = mock.get("/events").await;
+        let mut got: Vec<(String, bool)> = events
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| (e["key"].as_str().unwrap().to_string(), e["body"]["deleted"].as_bool().unwrap()))
+            .collect();
+        got.sort();
+        let want = [("1:1", false), ("1:2", false), ("1:3", true), ("2:1", false), ("2:5", true), ("3:1", false)];
+        assert_eq!(got, want.map(|(k, d)| (k.to_string(), d)));
     }
 
     #[tokio::test]

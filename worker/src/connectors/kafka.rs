@@ -19,7 +19,9 @@
 //! changelog: a record whose version is not above the key's current one is a replay and is
 //! skipped. A tombstone's version travels in its `version` header (the sink writes it with its own
 //! `version_column`); the source then keeps a marker with that version in place of the deleted
-//! row, so an older insert replayed after the delete is skipped too. Without versions, a replayed
+//! row, so an older insert replayed after the delete is skipped too, and the delete's retraction
+//! carries that version (the deleted row with its version column replaced), as a CDC delete does:
+//! to sinks keyed by id and version a delete is a version of its own. Without versions, a replayed
 //! older row would retract the newer one and insert itself until the newer one came round again,
 //! and a window firing meanwhile would publish that older state.
 //!
@@ -65,7 +67,7 @@ use rdkafka::ClientContext;
 use serde_json::Value as Json;
 use tracing::warn;
 
-use super::{ConnectorContext, DeadLetters, PendingCheckpoints, Sink, Source, BATCH_BYTES};
+use super::{ConnectorContext, DeadLetters, PendingCheckpoints, Progress, Sink, Source, BATCH_BYTES};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::json::{row_from_json, row_to_json};
@@ -127,6 +129,10 @@ pub struct KafkaSource {
     parallelism: u32,
     /// Whether this subtask's partitions are assigned yet (the topic may not exist yet).
     assigned: bool,
+    /// The partitions assigned to this subtask.
+    owned: Vec<i32>,
+    /// Heartbeats read per partition.
+    beats: HashMap<i32, PartitionBeats>,
     next_discovery: tokio::time::Instant,
     /// Records taken from the consumer and not yet turned into a batch.
     received: Vec<OwnedMessage>,
@@ -188,6 +194,8 @@ impl KafkaSource {
             subtask: ctx.task.subtask,
             parallelism: ctx.parallelism,
             assigned: false,
+            owned: Vec::new(),
+            beats: HashMap::new(),
             next_discovery: tokio::time::Instant::now(),
             received: Vec::new(),
             metrics: ctx.metrics,
@@ -273,7 +281,8 @@ impl KafkaSource {
                 }
             };
             let mut list = TopicPartitionList::new();
-            for p in partitions.into_iter().filter(|p| self.owns(*p)) {
+            self.owned = partitions.into_iter().filter(|p| self.owns(*p)).collect();
+            for &p in &self.owned {
                 let offset = self.positions.get(&p).map_or(Offset::Stored, |o| Offset::Offset(*o));
                 list.add_partition_offset(&self.options.topic, p, offset)
                     .map_err(|e| TaskError::internal(format!("kafka: {e}")))?;
@@ -348,6 +357,14 @@ impl KafkaSource {
             self.metrics.set_gauge("skipped_offsets", self.skipped);
         }
         self.pending.insert(m.partition(), m.offset());
+        match Heartbeat::of(m) {
+            Some(Ok(beat)) => {
+                self.beats.entry(m.partition()).or_default().heard(beat);
+                return Ok(());
+            }
+            Some(Err(e)) => return self.bad_record(m, e),
+            None => {}
+        }
         match self.decode(m) {
             Ok((Some(key), value)) => {
                 let written = self.advance_clock(m, value.as_ref());
@@ -502,7 +519,15 @@ impl Upserts {
                     None => {}
                 }
                 match previous {
-                    Some(p) => out.push(p, Op::Retract),
+                    // A delete is a change of its own: its retraction carries the delete's version
+                    // (as the CDC source's do), so that sinks keyed by id and version see it as
+                    // new (the external system's idempotency key; ClickHouse's newest version).
+                    Some(mut p) => {
+                        if let (Some(v), Some(at)) = (incoming, self.version) {
+                            p[at] = Value::Int(v);
+                        }
+                        out.push(p, Op::Retract)
+                    }
                     // The row is not held (its state expired, or this job never read it): a
                     // retraction of the key alone, at the tombstone's version, still deletes it in
                     // sinks that key by it (ClickHouse); a window counts it as late (no event time).
@@ -608,6 +633,27 @@ impl Source for KafkaSource {
         Ok(())
     }
 
+    fn progress(&self) -> Progress {
+        if self.assigned && self.owned.is_empty() {
+            return Progress::Idle; // more subtasks than partitions
+        }
+        if !self.options.heartbeats {
+            return Progress::Unknown;
+        }
+        let mut low = i64::MAX;
+        for p in &self.owned {
+            match self.beats.get(p).and_then(|b| b.watermark) {
+                Some(w) => low = low.min(w),
+                None => return Progress::Waiting,
+            }
+        }
+        if self.assigned {
+            Progress::Watermark(low)
+        } else {
+            Progress::Waiting
+        }
+    }
+
     async fn snapshot(&mut self, id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
         let mut inline = Vec::with_capacity(4 + self.positions.len() * 12);
         inline.extend_from_slice(&(self.positions.len() as u32).to_le_bytes());
@@ -651,6 +697,82 @@ pub struct KafkaSink {
     key_columns: Vec<usize>,
     /// Index of the column whose value a tombstone carries in its version header.
     version: Option<usize>,
+    /// Watermark heartbeats, with `heartbeat_interval`.
+    heartbeats: Option<Heartbeats>,
+}
+
+/// The watermark a sink has and has written into every partition.
+struct Heartbeats {
+    interval: Duration,
+    /// The topic's partitions, read once the first heartbeat is due.
+    partitions: Vec<i32>,
+    /// This writer (the sink's subtask) and how many write the topic.
+    writer: u32,
+    writers: u32,
+    /// The latest watermark, and the one last written.
+    watermark: i64,
+    written: i64,
+    next: tokio::time::Instant,
+}
+
+/// A heartbeat record: writer `writer` of `writers` has written every record up to its
+/// watermark into this partition. Its value is `{"watermark": …, "writer": …, "writers": …}`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Heartbeat {
+    watermark: i64,
+    writer: u32,
+    writers: u32,
+}
+
+impl Heartbeat {
+    fn to_json(self) -> Vec<u8> {
+        serde_json::json!({ "watermark": self.watermark, "writer": self.writer, "writers": self.writers }).to_string().into_bytes()
+    }
+
+    /// The heartbeat a record carries (`None`: a row), or why it is malformed.
+    fn of(m: &OwnedMessage) -> Option<std::result::Result<Heartbeat, String>> {
+        m.headers()?.iter().find(|h| h.key == HEARTBEAT_HEADER)?;
+        let parsed = parse(m.payload().unwrap_or_default()).and_then(|v| {
+            let field = |name: &str| v.get(name).and_then(Json::as_i64).ok_or_else(|| format!("heartbeat without an integer `{name}`"));
+            let beat = Heartbeat {
+                watermark: field("watermark")?,
+                writer: u32::try_from(field("writer")?).map_err(|e| e.to_string())?,
+                writers: u32::try_from(field("writers")?).map_err(|e| e.to_string())?,
+            };
+            if beat.writer >= beat.writers {
+                return Err(format!("heartbeat of writer {} of {}", beat.writer, beat.writers));
+            }
+            Ok(beat)
+        });
+        Some(parsed)
+    }
+}
+
+/// Marks a heartbeat record (its value: the writer's index).
+const HEARTBEAT_HEADER: &str = "eddy-heartbeat";
+
+/// The heartbeats read from one partition.
+#[derive(Debug, Default)]
+struct PartitionBeats {
+    /// Each writer's latest watermark (`i64::MIN`: not heard from yet).
+    writers: Vec<i64>,
+    /// The partition's watermark: the lowest of its writers' once all have been heard.
+    watermark: Option<i64>,
+}
+
+impl PartitionBeats {
+    fn heard(&mut self, beat: Heartbeat) {
+        // A writer count that changed (the writing job was rescaled) starts the count afresh;
+        // the partition's watermark stays where it was.
+        if self.writers.len() != beat.writers as usize {
+            self.writers = vec![i64::MIN; beat.writers as usize];
+        }
+        self.writers[beat.writer as usize] = self.writers[beat.writer as usize].max(beat.watermark);
+        let low = self.writers.iter().copied().min().unwrap_or(i64::MIN);
+        if low > i64::MIN {
+            self.watermark = Some(self.watermark.map_or(low, |w| w.max(low)));
+        }
+    }
 }
 
 impl KafkaSink {
@@ -667,9 +789,76 @@ impl KafkaSink {
             .map_err(|e| TaskError::external(format!("kafka producer for {}: {e}", o.brokers)))?;
         let key_columns = o.key.iter().filter_map(|k| ctx.schema.index_of(k)).collect();
         let version = o.version_column.as_deref().and_then(|c| ctx.schema.index_of(c));
-        Ok(KafkaSink { producer, options: o.clone(), schema: ctx.schema.clone(), key_columns, version })
+        let interval = o.heartbeat_interval_ms().map_err(|e| TaskError::user(format!("kafka sink: {e}")))?;
+        let heartbeats = interval.map(|ms| Heartbeats {
+            interval: Duration::from_millis(ms as u64),
+            partitions: Vec::new(),
+            writer: ctx.task.subtask,
+            writers: ctx.parallelism,
+            watermark: i64::MIN,
+            written: i64::MIN,
+            next: tokio::time::Instant::now(),
+        });
+        Ok(KafkaSink { producer, options: o.clone(), schema: ctx.schema.clone(), key_columns, version, heartbeats })
     }
 
+    /// Writes the watermark into every partition if it moved and the interval has passed. Every
+    /// record before it has been acknowledged (`write` waits for that), so a heartbeat follows
+    /// the records it covers in each partition.
+    async fn heartbeat(&mut self) -> Result<()> {
+        let Some(h) = self.heartbeats.as_mut() else { return Ok(()) };
+        let now = tokio::time::Instant::now();
+        if h.watermark <= h.written || now < h.next {
+            return Ok(());
+        }
+        if h.partitions.is_empty() {
+            let producer = self.producer.clone();
+            let topic = self.options.topic.clone();
+            h.partitions = tokio::task::spawn_blocking(move || {
+                use rdkafka::producer::Producer;
+                producer.client().fetch_metadata(Some(&topic), Duration::from_secs(5)).map(|m| {
+                    m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<i32>>()
+                })
+            })
+            .await
+            .map_err(|e| TaskError::internal(format!("kafka metadata: {e}")))?
+            .map_err(|e| TaskError::external(format!("kafka: reading the partitions of `{}`: {e}", self.options.topic)))?;
+        }
+        let beat = Heartbeat { watermark: h.watermark, writer: h.writer, writers: h.writers };
+        let key = serde_json::json!({ "eddy_heartbeat": h.writer }).to_string().into_bytes();
+        let value = beat.to_json();
+        let writer = h.writer.to_string();
+        let mut deliveries = Vec::with_capacity(h.partitions.len());
+        for &p in &h.partitions {
+            let record = FutureRecord::to(&self.options.topic)
+                .partition(p)
+                .key(&key)
+                .payload(&value)
+                .headers(OwnedHeaders::new().insert(Header { key: HEARTBEAT_HEADER, value: Some(writer.as_str()) }));
+            deliveries.push(self.producer.send_result(record).map_err(|(e, _)| {
+                TaskError::external(format!("kafka: queueing a heartbeat for `{}`: {e}", self.options.topic))
+            })?);
+        }
+        await_deliveries(deliveries, &self.options.topic).await?;
+        h.written = beat.watermark;
+        h.next = now + h.interval;
+        Ok(())
+    }
+}
+
+/// Waits until the broker has acknowledged every record.
+async fn await_deliveries(deliveries: Vec<rdkafka::producer::DeliveryFuture>, topic: &str) -> Result<()> {
+    for d in deliveries {
+        match d.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(TaskError::external(format!("kafka: delivery to `{topic}` failed: {e}"))),
+            Err(_) => return Err(TaskError::external("kafka: producer dropped a delivery")),
+        }
+    }
+    Ok(())
+}
+
+impl KafkaSink {
     fn key(&self, row: &[Value]) -> Vec<u8> {
         let key = row_to_json(&self.schema, row, Some(&self.key_columns));
         serde_json::to_vec(&key).unwrap_or_default()
@@ -743,16 +932,18 @@ impl Sink for KafkaSink {
                 .map_err(|(e, _)| TaskError::external(format!("kafka: queueing a record for `{}`: {e}", self.options.topic)))?;
             deliveries.push(delivery);
         }
-        for d in deliveries {
-            match d.await {
-                Ok(Ok(_)) => {}
-                Ok(Err((e, _))) => {
-                    return Err(TaskError::external(format!("kafka: delivery to `{}` failed: {e}", self.options.topic)))
-                }
-                Err(_) => return Err(TaskError::external("kafka: producer dropped a delivery")),
-            }
+        await_deliveries(deliveries, &self.options.topic).await
+    }
+
+    async fn on_watermark(&mut self, watermark: i64) -> Result<()> {
+        if let Some(h) = self.heartbeats.as_mut() {
+            h.watermark = h.watermark.max(watermark);
         }
-        Ok(())
+        self.heartbeat().await
+    }
+
+    async fn tick(&mut self) -> Result<()> {
+        self.heartbeat().await
     }
 
     async fn finish(&mut self) -> Result<()> {
@@ -836,7 +1027,7 @@ mod tests {
         assert_eq!(out.len(), 3);
         // Downtime does not count: with the clock where it was, event 2 is still held.
         upserts.apply(0, b"{\"id\":2}", None, Some(8), at(10_000, 14_999), &mut out).unwrap();
-        assert_eq!(out.rows[3], row(2, 10, 2), "the whole row is retracted");
+        assert_eq!(out.rows[3], row(2, 10, 8), "the whole row is retracted, at the delete's version");
         // Keys given as arrays (no record key) work too; without a version nothing can be said.
         assert_eq!(upserts.key.row(b"[5]", Some((2, 9))), Some(vec![Value::Int(5), Value::Null, Value::Int(9)]));
         assert_eq!(upserts.key.row(b"{\"other\":5}", None), None);
@@ -845,7 +1036,7 @@ mod tests {
     #[test]
     fn replayed_older_versions_and_deletes_change_nothing() {
         let got = read(&replayed_topic(), Some(2));
-        assert_eq!(got, vec![('+', 10, 1), ('-', 10, 1), ('+', 20, 2), ('-', 20, 2), ('+', 40, 4)]);
+        assert_eq!(got, vec![('+', 10, 1), ('-', 10, 1), ('+', 20, 2), ('-', 20, 3), ('+', 40, 4)]);
     }
 
     #[test]
@@ -884,7 +1075,7 @@ mod tests {
             let batch = tokio::time::timeout(Duration::from_secs(30), source.next_batch()).await.expect("a batch").unwrap().unwrap();
             got.extend(changes(&batch));
         }
-        assert_eq!(got, vec![('+', 10, 1), ('-', 10, 1), ('+', 20, 2), ('-', 20, 2), ('+', 40, 4)]);
+        assert_eq!(got, vec![('+', 10, 1), ('-', 10, 1), ('+', 20, 2), ('-', 20, 3), ('+', 40, 4)]);
     }
 
     /// The options of a new one-partition upsert topic (named after `prefix`) of `schema()` rows
@@ -903,6 +1094,7 @@ mod tests {
             key: vec!["id".into()],
             partitions: 1,
             version_column: Some("version".into()),
+            heartbeat_interval: None,
         };
         let source = KafkaSourceOptions {
             brokers,
@@ -916,6 +1108,7 @@ mod tests {
             dead_letter_path: None,
             state_ttl: None,
             version_column: Some("version".into()),
+            heartbeats: false,
         };
         Some((sink, source))
     }
@@ -950,5 +1143,47 @@ mod tests {
             }
             assert_eq!(ids, (from..100).collect::<Vec<_>>(), "restored at offset {from}");
         }
+    }
+
+    /// Through a real broker: a sink with `heartbeat_interval` writes its watermark into every
+    /// partition after the records it covers; a source with `heartbeats` waits until each of its
+    /// partitions has one, then follows the lowest, and never reads one as a row. A subtask
+    /// without partitions holds nothing back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn watermark_heartbeats_travel_through_every_partition() {
+        let Some((sink_options, source_options)) = versioned_topic("heartbeats") else { return };
+        let sink_options = KafkaSinkOptions { partitions: 2, heartbeat_interval: Some("100ms".into()), ..sink_options };
+        let source_options = KafkaSourceOptions { heartbeats: true, ..source_options };
+        let task = TaskId { vertex: 0, subtask: 0 };
+        let mut sink = KafkaSink::start(&sink_options, ConnectorContext::for_test(task, 1, schema())).await.unwrap();
+        let mut source = KafkaSource::start(&source_options, ConnectorContext::for_test(task, 1, schema())).unwrap();
+        assert_eq!(source.progress(), Progress::Waiting);
+
+        sink.write(Batch::inserts((0..20).map(|id| row(id, id, 1)).collect())).await.unwrap();
+        sink.on_watermark(5_000).await.unwrap();
+        let mut ids = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while source.progress() != Progress::Watermark(5_000) {
+            assert!(std::time::Instant::now() < deadline, "progress {:?} after reading {ids:?}", source.progress());
+            let batch = tokio::time::timeout(Duration::from_secs(30), source.next_batch()).await.expect("a batch").unwrap().unwrap();
+            ids.extend(changes(&batch).into_iter().map(|(_, id, _)| id));
+        }
+        ids.sort();
+        assert_eq!(ids, (0..20).collect::<Vec<_>>(), "every row before the heartbeats, and no heartbeat as a row");
+
+        // Within the interval a newer watermark waits; a tick after it writes it.
+        sink.on_watermark(9_000).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        sink.tick().await.unwrap();
+        while source.progress() != Progress::Watermark(9_000) {
+            assert!(std::time::Instant::now() < deadline, "progress {:?}", source.progress());
+            let batch = tokio::time::timeout(Duration::from_secs(30), source.next_batch()).await.expect("a batch").unwrap().unwrap();
+            assert!(batch.is_empty(), "only heartbeats follow");
+        }
+
+        // Subtask 2 of 3 owns neither partition.
+        let mut spare = KafkaSource::start(&source_options, ConnectorContext::for_test(TaskId { vertex: 0, subtask: 2 }, 3, schema())).unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(5), spare.next_batch()).await;
+        assert_eq!(spare.progress(), Progress::Idle);
     }
 }

@@ -108,6 +108,29 @@ pub trait Source: Send {
     async fn tick(&mut self) -> Result<()> {
         Ok(())
     }
+
+    /// What the source knows of event time beyond its records' timestamps, asked after every
+    /// batch and on every tick. It covers the records returned so far.
+    fn progress(&self) -> Progress {
+        Progress::Unknown
+    }
+}
+
+/// A source's own word on event time (see [`Source::progress`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// The source carries no such signal: after `idle_timeout` without records the watermark
+    /// follows the wall clock.
+    Unknown,
+    /// The source carries a signal but has none yet: the watermark waits for records or for it.
+    Waiting,
+    /// Every record written before this time on the source's clock has been returned (a
+    /// database's clock): the watermark may move to it minus the allowed delay.
+    Clock(i64),
+    /// The upstream job's watermark: no record at or below it will follow.
+    Watermark(i64),
+    /// The source reads nothing (no partitions): it holds no window back.
+    Idle,
 }
 
 /// Sources end a batch at about this many bytes of input, whatever its row count: rows with large

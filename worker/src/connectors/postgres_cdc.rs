@@ -96,6 +96,14 @@
 //! checkpoints, a slot this run created whose snapshot was not handed on completely is dropped
 //! too, so the next start takes a new snapshot.
 //!
+//! # Event time
+//!
+//! With `event_time` on the source, a task writes PostgreSQL's clock into the WAL every
+//! `heartbeat_interval` as a logical message, and the stream hands it back in WAL order: once it
+//! arrives, every transaction committed before it has been read, so [`Source::progress`] reports
+//! that time (see [`Clock`]). Messages are not passed on while a re-read's snapshot is still to
+//! come, nor by sources without event time (every slot of the database sees them).
+//!
 //! # Parallelism
 //!
 //! One slot is one ordered stream, so only subtask 0 reads; the others end at once (`Ok(None)`).
@@ -130,7 +138,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
 use tracing::{debug, info, warn};
 
-use super::{ConnectorContext, PendingCheckpoints, Source, BATCH_BYTES};
+use super::{ConnectorContext, PendingCheckpoints, Progress, Source, BATCH_BYTES};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::operators::OperatorSnapshot;
@@ -182,6 +190,9 @@ pub struct PostgresCdc {
     release_on_failure: bool,
     /// The slot, dropped when the task ends after the job was cancelled for good.
     release: Option<(Arc<Client>, String, Arc<AtomicBool>)>,
+    /// With event time: the task writing clock messages into the WAL, and the latest clock read
+    /// back from the stream (see [`Clock`]).
+    clock: Option<(JoinHandle<()>, Option<i64>)>,
 }
 
 /// What a checkpoint records of the source (inline, little-endian): whether the snapshot had been
@@ -324,6 +335,9 @@ enum Chunk {
     Progress(Lsn, u64),
     /// The snapshot's last rows came before this.
     SnapshotEnd,
+    /// A clock message (see [`Clock`]): every transaction that committed before this time (Unix
+    /// ms, the server's clock) came before.
+    Clock(i64),
 }
 
 impl PostgresCdc {
@@ -346,6 +360,7 @@ impl PostgresCdc {
             floor: Lsn(0),
             release_on_failure: false,
             release: None,
+            clock: None,
         };
         if ctx.task.subtask != 0 {
             info!(job_id = %ctx.job_id, task = %ctx.task, "postgres_cdc: one replication slot is one stream; only subtask 0 reads");
@@ -363,6 +378,10 @@ impl PostgresCdc {
             states.iter().find_map(|s| Position::decode(&s.inline)).map(|p| (*id, p))
         });
         let begin = Begin::decide(o, &ctx, existing, restored)?;
+        if ctx.event_time.is_some() {
+            let every = o.heartbeat_interval_ms().map_err(|e| TaskError::user(format!("postgres_cdc: {e}")))?;
+            source.clock = Some((Clock::start(control.clone(), Duration::from_millis(every as u64)).await?, None));
+        }
         if !ctx.checkpointing {
             source.release_on_failure = true;
         }
@@ -457,6 +476,7 @@ impl PostgresCdc {
             job_id: ctx.job_id.clone(),
             release_on_failure: source.release_on_failure,
             snapshot_pending: snapshot.is_some(),
+            clocked: source.clock.is_some(),
             snapshot: snapshot.map(|client| SnapshotRead { client, exporter, handed_on: ack_rx }),
         };
         tokio::spawn(reader.run(repl));
@@ -514,6 +534,13 @@ impl Source for PostgresCdc {
                     self.snapshot_returned = true;
                     self.snapshot_done = true;
                 }
+                Some(Ok(Chunk::Clock(t))) => {
+                    if let Some((_, clock)) = self.clock.as_mut() {
+                        *clock = Some(clock.map_or(t, |c| c.max(t)));
+                    }
+                    // Returned at once, so that the task hears of it.
+                    return Ok(Some(Batch::default()));
+                }
                 Some(Err(e)) => return Err(e),
                 None => return Err(TaskError::internal("postgres_cdc: the replication reader ended without an error")),
             }
@@ -558,6 +585,14 @@ impl Source for PostgresCdc {
         }
         Ok(())
     }
+
+    fn progress(&self) -> Progress {
+        match (&self.chunks, &self.clock) {
+            (None, _) => Progress::Idle,
+            (Some(_), None) => Progress::Unknown,
+            (Some(_), Some((_, clock))) => clock.map_or(Progress::Waiting, Progress::Clock),
+        }
+    }
 }
 
 /// Every change up to `lsn` has been returned, the last with version `version` at most.
@@ -585,6 +620,9 @@ impl Drop for PostgresCdc {
         // The reader notices the closed channel by itself and ends its session (dropping a slot
         // whose snapshot was not handed on); only the lag query is cut short.
         if let Some(handle) = self.lag.as_mut().and_then(|l| l.running.take()) {
+            handle.abort();
+        }
+        if let Some((handle, _)) = self.clock.take() {
             handle.abort();
         }
         // The job was cancelled for good: the slot would only hold WAL back on the server.
@@ -691,6 +729,54 @@ fn client_config(url: &str) -> Result<tokio_postgres::Config> {
         pg.connect_timeout(Duration::from_secs(10));
     }
     Ok(pg)
+}
+
+/// Prefix of the clock messages the source writes into the WAL.
+const CLOCK_PREFIX: &str = "eddy-clock";
+
+/// PostgreSQL's clock, carried through the WAL: every interval the source writes the server's
+/// time as a non-transactional logical message (`pg_logical_emit_message`, which pgoutput passes
+/// on in WAL order). When the stream delivers a message, every transaction that committed before
+/// its time has been delivered before it, whichever session wrote it (any slot of the database
+/// sees every message). So the watermark follows the database's clock: it moves on while the
+/// table is quiet, and it stalls while the stream is behind or the job is down, where a wall
+/// clock would close windows without the changes still to come. The messages cost a few dozen
+/// bytes of WAL each.
+struct Clock;
+
+impl Clock {
+    /// Writes the first message (so that a user who may not write one hears it now, not as a
+    /// watermark that never moves) and starts writing one every `every`.
+    async fn start(control: Arc<Client>, every: Duration) -> Result<JoinHandle<()>> {
+        let sql = format!(
+            "SELECT pg_logical_emit_message(false, '{CLOCK_PREFIX}', (extract(epoch FROM clock_timestamp()) * 1000)::bigint::text)"
+        );
+        control.simple_query(&sql).await.map_err(|e| {
+            TaskError::user(format!(
+                "postgres_cdc: writing a clock message into the WAL (pg_logical_emit_message) failed: {}; the source \
+                 needs it for its watermark (it has event_time): grant the user EXECUTE on pg_logical_emit_message, \
+                 or remove event_time from the source",
+                e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
+            ))
+        })?;
+        Ok(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failing = false;
+            loop {
+                tick.tick().await;
+                match control.simple_query(&sql).await {
+                    Ok(_) => failing = false,
+                    // The stream fails on the same cause; said once, not every interval.
+                    Err(e) if !failing => {
+                        failing = true;
+                        warn!(error = %e, "postgres_cdc: writing a clock message failed; the watermark waits");
+                    }
+                    Err(_) => {}
+                }
+            }
+        }))
+    }
 }
 
 /// The replication session's settings, from the same URL.
@@ -1064,6 +1150,8 @@ struct Reader {
     snapshot: Option<SnapshotRead>,
     /// Not every snapshot row has been handed on yet.
     snapshot_pending: bool,
+    /// Clock messages are passed on (the source has event time); other sources' are ignored.
+    clocked: bool,
 }
 
 /// A snapshot to read: the connection that imported it, the temporary slot's session that
@@ -1222,6 +1310,8 @@ impl Reader {
         // Highest position attached to a chunk so far.
         let mut sent = self.changes.start;
         let mut in_transaction = false;
+        // A clock message read, to pass on after the rows before it.
+        let mut clock = None;
         loop {
             if pending.is_empty() {
                 pending_bytes = 0;
@@ -1232,7 +1322,7 @@ impl Reader {
                 Ok(false) => {}
                 Err(_) => return Err(Halt::Closed),
             }
-            let event = if pending.is_empty() && completed.is_none() {
+            let event = if pending.is_empty() && completed.is_none() && clock.is_none() {
                 tokio::select! {
                     biased;
                     // A newly handed-on position should reach the server even when nothing else happens.
@@ -1251,17 +1341,21 @@ impl Reader {
                 match tokio::time::timeout(Duration::ZERO, repl.recv()).await {
                     Ok(event) => event,
                     Err(_) => {
-                        let chunk = if pending.is_empty() {
-                            let (lsn, version) = completed.take().unwrap_or((sent, self.changes.last));
-                            Chunk::Progress(lsn, version)
-                        } else {
+                        let chunk = if !pending.is_empty() {
                             let batch = std::mem::replace(&mut pending, Batch::with_capacity(BATCH_ROWS + 1));
-                            Chunk::Rows { batch, confirm: completed.take() }
+                            Some(Chunk::Rows { batch, confirm: completed.take() })
+                        } else {
+                            completed.take().map(|(lsn, version)| Chunk::Progress(lsn, version))
                         };
-                        if let Chunk::Rows { confirm: Some((lsn, _)), .. } | Chunk::Progress(lsn, _) = &chunk {
-                            sent = sent.max(*lsn);
+                        if let Some(chunk) = chunk {
+                            if let Chunk::Rows { confirm: Some((lsn, _)), .. } | Chunk::Progress(lsn, _) = &chunk {
+                                sent = sent.max(*lsn);
+                            }
+                            self.send(chunk).await?;
                         }
-                        self.send(chunk).await?;
+                        if let Some(t) = clock.take() {
+                            self.send(Chunk::Clock(t)).await?;
+                        }
                         continue;
                     }
                 }
@@ -1299,6 +1393,14 @@ impl Reader {
                         && completed.is_none_or(|(c, _)| wal_end > c)
                     {
                         completed = Some((wal_end, self.changes.last));
+                    }
+                }
+                // Not while a re-read's snapshot is still to come: its rows are older than any clock.
+                ReplicationEvent::Message { transactional: false, prefix, content, .. }
+                    if self.clocked && prefix == CLOCK_PREFIX && !in_transaction && !self.changes.rereading() =>
+                {
+                    if let Some(t) = std::str::from_utf8(&content).ok().and_then(|t| t.parse::<i64>().ok()) {
+                        clock = Some(clock.map_or(t, |c: i64| c.max(t)));
                     }
                 }
                 ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
@@ -2132,6 +2234,7 @@ mod tests {
             version_column: None,
             snapshot: true,
             existing_slot: ExistingSlot::Fail,
+            heartbeat_interval: None,
         };
         let schema = eddy_jobs::connectors::parse_columns(&o.columns).unwrap();
         let ctx = ConnectorContext::for_test(eddy_jobs::TaskId { vertex: 0, subtask: 1 }, 2, schema);
@@ -2249,6 +2352,7 @@ mod tests {
                     version_column: Some("lsn".into()),
                     snapshot: true,
                     existing_slot: ExistingSlot::Fail,
+                    heartbeat_interval: None,
                 }
             }
 
@@ -2663,6 +2767,44 @@ mod tests {
                 step(&mut source, &mut applied).await;
             }
             assert_eq!(metrics.gauges().get("snapshot_rows_total"), Some(&0));
+            drop(source);
+            db.drop_all().await;
+        }
+
+        /// With event time, the source carries PostgreSQL's clock through the WAL: on a quiet table
+        /// its progress follows the server's clock, and a clock reaches it only after every change
+        /// committed before it.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn the_database_clock_moves_the_watermark_and_never_overtakes_a_change() {
+            let Some(url) = url() else { return };
+            let db = Db::new(url).await;
+            db.insert_rows(1, 10).await;
+            let o = PostgresCdcOptions { heartbeat_interval: Some("100ms".into()), ..db.options() };
+            let (source, _) = db.start_with(&o, |ctx| ctx.event_time = Some(1)).await;
+            let mut source = source.unwrap();
+            assert_eq!(source.progress(), Progress::Waiting);
+            let server_ms = async || -> i64 {
+                let row = db.client.query_one("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint", &[]).await.unwrap();
+                row.get(0)
+            };
+            let mut applied = Applied::default();
+            // Reads until the clock passes `t`; returns the ids read by then.
+            let mut read_until = async |source: &mut PostgresCdc, t: i64| {
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while !matches!(source.progress(), Progress::Clock(c) if c >= t) {
+                    assert!(Instant::now() < deadline, "progress {:?}, wanted a clock past {t}", source.progress());
+                    if let Ok(next) = tokio::time::timeout(Duration::from_millis(50), source.next_batch()).await {
+                        applied.apply(&next.unwrap().unwrap());
+                    }
+                    source.handed_on().await.unwrap();
+                }
+                applied.rows.keys().copied().collect::<Vec<_>>()
+            };
+            let quiet = server_ms().await;
+            assert_eq!(read_until(&mut source, quiet).await, (1..=10).collect::<Vec<_>>(), "the snapshot comes first");
+            db.insert_rows(11, 15).await;
+            let after = server_ms().await;
+            assert_eq!(read_until(&mut source, after).await, (1..=15).collect::<Vec<_>>(), "changes before the clock");
             drop(source);
             db.drop_all().await;
         }
