@@ -460,6 +460,8 @@ async fn run_task(ctx: &mut TaskContext) -> Result<()> {
 /// so a stalled upstream holds windows back instead of firing them without its records.
 struct WatermarkGenerator {
     event_time: EventTime,
+    /// Whether records' event times move the watermark (not when it is the upstream's alone).
+    records_move: bool,
     max_ts: i64,
     current: i64,
     last_record: Instant,
@@ -467,14 +469,14 @@ struct WatermarkGenerator {
 }
 
 impl WatermarkGenerator {
-    fn new(event_time: EventTime) -> WatermarkGenerator {
+    fn new(event_time: EventTime, records_move: bool) -> WatermarkGenerator {
         let now = Instant::now();
-        WatermarkGenerator { event_time, max_ts: i64::MIN, current: i64::MIN, last_record: now, last_advance: now }
+        WatermarkGenerator { event_time, records_move, max_ts: i64::MIN, current: i64::MIN, last_record: now, last_advance: now }
     }
 
     fn on_batch(&mut self, batch: &Batch) -> Option<i64> {
         // A batch without rows (a source saying only that time passed) is no sign of traffic.
-        if batch.is_empty() {
+        if batch.is_empty() || !self.records_move {
             return None;
         }
         let col = self.event_time.column;
@@ -538,7 +540,8 @@ async fn run_source(
     chain: &mut Chain,
     commands: &mut mpsc::Receiver<TaskCommand>,
 ) -> Result<()> {
-    let mut watermarks = event_time.map(WatermarkGenerator::new);
+    let records_move = !source.follows_upstream_watermark();
+    let mut watermarks = event_time.map(|e| WatermarkGenerator::new(e, records_move));
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -675,7 +678,7 @@ mod tests {
     use eddy_jobs::Row;
 
     fn generator() -> WatermarkGenerator {
-        WatermarkGenerator::new(EventTime { column: 0, allowed_delay_ms: 1_000, idle_timeout_ms: 2_000 })
+        WatermarkGenerator::new(EventTime { column: 0, allowed_delay_ms: 1_000, idle_timeout_ms: 2_000 }, true)
     }
 
     fn at(ts: i64) -> Batch {
@@ -719,6 +722,18 @@ mod tests {
         assert_eq!(g.on_batch(&Batch::default()), None);
         tokio::time::advance(Duration::from_millis(1_000)).await;
         assert_eq!(g.on_progress(Progress::Unknown), Some(11_500));
+    }
+
+    /// A source that follows its upstream's watermark (heartbeats) is moved by nothing else: a
+    /// batch of one partition's newer records must not close windows that another partition's
+    /// older records, still unread, belong to.
+    #[tokio::test(start_paused = true)]
+    async fn records_do_not_move_a_source_that_follows_upstream_heartbeats() {
+        let mut g = WatermarkGenerator::new(EventTime { column: 0, allowed_delay_ms: 1_000, idle_timeout_ms: 2_000 }, false);
+        assert_eq!(g.on_batch(&at(60_000)), None);
+        assert_eq!(g.on_progress(Progress::Watermark(5_000)), Some(5_000));
+        assert_eq!(g.on_batch(&at(90_000)), None);
+        assert_eq!(g.current, 5_000);
     }
 
     /// A source that reads nothing holds no window back.

@@ -633,6 +633,10 @@ impl Source for KafkaSource {
         Ok(())
     }
 
+    fn follows_upstream_watermark(&self) -> bool {
+        self.options.heartbeats
+    }
+
     fn progress(&self) -> Progress {
         if self.assigned && self.owned.is_empty() {
             return Progress::Idle; // more subtasks than partitions
@@ -936,7 +940,9 @@ impl Sink for KafkaSink {
     }
 
     async fn on_watermark(&mut self, watermark: i64) -> Result<()> {
-        if let Some(h) = self.heartbeats.as_mut() {
+        // The end of the input is not written: a heartbeat at the end of time would outlive this
+        // job and make every record a later job writes into the topic late for good.
+        if let Some(h) = self.heartbeats.as_mut().filter(|_| watermark < i64::MAX) {
             h.watermark = h.watermark.max(watermark);
         }
         self.heartbeat().await
@@ -948,6 +954,11 @@ impl Sink for KafkaSink {
 
     async fn finish(&mut self) -> Result<()> {
         use rdkafka::producer::Producer;
+        // The last watermark goes out now, whatever the interval.
+        if let Some(h) = self.heartbeats.as_mut() {
+            h.next = tokio::time::Instant::now();
+        }
+        self.heartbeat().await?;
         self.producer
             .flush(Duration::from_secs(30))
             .map_err(|e| TaskError::external(format!("kafka: flushing `{}`: {e}", self.options.topic)))

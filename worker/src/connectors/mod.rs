@@ -114,6 +114,13 @@ pub trait Source: Send {
     fn progress(&self) -> Progress {
         Progress::Unknown
     }
+
+    /// Whether the watermark is the upstream job's alone ([`Progress::Watermark`]): its records'
+    /// times then move nothing, since one partition's newer records must not overtake another's
+    /// older ones still to be read.
+    fn follows_upstream_watermark(&self) -> bool {
+        false
+    }
 }
 
 /// A source's own word on event time (see [`Source::progress`]).

@@ -190,9 +190,10 @@ pub struct PostgresCdc {
     release_on_failure: bool,
     /// The slot, dropped when the task ends after the job was cancelled for good.
     release: Option<(Arc<Client>, String, Arc<AtomicBool>)>,
-    /// With event time: the task writing clock messages into the WAL, and the latest clock read
-    /// back from the stream (see [`Clock`]).
-    clock: Option<(JoinHandle<()>, Option<i64>)>,
+    /// With event time: the task writing clock messages into the WAL (see [`Clock`]).
+    clock_writer: Option<JoinHandle<()>>,
+    /// The latest clock read back from the stream.
+    clock: Option<i64>,
 }
 
 /// What a checkpoint records of the source (inline, little-endian): whether the snapshot had been
@@ -360,6 +361,7 @@ impl PostgresCdc {
             floor: Lsn(0),
             release_on_failure: false,
             release: None,
+            clock_writer: None,
             clock: None,
         };
         if ctx.task.subtask != 0 {
@@ -378,10 +380,16 @@ impl PostgresCdc {
             states.iter().find_map(|s| Position::decode(&s.inline)).map(|p| (*id, p))
         });
         let begin = Begin::decide(o, &ctx, existing, restored)?;
-        if ctx.event_time.is_some() {
-            let every = o.heartbeat_interval_ms().map_err(|e| TaskError::user(format!("postgres_cdc: {e}")))?;
-            source.clock = Some((Clock::start(control.clone(), Duration::from_millis(every as u64)).await?, None));
-        }
+        let clock_every = match ctx.event_time {
+            Some(_) => {
+                let every = o.heartbeat_interval_ms().map_err(|e| TaskError::user(format!("postgres_cdc: {e}")))?;
+                // Now, so that a user who may not write one hears it at once, not as a watermark
+                // that never moves.
+                Clock::write(&control).await.map_err(|e| TaskError::user(e.message))?;
+                Some(Duration::from_millis(every as u64))
+            }
+            None => None,
+        };
         if !ctx.checkpointing {
             source.release_on_failure = true;
         }
@@ -476,9 +484,10 @@ impl PostgresCdc {
             job_id: ctx.job_id.clone(),
             release_on_failure: source.release_on_failure,
             snapshot_pending: snapshot.is_some(),
-            clocked: source.clock.is_some(),
+            clocked: clock_every.is_some(),
             snapshot: snapshot.map(|client| SnapshotRead { client, exporter, handed_on: ack_rx }),
         };
+        source.clock_writer = clock_every.map(|every| Clock::spawn(control.clone(), every, reader.out.clone()));
         tokio::spawn(reader.run(repl));
         source.chunks = Some(rx);
         source.snapshot_handed_on = Some(ack_tx);
@@ -535,9 +544,7 @@ impl Source for PostgresCdc {
                     self.snapshot_done = true;
                 }
                 Some(Ok(Chunk::Clock(t))) => {
-                    if let Some((_, clock)) = self.clock.as_mut() {
-                        *clock = Some(clock.map_or(t, |c| c.max(t)));
-                    }
+                    self.clock = Some(self.clock.map_or(t, |c| c.max(t)));
                     // Returned at once, so that the task hears of it.
                     return Ok(Some(Batch::default()));
                 }
@@ -587,10 +594,10 @@ impl Source for PostgresCdc {
     }
 
     fn progress(&self) -> Progress {
-        match (&self.chunks, &self.clock) {
+        match (&self.chunks, &self.clock_writer) {
             (None, _) => Progress::Idle,
             (Some(_), None) => Progress::Unknown,
-            (Some(_), Some((_, clock))) => clock.map_or(Progress::Waiting, Progress::Clock),
+            (Some(_), Some(_)) => self.clock.map_or(Progress::Waiting, Progress::Clock),
         }
     }
 }
@@ -622,7 +629,7 @@ impl Drop for PostgresCdc {
         if let Some(handle) = self.lag.as_mut().and_then(|l| l.running.take()) {
             handle.abort();
         }
-        if let Some((handle, _)) = self.clock.take() {
+        if let Some(handle) = self.clock_writer.take() {
             handle.abort();
         }
         // The job was cancelled for good: the slot would only hold WAL back on the server.
@@ -745,37 +752,35 @@ const CLOCK_PREFIX: &str = "eddy-clock";
 struct Clock;
 
 impl Clock {
-    /// Writes the first message (so that a user who may not write one hears it now, not as a
-    /// watermark that never moves) and starts writing one every `every`.
-    async fn start(control: Arc<Client>, every: Duration) -> Result<JoinHandle<()>> {
+    /// Writes one clock message.
+    async fn write(control: &Client) -> Result<()> {
         let sql = format!(
             "SELECT pg_logical_emit_message(false, '{CLOCK_PREFIX}', (extract(epoch FROM clock_timestamp()) * 1000)::bigint::text)"
         );
-        control.simple_query(&sql).await.map_err(|e| {
-            TaskError::user(format!(
+        control.simple_query(&sql).await.map(|_| ()).map_err(|e| {
+            TaskError::external(format!(
                 "postgres_cdc: writing a clock message into the WAL (pg_logical_emit_message) failed: {}; the source \
-                 needs it for its watermark (it has event_time): grant the user EXECUTE on pg_logical_emit_message, \
-                 or remove event_time from the source",
+                 needs it for its watermark (it has event_time): the user must be allowed to execute \
+                 pg_logical_emit_message (everyone is, by default), or remove event_time from the source",
                 e.as_db_error().map_or_else(|| e.to_string(), |d| d.message().to_string())
             ))
-        })?;
-        Ok(tokio::spawn(async move {
+        })
+    }
+
+    /// Writes one every `every`. A failure fails the source (through `out`, as the reader's
+    /// errors do): without the clock its watermark would stall for good, unseen.
+    fn spawn(control: Arc<Client>, every: Duration, out: mpsc::Sender<Result<Chunk>>) -> JoinHandle<()> {
+        tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut failing = false;
             loop {
                 tick.tick().await;
-                match control.simple_query(&sql).await {
-                    Ok(_) => failing = false,
-                    // The stream fails on the same cause; said once, not every interval.
-                    Err(e) if !failing => {
-                        failing = true;
-                        warn!(error = %e, "postgres_cdc: writing a clock message failed; the watermark waits");
-                    }
-                    Err(_) => {}
+                if let Err(e) = Clock::write(&control).await {
+                    let _ = out.send(Err(e)).await;
+                    return;
                 }
             }
-        }))
+        })
     }
 }
 
