@@ -207,7 +207,8 @@ fn windows_wait_for_a_stalled_ingest_and_close_on_a_quiet_database() -> Result<(
         board.len() == reference.len() && board.iter().all(|(k, v)| reference.get(k).is_some_and(|r| (r - v).abs() < 1e-6)),
         "leaderboard of the window ending at {end}: {board:?}, PostgreSQL says {reference:?}"
     );
-    let late: u64 = p.cluster.status(&process)?["tasks"].as_array().context("tasks")?.iter().filter_map(|t| t["late_records"].as_u64()).sum();
+    let tasks = p.cluster.status(&process)?["tasks"].as_array().context("tasks")?.clone();
+    let late: u64 = tasks.iter().filter_map(|t| t["late_records"].as_u64()).sum();
     ensure!(late == 0, "{late} records came late");
     Ok(())
 }

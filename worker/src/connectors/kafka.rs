@@ -265,13 +265,7 @@ impl KafkaSource {
             self.next_discovery = tokio::time::Instant::now() + Duration::from_millis(500);
             let consumer = self.consumer.clone();
             let topic = self.options.topic.clone();
-            let partitions = tokio::task::spawn_blocking(move || {
-                consumer
-                    .fetch_metadata(Some(&topic), Duration::from_secs(2))
-                    .map(|m| m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<i32>>())
-            })
-            .await
-            .map_err(|e| TaskError::internal(format!("kafka metadata: {e}")))?;
+            let partitions = partition_ids(move || consumer.fetch_metadata(Some(&topic), Duration::from_secs(2))).await?;
             let partitions = match partitions {
                 Ok(p) if !p.is_empty() => p,
                 Ok(_) => continue, // the topic does not exist yet: its producer creates it
@@ -818,14 +812,11 @@ impl KafkaSink {
         if h.partitions.is_empty() {
             let producer = self.producer.clone();
             let topic = self.options.topic.clone();
-            h.partitions = tokio::task::spawn_blocking(move || {
+            h.partitions = partition_ids(move || {
                 use rdkafka::producer::Producer;
-                producer.client().fetch_metadata(Some(&topic), Duration::from_secs(5)).map(|m| {
-                    m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect::<Vec<i32>>()
-                })
+                producer.client().fetch_metadata(Some(&topic), Duration::from_secs(5))
             })
-            .await
-            .map_err(|e| TaskError::internal(format!("kafka metadata: {e}")))?
+            .await?
             .map_err(|e| TaskError::external(format!("kafka: reading the partitions of `{}`: {e}", self.options.topic)))?;
         }
         let beat = Heartbeat { watermark: h.watermark, writer: h.writer, writers: h.writers };
@@ -848,6 +839,17 @@ impl KafkaSink {
         h.next = now + h.interval;
         Ok(())
     }
+}
+
+/// The partition ids in the metadata `fetch` reads (a blocking call, so off the runtime's threads);
+/// none for a topic that does not exist yet.
+async fn partition_ids<F>(fetch: F) -> Result<rdkafka::error::KafkaResult<Vec<i32>>>
+where
+    F: FnOnce() -> rdkafka::error::KafkaResult<rdkafka::metadata::Metadata> + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || fetch().map(|m| m.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect()))
+        .await
+        .map_err(|e| TaskError::internal(format!("kafka metadata: {e}")))
 }
 
 /// Waits until the broker has acknowledged every record.
@@ -1193,7 +1195,8 @@ mod tests {
         }
 
         // Subtask 2 of 3 owns neither partition.
-        let mut spare = KafkaSource::start(&source_options, ConnectorContext::for_test(TaskId { vertex: 0, subtask: 2 }, 3, schema())).unwrap();
+        let spare_task = TaskId { vertex: 0, subtask: 2 };
+        let mut spare = KafkaSource::start(&source_options, ConnectorContext::for_test(spare_task, 3, schema())).unwrap();
         let _ = tokio::time::timeout(Duration::from_secs(5), spare.next_batch()).await;
         assert_eq!(spare.progress(), Progress::Idle);
     }
