@@ -50,6 +50,14 @@ impl Batch {
     }
 }
 
+/// Whether row `i` is an update's old row: a retraction directly followed by an insert with the
+/// same values in the `key` columns. Sinks that key their output skip it (the insert replaces
+/// it); any other retraction is a delete.
+pub fn is_update_old_row(rows: &[Row], ops: &[Op], i: usize, key: &[usize]) -> bool {
+    let same_key = |next: &Row| key.iter().all(|&k| next.get(k) == rows[i].get(k));
+    ops[i] == Op::Retract && ops.get(i + 1) == Some(&Op::Insert) && rows.get(i + 1).is_some_and(same_key)
+}
+
 /// Rough in-memory size of a row, used to bound batches by bytes.
 pub fn row_bytes(row: &Row) -> usize {
     row.iter()

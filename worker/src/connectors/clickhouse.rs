@@ -192,17 +192,12 @@ enum RowKind {
 /// Which rows of a batch to write, and how: a retraction directly followed by an insert with the
 /// same key is an update's old image and is skipped; other retractions are deletes.
 fn plan_rows(rows: &[Row], ops: &[Op], key: &[usize]) -> Vec<(usize, RowKind)> {
-    let same_key = |a: &Row, b: &Row| key.iter().all(|&k| a.get(k) == b.get(k));
     let mut out = Vec::with_capacity(rows.len());
-    for (i, (row, op)) in rows.iter().zip(ops).enumerate() {
+    for (i, op) in ops.iter().enumerate() {
         match op {
             Op::Insert => out.push((i, RowKind::Live)),
-            Op::Retract => {
-                let update = ops.get(i + 1) == Some(&Op::Insert) && rows.get(i + 1).is_some_and(|next| same_key(row, next));
-                if !update {
-                    out.push((i, RowKind::Deleted));
-                }
-            }
+            Op::Retract if !crate::batch::is_update_old_row(rows, ops, i, key) => out.push((i, RowKind::Deleted)),
+            Op::Retract => {}
         }
     }
     out

@@ -152,17 +152,13 @@ impl HttpSink {
 impl Sink for HttpSink {
     async fn write(&mut self, batch: Batch) -> Result<()> {
         for (i, (row, op)) in batch.rows.iter().zip(&batch.ops).enumerate() {
-            let mut body = render_body(&self.body_columns, row);
             match (op, &self.deleted) {
                 (Op::Retract, None) => continue,
-                (Op::Retract, Some((_, key))) => {
-                    let same_key = |next: &Row| key.iter().all(|&k| next.get(k) == row.get(k));
-                    if batch.ops.get(i + 1) == Some(&Op::Insert) && batch.rows.get(i + 1).is_some_and(same_key) {
-                        continue; // an update's old row: the insert that follows replaces it
-                    }
-                }
-                (Op::Insert, _) => {}
+                // An update's old row: the insert that follows replaces it.
+                (Op::Retract, Some((_, key))) if crate::batch::is_update_old_row(&batch.rows, &batch.ops, i, key) => continue,
+                _ => {}
             }
+            let mut body = render_body(&self.body_columns, row);
             if let Some((field, _)) = &self.deleted {
                 body.pop();
                 let _ = write!(body, "{}{field}:{}}}", if body.len() > 1 { "," } else { "" }, *op == Op::Retract);
