@@ -120,12 +120,31 @@ pub enum OperatorKind {
         on: usize,
         /// The looked-up columns (appended, nullable).
         columns: Schema,
+        /// Set when the input is a changelog with a key (an upsert or CDC source upstream): the
+        /// lookup then remembers what it joined to each key's row, so that the row's retraction
+        /// carries the dimension values its insert got, not the table's current ones.
+        remember: Option<LookupMemory>,
     },
     /// Writes rows out.
     Sink {
         /// The connector.
         connector: SinkConnector,
     },
+}
+
+/// What a lookup over a changelog remembers per row key, and for how long.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LookupMemory {
+    /// Input columns of the changelog's key (the source's primary key).
+    pub key: Vec<usize>,
+    /// Input column of the event time the time to live counts on, if any.
+    pub time: Option<usize>,
+    /// Forget a key's values this long after its row's event time, on the watermark's clock (the
+    /// upsert source's `state_ttl`: by then the source no longer retracts the row).
+    pub ttl_ms: Option<i64>,
+    /// Whether rows reach the lookup hash-partitioned by `key` (else it is chained to its source,
+    /// whose subtasks own partitions, not key groups).
+    pub keyed: bool,
 }
 
 /// A source's event-time settings.
@@ -796,10 +815,20 @@ impl<'a> Planner<'a> {
                 }
                 let time = self.time_columns[up].clone().filter(|_| port == Port::Main);
                 let parallelism = self.parallelism(&at("parallelism"), l.parallelism.or(Some(self.operators[up].parallelism)))?;
-                let partition = self.partition(field, None, None, &schema_in, up, parallelism)?;
+                let mut partition = self.partition(field, None, None, &schema_in, up, parallelism)?;
+                let remember = self.changelog_key((up, port)).and_then(|(key, ttl_ms)| {
+                    let key = key.iter().map(|k| schema_in.index_of(k)).collect::<Option<Vec<usize>>>()?;
+                    // An update's two rows must meet in one subtask: spread by key, not round robin.
+                    if partition == Partition::Rebalance {
+                        partition = Partition::Hash(key.clone());
+                    }
+                    let time = time.as_deref().and_then(|t| schema_in.index_of(t));
+                    let keyed = matches!(partition, Partition::Hash(_));
+                    Some(LookupMemory { key, ttl_ms: ttl_ms.filter(|_| time.is_some()), time, keyed })
+                });
                 let op = Operator {
                     name: l.name.clone(),
-                    kind: OperatorKind::Lookup { options, on, columns },
+                    kind: OperatorKind::Lookup { options, on, columns, remember },
                     parallelism,
                     schema: Schema::new(fields),
                 };
@@ -837,6 +866,26 @@ impl<'a> Planner<'a> {
         match input.1 {
             Port::Main => self.operators[input.0].schema.clone(),
             Port::Late => self.window_input_schema(input.0),
+        }
+    }
+
+    /// The key (column names) and state time to live of the changelog that output `port` of
+    /// operator `op` carries: an upsert or CDC source's primary key, through the transforms and
+    /// lookups after it. `None` for an append-only stream or a window's output.
+    fn changelog_key(&self, (op, port): (usize, Port)) -> Option<(Vec<String>, Option<i64>)> {
+        if port != Port::Main {
+            return None;
+        }
+        match &self.operators[op].kind {
+            OperatorKind::Source { connector: SourceConnector::Kafka(o), .. } if o.format == connectors::KafkaFormat::UpsertJson => {
+                Some((o.primary_key.clone(), o.state_ttl_ms().ok().flatten()))
+            }
+            OperatorKind::Source { connector: SourceConnector::PostgresCdc(o), .. } => Some((o.primary_key.clone(), None)),
+            OperatorKind::Transform { .. } | OperatorKind::Lookup { .. } => {
+                let (up, port, _) = self.links[op].clone()?;
+                self.changelog_key((up, port))
+            }
+            _ => None,
         }
     }
 
@@ -1179,6 +1228,35 @@ mod shipped_specs {
         let two = ingest.replace("connector = \"postgres_cdc\"", "connector = \"postgres_cdc\"\nparallelism = 2");
         let e = compile(&two).unwrap_err().to_string();
         assert!(e.contains("source[engagement_events].parallelism") && e.contains("one replication slot"), "{e}");
+    }
+
+    /// The shipped lookup reads a changelog: it remembers what it joined per event id, for the
+    /// source's `state_ttl` on the event time; at another parallelism its input is spread by id.
+    #[test]
+    fn a_lookup_over_a_changelog_remembers_per_row_key() {
+        let text = substitute_env(include_str!("../specs/process.toml"), |_| None).unwrap();
+        let memory = |plan: &super::Plan| {
+            let op = plan.operators.iter().find(|o| o.name == "with_content").unwrap();
+            match &op.kind {
+                super::OperatorKind::Lookup { remember, .. } => remember.clone(),
+                _ => unreachable!(),
+            }
+        };
+        let plan = compile(&text).unwrap();
+        let m = memory(&plan).expect("the lookup reads an upsert changelog");
+        let events = &plan.operators.iter().find(|o| o.name == "events").unwrap().schema;
+        assert_eq!(m.key, vec![events.index_of("id").unwrap()]);
+        assert_eq!(m.time, events.index_of("event_ts"));
+        assert_eq!((m.ttl_ms, m.keyed), (Some(3_600_000), false));
+        let wider = text.replace("on = \"content_id\"", "on = \"content_id\"\nparallelism = 3");
+        let m = memory(&compile(&wider).unwrap()).unwrap();
+        assert!(m.keyed, "rows of one key must meet in one lookup subtask");
+        let append_only = text
+            .replace("format = \"upsert-json\"", "format = \"json\"")
+            .replace("state_ttl = \"1h\"", "")
+            .replace("version_column = \"version\"\nheartbeats", "heartbeats");
+        let plan = compile(&append_only).unwrap();
+        assert_eq!(memory(&plan), None);
     }
 
     /// The Kafka source's `state_ttl` is checked at submit time.

@@ -3,23 +3,33 @@
 //! (`WHERE key = ANY($1)`); answers — found or not — are cached up to `cache_size` keys for
 //! `cache_ttl`, oldest evicted first. A row whose key is NULL or unknown gets NULL columns.
 //! Values travel as text and are parsed into the declared column types.
+//!
+//! Over a changelog (an upsert or CDC source upstream, [`LookupMemory`]) the lookup remembers, per
+//! row key, the values it joined to the key's current row, in a [`LastValueState`] on the job's
+//! state backend, checkpointed with the job. A retraction then carries the values its insert got:
+//! were it joined again, a dimension row changed in between would make a SUM over its columns
+//! drift, and a replay would send the external system another payload.
 
 use std::collections::{HashMap, VecDeque};
+use std::ops::Range;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use eddy_jobs::connectors::{redact_url, PostgresLookupOptions};
+use eddy_jobs::plan::{LookupMemory, StateBackend};
 use eddy_jobs::spec::parse_duration_ms;
 use eddy_jobs::{DataType, Schema, Value};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 use tracing::warn;
 
-use super::{Collector, Operator};
-use crate::batch::Batch;
+use super::{Collector, Operator, OperatorContext, OperatorSnapshot};
+use crate::batch::{Batch, Op};
 use crate::connectors::postgres_cdc::{decode_value, quote_ident};
 use crate::error::{Result, TaskError};
 use crate::retry::Policy;
+use crate::state::last_value::{self, LastValueState};
 use crate::task::TaskMetrics;
 
 /// LEFT join with a PostgreSQL table or view.
@@ -34,6 +44,8 @@ pub struct PostgresLookup {
     ttl: Duration,
     /// The task's metrics (where a query being retried shows).
     metrics: Arc<TaskMetrics>,
+    /// Over a changelog: what each row key's current row was joined with.
+    memory: Option<Memory>,
 }
 
 impl PostgresLookup {
@@ -58,11 +70,21 @@ impl PostgresLookup {
             order: VecDeque::new(),
             ttl,
             metrics,
+            memory: None,
         };
         if let Err(e) = lookup.client().await {
             warn!(error = %e, "lookup database not reachable yet; will retry");
         }
         Ok(lookup)
+    }
+
+    /// Over a changelog (`memory` set), remembers what each row key's row was joined with, as
+    /// restored from `ctx`.
+    pub fn remembering(mut self, memory: Option<&LookupMemory>, backend: StateBackend, max_parallelism: u32, ctx: &OperatorContext) -> Result<Self> {
+        if let Some(plan) = memory {
+            self.memory = Some(Memory::open(plan, self.columns.fields.len(), backend, max_parallelism, ctx)?);
+        }
+        Ok(self)
     }
 
     async fn client(&mut self) -> Result<&Client> {
@@ -154,7 +176,17 @@ impl PostgresLookup {
 impl Operator for PostgresLookup {
     async fn process_batch(&mut self, mut batch: Batch, out: &mut Collector) -> Result<()> {
         let now = Instant::now();
-        let keys: Vec<Option<String>> = batch.rows.iter().map(|r| key_text(&r[self.on])).collect();
+        // A retraction whose insert this lookup joined takes that insert's values.
+        let remembered = match &mut self.memory {
+            Some(memory) => memory.recall(&batch)?,
+            None => vec![None; batch.len()],
+        };
+        let keys: Vec<Option<String>> = batch
+            .rows
+            .iter()
+            .zip(&remembered)
+            .map(|(r, known)| if known.is_some() { None } else { key_text(&r[self.on]) })
+            .collect();
         let mut missing: Vec<String> = keys
             .iter()
             .flatten()
@@ -180,15 +212,163 @@ impl Operator for PostgresLookup {
             }
         }
         let width = self.columns.fields.len();
-        for (row, key) in batch.rows.iter_mut().zip(keys) {
-            match key.and_then(|k| batch_values.get(&k)).and_then(|v| v.as_ref()) {
-                Some(values) => row.extend(values.iter().cloned()),
-                None => row.extend(std::iter::repeat_n(Value::Null, width)),
-            }
+        let joined: Vec<Vec<Value>> = keys
+            .into_iter()
+            .zip(remembered)
+            .map(|(key, known)| {
+                known.unwrap_or_else(|| match key.and_then(|k| batch_values.get(&k)).and_then(|v| v.as_ref()) {
+                    Some(values) => values.clone(),
+                    None => vec![Value::Null; width],
+                })
+            })
+            .collect();
+        if let Some(memory) = &mut self.memory {
+            memory.note(&batch, &joined)?;
+        }
+        for (row, values) in batch.rows.iter_mut().zip(joined) {
+            row.extend(values);
         }
         out.main.push(batch);
         Ok(())
     }
+
+    async fn on_watermark(&mut self, watermark: i64, _out: &mut Collector) -> Result<()> {
+        if let Some(memory) = &mut self.memory {
+            memory.advance(watermark)?;
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&mut self, scratch: &Path) -> Result<OperatorSnapshot> {
+        match &mut self.memory {
+            Some(memory) => memory.snapshot(scratch),
+            None => Ok(OperatorSnapshot::default()),
+        }
+    }
+}
+
+/// How often expired keys are swept out of the memory (they are never read once expired).
+const SWEEP_INTERVAL: Duration = Duration::from_secs(10);
+
+/// What a lookup over a changelog joined to each row key's current row ([`LookupMemory`]).
+struct Memory {
+    plan: LookupMemory,
+    /// The number of looked-up columns.
+    width: usize,
+    state: Box<dyn LastValueState>,
+    max_parallelism: u32,
+    /// The key groups this subtask owns; a snapshot records them to tell, on restore, its own
+    /// subtask's from another's.
+    key_groups: Range<u32>,
+    /// The input watermark: the clock the time to live counts on.
+    watermark: i64,
+    next_sweep: Instant,
+}
+
+impl Memory {
+    fn open(plan: &LookupMemory, width: usize, backend: StateBackend, max_parallelism: u32, ctx: &OperatorContext) -> Result<Memory> {
+        let mut state = last_value::open(backend, &ctx.state_dir.join("joined"), plan.ttl_ms)?;
+        for restored in &ctx.restore {
+            let (Some(files), Some(groups)) = (&restored.files, decode_groups(&restored.inline)) else { continue };
+            if groups == ctx.key_groups {
+                // This subtask's own snapshot (same parallelism): all of it.
+                state.restore(files, &|_| true)?;
+            } else if plan.keyed {
+                state.restore(files, &|group| ctx.key_groups.contains(&group))?;
+            } else {
+                // Rescaled behind a source whose subtasks own partitions: which keys come here is
+                // the source's choice, so every key is kept (those that never come expire).
+                state.restore(files, &|_| true)?;
+            }
+        }
+        Ok(Memory {
+            plan: plan.clone(),
+            width,
+            state,
+            max_parallelism,
+            key_groups: ctx.key_groups.clone(),
+            watermark: i64::MIN,
+            next_sweep: Instant::now(),
+        })
+    }
+
+    /// A row's key (encoded) and the key group it is stored under.
+    fn key(&self, row: &[Value]) -> (u32, Vec<u8>) {
+        let mut key = Vec::new();
+        for &c in &self.plan.key {
+            crate::codec::encode_value(&row[c], &mut key);
+        }
+        let group = crate::keys::key_group(crate::keys::hash_key(row, &self.plan.key), self.max_parallelism);
+        (group, key)
+    }
+
+    /// Per row of `batch`: for a retraction, the values its insert was joined with, if this lookup
+    /// holds them (an insert earlier in the same batch counts: it is noted after the batch).
+    fn recall(&mut self, batch: &Batch) -> Result<Vec<Option<Vec<Value>>>> {
+        let mut inserted_here: HashMap<Vec<u8>, usize> = HashMap::new();
+        let mut out = Vec::with_capacity(batch.len());
+        for (i, (row, op)) in batch.rows.iter().zip(&batch.ops).enumerate() {
+            let (group, key) = self.key(row);
+            match op {
+                Op::Insert => {
+                    inserted_here.insert(key, i);
+                    out.push(None);
+                }
+                Op::Retract => match inserted_here.remove(&key) {
+                    // Resolved once the insert is joined (see `note`); left to the lookup until then.
+                    Some(_) => out.push(None),
+                    // Values of another width come from a savepoint of a lookup with other columns.
+                    None => out.push(self.state.get(group, &key, self.watermark)?.filter(|v| v.len() == self.width)),
+                },
+            }
+        }
+        Ok(out)
+    }
+
+    /// Notes what each row of `batch` was joined with: an insert's values are kept for its key, a
+    /// retraction forgets the key.
+    fn note(&mut self, batch: &Batch, joined: &[Vec<Value>]) -> Result<()> {
+        for ((row, op), values) in batch.rows.iter().zip(&batch.ops).zip(joined) {
+            let (group, key) = self.key(row);
+            match op {
+                Op::Insert => {
+                    let written = match self.plan.time.map(|t| &row[t]) {
+                        Some(Value::Timestamp(t)) => *t,
+                        _ => self.watermark,
+                    };
+                    self.state.put(group, &key, values, written)?
+                }
+                Op::Retract => self.state.delete(group, &key)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn advance(&mut self, watermark: i64) -> Result<()> {
+        self.watermark = self.watermark.max(watermark);
+        let now = Instant::now();
+        if self.plan.ttl_ms.is_some() && now >= self.next_sweep {
+            self.state.expire(self.watermark)?;
+            self.next_sweep = now + SWEEP_INTERVAL;
+        }
+        Ok(())
+    }
+
+    fn snapshot(&mut self, scratch: &Path) -> Result<OperatorSnapshot> {
+        let dir = scratch.join("joined");
+        self.state.snapshot(&dir)?;
+        let mut inline = Vec::with_capacity(8);
+        inline.extend_from_slice(&self.key_groups.start.to_le_bytes());
+        inline.extend_from_slice(&self.key_groups.end.to_le_bytes());
+        Ok(OperatorSnapshot { inline, files: Some(dir) })
+    }
+}
+
+/// The key groups a memory snapshot's subtask owned (its inline state).
+fn decode_groups(inline: &[u8]) -> Option<Range<u32>> {
+    let start = u32::from_le_bytes(inline.get(..4)?.try_into().ok()?);
+    let end = u32::from_le_bytes(inline.get(4..8)?.try_into().ok()?);
+    Some(start..end)
 }
 
 /// A key as the text PostgreSQL compares it with.
@@ -220,6 +400,7 @@ fn is_user_error(sqlstate: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::operators::RestoredState;
 
     #[test]
     fn parses_postgres_text() {
@@ -278,6 +459,66 @@ mod tests {
         let enriched: Vec<Value> = out.main[1].rows.iter().map(|r| r[1].clone()).collect();
         let want: Vec<Value> = [1, 2, 3, 4, 5, 6, 1].iter().map(|k| Value::String(format!("slug-{k}").into())).collect();
         assert_eq!(enriched, want);
+    }
+
+    /// Against a real server (`EDDY_TEST_PG_URL`): a content's title changes between an event's
+    /// insert and its update. The update's retraction must carry the old title (what the insert
+    /// got), also after a restore from a checkpoint, or a SUM over looked-up columns drifts.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retraction_carries_what_its_insert_was_joined_with_after_the_dimension_changed() {
+        let Ok(url) = std::env::var("EDDY_TEST_PG_URL") else {
+            eprintln!("skipped: set EDDY_TEST_PG_URL=postgres://user@host:port/db to run against a real PostgreSQL");
+            return;
+        };
+        let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let table = format!("changing_dim_{}", std::process::id());
+        admin.batch_execute(&format!("CREATE TABLE {table} (id text PRIMARY KEY, title text); INSERT INTO {table} VALUES ('c1', 'old');")).await.unwrap();
+        let options = PostgresLookupOptions {
+            url: url.clone(),
+            table: table.clone(),
+            key: "id".into(),
+            columns: "title VARCHAR".into(),
+            cache_size: 10,
+            // Every batch asks the table again.
+            cache_ttl: "0s".into(),
+        };
+        let columns = eddy_jobs::connectors::parse_columns(&options.columns).unwrap();
+        let memory = LookupMemory { key: vec![0], time: None, ttl_ms: None, keyed: false };
+        let dir = crate::state::TempDir::new("lookup-memory");
+        let ctx = |restore| OperatorContext { state_dir: dir.path().join("state"), key_groups: 0..128, restore };
+        let open = |restore| {
+            let options = options.clone();
+            let columns = columns.clone();
+            let memory = memory.clone();
+            let ctx = ctx(restore);
+            async move {
+                let lookup = PostgresLookup::connect(&options, 1, &columns, Arc::default()).await.unwrap();
+                lookup.remembering(Some(&memory), StateBackend::RocksDb, 128, &ctx).unwrap()
+            }
+        };
+        let event = |version: i64| vec![Value::Int(1), Value::String("c1".into()), Value::Int(version)];
+        let titles = |out: &Collector| -> Vec<(Op, Value)> {
+            let batch = out.main.last().unwrap();
+            batch.ops.iter().zip(&batch.rows).map(|(op, r)| (*op, r[3].clone())).collect()
+        };
+        let mut lookup = open(Vec::new()).await;
+        let mut out = Collector::default();
+        lookup.process_batch(Batch::inserts(vec![event(1)]), &mut out).await.unwrap();
+        admin.batch_execute(&format!("UPDATE {table} SET title = 'new'")).await.unwrap();
+        let update = Batch { rows: vec![event(1), event(2)], ops: vec![Op::Retract, Op::Insert] };
+        lookup.process_batch(update, &mut out).await.unwrap();
+        assert_eq!(titles(&out), vec![(Op::Retract, Value::String("old".into())), (Op::Insert, Value::String("new".into()))]);
+
+        // A checkpoint, a changed title again, and a restored lookup: the delete's retraction
+        // carries what the last insert got.
+        let snapshot = lookup.snapshot(&dir.path().join("scratch")).await.unwrap();
+        drop(lookup);
+        admin.batch_execute(&format!("UPDATE {table} SET title = 'newer'")).await.unwrap();
+        let mut restored = open(vec![RestoredState { inline: snapshot.inline, files: snapshot.files }]).await;
+        restored.process_batch(Batch { rows: vec![event(2)], ops: vec![Op::Retract] }, &mut out).await.unwrap();
+        admin.batch_execute(&format!("DROP TABLE {table}")).await.unwrap();
+        assert_eq!(titles(&out), vec![(Op::Retract, Value::String("new".into()))]);
     }
 
     /// Against a real server (`EDDY_TEST_PG_URL`): the server ends the lookup's query in flight

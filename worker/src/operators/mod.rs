@@ -109,8 +109,9 @@ pub async fn build(
             let bad_rows = BadRows::open("window", &op.name, w.bad_records, &w.dead_letter_path, metrics)?;
             Some(Box::new(window::Window::open(w.clone(), plan.max_parallelism, plan.state.backend, ctx)?.with_bad_rows(bad_rows)))
         }
-        OperatorKind::Lookup { options, on, columns } => {
-            Some(Box::new(lookup::PostgresLookup::connect(options, *on, columns, metrics.clone()).await?))
+        OperatorKind::Lookup { options, on, columns, remember } => {
+            let lookup = lookup::PostgresLookup::connect(options, *on, columns, metrics.clone()).await?;
+            Some(Box::new(lookup.remembering(remember.as_ref(), plan.state.backend, plan.max_parallelism, &ctx)?))
         }
         OperatorKind::Source { .. } | OperatorKind::Sink { .. } => None,
     })
