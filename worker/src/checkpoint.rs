@@ -3,10 +3,11 @@
 //! The coordinator asks source tasks to start checkpoint `n` ([`TaskCommand::Trigger`]). A source
 //! task records its position, snapshots its chained operators and sends `Barrier(n)` down every
 //! output channel, in order with its data. A task with several input channels aligns them
-//! ([`Aligner`]): once barrier `n` has arrived on an input, later messages on that input are held
-//! back until barrier `n` has arrived on every other input too; then the task snapshots its state,
-//! forwards the barrier and replays what it held. So every snapshot reflects exactly the records
-//! before the barrier, on every input.
+//! ([`Aligner`]): once barrier `n` has arrived on an input, the task stops reading that input until
+//! barrier `n` has arrived on every other input too; then it snapshots its state, forwards the
+//! barrier and reads all inputs again. So every snapshot reflects exactly the records before the
+//! barrier, on every input. A blocked input is not buffered: its channel fills and its senders
+//! wait (backpressure), as Flink blocks its channels, so alignment costs no memory.
 //!
 //! Snapshots are written to local scratch directories and uploaded to checkpoint storage (a
 //! directory shared by all processes, through `object_store`) in the background, so the task goes
@@ -17,7 +18,7 @@
 //! manifest and tells the tasks ([`TaskCommand::Complete`]), and sources may confirm their
 //! positions upstream.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -45,23 +46,20 @@ pub enum TaskCommand {
 pub enum Offer {
     /// Process it now.
     Process(Delivery),
-    /// Nothing to do now: held back until the current alignment completes (or a stale barrier,
-    /// dropped).
-    Held,
+    /// A barrier, and nothing to do now: its input is blocked until the others deliver theirs (or
+    /// it was stale, and is dropped).
+    Absorbed,
     /// Barrier `n` has now arrived on every input: snapshot, then forward it.
     Aligned(u64),
 }
 
-/// Aligns checkpoint barriers over a task's input channels.
+/// Aligns checkpoint barriers over a task's input channels: it says which inputs to leave unread
+/// ([`Aligner::blocked`]) and when a checkpoint's barrier has arrived on all of them.
 #[derive(Debug)]
 pub struct Aligner {
     ended: Vec<bool>,
     /// The checkpoint being aligned and which inputs delivered its barrier.
     aligning: Option<(u64, Vec<bool>)>,
-    /// Messages of inputs whose barrier came early, in arrival order.
-    held: VecDeque<Delivery>,
-    /// Messages released by the last alignment, to be offered again before new input.
-    replay: VecDeque<Delivery>,
     /// Newest checkpoint aligned, so that a stale barrier is ignored.
     last: u64,
 }
@@ -69,39 +67,27 @@ pub struct Aligner {
 impl Aligner {
     /// An aligner for `inputs` channels.
     pub fn new(inputs: usize) -> Aligner {
-        Aligner { ended: vec![false; inputs], aligning: None, held: VecDeque::new(), replay: VecDeque::new(), last: 0 }
+        Aligner { ended: vec![false; inputs], aligning: None, last: 0 }
     }
 
-    /// A message released by an alignment, to be offered before anything new.
-    pub fn next_replay(&mut self) -> Option<Delivery> {
-        self.replay.pop_front()
+    /// Whether `input` must not be read now: it delivered the barrier being aligned, and what
+    /// follows belongs to the next checkpoint.
+    pub fn blocked(&self, input: usize) -> bool {
+        self.aligning.as_ref().is_some_and(|(_, arrived)| arrived.get(input).copied().unwrap_or(false))
     }
 
-    /// Messages currently held back.
-    pub fn held(&self) -> usize {
-        self.held.len()
-    }
-
-    /// Decides what to do with a message.
+    /// Decides what to do with a message of an input that is not [`blocked`](Aligner::blocked).
     pub fn offer(&mut self, d: Delivery) -> Offer {
-        if let Some((_, arrived)) = &self.aligning {
-            if arrived.get(d.input).copied().unwrap_or(false) {
-                self.held.push_back(d);
-                return Offer::Held;
-            }
-        }
+        debug_assert!(!self.blocked(d.input), "a blocked input was read");
         match d.msg {
             Message::Barrier(id) => {
                 if id <= self.last {
-                    return Offer::Held; // a barrier of an aborted or finished alignment: drop it
+                    return Offer::Absorbed; // a barrier of an aborted or finished alignment: drop it
                 }
                 match &mut self.aligning {
                     // A newer barrier means the older checkpoint was given up upstream: align the new one.
-                    Some((current, _)) if id > *current => {
-                        self.release();
-                        self.aligning = Some((id, vec![false; self.ended.len()]));
-                    }
-                    Some((current, _)) if id < *current => return Offer::Held,
+                    Some((current, _)) if id > *current => self.aligning = Some((id, vec![false; self.ended.len()])),
+                    Some((current, _)) if id < *current => return Offer::Absorbed,
                     Some(_) => {}
                     None => self.aligning = Some((id, vec![false; self.ended.len()])),
                 }
@@ -110,7 +96,7 @@ impl Aligner {
                         *a = true;
                     }
                 }
-                self.check_aligned().map_or(Offer::Held, Offer::Aligned)
+                self.check_aligned().map_or(Offer::Absorbed, Offer::Aligned)
             }
             Message::End => {
                 if let Some(e) = self.ended.get_mut(d.input) {
@@ -132,17 +118,10 @@ impl Aligner {
         if arrived.iter().zip(&self.ended).all(|(a, e)| *a || *e) {
             let id = *id;
             self.last = id;
-            self.release();
+            self.aligning = None;
             return Some(id);
         }
         None
-    }
-
-    fn release(&mut self) {
-        self.aligning = None;
-        // Anything still waiting for replay arrived before what was held now, so it stays first.
-        let held = std::mem::take(&mut self.held);
-        self.replay.extend(held);
     }
 }
 
@@ -324,23 +303,21 @@ mod tests {
         let mut a = Aligner::new(1);
         assert!(matches!(a.offer(d(0, data(1))), Offer::Process(_)));
         assert!(matches!(a.offer(d(0, Message::Barrier(1))), Offer::Aligned(1)));
+        assert!(!a.blocked(0));
         assert!(matches!(a.offer(d(0, data(2))), Offer::Process(_)));
     }
 
     #[test]
-    fn records_after_an_early_barrier_wait_for_the_other_inputs() {
+    fn an_input_past_an_early_barrier_is_blocked_until_the_others_deliver_theirs() {
         let mut a = Aligner::new(2);
-        assert!(matches!(a.offer(d(0, Message::Barrier(1))), Offer::Held));
-        // Input 0 is past the barrier: its records belong to the next checkpoint and wait.
-        assert!(matches!(a.offer(d(0, data(10))), Offer::Held));
-        assert!(matches!(a.offer(d(0, Message::Watermark(5))), Offer::Held));
+        assert!(matches!(a.offer(d(0, Message::Barrier(1))), Offer::Absorbed));
+        // Input 0 is past the barrier: its records belong to the next checkpoint and stay unread.
+        assert!(a.blocked(0));
         // Input 1 is still before the barrier: its records go through.
+        assert!(!a.blocked(1));
         assert_eq!(processed(a.offer(d(1, data(20)))), Some(data(20)));
-        assert_eq!(a.held(), 2);
         assert!(matches!(a.offer(d(1, Message::Barrier(1))), Offer::Aligned(1)));
-        // Released in arrival order.
-        let replay: Vec<Message> = std::iter::from_fn(|| a.next_replay()).map(|d| d.msg).collect();
-        assert_eq!(replay, vec![data(10), Message::Watermark(5)]);
+        assert!(!a.blocked(0) && !a.blocked(1));
     }
 
     #[test]
@@ -351,7 +328,7 @@ mod tests {
         assert!(matches!(a.offer(d(0, Message::Barrier(3))), Offer::Aligned(3)));
 
         let mut b = Aligner::new(2);
-        assert!(matches!(b.offer(d(0, Message::Barrier(4))), Offer::Held));
+        assert!(matches!(b.offer(d(0, Message::Barrier(4))), Offer::Absorbed));
         assert!(matches!(b.offer(d(1, Message::End)), Offer::Process(_)));
         assert_eq!(b.after_end(), Some(4));
     }
@@ -359,14 +336,49 @@ mod tests {
     #[test]
     fn a_newer_barrier_abandons_the_older_alignment() {
         let mut a = Aligner::new(2);
-        assert!(matches!(a.offer(d(0, Message::Barrier(1))), Offer::Held));
-        assert!(matches!(a.offer(d(0, data(1))), Offer::Held));
-        // Checkpoint 1 was aborted upstream of input 1, which moved on to 2.
-        assert!(matches!(a.offer(d(1, Message::Barrier(2))), Offer::Held));
-        assert_eq!(a.next_replay().map(|d| d.msg), Some(data(1)));
+        assert!(matches!(a.offer(d(0, Message::Barrier(1))), Offer::Absorbed));
+        // Checkpoint 1 was aborted upstream of input 1, which moved on to 2: input 0 is read
+        // again (up to its own barrier 2), input 1 waits.
+        assert!(matches!(a.offer(d(1, Message::Barrier(2))), Offer::Absorbed));
+        assert!(!a.blocked(0) && a.blocked(1));
+        assert!(matches!(a.offer(d(0, data(1))), Offer::Process(_)));
         assert!(matches!(a.offer(d(0, Message::Barrier(2))), Offer::Aligned(2)));
         // A late barrier of checkpoint 1 is ignored.
-        assert!(matches!(a.offer(d(0, Message::Barrier(1))), Offer::Held));
-        assert_eq!(a.held(), 0);
+        assert!(matches!(a.offer(d(0, Message::Barrier(1))), Offer::Absorbed));
+        assert!(!a.blocked(0));
+    }
+
+    /// A task blocked for an alignment holds nothing: the blocked input's channel fills and its
+    /// sender waits, while the other input still flows (the old aligner queued without bound).
+    #[tokio::test]
+    async fn a_blocked_input_backpressures_its_sender_and_the_others_flow() {
+        let inboxes = crate::exchange::Inboxes::default();
+        let key = ("job".to_string(), 1, eddy_jobs::TaskId { vertex: 1, subtask: 0 });
+        let mut inputs = inboxes.receivers(&key, 2).unwrap();
+        let (early, late) = (inboxes.sender(&key, 0).unwrap(), inboxes.sender(&key, 1).unwrap());
+        let mut a = Aligner::new(2);
+        early.send(d(0, Message::Barrier(1))).await.unwrap();
+        let first = inputs.recv(|i| a.blocked(i)).await.unwrap();
+        assert!(matches!(a.offer(first), Offer::Absorbed));
+        // The early input's sender fills its channel, then waits.
+        let flood = tokio::spawn(async move {
+            for n in 0.. {
+                early.send(d(0, data(n))).await.unwrap();
+            }
+        });
+        for n in 0..100 {
+            late.send(d(1, data(1000 + n))).await.unwrap();
+            let next = inputs.recv(|i| a.blocked(i)).await.unwrap();
+            assert_eq!(next.input, 1, "a blocked input was read");
+            assert_eq!(processed(a.offer(next)), Some(data(1000 + n)));
+        }
+        assert!(!flood.is_finished());
+        late.send(d(1, Message::Barrier(1))).await.unwrap();
+        let next = inputs.recv(|i| a.blocked(i)).await.unwrap();
+        assert!(matches!(a.offer(next), Offer::Aligned(1)));
+        // Unblocked: the early input's records come, in their order.
+        let next = inputs.recv(|i| a.blocked(i)).await.unwrap();
+        assert_eq!((next.input, processed(a.offer(next))), (0, Some(data(0))));
+        flood.abort();
     }
 }

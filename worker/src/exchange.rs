@@ -1,7 +1,8 @@
-//! Exchanges: how batches reach the next task. Within a worker a task's inbox is a bounded channel;
-//! across workers, one gRPC stream per (sender, receiver) pair feeds the receiver's inbox, and
-//! HTTP/2 flow control stops the sender while the inbox is full. Either way a slow consumer
-//! backpressures its producers, and memory stays bounded.
+//! Exchanges: how batches reach the next task. Within a worker a task's inbox is one bounded channel
+//! per input channel; across workers, one gRPC stream per (sender, receiver) pair feeds the
+//! receiver's input, and HTTP/2 flow control stops the sender while that input is full. Either way
+//! a slow consumer (or an input blocked for a barrier alignment) backpressures its producers, and
+//! memory stays bounded.
 //!
 //! A [`Router`] sits at the end of every chain that is not a sink: it partitions rows per edge
 //! (forward, rebalance, hash by key group, broadcast, global) into per-receiver buffers bounded by
@@ -35,10 +36,18 @@ pub const BATCH_ROWS: usize = 1024;
 pub const BATCH_BYTES: usize = 256 * 1024;
 /// How long a partly filled batch may wait for more rows.
 pub const LINGER: Duration = Duration::from_millis(10);
-/// Messages an inbox holds before its senders wait.
+/// Messages an input channel of a task holds before its senders wait.
 pub const INBOX_CAPACITY: usize = 16;
 /// Frames buffered per outgoing remote stream.
 const REMOTE_BUFFER: usize = 4;
+/// HTTP/2 flow-control window of one incoming exchange stream: what it may buffer while its input
+/// is full or blocked.
+pub const STREAM_WINDOW: u32 = 1024 * 1024;
+/// HTTP/2 flow-control window of one connection from another worker, shared by its streams. Far
+/// larger than one stream's, so that streams blocked for a barrier alignment never use it up and
+/// stall the other streams on the connection (which would hold back the very barriers that would
+/// unblock them); memory stays bounded by the streams' own windows.
+pub const CONNECTION_WINDOW: u32 = 256 * 1024 * 1024;
 
 /// A message for a task, tagged with the input channel it came on.
 #[derive(Debug)]
@@ -59,7 +68,9 @@ struct Slot {
 
 #[derive(Default)]
 struct InboxTable {
-    slots: HashMap<InboxKey, Slot>,
+    /// One bounded channel per (inbox, input channel): a task can stop reading one input (barrier
+    /// alignment) and that input's senders wait, while its other inputs flow.
+    slots: HashMap<(InboxKey, usize), Slot>,
     /// Newest attempt seen per job: older attempts are fenced off.
     attempts: HashMap<String, u64>,
 }
@@ -76,15 +87,16 @@ impl Inboxes {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A sender into the inbox of `key`, or `None` if its attempt has been superseded.
-    pub fn sender(&self, key: &InboxKey) -> Option<mpsc::Sender<Delivery>> {
+    /// A sender into input `input` of the inbox of `key`, or `None` if its attempt has been
+    /// superseded.
+    pub fn sender(&self, key: &InboxKey, input: usize) -> Option<mpsc::Sender<Delivery>> {
         let mut t = self.table();
         if t.attempts.get(&key.0).is_some_and(|&a| a > key.1) {
             return None;
         }
         Some(
             t.slots
-                .entry(key.clone())
+                .entry((key.clone(), input))
                 .or_insert_with(|| {
                     let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
                     Slot { tx, rx: Some(rx) }
@@ -94,22 +106,69 @@ impl Inboxes {
         )
     }
 
-    /// Takes the receiving end of `key`'s inbox (once).
-    pub fn receiver(&self, key: &InboxKey) -> Option<mpsc::Receiver<Delivery>> {
-        self.sender(key)?;
-        self.table().slots.get_mut(key).and_then(|s| s.rx.take())
+    /// Takes the receiving ends of `key`'s `inputs` input channels (once).
+    pub fn receivers(&self, key: &InboxKey, inputs: usize) -> Option<Inputs> {
+        for input in 0..inputs {
+            self.sender(key, input)?;
+        }
+        let mut t = self.table();
+        if (0..inputs).any(|i| t.slots.get(&(key.clone(), i)).is_none_or(|s| s.rx.is_none())) {
+            return None;
+        }
+        let receivers = (0..inputs).map(|i| t.slots.get_mut(&(key.clone(), i)).and_then(|s| s.rx.take()).expect("checked above")).collect();
+        Some(Inputs { receivers, next: 0 })
     }
 
     /// Records that `attempt` is the newest of `job`, dropping inboxes of older attempts.
     pub fn fence(&self, job: &str, attempt: u64) {
         let mut t = self.table();
         t.attempts.insert(job.to_string(), attempt);
-        t.slots.retain(|k, _| k.0 != job || k.1 >= attempt);
+        t.slots.retain(|(k, _), _| k.0 != job || k.1 >= attempt);
     }
 
     /// Drops every inbox of a job attempt.
     pub fn remove(&self, job: &str, attempt: u64) {
-        self.table().slots.retain(|k, _| k.0 != job || k.1 != attempt);
+        self.table().slots.retain(|(k, _), _| k.0 != job || k.1 != attempt);
+    }
+}
+
+/// A task's input channels, read in turn. An input can be left unread for a while (barrier
+/// alignment blocks the inputs whose barrier has arrived): its channel fills and its senders
+/// wait, so nothing piles up in the task.
+pub struct Inputs {
+    receivers: Vec<mpsc::Receiver<Delivery>>,
+    /// Where the next read starts, so that no input starves the others.
+    next: usize,
+}
+
+impl Inputs {
+    /// The next message of an input `blocked` does not name; `None` once every input is closed.
+    pub async fn recv(&mut self, blocked: impl Fn(usize) -> bool) -> Option<Delivery> {
+        std::future::poll_fn(|cx| {
+            let n = self.receivers.len();
+            let mut open = false;
+            for k in 0..n {
+                let i = (self.next + k) % n;
+                if blocked(i) {
+                    open = true;
+                    continue;
+                }
+                match self.receivers[i].poll_recv(cx) {
+                    std::task::Poll::Ready(Some(d)) => {
+                        self.next = (i + 1) % n;
+                        return std::task::Poll::Ready(Some(d));
+                    }
+                    std::task::Poll::Ready(None) => {}
+                    std::task::Poll::Pending => open = true,
+                }
+            }
+            if open {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(None)
+            }
+        })
+        .await
     }
 }
 
@@ -150,7 +209,7 @@ impl Output {
         if address == ctx.local_address {
             let tx = ctx
                 .inboxes
-                .sender(&(job.to_string(), attempt, receiver))
+                .sender(&(job.to_string(), attempt, receiver), input)
                 .ok_or_else(|| TaskError::internal("job attempt superseded"))?;
             return Ok(Output::Local { tx, input });
         }
@@ -346,11 +405,11 @@ impl DataService for DataServer {
             .and_then(|f| f.header)
             .ok_or_else(|| Status::invalid_argument("the first exchange frame must carry a header"))?;
         let task: TaskId = header.task_id.parse().map_err(Status::invalid_argument)?;
+        let input = header.input as usize;
         let tx = self
             .inboxes
-            .sender(&(header.job_id.clone(), header.attempt, task))
+            .sender(&(header.job_id.clone(), header.attempt, task), input)
             .ok_or_else(|| Status::failed_precondition("job attempt superseded"))?;
-        let input = header.input as usize;
         while let Some(frame) = frames.message().await? {
             let msg = codec::decode(&frame.payload).map_err(|e| Status::invalid_argument(e.to_string()))?;
             // Awaiting here while the inbox is full stops reading, which stops the sender.

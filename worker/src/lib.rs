@@ -40,6 +40,8 @@ pub async fn run(config: WorkerConfig, data_listener: TcpListener, shutdown: Can
     let inboxes = exchange::Inboxes::default();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        .initial_stream_window_size(exchange::STREAM_WINDOW)
+        .initial_connection_window_size(exchange::CONNECTION_WINDOW)
         .add_service(DataServiceServer::new(exchange::DataServer { inboxes: inboxes.clone() }))
         .serve_with_incoming_shutdown(TcpListenerStream::new(data_listener), shutdown.clone().cancelled_owned());
     let control = control::Control::new(config, inboxes, shutdown.clone(), tokio::runtime::Handle::current());

@@ -592,11 +592,11 @@ async fn run_source(
 
 async fn run_inputs(ctx: &mut TaskContext, chain: &mut Chain) -> Result<()> {
     let key = (ctx.job_id.clone(), ctx.attempt, ctx.task);
-    let mut inbox = ctx
-        .inboxes
-        .receiver(&key)
-        .ok_or_else(|| TaskError::internal(format!("inbox of task {} already taken or fenced", ctx.task)))?;
     let n = ctx.plan.inputs(ctx.task).len();
+    let mut inputs = ctx
+        .inboxes
+        .receivers(&key, n)
+        .ok_or_else(|| TaskError::internal(format!("inbox of task {} already taken or fenced", ctx.task)))?;
     let mut watermarks = vec![i64::MIN; n];
     let mut ended = vec![false; n];
     let mut current = i64::MIN;
@@ -605,14 +605,12 @@ async fn run_inputs(ctx: &mut TaskContext, chain: &mut Chain) -> Result<()> {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let deadline = chain.flush_deadline();
-        // Messages held back by the last barrier alignment go first, in their order.
-        let replayed = aligner.next_replay();
-        let replaying = replayed.is_some();
         tokio::select! {
             biased;
             // A partly filled output batch has waited long enough: it goes before more input.
-            _ = sleep_until_opt(deadline), if deadline.is_some() && !replaying => chain.flush().await?,
-            delivery = async { match replayed { Some(d) => Some(d), None => inbox.recv().await } } => {
+            _ = sleep_until_opt(deadline), if deadline.is_some() => chain.flush().await?,
+            // Inputs past the barrier being aligned stay unread (their senders wait).
+            delivery = inputs.recv(|i| aligner.blocked(i)) => {
                 let delivery = delivery.ok_or_else(|| TaskError::internal("inbox closed"))?;
                 let input = delivery.input;
                 if input >= n {
@@ -620,7 +618,7 @@ async fn run_inputs(ctx: &mut TaskContext, chain: &mut Chain) -> Result<()> {
                 }
                 let delivery = match aligner.offer(delivery) {
                     Offer::Process(d) => d,
-                    Offer::Held => continue,
+                    Offer::Absorbed => continue,
                     Offer::Aligned(id) => {
                         chain.checkpoint(id, None).await?;
                         continue;
@@ -654,13 +652,13 @@ async fn run_inputs(ctx: &mut TaskContext, chain: &mut Chain) -> Result<()> {
                 }
             }
             // Completed checkpoints let sinks commit what they staged.
-            Some(command) = ctx.commands.recv(), if !replaying => {
+            Some(command) = ctx.commands.recv() => {
                 if let TaskCommand::Complete(id) = command {
                     chain.checkpoint_complete(id).await?;
                 }
             }
             // Sinks flush on time, not only on data.
-            _ = tick.tick(), if !replaying => chain.tick().await?,
+            _ = tick.tick() => chain.tick().await?,
         }
     }
 }
