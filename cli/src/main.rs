@@ -262,11 +262,14 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Cancel { job, savepoint: false, keep_slot } => {
             let request = CancelRequest { job_id: job.clone(), keep_slots: *keep_slot };
-            let state = connect(coordinator).await?.cancel(request).await.map_err(rpc)?.into_inner().state;
+            let r = connect(coordinator).await?.cancel(request).await.map_err(rpc)?.into_inner();
             if cli.json {
-                println!("{}", json!({ "job_id": job, "state": state }));
+                println!("{}", json!({ "job_id": job, "state": r.state, "warning": r.warning }));
             } else {
-                println!("{job} {state}");
+                println!("{job} {}", r.state);
+            }
+            if !r.warning.is_empty() {
+                eprintln!("warning: {}", r.warning);
             }
         }
         Command::Workers => {

@@ -13,10 +13,12 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use eddy_jobs::connectors::SourceConnector;
+use eddy_jobs::plan::OperatorKind;
 use eddy_jobs::{Plan, TaskId};
 use eddy_proto::coordinator_message::Msg as Order;
 use eddy_proto::{
-    CancelJob, CheckpointAck, CheckpointDone, CheckpointManifest, CheckpointView, CoordinatorMessage, DeployTasks,
+    CancelJob, CancelResponse, CheckpointAck, CheckpointDone, CheckpointManifest, CheckpointView, CoordinatorMessage, DeployTasks,
     JobStatusResponse, JobSummary, TaskMetrics, TaskState, TaskUpdate, TaskView, Transition, TriggerCheckpoint, WorkerView,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -27,7 +29,7 @@ use tracing::{info, warn};
 
 use crate::checkpoint::{savepoint_id, AckOutcome, CheckpointTracker, Completed};
 use crate::state::JobState;
-use crate::store::{CheckpointRecord, CheckpointStore, JobRecord, MetadataStore};
+use crate::store::{CheckpointRecord, CheckpointStore, JobRecord, MetadataStore, SharedGc};
 use crate::CoordinatorConfig;
 
 /// Orders to one worker's control stream.
@@ -64,7 +66,7 @@ pub enum Request {
     JobStatus { job_id: String, reply: oneshot::Sender<Result<JobStatusResponse, Status>> },
     /// Cancel a job.
     /// `release`: the job's sources give up what they hold upstream (a replication slot).
-    Cancel { job_id: String, release: bool, reply: oneshot::Sender<Result<String, Status>> },
+    Cancel { job_id: String, release: bool, reply: oneshot::Sender<Result<CancelResponse, Status>> },
     /// All workers.
     ListWorkers { reply: oneshot::Sender<Vec<WorkerView>> },
     /// A worker opened its control stream.
@@ -166,6 +168,45 @@ struct Job {
     /// Workers of the attempt before the current one.
     previous_workers: Vec<String>,
     savepoint_waiters: Vec<SavepointWaiter>,
+    /// Checkpoints in the metadata whose manifest could not be read at start: they stay in the
+    /// metadata (a later start may read them), and while there are any no shared state file of
+    /// the job is deleted (one of them may need it).
+    unreadable: Vec<CheckpointRecord>,
+}
+
+/// What a cancel that reaches no running task leaves upstream: the plan's replication slots,
+/// with how to drop them (empty when it has none).
+fn slots_left_behind(plan: &Plan) -> String {
+    let slots: Vec<&str> = plan
+        .operators
+        .iter()
+        .filter_map(|o| match &o.kind {
+            OperatorKind::Source { connector: SourceConnector::PostgresCdc(c), .. } => Some(c.slot.as_str()),
+            _ => None,
+        })
+        .collect();
+    if slots.is_empty() {
+        return String::new();
+    }
+    let drops: Vec<String> = slots.iter().map(|s| format!("SELECT pg_drop_replication_slot('{s}');")).collect();
+    format!(
+        "replication slot {} not dropped: no task of the job was running to drop it, and a slot nobody reads holds WAL on the server; once no job resumes from it, run {}",
+        slots.join(", "),
+        drops.join(" ")
+    )
+}
+
+impl Job {
+    /// What a collection may delete of the job's shared state files: those of checkpoints up to
+    /// `checkpoint` (or, in the older layout, older than `before_ms`), or none while a checkpoint
+    /// of the job could not be read.
+    fn shared_gc(&self, checkpoint: u64, before_ms: i64) -> SharedGc {
+        if self.unreadable.is_empty() {
+            SharedGc::Through { checkpoint, before_ms }
+        } else {
+            SharedGc::Keep
+        }
+    }
 }
 
 /// The coordinator's state and its loop.
@@ -209,13 +250,21 @@ impl Coordinator {
         let records = metadata.load()?;
         for r in records {
             let mut kept = Vec::new();
+            let mut unreadable = Vec::new();
             for c in &r.checkpoints {
                 match storage.get_manifest(&r.job_id, c.id).await {
                     Ok(m) => kept.push(Completed { id: c.id, savepoint: c.savepoint, manifest: Arc::new(m), view: record_view(&r.job_id, c) }),
-                    Err(e) => warn!(job_id = %r.job_id, checkpoint = c.id, error = %e, "cannot read a checkpoint manifest; skipping it"),
+                    Err(e) => {
+                        warn!(job_id = %r.job_id, checkpoint = c.id, error = %e, "cannot read a checkpoint manifest; not restoring from it, and keeping every shared state file of the job until it reads again");
+                        unreadable.push(c.clone());
+                    }
                 }
             }
+            let job_id = r.job_id.clone();
             self.resume_job(r, kept);
+            if let Some(job) = self.jobs.get_mut(&job_id) {
+                job.unreadable = unreadable;
+            }
         }
         // Savepoints a job was submitted from belong to other jobs, all loaded by now.
         let from: Vec<(String, String)> =
@@ -301,6 +350,7 @@ impl Coordinator {
             stop_deadline: None,
             previous_workers: Vec::new(),
             savepoint_waiters: Vec::new(),
+            unreadable: Vec::new(),
         }
     }
 
@@ -444,9 +494,9 @@ impl Coordinator {
                 if let Some(storage) = self.storage.clone() {
                     let kept: Vec<Arc<CheckpointManifest>> = job.checkpoints.kept().iter().map(|c| c.manifest.clone()).collect();
                     let dropped: Vec<u64> = dropped.iter().map(|c| c.id).collect();
-                    let before = done.view.triggered_at_ms;
+                    let shared = job.shared_gc(done.id, done.view.triggered_at_ms);
                     let id = job_id.clone();
-                    tokio::spawn(async move { storage.collect(&id, dropped, kept, before).await });
+                    tokio::spawn(async move { storage.collect(&id, dropped, kept, shared).await });
                 }
                 // Recorded before anyone hears of it: a source that confirms this checkpoint's
                 // position upstream (a replication slot) can never be restored from an older one.
@@ -649,6 +699,7 @@ impl Coordinator {
                         full_bytes: c.view.full_bytes,
                         incremental_bytes: c.view.incremental_bytes,
                     })
+                    .chain(j.unreadable.iter().cloned())
                     .collect(),
             })
             .collect();
@@ -980,10 +1031,18 @@ impl Coordinator {
         }
     }
 
-    fn cancel(&mut self, job_id: &str, release: bool) -> Result<String, Status> {
-        let state = self.jobs.get(job_id).ok_or_else(|| not_found(job_id))?.state;
+    fn cancel(&mut self, job_id: &str, release: bool) -> Result<CancelResponse, Status> {
+        let job = self.jobs.get(job_id).ok_or_else(|| not_found(job_id))?;
+        let state = job.state;
         if state.is_terminal() {
             return Err(Status::failed_precondition(format!("job {job_id} is already {state}; nothing to cancel")));
+        }
+        // A replication slot is dropped by the task reading it; with none running (between two
+        // attempts, or on a worker lost) it stays, holding WAL on the server: say so, and how.
+        let unreachable = state == JobState::Restarting || job.slots.iter().any(|w| self.workers.get(w).is_none_or(|w| w.lost.is_some()));
+        let warning = if release && unreachable { slots_left_behind(&job.plan) } else { String::new() };
+        if !warning.is_empty() {
+            warn!(job_id, "{warning}");
         }
         if state == JobState::Restarting {
             // Nothing runs between two attempts.
@@ -998,7 +1057,7 @@ impl Coordinator {
                 self.transition(job_id, JobState::Cancelled, "all tasks stopped");
             }
         }
-        Ok(self.jobs[job_id].state.to_string())
+        Ok(CancelResponse { state: self.jobs[job_id].state.to_string(), warning })
     }
 
     fn transition(&mut self, job_id: &str, to: JobState, cause: &str) {
@@ -1033,8 +1092,9 @@ impl Coordinator {
                 let released: Vec<u64> = job.checkpoints.release_checkpoints().iter().map(|c| c.id).collect();
                 if let Some(storage) = self.storage.clone() {
                     let kept: Vec<Arc<CheckpointManifest>> = job.checkpoints.kept().iter().map(|c| c.manifest.clone()).collect();
+                    let shared = job.shared_gc(u64::MAX, now);
                     let id = job_id.to_string();
-                    tokio::spawn(async move { storage.release(&id, released, kept, now).await });
+                    tokio::spawn(async move { storage.release(&id, released, kept, shared).await });
                 }
             }
         }
@@ -1440,6 +1500,44 @@ connector = "discard"
         h.coordinator.handle(Request::Disconnected { worker_id: "b".into(), session, cause: "control stream broke".into() });
         let cause = &h.coordinator.jobs[&job].cause;
         assert!(cause.starts_with("worker b lost: control stream broke (first seen as: task 0.0 failed"), "{cause}");
+    }
+
+    /// `eddy cancel` of the ingest job between two attempts: no task runs to drop its
+    /// replication slot, so the answer says the slot stays and how to drop it. While its tasks
+    /// run, they drop it, and nothing is said.
+    #[test]
+    fn a_cancel_that_reaches_no_task_says_which_slot_it_left_behind() {
+        let ingest = eddy_jobs::substitute_env(include_str!("../../jobs/specs/ingest.toml"), |_| None).unwrap();
+        let mut h = Harness::new();
+        h.register("a", 8);
+        let cancel = |h: &mut Harness, job: &str, release: bool| {
+            let (reply, mut rx) = oneshot::channel();
+            h.coordinator.handle(Request::Cancel { job_id: job.into(), release, reply });
+            rx.try_recv().unwrap().unwrap()
+        };
+        let job = h.submit(&ingest).unwrap();
+        let tasks = h.deployed("a")[0].task_ids.clone();
+        for t in &tasks {
+            h.report("a", &job, 1, t, TaskState::Running);
+        }
+        // Its worker is lost: the job waits for slots, and no task of it runs.
+        let session = h.sessions["a"];
+        h.coordinator.handle(Request::Disconnected { worker_id: "a".into(), session, cause: "killed".into() });
+        assert_eq!(h.state(&job), JobState::Restarting);
+        let r = cancel(&mut h, &job, true);
+        assert_eq!(r.state, "cancelled");
+        assert!(r.warning.contains("eddy_ingest") && r.warning.contains("SELECT pg_drop_replication_slot('eddy_ingest');"), "{}", r.warning);
+
+        h.register("b", 8);
+        let kept = h.submit(&ingest).unwrap();
+        assert_eq!(cancel(&mut h, &kept, false).warning, "", "--keep-slot keeps it on purpose");
+        let running = h.submit(&ingest).unwrap();
+        for d in h.deployed("b").iter().filter(|d| d.job_id == running) {
+            for t in &d.task_ids {
+                h.report("b", &running, 1, t, TaskState::Running);
+            }
+        }
+        assert_eq!(cancel(&mut h, &running, true).warning, "", "its running source drops the slot");
     }
 
     #[test]

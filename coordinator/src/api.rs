@@ -73,8 +73,7 @@ impl JobService for Api {
 
     async fn cancel(&self, request: Request<CancelRequest>) -> Result<Response<CancelResponse>, Status> {
         let CancelRequest { job_id, keep_slots } = request.into_inner();
-        let state = self.ask(|reply| Ask::Cancel { job_id, release: !keep_slots, reply }).await??;
-        Ok(Response::new(CancelResponse { state }))
+        Ok(Response::new(self.ask(|reply| Ask::Cancel { job_id, release: !keep_slots, reply }).await??))
     }
 
     async fn list_workers(&self, _: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {

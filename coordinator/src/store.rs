@@ -131,6 +131,27 @@ impl MetadataStore {
     }
 }
 
+/// Which shared state files (RocksDB's immutable `.sst` files, uploaded once and referenced by
+/// every later checkpoint that still holds them) a collection may delete, besides needing to be
+/// referenced by no kept checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedGc {
+    /// Those first uploaded for a checkpoint up to `checkpoint`: a later one is in flight, and its
+    /// files are on their way. Files of the older layout, which name no checkpoint, only if the
+    /// store last modified them before `before_ms` (comparing clocks of two machines: kept only
+    /// for checkpoints taken before the layout changed).
+    Through { checkpoint: u64, before_ms: i64 },
+    /// None: a checkpoint of the job could not be read, and its files may be needed.
+    Keep,
+}
+
+/// The checkpoint a shared file was first uploaded for: `<job>/shared/<instance>/chk-<id>/<name>`.
+fn uploaded_for(path: &str) -> Option<u64> {
+    let mut parts = path.rsplit('/');
+    parts.next()?;
+    parts.next()?.strip_prefix("chk-")?.parse().ok()
+}
+
 /// Checkpoint storage as the coordinator uses it: manifests and garbage collection.
 #[derive(Clone)]
 pub struct CheckpointStore {
@@ -176,13 +197,11 @@ impl CheckpointStore {
         Ok(CheckpointManifest::decode(bytes)?)
     }
 
-    /// Deletes dropped checkpoints' own files, then every shared file of the job that no kept
-    /// checkpoint references and that is older than `before` (Unix ms: the start of the newest
-    /// completed checkpoint, so files a later checkpoint is uploading now are never touched).
-    /// Checkpoints that never completed (aborted, declined, or cut short by a restart) and are
-    /// older than the newest kept one go too: they have no manifest, and nothing completes them
-    /// any more.
-    pub async fn collect(&self, job_id: &str, dropped: Vec<u64>, kept: Vec<Arc<CheckpointManifest>>, before_ms: i64) {
+    /// Deletes dropped checkpoints' own files, then the shared files of the job that no kept
+    /// checkpoint references and that `shared` lets go. Checkpoints that never completed
+    /// (aborted, declined, or cut short by a restart) and are older than the newest kept one go
+    /// too: they have no manifest, and nothing completes them any more.
+    pub async fn collect(&self, job_id: &str, dropped: Vec<u64>, kept: Vec<Arc<CheckpointManifest>>, shared: SharedGc) {
         let kept_ids: BTreeSet<u64> = kept.iter().map(|m| m.checkpoint_id).collect();
         let abandoned = match kept_ids.last() {
             Some(&newest) => self.abandoned(job_id, newest, &kept_ids).await,
@@ -191,6 +210,7 @@ impl CheckpointStore {
         for id in dropped.into_iter().chain(abandoned) {
             self.delete_prefix(&format!("{job_id}/chk-{id}"), |_| true).await;
         }
+        let SharedGc::Through { checkpoint, before_ms } = shared else { return };
         let referenced: BTreeSet<String> = kept
             .iter()
             .flat_map(|m| m.tasks.values())
@@ -198,18 +218,25 @@ impl CheckpointStore {
             .flat_map(|o| o.files.iter().map(|f| f.path.clone()))
             .collect();
         self.delete_prefix(&format!("{job_id}/shared"), |meta| {
-            !referenced.contains(meta.location.as_ref()) && meta.last_modified.timestamp_millis() < before_ms
+            let path = meta.location.as_ref();
+            !referenced.contains(path)
+                && match uploaded_for(path) {
+                    Some(id) => id <= checkpoint,
+                    // The layout before files named their checkpoint: by age, on the store's clock.
+                    None => meta.last_modified.timestamp_millis() < before_ms,
+                }
         })
         .await;
     }
 
     /// A job ended for good: deletes its checkpoints (`released`) and every file no kept
-    /// savepoint references, or the job's whole folder when it keeps none.
-    pub async fn release(&self, job_id: &str, released: Vec<u64>, savepoints: Vec<Arc<CheckpointManifest>>, now_ms: i64) {
-        if savepoints.is_empty() {
+    /// savepoint references, or the job's whole folder when it keeps none. With `shared` set to
+    /// [`SharedGc::Keep`], shared files and the folder stay.
+    pub async fn release(&self, job_id: &str, released: Vec<u64>, savepoints: Vec<Arc<CheckpointManifest>>, shared: SharedGc) {
+        if savepoints.is_empty() && shared != SharedGc::Keep {
             self.delete_prefix(job_id, |_| true).await;
         } else {
-            self.collect(job_id, released, savepoints, now_ms).await;
+            self.collect(job_id, released, savepoints, shared).await;
         }
     }
 
@@ -265,6 +292,7 @@ impl CheckpointStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use eddy_proto::{StateFile, TaskSnapshot};
 
     #[tokio::test]
     async fn checkpoints_that_never_completed_are_collected_once_a_newer_one_is_kept() {
@@ -282,10 +310,53 @@ mod tests {
         store.put_manifest(&manifest(3)).await.unwrap();
         put("job/chk-3/1.0/op3/MANIFEST-000009").await;
         put("job/chk-4/1.0/op3/MANIFEST-000012").await;
-        store.collect("job", Vec::new(), vec![Arc::new(manifest(3))], 0).await;
+        store.collect("job", Vec::new(), vec![Arc::new(manifest(3))], SharedGc::Through { checkpoint: 3, before_ms: 0 }).await;
         let left: BTreeSet<String> =
             std::fs::read_dir(dir.join("job")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert_eq!(left, ["chk-1", "chk-3", "chk-4"].map(String::from).into_iter().collect());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Shared files are judged by the checkpoint they were uploaded for, not by clocks: a file of
+    /// the checkpoint in flight stays however old its time stamp looks, and nothing shared goes
+    /// while a checkpoint of the job could not be read.
+    #[tokio::test]
+    async fn shared_files_of_a_checkpoint_in_flight_stay_whatever_the_clocks_say() {
+        let dir = std::env::temp_dir().join(format!("eddy-collect-shared-{}", std::process::id()));
+        let store = CheckpointStore::open(&dir).unwrap();
+        let put = |path: &str| {
+            let (store, path) = (store.store.clone(), StorePath::from(path));
+            async move { store.put(&path, PutPayload::from(vec![1u8])).await.unwrap() }
+        };
+        let file = |path: &str| StateFile { path: path.into(), name: path.rsplit('/').next().unwrap().into(), bytes: 1 };
+        let mut kept = CheckpointManifest { job_id: "job".into(), checkpoint_id: 5, ..Default::default() };
+        let mut task = TaskSnapshot::default();
+        task.operators.push(eddy_proto::OperatorSnapshot { operator: 1, inline: Vec::new(), files: vec![file("job/shared/a/chk-3/000010.sst")] });
+        kept.tasks.insert("1.0".into(), task);
+        store.put_manifest(&kept).await.unwrap();
+        for f in ["job/shared/a/chk-3/000010.sst", "job/shared/a/chk-4/000011.sst", "job/shared/a/chk-6/000012.sst", "job/shared/a/000009.sst"] {
+            put(f).await;
+        }
+        let shared = || -> BTreeSet<String> {
+            let root = dir.join("job/shared/a");
+            let mut out = BTreeSet::new();
+            for e in std::fs::read_dir(&root).unwrap() {
+                let e = e.unwrap();
+                if e.path().is_dir() {
+                    for f in std::fs::read_dir(e.path()).unwrap() {
+                        out.insert(format!("{}/{}", e.file_name().to_string_lossy(), f.unwrap().file_name().to_string_lossy()));
+                    }
+                } else {
+                    out.insert(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+            out
+        };
+        store.collect("job", Vec::new(), vec![Arc::new(kept.clone())], SharedGc::Keep).await;
+        assert_eq!(shared().len(), 4, "a job with an unreadable checkpoint loses no shared file");
+        // The clock says every file is older than anything (a worker's clock far behind).
+        store.collect("job", Vec::new(), vec![Arc::new(kept)], SharedGc::Through { checkpoint: 5, before_ms: i64::MAX }).await;
+        assert_eq!(shared(), ["chk-3/000010.sst", "chk-6/000012.sst"].map(String::from).into_iter().collect());
         let _ = std::fs::remove_dir_all(&dir);
     }
 

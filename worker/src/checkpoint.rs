@@ -223,8 +223,10 @@ impl Uploader {
                     }
                     let bytes = tokio::fs::read(&local).await.map_err(|e| local_error(&local, e))?;
                     let immutable = name.ends_with(".sst");
+                    // An immutable file's folder names the checkpoint it was first uploaded for:
+                    // collection tells the files of a checkpoint in flight by that, not by clocks.
                     let path = if immutable {
-                        format!("{folder}/{name}")
+                        format!("{folder}/chk-{id}/{name}")
                     } else {
                         format!("{}/chk-{id}/{}/op{op}/{name}", self.job, self.task)
                     };

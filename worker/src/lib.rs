@@ -19,6 +19,7 @@ pub mod operators;
 pub mod retry;
 pub mod state;
 pub mod task;
+pub mod workdir;
 
 use std::sync::Arc;
 

@@ -24,8 +24,9 @@ struct Args {
     /// Worker id (default: a random one).
     #[arg(long, env = "EDDY_WORKER_ID")]
     id: Option<String>,
-    /// Local directory for task state and checkpoint scratch files (default: a folder named after
-    /// the worker in the system's temporary directory).
+    /// Local directory for task state and checkpoint scratch files, locked while the worker runs
+    /// and emptied at start (default: `eddy-workers/<id>` in the system's temporary directory,
+    /// where dead workers' folders are removed).
     #[arg(long, env = "EDDY_STATE_DIR")]
     state_dir: Option<std::path::PathBuf>,
 }
@@ -65,7 +66,17 @@ async fn main() -> anyhow::Result<()> {
         }
         signal.cancel();
     });
-    let state_dir = args.state_dir.unwrap_or_else(|| std::env::temp_dir().join(format!("eddy-{worker_id}")));
+    // The default location is one folder per worker under a shared parent, where the folders of
+    // dead workers (random ids that never come back) are removed.
+    let parent = std::env::temp_dir().join("eddy-workers");
+    let state_dir = args.state_dir.clone().unwrap_or_else(|| parent.join(&worker_id));
+    let _claim = eddy_worker::workdir::claim(&state_dir)?;
+    if args.state_dir.is_none() {
+        let removed = eddy_worker::workdir::sweep_dead(&parent, &state_dir);
+        if removed > 0 {
+            tracing::info!(removed, parent = %parent.display(), "removed dead workers' state directories");
+        }
+    }
     let config = WorkerConfig { worker_id, coordinator: args.coordinator, slots: args.slots, advertised_address: advertised, state_dir };
     eddy_worker::run(config, listener, shutdown).await
 }
