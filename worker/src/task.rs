@@ -395,7 +395,7 @@ async fn run_task(ctx: &mut TaskContext) -> Result<()> {
         state_dir: ctx.dir.join(format!("op{o}")),
         state_backend: plan.state.backend,
         event_time: match &plan.operators[o].kind {
-            OperatorKind::Source { event_time: Some(e), .. } => Some(e.column),
+            OperatorKind::Source { event_time: Some(e), .. } => Some(*e),
             _ => None,
         },
         released: ctx.released.clone(),

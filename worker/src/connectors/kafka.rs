@@ -44,6 +44,11 @@
 //! has been handed on and committed by librdkafka in the background (at least once). Malformed
 //! records follow `bad_records`: fail the task, drop and count, or dead-letter to a file and count.
 //!
+//! With `event_time`, the watermark is the source's own ([`Source::progress`]): with `heartbeats`,
+//! the lowest its partitions' writers wrote; without, the lowest latest event time over the
+//! partitions that had a record within `idle_timeout` (one watermark per partition, as in Flink),
+//! and the wall clock once all of them are quiet.
+//!
 //! **Sink.** An idempotent producer (`enable.idempotence`), `acks=all`. `write` returns once the
 //! broker has acknowledged every record of the batch. An update arrives as a retraction followed by
 //! an insert of the same key: the retraction is skipped; a lone retraction becomes a tombstone.
@@ -56,6 +61,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eddy_jobs::connectors::{BadRecordPolicy, KafkaFormat, KafkaSinkOptions, KafkaSourceOptions};
+use eddy_jobs::plan::EventTime;
 use eddy_jobs::{Row, Schema, Value};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
@@ -139,8 +145,13 @@ pub struct KafkaSource {
     metrics: Arc<TaskMetrics>,
     lag: Arc<AtomicI64>,
     dead_letters: DeadLetters,
-    /// The source's event-time column, whose values drive `clock`.
-    event_time: Option<usize>,
+    /// The source's event-time settings; the column's values drive `clock`.
+    event_time: Option<EventTime>,
+    /// Per partition, for a source with event time and no heartbeats: its latest event time read
+    /// and when it last had a record. The watermark is the lowest over the partitions still
+    /// active, as Flink's Kafka source keeps one per partition: while a restored job catches up,
+    /// one partition's newer records must not make another's older ones late.
+    partition_times: HashMap<i32, PartitionTime>,
     /// The topic's time, which `state_ttl` is measured on: the latest event time read (or, for
     /// a source without event time, the latest record timestamp), never the wall clock, so a job
     /// that was down forgets nothing for having been down. `i64::MIN` before the first record.
@@ -202,6 +213,7 @@ impl KafkaSource {
             lag,
             dead_letters,
             event_time: ctx.event_time,
+            partition_times: HashMap::new(),
             clock: i64::MIN,
         };
         if let Some((_, states)) = &ctx.restore {
@@ -276,7 +288,11 @@ impl KafkaSource {
             };
             let mut list = TopicPartitionList::new();
             self.owned = partitions.into_iter().filter(|p| self.owns(*p)).collect();
+            let now = tokio::time::Instant::now();
             for &p in &self.owned {
+                // A partition is active from its assignment: it holds the watermark back until
+                // its first record, or until it has been quiet for the idle timeout.
+                self.partition_times.entry(p).or_insert(PartitionTime { latest: i64::MIN, last_record: now });
                 let offset = self.positions.get(&p).map_or(Offset::Stored, |o| Offset::Offset(*o));
                 list.add_partition_offset(&self.options.topic, p, offset)
                     .map_err(|e| TaskError::internal(format!("kafka: {e}")))?;
@@ -359,7 +375,16 @@ impl KafkaSource {
             Some(Err(e)) => return self.bad_record(m, e),
             None => {}
         }
-        match self.decode(m) {
+        let decoded = self.decode(m);
+        if let (Ok((_, row)), Some(times)) = (&decoded, self.partition_times.get_mut(&m.partition())) {
+            times.last_record = tokio::time::Instant::now();
+            if let Some(Value::Timestamp(t)) = self.event_time.and_then(|e| row.as_ref()?.get(e.column)) {
+                if *t <= crate::operators::future_horizon_ms() {
+                    times.latest = times.latest.max(*t);
+                }
+            }
+        }
+        match decoded {
             Ok((Some(key), value)) => {
                 let written = self.advance_clock(m, value.as_ref());
                 let times = Times { written: written.unwrap_or(self.clock), now: self.clock };
@@ -385,7 +410,7 @@ impl KafkaSource {
     /// one record stamped in 2200 would otherwise expire every key at once.
     fn advance_clock(&mut self, m: &OwnedMessage, row: Option<&Row>) -> Option<i64> {
         let time = match self.event_time {
-            Some(c) => match row.and_then(|r| r.get(c)) {
+            Some(e) => match row.and_then(|r| r.get(e.column)) {
                 Some(Value::Timestamp(t)) => Some(*t),
                 _ => None,
             },
@@ -395,6 +420,35 @@ impl KafkaSource {
         self.clock = self.clock.max(time);
         Some(time)
     }
+}
+
+impl KafkaSource {
+    /// Without heartbeats: the lowest latest event time over the partitions that had a record
+    /// within the idle timeout, less the allowed delay. With every partition quiet, the wall
+    /// clock takes over (`Unknown`); an active partition without a record yet holds it back.
+    fn partitions_progress(&self) -> Progress {
+        let Some(e) = self.event_time else { return Progress::Unknown };
+        if !self.assigned {
+            return Progress::Waiting;
+        }
+        let now = tokio::time::Instant::now();
+        let idle = Duration::from_millis(e.idle_timeout_ms.max(0) as u64);
+        let active = self.owned.iter().filter_map(|p| self.partition_times.get(p)).filter(|t| now.duration_since(t.last_record) < idle);
+        match active.map(|t| t.latest).min() {
+            None => Progress::Unknown,
+            Some(i64::MIN) => Progress::Waiting,
+            Some(t) => Progress::Watermark(t.saturating_sub(e.allowed_delay_ms)),
+        }
+    }
+}
+
+/// One partition's event time so far (see `KafkaSource::partition_times`).
+#[derive(Debug, Clone, Copy)]
+struct PartitionTime {
+    /// The latest event time read (`i64::MIN`: none yet).
+    latest: i64,
+    /// When its last record was read (or when it was assigned).
+    last_record: tokio::time::Instant,
 }
 
 /// When a record happened on the topic's clock, for the upsert state's time to live.
@@ -628,7 +682,7 @@ impl Source for KafkaSource {
     }
 
     fn follows_upstream_watermark(&self) -> bool {
-        self.options.heartbeats
+        self.options.heartbeats || self.event_time.is_some()
     }
 
     fn progress(&self) -> Progress {
@@ -636,7 +690,7 @@ impl Source for KafkaSource {
             return Progress::Idle; // more subtasks than partitions
         }
         if !self.options.heartbeats {
-            return Progress::Unknown;
+            return self.partitions_progress();
         }
         let mut low = i64::MAX;
         for p in &self.owned {
@@ -702,8 +756,10 @@ pub struct KafkaSink {
 /// The watermark a sink has and has written into every partition.
 struct Heartbeats {
     interval: Duration,
-    /// The topic's partitions, read once the first heartbeat is due.
+    /// The topic's partitions, read when the first heartbeat is due and again every
+    /// [`PARTITIONS_REFRESH`], so that partitions added to the topic get heartbeats too.
     partitions: Vec<i32>,
+    partitions_read: tokio::time::Instant,
     /// This writer (the sink's subtask) and how many write the topic.
     writer: u32,
     writers: u32,
@@ -712,6 +768,9 @@ struct Heartbeats {
     written: i64,
     next: tokio::time::Instant,
 }
+
+/// How often a sink writing heartbeats reads the topic's partitions again.
+const PARTITIONS_REFRESH: Duration = Duration::from_secs(30);
 
 /// A heartbeat record: writer `writer` of `writers` has written every record up to its
 /// watermark into this partition. Its value is `{"watermark": …, "writer": …, "writers": …}`.
@@ -796,6 +855,7 @@ impl KafkaSink {
             watermark: i64::MIN,
             written: i64::MIN,
             next: tokio::time::Instant::now(),
+            partitions_read: tokio::time::Instant::now(),
         });
         Ok(KafkaSink { producer, options: o.clone(), schema: ctx.schema.clone(), key_columns, version, heartbeats })
     }
@@ -809,15 +869,21 @@ impl KafkaSink {
         if h.watermark <= h.written || now < h.next {
             return Ok(());
         }
-        if h.partitions.is_empty() {
+        if h.partitions.is_empty() || now >= h.partitions_read + PARTITIONS_REFRESH {
             let producer = self.producer.clone();
             let topic = self.options.topic.clone();
-            h.partitions = partition_ids(move || {
+            let read = partition_ids(move || {
                 use rdkafka::producer::Producer;
                 producer.client().fetch_metadata(Some(&topic), Duration::from_secs(5))
             })
-            .await?
-            .map_err(|e| TaskError::external(format!("kafka: reading the partitions of `{}`: {e}", self.options.topic)))?;
+            .await?;
+            match read {
+                Ok(partitions) => h.partitions = partitions,
+                // Heartbeats go on to the partitions known; without any, the sink cannot go on.
+                Err(e) if !h.partitions.is_empty() => warn!(topic = %self.options.topic, error = %e, "kafka: re-reading the topic's partitions failed"),
+                Err(e) => return Err(TaskError::external(format!("kafka: reading the partitions of `{}`: {e}", self.options.topic))),
+            }
+            h.partitions_read = now;
         }
         let beat = Heartbeat { watermark: h.watermark, writer: h.writer, writers: h.writers };
         let key = serde_json::json!({ "eddy_heartbeat": h.writer }).to_string().into_bytes();
@@ -1155,6 +1221,65 @@ mod tests {
                 ids.extend(changes(&batch.unwrap().unwrap()).into_iter().map(|(_, id, _)| id));
             }
             assert_eq!(ids, (from..100).collect::<Vec<_>>(), "restored at offset {from}");
+        }
+    }
+
+    /// Through a real broker, without heartbeats: a subtask reading a partition that is ahead
+    /// (one minute on) and one that is behind keeps the watermark of the one behind, as long as
+    /// that one is active; once it has been quiet for the idle timeout, the other one leads; once
+    /// both are, the wall clock takes over. (One watermark for the whole subtask made the
+    /// partition behind late while a restored job caught up.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_watermark_waits_for_the_partition_that_is_behind() {
+        let Some((sink_options, source_options)) = versioned_topic("partition_times") else { return };
+        let schema = Schema::new(vec![Field::new("id", DataType::Int), Field::new("ts", DataType::Timestamp), Field::new("version", DataType::Int)]);
+        let task = TaskId { vertex: 0, subtask: 0 };
+        // The sink creates the topic with two partitions; records go to chosen ones below.
+        let sink_options = KafkaSinkOptions { partitions: 2, ..sink_options };
+        let mut sink = KafkaSink::start(&sink_options, ConnectorContext::for_test(task, 1, schema.clone())).await.unwrap();
+        sink.finish().await.unwrap();
+        let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &source_options.brokers).create().unwrap();
+        let write = |partition: i32, id: i64, ts: &str| {
+            let (producer, topic) = (producer.clone(), source_options.topic.clone());
+            let (key, value) = (format!("{{\"id\":{id}}}"), format!("{{\"id\":{id},\"ts\":\"{ts}\",\"version\":1}}"));
+            async move {
+                producer.send(FutureRecord::to(&topic).partition(partition).key(&key).payload(&value), Duration::from_secs(10)).await.unwrap();
+            }
+        };
+        write(0, 1, "2026-01-01T00:01:00Z").await;
+        write(1, 2, "2026-01-01T00:00:00Z").await;
+        let minute = 1_767_225_600_000; // 2026-01-01T00:00:00Z
+        let mut ctx = ConnectorContext::for_test(task, 1, schema.clone());
+        ctx.event_time = Some(EventTime { column: 1, allowed_delay_ms: 1_000, idle_timeout_ms: 3_000 });
+        let mut source = KafkaSource::start(&source_options, ctx).unwrap();
+        assert!(source.follows_upstream_watermark(), "records alone must not move the watermark");
+        let mut read = 0;
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while read < 2 {
+            assert!(std::time::Instant::now() < deadline, "read {read} of 2 records");
+            let batch = tokio::time::timeout(Duration::from_secs(30), source.next_batch()).await.expect("a batch").unwrap().unwrap();
+            read += batch.len();
+        }
+        assert_eq!(source.progress(), Progress::Watermark(minute - 1_000), "the partition behind holds the watermark");
+
+        // Partition 0 keeps going; partition 1 goes quiet: after the idle timeout it no longer counts.
+        let quiet_since = std::time::Instant::now();
+        loop {
+            write(0, 1, "2026-01-01T00:02:00Z").await;
+            let _ = tokio::time::timeout(Duration::from_millis(500), source.next_batch()).await;
+            let progress = source.progress();
+            if progress == Progress::Watermark(minute + 120_000 - 1_000) {
+                // Its last record was read just before `quiet_since`: well past 2 s of its 3 s.
+                assert!(quiet_since.elapsed() >= Duration::from_secs(2), "{progress:?} long before the idle timeout");
+                break;
+            }
+            assert_eq!(progress, Progress::Watermark(minute - 1_000));
+            assert!(std::time::Instant::now() < deadline, "the quiet partition still holds the watermark");
+        }
+        // Both quiet: the wall clock takes over.
+        while source.progress() != Progress::Unknown {
+            assert!(std::time::Instant::now() < deadline, "still {:?}", source.progress());
+            let _ = tokio::time::timeout(Duration::from_millis(500), source.next_batch()).await;
         }
     }
 

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use eddy_jobs::connectors::{SinkConnector, SourceConnector};
-use eddy_jobs::plan::StateBackend;
+use eddy_jobs::plan::{EventTime, StateBackend};
 use eddy_jobs::{Schema, TaskId};
 
 use crate::batch::Batch;
@@ -49,8 +49,8 @@ pub struct ConnectorContext {
     pub state_dir: PathBuf,
     /// The job's state backend, for connectors that keep keyed state.
     pub state_backend: StateBackend,
-    /// For a source with `event_time`: the column holding it.
-    pub event_time: Option<usize>,
+    /// For a source: its `event_time` settings, if any.
+    pub event_time: Option<EventTime>,
     /// Set before the task is cancelled when the job ends for good (a user's `eddy cancel`, not a
     /// restart, rescale or savepoint): a source then releases what it holds upstream, such as a
     /// replication slot.
@@ -115,8 +115,9 @@ pub trait Source: Send {
         Progress::Unknown
     }
 
-    /// Whether the watermark is the upstream job's alone ([`Progress::Watermark`]): its records'
-    /// times then move nothing, since one partition's newer records must not overtake another's
+    /// Whether the source's [`Progress::Watermark`] is its watermark alone (an upstream job's
+    /// heartbeats, or the lowest over the partitions it reads): its records' times then move
+    /// nothing by themselves, since one partition's newer records must not overtake another's
     /// older ones still to be read.
     fn follows_upstream_watermark(&self) -> bool {
         false

@@ -2785,7 +2785,7 @@ mod tests {
             let db = Db::new(url).await;
             db.insert_rows(1, 10).await;
             let o = PostgresCdcOptions { heartbeat_interval: Some("100ms".into()), ..db.options() };
-            let (source, _) = db.start_with(&o, |ctx| ctx.event_time = Some(1)).await;
+            let (source, _) = db.start_with(&o, |ctx| ctx.event_time = Some(eddy_jobs::plan::EventTime { column: 1, allowed_delay_ms: 0, idle_timeout_ms: 5_000 })).await;
             let mut source = source.unwrap();
             assert_eq!(source.progress(), Progress::Waiting);
             let server_ms = async || -> i64 {
