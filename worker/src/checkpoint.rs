@@ -357,7 +357,7 @@ mod tests {
         let inboxes = crate::exchange::Inboxes::default();
         let key = ("job".to_string(), 1, eddy_jobs::TaskId { vertex: 1, subtask: 0 });
         let mut inputs = inboxes.receivers(&key, 2).unwrap();
-        let (early, late) = (inboxes.sender(&key, 0).unwrap(), inboxes.sender(&key, 1).unwrap());
+        let (early, late) = (inboxes.sender(&key, 0, 2).unwrap(), inboxes.sender(&key, 1, 2).unwrap());
         let mut a = Aligner::new(2);
         early.send(d(0, Message::Barrier(1))).await.unwrap();
         let first = inputs.recv(|i| a.blocked(i)).await.unwrap();

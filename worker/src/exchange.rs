@@ -36,18 +36,25 @@ pub const BATCH_ROWS: usize = 1024;
 pub const BATCH_BYTES: usize = 256 * 1024;
 /// How long a partly filled batch may wait for more rows.
 pub const LINGER: Duration = Duration::from_millis(10);
-/// Messages an input channel of a task holds before its senders wait.
-pub const INBOX_CAPACITY: usize = 16;
+/// Messages (batches) a task's input channels hold together before their senders wait; each
+/// input gets its share, and at least two.
+const INBOX_CAPACITY: usize = 16;
 /// Frames buffered per outgoing remote stream.
 const REMOTE_BUFFER: usize = 4;
 /// HTTP/2 flow-control window of one incoming exchange stream: what it may buffer while its input
 /// is full or blocked.
 pub const STREAM_WINDOW: u32 = 1024 * 1024;
-/// HTTP/2 flow-control window of one connection from another worker, shared by its streams. Far
-/// larger than one stream's, so that streams blocked for a barrier alignment never use it up and
-/// stall the other streams on the connection (which would hold back the very barriers that would
-/// unblock them); memory stays bounded by the streams' own windows.
-pub const CONNECTION_WINDOW: u32 = 256 * 1024 * 1024;
+/// HTTP/2 flow-control window of one connection from another worker, shared by its streams: the
+/// largest HTTP/2 allows, so that streams blocked for a barrier alignment (up to 2047 of them
+/// between two workers, each holding at most its own window) never use it up and stall the other
+/// streams on the connection, which would hold back the very barriers that would unblock them.
+/// Memory stays bounded by the streams' own windows.
+pub const CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+
+/// The capacity of each input channel of a task with `inputs` inputs.
+fn inbox_capacity(inputs: usize) -> usize {
+    (INBOX_CAPACITY / inputs.max(1)).max(2)
+}
 
 /// A message for a task, tagged with the input channel it came on.
 #[derive(Debug)]
@@ -73,6 +80,19 @@ struct InboxTable {
     slots: HashMap<(InboxKey, usize), Slot>,
     /// Newest attempt seen per job: older attempts are fenced off.
     attempts: HashMap<String, u64>,
+    /// How many inputs each inbox has, as the first sender or the task said.
+    inputs: HashMap<InboxKey, usize>,
+}
+
+/// Why an inbox refuses a sender.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Refused {
+    #[error("job attempt superseded")]
+    Superseded,
+    #[error("input {input} is out of range: task {task} has {inputs} inputs")]
+    NoSuchInput { task: TaskId, input: usize, inputs: usize },
+    #[error("task {task} has {known} inputs, but a sender's plan says {said}: the plans differ")]
+    PlansDiffer { task: TaskId, known: usize, said: usize },
 }
 
 /// The inboxes of this worker's tasks, created by whichever comes first: the task, or a sender.
@@ -87,36 +107,43 @@ impl Inboxes {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A sender into input `input` of the inbox of `key`, or `None` if its attempt has been
-    /// superseded.
-    pub fn sender(&self, key: &InboxKey, input: usize) -> Option<mpsc::Sender<Delivery>> {
+    /// A sender into input `input` of the inbox of `key`, a task with `inputs` inputs.
+    pub fn sender(&self, key: &InboxKey, input: usize, inputs: usize) -> std::result::Result<mpsc::Sender<Delivery>, Refused> {
         let mut t = self.table();
         if t.attempts.get(&key.0).is_some_and(|&a| a > key.1) {
-            return None;
+            return Err(Refused::Superseded);
         }
-        Some(
-            t.slots
-                .entry((key.clone(), input))
-                .or_insert_with(|| {
-                    let (tx, rx) = mpsc::channel(INBOX_CAPACITY);
-                    Slot { tx, rx: Some(rx) }
-                })
-                .tx
-                .clone(),
-        )
+        let known = *t.inputs.entry(key.clone()).or_insert(inputs);
+        if known != inputs {
+            return Err(Refused::PlansDiffer { task: key.2, known, said: inputs });
+        }
+        if input >= inputs {
+            return Err(Refused::NoSuchInput { task: key.2, input, inputs });
+        }
+        Ok(t.slots
+            .entry((key.clone(), input))
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::channel(inbox_capacity(inputs));
+                Slot { tx, rx: Some(rx) }
+            })
+            .tx
+            .clone())
     }
 
     /// Takes the receiving ends of `key`'s `inputs` input channels (once).
-    pub fn receivers(&self, key: &InboxKey, inputs: usize) -> Option<Inputs> {
+    pub fn receivers(&self, key: &InboxKey, inputs: usize) -> std::result::Result<Inputs, Refused> {
         for input in 0..inputs {
-            self.sender(key, input)?;
+            self.sender(key, input, inputs)?;
         }
         let mut t = self.table();
-        if (0..inputs).any(|i| t.slots.get(&(key.clone(), i)).is_none_or(|s| s.rx.is_none())) {
-            return None;
+        let mut receivers = Vec::with_capacity(inputs);
+        for i in 0..inputs {
+            match t.slots.get_mut(&(key.clone(), i)).and_then(|s| s.rx.take()) {
+                Some(rx) => receivers.push(rx),
+                None => return Err(Refused::Superseded),
+            }
         }
-        let receivers = (0..inputs).map(|i| t.slots.get_mut(&(key.clone(), i)).and_then(|s| s.rx.take()).expect("checked above")).collect();
-        Some(Inputs { receivers, next: 0 })
+        Ok(Inputs { receivers, next: 0 })
     }
 
     /// Records that `attempt` is the newest of `job`, dropping inboxes of older attempts.
@@ -124,11 +151,14 @@ impl Inboxes {
         let mut t = self.table();
         t.attempts.insert(job.to_string(), attempt);
         t.slots.retain(|(k, _), _| k.0 != job || k.1 >= attempt);
+        t.inputs.retain(|k, _| k.0 != job || k.1 >= attempt);
     }
 
     /// Drops every inbox of a job attempt.
     pub fn remove(&self, job: &str, attempt: u64) {
-        self.table().slots.retain(|(k, _), _| k.0 != job || k.1 != attempt);
+        let mut t = self.table();
+        t.slots.retain(|(k, _), _| k.0 != job || k.1 != attempt);
+        t.inputs.retain(|k, _| k.0 != job || k.1 != attempt);
     }
 }
 
@@ -206,16 +236,23 @@ impl Output {
     /// Opens a channel from the task of `ctx` to `receiver` at `address`, whose input `input` it is.
     pub fn open(ctx: &TaskContext, receiver: TaskId, input: usize, address: &str) -> Result<Output> {
         let (job, attempt) = (ctx.job_id.as_str(), ctx.attempt);
+        let inputs = ctx.plan.inputs(receiver).len();
         if address == ctx.local_address {
             let tx = ctx
                 .inboxes
-                .sender(&(job.to_string(), attempt, receiver), input)
-                .ok_or_else(|| TaskError::internal("job attempt superseded"))?;
+                .sender(&(job.to_string(), attempt, receiver), input, inputs)
+                .map_err(|e| TaskError::internal(e.to_string()))?;
             return Ok(Output::Local { tx, input });
         }
         let mut client = ctx.peers.client(address)?;
         let (tx, rx) = mpsc::channel(REMOTE_BUFFER);
-        let header = ChannelHeader { job_id: job.to_string(), attempt, task_id: receiver.to_string(), input: input as u32 };
+        let header = ChannelHeader {
+            job_id: job.to_string(),
+            attempt,
+            task_id: receiver.to_string(),
+            input: input as u32,
+            inputs: inputs as u32,
+        };
         let first = ExchangeFrame { header: Some(header), payload: Vec::new() };
         let frames = tokio_stream::once(first).chain(ReceiverStream::new(rx));
         let target = address.to_string();
@@ -408,8 +445,8 @@ impl DataService for DataServer {
         let input = header.input as usize;
         let tx = self
             .inboxes
-            .sender(&(header.job_id.clone(), header.attempt, task), input)
-            .ok_or_else(|| Status::failed_precondition("job attempt superseded"))?;
+            .sender(&(header.job_id.clone(), header.attempt, task), input, header.inputs as usize)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
         while let Some(frame) = frames.message().await? {
             let msg = codec::decode(&frame.payload).map_err(|e| Status::invalid_argument(e.to_string()))?;
             // Awaiting here while the inbox is full stops reading, which stops the sender.
@@ -421,3 +458,32 @@ impl DataService for DataServer {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sender naming an input the task does not have is refused at once, with the reason (it
+    /// used to wait forever on a channel nobody reads); so is one whose plan disagrees.
+    #[tokio::test]
+    async fn an_input_out_of_range_is_refused_not_left_waiting() {
+        let inboxes = Inboxes::default();
+        let key = ("job".to_string(), 1, TaskId { vertex: 2, subtask: 0 });
+        assert!(inboxes.sender(&key, 0, 2).is_ok());
+        let e = inboxes.sender(&key, 2, 2).unwrap_err();
+        assert_eq!(e.to_string(), "input 2 is out of range: task 2.0 has 2 inputs");
+        assert!(matches!(inboxes.sender(&key, 0, 3), Err(Refused::PlansDiffer { known: 2, said: 3, .. })));
+        assert!(matches!(inboxes.receivers(&key, 3), Err(Refused::PlansDiffer { .. })));
+        let mut inputs = inboxes.receivers(&key, 2).unwrap();
+        // The task's inputs share the buffer: each holds its share, at least two.
+        let tx = inboxes.sender(&key, 1, 2).unwrap();
+        for n in 0..inbox_capacity(2) {
+            tx.try_send(Delivery { input: 1, msg: Message::Watermark(n as i64) }).unwrap();
+        }
+        assert!(tx.try_send(Delivery { input: 1, msg: Message::Watermark(99) }).is_err());
+        assert_eq!(inputs.recv(|_| false).await.unwrap().input, 1);
+        assert_eq!(inbox_capacity(64), 2);
+        inboxes.fence("job", 2);
+        assert_eq!(inboxes.sender(&key, 0, 2).unwrap_err(), Refused::Superseded);
+    }
+}

@@ -596,7 +596,7 @@ async fn run_inputs(ctx: &mut TaskContext, chain: &mut Chain) -> Result<()> {
     let mut inputs = ctx
         .inboxes
         .receivers(&key, n)
-        .ok_or_else(|| TaskError::internal(format!("inbox of task {} already taken or fenced", ctx.task)))?;
+        .map_err(|e| TaskError::internal(format!("cannot take the inbox of task {}: {e}", ctx.task)))?;
     let mut watermarks = vec![i64::MIN; n];
     let mut ended = vec![false; n];
     let mut current = i64::MIN;
