@@ -476,7 +476,15 @@ impl WatermarkGenerator {
 
     fn on_batch(&mut self, batch: &Batch) -> Option<i64> {
         // A batch without rows (a source saying only that time passed) is no sign of traffic.
-        if batch.is_empty() || !self.records_move {
+        if batch.is_empty() {
+            return None;
+        }
+        // Traffic, whether or not its times move the watermark: wall-clock advance, if it
+        // comes, counts from here, never from long before.
+        let now = Instant::now();
+        self.last_record = now;
+        self.last_advance = now;
+        if !self.records_move {
             return None;
         }
         let col = self.event_time.column;
@@ -490,9 +498,6 @@ impl WatermarkGenerator {
                 }
             }
         }
-        let now = Instant::now();
-        self.last_record = now;
-        self.last_advance = now;
         let wm = self.max_ts.saturating_sub(self.event_time.allowed_delay_ms);
         (self.max_ts != i64::MIN && wm > self.current).then(|| {
             self.current = wm;
@@ -732,6 +737,24 @@ mod tests {
         assert_eq!(g.on_progress(Progress::Watermark(5_000)), Some(5_000));
         assert_eq!(g.on_batch(&at(90_000)), None);
         assert_eq!(g.current, 5_000);
+    }
+
+    /// Records that do not move the watermark are still traffic: when the source then goes
+    /// quiet, the wall-clock advance counts from its last record, not from the watermark's last
+    /// move a minute earlier (which would close a minute of windows at once).
+    #[tokio::test(start_paused = true)]
+    async fn wall_clock_advance_counts_from_the_last_record_even_when_records_do_not_move_it() {
+        let mut g = WatermarkGenerator::new(EventTime { column: 0, allowed_delay_ms: 1_000, idle_timeout_ms: 2_000 }, false);
+        assert_eq!(g.on_progress(Progress::Watermark(5_000)), Some(5_000));
+        for s in 0..60 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            assert_eq!(g.on_batch(&at(6_000 + s)), None);
+            assert_eq!(g.on_progress(Progress::Waiting), None);
+        }
+        tokio::time::advance(Duration::from_millis(1_500)).await;
+        assert_eq!(g.on_progress(Progress::Unknown), None, "quiet for less than the idle timeout");
+        tokio::time::advance(Duration::from_millis(1_000)).await;
+        assert_eq!(g.on_progress(Progress::Unknown), Some(7_500));
     }
 
     /// A source that reads nothing holds no window back.

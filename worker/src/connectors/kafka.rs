@@ -53,10 +53,10 @@
 //! broker has acknowledged every record of the batch. An update arrives as a retraction followed by
 //! an insert of the same key: the retraction is skipped; a lone retraction becomes a tombstone.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -86,21 +86,22 @@ const MAX_BATCH: usize = 1024;
 /// Longest time between two sweeps of expired upsert state.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Collects librdkafka's statistics: the consumer's lag over its partitions.
+/// Collects librdkafka's statistics: the consumer's lag over its partitions, and which of them
+/// have records this source has not read yet.
 struct LagContext {
     lag: Arc<AtomicI64>,
+    backlogged: Arc<Mutex<HashSet<i32>>>,
 }
 
 impl ClientContext for LagContext {
     fn stats(&self, stats: Statistics) {
-        let lag: i64 = stats
-            .topics
-            .values()
-            .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0 && p.consumer_lag >= 0)
-            .map(|p| p.consumer_lag)
-            .sum();
+        let partitions = || stats.topics.values().flat_map(|t| t.partitions.values()).filter(|p| p.partition >= 0);
+        let lag: i64 = partitions().filter(|p| p.consumer_lag >= 0).map(|p| p.consumer_lag).sum();
         self.lag.store(lag, Ordering::Relaxed);
+        // Records fetched and not yet handed over, or on the broker past what was handed over.
+        let behind = |p: &&rdkafka::statistics::Partition| p.fetchq_cnt > 0 || (p.app_offset >= 0 && p.hi_offset > p.app_offset);
+        let backlogged = partitions().filter(behind).map(|p| p.partition).collect();
+        *self.backlogged.lock().unwrap_or_else(|e| e.into_inner()) = backlogged;
     }
 }
 
@@ -152,6 +153,15 @@ pub struct KafkaSource {
     /// active, as Flink's Kafka source keeps one per partition: while a restored job catches up,
     /// one partition's newer records must not make another's older ones late.
     partition_times: HashMap<i32, PartitionTime>,
+    /// Partitions with records not read yet (from librdkafka's statistics, once a second): never
+    /// idle, however long since their last record. A source held back by a slow downstream reads
+    /// nothing for a while, and its partitions must not look quiet for it.
+    backlogged: Arc<Mutex<HashSet<i32>>>,
+    /// When the topic's partitions are next read again after assignment, to pick up added ones.
+    next_rediscovery: tokio::time::Instant,
+    /// The future horizon while a batch is read (see [`crate::operators::future_horizon_ms`]),
+    /// read once per batch.
+    horizon: i64,
     /// The topic's time, which `state_ttl` is measured on: the latest event time read (or, for
     /// a source without event time, the latest record timestamp), never the wall clock, so a job
     /// that was down forgets nothing for having been down. `i64::MIN` before the first record.
@@ -162,6 +172,7 @@ impl KafkaSource {
     /// Creates the consumer; partitions are assigned once the topic exists.
     pub fn start(o: &KafkaSourceOptions, ctx: ConnectorContext) -> Result<KafkaSource> {
         let lag = Arc::new(AtomicI64::new(0));
+        let backlogged = Arc::new(Mutex::new(HashSet::new()));
         let consumer: StreamConsumer<LagContext> = ClientConfig::new()
             .set("bootstrap.servers", &o.brokers)
             .set("group.id", &o.group_id)
@@ -174,7 +185,7 @@ impl KafkaSource {
             // Latency: ask the broker to answer fetches within 10 ms even when it has little data
             // (librdkafka's default waits up to 500 ms).
             .set("fetch.wait.max.ms", "10")
-            .create_with_context(LagContext { lag: lag.clone() })
+            .create_with_context(LagContext { lag: lag.clone(), backlogged: backlogged.clone() })
             .map_err(|e| TaskError::external(format!("kafka consumer for {}: {e}", o.brokers)))?;
         let key_columns = o.primary_key.iter().filter_map(|k| ctx.schema.index_of(k)).collect();
         let path = o.dead_letter_path.as_deref().filter(|_| o.bad_records == BadRecordPolicy::DeadLetter);
@@ -214,6 +225,9 @@ impl KafkaSource {
             dead_letters,
             event_time: ctx.event_time,
             partition_times: HashMap::new(),
+            backlogged,
+            next_rediscovery: tokio::time::Instant::now() + PARTITIONS_REFRESH,
+            horizon: crate::operators::future_horizon_ms(),
             clock: i64::MIN,
         };
         if let Some((_, states)) = &ctx.restore {
@@ -275,33 +289,69 @@ impl KafkaSource {
         while !self.assigned {
             tokio::time::sleep_until(self.next_discovery).await;
             self.next_discovery = tokio::time::Instant::now() + Duration::from_millis(500);
-            let consumer = self.consumer.clone();
-            let topic = self.options.topic.clone();
-            let partitions = partition_ids(move || consumer.fetch_metadata(Some(&topic), Duration::from_secs(2))).await?;
-            let partitions = match partitions {
-                Ok(p) if !p.is_empty() => p,
-                Ok(_) => continue, // the topic does not exist yet: its producer creates it
-                Err(e) => {
-                    warn!(topic = %self.options.topic, error = %e, "kafka: cannot read topic metadata; retrying");
-                    continue;
-                }
-            };
-            let mut list = TopicPartitionList::new();
-            self.owned = partitions.into_iter().filter(|p| self.owns(*p)).collect();
-            let now = tokio::time::Instant::now();
-            for &p in &self.owned {
-                // A partition is active from its assignment: it holds the watermark back until
-                // its first record, or until it has been quiet for the idle timeout.
-                self.partition_times.entry(p).or_insert(PartitionTime { latest: i64::MIN, last_record: now });
-                let offset = self.positions.get(&p).map_or(Offset::Stored, |o| Offset::Offset(*o));
-                list.add_partition_offset(&self.options.topic, p, offset)
-                    .map_err(|e| TaskError::internal(format!("kafka: {e}")))?;
+            if let Some(partitions) = self.read_partitions().await? {
+                self.assign_partitions(partitions, &[])?;
+                self.assigned = true;
             }
-            self.consumer
-                .assign(&list)
-                .map_err(|e| TaskError::external(format!("kafka: assigning partitions of `{}`: {e}", self.options.topic)))?;
-            self.assigned = true;
         }
+        Ok(())
+    }
+
+    /// The topic's partitions this subtask owns; `None` while the topic does not exist or its
+    /// metadata cannot be read (said, and retried by the caller).
+    async fn read_partitions(&mut self) -> Result<Option<Vec<i32>>> {
+        let consumer = self.consumer.clone();
+        let topic = self.options.topic.clone();
+        match partition_ids(move || consumer.fetch_metadata(Some(&topic), Duration::from_secs(2))).await? {
+            Ok(p) if !p.is_empty() => Ok(Some(p.into_iter().filter(|p| self.owns(*p)).collect())),
+            Ok(_) => Ok(None), // the topic does not exist yet: its producer creates it
+            Err(e) => {
+                warn!(topic = %self.options.topic, error = %e, "kafka: cannot read topic metadata; retrying");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Reads the topic's partitions again: partitions added since assignment are read from
+    /// their beginning (everything in them is newer than the job), as Flink's partition
+    /// discovery does.
+    async fn rediscover(&mut self) -> Result<()> {
+        let now = tokio::time::Instant::now();
+        // Assigning again restarts every partition's fetch at its position: records taken from
+        // the consumer and not yet in a batch would come twice, so it waits until there are none.
+        if !self.assigned || now < self.next_rediscovery || !self.received.is_empty() {
+            return Ok(());
+        }
+        self.next_rediscovery = now + PARTITIONS_REFRESH;
+        let Some(partitions) = self.read_partitions().await? else { return Ok(()) };
+        if partitions.iter().all(|p| self.owned.contains(p)) {
+            return Ok(());
+        }
+        let added: Vec<i32> = partitions.iter().copied().filter(|p| !self.owned.contains(p)).collect();
+        tracing::info!(topic = %self.options.topic, ?added, "kafka: partitions added to the topic; reading them from their beginning");
+        self.assign_partitions(partitions, &added)
+    }
+
+    /// Assigns `partitions`, each at its position when this source has one, else `added` ones
+    /// at their beginning and the others at the group's committed offset (or `start`).
+    fn assign_partitions(&mut self, partitions: Vec<i32>, added: &[i32]) -> Result<()> {
+        let mut list = TopicPartitionList::new();
+        let now = tokio::time::Instant::now();
+        for &p in &partitions {
+            // A partition is active from its assignment: it holds the watermark back until its
+            // first record, or until it has been quiet for the idle timeout.
+            self.partition_times.entry(p).or_insert(PartitionTime { latest: i64::MIN, last_record: now });
+            let offset = match self.positions.get(&p) {
+                Some(o) => Offset::Offset(*o),
+                None if added.contains(&p) => Offset::Beginning,
+                None => Offset::Stored,
+            };
+            list.add_partition_offset(&self.options.topic, p, offset).map_err(|e| TaskError::internal(format!("kafka: {e}")))?;
+        }
+        self.consumer
+            .assign(&list)
+            .map_err(|e| TaskError::external(format!("kafka: assigning partitions of `{}`: {e}", self.options.topic)))?;
+        self.owned = partitions;
         Ok(())
     }
 
@@ -350,7 +400,8 @@ impl KafkaSource {
         }
     }
 
-    fn take_owned(&mut self, m: &OwnedMessage, out: &mut Batch) -> Result<()> {
+    /// Takes one record into `out`; `now` is when its batch was read.
+    fn take_owned(&mut self, m: &OwnedMessage, now: tokio::time::Instant, out: &mut Batch) -> Result<()> {
         // Offsets skipped (after a restored position, or between two records) are records this
         // job never reads: normal on a compacted or transactional topic, data lost otherwise (a
         // broker that answered a fetch from inside a record batch with the next batch did this).
@@ -376,11 +427,15 @@ impl KafkaSource {
             None => {}
         }
         let decoded = self.decode(m);
-        if let (Ok((_, row)), Some(times)) = (&decoded, self.partition_times.get_mut(&m.partition())) {
-            times.last_record = tokio::time::Instant::now();
-            if let Some(Value::Timestamp(t)) = self.event_time.and_then(|e| row.as_ref()?.get(e.column)) {
-                if *t <= crate::operators::future_horizon_ms() {
-                    times.latest = times.latest.max(*t);
+        // Only a record with a usable event time makes its partition active: a tombstone, a null
+        // or a time past the horizon would keep it active while it holds no time at all.
+        if let Some(e) = self.event_time {
+            if let (Ok((_, Some(row))), Some(times)) = (&decoded, self.partition_times.get_mut(&m.partition())) {
+                if let Some(Value::Timestamp(t)) = row.get(e.column) {
+                    if *t <= self.horizon {
+                        times.latest = times.latest.max(*t);
+                        times.last_record = now;
+                    }
                 }
             }
         }
@@ -416,7 +471,7 @@ impl KafkaSource {
             },
             None => m.timestamp().to_millis(),
         };
-        let time = time.filter(|t| *t <= crate::operators::future_horizon_ms())?;
+        let time = time.filter(|t| *t <= self.horizon)?;
         self.clock = self.clock.max(time);
         Some(time)
     }
@@ -424,7 +479,7 @@ impl KafkaSource {
 
 impl KafkaSource {
     /// Without heartbeats: the lowest latest event time over the partitions that had a record
-    /// within the idle timeout, less the allowed delay. With every partition quiet, the wall
+    /// within the idle timeout or have records not read yet, less the allowed delay. With every partition quiet, the wall
     /// clock takes over (`Unknown`); an active partition without a record yet holds it back.
     fn partitions_progress(&self) -> Progress {
         let Some(e) = self.event_time else { return Progress::Unknown };
@@ -433,8 +488,13 @@ impl KafkaSource {
         }
         let now = tokio::time::Instant::now();
         let idle = Duration::from_millis(e.idle_timeout_ms.max(0) as u64);
-        let active = self.owned.iter().filter_map(|p| self.partition_times.get(p)).filter(|t| now.duration_since(t.last_record) < idle);
-        match active.map(|t| t.latest).min() {
+        let backlogged = self.backlogged.lock().unwrap_or_else(|e| e.into_inner());
+        let active = self
+            .owned
+            .iter()
+            .filter_map(|p| Some((p, self.partition_times.get(p)?)))
+            .filter(|(p, t)| now.duration_since(t.last_record) < idle || backlogged.contains(p));
+        match active.map(|(_, t)| t.latest).min() {
             None => Progress::Unknown,
             Some(i64::MIN) => Progress::Waiting,
             Some(t) => Progress::Watermark(t.saturating_sub(e.allowed_delay_ms)),
@@ -650,8 +710,10 @@ impl Source for KafkaSource {
             }
         }
         let mut batch = Batch::default();
+        let now = tokio::time::Instant::now();
+        self.horizon = crate::operators::future_horizon_ms();
         for m in std::mem::take(&mut self.received) {
-            self.take_owned(&m, &mut batch)?;
+            self.take_owned(&m, now, &mut batch)?;
         }
         Ok(Some(batch))
     }
@@ -671,6 +733,7 @@ impl Source for KafkaSource {
 
     async fn tick(&mut self) -> Result<()> {
         self.metrics.set_gauge("consumer_lag", self.lag.load(Ordering::Relaxed));
+        self.rediscover().await?;
         if let (Some(ttl), Some(Upserts { state: current, .. })) = (self.state_ttl_ms, &mut self.upserts) {
             let now = tokio::time::Instant::now();
             if now >= self.next_sweep && self.clock > i64::MIN {
@@ -1280,6 +1343,27 @@ mod tests {
         while source.progress() != Progress::Unknown {
             assert!(std::time::Instant::now() < deadline, "still {:?}", source.progress());
             let _ = tokio::time::timeout(Duration::from_millis(500), source.next_batch()).await;
+        }
+
+        // Partition 1 gets a backlog the source does not read (a slow downstream holds it back):
+        // however long that lasts, the partition is not idle and still holds the watermark.
+        let value = format!("{{\"id\":2,\"ts\":\"2026-01-01T00:00:30Z\",\"version\":1}}");
+        for _ in 0..20_000 {
+            let record = FutureRecord::to(&source_options.topic).partition(1).key("{\"id\":2}").payload(&value);
+            producer.send_result(record).map_err(|(e, _)| e).unwrap();
+        }
+        rdkafka::producer::Producer::flush(&producer, Duration::from_secs(30)).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !source.backlogged.lock().unwrap().contains(&1) {
+            assert!(std::time::Instant::now() < deadline, "librdkafka's statistics never showed the backlog");
+            source.next_batch().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let held = Progress::Watermark(minute + 30_000 - 1_000);
+        let stalled_since = std::time::Instant::now();
+        while stalled_since.elapsed() < Duration::from_secs(5) {
+            assert_eq!(source.progress(), held, "a partition with unread records counted as idle");
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 
