@@ -10,7 +10,7 @@
 //! were it joined again, a dimension row changed in between would make a SUM over its columns
 //! drift, and a replay would send the external system another payload.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
@@ -177,9 +177,10 @@ impl Operator for PostgresLookup {
     async fn process_batch(&mut self, mut batch: Batch, out: &mut Collector) -> Result<()> {
         let now = Instant::now();
         // A retraction whose insert this lookup joined takes that insert's values.
-        let remembered = match &mut self.memory {
-            Some(memory) => memory.recall(&batch)?,
-            None => vec![None; batch.len()],
+        let memory_keys = self.memory.as_ref().map(|m| m.keys(&batch));
+        let remembered = match (&mut self.memory, &memory_keys) {
+            (Some(memory), Some(keys)) => memory.recall(&batch, keys)?,
+            _ => vec![None; batch.len()],
         };
         let keys: Vec<Option<String>> = batch
             .rows
@@ -222,8 +223,8 @@ impl Operator for PostgresLookup {
                 })
             })
             .collect();
-        if let Some(memory) = &mut self.memory {
-            memory.note(&batch, &joined)?;
+        if let (Some(memory), Some(keys)) = (&mut self.memory, &memory_keys) {
+            memory.note(&batch, keys, &joined)?;
         }
         for (row, values) in batch.rows.iter_mut().zip(joined) {
             row.extend(values);
@@ -269,15 +270,21 @@ impl Memory {
     fn open(plan: &LookupMemory, width: usize, backend: StateBackend, max_parallelism: u32, ctx: &OperatorContext) -> Result<Memory> {
         let mut state = last_value::open(backend, &ctx.state_dir.join("joined"), plan.ttl_ms)?;
         for restored in &ctx.restore {
-            let (Some(files), Some(groups)) = (&restored.files, decode_groups(&restored.inline)) else { continue };
-            if groups == ctx.key_groups {
-                // This subtask's own snapshot (same parallelism): all of it.
+            let (Some(files), Some(taken)) = (&restored.files, SnapshotScope::decode(&restored.inline)) else { continue };
+            let own = taken.groups == ctx.key_groups && taken.keyed == Some(plan.keyed);
+            if own {
+                // This subtask's own snapshot, taken under the same routing: all of it.
                 state.restore(files, &|_| true)?;
             } else if plan.keyed {
-                state.restore(files, &|group| ctx.key_groups.contains(&group))?;
+                // Rows come here by key group: the entries of this subtask's groups, wherever
+                // they were (a snapshot taken behind a partition-owning source holds any group).
+                if taken.keyed != Some(true) || ranges_overlap(&taken.groups, &ctx.key_groups) {
+                    state.restore(files, &|group| ctx.key_groups.contains(&group))?;
+                }
             } else {
-                // Rescaled behind a source whose subtasks own partitions: which keys come here is
-                // the source's choice, so every key is kept (those that never come expire).
+                // Behind a source whose subtasks own partitions: which keys come here is the
+                // source's choice, so every key is kept (those that never come expire), and of
+                // two copies of a key the one written later.
                 state.restore(files, &|_| true)?;
             }
         }
@@ -292,6 +299,11 @@ impl Memory {
         })
     }
 
+    /// Each row's key (encoded) and the key group it is stored under.
+    fn keys(&self, batch: &Batch) -> Vec<(u32, Vec<u8>)> {
+        batch.rows.iter().map(|row| self.key(row)).collect()
+    }
+
     /// A row's key (encoded) and the key group it is stored under.
     fn key(&self, row: &[Value]) -> (u32, Vec<u8>) {
         let mut key = Vec::new();
@@ -302,43 +314,42 @@ impl Memory {
         (group, key)
     }
 
-    /// Per row of `batch`: for a retraction, the values its insert was joined with, if this lookup
-    /// holds them (an insert earlier in the same batch counts: it is noted after the batch).
-    fn recall(&mut self, batch: &Batch) -> Result<Vec<Option<Vec<Value>>>> {
-        let mut inserted_here: HashMap<Vec<u8>, usize> = HashMap::new();
+    /// Per row of `batch` (whose `keys` are given): for a retraction, the values its insert was
+    /// joined with, if this lookup holds them (an insert earlier in the same batch counts: it is
+    /// noted after the batch).
+    fn recall(&mut self, batch: &Batch, keys: &[(u32, Vec<u8>)]) -> Result<Vec<Option<Vec<Value>>>> {
+        let mut inserted_here: HashSet<&[u8]> = HashSet::new();
         let mut out = Vec::with_capacity(batch.len());
-        for (i, (row, op)) in batch.rows.iter().zip(&batch.ops).enumerate() {
-            let (group, key) = self.key(row);
+        for (op, (group, key)) in batch.ops.iter().zip(keys) {
             match op {
                 Op::Insert => {
-                    inserted_here.insert(key, i);
+                    inserted_here.insert(key.as_slice());
                     out.push(None);
                 }
-                Op::Retract => match inserted_here.remove(&key) {
-                    // Resolved once the insert is joined (see `note`); left to the lookup until then.
-                    Some(_) => out.push(None),
-                    // Values of another width come from a savepoint of a lookup with other columns.
-                    None => out.push(self.state.get(group, &key, self.watermark)?.filter(|v| v.len() == self.width)),
-                },
+                // Resolved once the insert is joined (see `note`); left to the lookup until then.
+                Op::Retract if inserted_here.remove(key.as_slice()) => out.push(None),
+                // Values of another width come from a savepoint of a lookup with other columns.
+                Op::Retract => out.push(self.state.get(*group, key, self.watermark)?.filter(|v| v.len() == self.width)),
             }
         }
         Ok(out)
     }
 
-    /// Notes what each row of `batch` was joined with: an insert's values are kept for its key, a
-    /// retraction forgets the key.
-    fn note(&mut self, batch: &Batch, joined: &[Vec<Value>]) -> Result<()> {
-        for ((row, op), values) in batch.rows.iter().zip(&batch.ops).zip(joined) {
-            let (group, key) = self.key(row);
+    /// Notes what each row of `batch` (whose `keys` are given) was joined with: an insert's values
+    /// are kept for its key, a retraction forgets the key.
+    fn note(&mut self, batch: &Batch, keys: &[(u32, Vec<u8>)], joined: &[Vec<Value>]) -> Result<()> {
+        // An event time past the horizon (a typo, a year 2200) is no time to keep a key by.
+        let horizon = crate::operators::future_horizon_ms();
+        for (((row, op), (group, key)), values) in batch.rows.iter().zip(&batch.ops).zip(keys).zip(joined) {
             match op {
                 Op::Insert => {
                     let written = match self.plan.time.map(|t| &row[t]) {
-                        Some(Value::Timestamp(t)) => *t,
+                        Some(Value::Timestamp(t)) if *t <= horizon => *t,
                         _ => self.watermark,
                     };
-                    self.state.put(group, &key, values, written)?
+                    self.state.put(*group, key, values, written)?
                 }
-                Op::Retract => self.state.delete(group, &key)?,
+                Op::Retract => self.state.delete(*group, key)?,
             }
         }
         Ok(())
@@ -357,18 +368,37 @@ impl Memory {
     fn snapshot(&mut self, scratch: &Path) -> Result<OperatorSnapshot> {
         let dir = scratch.join("joined");
         self.state.snapshot(&dir)?;
-        let mut inline = Vec::with_capacity(8);
-        inline.extend_from_slice(&self.key_groups.start.to_le_bytes());
-        inline.extend_from_slice(&self.key_groups.end.to_le_bytes());
-        Ok(OperatorSnapshot { inline, files: Some(dir) })
+        let scope = SnapshotScope { groups: self.key_groups.clone(), keyed: Some(self.plan.keyed) };
+        Ok(OperatorSnapshot { inline: scope.encode(), files: Some(dir) })
     }
 }
 
-/// The key groups a memory snapshot's subtask owned (its inline state).
-fn decode_groups(inline: &[u8]) -> Option<Range<u32>> {
-    let start = u32::from_le_bytes(inline.get(..4)?.try_into().ok()?);
-    let end = u32::from_le_bytes(inline.get(4..8)?.try_into().ok()?);
-    Some(start..end)
+/// What a memory snapshot holds (its inline state): the key groups its subtask owned, and
+/// whether rows came to it by key or by the partitions its source owned.
+struct SnapshotScope {
+    groups: Range<u32>,
+    /// `None` in snapshots written before the routing was recorded.
+    keyed: Option<bool>,
+}
+
+impl SnapshotScope {
+    fn encode(&self) -> Vec<u8> {
+        let mut inline = Vec::with_capacity(9);
+        inline.extend_from_slice(&self.groups.start.to_le_bytes());
+        inline.extend_from_slice(&self.groups.end.to_le_bytes());
+        inline.extend(self.keyed.map(u8::from));
+        inline
+    }
+
+    fn decode(inline: &[u8]) -> Option<SnapshotScope> {
+        let start = u32::from_le_bytes(inline.get(..4)?.try_into().ok()?);
+        let end = u32::from_le_bytes(inline.get(4..8)?.try_into().ok()?);
+        Some(SnapshotScope { groups: start..end, keyed: inline.get(8).map(|b| *b != 0) })
+    }
+}
+
+fn ranges_overlap(a: &Range<u32>, b: &Range<u32>) -> bool {
+    a.start < b.end && b.start < a.end
 }
 
 /// A key as the text PostgreSQL compares it with.

@@ -63,9 +63,9 @@ impl LastValueState for MemoryLastValueState {
         })
     }
 
-    fn put(&mut self, shard: u32, key: &[u8], row: &[Value], now: i64) -> Result<()> {
+    fn put(&mut self, shard: u32, key: &[u8], row: &[Value], written: i64) -> Result<()> {
         self.key(shard, key);
-        self.entries.insert(self.key_buf.as_slice().into(), (now, row.to_vec()));
+        self.entries.insert(self.key_buf.as_slice().into(), (written, row.to_vec()));
         Ok(())
     }
 
@@ -106,7 +106,14 @@ impl LastValueState for MemoryLastValueState {
     fn restore(&mut self, dir: &Path, owns: &dyn Fn(u32) -> bool) -> Result<()> {
         super::read_snapshot(dir, owns, &mut |shard, key, entry| {
             self.key(shard, key);
-            self.entries.insert(self.key_buf.as_slice().into(), decode_entry(entry)?);
+            let (written, row) = decode_entry(entry)?;
+            match self.entries.get_mut(self.key_buf.as_slice()) {
+                Some(held) if held.0 > written => {}
+                Some(held) => *held = (written, row),
+                None => {
+                    self.entries.insert(self.key_buf.as_slice().into(), (written, row));
+                }
+            }
             Ok(())
         })
     }

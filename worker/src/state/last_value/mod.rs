@@ -43,8 +43,9 @@ pub use rocks::RocksLastValueState;
 pub trait LastValueState: Send {
     /// The row held for `key` in `shard`, unless there is none or it has expired as of `now`.
     fn get(&mut self, shard: u32, key: &[u8], now: i64) -> Result<Option<Vec<Value>>>;
-    /// Sets the row of `key` in `shard`, written at `now`.
-    fn put(&mut self, shard: u32, key: &[u8], row: &[Value], now: i64) -> Result<()>;
+    /// Sets the row of `key` in `shard`, written at `written` (the row's time, which says
+    /// nothing of the clock: only reads and [`LastValueState::expire`] move it).
+    fn put(&mut self, shard: u32, key: &[u8], row: &[Value], written: i64) -> Result<()>;
     /// Forgets `key` in `shard`.
     fn delete(&mut self, shard: u32, key: &[u8]) -> Result<()>;
     /// Time has reached `now`: removes the entries expired by then, or lets the backend remove
@@ -54,8 +55,10 @@ pub trait LastValueState: Send {
     /// empty. The caller owns the files afterwards (uploads them, then deletes `dir`).
     fn snapshot(&mut self, dir: &Path) -> Result<()>;
     /// Adds the entries of a directory written by [`LastValueState::snapshot`] whose shard `owns`
-    /// accepts, skipping the others. Called once per earlier subtask when rescaling; an entry
-    /// already held for the same (shard, key) is replaced.
+    /// accepts, skipping the others. Called once per earlier subtask when rescaling; of two
+    /// entries for the same (shard, key) the one written later stays (copies of a key in several
+    /// earlier subtasks' snapshots happen behind a source whose subtasks own partitions, where a
+    /// rescale leaves stale copies behind).
     fn restore(&mut self, dir: &Path, owns: &dyn Fn(u32) -> bool) -> Result<()>;
 }
 
@@ -202,6 +205,47 @@ mod tests {
             ],
             0..60,
         )
+    }
+
+    /// Two earlier subtasks' snapshots may both hold a key (behind a source whose subtasks own
+    /// partitions, a rescale leaves stale copies behind): whatever the order of the restores, the
+    /// copy written later is the one kept.
+    #[test]
+    fn of_two_restored_copies_of_a_key_the_later_one_stays() {
+        let (mut older, mut newer) = (Pair::new(None), Pair::new(None));
+        for state in older.each() {
+            state.put(0, &key(1), &[Value::Int(1)], 10).unwrap();
+        }
+        for state in newer.each() {
+            state.put(0, &key(1), &[Value::Int(2)], 20).unwrap();
+        }
+        for flip in [false, true] {
+            let mut into = Pair::new(None);
+            let (first, second) = if flip { (&mut newer, &mut older) } else { (&mut older, &mut newer) };
+            copy(&mut first.memory, &mut into.memory, &|_| true);
+            copy(&mut first.rocks, &mut into.rocks, &|_| true);
+            copy(&mut second.memory, &mut into.memory, &|_| true);
+            copy(&mut second.rocks, &mut into.rocks, &|_| true);
+            for state in into.each() {
+                assert_eq!(state.get(0, &key(1), 30).unwrap(), Some(vec![Value::Int(2)]), "restored newer first: {flip}");
+            }
+        }
+    }
+
+    /// A row's time (an event time, which may run ahead of the watermark) is not the clock: a
+    /// write stamped far ahead must not let compaction drop the entries that are still alive.
+    #[test]
+    fn a_write_stamped_ahead_does_not_expire_the_others() {
+        let mut s = Pair::new(Some(TTL));
+        for state in s.each() {
+            state.put(0, &key(1), &[Value::Int(1)], 0).unwrap();
+            state.put(0, &key(2), &[Value::Int(2)], 10 * TTL).unwrap();
+            state.expire(TTL / 2).unwrap();
+        }
+        s.rocks.compact();
+        for state in s.each() {
+            assert_eq!(state.get(0, &key(1), TTL / 2).unwrap(), Some(vec![Value::Int(1)]));
+        }
     }
 
     proptest! {

@@ -6,7 +6,8 @@
 //! from checkpoints, and after a crash the state is rebuilt from the last one, never reopened.
 //!
 //! Expiry: a read treats an expired entry as absent. A compaction filter drops expired entries
-//! when RocksDB compacts their files, judging by the latest `now` any call has passed; periodic
+//! when RocksDB compacts their files, judging by the latest `now` a read or an expiry has passed
+//! (never a write's time, which is a row's and may run ahead of the clock); periodic
 //! compaction (once per time to live, at least once an hour) makes sure that files nobody writes
 //! over are compacted too. Compactions rewrite files, so the next checkpoint uploads those anew.
 //!
@@ -37,8 +38,11 @@ pub struct RocksLastValueState {
     dir: PathBuf,
     write_opts: WriteOptions,
     ttl_ms: Option<i64>,
-    /// The latest `now` passed to any call, read by the compaction filter.
+    /// The latest `now` passed to a read or an expiry, read by the compaction filter.
     clock: Arc<AtomicI64>,
+    /// Whether a snapshot has been restored into this state: a second one may hold keys the
+    /// first did, and must not replace newer entries with older ones.
+    restored: bool,
     key_buf: Vec<u8>,
     value_buf: Vec<u8>,
 }
@@ -74,6 +78,7 @@ impl RocksLastValueState {
             write_opts: unlogged(),
             ttl_ms,
             clock,
+            restored: false,
             key_buf: Vec::new(),
             value_buf: Vec::new(),
         })
@@ -120,11 +125,10 @@ impl LastValueState for RocksLastValueState {
         Ok(Some(decode_entry(&value)?.1))
     }
 
-    fn put(&mut self, shard: u32, key: &[u8], row: &[Value], now: i64) -> Result<()> {
-        self.tick(now);
+    fn put(&mut self, shard: u32, key: &[u8], row: &[Value], written: i64) -> Result<()> {
         self.key(shard, key);
         self.value_buf.clear();
-        encode_entry(now, row, &mut self.value_buf);
+        encode_entry(written, row, &mut self.value_buf);
         self.db.put_opt(&self.key_buf, &self.value_buf, &self.write_opts).map_err(|e| labelled_db_error(LABEL, &self.dir, e))
     }
 
@@ -147,10 +151,19 @@ impl LastValueState for RocksLastValueState {
         let mut batch = WriteBatch::default();
         let mut key_buf = Vec::new();
         let (db, write_opts, own_dir) = (&self.db, &self.write_opts, &self.dir);
+        let merge = std::mem::replace(&mut self.restored, true);
         super::read_snapshot(dir, owns, &mut |shard, key, entry| {
             key_buf.clear();
             key_buf.extend_from_slice(&shard.to_be_bytes());
             key_buf.extend_from_slice(key);
+            if merge {
+                let held = db.get_pinned(&key_buf).map_err(|e| labelled_db_error(LABEL, own_dir, e))?;
+                if let Some(held) = held {
+                    if entry_written(&held)? > entry_written(entry)? {
+                        return Ok(());
+                    }
+                }
+            }
             batch.put(&key_buf, entry);
             if batch.len() >= RESTORE_BATCH {
                 db.write_opt(std::mem::take(&mut batch), write_opts).map_err(|e| labelled_db_error(LABEL, own_dir, e))?;
