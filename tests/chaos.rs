@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use eddy_tests::{bin, num, outcome_mismatches, repo_root, Pipeline, Rng};
+use eddy_tests::{bin, external_key_parts, num, outcome_mismatches, repo_root, Pipeline, Rng};
 use serde_json::Value;
 
 /// The process job's upsert state TTL (measured on the topic's event time), unless
@@ -341,8 +341,7 @@ fn write(pg_url: String, seed: u64, rate: u64, until: Instant, old_before: Strin
 fn received_versions(events: &[Value]) -> BTreeMap<i64, BTreeSet<u64>> {
     let mut out: BTreeMap<i64, BTreeSet<u64>> = BTreeMap::new();
     for e in events {
-        let Some((id, version)) = e["key"].as_str().and_then(|k| k.split_once(':')) else { continue };
-        if let (Ok(id), Ok(version)) = (id.parse(), version.parse()) {
+        if let Some((id, version, _)) = e["key"].as_str().and_then(external_key_parts) {
             out.entry(id).or_default().insert(version);
         }
     }
@@ -524,10 +523,9 @@ fn chaos_run_keeps_every_outcome_exact() -> Result<()> {
     let deleted_last: HashMap<i64, bool> = {
         let mut last: HashMap<i64, (u64, bool)> = HashMap::new();
         for e in &events {
-            let Some((id, version)) = e["key"].as_str().and_then(|k| k.split_once(':')) else { continue };
-            let (Ok(id), Ok(version)) = (id.parse::<i64>(), version.parse::<u64>()) else { continue };
-            let deleted = e["body"]["deleted"] == true;
-            if last.get(&id).is_none_or(|(v, _)| version > *v) {
+            let Some((id, version, deleted)) = e["key"].as_str().and_then(external_key_parts) else { continue };
+            // Of an insert and a delete under one version, the delete is the later.
+            if last.get(&id).is_none_or(|(v, d)| (version, deleted) > (*v, *d)) {
                 last.insert(id, (version, deleted));
             }
         }

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use eddy_tests::{check_outcomes, check_outcomes_within, datagen_summary, Cluster, Pipeline, Services};
+use eddy_tests::{check_outcomes, check_outcomes_within, datagen_summary, external_key_parts, Cluster, Pipeline, Services};
 
 #[test]
 fn engagement_pipeline_matches_postgres() -> Result<()> {
@@ -146,7 +146,7 @@ fn a_delete_after_the_state_ttl_still_reaches_clickhouse_and_the_external_system
         Ok(p.external_events()?
             .iter()
             .filter(|e| e["body"]["id"] == old && e["body"]["deleted"] == deleted)
-            .filter_map(|e| e["key"].as_str()?.split_once(':')?.1.parse().ok())
+            .filter_map(|e| Some(external_key_parts(e["key"].as_str()?)?.1))
             .collect())
     };
     p.cluster.wait(Duration::from_secs(60), "the delete at the external system", |_| Ok(!versions_of(true)?.is_empty()))?;

@@ -747,6 +747,17 @@ pub fn external_key(id: i64, row: &Value) -> String {
     format!("{id}:{}", row["version"].as_str().map(str::to_string).unwrap_or_else(|| row["version"].to_string()))
 }
 
+/// An idempotency key the external system received, as (event id, version, whether a delete):
+/// `id:version`, or `id:version:deleted` for a delete.
+pub fn external_key_parts(key: &str) -> Option<(i64, u64, bool)> {
+    let (key, deleted) = match key.strip_suffix(":deleted") {
+        Some(k) => (k, true),
+        None => (key, false),
+    };
+    let (id, version) = key.split_once(':')?;
+    Some((id.parse().ok()?, version.parse().ok()?, deleted))
+}
+
 /// Compares the outcomes with PostgreSQL as [`check_outcomes`] does, waiting up to `settle` for
 /// ClickHouse and the external system to converge, and returns every difference instead of
 /// stopping at the first. `versions`, when given, bounds how many distinct event versions the

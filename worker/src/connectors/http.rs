@@ -7,7 +7,10 @@
 //! receiver that deduplicates by it. An update's old row (a retraction followed by an insert of the
 //! same `key`) is never sent. A delete (any other retraction) is sent with `deleted_field`, as the
 //! deleted row with that field `true` (`false` in every other body), under the delete's own
-//! version, which upstream sources give it; without `deleted_field` deletes are not sent.
+//! version, which upstream sources give it, and with `:deleted` after its key: a delete that came
+//! without a version of its own (a tombstone from another producer) never shares its insert's key,
+//! which a receiver would take for a replay of the insert. Without `deleted_field` deletes are not
+//! sent.
 //!
 //! At most `concurrency` requests are in flight: each row is delivered by its own tokio task held in
 //! a `JoinSet`, and `write` waits for one to finish when the set is full (backpressure). Timeouts,
@@ -172,7 +175,10 @@ impl Sink for HttpSink {
                 client: self.client.clone(),
                 url: self.url.clone(),
                 body,
-                key: render_key(&self.key_columns, row),
+                key: match op {
+                    Op::Insert => render_key(&self.key_columns, row),
+                    Op::Retract => render_key(&self.key_columns, row) + ":deleted",
+                },
                 retry: self.retry,
                 counters: self.counters.clone(),
                 ctx: self.ctx.clone(),
@@ -553,8 +559,8 @@ mod tests {
         assert_eq!((stats["unique"].as_i64(), stats["duplicates"].as_i64()), (Some(60), Some(60)), "{stats}");
     }
 
-    /// With `deleted_field`, a delete reaches the receiver under its own version; an update's old
-    /// row does not.
+    /// With `deleted_field`, a delete reaches the receiver under its own version and a key of
+    /// its own (even when it has no version of its own); an update's old row does not.
     #[tokio::test]
     async fn http_sends_deletes_under_their_version_and_never_an_updates_old_row() {
         let Some(bin) = mock_api_bin() else { return };
@@ -569,6 +575,7 @@ mod tests {
         b.push(event(2, 1), Op::Insert);
         b.push(event(2, 5), Op::Retract); // a delete, though an insert of another id follows
         b.push(event(3, 1), Op::Insert);
+        b.push(event(3, 1), Op::Retract); // a delete without a version of its own
         sink.write(b).await.unwrap();
         sink.finish().await.unwrap();
         let events = mock.get("/events").await;
@@ -579,7 +586,8 @@ mod tests {
             .map(|e| (e["key"].as_str().unwrap().to_string(), e["body"]["deleted"].as_bool().unwrap()))
             .collect();
         got.sort();
-        let want = [("1:1", false), ("1:2", false), ("1:3", true), ("2:1", false), ("2:5", true), ("3:1", false)];
+        let want =
+            [("1:1", false), ("1:2", false), ("1:3:deleted", true), ("2:1", false), ("2:5:deleted", true), ("3:1", false), ("3:1:deleted", true)];
         assert_eq!(got, want.map(|(k, d)| (k.to_string(), d)));
     }
 
