@@ -49,15 +49,11 @@
 //! partitions that had a record within `idle_timeout` (one watermark per partition, as in Flink),
 //! and the wall clock once all of them are quiet.
 //!
-//! **Sink.** An idempotent producer (`enable.idempotence`), `acks=all`. `write` hands the batch to
-//! the producer and returns without waiting for the broker (at most 16,384 records in flight);
-//! a checkpoint barrier, a heartbeat and the end wait until the broker has acknowledged every
-//! record before them, so a checkpoint never covers a record the topic lacks, and a failed
-//! delivery fails the task at the next call. An update arrives as a retraction followed by
+//! **Sink.** An idempotent producer (`enable.idempotence`), `acks=all`. `write` returns once the
+//! broker has acknowledged every record of the batch. An update arrives as a retraction followed by
 //! an insert of the same key: the retraction is skipped; a lone retraction becomes a tombstone.
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::Future;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -818,14 +814,7 @@ pub struct KafkaSink {
     version: Option<usize>,
     /// Watermark heartbeats, with `heartbeat_interval`.
     heartbeats: Option<Heartbeats>,
-    /// Records handed to the producer and not yet acknowledged, oldest first. `write` does not
-    /// wait for them (a round trip per batch held the whole pipeline back): a barrier, a
-    /// heartbeat and `finish` do, and a failed delivery fails the task at the next call.
-    pending: VecDeque<rdkafka::producer::DeliveryFuture>,
 }
-
-/// Most records a kafka sink has in flight before `write` waits for the oldest.
-const MAX_IN_FLIGHT: usize = 16 * 1024;
 
 /// The watermark a sink has and has written into every partition.
 struct Heartbeats {
@@ -931,21 +920,18 @@ impl KafkaSink {
             next: tokio::time::Instant::now(),
             partitions_read: tokio::time::Instant::now(),
         });
-        Ok(KafkaSink { producer, options: o.clone(), schema: ctx.schema.clone(), key_columns, version, heartbeats, pending: VecDeque::new() })
+        Ok(KafkaSink { producer, options: o.clone(), schema: ctx.schema.clone(), key_columns, version, heartbeats })
     }
 
     /// Writes the watermark into every partition if it moved and the interval has passed. Every
-    /// record before it has been acknowledged (this waits for that), so a heartbeat follows
+    /// record before it has been acknowledged (`write` waits for that), so a heartbeat follows
     /// the records it covers in each partition.
     async fn heartbeat(&mut self) -> Result<()> {
-        let Some(h) = self.heartbeats.as_ref() else { return Ok(()) };
+        let Some(h) = self.heartbeats.as_mut() else { return Ok(()) };
         let now = tokio::time::Instant::now();
         if h.watermark <= h.written || now < h.next {
             return Ok(());
         }
-        // The heartbeat covers every record written before it: they must be on the broker.
-        self.await_pending().await?;
-        let Some(h) = self.heartbeats.as_mut() else { return Ok(()) };
         if h.partitions.is_empty() || now >= h.partitions_read + PARTITIONS_REFRESH {
             let producer = self.producer.clone();
             let topic = self.options.topic.clone();
@@ -995,43 +981,14 @@ where
         .map_err(|e| TaskError::internal(format!("kafka metadata: {e}")))
 }
 
-impl KafkaSink {
-    /// Waits until the broker has acknowledged every record handed to the producer.
-    async fn await_pending(&mut self) -> Result<()> {
-        let pending: Vec<_> = self.pending.drain(..).collect();
-        await_deliveries(pending, &self.options.topic).await
-    }
-
-    /// Takes the acknowledgements that have arrived, oldest first, without waiting; a failed
-    /// delivery among them is an error now.
-    async fn settle_arrived(&mut self) -> Result<()> {
-        while let Some(front) = self.pending.front_mut() {
-            let polled = std::future::poll_fn(|cx| std::task::Poll::Ready(std::pin::Pin::new(&mut *front).poll(cx))).await;
-            let std::task::Poll::Ready(result) = polled else { break };
-            self.pending.pop_front();
-            delivered(result, &self.options.topic)?;
-        }
-        while self.pending.len() > MAX_IN_FLIGHT {
-            let oldest = self.pending.pop_front().expect("more than the bound");
-            delivered(oldest.await, &self.options.topic)?;
-        }
-        Ok(())
-    }
-}
-
-/// Whether one record reached the broker.
-fn delivered<E>(result: std::result::Result<rdkafka::producer::future_producer::OwnedDeliveryResult, E>, topic: &str) -> Result<()> {
-    match result {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((e, _))) => Err(TaskError::external(format!("kafka: delivery to `{topic}` failed: {e}"))),
-        Err(_) => Err(TaskError::external("kafka: producer dropped a delivery")),
-    }
-}
-
 /// Waits until the broker has acknowledged every record.
 async fn await_deliveries(deliveries: Vec<rdkafka::producer::DeliveryFuture>, topic: &str) -> Result<()> {
     for d in deliveries {
-        delivered(d.await, topic)?;
+        match d.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((e, _))) => return Err(TaskError::external(format!("kafka: delivery to `{topic}` failed: {e}"))),
+            Err(_) => return Err(TaskError::external("kafka: producer dropped a delivery")),
+        }
     }
     Ok(())
 }
@@ -1071,6 +1028,7 @@ async fn create_topic(o: &KafkaSinkOptions) -> Result<()> {
 impl Sink for KafkaSink {
     async fn write(&mut self, batch: Batch) -> Result<()> {
         let upsert = self.options.format == KafkaFormat::UpsertJson;
+        let mut deliveries = Vec::with_capacity(batch.len());
         for (i, (row, op)) in batch.rows.iter().zip(&batch.ops).enumerate() {
             let key = if upsert { Some(self.key(row)) } else { None };
             let payload = match op {
@@ -1107,14 +1065,9 @@ impl Sink for KafkaSink {
                 .producer
                 .send_result(record)
                 .map_err(|(e, _)| TaskError::external(format!("kafka: queueing a record for `{}`: {e}", self.options.topic)))?;
-            self.pending.push_back(delivery);
+            deliveries.push(delivery);
         }
-        self.settle_arrived().await
-    }
-
-    async fn on_barrier(&mut self, _id: u64) -> Result<Vec<u8>> {
-        self.await_pending().await?;
-        Ok(Vec::new())
+        await_deliveries(deliveries, &self.options.topic).await
     }
 
     async fn on_watermark(&mut self, watermark: i64) -> Result<()> {
@@ -1127,12 +1080,10 @@ impl Sink for KafkaSink {
     }
 
     async fn tick(&mut self) -> Result<()> {
-        self.settle_arrived().await?;
         self.heartbeat().await
     }
 
     async fn finish(&mut self) -> Result<()> {
-        self.await_pending().await?;
         use rdkafka::producer::Producer;
         // The last watermark goes out now, whatever the interval.
         if let Some(h) = self.heartbeats.as_mut() {
