@@ -93,6 +93,8 @@ pub enum Refused {
     NoSuchInput { task: TaskId, input: usize, inputs: usize },
     #[error("task {task} has {known} inputs, but a sender's plan says {said}: the plans differ")]
     PlansDiffer { task: TaskId, known: usize, said: usize },
+    #[error("the inputs of task {task} are already taken: the task runs twice in one attempt")]
+    AlreadyTaken { task: TaskId },
 }
 
 /// The inboxes of this worker's tasks, created by whichever comes first: the task, or a sender.
@@ -136,13 +138,11 @@ impl Inboxes {
             self.sender(key, input, inputs)?;
         }
         let mut t = self.table();
-        let mut receivers = Vec::with_capacity(inputs);
-        for i in 0..inputs {
-            match t.slots.get_mut(&(key.clone(), i)).and_then(|s| s.rx.take()) {
-                Some(rx) => receivers.push(rx),
-                None => return Err(Refused::Superseded),
-            }
+        // All or none: a refusal leaves every receiver where it was.
+        if (0..inputs).any(|i| t.slots.get(&(key.clone(), i)).is_none_or(|s| s.rx.is_none())) {
+            return Err(Refused::AlreadyTaken { task: key.2 });
         }
+        let receivers = (0..inputs).filter_map(|i| t.slots.get_mut(&(key.clone(), i)).and_then(|s| s.rx.take())).collect();
         Ok(Inputs { receivers, next: 0 })
     }
 
@@ -475,6 +475,7 @@ mod tests {
         assert!(matches!(inboxes.sender(&key, 0, 3), Err(Refused::PlansDiffer { known: 2, said: 3, .. })));
         assert!(matches!(inboxes.receivers(&key, 3), Err(Refused::PlansDiffer { .. })));
         let mut inputs = inboxes.receivers(&key, 2).unwrap();
+        assert!(matches!(inboxes.receivers(&key, 2), Err(Refused::AlreadyTaken { .. })));
         // The task's inputs share the buffer: each holds its share, at least two.
         let tx = inboxes.sender(&key, 1, 2).unwrap();
         for n in 0..inbox_capacity(2) {

@@ -56,6 +56,12 @@ pub fn key_group_range(i: u32, max_parallelism: u32, parallelism: u32) -> std::o
     start..end
 }
 
+/// Whether two key-group ranges share a group (a snapshot of `a` holds keys a subtask owning `b`
+/// needs).
+pub fn groups_overlap(a: &std::ops::Range<u32>, b: &std::ops::Range<u32>) -> bool {
+    a.start < b.end && b.start < a.end
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

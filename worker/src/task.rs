@@ -27,7 +27,7 @@ use crate::checkpoint::{self, Aligner, Offer, Storage, TaskCommand, Uploader};
 use crate::connectors::{self, ConnectorContext, Progress, Sink, Source};
 use crate::error::{Result, TaskError};
 use crate::exchange::{Inboxes, Peers, Router};
-use crate::keys::key_group_range;
+use crate::keys::{groups_overlap, key_group_range};
 use crate::operators::{self, Collector, Operator, OperatorContext, OperatorSnapshot};
 
 /// Live counters of one task, read by heartbeats.
@@ -370,7 +370,7 @@ async fn run_task(ctx: &mut TaskContext) -> Result<()> {
         };
         let from: Vec<(String, &TaskSnapshot)> = earlier
             .into_iter()
-            .filter(|(_, groups, _)| !keyed || (groups.start < key_groups.end && key_groups.start < groups.end))
+            .filter(|(_, groups, _)| !keyed || groups_overlap(groups, &key_groups))
             .map(|(id, _, snap)| (id, snap))
             .collect();
         let storage = ctx.storage.clone();

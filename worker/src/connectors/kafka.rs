@@ -159,9 +159,6 @@ pub struct KafkaSource {
     backlogged: Arc<Mutex<HashSet<i32>>>,
     /// When the topic's partitions are next read again after assignment, to pick up added ones.
     next_rediscovery: tokio::time::Instant,
-    /// The future horizon while a batch is read (see [`crate::operators::future_horizon_ms`]),
-    /// read once per batch.
-    horizon: i64,
     /// The topic's time, which `state_ttl` is measured on: the latest event time read (or, for
     /// a source without event time, the latest record timestamp), never the wall clock, so a job
     /// that was down forgets nothing for having been down. `i64::MIN` before the first record.
@@ -227,7 +224,6 @@ impl KafkaSource {
             partition_times: HashMap::new(),
             backlogged,
             next_rediscovery: tokio::time::Instant::now() + PARTITIONS_REFRESH,
-            horizon: crate::operators::future_horizon_ms(),
             clock: i64::MIN,
         };
         if let Some((_, states)) = &ctx.restore {
@@ -400,8 +396,9 @@ impl KafkaSource {
         }
     }
 
-    /// Takes one record into `out`; `now` is when its batch was read.
-    fn take_owned(&mut self, m: &OwnedMessage, now: tokio::time::Instant, out: &mut Batch) -> Result<()> {
+    /// Takes one record into `out`; `now` is when its batch was read, and `horizon` the latest
+    /// event time believed then (see [`crate::operators::future_horizon_ms`]).
+    fn take_owned(&mut self, m: &OwnedMessage, now: tokio::time::Instant, horizon: i64, out: &mut Batch) -> Result<()> {
         // Offsets skipped (after a restored position, or between two records) are records this
         // job never reads: normal on a compacted or transactional topic, data lost otherwise (a
         // broker that answered a fetch from inside a record batch with the next batch did this).
@@ -432,7 +429,7 @@ impl KafkaSource {
         if let Some(e) = self.event_time {
             if let (Ok((_, Some(row))), Some(times)) = (&decoded, self.partition_times.get_mut(&m.partition())) {
                 if let Some(Value::Timestamp(t)) = row.get(e.column) {
-                    if *t <= self.horizon {
+                    if *t <= horizon {
                         times.latest = times.latest.max(*t);
                         times.last_record = now;
                     }
@@ -441,7 +438,7 @@ impl KafkaSource {
         }
         match decoded {
             Ok((Some(key), value)) => {
-                let written = self.advance_clock(m, value.as_ref());
+                let written = self.advance_clock(m, value.as_ref(), horizon);
                 let times = Times { written: written.unwrap_or(self.clock), now: self.clock };
                 let upserts =
                     self.upserts.as_mut().ok_or_else(|| TaskError::internal("kafka source: upsert record without upsert state"))?;
@@ -463,7 +460,7 @@ impl KafkaSource {
     /// record timestamp), which moves the clock forward; `None` for a tombstone of a source with
     /// event time. Times past the wall clock plus [`crate::operators::MAX_FUTURE_MS`] do not count:
     /// one record stamped in 2200 would otherwise expire every key at once.
-    fn advance_clock(&mut self, m: &OwnedMessage, row: Option<&Row>) -> Option<i64> {
+    fn advance_clock(&mut self, m: &OwnedMessage, row: Option<&Row>, horizon: i64) -> Option<i64> {
         let time = match self.event_time {
             Some(e) => match row.and_then(|r| r.get(e.column)) {
                 Some(Value::Timestamp(t)) => Some(*t),
@@ -471,7 +468,7 @@ impl KafkaSource {
             },
             None => m.timestamp().to_millis(),
         };
-        let time = time.filter(|t| *t <= self.horizon)?;
+        let time = time.filter(|t| *t <= horizon)?;
         self.clock = self.clock.max(time);
         Some(time)
     }
@@ -711,9 +708,9 @@ impl Source for KafkaSource {
         }
         let mut batch = Batch::default();
         let now = tokio::time::Instant::now();
-        self.horizon = crate::operators::future_horizon_ms();
+        let horizon = crate::operators::future_horizon_ms();
         for m in std::mem::take(&mut self.received) {
-            self.take_owned(&m, now, &mut batch)?;
+            self.take_owned(&m, now, horizon, &mut batch)?;
         }
         Ok(Some(batch))
     }

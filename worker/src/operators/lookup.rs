@@ -28,6 +28,7 @@ use super::{Collector, Operator, OperatorContext, OperatorSnapshot};
 use crate::batch::{Batch, Op};
 use crate::connectors::postgres_cdc::{decode_value, quote_ident};
 use crate::error::{Result, TaskError};
+use crate::keys::groups_overlap;
 use crate::retry::Policy;
 use crate::state::last_value::{self, LastValueState};
 use crate::task::TaskMetrics;
@@ -278,7 +279,7 @@ impl Memory {
             } else if plan.keyed {
                 // Rows come here by key group: the entries of this subtask's groups, wherever
                 // they were (a snapshot taken behind a partition-owning source holds any group).
-                if taken.keyed != Some(true) || ranges_overlap(&taken.groups, &ctx.key_groups) {
+                if taken.keyed != Some(true) || groups_overlap(&taken.groups, &ctx.key_groups) {
                     state.restore(files, &|group| ctx.key_groups.contains(&group))?;
                 }
             } else {
@@ -395,10 +396,6 @@ impl SnapshotScope {
         let end = u32::from_le_bytes(inline.get(4..8)?.try_into().ok()?);
         Some(SnapshotScope { groups: start..end, keyed: inline.get(8).map(|b| *b != 0) })
     }
-}
-
-fn ranges_overlap(a: &Range<u32>, b: &Range<u32>) -> bool {
-    a.start < b.end && b.start < a.end
 }
 
 /// A key as the text PostgreSQL compares it with.
