@@ -29,7 +29,9 @@ use tracing::{info, warn};
 
 use crate::checkpoint::{savepoint_id, AckOutcome, CheckpointTracker, Completed};
 use crate::state::JobState;
-use crate::store::{CheckpointRecord, CheckpointStore, JobRecord, MetadataStore, SharedGc};
+use crate::error::CoordinatorError;
+use crate::meta::{MetaCommand, MetaLog, MetaState};
+use crate::store::{CheckpointRecord, CheckpointStore, JobRecord, SharedGc};
 use crate::CoordinatorConfig;
 
 /// Orders to one worker's control stream.
@@ -59,14 +61,14 @@ pub enum Request {
     /// Validate, plan and schedule a spec.
     /// A new job; its spec was compiled to `plan` before it reached the loop (validation of a
     /// large spec must not hold up heartbeats).
-    Submit { spec: String, plan: Box<Plan>, from_savepoint: String, reply: oneshot::Sender<Result<String, Status>> },
+    Submit { spec: String, plan: Box<Plan>, from_savepoint: String, reply: oneshot::Sender<Result<String, CoordinatorError>> },
     /// All jobs.
     ListJobs { reply: oneshot::Sender<Vec<JobSummary>> },
     /// One job in detail.
-    JobStatus { job_id: String, reply: oneshot::Sender<Result<JobStatusResponse, Status>> },
+    JobStatus { job_id: String, reply: oneshot::Sender<Result<JobStatusResponse, CoordinatorError>> },
     /// Cancel a job.
     /// `release`: the job's sources give up what they hold upstream (a replication slot).
-    Cancel { job_id: String, release: bool, reply: oneshot::Sender<Result<CancelResponse, Status>> },
+    Cancel { job_id: String, release: bool, reply: oneshot::Sender<Result<CancelResponse, CoordinatorError>> },
     /// All workers.
     ListWorkers { reply: oneshot::Sender<Vec<WorkerView>> },
     /// A worker opened its control stream.
@@ -80,7 +82,7 @@ pub enum Request {
     /// A task answered a checkpoint barrier.
     CheckpointAck { worker_id: String, session: u64, ack: CheckpointAck },
     /// Take a savepoint; then cancel the job, or redeploy it with a new parallelism.
-    Savepoint { job_id: String, then: AfterSavepoint, reply: oneshot::Sender<Result<SavepointDone, Status>> },
+    Savepoint { job_id: String, then: AfterSavepoint, reply: oneshot::Sender<Result<SavepointDone, CoordinatorError>> },
 }
 
 /// What to do once a requested savepoint is complete.
@@ -113,7 +115,7 @@ enum Internal {
 
 struct SavepointWaiter {
     then: AfterSavepoint,
-    reply: oneshot::Sender<Result<SavepointDone, Status>>,
+    reply: oneshot::Sender<Result<SavepointDone, CoordinatorError>>,
 }
 
 struct Worker {
@@ -218,7 +220,10 @@ pub struct Coordinator {
     workers: BTreeMap<String, Worker>,
     jobs: BTreeMap<String, Job>,
     next_session: u64,
-    metadata: Option<MetadataStore>,
+    /// The durable metadata, as applied; every change to it goes through [`Coordinator::record`].
+    meta: MetaState,
+    /// Where it is made durable (`None`: nowhere, in tests).
+    log: Option<Box<dyn MetaLog>>,
     storage: Option<CheckpointStore>,
 }
 
@@ -238,16 +243,19 @@ impl Coordinator {
             workers: BTreeMap::new(),
             jobs: BTreeMap::new(),
             next_session: 1,
-            metadata: None,
+            meta: MetaState::default(),
+            log: None,
             storage: None,
         }
     }
 
-    /// Keeps job metadata in `metadata` and checkpoints in `storage`, and resumes the jobs
-    /// stored there: those that were not over restart from their latest checkpoint once workers
-    /// offer enough slots.
-    pub async fn with_stores(mut self, metadata: MetadataStore, storage: CheckpointStore) -> anyhow::Result<Coordinator> {
-        let records = metadata.load()?;
+    /// Keeps job metadata in `log` (which holds `state`) and checkpoints in `storage`, and resumes
+    /// the jobs of `state`: those that were not over restart from their latest checkpoint once
+    /// workers offer enough slots.
+    pub async fn with_stores(mut self, log: Box<dyn MetaLog>, state: MetaState, storage: CheckpointStore) -> anyhow::Result<Coordinator> {
+        let records: Vec<JobRecord> = state.jobs.values().cloned().collect();
+        self.meta = state;
+        self.log = Some(log);
         for r in records {
             let mut kept = Vec::new();
             let mut unreadable = Vec::new();
@@ -262,8 +270,15 @@ impl Coordinator {
             }
             let job_id = r.job_id.clone();
             self.resume_job(r, kept);
-            if let Some(job) = self.jobs.get_mut(&job_id) {
-                job.unreadable = unreadable;
+            let Some(job) = self.jobs.get_mut(&job_id) else {
+                continue;
+            };
+            job.unreadable = unreadable;
+            // What the restart changed (a running job now restarts, a cancel in progress is
+            // complete) is recorded like any change.
+            let (to, cause) = (job.state, job.cause.clone());
+            if self.meta.jobs.get(&job_id).is_some_and(|r| r.state != to || r.cause != cause) {
+                self.record(MetaCommand::StateChanged { job_id, to, cause });
             }
         }
         // Savepoints a job was submitted from belong to other jobs, all loaded by now.
@@ -271,13 +286,12 @@ impl Coordinator {
             self.jobs.iter().filter_map(|(id, j)| Some((id.clone(), j.from_savepoint.clone()?))).collect();
         for (job_id, savepoint) in from {
             let job = &self.jobs[&job_id];
-            let restore = self.find_savepoint(&savepoint).map_err(|e| e.message().to_string()).and_then(|m| state_for_plan(&m, &job.plan));
+            let restore = self.find_savepoint(&savepoint).map_err(|e| e.to_string()).and_then(|m| state_for_plan(&m, &job.plan));
             match restore {
                 Ok(manifest) => self.jobs.get_mut(&job_id).expect("listed above").initial_restore = Some(Arc::new(manifest)),
                 Err(e) => warn!(job_id, savepoint, error = %e, "the savepoint the job was submitted from cannot be restored; it restarts without it"),
             }
         }
-        self.metadata = Some(metadata);
         self.storage = Some(storage);
         Ok(self)
     }
@@ -287,16 +301,21 @@ impl Coordinator {
             Ok(p) => p,
             Err(e) => {
                 warn!(job_id = %r.job_id, error = %e, "a stored job's spec no longer plans; dropping it");
+                if !r.state.is_terminal() {
+                    let cause = format!("its spec no longer plans: {e}");
+                    self.record(MetaCommand::StateChanged { job_id: r.job_id.clone(), to: JobState::Failed, cause });
+                }
+                self.record(MetaCommand::Forgotten { job_id: r.job_id });
                 return;
             }
         };
-        let stored_state = match r.state.as_str() {
+        let stored_state = match r.state {
             // A cancel was under way: the workers stopped its tasks when this coordinator's
             // streams broke, so the cancel is complete.
-            "cancelled" | "cancelling" => JobState::Cancelled,
-            "failed" => JobState::Failed,
-            "finished" => JobState::Finished,
-            _ => JobState::Restarting,
+            JobState::Cancelled | JobState::Cancelling => JobState::Cancelled,
+            JobState::Failed => JobState::Failed,
+            JobState::Finished => JobState::Finished,
+            JobState::Created | JobState::Scheduling | JobState::Running | JobState::Restarting => JobState::Restarting,
         };
         let now = Instant::now();
         let mut job = self.new_job(&r.job_id, r.spec, r.parallelism, plan, now);
@@ -309,7 +328,7 @@ impl Coordinator {
         job.submitted_at_ms = r.submitted_at_ms;
         job.from_savepoint = r.from_savepoint.clone();
         job.state = stored_state;
-        job.cause = if r.state == "cancelling" { "cancelled; the coordinator restarted while its tasks stopped".into() } else { r.cause.clone() };
+        job.cause = if r.state == JobState::Cancelling { "cancelled; the coordinator restarted while its tasks stopped".into() } else { r.cause.clone() };
         if stored_state == JobState::Restarting {
             let from = job.checkpoints.latest().map(|c| format!("checkpoint {}", c.id)).unwrap_or_else(|| "the start".into());
             job.cause = format!("coordinator restarted; resuming from {from}");
@@ -375,7 +394,7 @@ impl Coordinator {
         // Savepoints still waiting get an answer rather than a dropped channel.
         for job in self.jobs.values_mut() {
             for w in job.savepoint_waiters.drain(..) {
-                let _ = w.reply.send(Err(Status::unavailable("the coordinator is shutting down")));
+                let _ = w.reply.send(Err(CoordinatorError::ShuttingDown));
             }
         }
     }
@@ -400,12 +419,13 @@ impl Coordinator {
             }
             let job = self.jobs.get_mut(&job_id).expect("listed above");
             if let Some(p) = job.checkpoints.check_timeout(now) {
+                // Its id is used up: recorded, so a restart never hands it out again.
+                let next = job.checkpoints.next_id();
                 warn!(job_id, checkpoint = p.id, "checkpoint timed out");
                 if p.savepoint {
                     self.savepoint_failed(&job_id, "the savepoint timed out");
                 }
-                // Its id is used up: recorded, so a restart never hands it out again.
-                self.persist();
+                self.record(MetaCommand::CheckpointIdsUsed { job_id: job_id.clone(), next });
             }
             self.maybe_trigger(&job_id, now);
         }
@@ -491,16 +511,18 @@ impl Coordinator {
                 let mut workers: Vec<String> = job.slots.clone();
                 workers.sort();
                 workers.dedup();
+                let dropped_ids: Vec<u64> = dropped.iter().map(|c| c.id).collect();
                 if let Some(storage) = self.storage.clone() {
                     let kept: Vec<Arc<CheckpointManifest>> = job.checkpoints.kept().iter().map(|c| c.manifest.clone()).collect();
-                    let dropped: Vec<u64> = dropped.iter().map(|c| c.id).collect();
+                    let dropped = dropped_ids.clone();
                     let shared = job.shared_gc(done.id, done.view.triggered_at_ms);
                     let id = job_id.clone();
                     tokio::spawn(async move { storage.collect(&id, dropped, kept, shared).await });
                 }
                 // Recorded before anyone hears of it: a source that confirms this checkpoint's
                 // position upstream (a replication slot) can never be restored from an older one.
-                if !self.persist() {
+                let checkpoint = checkpoint_record(&done);
+                if !self.record(MetaCommand::CheckpointCompleted { job_id: job_id.clone(), checkpoint, dropped: dropped_ids }) {
                     // Not confirmed upstream until a later checkpoint is recorded.
                     if done.savepoint {
                         self.savepoint_failed(&job_id, "the coordinator could not record it");
@@ -541,23 +563,23 @@ impl Coordinator {
     fn savepoint_failed(&mut self, job_id: &str, cause: &str) {
         let Some(job) = self.jobs.get_mut(job_id) else { return };
         for w in job.savepoint_waiters.drain(..) {
-            let _ = w.reply.send(Err(Status::aborted(format!("savepoint failed: {cause}; the job keeps running, try again"))));
+            let _ = w.reply.send(Err(CoordinatorError::Aborted(format!("savepoint failed: {cause}; the job keeps running, try again"))));
         }
     }
 
-    fn request_savepoint(&mut self, job_id: &str, then: AfterSavepoint, reply: oneshot::Sender<Result<SavepointDone, Status>>) {
+    fn request_savepoint(&mut self, job_id: &str, then: AfterSavepoint, reply: oneshot::Sender<Result<SavepointDone, CoordinatorError>>) {
         let Some(job) = self.jobs.get_mut(job_id) else {
-            let _ = reply.send(Err(not_found(job_id)));
+            let _ = reply.send(Err(CoordinatorError::NoSuchJob(job_id.into())));
             return;
         };
         if self.storage.is_none() || !job.checkpoints.enabled() {
-            let _ = reply.send(Err(Status::failed_precondition(format!(
+            let _ = reply.send(Err(CoordinatorError::WrongState(format!(
                 "job {job_id} takes no checkpoints (its spec sets state.checkpoint_interval = \"0s\"), so it cannot take a savepoint"
             ))));
             return;
         }
         if job.state != JobState::Running {
-            let _ = reply.send(Err(Status::failed_precondition(format!(
+            let _ = reply.send(Err(CoordinatorError::WrongState(format!(
                 "job {job_id} is {}; savepoints are taken of running jobs",
                 job.state
             ))));
@@ -565,7 +587,7 @@ impl Coordinator {
         }
         if let AfterSavepoint::Rescale(n) = then {
             if let Err(e) = eddy_jobs::compile_with_parallelism(&job.spec, Some(n)) {
-                let _ = reply.send(Err(Status::invalid_argument(format!("cannot rescale to {n}: {e}"))));
+                let _ = reply.send(Err(CoordinatorError::Invalid(format!("cannot rescale to {n}: {e}"))));
                 return;
             }
         }
@@ -585,6 +607,7 @@ impl Coordinator {
         };
         let old_parallelism = job.plan.slots_needed();
         self.stop_tasks(job_id, false);
+        self.record(MetaCommand::Rescaled { job_id: job_id.to_string(), parallelism });
         let job = self.jobs.get_mut(job_id).expect("checked above");
         job.parallelism = Some(parallelism);
         job.plan = Arc::new(plan);
@@ -619,6 +642,8 @@ impl Coordinator {
         job.restarts += 1;
         job.running_since = None;
         job.restart_at = Some(Instant::now() + backoff);
+        self.record(MetaCommand::Restarted { job_id: job_id.to_string() });
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
         if let Some(p) = job.checkpoints.abort("the job is restarting", Instant::now()) {
             if p.savepoint {
                 self.savepoint_failed(job_id, "the job failed while taking it");
@@ -660,8 +685,11 @@ impl Coordinator {
             }
             return;
         };
+        let attempt = job.attempt + 1;
+        // Attempts come from the log: recorded before any task of this one can write.
+        self.record(MetaCommand::AttemptStarted { job_id: job_id.to_string(), attempt });
         let job = self.jobs.get_mut(job_id).expect("checked above");
-        job.attempt += 1;
+        job.attempt = attempt;
         job.restart_at = None;
         job.tasks = assign_tasks(&job.plan, &slots);
         job.slots = slots;
@@ -670,40 +698,15 @@ impl Coordinator {
         self.deploy(job_id);
     }
 
-    /// Writes the jobs' metadata; false if that failed (logged; the next change tries again).
-    fn persist(&self) -> bool {
-        let Some(store) = &self.metadata else { return true };
-        let records = self
-            .jobs
-            .iter()
-            .map(|(id, j)| JobRecord {
-                job_id: id.clone(),
-                spec: j.spec.clone(),
-                parallelism: j.parallelism,
-                attempt: j.attempt,
-                state: j.state.to_string(),
-                cause: j.cause.clone(),
-                submitted_at_ms: j.submitted_at_ms,
-                next_checkpoint_id: j.checkpoints.next_id(),
-                restarts: j.restarts,
-                from_savepoint: j.from_savepoint.clone(),
-                checkpoints: j
-                    .checkpoints
-                    .kept()
-                    .iter()
-                    .map(|c| CheckpointRecord {
-                        id: c.id,
-                        savepoint: c.savepoint,
-                        triggered_at_ms: c.view.triggered_at_ms,
-                        duration_ms: c.view.duration_ms,
-                        full_bytes: c.view.full_bytes,
-                        incremental_bytes: c.view.incremental_bytes,
-                    })
-                    .chain(j.unreadable.iter().cloned())
-                    .collect(),
-            })
-            .collect();
-        match store.save(records) {
+    /// Applies `command` to the durable metadata and makes it durable; false if it was refused
+    /// (a bug: logged) or not written (logged; the log catches up on its next write).
+    fn record(&mut self, command: MetaCommand) -> bool {
+        if let Err(e) = self.meta.apply(&command) {
+            warn!(job_id = command.job_id(), error = %e, ?command, "metadata change refused");
+            return false;
+        }
+        let Some(log) = &mut self.log else { return true };
+        match log.append(&command, &self.meta) {
             Ok(()) => true,
             Err(e) => {
                 warn!(error = %e, "cannot write job metadata; a coordinator restart would lose the latest changes");
@@ -846,20 +849,20 @@ impl Coordinator {
         }
     }
 
-    fn submit(&mut self, spec: String, plan: Plan, from_savepoint: String) -> Result<String, Status> {
+    fn submit(&mut self, spec: String, plan: Plan, from_savepoint: String) -> Result<String, CoordinatorError> {
         let initial_restore = if from_savepoint.is_empty() {
             None
         } else {
             let manifest = self.find_savepoint(&from_savepoint)?;
             let manifest = state_for_plan(&manifest, &plan)
-                .map_err(|e| Status::invalid_argument(format!("savepoint {from_savepoint} does not fit this spec: {e}")))?;
+                .map_err(|e| CoordinatorError::Invalid(format!("savepoint {from_savepoint} does not fit this spec: {e}")))?;
             Some(Arc::new(manifest))
         };
         let needed = plan.slots_needed() as usize;
         let slots = self.place(needed).ok_or_else(|| {
             let free: u32 = self.free_slots().values().sum();
             let alive = self.workers.values().filter(|w| w.lost.is_none()).count();
-            Status::resource_exhausted(format!(
+            CoordinatorError::NoSlots(format!(
                 "job `{}` needs {needed} slots (its largest parallelism) but the cluster has {free} free on {alive} live workers; \
                  start more workers, give them more --slots, or lower the job's parallelism",
                 plan.name
@@ -872,6 +875,7 @@ impl Coordinator {
         job.initial_restore = initial_restore;
         job.from_savepoint = (!from_savepoint.is_empty()).then_some(from_savepoint);
         info!(job_id, name = %job.name, tasks = job.tasks.len(), slots = needed, "job created");
+        self.record(MetaCommand::Submitted { job: job_record(&job_id, &job) });
         self.jobs.insert(job_id.clone(), job);
         self.deploy(&job_id);
         Ok(job_id)
@@ -912,13 +916,13 @@ impl Coordinator {
     }
 
     /// The manifest of a savepoint, by the id `eddy savepoint` printed.
-    fn find_savepoint(&self, id: &str) -> Result<Arc<CheckpointManifest>, Status> {
+    fn find_savepoint(&self, id: &str) -> Result<Arc<CheckpointManifest>, CoordinatorError> {
         self.jobs
             .values()
             .flat_map(|j| j.checkpoints.kept())
             .find(|c| c.savepoint && c.view.savepoint_id == id)
             .map(|c| c.manifest.clone())
-            .ok_or_else(|| Status::not_found(format!("no savepoint `{id}`; `eddy status JOB` lists a job's savepoints")))
+            .ok_or_else(|| CoordinatorError::NoSuchSavepoint(id.into()))
     }
 
     fn deploy(&mut self, job_id: &str) {
@@ -1031,11 +1035,11 @@ impl Coordinator {
         }
     }
 
-    fn cancel(&mut self, job_id: &str, release: bool) -> Result<CancelResponse, Status> {
-        let job = self.jobs.get(job_id).ok_or_else(|| not_found(job_id))?;
+    fn cancel(&mut self, job_id: &str, release: bool) -> Result<CancelResponse, CoordinatorError> {
+        let job = self.jobs.get(job_id).ok_or_else(|| CoordinatorError::NoSuchJob(job_id.into()))?;
         let state = job.state;
         if state.is_terminal() {
-            return Err(Status::failed_precondition(format!("job {job_id} is already {state}; nothing to cancel")));
+            return Err(CoordinatorError::WrongState(format!("job {job_id} is already {state}; nothing to cancel")));
         }
         // A replication slot is dropped by the task reading it; with none running (between two
         // attempts, or on a worker lost) it stays, holding WAL on the server: say so, and how.
@@ -1084,7 +1088,7 @@ impl Coordinator {
             job.restart_at = None;
             job.checkpoints.abort(&format!("the job is {to}"), Instant::now());
             for w in job.savepoint_waiters.drain(..) {
-                let _ = w.reply.send(Err(Status::aborted(format!("the job became {to} before the savepoint completed: {cause}"))));
+                let _ = w.reply.send(Err(CoordinatorError::Aborted(format!("the job became {to} before the savepoint completed: {cause}"))));
             }
             // A cancelled or finished job is never restored again: its checkpoints' files go, its
             // savepoints' stay. A failed job keeps them, as evidence.
@@ -1096,6 +1100,7 @@ impl Coordinator {
                     let id = job_id.to_string();
                     tokio::spawn(async move { storage.release(&id, released, kept, shared).await });
                 }
+                job.unreadable.retain(|c| c.savepoint);
             }
         }
         job.history.push(Transition { at_ms: now, from: from.to_string(), to: to.to_string(), cause: cause.to_string() });
@@ -1104,10 +1109,10 @@ impl Coordinator {
             let extra = job.history.len() - HISTORY_KEPT;
             job.history.drain(1..=extra);
         }
+        self.record(MetaCommand::StateChanged { job_id: job_id.to_string(), to, cause: cause.to_string() });
         if to.is_terminal() {
             self.forget_old_finished_jobs();
         }
-        self.persist();
     }
 
     /// Keeps the [`FINISHED_JOBS_KEPT`] jobs that ended last; older ended jobs are forgotten.
@@ -1116,11 +1121,12 @@ impl Coordinator {
         for id in older_than_the_latest(ended.collect(), FINISHED_JOBS_KEPT) {
             info!(job_id = %id, "forgetting an old finished job");
             self.jobs.remove(&id);
+            self.record(MetaCommand::Forgotten { job_id: id });
         }
     }
 
-    fn status(&self, job_id: &str) -> Result<JobStatusResponse, Status> {
-        let job = self.jobs.get(job_id).ok_or_else(|| not_found(job_id))?;
+    fn status(&self, job_id: &str) -> Result<JobStatusResponse, CoordinatorError> {
+        let job = self.jobs.get(job_id).ok_or_else(|| CoordinatorError::NoSuchJob(job_id.into()))?;
         let tasks = job
             .tasks
             .iter()
@@ -1181,6 +1187,34 @@ fn assign_tasks(plan: &Plan, slots: &[String]) -> BTreeMap<TaskId, TaskRecord> {
         .collect()
 }
 
+/// A job's durable part, as recorded when it is submitted.
+fn job_record(job_id: &str, j: &Job) -> JobRecord {
+    JobRecord {
+        job_id: job_id.to_string(),
+        spec: j.spec.clone(),
+        parallelism: j.parallelism,
+        attempt: j.attempt,
+        state: j.state,
+        cause: j.cause.clone(),
+        submitted_at_ms: j.submitted_at_ms,
+        next_checkpoint_id: j.checkpoints.next_id(),
+        restarts: j.restarts,
+        from_savepoint: j.from_savepoint.clone(),
+        checkpoints: j.checkpoints.kept().iter().map(checkpoint_record).chain(j.unreadable.iter().cloned()).collect(),
+    }
+}
+
+fn checkpoint_record(c: &Completed) -> CheckpointRecord {
+    CheckpointRecord {
+        id: c.id,
+        savepoint: c.savepoint,
+        triggered_at_ms: c.view.triggered_at_ms,
+        duration_ms: c.view.duration_ms,
+        full_bytes: c.view.full_bytes,
+        incremental_bytes: c.view.incremental_bytes,
+    }
+}
+
 fn record_view(job_id: &str, c: &CheckpointRecord) -> CheckpointView {
     CheckpointView {
         checkpoint_id: c.id,
@@ -1193,10 +1227,6 @@ fn record_view(job_id: &str, c: &CheckpointRecord) -> CheckpointView {
         cause: String::new(),
         savepoint_id: if c.savepoint { savepoint_id(job_id, c.id) } else { String::new() },
     }
-}
-
-fn not_found(job_id: &str) -> Status {
-    Status::not_found(format!("no job `{job_id}`; `eddy jobs` lists the jobs"))
 }
 
 fn summary(id: &str, j: &Job) -> JobSummary {
@@ -1356,6 +1386,36 @@ connector = "discard"
         sessions: HashMap<String, u64>,
     }
 
+    /// Every test ends by checking that the durable metadata holds what the jobs do: a change
+    /// made without its command would be lost to a coordinator restart (or a new leader).
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            if !std::thread::panicking() {
+                self.coordinator.check_meta();
+            }
+        }
+    }
+
+    impl Coordinator {
+        fn check_meta(&self) {
+            assert!(self.jobs.keys().eq(self.meta.jobs.keys()), "jobs and the metadata's differ");
+            for (id, job) in &self.jobs {
+                let held = &self.meta.jobs[id];
+                let mut want = job_record(id, job);
+                // Ids are recorded when checkpoints end or time out, not when they start, and
+                // why a restart waits is no durable fact.
+                assert!(held.next_checkpoint_id <= want.next_checkpoint_id, "{id}: {held:?}");
+                want.next_checkpoint_id = held.next_checkpoint_id;
+                want.cause = held.cause.clone();
+                let mut held = held.clone();
+                for r in [&mut want, &mut held] {
+                    r.checkpoints.sort_by_key(|c| c.id);
+                }
+                assert_eq!(want, held, "job {id} and its metadata");
+            }
+        }
+    }
+
     impl Harness {
         fn new() -> Harness {
             let (requests, rx) = mpsc::channel(16);
@@ -1384,7 +1444,7 @@ connector = "discard"
                 Err(e) => return Err(Status::invalid_argument(format!("invalid job spec: {e}"))),
             };
             self.coordinator.handle(Request::Submit { spec: spec.into(), plan, from_savepoint: String::new(), reply });
-            rx.try_recv().unwrap()
+            rx.try_recv().unwrap().map_err(Status::from)
         }
 
         fn deployed(&mut self, worker: &str) -> Vec<DeployTasks> {
@@ -1412,6 +1472,7 @@ connector = "discard"
         }
 
         fn state(&self, job: &str) -> JobState {
+            self.coordinator.check_meta();
             self.coordinator.jobs[job].state
         }
     }
@@ -1440,26 +1501,42 @@ connector = "discard"
     #[tokio::test]
     async fn a_cancel_in_progress_survives_a_coordinator_restart() {
         let dir = std::env::temp_dir().join(format!("eddy-cancel-restart-{}", std::process::id()));
-        let metadata = MetadataStore::open(&dir.join("meta")).unwrap();
-        let record = |state: &str, id: &str| JobRecord {
-            job_id: id.into(),
-            spec: SPEC.into(),
-            parallelism: None,
-            attempt: 3,
-            state: state.into(),
-            cause: "cancel requested".into(),
-            submitted_at_ms: 0,
-            next_checkpoint_id: 1,
-            restarts: 0,
-            checkpoints: Vec::new(),
-            from_savepoint: None,
-        };
-        metadata.save(vec![record("cancelling", "c"), record("running", "r")]).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        // Stored: "c" while its cancel was in progress, "r" running.
+        let (mut log, mut state) = crate::meta::LocalLog::open(&dir.join("meta")).unwrap();
+        for (id, states) in [("c", &[JobState::Scheduling, JobState::Running, JobState::Cancelling][..]), ("r", &[JobState::Scheduling, JobState::Running])] {
+            let job = JobRecord {
+                job_id: id.into(),
+                spec: SPEC.into(),
+                parallelism: None,
+                attempt: 1,
+                state: JobState::Created,
+                cause: "submitted".into(),
+                submitted_at_ms: 0,
+                next_checkpoint_id: 1,
+                restarts: 0,
+                checkpoints: Vec::new(),
+                from_savepoint: None,
+            };
+            let commands = std::iter::once(MetaCommand::Submitted { job })
+                .chain(states.iter().map(|&to| MetaCommand::StateChanged { job_id: id.into(), to, cause: to.to_string() }));
+            for c in commands {
+                state.apply(&c).unwrap();
+                log.append(&c, &state).unwrap();
+            }
+        }
         let storage = CheckpointStore::open(&dir.join("checkpoints")).unwrap();
         let (_tx, rx) = mpsc::channel(1);
-        let coordinator = Coordinator::new(CoordinatorConfig::default(), rx).with_stores(metadata, storage).await.unwrap();
+        let coordinator = Coordinator::new(CoordinatorConfig::default(), rx).with_stores(Box::new(log), state, storage).await.unwrap();
         assert_eq!(coordinator.jobs["c"].state, JobState::Cancelled);
         assert_eq!(coordinator.jobs["r"].state, JobState::Restarting);
+        coordinator.check_meta();
+        drop(coordinator);
+        // What the restart concluded is on disk: a second restart reads it back.
+        let (_, state) = crate::meta::LocalLog::open(&dir.join("meta")).unwrap();
+        assert_eq!(state.applied, 9);
+        assert_eq!(state.jobs["c"].state, JobState::Cancelled);
+        assert_eq!(state.jobs["r"].state, JobState::Restarting);
         let _ = std::fs::remove_dir_all(&dir);
     }
 

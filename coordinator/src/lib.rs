@@ -8,6 +8,8 @@
 pub mod actor;
 pub mod api;
 pub mod checkpoint;
+pub mod error;
+pub mod meta;
 pub mod state;
 pub mod store;
 
@@ -68,9 +70,8 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
     let mut coordinator = actor::Coordinator::new(config.clone(), rx);
     if let Some(data) = &config.data_dir {
         let checkpoints = config.checkpoint_dir.clone().unwrap_or_else(|| data.join("checkpoints"));
-        coordinator = coordinator
-            .with_stores(store::MetadataStore::open(data)?, store::CheckpointStore::open(&checkpoints)?)
-            .await?;
+        let (log, state) = meta::LocalLog::open(data)?;
+        coordinator = coordinator.with_stores(Box::new(log), state, store::CheckpointStore::open(&checkpoints)?).await?;
     }
     let actor = tokio::spawn(coordinator.run(shutdown.clone()));
     let api = api::Api { actor: tx, heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64 };

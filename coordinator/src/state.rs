@@ -3,7 +3,8 @@
 use std::fmt;
 
 /// The life of a job. Every change is logged and kept in the job's history with its cause.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum JobState {
     /// Accepted and planned, not yet placed.
     Created,
@@ -39,7 +40,8 @@ impl JobState {
         use JobState::*;
         matches!(
             (self, to),
-            (Created, Scheduling | Failed | Cancelled)
+            // Restarting: the coordinator restarted before the first deployment.
+            (Created, Scheduling | Restarting | Failed | Cancelled)
                 | (Scheduling, Running | Finished | Failed | Cancelling | Restarting)
                 | (Running, Finished | Failed | Cancelling | Restarting)
                 | (Restarting, Scheduling | Failed | Cancelling)

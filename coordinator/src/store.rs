@@ -1,14 +1,10 @@
-//! What the coordinator keeps on disk: job metadata (so a restarted coordinator resumes its jobs
-//! from their latest checkpoints) and the checkpoint manifests and their garbage collection in
-//! checkpoint storage.
-//!
-//! Metadata is one JSON document rewritten atomically (write, fsync, rename) after every change
-//! that must survive: a job submitted, a state change, a checkpoint completed. It is small (specs
-//! and checkpoint references); the manifests themselves live next to the checkpoint files. This
-//! is the local durable store that stands in for the Raft log until the coordinators replicate.
+//! What the coordinator keeps on disk: the records of its jobs (made durable through
+//! [`crate::meta`]) and the checkpoint manifests, with their garbage collection in checkpoint
+//! storage. The records are small (specs and checkpoint references); the manifests live next to
+//! the checkpoint files.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use eddy_proto::CheckpointManifest;
@@ -17,10 +13,12 @@ use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, PutPayload};
 use prost::Message;
 use serde::{Deserialize, Serialize};
+
+use crate::state::JobState;
 use tokio_stream::StreamExt;
 
 /// A job as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     /// Job id.
     pub job_id: String,
@@ -32,7 +30,7 @@ pub struct JobRecord {
     /// Attempt of the last deployment.
     pub attempt: u64,
     /// Job state when stored.
-    pub state: String,
+    pub state: JobState,
     /// Why it is in that state.
     pub cause: String,
     /// Unix ms.
@@ -50,7 +48,7 @@ pub struct JobRecord {
 }
 
 /// A completed checkpoint as stored.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointRecord {
     /// Checkpoint id.
     pub id: u64,
@@ -64,71 +62,6 @@ pub struct CheckpointRecord {
     pub full_bytes: u64,
     /// Bytes uploaded for this checkpoint.
     pub incremental_bytes: u64,
-}
-
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Metadata {
-    jobs: Vec<JobRecord>,
-}
-
-/// The metadata file, in a data directory this coordinator holds locked.
-#[derive(Debug, Clone)]
-pub struct MetadataStore {
-    path: PathBuf,
-    /// Held (an exclusive lock on `LOCK`) while the store lives: two coordinators on one
-    /// directory would resume the same jobs under colliding attempt numbers and each delete files
-    /// the other's checkpoints use.
-    _lock: Arc<std::fs::File>,
-}
-
-impl MetadataStore {
-    /// Metadata in `dir` (created when missing).
-    pub fn open(dir: &Path) -> anyhow::Result<MetadataStore> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| anyhow::anyhow!("cannot create the data directory {}: {e}; pick another with --data-dir", dir.display()))?;
-        let lock_path = dir.join("LOCK");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}; pick another --data-dir", lock_path.display()))?;
-        lock.try_lock().map_err(|_| {
-            anyhow::anyhow!(
-                "another coordinator is using the data directory {} (it holds {}); stop it, or give this one another --data-dir",
-                dir.display(),
-                lock_path.display()
-            )
-        })?;
-        Ok(MetadataStore { path: dir.join("jobs.json"), _lock: Arc::new(lock) })
-    }
-
-    /// The jobs stored, or none on a first start.
-    pub fn load(&self) -> anyhow::Result<Vec<JobRecord>> {
-        match std::fs::read(&self.path) {
-            Ok(bytes) => {
-                let m: Metadata = serde_json::from_slice(&bytes).map_err(|e| {
-                    anyhow::anyhow!("{} is damaged ({e}); move it away to start with no jobs", self.path.display())
-                })?;
-                Ok(m.jobs)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-            Err(e) => Err(anyhow::anyhow!("reading {}: {e}", self.path.display())),
-        }
-    }
-
-    /// Replaces the stored jobs.
-    pub fn save(&self, jobs: Vec<JobRecord>) -> std::io::Result<()> {
-        let bytes = serde_json::to_vec_pretty(&Metadata { jobs }).map_err(std::io::Error::other)?;
-        let tmp = self.path.with_extension("json.tmp");
-        {
-            use std::io::Write;
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.path)
-    }
 }
 
 /// Which shared state files (RocksDB's immutable `.sst` files, uploaded once and referenced by
@@ -357,17 +290,6 @@ mod tests {
         // The clock says every file is older than anything (a worker's clock far behind).
         store.collect("job", Vec::new(), vec![Arc::new(kept)], SharedGc::Through { checkpoint: 5, before_ms: i64::MAX }).await;
         assert_eq!(shared(), ["chk-3/000010.sst", "chk-6/000012.sst"].map(String::from).into_iter().collect());
-        let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn a_data_directory_serves_one_coordinator_at_a_time() {
-        let dir = std::env::temp_dir().join(format!("eddy-lock-{}", std::process::id()));
-        let first = MetadataStore::open(&dir).unwrap();
-        let e = MetadataStore::open(&dir).unwrap_err().to_string();
-        assert!(e.contains("another coordinator") && e.contains("--data-dir"), "{e}");
-        drop(first);
-        MetadataStore::open(&dir).expect("free again once the first is gone");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
