@@ -1,6 +1,8 @@
 //! The coordinator's single owner of state. Requests arrive on a channel (from gRPC handlers and
 //! worker streams) and are handled one at a time; a timer drives the failure detector, checkpoint
-//! triggers and timeouts, and restarts. I/O (manifests, metadata) never blocks the loop for long:
+//! triggers and timeouts, and restarts. The workers are a [`Cluster`] (soft state); each durable
+//! change to a job is a [`MetaCommand`] applied to the [`MetaState`] and made durable by a
+//! [`MetaLog`] before anyone hears of it. I/O (manifests, metadata) never blocks the loop for long:
 //! manifests are stored by spawned tasks that report back on an internal channel.
 //!
 //! Failures: a task that fails with a retryable error, or a lost worker, sends the job to
@@ -11,7 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use eddy_jobs::connectors::SourceConnector;
 use eddy_jobs::plan::OperatorKind;
@@ -24,18 +26,15 @@ use eddy_proto::{
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 use tracing::{info, warn};
 
 use crate::checkpoint::{savepoint_id, AckOutcome, CheckpointTracker, Completed};
-use crate::state::JobState;
+use crate::cluster::{Cluster, WorkerSender};
 use crate::error::CoordinatorError;
 use crate::meta::{MetaCommand, MetaLog, MetaState};
+use crate::state::JobState;
 use crate::store::{CheckpointRecord, CheckpointStore, JobRecord, SharedGc};
-use crate::CoordinatorConfig;
-
-/// Orders to one worker's control stream.
-pub type WorkerSender = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+use crate::{now_ms, older_than_the_latest, CoordinatorConfig};
 
 /// How long a restart waits for the old attempt's tasks to report that they stopped.
 const STOP_WAIT: Duration = Duration::from_secs(10);
@@ -43,18 +42,6 @@ const STOP_WAIT: Duration = Duration::from_secs(10);
 const HISTORY_KEPT: usize = 200;
 /// Ended jobs (finished, failed, cancelled) kept, the latest ones; older ones are forgotten.
 const FINISHED_JOBS_KEPT: usize = 100;
-/// Lost workers still listed, the latest ones.
-const LOST_WORKERS_KEPT: usize = 32;
-
-/// Of `(when, id)` pairs, the ids of all but the `kept` latest.
-fn older_than_the_latest<T: Ord>(mut items: Vec<(T, String)>, kept: usize) -> Vec<String> {
-    if items.len() <= kept {
-        return Vec::new();
-    }
-    items.sort();
-    items.truncate(items.len() - kept);
-    items.into_iter().map(|(_, id)| id).collect()
-}
 
 /// What the actor is asked to do.
 pub enum Request {
@@ -116,16 +103,6 @@ enum Internal {
 struct SavepointWaiter {
     then: AfterSavepoint,
     reply: oneshot::Sender<Result<SavepointDone, CoordinatorError>>,
-}
-
-struct Worker {
-    data_address: String,
-    slots: u32,
-    session: u64,
-    orders: WorkerSender,
-    last_heartbeat: Instant,
-    last_heartbeat_ms: i64,
-    lost: Option<String>,
 }
 
 struct TaskRecord {
@@ -217,18 +194,13 @@ pub struct Coordinator {
     requests: mpsc::Receiver<Request>,
     internal_tx: mpsc::UnboundedSender<Internal>,
     internal: mpsc::UnboundedReceiver<Internal>,
-    workers: BTreeMap<String, Worker>,
+    cluster: Cluster,
     jobs: BTreeMap<String, Job>,
-    next_session: u64,
     /// The durable metadata, as applied; every change to it goes through [`Coordinator::record`].
     meta: MetaState,
     /// Where it is made durable (`None`: nowhere, in tests).
     log: Option<Box<dyn MetaLog>>,
     storage: Option<CheckpointStore>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 impl Coordinator {
@@ -240,9 +212,8 @@ impl Coordinator {
             requests,
             internal_tx,
             internal,
-            workers: BTreeMap::new(),
+            cluster: Cluster::default(),
             jobs: BTreeMap::new(),
-            next_session: 1,
             meta: MetaState::default(),
             log: None,
             storage: None,
@@ -454,9 +425,7 @@ impl Coordinator {
         sources.dedup();
         tracing::debug!(job_id, checkpoint = id, savepoint, "triggering checkpoint");
         for w in sources {
-            if let Some(worker) = self.workers.get(w).filter(|w| w.lost.is_none()) {
-                let _ = worker.orders.try_send(Ok(CoordinatorMessage { msg: Some(Order::TriggerCheckpoint(order.clone())) }));
-            }
+            self.cluster.send(w, CoordinatorMessage { msg: Some(Order::TriggerCheckpoint(order.clone())) });
         }
     }
 
@@ -531,9 +500,7 @@ impl Coordinator {
                 }
                 // Sources may now confirm positions upstream; sinks commit what they staged.
                 for w in workers {
-                    if let Some(worker) = self.workers.get(&w).filter(|w| w.lost.is_none()) {
-                        let _ = worker.orders.try_send(Ok(CoordinatorMessage { msg: Some(Order::CheckpointDone(order.clone())) }));
-                    }
+                    self.cluster.send(&w, CoordinatorMessage { msg: Some(Order::CheckpointDone(order.clone())) });
                 }
                 if done.savepoint {
                     self.savepoint_done(&job_id, done);
@@ -733,22 +700,14 @@ impl Coordinator {
                 let _ = reply.send(self.worker_views());
             }
             Request::Register { worker_id, slots, data_address, orders, reply } => {
-                let session = self.next_session;
-                self.next_session += 1;
-                if let Some(old) = self.workers.get(&worker_id) {
-                    if old.lost.is_none() {
-                        self.worker_lost(&worker_id, "it registered again (restarted?)".into());
-                    }
+                if self.cluster.live(&worker_id).is_some() {
+                    self.worker_lost(&worker_id, "it registered again (restarted?)".into());
                 }
-                info!(%worker_id, slots, %data_address, session, "worker registered");
-                self.workers.insert(
-                    worker_id,
-                    Worker { data_address, slots, session, orders, last_heartbeat: Instant::now(), last_heartbeat_ms: now_ms(), lost: None },
-                );
+                let session = self.cluster.register(worker_id, slots, data_address, orders);
                 let _ = reply.send(session);
             }
             Request::Heartbeat { worker_id, session, tasks } => {
-                if !self.touch(&worker_id, session) {
+                if !self.cluster.touch(&worker_id, session) {
                     return;
                 }
                 for t in tasks {
@@ -756,17 +715,17 @@ impl Coordinator {
                 }
             }
             Request::TaskUpdate { worker_id, session, update } => {
-                if self.touch(&worker_id, session) {
+                if self.cluster.touch(&worker_id, session) {
                     self.task_update(&worker_id, update, false);
                 }
             }
             Request::Disconnected { worker_id, session, cause } => {
-                if self.workers.get(&worker_id).is_some_and(|w| w.session == session && w.lost.is_none()) {
+                if self.cluster.is_current(&worker_id, session) {
                     self.worker_lost(&worker_id, cause);
                 }
             }
             Request::CheckpointAck { worker_id, session, ack } => {
-                if self.touch(&worker_id, session) {
+                if self.cluster.touch(&worker_id, session) {
                     self.on_checkpoint_ack(ack);
                 }
             }
@@ -774,42 +733,16 @@ impl Coordinator {
         }
     }
 
-    /// Records a sign of life; false for a stale session or a worker already declared lost.
-    fn touch(&mut self, worker_id: &str, session: u64) -> bool {
-        match self.workers.get_mut(worker_id) {
-            Some(w) if w.session == session && w.lost.is_none() => {
-                w.last_heartbeat = Instant::now();
-                w.last_heartbeat_ms = now_ms();
-                true
-            }
-            _ => false,
-        }
-    }
-
     fn check_heartbeats(&mut self) {
-        let timeout = self.config.heartbeat_timeout;
-        let silent: Vec<(String, Duration)> = self
-            .workers
-            .iter()
-            .filter(|(_, w)| w.lost.is_none() && w.last_heartbeat.elapsed() > timeout)
-            .map(|(id, w)| (id.clone(), w.last_heartbeat.elapsed()))
-            .collect();
-        for (id, silence) in silent {
+        for (id, silence) in self.cluster.silent(self.config.heartbeat_timeout) {
             self.worker_lost(&id, format!("no heartbeat for {:.1} s", silence.as_secs_f64()));
         }
     }
 
     fn worker_lost(&mut self, worker_id: &str, cause: String) {
-        // Lost workers stay listed (with why), the latest few: the oldest one goes to make room.
-        let lost = self.workers.iter().filter(|(id, w)| w.lost.is_some() && id.as_str() != worker_id);
-        for id in older_than_the_latest(lost.map(|(id, w)| (w.last_heartbeat, id.clone())).collect(), LOST_WORKERS_KEPT - 1) {
-            self.workers.remove(&id);
+        if !self.cluster.mark_lost(worker_id, &cause) {
+            return;
         }
-        let Some(w) = self.workers.get_mut(worker_id) else { return };
-        warn!(%worker_id, %cause, "worker lost");
-        w.lost = Some(cause.clone());
-        // Closing the stream tells a live-but-partitioned worker to drop its tasks and re-register.
-        let _ = w.orders.try_send(Err(Status::unavailable(format!("declared lost: {cause}"))));
         // Its tasks are gone with it.
         for job in self.jobs.values_mut() {
             for t in job.tasks.values_mut().filter(|t| t.worker_id == worker_id) {
@@ -861,7 +794,7 @@ impl Coordinator {
         let needed = plan.slots_needed() as usize;
         let slots = self.place(needed).ok_or_else(|| {
             let free: u32 = self.free_slots().values().sum();
-            let alive = self.workers.values().filter(|w| w.lost.is_none()).count();
+            let alive = self.cluster.alive();
             CoordinatorError::NoSlots(format!(
                 "job `{}` needs {needed} slots (its largest parallelism) but the cluster has {free} free on {alive} live workers; \
                  start more workers, give them more --slots, or lower the job's parallelism",
@@ -881,38 +814,17 @@ impl Coordinator {
         Ok(job_id)
     }
 
-    fn free_slots(&self) -> BTreeMap<String, u32> {
-        let mut free: BTreeMap<String, u32> =
-            self.workers.iter().filter(|(_, w)| w.lost.is_none()).map(|(id, w)| (id.clone(), w.slots)).collect();
-        for job in self.jobs.values().filter(|j| j.state.holds_slots()) {
-            for w in &job.slots {
-                if let Some(f) = free.get_mut(w) {
-                    *f = f.saturating_sub(1);
-                }
-            }
-        }
-        free
+    /// The slots the jobs hold, one entry per slot.
+    fn held_slots(&self) -> impl Iterator<Item = &String> {
+        self.jobs.values().filter(|j| j.state.holds_slots()).flat_map(|j| &j.slots)
     }
 
-    /// Picks `needed` free slots, spread across workers: one from each worker in turn (most free first).
+    fn free_slots(&self) -> BTreeMap<String, u32> {
+        self.cluster.free_slots(self.held_slots())
+    }
+
     fn place(&self, needed: usize) -> Option<Vec<String>> {
-        let mut free: Vec<(String, u32)> = self.free_slots().into_iter().filter(|(_, f)| *f > 0).collect();
-        free.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
-        let mut picked = Vec::with_capacity(needed);
-        while picked.len() < needed {
-            let before = picked.len();
-            for (id, f) in free.iter_mut().filter(|(_, f)| *f > 0) {
-                if picked.len() == needed {
-                    break;
-                }
-                picked.push(id.clone());
-                *f -= 1;
-            }
-            if picked.len() == before {
-                return None;
-            }
-        }
-        Some(picked)
+        self.cluster.place(needed, self.held_slots())
     }
 
     /// The manifest of a savepoint, by the id `eddy savepoint` printed.
@@ -934,7 +846,7 @@ impl Coordinator {
         let placement: HashMap<String, String> = job
             .tasks
             .iter()
-            .map(|(t, r)| (t.to_string(), self.workers.get(&r.worker_id).map(|w| w.data_address.clone()).unwrap_or_default()))
+            .map(|(t, r)| (t.to_string(), self.cluster.get(&r.worker_id).map(|w| w.data_address.clone()).unwrap_or_default()))
             .collect();
         let mut per_worker: BTreeMap<&str, Vec<String>> = BTreeMap::new();
         for (t, r) in &job.tasks {
@@ -954,8 +866,7 @@ impl Coordinator {
                     parallelism: job.parallelism.unwrap_or(0),
                 })),
             };
-            let sent = self.workers.get(worker_id).map(|w| w.orders.try_send(Ok(order)).is_ok()).unwrap_or(false);
-            if !sent {
+            if !self.cluster.send(worker_id, order) {
                 failed = Some(format!("could not reach worker {worker_id} to deploy tasks"));
             }
         }
@@ -1029,9 +940,7 @@ impl Coordinator {
         let mut workers: Vec<&String> = job.slots.iter().collect();
         workers.dedup();
         for w in workers {
-            if let Some(worker) = self.workers.get(w).filter(|w| w.lost.is_none()) {
-                let _ = worker.orders.try_send(Ok(CoordinatorMessage { msg: Some(Order::Cancel(order.clone())) }));
-            }
+            self.cluster.send(w, CoordinatorMessage { msg: Some(Order::Cancel(order.clone())) });
         }
     }
 
@@ -1043,7 +952,7 @@ impl Coordinator {
         }
         // A replication slot is dropped by the task reading it; with none running (between two
         // attempts, or on a worker lost) it stays, holding WAL on the server: say so, and how.
-        let unreachable = state == JobState::Restarting || job.slots.iter().any(|w| self.workers.get(w).is_none_or(|w| w.lost.is_some()));
+        let unreachable = state == JobState::Restarting || job.slots.iter().any(|w| self.cluster.live(w).is_none());
         let warning = if release && unreachable { slots_left_behind(&job.plan) } else { String::new() };
         if !warning.is_empty() {
             warn!(job_id, "{warning}");
@@ -1153,21 +1062,7 @@ impl Coordinator {
     }
 
     fn worker_views(&self) -> Vec<WorkerView> {
-        let free = self.free_slots();
-        self.workers
-            .iter()
-            .map(|(id, w)| WorkerView {
-                worker_id: id.clone(),
-                data_address: w.data_address.clone(),
-                slots: w.slots,
-                slots_used: w.slots - free.get(id).copied().unwrap_or(w.slots),
-                state: match &w.lost {
-                    None => "alive".to_string(),
-                    Some(cause) => format!("lost: {cause}"),
-                },
-                last_heartbeat_ms: w.last_heartbeat_ms,
-            })
-            .collect()
+        self.cluster.views(self.held_slots())
     }
 }
 
@@ -1320,6 +1215,7 @@ fn state_for_plan(manifest: &CheckpointManifest, plan: &Plan) -> Result<Checkpoi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Status;
 
     const SPEC: &str = r#"
 name = "t"
@@ -1652,11 +1548,11 @@ connector = "discard"
         let session = h.sessions["a"];
         h.requests.try_send(Request::Heartbeat { worker_id: "a".into(), session, tasks: vec![] }).unwrap();
         h.coordinator.on_timer();
-        assert!(h.coordinator.workers["a"].lost.is_none(), "a worker was blamed for the loop's own stall");
+        assert!(h.coordinator.cluster.get("a").unwrap().lost.is_none(), "a worker was blamed for the loop's own stall");
         // Silence that is the worker's own still counts.
         tokio::time::advance(Duration::from_millis(2500)).await;
         h.coordinator.on_timer();
-        assert!(h.coordinator.workers["a"].lost.is_some());
+        assert!(h.coordinator.cluster.get("a").unwrap().lost.is_some());
     }
 
     #[tokio::test(start_paused = true)]
@@ -1674,7 +1570,7 @@ connector = "discard"
         assert_eq!(h.state(&job), JobState::Restarting);
         let cause = &h.coordinator.jobs[&job].cause;
         assert!(cause.contains("worker b lost") && cause.contains("no heartbeat"), "{cause}");
-        assert!(h.coordinator.workers["a"].lost.is_none());
+        assert!(h.coordinator.cluster.get("a").unwrap().lost.is_none());
         // The survivor is told to stop the job's tasks.
         let cancels: Vec<_> = std::iter::from_fn(|| h.orders.get_mut("a").unwrap().try_recv().ok())
             .filter(|m| matches!(m, Ok(CoordinatorMessage { msg: Some(Order::Cancel(_)) })))

@@ -8,6 +8,7 @@
 pub mod actor;
 pub mod api;
 pub mod checkpoint;
+pub mod cluster;
 pub mod error;
 pub mod meta;
 pub mod state;
@@ -62,6 +63,22 @@ impl Default for CoordinatorConfig {
             max_restarts: 10,
         }
     }
+}
+
+/// Now, in Unix ms.
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Of `(when, id)` pairs, the ids of all but the `kept` latest (ended jobs and lost workers are
+/// listed for a while, the latest few).
+pub(crate) fn older_than_the_latest<T: Ord>(mut items: Vec<(T, String)>, kept: usize) -> Vec<String> {
+    if items.len() <= kept {
+        return Vec::new();
+    }
+    items.sort();
+    items.truncate(items.len() - kept);
+    items.into_iter().map(|(_, id)| id).collect()
 }
 
 /// Serves the job and cluster APIs on `listener` until `shutdown` is cancelled.
