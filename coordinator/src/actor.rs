@@ -176,6 +176,19 @@ fn slots_left_behind(plan: &Plan) -> String {
 }
 
 impl Job {
+    /// The job ended for good (cancelled or finished): nothing restores from its checkpoints
+    /// again, so their files go; its savepoints' stay.
+    fn release_checkpoints(&mut self, job_id: &str, storage: Option<CheckpointStore>, now_ms: i64) {
+        let released: Vec<u64> = self.checkpoints.release_checkpoints().iter().map(|c| c.id).collect();
+        if let Some(storage) = storage {
+            let kept: Vec<Arc<CheckpointManifest>> = self.checkpoints.kept().iter().map(|c| c.manifest.clone()).collect();
+            let shared = self.shared_gc(u64::MAX, now_ms);
+            let id = job_id.to_string();
+            tokio::spawn(async move { storage.release(&id, released, kept, shared).await });
+        }
+        self.unreadable.retain(|c| c.savepoint);
+    }
+
     /// What a collection may delete of the job's shared state files: those of checkpoints up to
     /// `checkpoint` (or, in the older layout, older than `before_ms`), or none while a checkpoint
     /// of the job could not be read.
@@ -239,17 +252,23 @@ impl Coordinator {
                     }
                 }
             }
-            let job_id = r.job_id.clone();
+            let (job_id, stored) = (r.job_id.clone(), r.state);
             self.resume_job(r, kept);
             let Some(job) = self.jobs.get_mut(&job_id) else {
                 continue;
             };
             job.unreadable = unreadable;
+            if stored == JobState::Cancelling {
+                job.release_checkpoints(&job_id, Some(storage.clone()), now_ms());
+            }
             // What the restart changed (a running job now restarts, a cancel in progress is
-            // complete) is recorded like any change.
-            let (to, cause) = (job.state, job.cause.clone());
+            // complete, an id skipped) is recorded like any change.
+            let (to, cause, next) = (job.state, job.cause.clone(), job.checkpoints.next_id());
             if self.meta.jobs.get(&job_id).is_some_and(|r| r.state != to || r.cause != cause) {
-                self.record(MetaCommand::StateChanged { job_id, to, cause });
+                self.record(MetaCommand::StateChanged { job_id: job_id.clone(), to, cause });
+            }
+            if self.meta.jobs.get(&job_id).is_some_and(|r| r.next_checkpoint_id != next) {
+                self.record(MetaCommand::CheckpointIdsUsed { job_id, next });
             }
         }
         // Savepoints a job was submitted from belong to other jobs, all loaded by now.
@@ -290,9 +309,10 @@ impl Coordinator {
         };
         let now = Instant::now();
         let mut job = self.new_job(&r.job_id, r.spec, r.parallelism, plan, now);
-        // The id stored is the one the last checkpoint triggered before the stop may have had
-        // (ids are recorded when checkpoints end, not when they start): skip it, so that files an
-        // old attempt still uploads under it never mix with a new checkpoint's.
+        // Ids are recorded as checkpoints start; one more is skipped for metadata written when
+        // they were recorded as checkpoints ended, whose stored id the last checkpoint triggered
+        // before the stop may have had: files an old attempt still uploads under it must never
+        // mix with a new checkpoint's.
         job.checkpoints.resume(r.next_checkpoint_id + 1, kept);
         job.attempt = r.attempt;
         job.restarts = r.restarts;
@@ -390,13 +410,10 @@ impl Coordinator {
             }
             let job = self.jobs.get_mut(&job_id).expect("listed above");
             if let Some(p) = job.checkpoints.check_timeout(now) {
-                // Its id is used up: recorded, so a restart never hands it out again.
-                let next = job.checkpoints.next_id();
                 warn!(job_id, checkpoint = p.id, "checkpoint timed out");
                 if p.savepoint {
                     self.savepoint_failed(&job_id, "the savepoint timed out");
                 }
-                self.record(MetaCommand::CheckpointIdsUsed { job_id: job_id.clone(), next });
             }
             self.maybe_trigger(&job_id, now);
         }
@@ -414,6 +431,10 @@ impl Coordinator {
         }
         let tasks = job.tasks.keys().map(|t| t.to_string()).collect();
         let id = job.checkpoints.trigger(now, now_ms(), job.attempt, tasks, savepoint);
+        // Used up before any task writes under it: a restart never hands it out again.
+        let job_id_owned = job_id.to_string();
+        self.record(MetaCommand::CheckpointIdsUsed { job_id: job_id_owned, next: id + 1 });
+        let job = &self.jobs[job_id];
         let order = TriggerCheckpoint { job_id: job_id.to_string(), attempt: job.attempt, checkpoint_id: id };
         let mut sources: Vec<&str> = job
             .tasks
@@ -519,7 +540,14 @@ impl Coordinator {
                 // Cancelled to be resumed from the savepoint: sources keep their upstream state.
                 let _ = self.cancel(job_id, false);
             }
-            AfterSavepoint::Rescale(n) => self.rescale(job_id, n, done.manifest.clone()),
+            AfterSavepoint::Rescale(n) if job.state == JobState::Running => self.rescale(job_id, n, done.manifest.clone()),
+            AfterSavepoint::Rescale(_) => {
+                let why = format!("savepoint {} was taken, but the job is {} now: not rescaled", done.view.savepoint_id, job.state);
+                for w in waiters {
+                    let _ = w.reply.send(Err(CoordinatorError::Aborted(why.clone())));
+                }
+                return;
+            }
         }
         let attempt = self.jobs.get(job_id).map(|j| j.attempt).unwrap_or_default();
         for w in waiters {
@@ -653,10 +681,16 @@ impl Coordinator {
             return;
         };
         let attempt = job.attempt + 1;
-        // Attempts come from the log: recorded before any task of this one can write.
-        self.record(MetaCommand::AttemptStarted { job_id: job_id.to_string(), attempt });
+        // Attempts come from the log: an attempt whose number is not recorded is not deployed
+        // (the number is spent; the next try records another).
+        let recorded = self.record(MetaCommand::AttemptStarted { job_id: job_id.to_string(), attempt });
         let job = self.jobs.get_mut(job_id).expect("checked above");
         job.attempt = attempt;
+        if !recorded {
+            job.restart_at = Some(Instant::now() + self.config.restart_backoff.max(Duration::from_millis(500)));
+            job.cause = "cannot record the new attempt in the metadata; trying again".into();
+            return;
+        }
         job.restart_at = None;
         job.tasks = assign_tasks(&job.plan, &slots);
         job.slots = slots;
@@ -1002,14 +1036,7 @@ impl Coordinator {
             // A cancelled or finished job is never restored again: its checkpoints' files go, its
             // savepoints' stay. A failed job keeps them, as evidence.
             if matches!(to, JobState::Cancelled | JobState::Finished) {
-                let released: Vec<u64> = job.checkpoints.release_checkpoints().iter().map(|c| c.id).collect();
-                if let Some(storage) = self.storage.clone() {
-                    let kept: Vec<Arc<CheckpointManifest>> = job.checkpoints.kept().iter().map(|c| c.manifest.clone()).collect();
-                    let shared = job.shared_gc(u64::MAX, now);
-                    let id = job_id.to_string();
-                    tokio::spawn(async move { storage.release(&id, released, kept, shared).await });
-                }
-                job.unreadable.retain(|c| c.savepoint);
+                job.release_checkpoints(job_id, self.storage.clone(), now);
             }
         }
         job.history.push(Transition { at_ms: now, from: from.to_string(), to: to.to_string(), cause: cause.to_string() });
@@ -1298,10 +1325,7 @@ connector = "discard"
             for (id, job) in &self.jobs {
                 let held = &self.meta.jobs[id];
                 let mut want = job_record(id, job);
-                // Ids are recorded when checkpoints end or time out, not when they start, and
-                // why a restart waits is no durable fact.
-                assert!(held.next_checkpoint_id <= want.next_checkpoint_id, "{id}: {held:?}");
-                want.next_checkpoint_id = held.next_checkpoint_id;
+                // Why a restart waits is no durable fact.
                 want.cause = held.cause.clone();
                 let mut held = held.clone();
                 for r in [&mut want, &mut held] {
@@ -1430,7 +1454,9 @@ connector = "discard"
         drop(coordinator);
         // What the restart concluded is on disk: a second restart reads it back.
         let (_, state) = crate::meta::LocalLog::open(&dir.join("meta")).unwrap();
-        assert_eq!(state.applied, 9);
+        // Per job: its new state, and the checkpoint id skipped.
+        assert_eq!(state.applied, 11);
+        assert_eq!(state.jobs["r"].next_checkpoint_id, 2);
         assert_eq!(state.jobs["c"].state, JobState::Cancelled);
         assert_eq!(state.jobs["r"].state, JobState::Restarting);
         let _ = std::fs::remove_dir_all(&dir);
@@ -1592,6 +1618,47 @@ connector = "discard"
         assert_eq!(deployed[0].attempt, 2);
         assert_eq!(deployed[0].task_ids, ["0.0", "1.0", "1.1"]);
         assert_eq!(h.coordinator.jobs[&job].restarts, 1);
+    }
+
+    /// A log whose writes fail while `failing` is set.
+    struct FlakyLog(Arc<std::sync::atomic::AtomicBool>);
+
+    impl MetaLog for FlakyLog {
+        fn append(&mut self, _: &MetaCommand, _: &MetaState) -> Result<(), crate::meta::MetaError> {
+            match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+                true => Err(crate::meta::MetaError::Storage("disk full".into())),
+                false => Ok(()),
+            }
+        }
+    }
+
+    /// An attempt whose number could not be recorded is not deployed: after a coordinator
+    /// restart the number would be handed out again, to a second attempt writing to the same
+    /// sinks. Once the log writes again, the next try deploys under a newer number.
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_the_log_did_not_take_is_not_deployed() {
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut h = Harness::new();
+        h.coordinator.log = Some(Box::new(FlakyLog(failing.clone())));
+        h.register("a", 4);
+        let job = h.submit(SPEC).unwrap();
+        assert_eq!(h.deployed("a").len(), 1);
+        failing.store(true, std::sync::atomic::Ordering::Relaxed);
+        h.coordinator.restart_or_fail(&job, "a task failed", true);
+        for t in ["0.0", "1.0", "1.1", "1.2", "1.3"] {
+            h.report("a", &job, 1, t, TaskState::Cancelled);
+        }
+        tokio::time::advance(Duration::from_secs(1)).await;
+        h.coordinator.on_timer();
+        assert!(h.deployed("a").is_empty(), "deployed without a recorded attempt");
+        assert_eq!(h.state(&job), JobState::Restarting);
+        assert!(h.coordinator.jobs[&job].cause.contains("cannot record the new attempt"));
+        failing.store(false, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        h.coordinator.on_timer();
+        let deployed = h.deployed("a");
+        assert_eq!(deployed.iter().map(|d| d.attempt).collect::<Vec<_>>(), [3]);
+        assert_eq!(h.coordinator.meta.jobs[&job].attempt, 3);
     }
 
     /// "Running" is reported at deploy, before the restore: an attempt that runs a minute and

@@ -14,7 +14,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -35,7 +35,7 @@ pub enum MetaCommand {
     AttemptStarted { job_id: String, attempt: u64 },
     /// The job failed and restarts (counted for its status).
     Restarted { job_id: String },
-    /// Checkpoint ids below `next` are used up (a checkpoint that timed out); never handed out again.
+    /// Checkpoint ids below `next` are used up (a checkpoint started); never handed out again.
     CheckpointIdsUsed { job_id: String, next: u64 },
     /// A checkpoint (or savepoint) completed; `dropped` are the older ones no longer kept.
     CheckpointCompleted { job_id: String, checkpoint: CheckpointRecord, dropped: Vec<u64> },
@@ -234,32 +234,45 @@ impl LocalLog {
         };
         let log_path = dir.join("meta.log");
         let mut entries = 0;
-        if let Ok(file) = File::open(&log_path) {
-            let lines: Vec<String> = BufReader::new(file).lines().collect::<Result<_, _>>()?;
-            for (n, line) in lines.iter().enumerate() {
-                let entry = match serde_json::from_str::<Entry>(line) {
-                    Ok(e) => e,
-                    // A line cut short by a crash during its write is the only one that may be
-                    // broken: the last, never acknowledged.
-                    Err(_) if n + 1 == lines.len() => break,
-                    Err(e) => anyhow::bail!(
-                        "{} line {} is damaged ({e}); the metadata after it cannot be read: move the data directory away to start with no jobs",
-                        log_path.display(),
-                        n + 1
-                    ),
-                };
-                entries += 1;
-                // Written before the state that already holds it was.
-                if entry.index <= state.applied {
-                    continue;
-                }
-                if entry.index != state.applied + 1 {
-                    anyhow::bail!("{} line {}: command {} follows {}; the log is damaged", log_path.display(), n + 1, entry.index, state.applied);
-                }
-                state.apply(&entry.command).map_err(|e| {
-                    anyhow::anyhow!("{} line {}: command {} does not apply ({e}); the log is damaged", log_path.display(), n + 1, entry.index)
-                })?;
+        let bytes = match std::fs::read(&log_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => anyhow::bail!("reading {}: {e}", log_path.display()),
+        };
+        // Where the last whole command ends: what follows is a line cut short by a crash during
+        // its write (never acknowledged), cut off before anything is appended after it.
+        let mut good_end = 0;
+        let lines: Vec<&[u8]> = bytes.split_inclusive(|b| *b == b'\n').collect();
+        for (n, line) in lines.iter().enumerate() {
+            let last = n + 1 == lines.len();
+            let entry = match serde_json::from_slice::<Entry>(line) {
+                Ok(e) if line.ends_with(b"\n") => e,
+                _ if last => break,
+                // Without its newline: only the last piece can be, and it was taken above.
+                Ok(_) => break,
+                Err(e) => anyhow::bail!(
+                    "{} line {} is damaged ({e}); the metadata after it cannot be read: move the data directory away to start with no jobs",
+                    log_path.display(),
+                    n + 1
+                ),
+            };
+            good_end += line.len();
+            entries += 1;
+            // Written before the state that already holds it was.
+            if entry.index <= state.applied {
+                continue;
             }
+            if entry.index != state.applied + 1 {
+                anyhow::bail!("{} line {}: command {} follows {}; the log is damaged", log_path.display(), n + 1, entry.index, state.applied);
+            }
+            state.apply(&entry.command).map_err(|e| {
+                anyhow::anyhow!("{} line {}: command {} does not apply ({e}); the log is damaged", log_path.display(), n + 1, entry.index)
+            })?;
+        }
+        if good_end < bytes.len() {
+            let file = std::fs::OpenOptions::new().write(true).open(&log_path)?;
+            file.set_len(good_end as u64)?;
+            file.sync_all()?;
         }
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -423,8 +436,16 @@ mod tests {
         let tail = std::fs::read_to_string(&log_path).unwrap();
         let stale = serde_json::to_string(&Entry { index: 2, command: state_changed(JobState::Scheduling) }).unwrap();
         std::fs::write(&log_path, format!("{stale}\n{tail}{{\"index\": 99, \"comm")).unwrap();
-        let (_, state) = LocalLog::open(&dir).unwrap();
+        let (mut log, state) = LocalLog::open(&dir).unwrap();
         assert_eq!(state, want, "stale entries skipped, a torn last line ignored");
+        // What is appended next is a line of its own, read back after the next restart.
+        let c = MetaCommand::CheckpointIdsUsed { job_id: "j".into(), next: 5000 };
+        want.apply(&c).unwrap();
+        log.append(&c, &want).unwrap();
+        drop(log);
+        let (_, state) = LocalLog::open(&dir).unwrap();
+        assert_eq!(state, want, "the torn line was cut off before the append");
+        let tail = std::fs::read_to_string(&log_path).unwrap();
         std::fs::write(&log_path, format!("{{\"index\"\n{tail}")).unwrap();
         let e = LocalLog::open(&dir).err().unwrap().to_string();
         assert!(e.contains("line 1 is damaged"), "{e}");
