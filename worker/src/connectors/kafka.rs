@@ -129,6 +129,8 @@ pub struct KafkaSource {
     /// Jumps in offsets seen so far, and the offsets they skipped (see `take_owned`).
     jumps: u64,
     skipped: i64,
+    /// Jumps being read again before they are believed.
+    gaps: GapCheck,
     /// Positions of checkpoints taken and not yet complete, committed when they are.
     snapshots: PendingCheckpoints<HashMap<i32, i64>>,
     checkpointing: bool,
@@ -208,6 +210,7 @@ impl KafkaSource {
             positions: HashMap::new(),
             jumps: 0,
             skipped: 0,
+            gaps: GapCheck::default(),
             snapshots: PendingCheckpoints::default(),
             checkpointing: ctx.checkpointing,
             subtask: ctx.task.subtask,
@@ -402,9 +405,25 @@ impl KafkaSource {
         // Offsets skipped (after a restored position, or between two records) are records this
         // job never reads: normal on a compacted or transactional topic, data lost otherwise (a
         // broker that answered a fetch from inside a record batch with the next batch did this).
-        // Counted and said, not fatal.
-        if let Some(expected) = self.positions.insert(m.partition(), m.offset() + 1).filter(|e| m.offset() > *e) {
-            let skipped = m.offset() - expected;
+        // A jump is read again once (see `GapCheck`); one that comes back is counted and said,
+        // not fatal.
+        let expected = self.positions.get(&m.partition()).copied();
+        let skipped = match self.gaps.on_record(m.partition(), m.offset(), expected) {
+            Gap::None => None,
+            Gap::Stale => return Ok(()),
+            Gap::Reread(from) => {
+                tracing::info!(topic = %self.options.topic, partition = m.partition(), from, got = m.offset(),
+                    "kafka: offsets skipped; reading the partition again from the first one before believing it");
+                return self
+                    .consumer
+                    .seek(&self.options.topic, m.partition(), Offset::Offset(from), Duration::from_secs(10))
+                    .map_err(|e| TaskError::external(format!("kafka: reading partition {} again from offset {from}: {e}", m.partition())));
+            }
+            Gap::Confirmed { skipped } => Some(skipped),
+        };
+        self.positions.insert(m.partition(), m.offset() + 1);
+        if let Some(skipped) = skipped {
+            let expected = m.offset() - skipped;
             // The first few are said; a compacted topic has many.
             self.jumps += 1;
             if self.jumps <= 10 {
@@ -551,6 +570,63 @@ impl KeyRow {
             row[at] = Value::Int(v);
         }
         Some(row)
+    }
+}
+
+/// Re-reads a jump in a partition's offsets once before believing it. A compacted or
+/// transactional topic has real gaps, which come back the same; a broker that answered a fetch
+/// past records it holds (the test broker has, under concurrent produces) would otherwise have the
+/// job skip them for good. A partition whose jumps keep coming back ([`TRUSTED_AFTER`]) is taken
+/// as compacted and its later jumps believed at once, so a compacted topic is not read twice.
+#[derive(Debug, Default)]
+struct GapCheck {
+    /// Partitions read again from `expected` after a jump to `got`.
+    rereading: HashMap<i32, (i64, i64)>,
+    /// Jumps that came back, per partition.
+    confirmed: HashMap<i32, u32>,
+}
+
+/// Jumps that came back after which a partition's jumps are believed at once.
+const TRUSTED_AFTER: u32 = 16;
+
+/// What to do with a record, as far as its offset goes.
+#[derive(Debug, PartialEq, Eq)]
+enum Gap {
+    /// Take it: no jump.
+    None,
+    /// Take it; it comes after `skipped` offsets that are really not there.
+    Confirmed { skipped: i64 },
+    /// Drop it, and read the partition again from this offset.
+    Reread(i64),
+    /// Drop it: read before the partition was read again, it comes again.
+    Stale,
+}
+
+impl GapCheck {
+    /// A record at `offset` of `partition`, whose next expected offset is `expected` (none before
+    /// the partition's first record without a restored position).
+    fn on_record(&mut self, partition: i32, offset: i64, expected: Option<i64>) -> Gap {
+        if let Some(&(from, got)) = self.rereading.get(&partition) {
+            if offset > got || offset < from {
+                return Gap::Stale;
+            }
+            self.rereading.remove(&partition);
+            if offset == from {
+                return Gap::None; // the broker had them all along
+            }
+            *self.confirmed.entry(partition).or_default() += 1;
+            return Gap::Confirmed { skipped: offset - from };
+        }
+        match expected {
+            Some(from) if offset > from => {
+                if self.confirmed.get(&partition).is_some_and(|n| *n >= TRUSTED_AFTER) {
+                    return Gap::Confirmed { skipped: offset - from };
+                }
+                self.rereading.insert(partition, (from, offset));
+                Gap::Reread(from)
+            }
+            _ => Gap::None,
+        }
     }
 }
 
@@ -1098,6 +1174,30 @@ mod tests {
     use super::*;
     use crate::state::last_value::MemoryLastValueState;
     use eddy_jobs::{DataType, Field, TaskId};
+
+    /// A jump is read again once: the records the broker had after all are taken, and what was
+    /// fetched before the re-read is dropped; a jump that comes back is believed, and once a
+    /// partition's jumps keep coming back (a compacted topic) they are believed at once.
+    #[test]
+    fn a_jump_in_offsets_is_read_again_before_it_is_believed() {
+        let mut g = GapCheck::default();
+        assert_eq!(g.on_record(0, 5, None), Gap::None);
+        assert_eq!(g.on_record(0, 6, Some(6)), Gap::None);
+        // 7..=9 missing: read again from 7; 11, fetched before the re-read, comes again.
+        assert_eq!(g.on_record(0, 10, Some(7)), Gap::Reread(7));
+        assert_eq!(g.on_record(0, 11, Some(7)), Gap::Stale);
+        assert_eq!(g.on_record(1, 3, Some(3)), Gap::None, "other partitions go on");
+        assert_eq!(g.on_record(0, 7, Some(7)), Gap::None, "the broker had them");
+        // A real gap comes back the same.
+        assert_eq!(g.on_record(0, 20, Some(8)), Gap::Reread(8));
+        assert_eq!(g.on_record(0, 20, Some(8)), Gap::Confirmed { skipped: 12 });
+        for n in 1..TRUSTED_AFTER {
+            let at = 100 * i64::from(n);
+            assert_eq!(g.on_record(0, at + 5, Some(at)), Gap::Reread(at));
+            assert_eq!(g.on_record(0, at + 5, Some(at)), Gap::Confirmed { skipped: 5 });
+        }
+        assert_eq!(g.on_record(0, 9_000, Some(8_000)), Gap::Confirmed { skipped: 1_000 }, "believed at once");
+    }
 
     fn schema() -> Schema {
         Schema::new(vec![Field::new("id", DataType::Int), Field::new("x", DataType::Int), Field::new("version", DataType::Int)])
