@@ -193,6 +193,33 @@ fn cancel_stops_a_running_job() -> Result<()> {
     Ok(())
 }
 
+/// A coordinator that hangs with its sockets open (SIGSTOP: a frozen host, or a network that
+/// dropped its packets) is noticed through the keepalive pings on the worker's control stream: the
+/// worker stops its tasks instead of running them on, unsupervised, for good. Once the coordinator
+/// runs again, the job restarts on the worker.
+#[test]
+fn a_worker_stops_its_tasks_when_its_coordinator_hangs() -> Result<()> {
+    let cluster = Cluster::start("hang", 1, 2)?;
+    let job = cluster.submit("endless", &endless_spec(1))?;
+    cluster.wait_state(&job, "running", Duration::from_secs(20))?;
+    let log = cluster.dir.0.join("w1.log");
+    let stopped = |_: &Cluster| -> Result<bool> {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        Ok(text.lines().any(|l| l.contains("cancelling job tasks") && l.contains("lost the coordinator")))
+    };
+    assert!(!stopped(&cluster)?, "the tasks stopped before the coordinator hung");
+    cluster.signal_coordinator("STOP")?;
+    // Within the pings' interval and timeout (10 s + 20 s), with room for a busy machine.
+    let waited = cluster.wait(Duration::from_secs(90), "the worker to stop its tasks", stopped);
+    cluster.signal_coordinator("CONT")?;
+    waited?;
+    cluster.wait(Duration::from_secs(60), "the job to run again", |c| {
+        let s = c.status(&job)?;
+        Ok(s["state"] == "running" && s["attempt"].as_u64().unwrap_or(0) >= 2)
+    })?;
+    Ok(())
+}
+
 #[test]
 fn lost_worker_restarts_its_jobs_on_the_slots_left() -> Result<()> {
     let mut cluster = Cluster::start("lost", 2, 2)?;

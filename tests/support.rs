@@ -121,6 +121,13 @@ impl Cluster {
         Ok(())
     }
 
+    /// Sends `signal` (`STOP`, `CONT`, …) to the coordinator process.
+    pub fn signal_coordinator(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.coordinator.id().to_string()).status()?;
+        anyhow::ensure!(status.success(), "kill -{signal} of the coordinator failed");
+        Ok(())
+    }
+
     /// Starts one more worker (on a port of its choosing, which it registers).
     pub fn add_worker(&mut self, id: &str, slots: u32) -> Result<()> {
         let state = self.dir.0.join(format!("{id}-state"));
