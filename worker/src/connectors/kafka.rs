@@ -411,6 +411,14 @@ impl KafkaSource {
         let skipped = match self.gaps.on_record(m.partition(), m.offset(), expected) {
             Gap::None => None,
             Gap::Stale => return Ok(()),
+            Gap::Stuck(from) => {
+                return Err(TaskError::external(format!(
+                    "kafka: partition {} of {}, read again from offset {from} after a jump, never came back to it; \
+                     restarting from the last checkpoint so that nothing after it is lost",
+                    m.partition(),
+                    self.options.topic
+                )))
+            }
             Gap::Reread(from) => {
                 tracing::info!(topic = %self.options.topic, partition = m.partition(), from, got = m.offset(),
                     "kafka: offsets skipped; reading the partition again from the first one before believing it");
@@ -580,14 +588,19 @@ impl KeyRow {
 /// as compacted and its later jumps believed at once, so a compacted topic is not read twice.
 #[derive(Debug, Default)]
 struct GapCheck {
-    /// Partitions read again from `expected` after a jump to `got`.
-    rereading: HashMap<i32, (i64, i64)>,
+    /// Partitions read again from `expected` after a jump to `got`, with the records dropped
+    /// since (fetched before the re-read).
+    rereading: HashMap<i32, (i64, i64, u64)>,
     /// Jumps that came back, per partition.
     confirmed: HashMap<i32, u32>,
 }
 
 /// Jumps that came back after which a partition's jumps are believed at once.
 const TRUSTED_AFTER: u32 = 16;
+
+/// Records dropped while a partition is read again after which the re-read is taken to have
+/// failed: far more than the client ever holds fetched ahead.
+const STALE_AT_MOST: u64 = 1_000_000;
 
 /// What to do with a record, as far as its offset goes.
 #[derive(Debug, PartialEq, Eq)]
@@ -600,15 +613,20 @@ enum Gap {
     Reread(i64),
     /// Drop it: read before the partition was read again, it comes again.
     Stale,
+    /// The partition read again never came back to this offset: the records after it were
+    /// dropped, so the task must fail (and restart from its checkpoint) rather than go on.
+    Stuck(i64),
 }
 
 impl GapCheck {
     /// A record at `offset` of `partition`, whose next expected offset is `expected` (none before
     /// the partition's first record without a restored position).
     fn on_record(&mut self, partition: i32, offset: i64, expected: Option<i64>) -> Gap {
-        if let Some(&(from, got)) = self.rereading.get(&partition) {
+        if let Some((from, got, stale)) = self.rereading.get_mut(&partition) {
+            let (from, got) = (*from, *got);
             if offset > got || offset < from {
-                return Gap::Stale;
+                *stale += 1;
+                return if *stale > STALE_AT_MOST { Gap::Stuck(from) } else { Gap::Stale };
             }
             self.rereading.remove(&partition);
             if offset == from {
@@ -622,7 +640,7 @@ impl GapCheck {
                 if self.confirmed.get(&partition).is_some_and(|n| *n >= TRUSTED_AFTER) {
                     return Gap::Confirmed { skipped: offset - from };
                 }
-                self.rereading.insert(partition, (from, offset));
+                self.rereading.insert(partition, (from, offset, 0));
                 Gap::Reread(from)
             }
             _ => Gap::None,
@@ -1197,6 +1215,12 @@ mod tests {
             assert_eq!(g.on_record(0, at + 5, Some(at)), Gap::Confirmed { skipped: 5 });
         }
         assert_eq!(g.on_record(0, 9_000, Some(8_000)), Gap::Confirmed { skipped: 1_000 }, "believed at once");
+        // A re-read that never comes back fails the task instead of dropping records for good.
+        assert_eq!(g.on_record(1, 50, Some(4)), Gap::Reread(4));
+        for n in 1..=STALE_AT_MOST {
+            assert_eq!(g.on_record(1, 50 + n as i64, Some(4)), Gap::Stale);
+        }
+        assert_eq!(g.on_record(1, 9_999_999, Some(4)), Gap::Stuck(4));
     }
 
     fn schema() -> Schema {
