@@ -264,10 +264,12 @@ impl Coordinator {
             // What the restart changed (a running job now restarts, a cancel in progress is
             // complete, an id skipped) is recorded like any change.
             let (to, cause, next) = (job.state, job.cause.clone(), job.checkpoints.next_id());
-            if self.meta.jobs.get(&job_id).is_some_and(|r| r.state != to || r.cause != cause) {
+            let Some(held) = self.meta.jobs.get(&job_id) else { continue };
+            let (state_changed, ids_skipped) = (held.state != to || held.cause != cause, held.next_checkpoint_id != next);
+            if state_changed {
                 self.record(MetaCommand::StateChanged { job_id: job_id.clone(), to, cause });
             }
-            if self.meta.jobs.get(&job_id).is_some_and(|r| r.next_checkpoint_id != next) {
+            if ids_skipped {
                 self.record(MetaCommand::CheckpointIdsUsed { job_id, next });
             }
         }
@@ -432,8 +434,7 @@ impl Coordinator {
         let tasks = job.tasks.keys().map(|t| t.to_string()).collect();
         let id = job.checkpoints.trigger(now, now_ms(), job.attempt, tasks, savepoint);
         // Used up before any task writes under it: a restart never hands it out again.
-        let job_id_owned = job_id.to_string();
-        self.record(MetaCommand::CheckpointIdsUsed { job_id: job_id_owned, next: id + 1 });
+        self.record(MetaCommand::CheckpointIdsUsed { job_id: job_id.to_string(), next: id + 1 });
         let job = &self.jobs[job_id];
         let order = TriggerCheckpoint { job_id: job_id.to_string(), attempt: job.attempt, checkpoint_id: id };
         let mut sources: Vec<&str> = job

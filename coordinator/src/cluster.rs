@@ -64,7 +64,8 @@ impl Cluster {
         let session = self.next_session;
         self.next_session += 1;
         info!(worker_id = %id, slots, %data_address, session, "worker registered");
-        let worker = Worker { data_address, slots, session, orders, last_heartbeat: Instant::now(), last_heartbeat_ms: now_ms(), lost: None };
+        let worker =
+            Worker { data_address, slots, session, orders, last_heartbeat: Instant::now(), last_heartbeat_ms: now_ms(), lost: None };
         self.workers.insert(id, worker);
         session
     }
@@ -203,7 +204,10 @@ mod tests {
         assert_eq!(c.place(3, &held).unwrap(), ["b", "c", "b"]);
         assert_eq!(c.alive(), 2);
         let views = c.views(&held);
-        assert_eq!(views.iter().map(|v| (v.slots_used, v.state.as_str())).collect::<Vec<_>>(), [(0, "lost: gone"), (1, "alive"), (0, "alive")]);
+        assert_eq!(
+            views.iter().map(|v| (v.slots_used, v.state.as_str())).collect::<Vec<_>>(),
+            [(0, "lost: gone"), (1, "alive"), (0, "alive")]
+        );
     }
 
     /// A message from an earlier registration, or from a worker declared lost, is not a sign of

@@ -92,10 +92,7 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
     }
     let actor = tokio::spawn(coordinator.run(shutdown.clone()));
     let api = api::Api { actor: tx, heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64 };
-    tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(eddy_proto::KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(eddy_proto::KEEPALIVE_TIMEOUT))
+    eddy_proto::server()
         .add_service(JobServiceServer::new(api.clone()))
         .add_service(ClusterServiceServer::new(api))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())

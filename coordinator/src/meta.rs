@@ -226,9 +226,8 @@ impl LocalLog {
         })?;
         let snapshot = dir.join("jobs.json");
         let mut state = match std::fs::read(&snapshot) {
-            Ok(bytes) => serde_json::from_slice::<MetaState>(&bytes).map_err(|e| {
-                anyhow::anyhow!("{} is damaged ({e}); move it and meta.log away to start with no jobs", snapshot.display())
-            })?,
+            Ok(bytes) => serde_json::from_slice::<MetaState>(&bytes)
+                .map_err(|e| anyhow::anyhow!("{} is damaged ({e}); move it and meta.log away to start with no jobs", snapshot.display()))?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => MetaState::default(),
             Err(e) => anyhow::bail!("reading {}: {e}", snapshot.display()),
         };
@@ -263,7 +262,13 @@ impl LocalLog {
                 continue;
             }
             if entry.index != state.applied + 1 {
-                anyhow::bail!("{} line {}: command {} follows {}; the log is damaged", log_path.display(), n + 1, entry.index, state.applied);
+                anyhow::bail!(
+                    "{} line {}: command {} follows {}; the log is damaged",
+                    log_path.display(),
+                    n + 1,
+                    entry.index,
+                    state.applied
+                );
             }
             state.apply(&entry.command).map_err(|e| {
                 anyhow::anyhow!("{} line {}: command {} does not apply ({e}); the log is damaged", log_path.display(), n + 1, entry.index)

@@ -107,13 +107,8 @@ impl Control {
     async fn session(&mut self) -> anyhow::Result<()> {
         // Pinged from both ends: a coordinator cut off without a closed socket ends this session
         // (and the worker tries again) instead of leaving it waiting for orders for good.
-        let channel = tonic::transport::Endpoint::from_shared(self.config.coordinator_url())?
-            .connect_timeout(Duration::from_secs(3))
-            .http2_keep_alive_interval(eddy_proto::KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(eddy_proto::KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect()
-            .await?;
+        let endpoint = tonic::transport::Endpoint::from_shared(self.config.coordinator_url())?.connect_timeout(Duration::from_secs(3));
+        let channel = eddy_proto::with_keepalive(endpoint).connect().await?;
         let mut client = ClusterServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<WorkerMessage>(64);
         tx.send(WorkerMessage {

@@ -214,14 +214,11 @@ impl Peers {
         if let Some(c) = map.get(address) {
             return Ok(DataServiceClient::new(c.clone()));
         }
-        let channel = Endpoint::from_shared(format!("http://{address}"))
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| TaskError::internal(format!("bad worker address `{address}`: {e}")))?
             .connect_timeout(Duration::from_secs(3))
-            .tcp_nodelay(true)
-            .http2_keep_alive_interval(eddy_proto::KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(eddy_proto::KEEPALIVE_TIMEOUT)
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        let channel = eddy_proto::with_keepalive(endpoint).connect_lazy();
         map.insert(address.to_string(), channel.clone());
         Ok(DataServiceClient::new(channel))
     }

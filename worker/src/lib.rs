@@ -39,10 +39,7 @@ pub use config::WorkerConfig;
 pub async fn run(config: WorkerConfig, data_listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let inboxes = exchange::Inboxes::default();
-    let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
-        .http2_keepalive_interval(Some(eddy_proto::KEEPALIVE_INTERVAL))
-        .http2_keepalive_timeout(Some(eddy_proto::KEEPALIVE_TIMEOUT))
+    let server = eddy_proto::server()
         .initial_stream_window_size(exchange::STREAM_WINDOW)
         .initial_connection_window_size(exchange::CONNECTION_WINDOW)
         .add_service(DataServiceServer::new(exchange::DataServer { inboxes: inboxes.clone() }))
