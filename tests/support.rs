@@ -354,7 +354,16 @@ impl Services {
 
     /// Runs a ClickHouse statement over HTTP; returns the body.
     pub fn clickhouse(&self, sql: &str) -> Result<String> {
-        let out = Command::new("curl").args(["-sS", "--fail-with-body", self.var("EDDY_CLICKHOUSE_URL")?, "--data-binary", sql]).output()?;
+        // Another test may be staging a ClickHouse outage: a refused connection is waited out
+        // (curl's exit code 7), for as long as such an outage lasts at most.
+        let deadline = Instant::now() + Duration::from_secs(150);
+        let out = loop {
+            let out = Command::new("curl").args(["-sS", "--fail-with-body", self.var("EDDY_CLICKHOUSE_URL")?, "--data-binary", sql]).output()?;
+            if out.status.code() != Some(7) || Instant::now() >= deadline {
+                break out;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        };
         if !out.status.success() {
             bail!("clickhouse failed on `{sql}`: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         }

@@ -2652,7 +2652,7 @@ mod tests {
             // (each lands on exactly one side of the consistent point), and while the snapshot is
             // read (the consumer is slow then).
             let writer =
-                tokio::spawn(write_changes(db.url.clone(), db.table(), db.schema.clone(), 1500, 7, INITIAL, 100_000));
+                tokio::spawn(write_changes(db.url.clone(), db.table(), db.schema.clone(), 4000, 7, INITIAL, 100_000));
             tokio::time::sleep(Duration::from_millis(50)).await;
             let (source, metrics) = db.start(&o).await;
             let mut source = source.unwrap_or_else(|e| panic!("start: {e}"));
