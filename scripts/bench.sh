@@ -18,6 +18,10 @@
 #            CHAOS_OUTAGE_SECONDS (CHAOS_SECONDS/8, 5 to 60), CHAOS_PREFILL_ROWS, CHAOS_RATE (200), CHAOS_STATE_TTL (11m), EDDY_TEST_SEED (random,
 #            printed as chaos_seed), CHAOS_PROFILE (debug, as the test command builds; or
 #            release). chaos_mismatches must be 0.
+#   failover kill -9 of the leading coordinator of three (Raft) while a checkpointed job runs on two
+#            workers -> a submit succeeds on the new leader, KILLS (3) times with the old leader
+#            back in between; prints the median and worst seconds and how many times the running
+#            job restarted (goal 0). Env: KILLS (3), FAILOVER_PROFILE (debug; or release).
 # Every benchmark prints `name=value` lines on stdout; progress goes to stderr.
 source "$(dirname "$0")/common.sh"
 
@@ -29,6 +33,8 @@ PIDS=()
 cleanup() {
   local status=$?
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  # Processes started by a script of their own (restarted coordinators, replacement workers).
+  for f in "$RUN_DIR"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
   wait 2>/dev/null || true
   if [ "$status" = 0 ]; then rm -rf "$RUN_DIR"; else echo "logs kept in $RUN_DIR" >&2; fi
 }
@@ -194,6 +200,91 @@ PY
   for f in "$RUN_DIR"/r*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
 }
 
+bench_failover() {
+  local profile=${FAILOVER_PROFILE:-debug} i peers="" list="" port
+  log "building $profile binaries"
+  BIN=$(build_bins "$profile" --tests)  # with the tests: the feature set the test command builds
+  for i in 1 2 3; do
+    port=$(free_port)
+    peers+="${peers:+,}$i=127.0.0.1:$port"
+    list+="${list:+,}127.0.0.1:$port"
+  done
+  export EDDY_COORDINATOR=$list BIN RUN_DIR ROOT PEERS=$peers KILLS=${KILLS:-3}
+  for i in 1 2 3; do start_coordinator "$i"; done
+  WORKER_PIDS=()
+  start_worker w1 2
+  start_worker w2 2
+  wait_workers 2
+  hop_job "$(generator_source "keys = 1000, seed = 1, events_per_ms = 1, rate = 20000")" 2 1s >"$RUN_DIR/failover.toml"
+  generator_source "keys = 10, seed = 2, events_per_ms = 1, rate = 100" | sed '1i name = "probe"' >"$RUN_DIR/probe.toml"
+  printf '[[sink]]\nname = "out"\ninput = "events"\nconnector = "blackhole"\n' >>"$RUN_DIR/probe.toml"
+  local job
+  job=$("$BIN/eddy" submit "$RUN_DIR/failover.toml")
+  wait_job "$job" running 60
+  export JOB=$job
+  python3 - <<'PY'
+import json, os, signal, statistics, subprocess, sys, time
+BIN, RUN, JOB = os.environ["BIN"], os.environ["RUN_DIR"], os.environ["JOB"]
+def eddy(*args):
+    return subprocess.run([f"{BIN}/eddy", *args], capture_output=True, text=True)
+def status():
+    while True:
+        r = eddy("status", JOB, "--json")
+        if r.returncode == 0:
+            return json.loads(r.stdout)
+        time.sleep(0.05)
+def leader():
+    while True:
+        r = eddy("coordinators", "--json")
+        if r.returncode == 0:
+            ids = [c["id"] for c in json.loads(r.stdout)["coordinators"] if c["role"] == "leader"]
+            if ids:
+                return ids[0]
+        time.sleep(0.05)
+def wait_checkpoint(after):
+    while True:
+        s = status()
+        done = [c["checkpoint_id"] for c in s["checkpoints"] if c["state"] == "completed"]
+        if s["state"] == "running" and done and max(done) > after:
+            return max(done)
+        time.sleep(0.2)
+times, restarts, last = [], 0, wait_checkpoint(0)
+for i in range(int(os.environ["KILLS"])):
+    old = leader()
+    attempt = status()["attempt"]
+    killed = time.monotonic()
+    os.kill(int(open(f"{RUN}/coordinator{old}.pid").read()), signal.SIGKILL)
+    while True:
+        r = eddy("submit", f"{RUN}/probe.toml")
+        if r.returncode == 0:
+            break
+        time.sleep(0.02)
+    took = time.monotonic() - killed
+    times.append(took)
+    probe = r.stdout.strip()
+    eddy("cancel", probe)
+    last = wait_checkpoint(last)
+    restarts += status()["attempt"] - attempt
+    print(f"kill {i + 1}: coordinator {old} -> a submit succeeded after {took:.2f} s; job attempt {attempt} -> {status()['attempt']}", file=sys.stderr)
+    subprocess.run(["bash", "-c", f"source {os.environ['ROOT']}/scripts/common.sh; start_coordinator {old}"], check=True,
+                   env={**os.environ})
+    # Back as a follower, caught up, before the next kill.
+    while True:
+        r = eddy("coordinators", "--json")
+        if r.returncode == 0:
+            cs = json.loads(r.stdout)["coordinators"]
+            lead = [c["applied"] for c in cs if c["role"] == "leader"]
+            back = [c for c in cs if c["id"] == old]
+            if lead and back and back[0]["role"] == "follower" and back[0]["applied"] == lead[0]:
+                break
+        time.sleep(0.1)
+print(f"failover_seconds={statistics.median(times):.2f}")
+print(f"failover_seconds_max={max(times):.2f}")
+print(f"failover_job_restarts={restarts}")
+print(f"failover_kills={len(times)}")
+PY
+}
+
 bench_checkpoint() {
   log "building release binaries"
   BIN=$(build_bins release)
@@ -334,5 +425,6 @@ case $name in
   checkpoint) bench_checkpoint ;;
   vs-flink) bench_vs_flink ;;
   chaos) bench_chaos ;;
-  *) echo "unknown benchmark '$name'; available: window, pipeline, recovery, checkpoint, vs-flink, chaos" >&2; exit 2 ;;
+  failover) bench_failover ;;
+  *) echo "unknown benchmark '$name'; available: window, pipeline, recovery, checkpoint, vs-flink, chaos, failover" >&2; exit 2 ;;
 esac

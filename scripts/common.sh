@@ -65,3 +65,13 @@ PY
 peak_rss_mb() {
   awk '/VmHWM/ {printf "%.1f\n", $2 / 1024}' "/proc/$1/status"
 }
+
+# Starts replicated coordinator $1 of $PEERS (ID=HOST:PORT,...) with its data in $RUN_DIR and the
+# checkpoints shared; its pid goes to $RUN_DIR/coordinator$1.pid.
+start_coordinator() {
+  local id=$1 listen
+  listen=$(tr ',' '\n' <<<"$PEERS" | sed -n "s/^$id=//p")
+  RUST_LOG=warn "$BIN/eddy-coordinator" --listen "$listen" --raft-id "$id" --raft-peers "$PEERS" \
+    --data-dir "$RUN_DIR/coordinator$id" --checkpoint-dir "$RUN_DIR/checkpoints" >>"$RUN_DIR/coordinator$id.log" 2>&1 &
+  echo $! >"$RUN_DIR/coordinator$id.pid"
+}

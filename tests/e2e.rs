@@ -2,6 +2,7 @@
 
 mod pipeline;
 mod recovery;
+mod replicated;
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

@@ -80,15 +80,49 @@ impl Drop for Scratch {
     }
 }
 
-/// A coordinator and its workers, each a real process; killed on drop.
+/// A coordinator and its workers, each a real process; killed on drop. The coordinator is one
+/// process, or several replicating their metadata with Raft.
 pub struct Cluster {
-    /// Coordinator `host:port`.
+    /// What clients are given: the coordinator's `host:port`, or every coordinator's, comma-separated.
     pub address: String,
-    coordinator: Child,
+    coordinators: Vec<CoordinatorProcess>,
     /// (worker id, process)
     pub workers: Vec<(String, Child)>,
     /// Logs and outputs.
     pub dir: Scratch,
+}
+
+/// One coordinator process, and how to start it again.
+struct CoordinatorProcess {
+    /// Raft id; 0 for a coordinator alone.
+    id: u64,
+    listen: String,
+    args: Vec<String>,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl CoordinatorProcess {
+    fn spawn(&mut self, dir: &Path) -> Result<String> {
+        self.starts += 1;
+        let name = match (self.id, self.starts) {
+            (0, 1) => "coordinator.log".to_string(),
+            (0, n) => format!("coordinator-{n}.log"),
+            (id, 1) => format!("coordinator{id}.log"),
+            (id, n) => format!("coordinator{id}-{n}.log"),
+        };
+        let log = dir.join(name);
+        self.child = Some(spawn_logged(Command::new(bin("eddy-coordinator")).args(["--listen", &self.listen]).args(&self.args), &log)?);
+        wait_for_line(&log, "eddy-coordinator listening on ")
+    }
+
+    fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
 }
 
 impl Cluster {
@@ -96,10 +130,34 @@ impl Cluster {
     pub fn start(name: &str, workers: usize, slots: u32) -> Result<Cluster> {
         let dir = Scratch::new(name);
         // Port 0: the coordinator picks a free port and prints it (no race between tests).
-        let log = dir.0.join("coordinator.log");
-        let coordinator = spawn_coordinator(&dir.0, "127.0.0.1:0", &log)?;
-        let address = wait_for_line(&log, "eddy-coordinator listening on ")?;
-        let mut cluster = Cluster { address, coordinator, workers: Vec::new(), dir };
+        let data = dir.0.join("coordinator").display().to_string();
+        let mut coordinator = CoordinatorProcess { id: 0, listen: "127.0.0.1:0".into(), args: vec!["--data-dir".into(), data], child: None, starts: 0 };
+        let address = coordinator.spawn(&dir.0)?;
+        // Started again on the same address.
+        coordinator.listen = address.clone();
+        Cluster::with_workers(Cluster { address, coordinators: vec![coordinator], workers: Vec::new(), dir }, workers, slots)
+    }
+
+    /// Starts `coordinators` coordinators replicating with Raft (checkpoints in one directory of
+    /// the scratch dir), `workers` workers given all their addresses, and waits until all registered.
+    pub fn start_replicated(name: &str, coordinators: u64, workers: usize, slots: u32) -> Result<Cluster> {
+        let dir = Scratch::new(name);
+        let listen: Vec<String> = (1..=coordinators).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let peers = listen.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
+        let checkpoints = dir.0.join("checkpoints").display().to_string();
+        let mut list = Vec::new();
+        for (i, address) in listen.iter().enumerate() {
+            let id = i as u64 + 1;
+            let data = dir.0.join(format!("coordinator{id}")).display().to_string();
+            let args = ["--raft-id", &id.to_string(), "--raft-peers", &peers, "--data-dir", &data, "--checkpoint-dir", &checkpoints];
+            let mut c = CoordinatorProcess { id, listen: address.clone(), args: args.map(String::from).to_vec(), child: None, starts: 0 };
+            c.spawn(&dir.0)?;
+            list.push(c);
+        }
+        Cluster::with_workers(Cluster { address: listen.join(","), coordinators: list, workers: Vec::new(), dir }, workers, slots)
+    }
+
+    fn with_workers(mut cluster: Cluster, workers: usize, slots: u32) -> Result<Cluster> {
         for i in 1..=workers {
             cluster.add_worker(&format!("w{i}"), slots)?;
         }
@@ -113,17 +171,35 @@ impl Cluster {
     /// Kills the coordinator (SIGKILL) and starts a new one on the same address and data
     /// directory; workers reconnect to it by themselves.
     pub fn restart_coordinator(&mut self) -> Result<()> {
-        self.coordinator.kill()?;
-        self.coordinator.wait()?;
-        let log = self.dir.0.join("coordinator-2.log");
-        self.coordinator = spawn_coordinator(&self.dir.0, &self.address, &log)?;
-        wait_for_line(&log, "eddy-coordinator listening on ")?;
+        let c = &mut self.coordinators[0];
+        c.kill()?;
+        c.spawn(&self.dir.0)?;
         Ok(())
     }
 
-    /// Sends `signal` (`STOP`, `CONT`, …) to the coordinator process.
+    /// Kills coordinator `id` (its raft id) with SIGKILL.
+    pub fn kill_coordinator(&mut self, id: u64) -> Result<()> {
+        self.coordinators.iter_mut().find(|c| c.id == id).context("no such coordinator")?.kill()
+    }
+
+    /// Starts coordinator `id` again, on its address and data directory.
+    pub fn start_coordinator(&mut self, id: u64) -> Result<()> {
+        let c = self.coordinators.iter_mut().find(|c| c.id == id).context("no such coordinator")?;
+        c.spawn(&self.dir.0)?;
+        Ok(())
+    }
+
+    /// The raft id of the coordinator that leads, as `eddy coordinators` says.
+    pub fn leader(&self) -> Result<u64> {
+        let v = self.eddy_json(&["coordinators"])?;
+        let list = v["coordinators"].as_array().context("coordinators")?;
+        list.iter().find(|c| c["role"] == "leader").and_then(|c| c["id"].as_u64()).context("no coordinator leads")
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, …) to the (first) coordinator process.
     pub fn signal_coordinator(&self, signal: &str) -> Result<()> {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.coordinator.id().to_string()).status()?;
+        let pid = self.coordinators[0].child.as_ref().context("the coordinator is not running")?.id();
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status()?;
         anyhow::ensure!(status.success(), "kill -{signal} of the coordinator failed");
         Ok(())
     }
@@ -230,8 +306,9 @@ impl Drop for Cluster {
             let _ = w.kill();
             let _ = w.wait();
         }
-        let _ = self.coordinator.kill();
-        let _ = self.coordinator.wait();
+        for c in &mut self.coordinators {
+            let _ = c.kill();
+        }
         if std::thread::panicking() || std::env::var_os("EDDY_KEEP_LOGS").is_some() {
             // Keep the logs of a failed test where the message points.
             let keep = self.dir.0.with_extension("failed");
@@ -239,11 +316,6 @@ impl Drop for Cluster {
             eprintln!("logs kept in {}", keep.display());
         }
     }
-}
-
-/// A coordinator keeping its metadata and checkpoints under `dir`.
-fn spawn_coordinator(dir: &Path, listen: &str, log: &Path) -> Result<Child> {
-    spawn_logged(Command::new(bin("eddy-coordinator")).args(["--listen", listen]).arg("--data-dir").arg(dir.join("coordinator")), log)
 }
 
 /// Waits (up to 10 s) for a line starting with `prefix` in `log`; returns the rest of the line.
@@ -470,12 +542,21 @@ impl Pipeline {
 
     /// A pipeline on `workers` workers of 4 slots each.
     pub fn start_with(name: &str, workers: usize) -> Result<Pipeline> {
+        Pipeline::start_on(name, |name| Cluster::start(name, workers, 4))
+    }
+
+    /// A pipeline on `workers` workers of 4 slots each and `coordinators` replicated coordinators.
+    pub fn start_replicated(name: &str, coordinators: u64, workers: usize) -> Result<Pipeline> {
+        Pipeline::start_on(name, |name| Cluster::start_replicated(name, coordinators, workers, 4))
+    }
+
+    fn start_on(name: &str, cluster: impl FnOnce(&str) -> Result<Cluster>) -> Result<Pipeline> {
         let services = Services::start()?;
         let name = format!("{name}_{}", std::process::id());
         services.drop_slot(&name)?;
         let pg_url = services.postgres_database(&name)?;
         services.clickhouse_database(&name)?;
-        let cluster = Cluster::start(&name, workers, 4)?;
+        let cluster = cluster(&name)?;
         let mut p = Pipeline { services, cluster, name, pg_url, mock_url: String::new(), mock: None, mock_starts: 0 };
         p.start_mock()?;
         Ok(p)

@@ -16,7 +16,8 @@ use tonic::Code;
 #[derive(Parser)]
 #[command(name = "eddy", version, about = "Submit and manage jobs on an Eddy cluster")]
 struct Cli {
-    /// Coordinator address (host:port).
+    /// Coordinator address (host:port); for replicated coordinators any of them, or several,
+    /// comma-separated: the CLI finds the leader.
     #[arg(long, global = true, env = "EDDY_COORDINATOR", default_value = "127.0.0.1:6123")]
     coordinator: String,
     /// Print JSON instead of tables.
@@ -71,6 +72,29 @@ enum Command {
     },
     /// List workers and their slots.
     Workers,
+    /// List the coordinators (id, address, role, term, applied index), or change them.
+    Coordinators {
+        #[command(subcommand)]
+        change: Option<CoordinatorChange>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CoordinatorChange {
+    /// Add a coordinator to a replicated cluster. Start it first with `--raft-join`, its
+    /// `--raft-id` and `--raft-peers` (the cluster's coordinators and itself); once added it
+    /// catches up from the leader.
+    Add {
+        /// Its raft id (unused so far).
+        id: u64,
+        /// The address it serves on (host:port).
+        address: String,
+    },
+    /// Remove a coordinator from a replicated cluster.
+    Remove {
+        /// Its raft id.
+        id: u64,
+    },
 }
 
 struct Failure {
@@ -113,15 +137,20 @@ async fn main() -> ExitCode {
     }
 }
 
+/// A client of the leading coordinator among those listed in `coordinator`.
 async fn connect(coordinator: &str) -> Result<JobServiceClient<Channel>, Failure> {
-    let url = if coordinator.contains("://") { coordinator.to_string() } else { format!("http://{coordinator}") };
-    let endpoint = Channel::from_shared(url)
-        .map_err(|e| Failure::new(4, format!("bad coordinator address `{coordinator}`: {e}")))?
-        .connect_timeout(std::time::Duration::from_secs(3));
-    let channel = endpoint.connect().await.map_err(|_| {
-        Failure::new(3, format!("cannot reach the coordinator at {coordinator}; start it, or point --coordinator / EDDY_COORDINATOR at it"))
-    })?;
-    Ok(JobServiceClient::new(channel))
+    let addresses: Vec<String> = coordinator.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect();
+    match eddy_proto::connect_leader(&addresses, std::time::Duration::from_secs(3)).await {
+        Ok((_, channel)) => Ok(JobServiceClient::new(channel)),
+        Err(answers) if answers.split("; ").all(|a| a.ends_with(": unreachable")) => Err(Failure::new(
+            3,
+            format!("cannot reach the coordinator at {coordinator}; start it, or point --coordinator / EDDY_COORDINATOR at it"),
+        )),
+        Err(answers) => Err(Failure::new(
+            3,
+            format!("no coordinator leads ({answers}); a replicated cluster needs most of its coordinators running"),
+        )),
+    }
 }
 
 async fn run(cli: &Cli) -> Result<(), Failure> {
@@ -270,6 +299,36 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
             if !r.warning.is_empty() {
                 eprintln!("warning: {}", r.warning);
+            }
+        }
+        Command::Coordinators { change } => {
+            let mut client = connect(coordinator).await?;
+            let view = match change {
+                None => client.coordinators(CoordinatorsRequest {}).await,
+                Some(CoordinatorChange::Add { id, address }) => {
+                    client.change_coordinators(ChangeCoordinatorsRequest { add_id: *id, add_address: address.clone(), remove_id: 0 }).await
+                }
+                Some(CoordinatorChange::Remove { id }) => {
+                    client.change_coordinators(ChangeCoordinatorsRequest { add_id: 0, add_address: String::new(), remove_id: *id }).await
+                }
+            };
+            let view = view.map_err(rpc)?.into_inner();
+            if cli.json {
+                let list: Vec<_> = view
+                    .coordinators
+                    .iter()
+                    .map(|c| json!({"id": c.id, "address": c.address, "role": c.role, "term": c.term, "applied": c.applied}))
+                    .collect();
+                println!("{}", json!({"replicated": view.replicated, "leader": view.leader_address, "coordinators": list}));
+            } else if !view.replicated {
+                println!("one coordinator, at {coordinator}, not replicated");
+            } else {
+                let rows = view
+                    .coordinators
+                    .iter()
+                    .map(|c| vec![c.id.to_string(), c.address.clone(), c.role.clone(), c.term.to_string(), c.applied.to_string()])
+                    .collect();
+                table(&["ID", "ADDRESS", "ROLE", "TERM", "APPLIED"], rows);
             }
         }
         Command::Workers => {

@@ -703,18 +703,19 @@ impl Coordinator {
     /// Applies `command` to the durable metadata and makes it durable; false if it was refused
     /// (a bug: logged) or not written (logged; the log catches up on its next write).
     fn record(&mut self, command: MetaCommand) -> bool {
+        self.try_record(command).is_ok()
+    }
+
+    /// [`Coordinator::record`], saying why not.
+    fn try_record(&mut self, command: MetaCommand) -> Result<(), crate::meta::MetaError> {
         if let Err(e) = self.meta.apply(&command) {
             warn!(job_id = command.job_id(), error = %e, ?command, "metadata change refused");
-            return false;
+            return Err(e);
         }
-        let Some(log) = &mut self.log else { return true };
-        match log.append(&command, &self.meta) {
-            Ok(()) => true,
-            Err(e) => {
-                warn!(error = %e, "cannot write job metadata; a coordinator restart would lose the latest changes");
-                false
-            }
-        }
+        let Some(log) = &mut self.log else { return Ok(()) };
+        log.append(&command, &self.meta).inspect_err(|e| {
+            warn!(error = %e, "cannot write job metadata; a coordinator restart would lose the latest changes");
+        })
     }
 
     fn handle(&mut self, request: Request) {
@@ -842,8 +843,12 @@ impl Coordinator {
         job.slots = slots;
         job.initial_restore = initial_restore;
         job.from_savepoint = (!from_savepoint.is_empty()).then_some(from_savepoint);
+        if let Err(e) = self.try_record(MetaCommand::Submitted { job: job_record(&job_id, &job) }) {
+            // Not started: the metadata holds no job that does not run.
+            self.meta.jobs.remove(&job_id);
+            return Err(CoordinatorError::Unavailable(format!("the job was not started: its metadata could not be written ({e}); submit it again")));
+        }
         info!(job_id, name = %job.name, tasks = job.tasks.len(), slots = needed, "job created");
-        self.record(MetaCommand::Submitted { job: job_record(&job_id, &job) });
         self.jobs.insert(job_id.clone(), job);
         self.deploy(&job_id);
         Ok(job_id)
@@ -1660,6 +1665,24 @@ connector = "discard"
         let deployed = h.deployed("a");
         assert_eq!(deployed.iter().map(|d| d.attempt).collect::<Vec<_>>(), [3]);
         assert_eq!(h.coordinator.meta.jobs[&job].attempt, 3);
+    }
+
+    /// A job whose submission the log does not take (no majority of coordinators) is refused and
+    /// leaves nothing behind: no job, no tasks, no metadata.
+    #[tokio::test(start_paused = true)]
+    async fn a_submit_the_log_did_not_take_leaves_nothing() {
+        let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let mut h = Harness::new();
+        h.coordinator.log = Some(Box::new(FlakyLog(failing.clone())));
+        h.register("a", 4);
+        let e = h.submit(SPEC).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+        assert!(e.message().contains("not started") && e.message().contains("disk full"), "{e:?}");
+        assert!(h.deployed("a").is_empty());
+        assert!(h.coordinator.jobs.is_empty() && h.coordinator.meta.jobs.is_empty());
+        failing.store(false, std::sync::atomic::Ordering::Relaxed);
+        h.submit(SPEC).unwrap();
+        assert_eq!(h.deployed("a").len(), 1);
     }
 
     /// "Running" is reported at deploy, before the restore: an attempt that runs a minute and

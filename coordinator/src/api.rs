@@ -1,30 +1,113 @@
 //! gRPC handlers: validate, convert, ask the actor, await its answer. No state lives here.
+//!
+//! A replicated coordinator that does not lead has no actor: it answers with the leader's address
+//! (in the message and in the `eddy-leader` metadata), and the CLI and workers go there.
 
 use eddy_proto::cluster_service_server::ClusterService;
 use eddy_proto::coordinator_message::Msg as Order;
 use eddy_proto::job_service_server::JobService;
 use eddy_proto::worker_message::Msg as Report;
 use eddy_proto::*;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::actor::{AfterSavepoint, Request as Ask};
 
-/// The job and cluster services, both backed by the actor.
+/// Who answers requests: this coordinator's actor, or (replicated, not leading) the leader.
+#[derive(Clone, Debug)]
+pub enum Route {
+    Here(mpsc::Sender<Ask>),
+    /// The leader's address, when one is known.
+    Leader(Option<String>),
+}
+
+/// The gRPC metadata key that carries the leader's address on a refusal.
+pub const LEADER_KEY: &str = "eddy-leader";
+
+/// The refusal of a coordinator that does not lead.
+pub fn not_leader(leader: Option<&str>) -> Status {
+    let Some(leader) = leader else {
+        return Status::unavailable("no coordinator leads: an election is under way, or most coordinators are down; try again once a majority runs");
+    };
+    let mut status = Status::unavailable(format!("this coordinator does not lead; the leader is at {leader}"));
+    if let Ok(value) = leader.parse() {
+        status.metadata_mut().insert(LEADER_KEY, value);
+    }
+    status
+}
+
+/// The job and cluster services, backed by the actor while this coordinator leads.
 #[derive(Clone)]
 pub struct Api {
-    /// The actor's request channel.
-    pub actor: mpsc::Sender<Ask>,
+    pub route: watch::Receiver<Route>,
     /// Told to workers at registration.
     pub heartbeat_interval_ms: u64,
+    /// The Raft node, for a replicated coordinator.
+    pub raft: Option<RaftView>,
+}
+
+/// What the API reads of, and asks of, the Raft node.
+#[derive(Clone)]
+pub struct RaftView {
+    pub status: watch::Receiver<crate::raft::RaftStatus>,
+    pub inputs: std::sync::mpsc::Sender<crate::raft::Input>,
 }
 
 impl Api {
+    fn actor(&self) -> Result<mpsc::Sender<Ask>, Status> {
+        match &*self.route.borrow() {
+            Route::Here(actor) => Ok(actor.clone()),
+            Route::Leader(leader) => Err(not_leader(leader.as_deref())),
+        }
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Ask) -> Result<T, Status> {
-        let (tx, rx) = oneshot::channel();
-        self.actor.send(make(tx)).await.map_err(|_| Status::unavailable("coordinator is shutting down"))?;
-        rx.await.map_err(|_| Status::unavailable("coordinator is shutting down"))
+        ask_on(&self.actor()?, make).await
+    }
+
+    fn coordinators_view(&self) -> CoordinatorsResponse {
+        let Some(raft) = &self.raft else {
+            return CoordinatorsResponse { replicated: false, ..Default::default() };
+        };
+        let s = raft.status.borrow().clone();
+        let coordinators = s
+            .peers
+            .iter()
+            .map(|(id, address)| {
+                let seen = s.matched.get(id).copied();
+                let role = match seen {
+                    _ if *id == s.id => role_name(s.role),
+                    _ if *id == s.leader => "leader",
+                    Some((_, true)) => "follower",
+                    Some((_, false)) => "unreachable",
+                    None => "unknown",
+                };
+                let applied = if *id == s.id { s.applied } else { seen.map_or(0, |(matched, _)| matched) };
+                CoordinatorView { id: *id, address: address.clone(), role: role.into(), term: s.term, applied }
+            })
+            .collect();
+        CoordinatorsResponse {
+            replicated: true,
+            answered_by: s.id,
+            leader_address: s.leader_address().unwrap_or_default().to_string(),
+            coordinators,
+        }
+    }
+}
+
+async fn ask_on<T>(actor: &mpsc::Sender<Ask>, make: impl FnOnce(oneshot::Sender<T>) -> Ask) -> Result<T, Status> {
+    let (tx, rx) = oneshot::channel();
+    let gone = || Status::unavailable("this coordinator stopped leading or is shutting down; try again");
+    actor.send(make(tx)).await.map_err(|_| gone())?;
+    rx.await.map_err(|_| gone())
+}
+
+fn role_name(role: raft::StateRole) -> &'static str {
+    match role {
+        raft::StateRole::Leader => "leader",
+        raft::StateRole::Follower => "follower",
+        raft::StateRole::Candidate | raft::StateRole::PreCandidate => "candidate",
     }
 }
 
@@ -80,6 +163,36 @@ impl JobService for Api {
         let workers = self.ask(|reply| Ask::ListWorkers { reply }).await?;
         Ok(Response::new(ListWorkersResponse { workers }))
     }
+
+    async fn coordinators(&self, _: Request<CoordinatorsRequest>) -> Result<Response<CoordinatorsResponse>, Status> {
+        Ok(Response::new(self.coordinators_view()))
+    }
+
+    async fn change_coordinators(&self, request: Request<ChangeCoordinatorsRequest>) -> Result<Response<CoordinatorsResponse>, Status> {
+        let Some(raft) = self.raft.clone() else {
+            return Err(Status::failed_precondition(
+                "this coordinator runs alone (no --raft-peers); start every coordinator with --raft-id and --raft-peers to replicate",
+            ));
+        };
+        let ChangeCoordinatorsRequest { add_id, add_address, remove_id } = request.into_inner();
+        let (add, remove) = match (add_id, remove_id) {
+            (0, 0) | (1.., 1..) => return Err(Status::invalid_argument("add one coordinator (its id and address) or remove one")),
+            (id, 0) if add_address.is_empty() => return Err(Status::invalid_argument(format!("coordinator {id} needs an address"))),
+            (id, 0) => (Some((id, add_address)), None),
+            (0, id) => (None, Some(id)),
+        };
+        let (reply, answer) = std::sync::mpsc::channel();
+        raft.inputs.send(crate::raft::Input::ChangeMembers { add, remove, reply }).map_err(|_| Status::unavailable("the raft node has stopped"))?;
+        let answered = tokio::task::spawn_blocking(move || answer.recv_timeout(std::time::Duration::from_secs(10)))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        match answered {
+            Ok(Ok(())) => Ok(Response::new(self.coordinators_view())),
+            Ok(Err(crate::raft::ProposeError::NotLeader { leader })) => Err(not_leader(leader.as_deref())),
+            Ok(Err(e)) => Err(Status::unavailable(e.to_string())),
+            Err(_) => Err(Status::unavailable("no majority of coordinators committed the change within 10 s")),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -97,8 +210,10 @@ impl ClusterService for Api {
         }
         let (orders, rx) = mpsc::channel(64);
         let worker_id = register.worker_id.clone();
-        let session = self
-            .ask(|reply| Ask::Register {
+        // The stream stays with the actor it registered with: when that one stops (this
+        // coordinator no longer leads), the stream ends and the worker finds the leader.
+        let actor = self.actor()?;
+        let session = ask_on(&actor, |reply| Ask::Register {
                 worker_id: register.worker_id,
                 slots: register.slots,
                 data_address: register.data_address,
@@ -111,7 +226,6 @@ impl ClusterService for Api {
             .send(Ok(CoordinatorMessage { msg: Some(Order::Registered(Registered { heartbeat_interval_ms: interval })) }))
             .await
             .map_err(|_| Status::internal("control stream closed during registration"))?;
-        let actor = self.actor.clone();
         tokio::spawn(async move {
             let cause = loop {
                 let ask = match inbound.message().await {

@@ -25,6 +25,9 @@ pub enum CoordinatorError {
     /// Begun but not completed (a savepoint); the job itself is unaffected.
     #[error("{0}")]
     Aborted(String),
+    /// The change could not be made durable (no majority of coordinators, a failing disk).
+    #[error("{0}")]
+    Unavailable(String),
     /// The coordinator stopped before answering.
     #[error("the coordinator is shutting down")]
     ShuttingDown,
@@ -38,7 +41,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::NoSlots(_) => Code::ResourceExhausted,
             CoordinatorError::WrongState(_) => Code::FailedPrecondition,
             CoordinatorError::Aborted(_) => Code::Aborted,
-            CoordinatorError::ShuttingDown => Code::Unavailable,
+            CoordinatorError::Unavailable(_) | CoordinatorError::ShuttingDown => Code::Unavailable,
         };
         Status::new(code, e.to_string())
     }
@@ -58,6 +61,7 @@ mod tests {
             (CoordinatorError::NoSlots("full".into()), Code::ResourceExhausted, "full"),
             (CoordinatorError::WrongState("ended".into()), Code::FailedPrecondition, "ended"),
             (CoordinatorError::Aborted("timed out".into()), Code::Aborted, "timed out"),
+            (CoordinatorError::Unavailable("no majority".into()), Code::Unavailable, "no majority"),
             (CoordinatorError::ShuttingDown, Code::Unavailable, "the coordinator is shutting down"),
         ];
         for (e, code, message) in cases {

@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod cluster;
 pub mod error;
 pub mod meta;
+pub mod raft;
 pub mod state;
 pub mod store;
 
@@ -19,8 +20,9 @@ use std::time::Duration;
 
 use eddy_proto::cluster_service_server::ClusterServiceServer;
 use eddy_proto::job_service_server::JobServiceServer;
+use eddy_proto::raft_service_server::RaftServiceServer;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
@@ -47,6 +49,9 @@ pub struct CoordinatorConfig {
     pub max_restart_backoff: Duration,
     /// Restarts in a row after which a job fails.
     pub max_restarts: u32,
+    /// Replicate the metadata with these coordinators (Raft); `None`: this one alone, with its
+    /// metadata in `data_dir`.
+    pub raft: Option<raft::RaftSettings>,
 }
 
 impl Default for CoordinatorConfig {
@@ -61,6 +66,7 @@ impl Default for CoordinatorConfig {
             restart_backoff: Duration::from_millis(250),
             max_restart_backoff: Duration::from_secs(10),
             max_restarts: 10,
+            raft: None,
         }
     }
 }
@@ -81,22 +87,113 @@ pub(crate) fn older_than_the_latest<T: Ord>(mut items: Vec<(T, String)>, kept: u
     items.into_iter().map(|(_, id)| id).collect()
 }
 
-/// Serves the job and cluster APIs on `listener` until `shutdown` is cancelled.
+/// Serves the job and cluster APIs on `listener` until `shutdown` is cancelled: alone, or as one of
+/// several coordinators replicating their metadata with Raft (then also the raft service).
 pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::channel(256);
-    let mut coordinator = actor::Coordinator::new(config.clone(), rx);
-    if let Some(data) = &config.data_dir {
-        let checkpoints = config.checkpoint_dir.clone().unwrap_or_else(|| data.join("checkpoints"));
-        let (log, state) = meta::LocalLog::open(data)?;
-        coordinator = coordinator.with_stores(Box::new(log), state, store::CheckpointStore::open(&checkpoints)?).await?;
-    }
-    let actor = tokio::spawn(coordinator.run(shutdown.clone()));
-    let api = api::Api { actor: tx, heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64 };
-    eddy_proto::server()
+    let (route_tx, route) = watch::channel(api::Route::Leader(None));
+    let mut api = api::Api { route, heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64, raft: None };
+    let mut raft_service = None;
+    let leading = match config.raft.clone() {
+        None => {
+            let (tx, rx) = mpsc::channel(256);
+            let mut coordinator = actor::Coordinator::new(config.clone(), rx);
+            if let Some(data) = &config.data_dir {
+                let (log, state) = meta::LocalLog::open(data)?;
+                coordinator = coordinator.with_stores(Box::new(log), state, store::CheckpointStore::open(&checkpoint_dir(&config))?).await?;
+            }
+            route_tx.send_replace(api::Route::Here(tx));
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                coordinator.run(stop).await;
+                anyhow::Ok(())
+            })
+        }
+        Some(settings) => {
+            let (inputs, received) = std::sync::mpsc::channel();
+            let transport = raft::transport::GrpcTransport::new(tokio::runtime::Handle::current(), inputs.clone());
+            let node = raft::start(settings, (inputs.clone(), received), Box::new(transport))?;
+            api.raft = Some(api::RaftView { status: node.status.clone(), inputs: inputs.clone() });
+            raft_service = Some(RaftServiceServer::new(raft::transport::RaftServer::new(inputs)).max_decoding_message_size(64 << 20));
+            tokio::spawn(lead(config.clone(), node, route_tx, shutdown.clone()))
+        }
+    };
+    let mut leading = leading;
+    let server = eddy_proto::server()
         .add_service(JobServiceServer::new(api.clone()))
         .add_service(ClusterServiceServer::new(api))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.cancelled_owned())
-        .await?;
-    actor.await?;
-    Ok(())
+        .add_optional_service(raft_service)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
+    tokio::select! {
+        served = server => served?,
+        // The loop ended on its own: a raft node that stopped on a storage error.
+        ended = &mut leading => {
+            shutdown.cancel();
+            return ended?;
+        }
+    }
+    leading.await?
+}
+
+fn checkpoint_dir(config: &CoordinatorConfig) -> PathBuf {
+    let data = config.data_dir.clone().unwrap_or_else(|| PathBuf::from("eddy-data"));
+    config.checkpoint_dir.clone().unwrap_or_else(|| data.join("checkpoints"))
+}
+
+/// How long the leader's loop waits for a change to be committed before it gives up leading.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs the coordinator's loop while this coordinator leads (with every earlier entry applied),
+/// from the replicated state; points the API at the leader otherwise.
+async fn lead(config: CoordinatorConfig, node: raft::RaftHandle, route: watch::Sender<api::Route>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut status = node.status.clone();
+    let storage = store::CheckpointStore::open(&checkpoint_dir(&config))?;
+    loop {
+        // Follow: requests go to the leader.
+        loop {
+            let s = status.borrow_and_update().clone();
+            if let Some(why) = &s.stopped {
+                anyhow::bail!("the raft node stopped: {why}");
+            }
+            if s.leading {
+                break;
+            }
+            route.send_replace(api::Route::Leader(s.leader_address().map(str::to_string)));
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                changed = status.changed() => if changed.is_err() { return Ok(()) },
+            }
+        }
+        let (reply, answer) = std::sync::mpsc::channel();
+        node.inputs.send(raft::Input::Applied { reply }).map_err(|_| anyhow::anyhow!("the raft node has stopped"))?;
+        let applied = tokio::task::spawn_blocking(move || answer.recv()).await?.map_err(|_| anyhow::anyhow!("the raft node has stopped"))?;
+        let term = status.borrow().term;
+        tracing::info!(term, applied = applied.index, jobs = applied.state.jobs.len(), "leading: resuming the jobs from the replicated metadata");
+        let failed = CancellationToken::new();
+        let log = raft::log::RaftLog::new(node.inputs.clone(), failed.clone(), COMMIT_TIMEOUT);
+        let (tx, rx) = mpsc::channel(256);
+        let coordinator = actor::Coordinator::new(config.clone(), rx).with_stores(Box::new(log), applied.state, storage.clone()).await?;
+        let stop = shutdown.child_token();
+        let actor = tokio::spawn(coordinator.run(stop.clone()));
+        route.send_replace(api::Route::Here(tx));
+        // Lead until the term ends, a change fails to commit, or shutdown.
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = failed.cancelled() => break,
+                changed = status.changed() => {
+                    let s = status.borrow_and_update();
+                    if changed.is_err() || !s.leading || s.term != term {
+                        break;
+                    }
+                }
+            }
+        }
+        tracing::info!(term, "no longer leading; the coordinator's loop stops");
+        route.send_replace(api::Route::Leader(None));
+        stop.cancel();
+        actor.await?;
+        if shutdown.is_cancelled() {
+            return Ok(());
+        }
+    }
 }

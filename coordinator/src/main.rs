@@ -30,6 +30,31 @@ struct Args {
     /// Restarts in a row after which a failing job is given up.
     #[arg(long, env = "EDDY_MAX_RESTARTS", default_value_t = 10)]
     max_restarts: u32,
+    /// This coordinator's id among --raft-peers (replicated coordinators only).
+    #[arg(long, env = "EDDY_RAFT_ID", requires = "raft_peers")]
+    raft_id: Option<u64>,
+    /// Every coordinator of a new replicated cluster, this one included, as `ID=HOST:PORT,...`
+    /// (the address each serves its API on; the same list on every coordinator). Once a
+    /// coordinator has stored the membership, `eddy coordinators add|remove` changes it.
+    #[arg(long, env = "EDDY_RAFT_PEERS", requires = "raft_id")]
+    raft_peers: Option<String>,
+    /// Join a running replicated cluster: start with no membership (--raft-peers then lists the
+    /// cluster's coordinators and this one, for their addresses), then run
+    /// `eddy coordinators add ID ADDRESS`; the leader sends this coordinator its state.
+    #[arg(long, env = "EDDY_RAFT_JOIN", requires = "raft_id")]
+    raft_join: bool,
+}
+
+/// Parses `1=host:port,2=host:port`.
+fn parse_peers(list: &str) -> anyhow::Result<std::collections::BTreeMap<u64, String>> {
+    let mut peers = std::collections::BTreeMap::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (id, address) = item.split_once('=').ok_or_else(|| anyhow::anyhow!("--raft-peers: `{item}` is not ID=HOST:PORT"))?;
+        let id: u64 = id.trim().parse().map_err(|_| anyhow::anyhow!("--raft-peers: `{id}` is not a coordinator id (a number above 0)"))?;
+        anyhow::ensure!(id > 0, "--raft-peers: coordinator ids start at 1");
+        anyhow::ensure!(peers.insert(id, address.trim().to_string()).is_none(), "--raft-peers: coordinator {id} is listed twice");
+    }
+    Ok(peers)
 }
 
 #[tokio::main]
@@ -56,7 +81,22 @@ async fn main() -> anyhow::Result<()> {
         }
         signal.cancel();
     });
+    let raft = match (args.raft_id, &args.raft_peers) {
+        (Some(id), Some(list)) => {
+            let peers = parse_peers(list)?;
+            anyhow::ensure!(peers.contains_key(&id), "--raft-id {id} is not among --raft-peers ({list})");
+            anyhow::ensure!(
+                args.checkpoint_dir.is_some(),
+                "replicated coordinators need --checkpoint-dir: a directory every coordinator and worker reaches at the same path"
+            );
+            let mut settings = eddy_coordinator::raft::RaftSettings::new(id, peers, args.data_dir.join("raft"));
+            settings.join = args.raft_join;
+            Some(settings)
+        }
+        _ => None,
+    };
     let config = CoordinatorConfig {
+        raft,
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms),
         data_dir: Some(args.data_dir),
         checkpoint_dir: args.checkpoint_dir,

@@ -62,7 +62,7 @@ impl MetaCommand {
 }
 
 /// Why a command was refused, or could not be made durable.
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
 pub enum MetaError {
     #[error("no job {0}")]
     NoSuchJob(String),
@@ -330,10 +330,11 @@ impl MetaLog for LocalLog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn job(id: &str) -> JobRecord {
+    /// A job as just submitted.
+    pub(crate) fn job(id: &str) -> JobRecord {
         JobRecord {
             job_id: id.into(),
             spec: "name = \"x\"".into(),

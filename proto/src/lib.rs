@@ -24,3 +24,45 @@ pub fn server() -> tonic::transport::Server {
 pub fn with_keepalive(endpoint: tonic::transport::Endpoint) -> tonic::transport::Endpoint {
     endpoint.http2_keep_alive_interval(KEEPALIVE_INTERVAL).keep_alive_timeout(KEEPALIVE_TIMEOUT).keep_alive_while_idle(true)
 }
+
+/// A connection to the leading coordinator, found from `addresses` (any of a cluster's
+/// coordinators, `host:port` or a URL): each is asked in turn which coordinator leads, and the
+/// leader's address (which may be none of those given) is connected to. A single coordinator
+/// always leads. The error lists what each address answered.
+pub async fn connect_leader(addresses: &[String], connect_timeout: std::time::Duration) -> Result<(String, tonic::transport::Channel), String> {
+    async fn open(address: &str, timeout: std::time::Duration) -> Result<tonic::transport::Channel, String> {
+        let url = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
+        let endpoint = tonic::transport::Endpoint::from_shared(url).map_err(|e| format!("not an address ({e})"))?.connect_timeout(timeout);
+        with_keepalive(endpoint).connect().await.map_err(|_| "unreachable".to_string())
+    }
+    let mut answers = Vec::new();
+    for address in addresses {
+        let channel = match open(address, connect_timeout).await {
+            Ok(c) => c,
+            Err(e) => {
+                answers.push(format!("{address}: {e}"));
+                continue;
+            }
+        };
+        let view = match job_service_client::JobServiceClient::new(channel.clone()).coordinators(CoordinatorsRequest {}).await {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                answers.push(format!("{address}: {}", s.message()));
+                continue;
+            }
+        };
+        let answered_by_leader = view.coordinators.iter().any(|c| c.id == view.answered_by && c.role == "leader");
+        if !view.replicated || answered_by_leader {
+            return Ok((address.clone(), channel));
+        }
+        if view.leader_address.is_empty() {
+            answers.push(format!("{address}: knows no leader"));
+            continue;
+        }
+        match open(&view.leader_address, connect_timeout).await {
+            Ok(c) => return Ok((view.leader_address, c)),
+            Err(e) => answers.push(format!("{address}: the leader is at {}, which is {e}", view.leader_address)),
+        }
+    }
+    Err(answers.join("; "))
+}

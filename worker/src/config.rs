@@ -5,7 +5,8 @@
 pub struct WorkerConfig {
     /// Unique id of this worker.
     pub worker_id: String,
-    /// Coordinator `host:port` (or a full `http://` URL).
+    /// Coordinator `host:port` (or a full `http://` URL); for replicated coordinators several,
+    /// comma-separated (the worker finds the leader among them).
     pub coordinator: String,
     /// Task slots offered (parallel pipelines this worker runs).
     pub slots: u32,
@@ -16,12 +17,8 @@ pub struct WorkerConfig {
 }
 
 impl WorkerConfig {
-    /// The coordinator as a URL.
-    pub fn coordinator_url(&self) -> String {
-        if self.coordinator.contains("://") {
-            self.coordinator.clone()
-        } else {
-            format!("http://{}", self.coordinator)
-        }
+    /// The coordinators listed.
+    pub fn coordinators(&self) -> Vec<String> {
+        self.coordinator.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect()
     }
 }

@@ -54,6 +54,8 @@ pub struct Control {
     shutdown: CancellationToken,
     /// The data plane's runtime, where tasks run.
     tasks: tokio::runtime::Handle,
+    /// The current session registered.
+    registered: bool,
 }
 
 struct Finished {
@@ -66,7 +68,7 @@ struct Finished {
 impl Control {
     /// A control loop for this worker.
     pub fn new(config: Arc<WorkerConfig>, inboxes: Inboxes, shutdown: CancellationToken, tasks: tokio::runtime::Handle) -> Control {
-        Control { config, inboxes, peers: Peers::default(), jobs: HashMap::new(), shutdown, tasks }
+        Control { config, inboxes, peers: Peers::default(), jobs: HashMap::new(), shutdown, tasks, registered: false }
     }
 
     /// Connects, serves one session, and reconnects until shutdown.
@@ -80,6 +82,11 @@ impl Control {
                 r = self.session() => r,
             };
             self.cancel_all("lost the coordinator");
+            // A session that registered was a working one: try again soon (another coordinator
+            // may lead now), not after the backoff of earlier failures.
+            if std::mem::take(&mut self.registered) {
+                backoff = Duration::from_millis(200);
+            }
             match result {
                 Ok(()) => break,
                 Err(e) => {
@@ -91,7 +98,7 @@ impl Control {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(backoff) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(Duration::from_secs(2));
         }
         self.cancel_all("shutting down");
     }
@@ -107,8 +114,9 @@ impl Control {
     async fn session(&mut self) -> anyhow::Result<()> {
         // Pinged from both ends: a coordinator cut off without a closed socket ends this session
         // (and the worker tries again) instead of leaving it waiting for orders for good.
-        let endpoint = tonic::transport::Endpoint::from_shared(self.config.coordinator_url())?.connect_timeout(Duration::from_secs(3));
-        let channel = eddy_proto::with_keepalive(endpoint).connect().await?;
+        let (leader, channel) = eddy_proto::connect_leader(&self.config.coordinators(), Duration::from_secs(3))
+            .await
+            .map_err(|answers| anyhow::anyhow!("no coordinator leads: {answers}"))?;
         let mut client = ClusterServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<WorkerMessage>(64);
         tx.send(WorkerMessage {
@@ -124,7 +132,8 @@ impl Control {
             Some(Order::Registered(r)) => Duration::from_millis(r.heartbeat_interval_ms.max(50)),
             _ => anyhow::bail!("coordinator did not acknowledge registration"),
         };
-        info!(worker_id = %self.config.worker_id, slots = self.config.slots, "registered with coordinator");
+        info!(worker_id = %self.config.worker_id, slots = self.config.slots, coordinator = %leader, "registered with coordinator");
+        self.registered = true;
         let mut heartbeat = tokio::time::interval(interval);
         let (done_tx, mut done_rx) = mpsc::channel::<Finished>(256);
         loop {

@@ -8,7 +8,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(version, about = "Eddy worker: runs operator tasks deployed by the coordinator")]
 struct Args {
-    /// Coordinator address.
+    /// Coordinator address; for replicated coordinators several, comma-separated (the worker
+    /// finds the leader, and the next one after a failover).
     #[arg(long, env = "EDDY_COORDINATOR", default_value = "127.0.0.1:6123")]
     coordinator: String,
     /// Address to serve the data exchange on.
