@@ -131,11 +131,18 @@ fn killed_workers_and_a_restarted_coordinator_recover_exactly() -> Result<()> {
         "the restart should name the lost worker: {status}"
     );
 
-    // 2. The coordinator dies and comes back: it resumes the job from its metadata.
+    // 2. The coordinator dies and comes back: it adopts the tasks the workers kept running
+    // (same attempt, no restart), and checkpoints go on.
+    let checkpoint = completed_checkpoints(&cluster.status(&job)?);
     cluster.restart_coordinator()?;
     let restarted = Instant::now();
-    let took = wait_recovered(&cluster, &job, 3, restarted)?;
-    eprintln!("coordinator restarted: job running again after {took:?}");
+    cluster.wait(Duration::from_secs(30), "the restarted coordinator to adopt the job", |c| {
+        let s = c.status(&job)?;
+        Ok(s["cause"].as_str().is_some_and(|c| c.contains("adopted")))
+    })?;
+    ensure!(attempt(&cluster.status(&job)?) == 2, "adopted, not restarted: {}", cluster.status(&job)?);
+    cluster.wait(Duration::from_secs(30), "a checkpoint after the adoption", |c| Ok(completed_checkpoints(&c.status(&job)?) > checkpoint))?;
+    eprintln!("coordinator restarted: job adopted after {:?}", restarted.elapsed());
 
     // 3. Another window worker dies; with one slot left the job waits until a new worker joins.
     let victim = window_workers(&cluster.status(&job)?).into_iter().next_back().context("a window worker")?;

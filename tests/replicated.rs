@@ -30,15 +30,24 @@ fn the_pipeline_survives_the_loss_of_the_leading_coordinator() -> Result<()> {
         Ok(completed_checkpoint(&c.status(&ingest)?) && completed_checkpoint(&c.status(&process)?))
     })?;
 
+    let attempts = |p: &Pipeline| -> Result<Vec<u64>> {
+        [&ingest, &process].iter().map(|j| p.cluster.status(j)?["attempt"].as_u64().context("attempt")).collect()
+    };
+    let before_kill = attempts(&p)?;
     let old = p.cluster.leader()?;
     eprintln!("killing coordinator {old}, the leader");
     p.cluster.kill_coordinator(old)?;
     let killed = Instant::now();
     p.cluster.wait(Duration::from_secs(30), "another coordinator to lead", |c| Ok(c.leader()? != old && c.eddy_json(&["jobs"]).is_ok()))?;
     eprintln!("a new leader served {} ms after the kill", killed.elapsed().as_millis());
+    // The new leader adopts the running tasks: the jobs run on, same attempts, and checkpoint.
     for job in [&ingest, &process] {
-        p.cluster.wait(Duration::from_secs(60), "the job to run under the new leader", |c| Ok(c.status(job)?["state"] == "running"))?;
+        p.cluster.wait(Duration::from_secs(60), "the new leader to adopt the job", |c| {
+            let s = c.status(job)?;
+            Ok(s["state"] == "running" && s["cause"].as_str().is_some_and(|c| c.contains("adopted")))
+        })?;
     }
+    ensure!(attempts(&p)? == before_kill, "the jobs restarted: attempts {before_kill:?} -> {:?}", attempts(&p)?);
 
     // The old leader comes back from its disk and follows, caught up.
     p.cluster.start_coordinator(old)?;

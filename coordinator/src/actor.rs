@@ -40,6 +40,10 @@ use crate::{now_ms, older_than_the_latest, CoordinatorConfig};
 const STOP_WAIT: Duration = Duration::from_secs(10);
 /// State changes kept per job (the first one and the latest).
 const HISTORY_KEPT: usize = 200;
+/// How long a coordinator that starts (or starts leading) waits for workers to report a job's
+/// running tasks before it restarts the job instead: the workers' lease, by which time every task
+/// not reported has stopped, and a margin for a deposed leader's last renewals.
+const ADOPT_WAIT: Duration = eddy_proto::WORKER_LEASE.saturating_add(Duration::from_secs(3));
 /// Ended jobs (finished, failed, cancelled) kept, the latest ones; older ones are forgotten.
 const FINISHED_JOBS_KEPT: usize = 100;
 
@@ -146,6 +150,10 @@ struct Job {
     stop_deadline: Option<Instant>,
     /// Workers of the attempt before the current one.
     previous_workers: Vec<String>,
+    /// Set while a coordinator that just started (or just became the leader) collects the running
+    /// tasks of the job's attempt from the workers' heartbeats: by then it adopts them, or
+    /// restarts the job.
+    adopt_until: Option<Instant>,
     savepoint_waiters: Vec<SavepointWaiter>,
     /// Checkpoints in the metadata whose manifest could not be read at start: they stay in the
     /// metadata (a later start may read them), and while there are any no shared state file of
@@ -302,12 +310,14 @@ impl Coordinator {
             }
         };
         let stored_state = match r.state {
-            // A cancel was under way: the workers stopped its tasks when this coordinator's
-            // streams broke, so the cancel is complete.
+            // A cancel was under way: its tasks stop within their lease (and are told to when
+            // their workers report them), so the cancel is complete.
             JobState::Cancelled | JobState::Cancelling => JobState::Cancelled,
             JobState::Failed => JobState::Failed,
             JobState::Finished => JobState::Finished,
-            JobState::Created | JobState::Scheduling | JobState::Running | JobState::Restarting => JobState::Restarting,
+            // Deployed: its tasks run on through the coordinator's change; adopt them.
+            JobState::Scheduling | JobState::Running => r.state,
+            JobState::Created | JobState::Restarting => JobState::Restarting,
         };
         let now = Instant::now();
         let mut job = self.new_job(&r.job_id, r.spec, r.parallelism, plan, now);
@@ -322,6 +332,11 @@ impl Coordinator {
         job.from_savepoint = r.from_savepoint.clone();
         job.state = stored_state;
         job.cause = if r.state == JobState::Cancelling { "cancelled; the coordinator restarted while its tasks stopped".into() } else { r.cause.clone() };
+        if matches!(stored_state, JobState::Scheduling | JobState::Running) {
+            job.adopt_until = Some(now + ADOPT_WAIT);
+            job.running_since = Some(now);
+            job.cause = format!("the coordinator changed; adopting the running tasks of attempt {}", r.attempt);
+        }
         if stored_state == JobState::Restarting {
             let from = job.checkpoints.latest().map(|c| format!("checkpoint {}", c.id)).unwrap_or_else(|| "the start".into());
             job.cause = format!("coordinator restarted; resuming from {from}");
@@ -361,6 +376,7 @@ impl Coordinator {
             running_since: None,
             stop_deadline: None,
             previous_workers: Vec::new(),
+            adopt_until: None,
             savepoint_waiters: Vec::new(),
             unreadable: Vec::new(),
         }
@@ -407,6 +423,13 @@ impl Coordinator {
                 self.try_restart(&job_id);
                 continue;
             }
+            if job.adopt_until.is_some_and(|t| t <= now) {
+                self.adoption_failed(&job_id);
+                continue;
+            }
+            if job.adopt_until.is_some() {
+                continue;
+            }
             if job.state != JobState::Running {
                 continue;
             }
@@ -425,7 +448,7 @@ impl Coordinator {
     fn maybe_trigger(&mut self, job_id: &str, now: Instant) {
         let Some(job) = self.jobs.get_mut(job_id) else { return };
         let savepoint = !job.savepoint_waiters.is_empty();
-        if self.storage.is_none() || job.checkpoints.pending().is_some() || !(savepoint || job.checkpoints.due(now)) {
+        if self.storage.is_none() || job.adopt_until.is_some() || job.checkpoints.pending().is_some() || !(savepoint || job.checkpoints.due(now)) {
             return;
         }
         if !job.tasks.values().all(|t| t.state == TaskState::Running) {
@@ -637,6 +660,7 @@ impl Coordinator {
         job.failures_in_row += 1;
         job.restarts += 1;
         job.running_since = None;
+        job.adopt_until = None;
         job.restart_at = Some(Instant::now() + backoff);
         self.record(MetaCommand::Restarted { job_id: job_id.to_string() });
         let Some(job) = self.jobs.get_mut(job_id) else { return };
@@ -746,6 +770,8 @@ impl Coordinator {
                 if !self.cluster.touch(&worker_id, session) {
                     return;
                 }
+                // The worker's lease on its tasks: renewed while this coordinator leads.
+                self.cluster.send(&worker_id, CoordinatorMessage { msg: Some(Order::Renew(eddy_proto::Renew {})) });
                 for t in tasks {
                     self.task_update(&worker_id, t, true);
                 }
@@ -919,9 +945,23 @@ impl Coordinator {
 
     fn task_update(&mut self, worker_id: &str, u: TaskUpdate, heartbeat: bool) {
         let Ok(task) = u.task_id.parse::<TaskId>() else { return };
+        // A task running for no job, an older attempt or an ended job (one a coordinator before
+        // this one left behind) is stopped.
+        let stale = match self.jobs.get(&u.job_id) {
+            None => true,
+            Some(job) => u.attempt < job.attempt || job.state.is_terminal() || job.state == JobState::Cancelling,
+        };
+        if heartbeat && stale {
+            let order = CancelJob { job_id: u.job_id.clone(), attempt: u.attempt, release: false };
+            self.cluster.send(worker_id, CoordinatorMessage { msg: Some(Order::Cancel(order)) });
+        }
         let Some(job) = self.jobs.get_mut(&u.job_id) else { return };
         // Fencing: reports from another attempt, or from a worker the task is not placed on, are stale.
         if u.attempt != job.attempt {
+            return;
+        }
+        if job.adopt_until.is_some() {
+            self.adopt(worker_id, &u, task);
             return;
         }
         let Some(record) = job.tasks.get_mut(&task).filter(|r| r.worker_id == worker_id) else { return };
@@ -967,6 +1007,88 @@ impl Coordinator {
         }
     }
 
+    /// Takes a report of a task of the attempt being adopted; once every task of the attempt is
+    /// reported running, the job is adopted: it runs on, same attempt, no restart.
+    fn adopt(&mut self, worker_id: &str, u: &TaskUpdate, task: TaskId) {
+        let Some(job) = self.jobs.get_mut(&u.job_id) else { return };
+        let state = TaskState::try_from(u.state).unwrap_or(TaskState::Unspecified);
+        if !job.plan.tasks().contains(&task) {
+            return;
+        }
+        let record = job.tasks.entry(task).or_insert_with(|| TaskRecord {
+            worker_id: worker_id.to_string(),
+            state,
+            metrics: TaskMetrics { watermark_ms: i64::MIN, ..Default::default() },
+            error: String::new(),
+        });
+        record.worker_id = worker_id.to_string();
+        record.state = state;
+        record.error = u.error.clone();
+        if let Some(m) = &u.metrics {
+            record.metrics = m.clone();
+        }
+        let job_id = u.job_id.clone();
+        if state == TaskState::Failed {
+            let why = format!("task {task} failed on worker {worker_id} while the coordinator changed: {}", u.error);
+            self.adoption_failed_because(&job_id, &why, u.retryable);
+            return;
+        }
+        let job = &self.jobs[&job_id];
+        let expected = job.plan.tasks();
+        let reported = job.tasks.values().filter(|t| matches!(t.state, TaskState::Running | TaskState::Finished)).count();
+        if reported < expected.len() {
+            return;
+        }
+        // Slot `i` is the worker running subtask `i` of every vertex; a placement that does not
+        // fit that shape is not one this coordinator can carry on.
+        let mut slots = vec![String::new(); job.plan.slots_needed() as usize];
+        for (t, r) in &job.tasks {
+            let slot = &mut slots[t.subtask as usize];
+            if slot.is_empty() {
+                *slot = r.worker_id.clone();
+            } else if *slot != r.worker_id {
+                self.adoption_failed_because(&job_id, "the reported tasks do not fit one placement", true);
+                return;
+            }
+        }
+        let job = self.jobs.get_mut(&job_id).expect("checked above");
+        job.slots = slots;
+        job.adopt_until = None;
+        let (n, attempt) = (job.tasks.len(), job.attempt);
+        let cause = format!("adopted the {n} running tasks of attempt {attempt} after the coordinator changed");
+        info!(job_id, attempt, tasks = n, "job adopted");
+        if job.state == JobState::Scheduling {
+            self.transition(&job_id, JobState::Running, &cause);
+        } else {
+            job.cause = cause.clone();
+            self.record(MetaCommand::StateChanged { job_id, to: JobState::Running, cause });
+        }
+    }
+
+    /// Not every task of the attempt was reported in time: restart the job from its checkpoint.
+    fn adoption_failed(&mut self, job_id: &str) {
+        let Some(job) = self.jobs.get(job_id) else { return };
+        let why = format!(
+            "the coordinator changed and {} of the attempt's {} tasks were reported running within {} s",
+            job.tasks.values().filter(|t| t.state == TaskState::Running).count(),
+            job.plan.tasks().len(),
+            ADOPT_WAIT.as_secs()
+        );
+        self.adoption_failed_because(job_id, &why, true);
+    }
+
+    fn adoption_failed_because(&mut self, job_id: &str, why: &str, retryable: bool) {
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        job.adopt_until = None;
+        // The workers that reported tasks are told to stop them.
+        let mut workers: Vec<String> = job.tasks.values().map(|t| t.worker_id.clone()).collect();
+        workers.sort();
+        workers.dedup();
+        job.slots = workers;
+        warn!(job_id, why, "not adopting the job's tasks");
+        self.restart_or_fail(job_id, why, retryable);
+    }
+
     fn fail(&mut self, job_id: &str, why: &str) {
         self.stop_tasks(job_id, false);
         self.transition(job_id, JobState::Failed, why);
@@ -989,6 +1111,12 @@ impl Coordinator {
         let state = job.state;
         if state.is_terminal() {
             return Err(CoordinatorError::WrongState(format!("job {job_id} is already {state}; nothing to cancel")));
+        }
+        if job.adopt_until.is_some() {
+            return Err(CoordinatorError::WrongState(format!(
+                "the coordinator changed and is collecting job {job_id}'s running tasks from the workers (at most {} s); cancel it again then",
+                ADOPT_WAIT.as_secs()
+            )));
         }
         // A replication slot is dropped by the task reading it; with none running (between two
         // attempts, or on a worker lost) it stays, holding WAL on the server: say so, and how.
@@ -1455,7 +1583,8 @@ connector = "discard"
         let (_tx, rx) = mpsc::channel(1);
         let coordinator = Coordinator::new(CoordinatorConfig::default(), rx).with_stores(Box::new(log), state, storage).await.unwrap();
         assert_eq!(coordinator.jobs["c"].state, JobState::Cancelled);
-        assert_eq!(coordinator.jobs["r"].state, JobState::Restarting);
+        assert_eq!(coordinator.jobs["r"].state, JobState::Running, "deployed: its tasks are adopted, or it restarts");
+        assert!(coordinator.jobs["r"].adopt_until.is_some());
         coordinator.check_meta();
         drop(coordinator);
         // What the restart concluded is on disk: a second restart reads it back.
@@ -1464,7 +1593,77 @@ connector = "discard"
         assert_eq!(state.applied, 11);
         assert_eq!(state.jobs["r"].next_checkpoint_id, 2);
         assert_eq!(state.jobs["c"].state, JobState::Cancelled);
-        assert_eq!(state.jobs["r"].state, JobState::Restarting);
+        assert_eq!(state.jobs["r"].state, JobState::Running);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A coordinator that takes over (restarted, or newly leading) adopts a job whose tasks the
+    /// workers report running: same attempt, nothing deployed, no restart, checkpoints go on. A
+    /// job with a task nobody reports within the workers' lease restarts from its checkpoint, and
+    /// tasks of an attempt or job it does not run are stopped.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_coordinator_adopts_running_tasks_or_restarts_the_job() {
+        let mut before = Harness::new();
+        before.register("a", 4);
+        before.register("b", 4);
+        let adopted = before.submit(SPEC).unwrap();
+        let restarted = before.submit(SPEC).unwrap();
+        let placed: HashMap<String, Vec<DeployTasks>> = ["a", "b"].iter().map(|w| (w.to_string(), before.deployed(w))).collect();
+        let meta = before.coordinator.meta.clone();
+        drop(before);
+
+        let dir = std::env::temp_dir().join(format!("eddy-adopt-{}", std::process::id()));
+        let storage = CheckpointStore::open(&dir).unwrap();
+        let log = Box::new(FlakyLog(Arc::new(std::sync::atomic::AtomicBool::new(false))));
+        let mut h = Harness::new();
+        let (_tx, rx) = mpsc::channel(1);
+        let config = CoordinatorConfig { heartbeat_timeout: Duration::from_secs(2), ..CoordinatorConfig::default() };
+        h.coordinator = Coordinator::new(config, rx).with_stores(log, meta, storage).await.unwrap();
+        h.register("a", 4);
+        h.register("b", 4);
+        let running = |w: &str, skip: Option<&str>| -> Vec<TaskUpdate> {
+            let mut tasks: Vec<TaskUpdate> = placed[w]
+                .iter()
+                .flat_map(|d| d.task_ids.iter().map(|t| (d.job_id.clone(), d.attempt, t.clone())))
+                .filter(|(job, _, t)| !(job == &restarted && Some(t.as_str()) == skip))
+                .map(|(job_id, attempt, task_id)| TaskUpdate { job_id, attempt, task_id, state: TaskState::Running as i32, ..Default::default() })
+                .collect();
+            // A task of an older attempt of the adopted job, and one of a job nobody runs now.
+            tasks.push(TaskUpdate { job_id: adopted.clone(), attempt: 0, task_id: "0.0".into(), state: TaskState::Running as i32, ..Default::default() });
+            tasks.push(TaskUpdate { job_id: "gone".into(), attempt: 3, task_id: "0.0".into(), state: TaskState::Running as i32, ..Default::default() });
+            tasks
+        };
+        let skipped = placed["b"].iter().find(|d| d.job_id == restarted).unwrap().task_ids[0].clone();
+        for _ in 0..(ADOPT_WAIT.as_secs() + 2) {
+            for w in ["a", "b"] {
+                let session = h.sessions[w];
+                let tasks = running(w, (w == "b").then_some(skipped.as_str()));
+                h.coordinator.handle(Request::Heartbeat { worker_id: w.into(), session, tasks });
+            }
+            h.coordinator.on_timer();
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(h.state(&adopted), JobState::Running);
+        let job = &h.coordinator.jobs[&adopted];
+        assert_eq!((job.attempt, job.restarts), (1, 0), "adopted, not restarted: {}", job.cause);
+        assert!(job.cause.contains("adopted"), "{}", job.cause);
+        assert_eq!(job.slots.len(), 4);
+        let restarted_job = &h.coordinator.jobs[&restarted];
+        assert_eq!(restarted_job.restarts, 1, "a task was missing: the job restarts ({})", restarted_job.cause);
+        // What the workers were told: renewals, stops for what nobody runs, and a new attempt only
+        // of the job that was not adopted.
+        let mut orders = Vec::new();
+        for w in ["a", "b"] {
+            while let Ok(Ok(CoordinatorMessage { msg: Some(o) })) = h.orders.get_mut(w).unwrap().try_recv() {
+                orders.push(o);
+            }
+        }
+        assert!(orders.iter().any(|o| matches!(o, Order::Renew(_))));
+        let cancels: Vec<(String, u64)> =
+            orders.iter().filter_map(|o| if let Order::Cancel(c) = o { Some((c.job_id.clone(), c.attempt)) } else { None }).collect();
+        assert!(cancels.contains(&(adopted.clone(), 0)) && cancels.contains(&("gone".to_string(), 3)), "{cancels:?}");
+        assert!(!cancels.contains(&(adopted.clone(), 1)), "the adopted attempt is not stopped");
+        assert!(orders.iter().all(|o| !matches!(o, Order::Deploy(d) if d.job_id == adopted)), "nothing of the adopted job is deployed again");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

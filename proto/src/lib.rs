@@ -12,6 +12,13 @@ pub const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_se
 /// How long a ping may go unanswered before the connection is closed.
 pub const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// How long a worker's tasks run on without word from a leading coordinator (its control stream
+/// broke, or the coordinator went quiet): long enough to ride out a coordinator failover, which
+/// a new leader follows by adopting the running tasks. Shorter than the coordinator's heartbeat
+/// timeout (10 s by default), so that a worker cut off stops its tasks before the coordinator
+/// declares it lost and runs them elsewhere.
+pub const WORKER_LEASE: std::time::Duration = std::time::Duration::from_secs(8);
+
 /// A gRPC server for one of Eddy's processes: no Nagle delay, and its peers pinged.
 pub fn server() -> tonic::transport::Server {
     tonic::transport::Server::builder()

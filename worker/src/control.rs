@@ -2,8 +2,10 @@
 //! send heartbeats (carrying task metrics) on it, and run or cancel tasks as ordered. Orders carry
 //! the job's attempt; an order for an older attempt than one already seen is ignored.
 //!
-//! When the stream breaks, every running task is cancelled (the coordinator has declared this worker
-//! lost and will not count on them) and the worker reconnects with backoff.
+//! When the stream breaks the worker reconnects with backoff, to whichever coordinator leads, and
+//! its tasks run on: a new leader adopts them from the worker's heartbeats. They run on for the
+//! lease ([`eddy_proto::WORKER_LEASE`]) after the last word from a leading coordinator (its orders
+//! and renewals), then stop: a worker cut off never writes as a zombie next to a new attempt.
 //!
 //! Checkpoint orders are passed to the tasks: triggers to source tasks (which inject barriers),
 //! completions to every task; tasks send their acks on the same stream themselves.
@@ -56,6 +58,15 @@ pub struct Control {
     tasks: tokio::runtime::Handle,
     /// The current session registered.
     registered: bool,
+    /// When a leading coordinator last spoke on a session (the lease runs from there).
+    renewed: tokio::time::Instant,
+    /// Reports for the coordinator (task updates, checkpoint acks from the tasks), sent on
+    /// whichever session is open; kept while none is.
+    reports: mpsc::UnboundedSender<WorkerMessage>,
+    reports_rx: Option<mpsc::UnboundedReceiver<WorkerMessage>>,
+    /// Tasks that ended.
+    done: mpsc::Sender<Finished>,
+    done_rx: Option<mpsc::Receiver<Finished>>,
 }
 
 struct Finished {
@@ -68,20 +79,36 @@ struct Finished {
 impl Control {
     /// A control loop for this worker.
     pub fn new(config: Arc<WorkerConfig>, inboxes: Inboxes, shutdown: CancellationToken, tasks: tokio::runtime::Handle) -> Control {
-        Control { config, inboxes, peers: Peers::default(), jobs: HashMap::new(), shutdown, tasks, registered: false }
+        let (reports, reports_rx) = mpsc::unbounded_channel();
+        let (done, done_rx) = mpsc::channel(256);
+        Control {
+            config,
+            inboxes,
+            peers: Peers::default(),
+            jobs: HashMap::new(),
+            shutdown,
+            tasks,
+            registered: false,
+            renewed: tokio::time::Instant::now(),
+            reports,
+            reports_rx: Some(reports_rx),
+            done,
+            done_rx: Some(done_rx),
+        }
     }
 
     /// Connects, serves one session, and reconnects until shutdown.
     pub async fn run(mut self) {
+        let mut reports = self.reports_rx.take().expect("run once");
+        let mut done = self.done_rx.take().expect("run once");
         let mut backoff = Duration::from_millis(200);
         let shutdown = self.shutdown.clone();
-        loop {
+        'sessions: loop {
             let result = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
-                r = self.session() => r,
+                r = self.session(&mut reports, &mut done) => r,
             };
-            self.cancel_all("lost the coordinator");
             // A session that registered was a working one: try again soon (another coordinator
             // may lead now), not after the backoff of earlier failures.
             if std::mem::take(&mut self.registered) {
@@ -90,17 +117,38 @@ impl Control {
             match result {
                 Ok(()) => break,
                 Err(e) => {
-                    warn!(coordinator = %self.config.coordinator, error = %e, retry_in_ms = backoff.as_millis() as u64, "control session ended; reconnecting");
+                    warn!(coordinator = %self.config.coordinator, error = %e, retry_in_ms = backoff.as_millis() as u64, tasks_run_on = !self.jobs.is_empty(), "control session ended; reconnecting");
                 }
             }
-            tokio::select! {
-                biased;
-                _ = shutdown.cancelled() => break,
-                _ = tokio::time::sleep(backoff) => {}
+            // Meanwhile the tasks run on, within the lease; those that end are reported later.
+            let retry = tokio::time::Instant::now() + backoff;
+            loop {
+                self.check_lease();
+                let lease_end = self.renewed + eddy_proto::WORKER_LEASE;
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => break 'sessions,
+                    _ = tokio::time::sleep_until(retry) => break,
+                    _ = tokio::time::sleep_until(lease_end), if !self.jobs.is_empty() => {}
+                    Some(d) = done.recv() => {
+                        let update = self.finished(d);
+                        let _ = self.reports.send(WorkerMessage { msg: Some(Report::TaskUpdate(update)) });
+                    }
+                }
             }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
+            // With tasks running on, find the new leader quickly: the lease is short.
+            let cap = if self.jobs.is_empty() { Duration::from_secs(2) } else { Duration::from_millis(400) };
+            backoff = (backoff * 2).min(cap);
         }
         self.cancel_all("shutting down");
+    }
+
+    /// Stops every task once the lease has run out.
+    fn check_lease(&mut self) {
+        if !self.jobs.is_empty() && self.renewed.elapsed() >= eddy_proto::WORKER_LEASE {
+            let why = format!("no word from a leading coordinator for {} s (the lease)", eddy_proto::WORKER_LEASE.as_secs());
+            self.cancel_all(&why);
+        }
     }
 
     fn cancel_all(&mut self, why: &str) {
@@ -111,7 +159,7 @@ impl Control {
         }
     }
 
-    async fn session(&mut self) -> anyhow::Result<()> {
+    async fn session(&mut self, reports: &mut mpsc::UnboundedReceiver<WorkerMessage>, done: &mut mpsc::Receiver<Finished>) -> anyhow::Result<()> {
         // Pinged from both ends: a coordinator cut off without a closed socket ends this session
         // (and the worker tries again) instead of leaving it waiting for orders for good.
         let (leader, channel) = eddy_proto::connect_leader(&self.config.coordinators(), Duration::from_secs(3))
@@ -132,41 +180,54 @@ impl Control {
             Some(Order::Registered(r)) => Duration::from_millis(r.heartbeat_interval_ms.max(50)),
             _ => anyhow::bail!("coordinator did not acknowledge registration"),
         };
-        info!(worker_id = %self.config.worker_id, slots = self.config.slots, coordinator = %leader, "registered with coordinator");
+        self.renewed = tokio::time::Instant::now();
         self.registered = true;
+        info!(worker_id = %self.config.worker_id, slots = self.config.slots, coordinator = %leader, running_tasks = self.jobs.values().map(|j| j.tasks.len()).sum::<usize>(), "registered with coordinator");
+        // The first heartbeat, at once, lists the tasks running here: a new leader adopts them.
         let mut heartbeat = tokio::time::interval(interval);
-        let (done_tx, mut done_rx) = mpsc::channel::<Finished>(256);
         loop {
+            let lease_end = self.renewed + eddy_proto::WORKER_LEASE;
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(()),
                 // Orders from the coordinator; a closed stream ends the session.
-                order = orders.message() => match order?.and_then(|m| m.msg) {
-                    Some(Order::Deploy(d)) => self.deploy(d, &tx, &done_tx).await?,
-                    Some(Order::Cancel(c)) => {
-                        if let Some(job) = self.jobs.get(&c.job_id).filter(|j| j.attempt <= c.attempt) {
-                            info!(job_id = %c.job_id, attempt = c.attempt, release = c.release, "cancel ordered");
-                            if c.release {
-                                job.released.store(true, Ordering::SeqCst);
+                order = orders.message() => {
+                    let order = order?.and_then(|m| m.msg);
+                    self.renewed = tokio::time::Instant::now();
+                    match order {
+                        Some(Order::Deploy(d)) => self.deploy(d).await?,
+                        Some(Order::Cancel(c)) => {
+                            if let Some(job) = self.jobs.get(&c.job_id).filter(|j| j.attempt <= c.attempt) {
+                                info!(job_id = %c.job_id, attempt = c.attempt, release = c.release, "cancel ordered");
+                                if c.release {
+                                    job.released.store(true, Ordering::SeqCst);
+                                }
+                                job.cancel.cancel();
                             }
-                            job.cancel.cancel();
                         }
+                        Some(Order::TriggerCheckpoint(t)) => self.command(&t.job_id, t.attempt, TaskCommand::Trigger(t.checkpoint_id)),
+                        Some(Order::CheckpointDone(c)) => self.command(&c.job_id, c.attempt, TaskCommand::Complete(c.checkpoint_id)),
+                        Some(Order::Registered(_) | Order::Renew(_)) => {}
+                        None => anyhow::bail!("coordinator closed the control stream"),
                     }
-                    Some(Order::TriggerCheckpoint(t)) => self.command(&t.job_id, t.attempt, TaskCommand::Trigger(t.checkpoint_id)),
-                    Some(Order::CheckpointDone(c)) => self.command(&c.job_id, c.attempt, TaskCommand::Complete(c.checkpoint_id)),
-                    Some(Order::Registered(_)) => {}
-                    None => anyhow::bail!("coordinator closed the control stream"),
-                },
-                // A task ended: report it, forget the job once all its tasks are done.
-                Some(done) = done_rx.recv() => {
-                    let update = self.finished(done);
-                    tx.send(WorkerMessage { msg: Some(Report::TaskUpdate(update)) }).await?;
                 }
+                // A task ended: report it (after its deploy report, queued before), forget the job
+                // once all its tasks are done.
+                Some(d) = done.recv() => {
+                    let update = self.finished(d);
+                    let _ = self.reports.send(WorkerMessage { msg: Some(Report::TaskUpdate(update)) });
+                }
+                Some(report) = reports.recv() => tx.send(report).await?,
                 _ = heartbeat.tick() => {
                     let tasks = self.jobs.iter().flat_map(|(job_id, job)| {
                         job.tasks.iter().map(move |(t, r)| update(job_id, job.attempt, *t, TaskState::Running, String::new(), &r.metrics))
                     }).collect();
                     tx.send(WorkerMessage { msg: Some(Report::Heartbeat(Heartbeat { tasks })) }).await?;
+                }
+                // A coordinator that still holds the stream but says nothing (hung, or no longer
+                // leading without closing it) is not one to run tasks for.
+                _ = tokio::time::sleep_until(lease_end) => {
+                    anyhow::bail!("no word from the coordinator for {} s", eddy_proto::WORKER_LEASE.as_secs())
                 }
             }
         }
@@ -186,7 +247,8 @@ impl Control {
         }
     }
 
-    async fn deploy(&mut self, d: DeployTasks, tx: &mpsc::Sender<WorkerMessage>, done: &mpsc::Sender<Finished>) -> anyhow::Result<()> {
+    async fn deploy(&mut self, d: DeployTasks) -> anyhow::Result<()> {
+        let done = self.done.clone();
         if let Some(existing) = self.jobs.get(&d.job_id) {
             if existing.attempt > d.attempt {
                 warn!(job_id = %d.job_id, attempt = d.attempt, current = existing.attempt, "ignoring deploy for an old attempt");
@@ -245,16 +307,14 @@ impl Control {
                 peers: self.peers.clone(),
                 metrics: metrics.clone(),
                 commands,
-                reports: tx.clone(),
+                reports: self.reports.clone(),
                 storage,
                 dir: self.config.state_dir.join(&d.job_id).join(d.attempt.to_string()).join(task.to_string()),
                 restore: restore.clone(),
                 released: released.clone(),
             };
-            tx.send(WorkerMessage {
-                msg: Some(Report::TaskUpdate(update(&d.job_id, d.attempt, task, TaskState::Running, String::new(), &metrics))),
-            })
-            .await?;
+            let running = update(&d.job_id, d.attempt, task, TaskState::Running, String::new(), &metrics);
+            let _ = self.reports.send(WorkerMessage { msg: Some(Report::TaskUpdate(running)) });
             let cancel = cancel.clone();
             let done = done.clone();
             let (job_id, attempt) = (d.job_id.clone(), d.attempt);

@@ -119,8 +119,8 @@ pub struct TaskContext {
     pub metrics: Arc<TaskMetrics>,
     /// Orders from the control loop (checkpoint triggers and completions).
     pub commands: mpsc::Receiver<TaskCommand>,
-    /// The control stream to the coordinator, for checkpoint acks.
-    pub reports: mpsc::Sender<WorkerMessage>,
+    /// Reports to the coordinator (checkpoint acks), sent on whichever control session is open.
+    pub reports: mpsc::UnboundedSender<WorkerMessage>,
     /// Checkpoint storage; `None` when the job takes no checkpoints.
     pub storage: Option<Storage>,
     /// A local directory of this task's own for state and scratch files, removed when it ends.
@@ -149,7 +149,7 @@ struct Chain {
 /// What a task needs to take checkpoints.
 struct Checkpoints {
     uploader: Arc<Uploader>,
-    reports: mpsc::Sender<WorkerMessage>,
+    reports: mpsc::UnboundedSender<WorkerMessage>,
     job_id: String,
     attempt: u64,
     task: TaskId,
@@ -315,8 +315,8 @@ impl Chain {
                 }
             }
             let _ = tokio::fs::remove_dir_all(&scratch).await;
-            // The control stream may be gone (the attempt is over); then nobody waits for the ack.
-            let _ = reports.send(WorkerMessage { msg: Some(Report::CheckpointAck(ack)) }).await;
+            // The control loop may be gone (shutdown); then nobody waits for the ack.
+            let _ = reports.send(WorkerMessage { msg: Some(Report::CheckpointAck(ack)) });
         });
         Ok(())
     }
