@@ -104,3 +104,81 @@ connector = "blackhole"
     let more = p.datagen(&["--contents", "40", "--count", "500", "--rate", "2000", "--seed", "23", "--updates-pct", "0", "--deletes-pct", "0"])?;
     check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"] + during["deleted"] + more["inserted"])
 }
+
+/// What coordinator `address` (in namespace `ns`) says of itself, asked from inside its namespace.
+fn own_view(ns: &str, address: &str) -> Result<Value> {
+    let out = eddy_tests::in_netns(Some(ns), &eddy_tests::bin("eddy")).args(["coordinators", "--json", "--coordinator", address]).output()?;
+    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: Value = serde_json::from_slice(&out.stdout)?;
+    let list = v["coordinators"].as_array().context("coordinators")?;
+    list.iter().find(|c| c["address"] == address).cloned().context("itself listed")
+}
+
+/// Across real network boundaries (a namespace per coordinator and one for the worker, on one
+/// bridge): the leader cut off from the others steps down and takes no writes, the majority
+/// elects another in a later term (no two leaders), and once joined again the old leader follows.
+/// A worker cut off from every coordinator stops its tasks when its lease runs out.
+#[test]
+fn a_cut_off_leader_steps_down_and_a_cut_off_worker_stops_its_tasks() -> Result<()> {
+    let mut net = eddy_tests::Network::create()?;
+    let mut hosts = Vec::new();
+    for i in 1..=3u8 {
+        let (ns, ip) = net.host(i)?;
+        hosts.push((Some(ns), format!("{ip}:7000")));
+    }
+    let (worker_ns, worker_ip) = net.host(11)?;
+    let mut cluster = eddy_tests::Cluster::start_replicated_on("partition", &hosts, 0, 2)?;
+    cluster.add_worker_on("w1", 2, Some(&worker_ns), &worker_ip)?;
+    cluster.wait(Duration::from_secs(30), "the worker to register", |c| Ok(c.eddy_json(&["workers"])?.as_array().is_some_and(|w| w.len() == 1)))?;
+    let job = cluster.submit("endless", &super::endless_spec(1))?;
+    cluster.wait_state(&job, "running", Duration::from_secs(30))?;
+
+    let old = cluster.leader()?;
+    let (old_ns, old_address) = (hosts[old as usize - 1].0.clone().context("namespace")?, hosts[old as usize - 1].1.clone());
+    let old_term = own_view(&old_ns, &old_address)?["term"].as_u64().context("term")?;
+    let others: Vec<String> = (1..=3).filter(|i| *i != old).map(|i| hosts[i as usize - 1].1.clone()).collect();
+    let majority = |args: &[&str]| cluster.eddy_env(args, &[("EDDY_COORDINATOR", &others.join(","))]);
+    eprintln!("cutting off coordinator {old}, the leader (term {old_term})");
+    net.cut(&old_ns)?;
+    let cut = Instant::now();
+    cluster.wait(Duration::from_secs(30), "the majority to elect another leader", |_| {
+        let out = majority(&["coordinators", "--json"])?;
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let leader = v["coordinators"].as_array().into_iter().flatten().find(|c| c["role"] == "leader").cloned();
+        Ok(leader.is_some_and(|l| l["id"] != old && l["term"].as_u64() > Some(old_term)))
+    })?;
+    eprintln!("a new leader {} ms after the cut", cut.elapsed().as_millis());
+    cluster.wait(Duration::from_secs(30), "the cut-off leader to step down", |_| Ok(own_view(&old_ns, &old_address)?["role"] != "leader"))?;
+    // The cut-off side takes no writes.
+    let spec = cluster.dir.0.join("endless.toml");
+    let refused = eddy_tests::in_netns(Some(&old_ns), &eddy_tests::bin("eddy"))
+        .args(["submit", spec.to_str().context("path")?, "--coordinator", &old_address])
+        .output()?;
+    ensure!(!refused.status.success(), "the cut-off coordinator took a submit");
+    eprintln!("cut-off side: {}", String::from_utf8_lossy(&refused.stderr).trim());
+    // The majority does (once the worker, whose lease ran out with the old leader, has joined it).
+    cluster.wait(Duration::from_secs(60), "the majority to take a submit", |_| Ok(majority(&["submit", spec.to_str().context("path")?])?.status.success()))?;
+
+    // Joined again, the old leader follows, caught up.
+    net.heal(&old_ns)?;
+    cluster.wait(Duration::from_secs(30), "the old leader to follow again", |_| {
+        let me = own_view(&old_ns, &old_address)?;
+        Ok(me["role"] == "follower" && me["term"].as_u64() > Some(old_term))
+    })?;
+    cluster.wait(Duration::from_secs(60), "the job to run", |c| Ok(c.status(&job)?["state"] == "running"))?;
+
+    // The worker cut off from every coordinator stops its tasks within its lease.
+    let log = cluster.dir.0.join("w1.log");
+    let stopped = || std::fs::read_to_string(&log).unwrap_or_default().lines().filter(|l| l.contains("cancelling job tasks") && l.contains("the lease")).count();
+    let before = stopped();
+    net.cut(&worker_ns)?;
+    let cut = Instant::now();
+    cluster.wait(Duration::from_secs(30), "the cut-off worker to stop its tasks", |_| Ok(stopped() > before))?;
+    let took = cut.elapsed();
+    eprintln!("the cut-off worker stopped its tasks after {took:?}");
+    ensure!(took < Duration::from_secs(20), "the lease is 8 s; the worker took {took:?}");
+    net.heal(&worker_ns)?;
+    cluster.wait(Duration::from_secs(60), "the job to run again", |c| Ok(c.status(&job)?["state"] == "running"))?;
+    drop(cluster);
+    Ok(())
+}

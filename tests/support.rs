@@ -96,6 +96,8 @@ pub struct Cluster {
 struct CoordinatorProcess {
     /// Raft id; 0 for a coordinator alone.
     id: u64,
+    /// The network namespace it runs in, if not this process's.
+    netns: Option<String>,
     listen: String,
     args: Vec<String>,
     child: Option<Child>,
@@ -112,7 +114,8 @@ impl CoordinatorProcess {
             (id, n) => format!("coordinator{id}-{n}.log"),
         };
         let log = dir.join(name);
-        self.child = Some(spawn_logged(Command::new(bin("eddy-coordinator")).args(["--listen", &self.listen]).args(&self.args), &log)?);
+        let mut cmd = in_netns(self.netns.as_deref(), &bin("eddy-coordinator"));
+        self.child = Some(spawn_logged(cmd.args(["--listen", &self.listen]).args(&self.args), &log)?);
         wait_for_line(&log, "eddy-coordinator listening on ")
     }
 
@@ -131,7 +134,8 @@ impl Cluster {
         let dir = Scratch::new(name);
         // Port 0: the coordinator picks a free port and prints it (no race between tests).
         let data = dir.0.join("coordinator").display().to_string();
-        let mut coordinator = CoordinatorProcess { id: 0, listen: "127.0.0.1:0".into(), args: vec!["--data-dir".into(), data], child: None, starts: 0 };
+        let mut coordinator =
+            CoordinatorProcess { id: 0, netns: None, listen: "127.0.0.1:0".into(), args: vec!["--data-dir".into(), data], child: None, starts: 0 };
         let address = coordinator.spawn(&dir.0)?;
         // Started again on the same address.
         coordinator.listen = address.clone();
@@ -141,8 +145,15 @@ impl Cluster {
     /// Starts `coordinators` coordinators replicating with Raft (checkpoints in one directory of
     /// the scratch dir), `workers` workers given all their addresses, and waits until all registered.
     pub fn start_replicated(name: &str, coordinators: u64, workers: usize, slots: u32) -> Result<Cluster> {
+        let hosts: Vec<(Option<String>, String)> = (1..=coordinators).map(|_| (None, format!("127.0.0.1:{}", free_port()))).collect();
+        Cluster::start_replicated_on(name, &hosts, workers, slots)
+    }
+
+    /// As [`Cluster::start_replicated`], coordinator `i` listening on `hosts[i].1` in network
+    /// namespace `hosts[i].0` (this process's when `None`).
+    pub fn start_replicated_on(name: &str, hosts: &[(Option<String>, String)], workers: usize, slots: u32) -> Result<Cluster> {
         let dir = Scratch::new(name);
-        let listen: Vec<String> = (1..=coordinators).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let listen: Vec<String> = hosts.iter().map(|(_, a)| a.clone()).collect();
         let peers = listen.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect::<Vec<_>>().join(",");
         let checkpoints = dir.0.join("checkpoints").display().to_string();
         let mut list = Vec::new();
@@ -150,7 +161,8 @@ impl Cluster {
             let id = i as u64 + 1;
             let data = dir.0.join(format!("coordinator{id}")).display().to_string();
             let args = ["--raft-id", &id.to_string(), "--raft-peers", &peers, "--data-dir", &data, "--checkpoint-dir", &checkpoints];
-            let mut c = CoordinatorProcess { id, listen: address.clone(), args: args.map(String::from).to_vec(), child: None, starts: 0 };
+            let netns = hosts[i].0.clone();
+            let mut c = CoordinatorProcess { id, netns, listen: address.clone(), args: args.map(String::from).to_vec(), child: None, starts: 0 };
             c.spawn(&dir.0)?;
             list.push(c);
         }
@@ -206,9 +218,16 @@ impl Cluster {
 
     /// Starts one more worker (on a port of its choosing, which it registers).
     pub fn add_worker(&mut self, id: &str, slots: u32) -> Result<()> {
+        self.add_worker_on(id, slots, None, "127.0.0.1")
+    }
+
+    /// Starts one more worker listening on `ip` in network namespace `netns`.
+    pub fn add_worker_on(&mut self, id: &str, slots: u32, netns: Option<&str>, ip: &str) -> Result<()> {
         let state = self.dir.0.join(format!("{id}-state"));
+        let listen = format!("{ip}:0");
         let child = spawn_logged(
-            Command::new(bin("eddy-worker")).args(["--coordinator", &self.address, "--listen", "127.0.0.1:0", "--id", id, "--slots", &slots.to_string()])
+            in_netns(netns, &bin("eddy-worker"))
+                .args(["--coordinator", &self.address, "--listen", &listen, "--id", id, "--slots", &slots.to_string()])
                 .arg("--state-dir")
                 .arg(&state),
             &self.dir.0.join(format!("{id}.log")),
@@ -315,6 +334,93 @@ impl Drop for Cluster {
             let _ = std::fs::rename(&self.dir.0, &keep);
             eprintln!("logs kept in {}", keep.display());
         }
+    }
+}
+
+/// `program`, to run in network namespace `netns` (this process's when `None`).
+pub fn in_netns(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        None => Command::new(program),
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(program);
+            cmd
+        }
+    }
+}
+
+/// A private network of network namespaces on one bridge, for partition tests: each host is a
+/// namespace joined to the bridge by a veth pair, and can be cut off (its link taken down) and
+/// joined again. Removed on drop.
+pub struct Network {
+    bridge: String,
+    subnet: String,
+    hosts: Vec<(String, String)>,
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip").args(args).output().context("running `ip` (iproute2)")?;
+    ensure!(out.status.success(), "ip {}: {}; partition tests need root and iproute2", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    Ok(())
+}
+
+impl Network {
+    /// A bridge with this process's own subnet (10.201.N.0/24).
+    pub fn create() -> Result<Network> {
+        let n = std::process::id() % 200 + 20;
+        let net = Network { bridge: format!("eddybr{n}"), subnet: format!("10.201.{n}"), hosts: Vec::new() };
+        let _ = Command::new("ip").args(["link", "del", &net.bridge]).output();
+        ip(&["link", "add", "name", &net.bridge, "type", "bridge"])?;
+        ip(&["addr", "add", &format!("{}.254/24", net.subnet), "dev", &net.bridge])?;
+        ip(&["link", "set", &net.bridge, "up"])?;
+        // Where a firewall drops forwarded packets (Docker sets FORWARD to DROP, and bridged
+        // packets pass through it), let this bridge's own traffic through.
+        let _ = Command::new("iptables").args(net.forward_rule("-I")).output();
+        Ok(net)
+    }
+
+    fn forward_rule(&self, action: &str) -> Vec<String> {
+        [action, "FORWARD", "-i", &self.bridge, "-o", &self.bridge, "-j", "ACCEPT"].map(String::from).to_vec()
+    }
+
+    /// Adds host `index` (1–200) as namespace `<bridge>-<index>`; returns (namespace, its address).
+    pub fn host(&mut self, index: u8) -> Result<(String, String)> {
+        let ns = format!("{}-{index}", self.bridge);
+        let veth = format!("{}v{index}", self.bridge);
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        ip(&["netns", "add", &ns])?;
+        self.hosts.push((ns.clone(), veth.clone()));
+        ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &ns])?;
+        ip(&["link", "set", &veth, "master", &self.bridge, "up"])?;
+        let address = format!("{}.{index}", self.subnet);
+        ip(&["-n", &ns, "addr", "add", &format!("{address}/24"), "dev", "eth0"])?;
+        ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        Ok((ns, address))
+    }
+
+    fn veth(&self, ns: &str) -> Result<&str> {
+        self.hosts.iter().find(|(n, _)| n == ns).map(|(_, v)| v.as_str()).context("no such host")
+    }
+
+    /// Cuts host `ns` off from every other (and from this process).
+    pub fn cut(&self, ns: &str) -> Result<()> {
+        ip(&["link", "set", self.veth(ns)?, "down"])
+    }
+
+    /// Joins host `ns` again.
+    pub fn heal(&self, ns: &str) -> Result<()> {
+        ip(&["link", "set", self.veth(ns)?, "up"])
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        for (ns, _) in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", ns]).output();
+        }
+        let _ = Command::new("ip").args(["link", "del", &self.bridge]).output();
+        let _ = Command::new("iptables").args(self.forward_rule("-D")).output();
     }
 }
 

@@ -302,7 +302,22 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Coordinators { change } => {
-            let mut client = connect(coordinator).await?;
+            // Listing works without a leader too (a split cluster is when one asks): the leader's
+            // view when there is one, else the first coordinator that answers.
+            let mut client = match (change, connect(coordinator).await) {
+                (_, Ok(c)) => c,
+                (Some(_), Err(e)) => return Err(e),
+                (None, Err(e)) => {
+                    let mut any = None;
+                    for address in coordinator.split(',').map(str::trim).filter(|a| !a.is_empty()) {
+                        if let Ok(c) = eddy_proto::connect(address, std::time::Duration::from_secs(3)).await {
+                            any = Some(JobServiceClient::new(c));
+                            break;
+                        }
+                    }
+                    any.ok_or(e)?
+                }
+            };
             let view = match change {
                 None => client.coordinators(CoordinatorsRequest {}).await,
                 Some(CoordinatorChange::Add { id, address }) => {

@@ -853,6 +853,12 @@ impl Coordinator {
                 .map_err(|e| CoordinatorError::Invalid(format!("savepoint {from_savepoint} does not fit this spec: {e}")))?;
             Some(Arc::new(manifest))
         };
+        if self.adopting() {
+            return Err(CoordinatorError::Unavailable(format!(
+                "the coordinator changed and is collecting the running tasks from the workers (at most {} s) before it places new ones; submit again then",
+                ADOPT_WAIT.as_secs()
+            )));
+        }
         let needed = plan.slots_needed() as usize;
         let slots = self.place(needed).ok_or_else(|| {
             let free: u32 = self.free_slots().values().sum();
@@ -872,7 +878,9 @@ impl Coordinator {
         if let Err(e) = self.try_record(MetaCommand::Submitted { job: job_record(&job_id, &job) }) {
             // Not started: the metadata holds no job that does not run.
             self.meta.jobs.remove(&job_id);
-            return Err(CoordinatorError::Unavailable(format!("the job was not started: its metadata could not be written ({e}); submit it again")));
+            return Err(CoordinatorError::Unavailable(format!(
+                "the job was not started here: its metadata could not be written ({e}); if that says the change may still take effect, check `eddy jobs` before submitting it again"
+            )));
         }
         info!(job_id, name = %job.name, tasks = job.tasks.len(), slots = needed, "job created");
         self.jobs.insert(job_id.clone(), job);
@@ -889,8 +897,17 @@ impl Coordinator {
         self.cluster.free_slots(self.held_slots())
     }
 
+    /// Slots for a job, or none: also none while a job's running tasks are being collected
+    /// (adopted), since the slots they hold are not known yet.
     fn place(&self, needed: usize) -> Option<Vec<String>> {
+        if self.adopting() {
+            return None;
+        }
         self.cluster.place(needed, self.held_slots())
+    }
+
+    fn adopting(&self) -> bool {
+        self.jobs.values().any(|j| j.adopt_until.is_some())
     }
 
     /// The manifest of a savepoint, by the id `eddy savepoint` printed.
@@ -949,7 +966,12 @@ impl Coordinator {
         // this one left behind) is stopped.
         let stale = match self.jobs.get(&u.job_id) {
             None => true,
-            Some(job) => u.attempt < job.attempt || job.state.is_terminal() || job.state == JobState::Cancelling,
+            Some(job) => {
+                // Restarting, the current attempt's tasks are being replaced (their worker was
+                // declared lost and came back with them running).
+                let replaced = job.state == JobState::Restarting && u.attempt == job.attempt;
+                u.attempt < job.attempt || replaced || job.state.is_terminal() || job.state == JobState::Cancelling
+            }
         };
         if heartbeat && stale {
             let order = CancelJob { job_id: u.job_id.clone(), attempt: u.attempt, release: false };
@@ -1013,6 +1035,9 @@ impl Coordinator {
         let Some(job) = self.jobs.get_mut(&u.job_id) else { return };
         let state = TaskState::try_from(u.state).unwrap_or(TaskState::Unspecified);
         if !job.plan.tasks().contains(&task) {
+            // Another shape of the job (a rescale the change interrupted): not this attempt's.
+            let why = format!("worker {worker_id} runs task {task}, which the job's plan does not have");
+            self.adoption_failed_because(&u.job_id, &why, true);
             return;
         }
         let record = job.tasks.entry(task).or_insert_with(|| TaskRecord {
@@ -1057,11 +1082,16 @@ impl Coordinator {
         let (n, attempt) = (job.tasks.len(), job.attempt);
         let cause = format!("adopted the {n} running tasks of attempt {attempt} after the coordinator changed");
         info!(job_id, attempt, tasks = n, "job adopted");
+        let all_finished = job.tasks.values().all(|t| t.state == TaskState::Finished);
         if job.state == JobState::Scheduling {
             self.transition(&job_id, JobState::Running, &cause);
         } else {
             job.cause = cause.clone();
-            self.record(MetaCommand::StateChanged { job_id, to: JobState::Running, cause });
+            self.record(MetaCommand::StateChanged { job_id: job_id.clone(), to: JobState::Running, cause });
+        }
+        // Every task reached its end while the coordinator changed.
+        if all_finished {
+            self.transition(&job_id, JobState::Finished, "every task reached the end of its input");
         }
     }
 
@@ -1634,6 +1664,9 @@ connector = "discard"
             tasks
         };
         let skipped = placed["b"].iter().find(|d| d.job_id == restarted).unwrap().task_ids[0].clone();
+        // The slots the running tasks hold are not known yet: nothing new is placed.
+        let e = h.submit(SPEC).unwrap_err();
+        assert!(e.message().contains("collecting the running tasks"), "{e:?}");
         for _ in 0..(ADOPT_WAIT.as_secs() + 2) {
             for w in ["a", "b"] {
                 let session = h.sessions[w];

@@ -139,8 +139,9 @@ fn checkpoint_dir(config: &CoordinatorConfig) -> PathBuf {
     config.checkpoint_dir.clone().unwrap_or_else(|| data.join("checkpoints"))
 }
 
-/// How long the leader's loop waits for a change to be committed before it gives up leading.
-const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the leader's loop waits for a change to be committed before it gives up leading:
+/// well inside the workers' lease, which its renewals keep alive.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Runs the coordinator's loop while this coordinator leads (with every earlier entry applied),
 /// from the replicated state; points the API at the leader otherwise.
@@ -154,7 +155,9 @@ async fn lead(config: CoordinatorConfig, node: raft::RaftHandle, route: watch::S
             if let Some(why) = &s.stopped {
                 anyhow::bail!("the raft node stopped: {why}");
             }
-            if s.leading {
+            // Leading, with every entry of its log applied (one proposed by a loop that gave up
+            // on it may still commit: the new loop starts after it).
+            if s.leading && s.applied >= s.last_index {
                 break;
             }
             route.send_replace(api::Route::Leader(s.leader_address().map(str::to_string)));

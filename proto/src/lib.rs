@@ -32,16 +32,19 @@ pub fn with_keepalive(endpoint: tonic::transport::Endpoint) -> tonic::transport:
     endpoint.http2_keep_alive_interval(KEEPALIVE_INTERVAL).keep_alive_timeout(KEEPALIVE_TIMEOUT).keep_alive_while_idle(true)
 }
 
+/// A connection to `address` (`host:port` or a URL), pinging its server; the error says why not.
+pub async fn connect(address: &str, timeout: std::time::Duration) -> Result<tonic::transport::Channel, String> {
+    let url = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
+    let endpoint = tonic::transport::Endpoint::from_shared(url).map_err(|e| format!("not an address ({e})"))?.connect_timeout(timeout);
+    with_keepalive(endpoint).connect().await.map_err(|_| "unreachable".to_string())
+}
+
 /// A connection to the leading coordinator, found from `addresses` (any of a cluster's
 /// coordinators, `host:port` or a URL): each is asked in turn which coordinator leads, and the
 /// leader's address (which may be none of those given) is connected to. A single coordinator
 /// always leads. The error lists what each address answered.
 pub async fn connect_leader(addresses: &[String], connect_timeout: std::time::Duration) -> Result<(String, tonic::transport::Channel), String> {
-    async fn open(address: &str, timeout: std::time::Duration) -> Result<tonic::transport::Channel, String> {
-        let url = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
-        let endpoint = tonic::transport::Endpoint::from_shared(url).map_err(|e| format!("not an address ({e})"))?.connect_timeout(timeout);
-        with_keepalive(endpoint).connect().await.map_err(|_| "unreachable".to_string())
-    }
+    let open = connect;
     let mut answers = Vec::new();
     for address in addresses {
         let channel = match open(address, connect_timeout).await {

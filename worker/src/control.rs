@@ -19,7 +19,7 @@ use eddy_jobs::TaskId;
 use eddy_proto::cluster_service_client::ClusterServiceClient;
 use eddy_proto::coordinator_message::Msg as Order;
 use eddy_proto::worker_message::Msg as Report;
-use eddy_proto::{DeployTasks, Heartbeat, Register, TaskMetrics as WireMetrics, TaskState, TaskUpdate, WorkerMessage};
+use eddy_proto::{CoordinatorMessage, DeployTasks, Heartbeat, Register, TaskMetrics as WireMetrics, TaskState, TaskUpdate, WorkerMessage};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -160,26 +160,16 @@ impl Control {
     }
 
     async fn session(&mut self, reports: &mut mpsc::UnboundedReceiver<WorkerMessage>, done: &mut mpsc::Receiver<Finished>) -> anyhow::Result<()> {
-        // Pinged from both ends: a coordinator cut off without a closed socket ends this session
-        // (and the worker tries again) instead of leaving it waiting for orders for good.
-        let (leader, channel) = eddy_proto::connect_leader(&self.config.coordinators(), Duration::from_secs(3))
-            .await
-            .map_err(|answers| anyhow::anyhow!("no coordinator leads: {answers}"))?;
-        let mut client = ClusterServiceClient::new(channel);
-        let (tx, rx) = mpsc::channel::<WorkerMessage>(64);
-        tx.send(WorkerMessage {
-            msg: Some(Report::Register(Register {
-                worker_id: self.config.worker_id.clone(),
-                slots: self.config.slots,
-                data_address: self.config.advertised_address.clone(),
-            })),
-        })
-        .await?;
-        let mut orders = client.control(ReceiverStream::new(rx)).await?.into_inner();
-        let interval = match orders.message().await?.and_then(|m| m.msg) {
-            Some(Order::Registered(r)) => Duration::from_millis(r.heartbeat_interval_ms.max(50)),
-            _ => anyhow::bail!("coordinator did not acknowledge registration"),
+        // Finding the leader and registering is bounded by the lease while tasks run (a worker
+        // trying a coordinator that does not answer must still stop them in time), else by 10 s.
+        let deadline = if self.jobs.is_empty() {
+            tokio::time::Instant::now() + Duration::from_secs(10)
+        } else {
+            self.renewed + eddy_proto::WORKER_LEASE
         };
+        let (leader, tx, mut orders, interval) = tokio::time::timeout_at(deadline, self.register())
+            .await
+            .map_err(|_| anyhow::anyhow!("no leading coordinator answered in time"))??;
         self.renewed = tokio::time::Instant::now();
         self.registered = true;
         info!(worker_id = %self.config.worker_id, slots = self.config.slots, coordinator = %leader, running_tasks = self.jobs.values().map(|j| j.tasks.len()).sum::<usize>(), "registered with coordinator");
@@ -231,6 +221,30 @@ impl Control {
                 }
             }
         }
+    }
+
+    /// Finds the leading coordinator and registers with it: its address, the session's report
+    /// sender and order stream, and the heartbeat interval it asks for.
+    async fn register(&self) -> anyhow::Result<(String, mpsc::Sender<WorkerMessage>, tonic::Streaming<CoordinatorMessage>, Duration)> {
+        let (leader, channel) = eddy_proto::connect_leader(&self.config.coordinators(), Duration::from_secs(3))
+            .await
+            .map_err(|answers| anyhow::anyhow!("no coordinator leads: {answers}"))?;
+        let mut client = ClusterServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel::<WorkerMessage>(64);
+        tx.send(WorkerMessage {
+            msg: Some(Report::Register(Register {
+                worker_id: self.config.worker_id.clone(),
+                slots: self.config.slots,
+                data_address: self.config.advertised_address.clone(),
+            })),
+        })
+        .await?;
+        let mut orders = client.control(ReceiverStream::new(rx)).await?.into_inner();
+        let interval = match orders.message().await?.and_then(|m| m.msg) {
+            Some(Order::Registered(r)) => Duration::from_millis(r.heartbeat_interval_ms.max(50)),
+            _ => anyhow::bail!("coordinator did not acknowledge registration"),
+        };
+        Ok((leader, tx, orders, interval))
     }
 
     /// Passes a checkpoint order to the tasks of the current attempt it concerns.

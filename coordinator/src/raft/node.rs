@@ -73,6 +73,8 @@ pub struct RaftStatus {
     pub term: u64,
     pub commit: u64,
     pub applied: u64,
+    /// The last index in this node's log.
+    pub last_index: u64,
     /// Leader, with every entry of earlier terms applied: the coordinator may act.
     pub leading: bool,
     /// Addresses by raft id.
@@ -255,9 +257,18 @@ impl Node {
         }
         self.fail_pending(|| ProposeError::Stopped(stopped.clone().unwrap_or_else(|| "shutting down".into())));
         self.publish(stopped.clone());
-        // A stopped node keeps answering, so that callers hear why instead of waiting.
+        // A stopped node keeps answering, so that callers hear why instead of waiting, until its
+        // handle stops it.
         if stopped.is_some() {
-            while let Ok(input) = self.inputs.recv() {
+            loop {
+                if self.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                let input = match self.inputs.recv_timeout(Duration::from_millis(100)) {
+                    Ok(input) => input,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => break,
+                };
                 let why = ProposeError::Stopped(stopped.clone().unwrap_or_default());
                 match input {
                     Input::Propose { reply, .. } | Input::ChangeMembers { reply, .. } => {
@@ -282,6 +293,7 @@ impl Node {
             term: raw.raft.term,
             commit: raw.raft.raft_log.committed,
             applied: applied.index,
+            last_index: raw.raft.raft_log.last_index(),
             leading: role == StateRole::Leader && applied.term == raw.raft.term && stopped.is_none(),
             peers: applied.peers.clone(),
             matched: if role == StateRole::Leader { raw.raft.prs().iter().map(|(id, p)| (*id, (p.matched, p.recent_active || *id == raw.raft.id))).collect() } else { BTreeMap::new() },
