@@ -182,3 +182,28 @@ fn a_cut_off_leader_steps_down_and_a_cut_off_worker_stops_its_tasks() -> Result<
     drop(cluster);
     Ok(())
 }
+
+/// Membership through Raft: a fourth coordinator started to join is added with `eddy coordinators
+/// add`, catches up from the leader (the metadata with it), and is removed again.
+#[test]
+fn a_coordinator_is_added_and_removed() -> Result<()> {
+    let mut cluster = eddy_tests::Cluster::start_replicated("members", 3, 1, 2)?;
+    let job = cluster.submit("endless", &super::endless_spec(1))?;
+    cluster.wait_state(&job, "running", Duration::from_secs(30))?;
+    let address = cluster.join_coordinator(4)?;
+    let added = cluster.eddy_json(&["coordinators", "add", "4", &address])?;
+    eprintln!("after add: {added}");
+    cluster.wait(Duration::from_secs(30), "the new coordinator to catch up", |c| {
+        let v = c.eddy_json(&["coordinators"])?;
+        let list = v["coordinators"].as_array().context("coordinators")?;
+        let leader = list.iter().find(|c| c["role"] == "leader").and_then(|c| c["applied"].as_u64());
+        Ok(list.len() == 4 && list.iter().any(|c| c["id"] == 4 && c["role"] == "follower" && c["applied"].as_u64() == leader))
+    })?;
+    // It holds the jobs: asked directly, it knows the leader, and the CLI through it sees the job.
+    let through_new = cluster.eddy_env(&["status", &job, "--json"], &[("EDDY_COORDINATOR", &address)])?;
+    ensure!(through_new.status.success(), "{}", String::from_utf8_lossy(&through_new.stderr));
+    let removed = cluster.eddy_json(&["coordinators", "remove", "4"])?;
+    let ids: Vec<u64> = removed["coordinators"].as_array().context("coordinators")?.iter().filter_map(|c| c["id"].as_u64()).collect();
+    ensure!(!ids.contains(&4), "coordinator 4 is still a member: {removed}");
+    Ok(())
+}

@@ -201,6 +201,27 @@ impl Cluster {
         Ok(())
     }
 
+    /// Starts a new coordinator `id` that joins the replicated cluster (`--raft-join`) on a free
+    /// loopback port; returns its address. `eddy coordinators add` then adds it.
+    pub fn join_coordinator(&mut self, id: u64) -> Result<String> {
+        let first = self.coordinators.iter().find(|c| c.id > 0).context("not a replicated cluster")?;
+        let address = format!("127.0.0.1:{}", free_port());
+        let mut args = first.args.clone();
+        let value = |args: &mut Vec<String>, flag: &str, v: String| {
+            let i = args.iter().position(|a| a == flag).expect("flag given") + 1;
+            args[i] = v;
+        };
+        let peers = args[args.iter().position(|a| a == "--raft-peers").expect("peers") + 1].clone();
+        value(&mut args, "--raft-id", id.to_string());
+        value(&mut args, "--raft-peers", format!("{peers},{id}={address}"));
+        value(&mut args, "--data-dir", self.dir.0.join(format!("coordinator{id}")).display().to_string());
+        args.push("--raft-join".into());
+        let mut c = CoordinatorProcess { id, netns: None, listen: address.clone(), args, child: None, starts: 0 };
+        c.spawn(&self.dir.0)?;
+        self.coordinators.push(c);
+        Ok(address)
+    }
+
     /// The raft id of the coordinator that leads, as `eddy coordinators` says.
     pub fn leader(&self) -> Result<u64> {
         let v = self.eddy_json(&["coordinators"])?;
