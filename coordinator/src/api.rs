@@ -189,6 +189,7 @@ impl JobService for Api {
         match answered {
             Ok(Ok(())) => Ok(Response::new(self.coordinators_view())),
             Ok(Err(crate::raft::ProposeError::NotLeader { leader })) => Err(not_leader(leader.as_deref())),
+            Ok(Err(e @ crate::raft::ProposeError::MembershipBusy)) => Err(Status::failed_precondition(e.to_string())),
             Ok(Err(e)) => Err(Status::unavailable(e.to_string())),
             Err(_) => Err(Status::unavailable("no majority of coordinators committed the change within 10 s")),
         }

@@ -336,6 +336,25 @@ mod tests {
         c.agree(60);
     }
 
+    /// One membership change at a time: a second proposed while the first is pending is refused
+    /// (raft would turn it into an empty entry), not reported done.
+    #[test]
+    fn a_second_membership_change_while_one_is_pending_is_refused() {
+        let mut c = TestCluster::new("members", 3, Net::default(), 1000, None);
+        let leader = c.leader(&c.ids.clone());
+        let change = |add: u64| {
+            let (reply, answer) = channel();
+            let add = Some((add, format!("127.0.0.1:{}", 7000 + add)));
+            c.nodes[&leader].inputs.send(Input::ChangeMembers { add, remove: None, reply }).unwrap();
+            answer
+        };
+        let (first, second) = (change(4), change(5));
+        assert_eq!(first.recv_timeout(Duration::from_secs(20)).unwrap(), Ok(()));
+        assert_eq!(second.recv_timeout(Duration::from_secs(20)).unwrap(), Err(ProposeError::MembershipBusy));
+        c.wait("coordinator 4 listed", |c| c.status(leader).peers.contains_key(&4).then_some(()));
+        assert!(!c.status(leader).peers.contains_key(&5));
+    }
+
     /// A node that crashes at any step of its Ready loop (as leader or as follower) comes back from
     /// its disk with nothing committed lost and nothing applied twice.
     #[test]

@@ -106,6 +106,8 @@ pub enum ProposeError {
     Refused(MetaError),
     #[error("the raft node stopped: {0}")]
     Stopped(String),
+    #[error("another change of the coordinators is under way; try again once it is applied")]
+    MembershipBusy,
 }
 
 /// What the node is asked to do.
@@ -206,6 +208,8 @@ pub fn start_with_crash(
 struct Pending {
     index: u64,
     term: u64,
+    /// A membership change (raft turns one proposed while another is pending into an empty entry).
+    membership: bool,
     reply: Sender<Result<(), ProposeError>>,
 }
 
@@ -342,7 +346,7 @@ impl Node {
                 }
                 let data = serde_json::to_vec(&command).expect("commands serialize");
                 match self.raw.propose(Vec::new(), data) {
-                    Ok(()) => self.pending.push(Pending { index: self.raw.raft.raft_log.last_index(), term: self.raw.raft.term, reply }),
+                    Ok(()) => self.pending.push(Pending { index: self.raw.raft.raft_log.last_index(), term: self.raw.raft.term, membership: false, reply }),
                     Err(e) => {
                         let _ = reply.send(Err(ProposeError::Stopped(format!("proposal dropped: {e}"))));
                     }
@@ -371,7 +375,7 @@ impl Node {
                     }
                 }
                 match self.raw.propose_conf_change(context, cc) {
-                    Ok(()) => self.pending.push(Pending { index: self.raw.raft.raft_log.last_index(), term: self.raw.raft.term, reply }),
+                    Ok(()) => self.pending.push(Pending { index: self.raw.raft.raft_log.last_index(), term: self.raw.raft.term, membership: true, reply }),
                     Err(e) => {
                         let _ = reply.send(Err(ProposeError::Stopped(format!("membership change refused: {e}"))));
                     }
@@ -435,8 +439,10 @@ impl Node {
         let Some(last) = entries.last() else { return Ok(()) };
         let (last_index, last_term) = (last.index, last.term);
         let mut applied = self.raw.store().applied().clone();
-        let mut outcomes: BTreeMap<u64, (u64, Result<(), ProposeError>)> = BTreeMap::new();
+        // Per index: the entry's term, whether it changed the membership, and its outcome.
+        let mut outcomes: BTreeMap<u64, (u64, bool, Result<(), ProposeError>)> = BTreeMap::new();
         for entry in &entries {
+            let membership = entry.get_entry_type() != EntryType::EntryNormal;
             let outcome = match entry.get_entry_type() {
                 EntryType::EntryNormal if entry.data.is_empty() => Ok(()),
                 EntryType::EntryNormal => match serde_json::from_slice::<MetaCommand>(&entry.data) {
@@ -463,7 +469,7 @@ impl Node {
                 }
                 EntryType::EntryConfChangeV2 => anyhow::bail!("raft entry {} is a joint membership change, which Eddy does not make", entry.index),
             };
-            outcomes.insert(entry.index, (entry.term, outcome));
+            outcomes.insert(entry.index, (entry.term, membership, outcome));
         }
         applied.index = last_index;
         applied.term = last_term;
@@ -471,7 +477,10 @@ impl Node {
         let mut waiting = Vec::new();
         for p in self.pending.drain(..) {
             match outcomes.get(&p.index) {
-                Some((term, outcome)) if *term == p.term => {
+                Some((term, membership, _)) if *term == p.term && p.membership && !membership => {
+                    let _ = p.reply.send(Err(ProposeError::MembershipBusy));
+                }
+                Some((term, _, outcome)) if *term == p.term => {
                     let _ = p.reply.send(outcome.clone());
                 }
                 Some(_) => {
