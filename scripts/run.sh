@@ -3,7 +3,8 @@
 # ClickHouse on loopback (scripts/services.sh), a coordinator, two workers and the external-API
 # stand-in; submits the ingest and process jobs; then inserts engagement events into PostgreSQL at
 # RATE per second (default 200) until Ctrl-C, which stops everything but the services
-# (`scripts/services.sh stop` stops those).
+# (`scripts/services.sh stop` stops those). COORDINATORS=3 runs three coordinators replicating
+# with Raft instead of one (kill -9 the leader, `eddy coordinators` shows the next).
 source "$(dirname "$0")/common.sh"
 RATE=${RATE:-200}
 RUN_DIR=${RUN_DIR:-$EDDY_CACHE/run}
@@ -16,12 +17,22 @@ BIN=$(build_bins release)
 
 PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null' EXIT
-export EDDY_COORDINATOR=127.0.0.1:${EDDY_PORT:-6123}
+PORT=${EDDY_PORT:-6123}
+COORDINATORS=${COORDINATORS:-1}
+PEERS=$(for i in $(seq 1 "$COORDINATORS"); do printf '%s=127.0.0.1:%s\n' "$i" $((PORT + 10 * (i - 1))); done | paste -sd,)
+export EDDY_COORDINATOR=$(sed 's/[0-9]*=//g' <<<"$PEERS")
 export EDDY_EXTERNAL_URL=http://127.0.0.1:${EDDY_MOCK_PORT:-58080}/events
 # A slot left by an earlier run is read again from its position rather than refused.
 export EDDY_EXISTING_SLOT=${EDDY_EXISTING_SLOT:-reread}
 export EDDY_DEAD_LETTERS=$RUN_DIR/dead-letters.jsonl EDDY_HTTP_DEAD_LETTERS=$RUN_DIR/http-dead-letters.jsonl
-"$BIN/eddy-coordinator" --listen "$EDDY_COORDINATOR" --data-dir "$RUN_DIR/coordinator" >"$RUN_DIR/coordinator.log" 2>&1 & PIDS+=($!)
+if [ "$COORDINATORS" = 1 ]; then
+  "$BIN/eddy-coordinator" --listen "$EDDY_COORDINATOR" --data-dir "$RUN_DIR/coordinator" >"$RUN_DIR/coordinator.log" 2>&1 & PIDS+=($!)
+else
+  for i in $(seq 1 "$COORDINATORS"); do
+    "$BIN/eddy-coordinator" --listen "127.0.0.1:$((PORT + 10 * (i - 1)))" --raft-id "$i" --raft-peers "$PEERS" \
+      --data-dir "$RUN_DIR/coordinator$i" --checkpoint-dir "$RUN_DIR/checkpoints" >"$RUN_DIR/coordinator$i.log" 2>&1 & PIDS+=($!)
+  done
+fi
 for i in 1 2; do
   "$BIN/eddy-worker" --coordinator "$EDDY_COORDINATOR" --listen 127.0.0.1:0 --id "worker-$i" --state-dir "$RUN_DIR/worker-$i-state" >"$RUN_DIR/worker-$i.log" 2>&1 & PIDS+=($!)
 done
