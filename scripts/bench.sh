@@ -17,7 +17,8 @@
 #            command runs a short version). Env: CHAOS_SECONDS (600), CHAOS_KILLS (CHAOS_SECONDS/40),
 #            CHAOS_OUTAGE_SECONDS (CHAOS_SECONDS/8, 5 to 60), CHAOS_PREFILL_ROWS, CHAOS_RATE (200), CHAOS_STATE_TTL (11m), EDDY_TEST_SEED (random,
 #            printed as chaos_seed), CHAOS_PROFILE (debug, as the test command builds; or
-#            release). chaos_mismatches must be 0.
+#            release), CHAOS_COORDINATORS (1; 3 replicates them and kills the leader).
+#            chaos_mismatches must be 0.
 #   failover kill -9 of the leading coordinator of three (Raft) while a checkpointed job runs on two
 #            workers -> a submit succeeds on the new leader, KILLS (3) times with the old leader
 #            back in between; prints the median and worst seconds and how many times the running

@@ -15,6 +15,8 @@
 //! - `CHAOS_OUTAGE_SECONDS` (`CHAOS_SECONDS / 8`, from 5 to 60): length of each outage.
 //! - `CHAOS_PREFILL_ROWS` (30,000 to 200,000): rows in the table before the ingest job's snapshot.
 //! - `CHAOS_RATE` (200): events inserted per second by the writers (bursts are ten times that).
+//! - `CHAOS_COORDINATORS` (1): with 3, the coordinators replicate with Raft and the coordinator
+//!   fault kills the leader.
 //! - `CHAOS_STATE_TTL` (1h, the shipped spec's; `scripts/bench.sh chaos` sets 11m): the process
 //!   job's `state_ttl`.
 //! - `EDDY_TEST_SEED`: the seed of every choice (moments, victims, data); printed as `chaos_seed`.
@@ -58,6 +60,7 @@ struct Settings {
     outage: u64,
     prefill: u64,
     rate: u64,
+    coordinators: u64,
 }
 
 impl Settings {
@@ -70,6 +73,7 @@ impl Settings {
             outage: var("CHAOS_OUTAGE_SECONDS", (seconds / 8).clamp(5, 60)),
             prefill: var("CHAOS_PREFILL_ROWS", (seconds * 500).clamp(30_000, 200_000)),
             rate: var("CHAOS_RATE", 200).max(1),
+            coordinators: var("CHAOS_COORDINATORS", 1).max(1),
         }
     }
 }
@@ -205,6 +209,13 @@ impl Chaos {
     fn apply(&mut self, fault: Fault) -> Result<()> {
         match fault {
             Fault::Kill => self.kill_random()?,
+            Fault::Coordinator if self.settings.coordinators > 1 => {
+                let leader = self.p.cluster.leader()?;
+                self.say(&format!("kill -9 coordinator {leader}, the leader; start it again on its data dir"));
+                self.p.cluster.kill_coordinator(leader)?;
+                self.p.cluster.start_coordinator(leader)?;
+                self.coordinator_restarts += 1;
+            }
             Fault::Coordinator => {
                 self.say("kill -9 the coordinator, restart it on the same data dir");
                 self.p.cluster.restart_coordinator()?;
@@ -364,7 +375,10 @@ fn chaos_run_keeps_every_outcome_exact() -> Result<()> {
     let rng = Rng::for_test("chaos");
     eprintln!("chaos: {settings:?}");
     let wall = Instant::now();
-    let p = Pipeline::start_with("chaos", 3)?;
+    let p = match settings.coordinators {
+        1 => Pipeline::start_with("chaos", 3)?,
+        n => Pipeline::start_replicated("chaos", n, 3)?,
+    };
     let alive = p.cluster.workers.iter().map(|(w, _)| w.clone()).collect();
     let mut c = Chaos {
         p,
@@ -634,6 +648,7 @@ fn chaos_run_keeps_every_outcome_exact() -> Result<()> {
         ("chaos_state_ttl", ttl.clone()),
         ("chaos_kills", c.kills.to_string()),
         ("chaos_cdc_kill_snapshot_rows", format!("{done_at_kill}/{prefill}")),
+        ("chaos_coordinators", c.settings.coordinators.to_string()),
         ("chaos_coordinator_restarts", c.coordinator_restarts.to_string()),
         ("chaos_postgres_restarts", c.postgres_restarts.to_string()),
         ("chaos_outages", kinds.join(",")),
