@@ -152,22 +152,17 @@ bench_recovery() {
   local job
   job=$("$BIN/eddy" submit "$RUN_DIR/recovery.toml")
   wait_job "$job" running 60
-  export BIN RUN_DIR JOB=$job KILLS=${KILLS:-3}
+  export BIN RUN_DIR ROOT JOB=$job KILLS=${KILLS:-3}
   python3 - <<'PY'
 import json, os, signal, statistics, subprocess, sys, time
+sys.path.insert(0, os.path.join(os.environ["ROOT"], "scripts"))
+from bench_checkpoints import wait_checkpoint
 BIN, RUN, JOB = os.environ["BIN"], os.environ["RUN_DIR"], os.environ["JOB"]
 def status():
     return json.loads(subprocess.run([f"{BIN}/eddy", "status", JOB, "--json"], capture_output=True, check=True).stdout)
 def window_tasks(s):
     return [t for t in s["tasks"] if t["operators"].startswith("hop")]
-def wait_checkpoint(after):
-    while True:
-        s = status()
-        done = [c["checkpoint_id"] for c in s["checkpoints"] if c["state"] == "completed"]
-        if s["state"] == "running" and done and max(done) > after:
-            return max(done)
-        time.sleep(0.2)
-times, last = [], wait_checkpoint(0)
+times, last = [], wait_checkpoint(status, 0)
 for i in range(int(os.environ["KILLS"])):
     time.sleep(2)
     s = status()
@@ -192,7 +187,7 @@ for i in range(int(os.environ["KILLS"])):
          "--id", f"r{i}", "--slots", "1", "--state-dir", f"{RUN}/r{i}-state"],
         stdout=out, stderr=out, env={**os.environ, "RUST_LOG": "warn"})
     open(f"{RUN}/r{i}.pid", "w").write(str(worker.pid))
-    last = wait_checkpoint(last)
+    last = wait_checkpoint(status, last)
 print(f"recovery_seconds={statistics.median(times):.2f}")
 print(f"recovery_seconds_max={max(times):.2f}")
 print(f"recovery_kills={len(times)}")
@@ -225,6 +220,8 @@ bench_failover() {
   export JOB=$job
   python3 - <<'PY'
 import json, os, signal, statistics, subprocess, sys, time
+sys.path.insert(0, os.path.join(os.environ["ROOT"], "scripts"))
+from bench_checkpoints import wait_checkpoint
 BIN, RUN, JOB = os.environ["BIN"], os.environ["RUN_DIR"], os.environ["JOB"]
 def eddy(*args):
     return subprocess.run([f"{BIN}/eddy", *args], capture_output=True, text=True)
@@ -242,14 +239,7 @@ def leader():
             if ids:
                 return ids[0]
         time.sleep(0.05)
-def wait_checkpoint(after):
-    while True:
-        s = status()
-        done = [c["checkpoint_id"] for c in s["checkpoints"] if c["state"] == "completed"]
-        if s["state"] == "running" and done and max(done) > after:
-            return max(done)
-        time.sleep(0.2)
-times, restarts, last = [], 0, wait_checkpoint(0)
+times, restarts, last = [], 0, wait_checkpoint(status, 0)
 for i in range(int(os.environ["KILLS"])):
     old = leader()
     attempt = status()["attempt"]
@@ -264,7 +254,7 @@ for i in range(int(os.environ["KILLS"])):
     times.append(took)
     probe = r.stdout.strip()
     eddy("cancel", probe)
-    last = wait_checkpoint(last)
+    last = wait_checkpoint(status, last)
     restarts += status()["attempt"] - attempt
     print(f"kill {i + 1}: coordinator {old} -> a submit succeeded after {took:.2f} s; job attempt {attempt} -> {status()['attempt']}", file=sys.stderr)
     subprocess.run(["bash", "-c", f"source {os.environ['ROOT']}/scripts/common.sh; start_coordinator {old}"], check=True,

@@ -139,8 +139,7 @@ async fn main() -> ExitCode {
 
 /// A client of the leading coordinator among those listed in `coordinator`.
 async fn connect(coordinator: &str) -> Result<JobServiceClient<Channel>, Failure> {
-    let addresses: Vec<String> = coordinator.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect();
-    match eddy_proto::connect_leader(&addresses, std::time::Duration::from_secs(3)).await {
+    match eddy_proto::connect_leader(&eddy_proto::address_list(coordinator), std::time::Duration::from_secs(3)).await {
         Ok((_, channel)) => Ok(JobServiceClient::new(channel)),
         Err(answers) if answers.split("; ").all(|a| a.ends_with(": unreachable")) => Err(Failure::new(
             3,
@@ -309,8 +308,8 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 (Some(_), Err(e)) => return Err(e),
                 (None, Err(e)) => {
                     let mut any = None;
-                    for address in coordinator.split(',').map(str::trim).filter(|a| !a.is_empty()) {
-                        if let Ok(c) = eddy_proto::connect(address, std::time::Duration::from_secs(3)).await {
+                    for address in eddy_proto::address_list(coordinator) {
+                        if let Ok(c) = eddy_proto::connect(&address, std::time::Duration::from_secs(3)).await {
                             any = Some(JobServiceClient::new(c));
                             break;
                         }

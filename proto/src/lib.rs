@@ -32,11 +32,20 @@ pub fn with_keepalive(endpoint: tonic::transport::Endpoint) -> tonic::transport:
     endpoint.http2_keep_alive_interval(KEEPALIVE_INTERVAL).keep_alive_timeout(KEEPALIVE_TIMEOUT).keep_alive_while_idle(true)
 }
 
+/// The addresses in a comma-separated list (`--coordinator a:1,b:2`), blanks left out.
+pub fn address_list(list: &str) -> Vec<String> {
+    list.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect()
+}
+
+/// An endpoint for `address`: `host:port` (plain HTTP/2) or a URL.
+pub fn endpoint(address: &str) -> Result<tonic::transport::Endpoint, String> {
+    let url = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
+    tonic::transport::Endpoint::from_shared(url).map_err(|e| format!("not an address ({e})"))
+}
+
 /// A connection to `address` (`host:port` or a URL), pinging its server; the error says why not.
 pub async fn connect(address: &str, timeout: std::time::Duration) -> Result<tonic::transport::Channel, String> {
-    let url = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
-    let endpoint = tonic::transport::Endpoint::from_shared(url).map_err(|e| format!("not an address ({e})"))?.connect_timeout(timeout);
-    with_keepalive(endpoint).connect().await.map_err(|_| "unreachable".to_string())
+    with_keepalive(endpoint(address)?.connect_timeout(timeout)).connect().await.map_err(|_| "unreachable".to_string())
 }
 
 /// A connection to the leading coordinator, found from `addresses` (any of a cluster's
@@ -44,10 +53,9 @@ pub async fn connect(address: &str, timeout: std::time::Duration) -> Result<toni
 /// leader's address (which may be none of those given) is connected to. A single coordinator
 /// always leads. The error lists what each address answered.
 pub async fn connect_leader(addresses: &[String], connect_timeout: std::time::Duration) -> Result<(String, tonic::transport::Channel), String> {
-    let open = connect;
     let mut answers = Vec::new();
     for address in addresses {
-        let channel = match open(address, connect_timeout).await {
+        let channel = match connect(address, connect_timeout).await {
             Ok(c) => c,
             Err(e) => {
                 answers.push(format!("{address}: {e}"));
@@ -69,7 +77,7 @@ pub async fn connect_leader(addresses: &[String], connect_timeout: std::time::Du
             answers.push(format!("{address}: knows no leader"));
             continue;
         }
-        match open(&view.leader_address, connect_timeout).await {
+        match connect(&view.leader_address, connect_timeout).await {
             Ok(c) => return Ok((view.leader_address, c)),
             Err(e) => answers.push(format!("{address}: the leader is at {}, which is {e}", view.leader_address)),
         }

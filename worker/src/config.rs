@@ -19,6 +19,6 @@ pub struct WorkerConfig {
 impl WorkerConfig {
     /// The coordinators listed.
     pub fn coordinators(&self) -> Vec<String> {
-        self.coordinator.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect()
+        eddy_proto::address_list(&self.coordinator)
     }
 }

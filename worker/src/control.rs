@@ -124,7 +124,7 @@ impl Control {
             let retry = tokio::time::Instant::now() + backoff;
             loop {
                 self.check_lease();
-                let lease_end = self.renewed + eddy_proto::WORKER_LEASE;
+                let lease_end = self.lease_end();
                 tokio::select! {
                     biased;
                     _ = shutdown.cancelled() => break 'sessions,
@@ -143,9 +143,14 @@ impl Control {
         self.cancel_all("shutting down");
     }
 
+    /// When the tasks' lease runs out unless a leading coordinator speaks before.
+    fn lease_end(&self) -> tokio::time::Instant {
+        self.renewed + eddy_proto::WORKER_LEASE
+    }
+
     /// Stops every task once the lease has run out.
     fn check_lease(&mut self) {
-        if !self.jobs.is_empty() && self.renewed.elapsed() >= eddy_proto::WORKER_LEASE {
+        if !self.jobs.is_empty() && tokio::time::Instant::now() >= self.lease_end() {
             let why = format!("no word from a leading coordinator for {} s (the lease)", eddy_proto::WORKER_LEASE.as_secs());
             self.cancel_all(&why);
         }
@@ -165,7 +170,7 @@ impl Control {
         let deadline = if self.jobs.is_empty() {
             tokio::time::Instant::now() + Duration::from_secs(10)
         } else {
-            self.renewed + eddy_proto::WORKER_LEASE
+            self.lease_end()
         };
         let (leader, tx, mut orders, interval) = tokio::time::timeout_at(deadline, self.register())
             .await
@@ -176,7 +181,7 @@ impl Control {
         // The first heartbeat, at once, lists the tasks running here: a new leader adopts them.
         let mut heartbeat = tokio::time::interval(interval);
         loop {
-            let lease_end = self.renewed + eddy_proto::WORKER_LEASE;
+            let lease_end = self.lease_end();
             tokio::select! {
                 biased;
                 _ = self.shutdown.cancelled() => return Ok(()),

@@ -287,6 +287,11 @@ impl Node {
         }
     }
 
+    /// Leader, with an entry of its own term applied (so every entry of earlier terms too).
+    fn leads(raw: &RawNode<DiskStorage>) -> bool {
+        raw.raft.state == StateRole::Leader && raw.store().applied().term == raw.raft.term
+    }
+
     fn status_of(raw: &RawNode<DiskStorage>, snapshots_received: u64, stopped: Option<String>) -> RaftStatus {
         let applied = raw.store().applied();
         let role = raw.raft.state;
@@ -298,7 +303,7 @@ impl Node {
             commit: raw.raft.raft_log.committed,
             applied: applied.index,
             last_index: raw.raft.raft_log.last_index(),
-            leading: role == StateRole::Leader && applied.term == raw.raft.term && stopped.is_none(),
+            leading: Node::leads(raw) && stopped.is_none(),
             peers: applied.peers.clone(),
             matched: if role == StateRole::Leader { raw.raft.prs().iter().map(|(id, p)| (*id, (p.matched, p.recent_active || *id == raw.raft.id))).collect() } else { BTreeMap::new() },
             snapshots_received,
@@ -307,10 +312,14 @@ impl Node {
     }
 
     fn publish(&mut self, stopped: Option<String>) {
-        let status = Node::status_of(&self.raw, self.snapshots_received, stopped);
-        if status.role != StateRole::Leader {
+        if self.raw.raft.state != StateRole::Leader {
             self.fail_pending(|| ProposeError::Lost);
         }
+        self.send_status(stopped);
+    }
+
+    fn send_status(&mut self, stopped: Option<String>) {
+        let status = Node::status_of(&self.raw, self.snapshots_received, stopped);
         self.status.send_if_modified(|s| {
             let changed = *s != status;
             *s = status;
@@ -325,7 +334,7 @@ impl Node {
     }
 
     fn not_leader(&self) -> Option<ProposeError> {
-        if self.raw.raft.state == StateRole::Leader && self.raw.store().applied().term == self.raw.raft.term {
+        if Node::leads(&self.raw) {
             return None;
         }
         let leader = self.raw.store().applied().peers.get(&self.raw.raft.leader_id).cloned();
@@ -474,6 +483,8 @@ impl Node {
         applied.index = last_index;
         applied.term = last_term;
         self.raw.mut_store().apply(applied)?;
+        // Whoever hears that a change was applied reads a status that holds it.
+        self.send_status(None);
         let mut waiting = Vec::new();
         for p in self.pending.drain(..) {
             match outcomes.get(&p.index) {

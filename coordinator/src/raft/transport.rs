@@ -55,8 +55,7 @@ impl Transport for GrpcTransport {
 const BATCH: usize = 256;
 
 async fn send_to(to: u64, address: String, mut messages: mpsc::UnboundedReceiver<Message>, inputs: Sender<Input>) {
-    let url = if address.contains("://") { address.clone() } else { format!("http://{address}") };
-    let endpoint = match tonic::transport::Endpoint::from_shared(url) {
+    let endpoint = match eddy_proto::endpoint(&address) {
         Ok(e) => e.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(3)),
         Err(e) => {
             tracing::warn!(to, address, error = %e, "a coordinator's address is not a URL; not sending to it");
