@@ -22,9 +22,25 @@ fn completed_checkpoint(status: &Value) -> bool {
 #[test]
 fn the_pipeline_survives_the_loss_of_the_leading_coordinator() -> Result<()> {
     let mut p = Pipeline::start_replicated("raft", 3, 2)?;
-    let before = p.datagen(&["--contents", "40", "--count", "1000", "--rate", "5000", "--seed", "21", "--updates-pct", "0", "--deletes-pct", "0"])?;
+    let before =
+        p.datagen(&["--contents", "40", "--count", "1000", "--rate", "5000", "--seed", "21", "--updates-pct", "0", "--deletes-pct", "0"])?;
     let (ingest, process) = p.run_both(&[])?;
-    let args = ["--contents", "40", "--count", "6000", "--rate", "600", "--seed", "22", "--updates-pct", "10", "--deletes-pct", "5", "--unknown-pct", "5"];
+    let args = [
+        "--contents",
+        "40",
+        "--count",
+        "6000",
+        "--rate",
+        "600",
+        "--seed",
+        "22",
+        "--updates-pct",
+        "10",
+        "--deletes-pct",
+        "5",
+        "--unknown-pct",
+        "5",
+    ];
     let during = p.datagen_command(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
     p.cluster.wait(Duration::from_secs(60), "a checkpoint of each job", |c| {
         Ok(completed_checkpoint(&c.status(&ingest)?) && completed_checkpoint(&c.status(&process)?))
@@ -101,13 +117,15 @@ connector = "blackhole"
     for job in [&ingest, &process] {
         p.cluster.wait(Duration::from_secs(60), "the job to run again", |c| Ok(c.status(job)?["state"] == "running"))?;
     }
-    let more = p.datagen(&["--contents", "40", "--count", "500", "--rate", "2000", "--seed", "23", "--updates-pct", "0", "--deletes-pct", "0"])?;
+    let more =
+        p.datagen(&["--contents", "40", "--count", "500", "--rate", "2000", "--seed", "23", "--updates-pct", "0", "--deletes-pct", "0"])?;
     check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"] + during["deleted"] + more["inserted"])
 }
 
 /// What coordinator `address` (in namespace `ns`) says of itself, asked from inside its namespace.
 fn own_view(ns: &str, address: &str) -> Result<Value> {
-    let out = eddy_tests::in_netns(Some(ns), &eddy_tests::bin("eddy")).args(["coordinators", "--json", "--coordinator", address]).output()?;
+    let out =
+        eddy_tests::in_netns(Some(ns), &eddy_tests::bin("eddy")).args(["coordinators", "--json", "--coordinator", address]).output()?;
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let v: Value = serde_json::from_slice(&out.stdout)?;
     let list = v["coordinators"].as_array().context("coordinators")?;
@@ -129,7 +147,9 @@ fn a_cut_off_leader_steps_down_and_a_cut_off_worker_stops_its_tasks() -> Result<
     let (worker_ns, worker_ip) = net.host(11)?;
     let mut cluster = eddy_tests::Cluster::start_replicated_on("partition", &hosts, 0, 2)?;
     cluster.add_worker_on("w1", 2, Some(&worker_ns), &worker_ip)?;
-    cluster.wait(Duration::from_secs(30), "the worker to register", |c| Ok(c.eddy_json(&["workers"])?.as_array().is_some_and(|w| w.len() == 1)))?;
+    cluster.wait(Duration::from_secs(30), "the worker to register", |c| {
+        Ok(c.eddy_json(&["workers"])?.as_array().is_some_and(|w| w.len() == 1))
+    })?;
     let job = cluster.submit("endless", &super::endless_spec(1))?;
     cluster.wait_state(&job, "running", Duration::from_secs(30))?;
 
@@ -148,7 +168,8 @@ fn a_cut_off_leader_steps_down_and_a_cut_off_worker_stops_its_tasks() -> Result<
         Ok(leader.is_some_and(|l| l["id"] != old && l["term"].as_u64() > Some(old_term)))
     })?;
     eprintln!("a new leader {} ms after the cut", cut.elapsed().as_millis());
-    cluster.wait(Duration::from_secs(30), "the cut-off leader to step down", |_| Ok(own_view(&old_ns, &old_address)?["role"] != "leader"))?;
+    cluster
+        .wait(Duration::from_secs(30), "the cut-off leader to step down", |_| Ok(own_view(&old_ns, &old_address)?["role"] != "leader"))?;
     // The cut-off side takes no writes.
     let spec = cluster.dir.0.join("endless.toml");
     let refused = eddy_tests::in_netns(Some(&old_ns), &eddy_tests::bin("eddy"))
@@ -157,7 +178,9 @@ fn a_cut_off_leader_steps_down_and_a_cut_off_worker_stops_its_tasks() -> Result<
     ensure!(!refused.status.success(), "the cut-off coordinator took a submit");
     eprintln!("cut-off side: {}", String::from_utf8_lossy(&refused.stderr).trim());
     // The majority does (once the worker, whose lease ran out with the old leader, has joined it).
-    cluster.wait(Duration::from_secs(60), "the majority to take a submit", |_| Ok(majority(&["submit", spec.to_str().context("path")?])?.status.success()))?;
+    cluster.wait(Duration::from_secs(60), "the majority to take a submit", |_| {
+        Ok(majority(&["submit", spec.to_str().context("path")?])?.status.success())
+    })?;
 
     // Joined again, the old leader follows, caught up.
     net.heal(&old_ns)?;
@@ -169,7 +192,13 @@ fn a_cut_off_leader_steps_down_and_a_cut_off_worker_stops_its_tasks() -> Result<
 
     // The worker cut off from every coordinator stops its tasks within its lease.
     let log = cluster.dir.0.join("w1.log");
-    let stopped = || std::fs::read_to_string(&log).unwrap_or_default().lines().filter(|l| l.contains("cancelling job tasks") && l.contains("the lease")).count();
+    let stopped = || {
+        std::fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("cancelling job tasks") && l.contains("the lease"))
+            .count()
+    };
     let before = stopped();
     net.cut(&worker_ns)?;
     let cut = Instant::now();

@@ -12,8 +12,8 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -53,7 +53,16 @@ impl RaftSettings {
     /// Settings for a coordinator `id` of `peers`, stored in `dir`: a 100 ms tick, an election
     /// after 1–2 s of silence, heartbeats every 200 ms.
     pub fn new(id: u64, peers: BTreeMap<u64, String>, dir: PathBuf) -> RaftSettings {
-        RaftSettings { id, peers, dir, tick: Duration::from_millis(100), election_ticks: 10, heartbeat_ticks: 2, compact_after: 1000, join: false }
+        RaftSettings {
+            id,
+            peers,
+            dir,
+            tick: Duration::from_millis(100),
+            election_ticks: 10,
+            heartbeat_ticks: 2,
+            compact_after: 1000,
+            join: false,
+        }
     }
 }
 
@@ -168,7 +177,11 @@ pub enum CrashPoint {
 }
 
 /// Starts a node on its own thread.
-pub fn start(settings: RaftSettings, inputs: (Sender<Input>, Receiver<Input>), transport: Box<dyn Transport>) -> anyhow::Result<RaftHandle> {
+pub fn start(
+    settings: RaftSettings,
+    inputs: (Sender<Input>, Receiver<Input>),
+    transport: Box<dyn Transport>,
+) -> anyhow::Result<RaftHandle> {
     start_with_crash(settings, inputs, transport, None)
 }
 
@@ -200,7 +213,17 @@ pub fn start_with_crash(
     let status = Node::status_of(&raw, 0, None);
     let (status_tx, status_rx) = watch::channel(status);
     let stop = Arc::new(AtomicBool::new(false));
-    let node = Node { raw, transport, inputs: rx, status: status_tx, settings, pending: Vec::new(), snapshots_received: 0, crash, stop: stop.clone() };
+    let node = Node {
+        raw,
+        transport,
+        inputs: rx,
+        status: status_tx,
+        settings,
+        pending: Vec::new(),
+        snapshots_received: 0,
+        crash,
+        stop: stop.clone(),
+    };
     let thread = std::thread::Builder::new().name(format!("raft-{}", node.settings.id)).spawn(move || node.run())?;
     Ok(RaftHandle { inputs: tx, status: status_rx, stop, thread: Some(thread) })
 }
@@ -305,7 +328,11 @@ impl Node {
             last_index: raw.raft.raft_log.last_index(),
             leading: Node::leads(raw) && stopped.is_none(),
             peers: applied.peers.clone(),
-            matched: if role == StateRole::Leader { raw.raft.prs().iter().map(|(id, p)| (*id, (p.matched, p.recent_active || *id == raw.raft.id))).collect() } else { BTreeMap::new() },
+            matched: if role == StateRole::Leader {
+                raw.raft.prs().iter().map(|(id, p)| (*id, (p.matched, p.recent_active || *id == raw.raft.id))).collect()
+            } else {
+                BTreeMap::new()
+            },
             snapshots_received,
             stopped,
         }
@@ -355,7 +382,12 @@ impl Node {
                 }
                 let data = serde_json::to_vec(&command).expect("commands serialize");
                 match self.raw.propose(Vec::new(), data) {
-                    Ok(()) => self.pending.push(Pending { index: self.raw.raft.raft_log.last_index(), term: self.raw.raft.term, membership: false, reply }),
+                    Ok(()) => self.pending.push(Pending {
+                        index: self.raw.raft.raft_log.last_index(),
+                        term: self.raw.raft.term,
+                        membership: false,
+                        reply,
+                    }),
                     Err(e) => {
                         let _ = reply.send(Err(ProposeError::Stopped(format!("proposal dropped: {e}"))));
                     }
@@ -384,7 +416,12 @@ impl Node {
                     }
                 }
                 match self.raw.propose_conf_change(context, cc) {
-                    Ok(()) => self.pending.push(Pending { index: self.raw.raft.raft_log.last_index(), term: self.raw.raft.term, membership: true, reply }),
+                    Ok(()) => self.pending.push(Pending {
+                        index: self.raw.raft.raft_log.last_index(),
+                        term: self.raw.raft.term,
+                        membership: true,
+                        reply,
+                    }),
                     Err(e) => {
                         let _ = reply.send(Err(ProposeError::Stopped(format!("membership change refused: {e}"))));
                     }
@@ -476,7 +513,9 @@ impl Node {
                     info!(raft_id = self.settings.id, voters = ?applied.voters, "coordinators changed");
                     Ok(())
                 }
-                EntryType::EntryConfChangeV2 => anyhow::bail!("raft entry {} is a joint membership change, which Eddy does not make", entry.index),
+                EntryType::EntryConfChangeV2 => {
+                    anyhow::bail!("raft entry {} is a joint membership change, which Eddy does not make", entry.index)
+                }
             };
             outcomes.insert(entry.index, (entry.term, membership, outcome));
         }

@@ -65,9 +65,8 @@ impl DiskStorage {
     pub fn open(dir: &Path, peers: &BTreeMap<u64, String>, join: bool) -> anyhow::Result<DiskStorage> {
         let mut options = rocksdb::Options::default();
         options.create_if_missing(true);
-        let db = DB::open(&options, dir).map_err(|e| {
-            anyhow::anyhow!("cannot open the raft storage in {}: {e}; is another coordinator using it?", dir.display())
-        })?;
+        let db = DB::open(&options, dir)
+            .map_err(|e| anyhow::anyhow!("cannot open the raft storage in {}: {e}; is another coordinator using it?", dir.display()))?;
         let hard_state = match db.get(HARD_STATE)? {
             Some(b) => HardState::parse_from_bytes(&b)?,
             None => HardState::default(),
@@ -92,7 +91,8 @@ impl DiskStorage {
         let mut storage = DiskStorage { db, hard_state, snapshot, last, applied };
         if fresh && !join {
             let mut first = Snapshot::default();
-            let applied = Applied { index: 1, term: 1, voters: peers.keys().copied().collect(), peers: peers.clone(), state: MetaState::default() };
+            let applied =
+                Applied { index: 1, term: 1, voters: peers.keys().copied().collect(), peers: peers.clone(), state: MetaState::default() };
             first.set_data(serde_json::to_vec(&applied)?.into());
             let meta = first.mut_metadata();
             meta.index = 1;
@@ -113,7 +113,13 @@ impl DiskStorage {
 
     /// Writes a Ready's snapshot (replacing the log and the applied state), new entries (replacing
     /// any from the same index on) and hard state in one batch.
-    pub fn persist(&mut self, snapshot: Option<&Snapshot>, entries: &[Entry], hard_state: Option<&HardState>, sync: bool) -> anyhow::Result<()> {
+    pub fn persist(
+        &mut self,
+        snapshot: Option<&Snapshot>,
+        entries: &[Entry],
+        hard_state: Option<&HardState>,
+        sync: bool,
+    ) -> anyhow::Result<()> {
         let mut batch = WriteBatch::default();
         let mut last = self.last;
         let mut applied = None;
@@ -240,7 +246,8 @@ impl raft::Storage for DiskStorage {
         if index > self.last {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        let bytes = self.db.get(entry_key(index)).map_err(storage_error)?.ok_or_else(|| storage_error(format!("raft entry {index} is missing")))?;
+        let bytes =
+            self.db.get(entry_key(index)).map_err(storage_error)?.ok_or_else(|| storage_error(format!("raft entry {index} is missing")))?;
         Ok(Entry::parse_from_bytes(&bytes).map_err(storage_error)?.term)
     }
 
