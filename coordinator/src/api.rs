@@ -12,7 +12,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::actor::{AfterSavepoint, Request as Ask};
+use crate::actor::Request as Ask;
+use crate::job::AfterSavepoint;
 
 /// Who answers requests: this coordinator's actor, or (replicated, not leading) the leader.
 #[derive(Clone, Debug)]

@@ -14,6 +14,8 @@ use std::time::Duration;
 use eddy_proto::{CheckpointManifest, CheckpointView, TaskSnapshot};
 use tokio::time::Instant;
 
+use crate::store::CheckpointRecord;
+
 /// Status keeps this many recent checkpoints.
 const HISTORY: usize = 10;
 
@@ -279,6 +281,33 @@ impl CheckpointTracker {
             self.history.pop_front();
         }
         self.history.push_back(view);
+    }
+}
+
+/// What the metadata keeps of a completed checkpoint.
+pub fn checkpoint_record(c: &Completed) -> CheckpointRecord {
+    CheckpointRecord {
+        id: c.id,
+        savepoint: c.savepoint,
+        triggered_at_ms: c.view.triggered_at_ms,
+        duration_ms: c.view.duration_ms,
+        full_bytes: c.view.full_bytes,
+        incremental_bytes: c.view.incremental_bytes,
+    }
+}
+
+/// A checkpoint of the metadata, as listed in `eddy status`.
+pub fn record_view(job_id: &str, c: &CheckpointRecord) -> CheckpointView {
+    CheckpointView {
+        checkpoint_id: c.id,
+        kind: if c.savepoint { "savepoint" } else { "checkpoint" }.into(),
+        state: "completed".into(),
+        triggered_at_ms: c.triggered_at_ms,
+        duration_ms: c.duration_ms,
+        full_bytes: c.full_bytes,
+        incremental_bytes: c.incremental_bytes,
+        cause: String::new(),
+        savepoint_id: if c.savepoint { savepoint_id(job_id, c.id) } else { String::new() },
     }
 }
 

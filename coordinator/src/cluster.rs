@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use tonic::Status;
 use tracing::{info, warn};
 
+use crate::job::Orders;
 use crate::{now_ms, older_than_the_latest};
 
 /// Orders to one worker's control stream.
@@ -111,9 +112,17 @@ impl Cluster {
         true
     }
 
-    /// Sends `order` to `id` if it is alive; false if it is not, or its stream is full or closed.
-    pub fn send(&self, id: &str, order: CoordinatorMessage) -> bool {
-        self.live(id).is_some_and(|w| w.orders.try_send(Ok(order)).is_ok())
+    /// Sends each order to its worker if that is alive; the workers not reached (lost, or their
+    /// stream full or closed).
+    pub fn send_all(&self, orders: Orders) -> Vec<String> {
+        let mut unreached = Vec::new();
+        for (id, order) in orders {
+            let sent = self.live(&id).is_some_and(|w| w.orders.try_send(Ok(CoordinatorMessage { msg: Some(order) })).is_ok());
+            if !sent {
+                unreached.push(id);
+            }
+        }
+        unreached
     }
 
     /// Live workers.
@@ -222,6 +231,7 @@ mod tests {
         assert!(c.is_current("a", second));
         c.mark_lost("a", "silent");
         assert!(!c.touch("a", second) && !c.is_current("a", second));
-        assert!(!c.send("a", CoordinatorMessage { msg: None }));
+        let renew = Orders::to("a", eddy_proto::coordinator_message::Msg::Renew(eddy_proto::Renew {}));
+        assert_eq!(c.send_all(renew), ["a"], "a lost worker is sent nothing");
     }
 }

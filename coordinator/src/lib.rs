@@ -1,15 +1,20 @@
 //! Eddy's coordinator (a JobManager): accepts job specs, plans them, places their tasks on
 //! registered workers' slots, and follows them to the end.
 //!
-//! One task, [`actor::Coordinator`], owns all cluster state (workers, jobs, placements); the gRPC
-//! handlers in [`api`] only validate, convert, send it a request and await the reply. Workers keep
-//! one control stream each; heartbeats on it feed the failure detector.
+//! One task, [`actor::Coordinator`], owns all cluster state; the gRPC handlers in [`api`] only
+//! validate, convert, send it a request and await the reply. What it holds has a module each:
+//! the workers and their slots ([`cluster`]), each job's lifecycle and the orders it calls for
+//! ([`job`], [`state`]), checkpoint tracking ([`checkpoint`], [`manifest`]), the durable metadata
+//! as commands ([`meta`], replicated by [`raft`] across coordinators) and checkpoint files
+//! ([`store`]). Workers keep one control stream each; heartbeats on it feed the failure detector.
 
 pub mod actor;
 pub mod api;
 pub mod checkpoint;
 pub mod cluster;
 pub mod error;
+pub mod job;
+pub mod manifest;
 pub mod meta;
 pub mod raft;
 pub mod state;

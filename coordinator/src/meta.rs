@@ -180,6 +180,38 @@ pub trait MetaLog: Send {
     fn append(&mut self, command: &MetaCommand, state: &MetaState) -> Result<(), MetaError>;
 }
 
+/// The durable metadata as applied, and the log that makes each change durable: the one way the
+/// coordinator's loop changes it.
+pub struct Metadata {
+    pub state: MetaState,
+    /// `None`: nowhere (tests).
+    log: Option<Box<dyn MetaLog>>,
+}
+
+impl Metadata {
+    pub fn new(state: MetaState, log: Option<Box<dyn MetaLog>>) -> Metadata {
+        Metadata { state, log }
+    }
+
+    /// Applies `command` and makes it durable; false if it was refused (a bug: logged) or not
+    /// written (logged; the log catches up on its next write).
+    pub fn record(&mut self, command: MetaCommand) -> bool {
+        self.try_record(command).is_ok()
+    }
+
+    /// [`Metadata::record`], saying why not.
+    pub fn try_record(&mut self, command: MetaCommand) -> Result<(), MetaError> {
+        if let Err(e) = self.state.apply(&command) {
+            tracing::warn!(job_id = command.job_id(), error = %e, ?command, "metadata change refused");
+            return Err(e);
+        }
+        let Some(log) = &mut self.log else { return Ok(()) };
+        log.append(&command, &self.state).inspect_err(|e| {
+            tracing::warn!(error = %e, "cannot write job metadata; a coordinator restart would lose the latest changes");
+        })
+    }
+}
+
 /// A [`MetaLog`] in a data directory: `jobs.json` holds the state as of some command (written
 /// atomically: write, fsync, rename), `meta.log` the commands after it, one JSON line each with
 /// its index, appended and fsynced one by one. Once the log is long the state is written again and
