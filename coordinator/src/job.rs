@@ -666,3 +666,60 @@ pub fn task_state_name(s: TaskState) -> &'static str {
         TaskState::Cancelled => "cancelled",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::actor::tests::SPEC;
+
+    fn job() -> Job {
+        let plan = eddy_jobs::compile(SPEC).unwrap();
+        let mut job = Job::new("j", SPEC.into(), None, plan, &CoordinatorConfig::default(), Instant::now());
+        job.place_on(["a", "b", "a", "b"].map(String::from).to_vec());
+        job
+    }
+
+    fn update(task: &TaskId, state: TaskState) -> TaskUpdate {
+        TaskUpdate { job_id: "j".into(), attempt: 1, task_id: task.to_string(), state: state as i32, retryable: true, ..Default::default() }
+    }
+
+    /// Deploy sends each worker its own tasks with the whole placement; a stop goes once to each.
+    #[test]
+    fn deploy_and_stop_orders_go_to_the_placed_workers() {
+        let mut job = job();
+        let orders: Vec<(String, Order)> = job.deploy("/ckpt", |w| format!("{w}:1")).into_iter().collect();
+        assert_eq!(orders.iter().map(|(w, _)| w.as_str()).collect::<Vec<_>>(), ["a", "b"]);
+        for (worker, order) in &orders {
+            let Order::Deploy(d) = order else { panic!("{order:?}") };
+            let placed_here = job.tasks.iter().filter(|(_, r)| &r.worker_id == worker).map(|(t, _)| t.to_string());
+            assert_eq!(d.task_ids, placed_here.collect::<Vec<_>>());
+            assert!(d.task_ids.iter().all(|t| d.placement[t] == format!("{worker}:1")), "{d:?}");
+            assert_eq!(d.placement.len(), job.tasks.len());
+        }
+        let stops: Vec<String> = job.stop(true).into_iter().map(|(w, _)| w).collect();
+        assert_eq!(stops, ["a", "b"]);
+    }
+
+    /// Reports move the job: all running, then a failure asks for a restart; a report from a
+    /// worker the task is not placed on is ignored.
+    #[test]
+    fn reports_say_what_follows() {
+        let mut job = job();
+        assert!(job.move_to(JobState::Scheduling, "deploying"));
+        let tasks: Vec<(TaskId, String)> = job.tasks.iter().map(|(t, r)| (*t, r.worker_id.clone())).collect();
+        let (first, elsewhere) = (&tasks[0].0, if tasks[0].1 == "a" { "b" } else { "a" });
+        assert_eq!(job.report(elsewhere, &update(first, TaskState::Failed), *first, false), None, "fenced");
+        let mut next = None;
+        for (t, w) in &tasks {
+            next = job.report(w, &update(t, TaskState::Running), *t, false);
+        }
+        assert_eq!(next, Some(Next::Become(JobState::Running, format!("all {} tasks running", tasks.len()))));
+        job.move_to(JobState::Running, "all running");
+        let (t, w) = &tasks[1];
+        let next = job.report(w, &TaskUpdate { error: "boom".into(), ..update(t, TaskState::Failed) }, *t, false);
+        assert!(matches!(next, Some(Next::Restart { retryable: true, ref why }) if why.contains("boom")), "{next:?}");
+        // A heartbeat saying "running" does not undo the failure.
+        assert_eq!(job.report(w, &update(t, TaskState::Running), *t, true), None);
+        assert_eq!(job.tasks[t].state, TaskState::Failed);
+    }
+}
