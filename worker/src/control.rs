@@ -23,6 +23,7 @@ use eddy_proto::{CoordinatorMessage, DeployTasks, Heartbeat, Register, TaskMetri
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 use crate::checkpoint::{Storage, TaskCommand};
@@ -331,19 +332,16 @@ impl Control {
                 dir: self.config.state_dir.join(&d.job_id).join(d.attempt.to_string()).join(task.to_string()),
                 restore: restore.clone(),
                 released: released.clone(),
+                uploads: TaskTracker::new(),
             };
             let running = update(&d.job_id, d.attempt, task, TaskState::Running, String::new(), &metrics);
             let _ = self.reports.send(WorkerMessage { msg: Some(Report::TaskUpdate(running)) });
             let cancel = cancel.clone();
             let done = done.clone();
             let (job_id, attempt) = (d.job_id.clone(), d.attempt);
-            let dir = ctx.dir.clone();
+            let (dir, uploads) = (ctx.dir.clone(), ctx.uploads.clone());
             self.tasks.spawn(async move {
-                let result = run_guarded(task::run(ctx), &cancel).await;
-                if result.is_none() {
-                    // A cancelled task leaves its state and scratch files behind: remove them.
-                    let _ = tokio::fs::remove_dir_all(&dir).await;
-                }
+                let result = run_to_end(task::run(ctx), &cancel, &uploads, &dir).await;
                 // The control loop may be gone (shutdown); then nobody needs the report.
                 let _ = done.send(Finished { job_id, attempt, task, result }).await;
             });
@@ -403,6 +401,26 @@ fn update(job_id: &str, attempt: u64, task: TaskId, state: TaskState, error: Str
     }
 }
 
+/// How long an ended task's report waits for its checkpoints' uploads: as long as the
+/// coordinator waits for a checkpoint.
+const UPLOAD_WAIT: Duration = Duration::from_secs(60);
+
+/// Runs a task (see [`run_guarded`]), then waits for its checkpoints' uploads and removes its
+/// local files. The uploads end first: an end reported while one still wrote would let the
+/// coordinator delete a cancelled job's files before that upload landed, and it reads the files.
+async fn run_to_end<F>(run: F, cancel: &CancellationToken, uploads: &TaskTracker, dir: &std::path::Path) -> Option<crate::error::Result<()>>
+where
+    F: std::future::Future<Output = crate::error::Result<()>> + Send + 'static,
+{
+    let result = run_guarded(run, cancel).await;
+    uploads.close();
+    if tokio::time::timeout(UPLOAD_WAIT, uploads.wait()).await.is_err() {
+        warn!(dir = %dir.display(), "a checkpoint upload of an ended task still runs after {} s; reporting the end anyway", UPLOAD_WAIT.as_secs());
+    }
+    let _ = tokio::fs::remove_dir_all(dir).await;
+    result
+}
+
 /// Runs a task's future in a tokio task of its own until it ends or `cancel` fires (`None`). A
 /// panic in it fails the task with an internal error, so the coordinator restarts the job, rather
 /// than leaving a task that reports `Running` and does nothing.
@@ -446,5 +464,28 @@ mod tests {
         assert!(matches!(result, Some(Ok(()))));
         cancel.cancel();
         assert!(run_guarded(std::future::pending(), &cancel).await.is_none());
+    }
+
+    /// A task cancelled while one of its checkpoints uploads is reported stopped only once the
+    /// upload has landed (the coordinator then deletes the cancelled job's files, those too),
+    /// and its local files go after the upload read them.
+    #[tokio::test]
+    async fn a_cancelled_task_ends_after_its_uploads() {
+        let dir = crate::state::TempDir::new("uploads");
+        let (local, landed) = (dir.path().join("task"), dir.path().join("storage-file"));
+        std::fs::create_dir_all(&local).unwrap();
+        let uploads = TaskTracker::new();
+        let (from, to) = (local.join("scratch"), landed.clone());
+        std::fs::write(&from, b"state").unwrap();
+        uploads.spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            tokio::fs::copy(&from, &to).await.expect("the upload reads the task's files");
+        });
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let result = run_to_end(std::future::pending(), &cancel, &uploads, &local).await;
+        assert!(result.is_none(), "cancelled");
+        assert!(landed.exists(), "the upload landed before the end was reported");
+        assert!(!local.exists(), "the task's local files are gone");
     }
 }

@@ -21,6 +21,7 @@ use eddy_proto::worker_message::Msg as Report;
 use eddy_proto::{CheckpointAck, CheckpointManifest, TaskSnapshot, WorkerMessage};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
 
 use crate::batch::{Batch, Message};
 use crate::checkpoint::{self, Aligner, Offer, Storage, TaskCommand, Uploader};
@@ -129,6 +130,9 @@ pub struct TaskContext {
     pub restore: Option<Arc<CheckpointManifest>>,
     /// Set when the job is cancelled for good (see `ConnectorContext::released`).
     pub released: Arc<AtomicBool>,
+    /// The uploads of the task's checkpoints, which run on beside it and may outlive it: whoever
+    /// reports the task's end waits for them first.
+    pub uploads: TaskTracker,
 }
 
 enum Tail {
@@ -154,6 +158,7 @@ struct Checkpoints {
     attempt: u64,
     task: TaskId,
     dir: PathBuf,
+    uploads: TaskTracker,
 }
 
 impl Chain {
@@ -302,7 +307,7 @@ impl Chain {
         };
         tracing::debug!(job_id = %c.job_id, task = %c.task, checkpoint = id, sync_ms = started.elapsed().as_millis() as u64, "snapshot taken");
         let (uploader, reports) = (c.uploader.clone(), c.reports.clone());
-        tokio::spawn(async move {
+        c.uploads.spawn(async move {
             let result = match failure {
                 Some(e) => Err(e),
                 None => uploader.upload(id, snapshots).await,
@@ -330,12 +335,10 @@ impl Chain {
     }
 }
 
-/// Runs a task until its input ends (`Ok`) or it fails, then removes its local files.
+/// Runs a task until its input ends (`Ok`) or it fails. Its local files stay for the uploads
+/// still reading them ([`TaskContext::uploads`]); the caller removes them once those are done.
 pub async fn run(mut ctx: TaskContext) -> Result<()> {
-    let dir = ctx.dir.clone();
-    let result = run_task(&mut ctx).await;
-    let _ = tokio::fs::remove_dir_all(&dir).await;
-    result
+    run_task(&mut ctx).await
 }
 
 /// The earlier subtasks that stored state for operator `op`, with the key groups they owned.
@@ -445,6 +448,7 @@ async fn run_task(ctx: &mut TaskContext) -> Result<()> {
         attempt: ctx.attempt,
         task: ctx.task,
         dir: ctx.dir.clone(),
+        uploads: ctx.uploads.clone(),
     });
     let mut chain = Chain { ops, op_indices, sink_index, tail, metrics: ctx.metrics.clone(), checkpoints };
     match source {
