@@ -216,6 +216,30 @@ fn windows_wait_for_a_stalled_ingest_and_close_on_a_quiet_database() -> Result<(
 /// Redis and then ClickHouse are stopped while events flow, each until `eddy status` shows its
 /// sink retrying with the cause for 10 s, then started again: nothing is lost, the cause goes away,
 /// and the outcomes end exactly as without the outage.
+/// `eddy cancel` of the ingest job while none of its tasks runs (every worker killed, so it waits
+/// between attempts for slots): no task is left to drop its replication slot, so the coordinator
+/// drops it, as the cancel asked, instead of leaving it to hold WAL on the server.
+#[test]
+fn cancelling_an_ingest_job_between_attempts_drops_its_slot() -> Result<()> {
+    let mut p = Pipeline::start("slotdrop")?;
+    let ingest = p.run_with("ingest.toml", &[])?;
+    let slot_exists = |p: &Pipeline| -> Result<bool> {
+        let sql = format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", p.name);
+        Ok(!p.services.psql(&p.pg_url, &sql)?.trim().is_empty())
+    };
+    ensure!(slot_exists(&p)?, "the running ingest job has its slot");
+    let workers: Vec<String> = p.cluster.workers.iter().map(|(id, _)| id.clone()).collect();
+    for w in &workers {
+        p.cluster.kill_worker(w)?;
+    }
+    p.cluster.wait_state(&ingest, "restarting", Duration::from_secs(30))?;
+    let out = p.cluster.eddy(&["cancel", &ingest])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.success() && !stderr.contains("warning"), "cancel: {stderr}");
+    ensure!(!slot_exists(&p)?, "slot {} is still there after the cancel", p.name);
+    Ok(())
+}
+
 #[test]
 fn pipeline_rides_out_clickhouse_and_redis_outages() -> Result<()> {
     let p = Pipeline::start("outage")?;

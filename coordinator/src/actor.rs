@@ -33,6 +33,7 @@ use crate::error::CoordinatorError;
 use crate::job::{AfterSavepoint, Job, Next, Orders, SavepointDone, SavepointWaiter, ADOPT_WAIT};
 use crate::manifest::{describe, state_for_plan};
 use crate::meta::{MetaCommand, MetaLog, MetaState, Metadata};
+use crate::slots;
 use crate::state::JobState;
 use crate::store::{CheckpointStore, JobRecord};
 use crate::{now_ms, older_than_the_latest, CoordinatorConfig};
@@ -462,9 +463,19 @@ impl Coordinator {
                 let status = self.jobs.get(&job_id).map(Job::status).ok_or(CoordinatorError::NoSuchJob(job_id));
                 let _ = reply.send(status);
             }
-            Request::Cancel { job_id, release, reply } => {
-                let _ = reply.send(self.cancel(&job_id, release));
-            }
+            Request::Cancel { job_id, release, reply } => match self.cancel(&job_id, release) {
+                Ok((response, left)) if !left.is_empty() => {
+                    // Dropped off the loop (a worker cut off may hold a slot until its lease
+                    // ends); the answer says how that went.
+                    tokio::spawn(async move {
+                        let warning = slots::drop_all(left, ADOPT_WAIT).await;
+                        let _ = reply.send(Ok(CancelResponse { warning, ..response }));
+                    });
+                }
+                result => {
+                    let _ = reply.send(result.map(|(response, _)| response));
+                }
+            },
             Request::ListWorkers { reply } => {
                 let _ = reply.send(self.cluster.views(self.held_slots()));
             }
@@ -663,7 +674,10 @@ impl Coordinator {
         self.transition(job_id, JobState::Failed, why);
     }
 
-    fn cancel(&mut self, job_id: &str, release: bool) -> Result<CancelResponse, CoordinatorError> {
+    /// Cancels a job: the answer, and the replication slots no task of the job runs to drop (with
+    /// `release`, when the job is between attempts or a worker of it was lost), which the caller
+    /// drops instead.
+    fn cancel(&mut self, job_id: &str, release: bool) -> Result<(CancelResponse, Vec<(String, String)>), CoordinatorError> {
         let job = self.jobs.get(job_id).ok_or_else(|| CoordinatorError::NoSuchJob(job_id.into()))?;
         let state = job.state;
         if state.is_terminal() {
@@ -676,12 +690,9 @@ impl Coordinator {
             )));
         }
         // A replication slot is dropped by the task reading it; with none running (between two
-        // attempts, or on a worker lost) it stays, holding WAL on the server: say so, and how.
+        // attempts, or on a worker lost) nobody would, and it would hold WAL on the server.
         let unreachable = state == JobState::Restarting || job.slots.iter().any(|w| self.cluster.live(w).is_none());
-        let warning = if release && unreachable { job.slots_left_behind() } else { String::new() };
-        if !warning.is_empty() {
-            warn!(job_id, "{warning}");
-        }
+        let left = if release && unreachable { slots::of(&job.plan) } else { Vec::new() };
         if state == JobState::Restarting {
             // Nothing runs between two attempts.
             self.transition(job_id, JobState::Cancelling, "cancel requested");
@@ -695,7 +706,7 @@ impl Coordinator {
             }
         }
         let state = self.jobs.get(job_id).map(|j| j.state).unwrap_or(JobState::Cancelled);
-        Ok(CancelResponse { state: state.to_string(), warning })
+        Ok((CancelResponse { state: state.to_string(), warning: String::new() }, left))
     }
 
     /// Moves the job to `to` and records it; a job that ends for good releases its checkpoints,
@@ -1050,19 +1061,21 @@ connector = "discard"
         assert!(cause.starts_with("worker b lost: control stream broke (first seen as: task 0.0 failed"), "{cause}");
     }
 
-    /// `eddy cancel` of the ingest job between two attempts: no task runs to drop its
-    /// replication slot, so the answer says the slot stays and how to drop it. While its tasks
-    /// run, they drop it, and nothing is said.
-    #[test]
-    fn a_cancel_that_reaches_no_task_says_which_slot_it_left_behind() {
-        let ingest = eddy_jobs::substitute_env(include_str!("../../jobs/specs/ingest.toml"), |_| None).unwrap();
+    /// A cancel that reaches no running task (its worker lost, the job between attempts) leaves
+    /// no task to drop the job's replication slot: the coordinator drops it, and when it cannot
+    /// (here no database answers) the answer says the slot stays and how to drop it. While its
+    /// tasks run, they drop it, and nothing is said.
+    #[tokio::test]
+    async fn a_cancel_that_reaches_no_task_drops_the_slot_or_says_it_stays() {
+        let no_database = |k: &str| (k == "EDDY_PG_URL").then(|| "postgres://eddy@127.0.0.1:1/eddy".to_string());
+        let ingest = eddy_jobs::substitute_env(include_str!("../../jobs/specs/ingest.toml"), no_database).unwrap();
         let mut h = Harness::new();
         h.register("a", 8);
-        let cancel = |h: &mut Harness, job: &str, release: bool| {
-            let (reply, mut rx) = oneshot::channel();
+        async fn cancel(h: &mut Harness, job: &str, release: bool) -> CancelResponse {
+            let (reply, rx) = oneshot::channel();
             h.coordinator.handle(Request::Cancel { job_id: job.into(), release, reply });
-            rx.try_recv().unwrap().unwrap()
-        };
+            rx.await.unwrap().unwrap()
+        }
         let job = h.submit(&ingest).unwrap();
         let tasks = h.deployed("a")[0].task_ids.clone();
         for t in &tasks {
@@ -1072,24 +1085,25 @@ connector = "discard"
         let session = h.sessions["a"];
         h.coordinator.handle(Request::Disconnected { worker_id: "a".into(), session, cause: "killed".into() });
         assert_eq!(h.state(&job), JobState::Restarting);
-        let r = cancel(&mut h, &job, true);
+        let r = cancel(&mut h, &job, true).await;
         assert_eq!(r.state, "cancelled");
         assert!(
-            r.warning.contains("eddy_ingest") && r.warning.contains("SELECT pg_drop_replication_slot('eddy_ingest');"),
+            r.warning.contains("slot eddy_ingest not dropped (cannot connect")
+                && r.warning.contains("SELECT pg_drop_replication_slot('eddy_ingest');"),
             "{}",
             r.warning
         );
 
         h.register("b", 8);
         let kept = h.submit(&ingest).unwrap();
-        assert_eq!(cancel(&mut h, &kept, false).warning, "", "--keep-slot keeps it on purpose");
+        assert_eq!(cancel(&mut h, &kept, false).await.warning, "", "--keep-slot keeps it on purpose");
         let running = h.submit(&ingest).unwrap();
         for d in h.deployed("b").iter().filter(|d| d.job_id == running) {
             for t in &d.task_ids {
                 h.report("b", &running, 1, t, TaskState::Running);
             }
         }
-        assert_eq!(cancel(&mut h, &running, true).warning, "", "its running source drops the slot");
+        assert_eq!(cancel(&mut h, &running, true).await.warning, "", "its running source drops the slot");
     }
 
     #[test]

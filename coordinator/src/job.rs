@@ -10,8 +10,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use eddy_jobs::connectors::SourceConnector;
-use eddy_jobs::plan::OperatorKind;
 use eddy_jobs::{Plan, TaskId};
 use eddy_proto::coordinator_message::Msg as Order;
 use eddy_proto::{
@@ -588,29 +586,6 @@ impl Job {
         } else {
             SharedGc::Keep
         }
-    }
-
-    /// What a cancel that reaches no running task leaves upstream: the plan's replication slots,
-    /// with how to drop them (empty when it has none).
-    pub fn slots_left_behind(&self) -> String {
-        let slots: Vec<&str> = self
-            .plan
-            .operators
-            .iter()
-            .filter_map(|o| match &o.kind {
-                OperatorKind::Source { connector: SourceConnector::PostgresCdc(c), .. } => Some(c.slot.as_str()),
-                _ => None,
-            })
-            .collect();
-        if slots.is_empty() {
-            return String::new();
-        }
-        let drops: Vec<String> = slots.iter().map(|s| format!("SELECT pg_drop_replication_slot('{s}');")).collect();
-        format!(
-            "replication slot {} not dropped: no task of the job was running to drop it, and a slot nobody reads holds WAL on the server; once no job resumes from it, run {}",
-            slots.join(", "),
-            drops.join(" ")
-        )
     }
 
     /// One line about it, for `eddy jobs`.

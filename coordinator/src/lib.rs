@@ -17,6 +17,7 @@ pub mod job;
 pub mod manifest;
 pub mod meta;
 pub mod raft;
+pub mod slots;
 pub mod state;
 pub mod store;
 
