@@ -213,9 +213,6 @@ fn windows_wait_for_a_stalled_ingest_and_close_on_a_quiet_database() -> Result<(
     Ok(())
 }
 
-/// Redis and then ClickHouse are stopped while events flow, each until `eddy status` shows its
-/// sink retrying with the cause for 10 s, then started again: nothing is lost, the cause goes away,
-/// and the outcomes end exactly as without the outage.
 /// `eddy cancel` of the ingest job while none of its tasks runs (every worker killed, so it waits
 /// between attempts for slots): no task is left to drop its replication slot, so the coordinator
 /// drops it, as the cancel asked, instead of leaving it to hold WAL on the server.
@@ -240,6 +237,9 @@ fn cancelling_an_ingest_job_between_attempts_drops_its_slot() -> Result<()> {
     Ok(())
 }
 
+/// Redis and then ClickHouse are stopped while events flow, each until `eddy status` shows its
+/// sink retrying with the cause for 10 s, then started again: nothing is lost, the cause goes away,
+/// and the outcomes end exactly as without the outage.
 #[test]
 fn pipeline_rides_out_clickhouse_and_redis_outages() -> Result<()> {
     let p = Pipeline::start("outage")?;

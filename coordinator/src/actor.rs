@@ -692,7 +692,11 @@ impl Coordinator {
         // A replication slot is dropped by the task reading it; with none running (between two
         // attempts, or on a worker lost) nobody would, and it would hold WAL on the server.
         let unreachable = state == JobState::Restarting || job.slots.iter().any(|w| self.cluster.live(w).is_none());
-        let left = if release && unreachable { slots::of(&job.plan) } else { Vec::new() };
+        let mut left = if release && unreachable { slots::of(&job.plan) } else { Vec::new() };
+        // A slot another live job names (one that resumed from it) is that job's to keep.
+        let others: Vec<(String, String)> =
+            self.jobs.values().filter(|j| j.id != job_id && !j.state.is_terminal()).flat_map(|j| slots::of(&j.plan)).collect();
+        left.retain(|s| !others.contains(s));
         if state == JobState::Restarting {
             // Nothing runs between two attempts.
             self.transition(job_id, JobState::Cancelling, "cancel requested");
@@ -1104,6 +1108,34 @@ connector = "discard"
             }
         }
         assert_eq!(cancel(&mut h, &running, true).await.warning, "", "its running source drops the slot");
+    }
+
+    /// A slot that another live job names (one that resumed from it) is never dropped by the
+    /// cancel of a job between attempts: it is that job's.
+    #[tokio::test]
+    async fn a_cancel_keeps_a_slot_another_live_job_reads() {
+        let no_database = |k: &str| (k == "EDDY_PG_URL").then(|| "postgres://eddy@127.0.0.1:1/eddy".to_string());
+        let ingest = eddy_jobs::substitute_env(include_str!("../../jobs/specs/ingest.toml"), no_database).unwrap();
+        let mut h = Harness::new();
+        h.register("a", 8);
+        let old = h.submit(&ingest).unwrap();
+        h.register("b", 8);
+        let live = h.submit(&ingest).unwrap();
+        for (worker, job) in [("a", &old), ("b", &live)] {
+            for d in h.deployed(worker) {
+                for t in &d.task_ids {
+                    h.report(worker, job, 1, t, TaskState::Running);
+                }
+            }
+        }
+        let session = h.sessions["a"];
+        h.coordinator.handle(Request::Disconnected { worker_id: "a".into(), session, cause: "killed".into() });
+        assert_eq!(h.state(&old), JobState::Restarting);
+        assert_eq!(h.state(&live), JobState::Running);
+        let (reply, rx) = oneshot::channel();
+        h.coordinator.handle(Request::Cancel { job_id: old.clone(), release: true, reply });
+        let r = rx.await.unwrap().unwrap();
+        assert_eq!((r.state.as_str(), r.warning.as_str()), ("cancelled", ""), "no drop tried: the live job's slot");
     }
 
     #[test]

@@ -4,13 +4,16 @@
 
 use std::time::Duration;
 
-use eddy_jobs::connectors::{redact_url, SourceConnector};
+use eddy_jobs::connectors::SourceConnector;
 use eddy_jobs::plan::OperatorKind;
 use eddy_jobs::Plan;
 use tokio::time::Instant;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
+use tokio_postgres::{Client, NoTls};
 use tracing::{info, warn};
+
+/// How long connecting, or one statement, may take.
+const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A plan's replication slots: (database URL, slot name).
 pub fn of(plan: &Plan) -> Vec<(String, String)> {
@@ -23,19 +26,22 @@ pub fn of(plan: &Plan) -> Vec<(String, String)> {
         .collect()
 }
 
-/// Drops each slot, waiting up to `wait` while a session still reads one (a task on a worker cut
-/// off from the coordinator runs until its lease ends). Returns a warning naming the slots it
-/// could not drop, with why and how to drop them by hand; empty when all are gone.
+/// Drops each slot. A session still reading one is waited for up to `wait` (a task on a worker
+/// cut off from the coordinator runs until its lease ends), then ended: by then no task of the
+/// job runs, so it is a connection whose host vanished, which the server would only notice after
+/// its `wal_sender_timeout`. Returns a warning naming the slots it could not drop, with why and
+/// how to drop them by hand; empty when all are gone.
 pub async fn drop_all(slots: Vec<(String, String)>, wait: Duration) -> String {
     let mut left = Vec::new();
     for (url, slot) in slots {
-        match drop_one(&url, &slot, wait).await {
-            Ok(()) => info!(slot, "dropped the cancelled job's replication slot"),
+        let dropped = tokio::time::timeout(wait + 3 * STATEMENT_TIMEOUT, drop_one(&url, &slot, wait)).await;
+        match dropped.unwrap_or_else(|_| Err("the database did not answer in time".into())) {
+            Ok(true) => info!(slot, "dropped the cancelled job's replication slot"),
+            Ok(false) => info!(slot, "the cancelled job's replication slot was not there"),
             Err(e) => {
                 warn!(slot, error = %e, "cannot drop the cancelled job's replication slot");
                 left.push(format!(
-                    "replication slot {slot} not dropped ({e}); a slot nobody reads holds WAL on the server: once no job resumes from it, run SELECT pg_drop_replication_slot('{slot}'); on {}",
-                    redact_url(&url)
+                    "replication slot {slot} not dropped ({e}); a slot nobody reads holds WAL on the server: once no job resumes from it, run SELECT pg_drop_replication_slot('{slot}'); on the job's database"
                 ));
             }
         }
@@ -43,19 +49,35 @@ pub async fn drop_all(slots: Vec<(String, String)>, wait: Duration) -> String {
     left.join("; ")
 }
 
-async fn drop_one(url: &str, slot: &str, wait: Duration) -> Result<(), String> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls).await.map_err(|e| format!("cannot connect: {e}"))?;
+/// Whether the slot was there to drop.
+async fn drop_one(url: &str, slot: &str, wait: Duration) -> Result<bool, String> {
+    let connected = tokio::time::timeout(STATEMENT_TIMEOUT, tokio_postgres::connect(url, NoTls)).await;
+    let (client, connection) =
+        connected.map_err(|_| "cannot connect: timed out".to_string())?.map_err(|e| format!("cannot connect: {e}"))?;
     tokio::spawn(connection);
-    let deadline = Instant::now() + wait;
+    let mut deadline = Instant::now() + wait;
+    let mut ended_its_reader = false;
     loop {
-        let dropped =
-            client.query("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&slot]).await;
-        match dropped {
-            Ok(_) => return Ok(()),
+        let sql = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1";
+        match client.query(sql, &[&slot]).await {
+            Ok(rows) => return Ok(!rows.is_empty()),
             Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && !ended_its_reader => {
+                end_reader(&client, slot).await?;
+                ended_its_reader = true;
+                deadline = Instant::now() + Duration::from_secs(5);
             }
             Err(e) => return Err(e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())),
         }
     }
+}
+
+/// Ends the session still reading `slot`.
+async fn end_reader(client: &Client, slot: &str) -> Result<(), String> {
+    warn!(slot, "a session still reads the cancelled job's replication slot after the workers' lease; ending it");
+    let sql = "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1 AND active";
+    client.query(sql, &[&slot]).await.map_err(|e| format!("cannot end the session reading it: {e}"))?;
+    Ok(())
 }

@@ -405,19 +405,29 @@ fn update(job_id: &str, attempt: u64, task: TaskId, state: TaskState, error: Str
 /// coordinator waits for a checkpoint.
 const UPLOAD_WAIT: Duration = Duration::from_secs(60);
 
-/// Runs a task (see [`run_guarded`]), then waits for its checkpoints' uploads and removes its
-/// local files. The uploads end first: an end reported while one still wrote would let the
-/// coordinator delete a cancelled job's files before that upload landed, and it reads the files.
+/// Runs a task (see [`run_guarded`]), then removes its local files once its checkpoints' uploads
+/// end. A task that stopped (cancelled) or finished is reported only then: an end reported while an
+/// upload still wrote would let the coordinator delete a cancelled job's files before that upload
+/// landed. A failure is reported at once (its siblings stop, the job restarts with its cause); the
+/// failed attempt's uploads are left to end on their own.
 async fn run_to_end<F>(run: F, cancel: &CancellationToken, uploads: &TaskTracker, dir: &std::path::Path) -> Option<crate::error::Result<()>>
 where
     F: std::future::Future<Output = crate::error::Result<()>> + Send + 'static,
 {
     let result = run_guarded(run, cancel).await;
     uploads.close();
-    if tokio::time::timeout(UPLOAD_WAIT, uploads.wait()).await.is_err() {
-        warn!(dir = %dir.display(), "a checkpoint upload of an ended task still runs after {} s; reporting the end anyway", UPLOAD_WAIT.as_secs());
+    let (uploads, dir) = (uploads.clone(), dir.to_path_buf());
+    let cleanup = async move {
+        if tokio::time::timeout(UPLOAD_WAIT, uploads.wait()).await.is_err() {
+            warn!(dir = %dir.display(), "a checkpoint upload of an ended task still runs after {} s; going on without it", UPLOAD_WAIT.as_secs());
+        }
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+    };
+    if matches!(result, Some(Err(_))) {
+        tokio::spawn(cleanup);
+    } else {
+        cleanup.await;
     }
-    let _ = tokio::fs::remove_dir_all(dir).await;
     result
 }
 
@@ -487,5 +497,15 @@ mod tests {
         assert!(result.is_none(), "cancelled");
         assert!(landed.exists(), "the upload landed before the end was reported");
         assert!(!local.exists(), "the task's local files are gone");
+
+        // A failure is reported at once, upload or not: its siblings stop and the job restarts.
+        std::fs::create_dir_all(&local).unwrap();
+        let uploads = TaskTracker::new();
+        uploads.spawn(tokio::time::sleep(Duration::from_secs(30)));
+        let failing = async { Err(crate::error::TaskError::user("bad row")) };
+        let started = std::time::Instant::now();
+        let result = run_to_end(failing, &CancellationToken::new(), &uploads, &local).await;
+        assert!(matches!(result, Some(Err(_))));
+        assert!(started.elapsed() < Duration::from_secs(5), "a failure waited {:?} for an upload", started.elapsed());
     }
 }
