@@ -1065,14 +1065,19 @@ connector = "discard"
         assert!(cause.starts_with("worker b lost: control stream broke (first seen as: task 0.0 failed"), "{cause}");
     }
 
+    /// The shipped ingest spec, its database at a port where none answers.
+    fn ingest_without_database() -> String {
+        let no_database = |k: &str| (k == "EDDY_PG_URL").then(|| "postgres://eddy@127.0.0.1:1/eddy".to_string());
+        eddy_jobs::substitute_env(include_str!("../../jobs/specs/ingest.toml"), no_database).unwrap()
+    }
+
     /// A cancel that reaches no running task (its worker lost, the job between attempts) leaves
     /// no task to drop the job's replication slot: the coordinator drops it, and when it cannot
     /// (here no database answers) the answer says the slot stays and how to drop it. While its
     /// tasks run, they drop it, and nothing is said.
     #[tokio::test]
     async fn a_cancel_that_reaches_no_task_drops_the_slot_or_says_it_stays() {
-        let no_database = |k: &str| (k == "EDDY_PG_URL").then(|| "postgres://eddy@127.0.0.1:1/eddy".to_string());
-        let ingest = eddy_jobs::substitute_env(include_str!("../../jobs/specs/ingest.toml"), no_database).unwrap();
+        let ingest = ingest_without_database();
         let mut h = Harness::new();
         h.register("a", 8);
         async fn cancel(h: &mut Harness, job: &str, release: bool) -> CancelResponse {
@@ -1114,8 +1119,7 @@ connector = "discard"
     /// cancel of a job between attempts: it is that job's.
     #[tokio::test]
     async fn a_cancel_keeps_a_slot_another_live_job_reads() {
-        let no_database = |k: &str| (k == "EDDY_PG_URL").then(|| "postgres://eddy@127.0.0.1:1/eddy".to_string());
-        let ingest = eddy_jobs::substitute_env(include_str!("../../jobs/specs/ingest.toml"), no_database).unwrap();
+        let ingest = ingest_without_database();
         let mut h = Harness::new();
         h.register("a", 8);
         let old = h.submit(&ingest).unwrap();

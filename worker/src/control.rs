@@ -11,6 +11,7 @@
 //! completions to every task; tasks send their acks on the same stream themselves.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -341,7 +342,7 @@ impl Control {
             let (job_id, attempt) = (d.job_id.clone(), d.attempt);
             let (dir, uploads) = (ctx.dir.clone(), ctx.uploads.clone());
             self.tasks.spawn(async move {
-                let result = run_to_end(task::run(ctx), &cancel, &uploads, &dir).await;
+                let result = run_to_end(task::run(ctx), &cancel, uploads, dir).await;
                 // The control loop may be gone (shutdown); then nobody needs the report.
                 let _ = done.send(Finished { job_id, attempt, task, result }).await;
             });
@@ -410,13 +411,12 @@ const UPLOAD_WAIT: Duration = Duration::from_secs(60);
 /// upload still wrote would let the coordinator delete a cancelled job's files before that upload
 /// landed. A failure is reported at once (its siblings stop, the job restarts with its cause); the
 /// failed attempt's uploads are left to end on their own.
-async fn run_to_end<F>(run: F, cancel: &CancellationToken, uploads: &TaskTracker, dir: &std::path::Path) -> Option<crate::error::Result<()>>
+async fn run_to_end<F>(run: F, cancel: &CancellationToken, uploads: TaskTracker, dir: PathBuf) -> Option<crate::error::Result<()>>
 where
     F: std::future::Future<Output = crate::error::Result<()>> + Send + 'static,
 {
     let result = run_guarded(run, cancel).await;
     uploads.close();
-    let (uploads, dir) = (uploads.clone(), dir.to_path_buf());
     let cleanup = async move {
         if tokio::time::timeout(UPLOAD_WAIT, uploads.wait()).await.is_err() {
             warn!(dir = %dir.display(), "a checkpoint upload of an ended task still runs after {} s; going on without it", UPLOAD_WAIT.as_secs());
@@ -493,7 +493,7 @@ mod tests {
         });
         let cancel = CancellationToken::new();
         cancel.cancel();
-        let result = run_to_end(std::future::pending(), &cancel, &uploads, &local).await;
+        let result = run_to_end(std::future::pending(), &cancel, uploads, local.clone()).await;
         assert!(result.is_none(), "cancelled");
         assert!(landed.exists(), "the upload landed before the end was reported");
         assert!(!local.exists(), "the task's local files are gone");
@@ -504,7 +504,7 @@ mod tests {
         uploads.spawn(tokio::time::sleep(Duration::from_secs(30)));
         let failing = async { Err(crate::error::TaskError::user("bad row")) };
         let started = std::time::Instant::now();
-        let result = run_to_end(failing, &CancellationToken::new(), &uploads, &local).await;
+        let result = run_to_end(failing, &CancellationToken::new(), uploads, local).await;
         assert!(matches!(result, Some(Err(_))));
         assert!(started.elapsed() < Duration::from_secs(5), "a failure waited {:?} for an upload", started.elapsed());
     }

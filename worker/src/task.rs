@@ -335,12 +335,6 @@ impl Chain {
     }
 }
 
-/// Runs a task until its input ends (`Ok`) or it fails. Its local files stay for the uploads
-/// still reading them ([`TaskContext::uploads`]); the caller removes them once those are done.
-pub async fn run(mut ctx: TaskContext) -> Result<()> {
-    run_task(&mut ctx).await
-}
-
 /// The earlier subtasks that stored state for operator `op`, with the key groups they owned.
 /// Operators are matched by their index in the plan, which a change of parallelism keeps (unlike
 /// the chaining of operators into tasks).
@@ -359,7 +353,10 @@ fn earlier_snapshots(manifest: &CheckpointManifest, op: usize, max_parallelism: 
     out
 }
 
-async fn run_task(ctx: &mut TaskContext) -> Result<()> {
+/// Runs a task until its input ends (`Ok`) or it fails. Its local files stay for the uploads
+/// still reading them ([`TaskContext::uploads`]); the caller removes them once those are done.
+pub async fn run(mut ctx: TaskContext) -> Result<()> {
+    let ctx = &mut ctx;
     let plan = ctx.plan.clone();
     let vertex = &plan.vertices[ctx.task.vertex];
     let key_groups = key_group_range(ctx.task.subtask, plan.max_parallelism, vertex.parallelism);
