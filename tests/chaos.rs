@@ -277,7 +277,10 @@ struct RestoreServices;
 
 impl Drop for RestoreServices {
     fn drop(&mut self) {
-        let _ = Command::new(repo_root().join("scripts/services.sh")).args(["start", "postgres", "redis", "clickhouse"]).stdin(Stdio::null()).status();
+        let _ = Command::new(repo_root().join("scripts/services.sh"))
+            .args(["start", "postgres", "redis", "clickhouse"])
+            .stdin(Stdio::null())
+            .status();
     }
 }
 
@@ -300,8 +303,21 @@ fn write(pg_url: String, seed: u64, rate: u64, until: Instant, old_before: Strin
         // A handful of seeds: the catalogue stays small (six times 20 content rows).
         let data_seed = (seed % 1000) * 10 + rng.between(0..6);
         let args = [
-            "--contents", "20", "--rate", &rate.to_string(), "--seconds", &seconds, "--seed", &data_seed.to_string(),
-            "--updates-pct", "10", "--deletes-pct", "5", "--unknown-pct", "5", "--no-schema",
+            "--contents",
+            "20",
+            "--rate",
+            &rate.to_string(),
+            "--seconds",
+            &seconds,
+            "--seed",
+            &data_seed.to_string(),
+            "--updates-pct",
+            "10",
+            "--deletes-pct",
+            "5",
+            "--unknown-pct",
+            "5",
+            "--no-schema",
         ];
         let out = Command::new(bin("eddy-datagen")).args(["--pg-url", &pg_url]).args(args).output();
         w.chunks += 1;
@@ -318,7 +334,10 @@ fn write(pg_url: String, seed: u64, rate: u64, until: Instant, old_before: Strin
             }
             Ok(out) => {
                 w.failed_chunks += 1;
-                eprintln!("chaos writer: a data generator run failed (PostgreSQL restarting?): {}", String::from_utf8_lossy(&out.stderr).trim());
+                eprintln!(
+                    "chaos writer: a data generator run failed (PostgreSQL restarting?): {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
                 // Wait for the database (bounded: the restart takes seconds).
                 let back = Instant::now() + Duration::from_secs(120);
                 while psql("SELECT 1").is_none() && Instant::now() < back {
@@ -414,7 +433,21 @@ fn chaos_run_keeps_every_outcome_exact() -> Result<()> {
     for k in 0..6 {
         let data_seed = (seed % 1000) * 10 + k;
         let seed_arg = data_seed.to_string();
-        let args = ["--contents", "20", "--count", "1", "--rate", "1000", "--seed", &seed_arg, "--updates-pct", "0", "--deletes-pct", "0", "--no-schema"];
+        let args = [
+            "--contents",
+            "20",
+            "--count",
+            "1",
+            "--rate",
+            "1000",
+            "--seed",
+            &seed_arg,
+            "--updates-pct",
+            "0",
+            "--deletes-pct",
+            "0",
+            "--no-schema",
+        ];
         c.p.datagen(&args)?;
     }
     let start_s: f64 = c.sql("SELECT extract(epoch FROM now())")?.trim().parse()?;
@@ -448,7 +481,11 @@ fn chaos_run_keeps_every_outcome_exact() -> Result<()> {
         Ok(done_at_kill >= threshold)
     })?;
     let status = c.p.cluster.status(&c.ingest)?;
-    let cdc = status["tasks"].as_array().context("tasks")?.iter().find(|t| t["operators"].as_str().is_some_and(|o| o.contains("engagement_events")));
+    let cdc = status["tasks"]
+        .as_array()
+        .context("tasks")?
+        .iter()
+        .find(|t| t["operators"].as_str().is_some_and(|o| o.contains("engagement_events")));
     let cdc = cdc.and_then(|t| t["worker_id"].as_str()).context("the CDC task")?.to_string();
     c.kill(&cdc, &format!("runs the CDC source, {done_at_kill} of {prefill} snapshot rows read"))?;
     if done_at_kill >= prefill as i64 {
@@ -560,7 +597,10 @@ fn chaos_run_keeps_every_outcome_exact() -> Result<()> {
     for (id, versions) in &received {
         let times = writes.get(id).copied().unwrap_or(0);
         if versions.len() as u64 > times {
-            c.mismatch(format!("external: event {id} arrived under {} versions {versions:?}, but PostgreSQL wrote it {times} times", versions.len()));
+            c.mismatch(format!(
+                "external: event {id} arrived under {} versions {versions:?}, but PostgreSQL wrote it {times} times",
+                versions.len()
+            ));
         }
         if let Some(row) = outcomes.clickhouse.get(id) {
             let held = num(&row["version"]).map(|v| v as u64);

@@ -11,7 +11,22 @@ use eddy_tests::{check_outcomes, check_outcomes_within, datagen_summary, externa
 fn engagement_pipeline_matches_postgres() -> Result<()> {
     let p = Pipeline::start("pipeline")?;
     // Rows that exist before the ingest job starts: read by its snapshot.
-    let before = p.datagen(&["--contents", "40", "--count", "1500", "--rate", "5000", "--seed", "1", "--unknown-pct", "5", "--updates-pct", "0", "--deletes-pct", "0"])?;
+    let before = p.datagen(&[
+        "--contents",
+        "40",
+        "--count",
+        "1500",
+        "--rate",
+        "5000",
+        "--seed",
+        "1",
+        "--unknown-pct",
+        "5",
+        "--updates-pct",
+        "0",
+        "--deletes-pct",
+        "0",
+    ])?;
     let ingest = p.run_with("ingest.toml", &[])?;
     p.cluster.wait(Duration::from_secs(60), "the snapshot to finish", |_| {
         Ok(p.gauge(&ingest, "snapshot_rows_done")? == Some(before["inserted"] as i64))
@@ -19,8 +34,20 @@ fn engagement_pipeline_matches_postgres() -> Result<()> {
     p.run_with("process.toml", &[])?;
     // Rows written while both jobs run, with updates, deletes and unknown content.
     let during = p.datagen(&[
-        "--contents", "40", "--count", "2500", "--rate", "1000", "--seed", "2",
-        "--updates-pct", "10", "--deletes-pct", "5", "--unknown-pct", "5",
+        "--contents",
+        "40",
+        "--count",
+        "2500",
+        "--rate",
+        "1000",
+        "--seed",
+        "2",
+        "--updates-pct",
+        "10",
+        "--deletes-pct",
+        "5",
+        "--unknown-pct",
+        "5",
     ])?;
     check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"] + during["deleted"])
 }
@@ -32,16 +59,47 @@ fn engagement_pipeline_matches_postgres() -> Result<()> {
 #[test]
 fn pipeline_recovers_from_killed_workers() -> Result<()> {
     let mut p = Pipeline::start_with("crash", 3)?;
-    let before = p.datagen(&["--contents", "40", "--count", "1500", "--rate", "5000", "--seed", "3", "--unknown-pct", "5", "--updates-pct", "0", "--deletes-pct", "0"])?;
+    let before = p.datagen(&[
+        "--contents",
+        "40",
+        "--count",
+        "1500",
+        "--rate",
+        "5000",
+        "--seed",
+        "3",
+        "--unknown-pct",
+        "5",
+        "--updates-pct",
+        "0",
+        "--deletes-pct",
+        "0",
+    ])?;
     let (ingest, process) = p.run_both(&[])?;
-    let args = ["--contents", "40", "--count", "9000", "--rate", "600", "--seed", "4", "--updates-pct", "10", "--deletes-pct", "5", "--unknown-pct", "5"];
+    let args = [
+        "--contents",
+        "40",
+        "--count",
+        "9000",
+        "--rate",
+        "600",
+        "--seed",
+        "4",
+        "--updates-pct",
+        "10",
+        "--deletes-pct",
+        "5",
+        "--unknown-pct",
+        "5",
+    ];
     let during = p.datagen_command(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
     // Random moments, from a printed seed so that a failure can be replayed.
     let mut rng = eddy_tests::Rng::for_test("pipeline_recovers_from_killed_workers");
     let mut pause = || Duration::from_millis(rng.between(1_000..3_000));
     let worker_of = |p: &Pipeline, job: &str, operator: &str| -> Result<String> {
         let status = p.cluster.status(job)?;
-        let task = status["tasks"].as_array().context("tasks")?.iter().find(|t| t["operators"].as_str().is_some_and(|o| o.contains(operator)));
+        let task =
+            status["tasks"].as_array().context("tasks")?.iter().find(|t| t["operators"].as_str().is_some_and(|o| o.contains(operator)));
         Ok(task.and_then(|t| t["worker_id"].as_str()).context("task placed")?.to_string())
     };
     let running = |p: &Pipeline, job: &str| -> Result<bool> { Ok(p.cluster.status(job)?["state"] == "running") };
@@ -72,8 +130,20 @@ fn a_worker_killed_during_the_snapshot_sends_nothing_twice_and_keeps_deletes() -
     let mut p = Pipeline::start_with("snapkill", 3)?;
     let rows: i64 = 120_000;
     let before = p.datagen(&[
-        "--contents", "40", "--count", &rows.to_string(), "--rate", "100000", "--seed", "8", "--unknown-pct", "5",
-        "--updates-pct", "0", "--deletes-pct", "0",
+        "--contents",
+        "40",
+        "--count",
+        &rows.to_string(),
+        "--rate",
+        "100000",
+        "--seed",
+        "8",
+        "--unknown-pct",
+        "5",
+        "--updates-pct",
+        "0",
+        "--deletes-pct",
+        "0",
     ])?;
     p.run_with("process.toml", &[])?;
     let ingest = p.submit("ingest.toml")?;
@@ -86,7 +156,11 @@ fn a_worker_killed_during_the_snapshot_sends_nothing_twice_and_keeps_deletes() -
         Ok(sent >= 1_000)
     })?;
     let status = p.cluster.status(&ingest)?;
-    let victim = status["tasks"].as_array().context("tasks")?.iter().find(|t| t["operators"].as_str().is_some_and(|o| o.contains("engagement_events")));
+    let victim = status["tasks"]
+        .as_array()
+        .context("tasks")?
+        .iter()
+        .find(|t| t["operators"].as_str().is_some_and(|o| o.contains("engagement_events")));
     let victim = victim.and_then(|t| t["worker_id"].as_str()).context("the CDC task")?.to_string();
     p.cluster.kill_worker(&victim)?;
     ensure!(done_at_kill < rows, "the snapshot ended before the kill ({done_at_kill} rows); the test needs a slower snapshot");
@@ -128,7 +202,8 @@ fn a_delete_after_the_state_ttl_still_reaches_clickhouse_and_the_external_system
         Ok(id.trim().parse()?)
     };
     let live = |id: i64| -> Result<bool> {
-        let n = p.services.clickhouse(&format!("SELECT count() FROM {}.engagement_enriched FINAL WHERE id = {id} AND deleted = 0", p.name))?;
+        let n =
+            p.services.clickhouse(&format!("SELECT count() FROM {}.engagement_enriched FINAL WHERE id = {id} AND deleted = 0", p.name))?;
         Ok(n.trim() == "1")
     };
     let old = insert("now() - interval '15 minutes'")?;
@@ -244,7 +319,22 @@ fn cancelling_an_ingest_job_between_attempts_drops_its_slot() -> Result<()> {
 fn pipeline_rides_out_clickhouse_and_redis_outages() -> Result<()> {
     let p = Pipeline::start("outage")?;
     let (ingest, process) = p.run_both(&[])?;
-    let args = ["--contents", "40", "--count", "9000", "--rate", "300", "--seed", "5", "--updates-pct", "10", "--deletes-pct", "5", "--unknown-pct", "5"];
+    let args = [
+        "--contents",
+        "40",
+        "--count",
+        "9000",
+        "--rate",
+        "300",
+        "--seed",
+        "5",
+        "--updates-pct",
+        "10",
+        "--deletes-pct",
+        "5",
+        "--unknown-pct",
+        "5",
+    ];
     let during = p.datagen_command(&args).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn()?;
     std::thread::sleep(Duration::from_secs(4));
     let retrying = |status: &serde_json::Value| -> Vec<String> {
@@ -252,9 +342,8 @@ fn pipeline_rides_out_clickhouse_and_redis_outages() -> Result<()> {
         tasks.iter().filter_map(|t| t["retrying"].as_str().filter(|r| !r.is_empty()).map(str::to_string)).collect()
     };
     // "… (retry N after S s)": how long a sink has been retrying.
-    let seconds = |cause: &str| -> u64 {
-        cause.rsplit_once(" after ").and_then(|(_, s)| s.trim_end_matches(" s)").parse().ok()).unwrap_or(0)
-    };
+    let seconds =
+        |cause: &str| -> u64 { cause.rsplit_once(" after ").and_then(|(_, s)| s.trim_end_matches(" s)").parse().ok()).unwrap_or(0) };
     // One after the other: a sink that retries holds the pipeline back (backpressure), so the
     // other would not meet its outage.
     let mut causes: BTreeMap<&str, String> = BTreeMap::new();
@@ -393,8 +482,6 @@ options = {{ brokers = "{brokers}", topic = "{topic}", format = "raw" }}
     // The job is still running and still reads good records.
     assert_eq!(cluster.status(&consume)?["state"], "running");
     produce("produce-again", "upsert-json", 100)?;
-    cluster.wait(Duration::from_secs(30), "the later good records", |_| {
-        Ok(read_view()?.values().any(|&s| s < 100))
-    })?;
+    cluster.wait(Duration::from_secs(30), "the later good records", |_| Ok(read_view()?.values().any(|&s| s < 100)))?;
     Ok(())
 }

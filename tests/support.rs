@@ -134,8 +134,14 @@ impl Cluster {
         let dir = Scratch::new(name);
         // Port 0: the coordinator picks a free port and prints it (no race between tests).
         let data = dir.0.join("coordinator").display().to_string();
-        let mut coordinator =
-            CoordinatorProcess { id: 0, netns: None, listen: "127.0.0.1:0".into(), args: vec!["--data-dir".into(), data], child: None, starts: 0 };
+        let mut coordinator = CoordinatorProcess {
+            id: 0,
+            netns: None,
+            listen: "127.0.0.1:0".into(),
+            args: vec!["--data-dir".into(), data],
+            child: None,
+            starts: 0,
+        };
         let address = coordinator.spawn(&dir.0)?;
         // Started again on the same address.
         coordinator.listen = address.clone();
@@ -162,7 +168,8 @@ impl Cluster {
             let data = dir.0.join(format!("coordinator{id}")).display().to_string();
             let args = ["--raft-id", &id.to_string(), "--raft-peers", &peers, "--data-dir", &data, "--checkpoint-dir", &checkpoints];
             let netns = hosts[i].0.clone();
-            let mut c = CoordinatorProcess { id, netns, listen: address.clone(), args: args.map(String::from).to_vec(), child: None, starts: 0 };
+            let mut c =
+                CoordinatorProcess { id, netns, listen: address.clone(), args: args.map(String::from).to_vec(), child: None, starts: 0 };
             c.spawn(&dir.0)?;
             list.push(c);
         }
@@ -381,7 +388,12 @@ pub struct Network {
 
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip").args(args).output().context("running `ip` (iproute2)")?;
-    ensure!(out.status.success(), "ip {}: {}; partition tests need root and iproute2", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    ensure!(
+        out.status.success(),
+        "ip {}: {}; partition tests need root and iproute2",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
     Ok(())
 }
 
@@ -467,12 +479,8 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> Result<Child> {
 /// Resident memory of a process in MiB, from /proc.
 pub fn rss_mib(pid: u32) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .context("VmRSS")?
-        .parse()?;
+    let kb: f64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()).context("VmRSS")?.parse()?;
     Ok(kb / 1024.0)
 }
 
@@ -557,7 +565,8 @@ impl Services {
         // (curl's exit code 7), for as long as such an outage lasts at most.
         let deadline = Instant::now() + Duration::from_secs(150);
         let out = loop {
-            let out = Command::new("curl").args(["-sS", "--fail-with-body", self.var("EDDY_CLICKHOUSE_URL")?, "--data-binary", sql]).output()?;
+            let out =
+                Command::new("curl").args(["-sS", "--fail-with-body", self.var("EDDY_CLICKHOUSE_URL")?, "--data-binary", sql]).output()?;
             if out.status.code() != Some(7) || Instant::now() >= deadline {
                 break out;
             }
@@ -589,7 +598,8 @@ impl Services {
             Some((base, _)) => format!("{base}/{name}"),
             None => bail!("unexpected EDDY_PG_URL {admin}"),
         };
-        let out = Command::new("psql").args([&url, "-v", "ON_ERROR_STOP=1", "-q", "-f"]).arg(repo_root().join("sql/postgres.sql")).output()?;
+        let out =
+            Command::new("psql").args([&url, "-v", "ON_ERROR_STOP=1", "-q", "-f"]).arg(repo_root().join("sql/postgres.sql")).output()?;
         if !out.status.success() {
             bail!("applying sql/postgres.sql: {}", String::from_utf8_lossy(&out.stderr));
         }
@@ -599,7 +609,10 @@ impl Services {
     /// Drops a replication slot left by an earlier run of a test.
     pub fn drop_slot(&self, slot: &str) -> Result<()> {
         let admin = self.var("EDDY_PG_URL")?.to_string();
-        self.psql(&admin, &format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}' AND NOT active"))?;
+        self.psql(
+            &admin,
+            &format!("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '{slot}' AND NOT active"),
+        )?;
         Ok(())
     }
 
@@ -869,7 +882,13 @@ impl Drop for Pipeline {
         let admin = self.services.var("EDDY_PG_URL").map(str::to_string);
         for _ in 0..50 {
             if self.services.drop_slot(&self.name).is_ok()
-                && self.services.psql(admin.as_deref().unwrap_or_default(), &format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", self.name)).is_ok_and(|o| o.trim().is_empty())
+                && self
+                    .services
+                    .psql(
+                        admin.as_deref().unwrap_or_default(),
+                        &format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", self.name),
+                    )
+                    .is_ok_and(|o| o.trim().is_empty())
             {
                 break;
             }
@@ -892,11 +911,7 @@ pub fn datagen_summary(out: Output, args: &[&str]) -> Result<HashMap<String, u64
         bail!("eddy-datagen {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
     let text = String::from_utf8(out.stdout)?;
-    Ok(text
-        .split_whitespace()
-        .filter_map(|kv| kv.split_once('='))
-        .filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?)))
-        .collect())
+    Ok(text.split_whitespace().filter_map(|kv| kv.split_once('=')).filter_map(|(k, v)| Some((k.to_string(), v.parse().ok()?))).collect())
 }
 
 /// A JSON number, or a string holding one (ClickHouse quotes 64-bit integers).
@@ -990,7 +1005,9 @@ pub fn outcome_mismatches(p: &Pipeline, versions: Option<std::ops::RangeInclusiv
     let mut mismatches = Vec::new();
     // ClickHouse converges to exactly the surviving events, enriched.
     let expected = p.expected_rows()?;
-    let _ = p.cluster.wait(settle, "ClickHouse to hold every surviving event", |_| Ok(row_differences(&expected, &p.clickhouse_rows()?).is_empty()));
+    let _ = p
+        .cluster
+        .wait(settle, "ClickHouse to hold every surviving event", |_| Ok(row_differences(&expected, &p.clickhouse_rows()?).is_empty()));
     let got = p.clickhouse_rows()?;
     mismatches.extend(row_differences(&expected, &got));
 
@@ -1017,9 +1034,8 @@ pub fn outcome_mismatches(p: &Pipeline, versions: Option<std::ops::RangeInclusiv
         match by_key.get(&key) {
             None => mismatches.push(format!("external: never got {key}, the version ClickHouse holds")),
             Some(body) => match expected.get(id) {
-                Some(want) if !same_number(&body["engagement_pct"], &want["engagement_pct"]) => {
-                    mismatches.push(format!("external: {key}: engagement_pct {} vs PostgreSQL {}", body["engagement_pct"], want["engagement_pct"]))
-                }
+                Some(want) if !same_number(&body["engagement_pct"], &want["engagement_pct"]) => mismatches
+                    .push(format!("external: {key}: engagement_pct {} vs PostgreSQL {}", body["engagement_pct"], want["engagement_pct"])),
                 _ => {}
             },
         }

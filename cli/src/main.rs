@@ -145,10 +145,9 @@ async fn connect(coordinator: &str) -> Result<JobServiceClient<Channel>, Failure
             3,
             format!("cannot reach the coordinator at {coordinator}; start it, or point --coordinator / EDDY_COORDINATOR at it"),
         )),
-        Err(answers) => Err(Failure::new(
-            3,
-            format!("no coordinator leads ({answers}); a replicated cluster needs most of its coordinators running"),
-        )),
+        Err(answers) => {
+            Err(Failure::new(3, format!("no coordinator leads ({answers}); a replicated cluster needs most of its coordinators running")))
+        }
     }
 }
 
@@ -157,8 +156,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
     let rpc = |s| from_status(s, coordinator);
     match &cli.command {
         Command::Submit { file, from_savepoint } => {
-            let text = std::fs::read_to_string(file)
-                .map_err(|e| Failure::new(4, format!("cannot read {}: {e}", file.display())))?;
+            let text = std::fs::read_to_string(file).map_err(|e| Failure::new(4, format!("cannot read {}: {e}", file.display())))?;
             let spec = eddy_jobs::substitute_env(&text, |k| std::env::var(k).ok())
                 .map_err(|e| Failure::new(4, format!("invalid job spec {}: {e}", file.display())))?;
             // Validate locally first: a bad spec fails fast, even with no coordinator running.
@@ -179,7 +177,9 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             } else {
                 let rows = jobs
                     .iter()
-                    .map(|j| vec![j.job_id.clone(), j.name.clone(), j.state.clone(), j.attempt.to_string(), j.tasks.to_string(), j.cause.clone()])
+                    .map(|j| {
+                        vec![j.job_id.clone(), j.name.clone(), j.state.clone(), j.attempt.to_string(), j.tasks.to_string(), j.cause.clone()]
+                    })
                     .collect();
                 table(&["JOB", "NAME", "STATE", "ATTEMPT", "TASKS", "CAUSE"], rows);
             }
@@ -257,12 +257,18 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                     table(&["CHECKPOINT", "KIND", "STATE", "DURATION", "FULL", "INCREMENTAL", "SAVEPOINT / CAUSE"], rows);
                     println!();
                 }
-                let rows = s.history.iter().map(|h| vec![format!("{}", h.at_ms), format!("{} -> {}", h.from, h.to), h.cause.clone()]).collect();
+                let rows =
+                    s.history.iter().map(|h| vec![format!("{}", h.at_ms), format!("{} -> {}", h.from, h.to), h.cause.clone()]).collect();
                 table(&["AT (UNIX MS)", "TRANSITION", "CAUSE"], rows);
             }
         }
         Command::Cancel { job, savepoint: true, .. } => {
-            let r = connect(coordinator).await?.savepoint(SavepointRequest { job_id: job.clone(), cancel: true }).await.map_err(rpc)?.into_inner();
+            let r = connect(coordinator)
+                .await?
+                .savepoint(SavepointRequest { job_id: job.clone(), cancel: true })
+                .await
+                .map_err(rpc)?
+                .into_inner();
             if cli.json {
                 println!("{}", json!({ "job_id": job, "savepoint_id": r.savepoint_id }));
             } else {
@@ -270,7 +276,12 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Savepoint { job } => {
-            let r = connect(coordinator).await?.savepoint(SavepointRequest { job_id: job.clone(), cancel: false }).await.map_err(rpc)?.into_inner();
+            let r = connect(coordinator)
+                .await?
+                .savepoint(SavepointRequest { job_id: job.clone(), cancel: false })
+                .await
+                .map_err(rpc)?
+                .into_inner();
             if cli.json {
                 let mut out = r.savepoint.as_ref().map(checkpoint_json).unwrap_or_default();
                 out["job_id"] = json!(job);

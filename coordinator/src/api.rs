@@ -29,7 +29,9 @@ pub const LEADER_KEY: &str = "eddy-leader";
 /// The refusal of a coordinator that does not lead.
 pub fn not_leader(leader: Option<&str>) -> Status {
     let Some(leader) = leader else {
-        return Status::unavailable("no coordinator leads: an election is under way, or most coordinators are down; try again once a majority runs");
+        return Status::unavailable(
+            "no coordinator leads: an election is under way, or most coordinators are down; try again once a majority runs",
+        );
     };
     let mut status = Status::unavailable(format!("this coordinator does not lead; the leader is at {leader}"));
     if let Ok(value) = leader.parse() {
@@ -183,7 +185,9 @@ impl JobService for Api {
             (0, id) => (None, Some(id)),
         };
         let (reply, answer) = std::sync::mpsc::channel();
-        raft.inputs.send(crate::raft::Input::ChangeMembers { add, remove, reply }).map_err(|_| Status::unavailable("the raft node has stopped"))?;
+        raft.inputs
+            .send(crate::raft::Input::ChangeMembers { add, remove, reply })
+            .map_err(|_| Status::unavailable("the raft node has stopped"))?;
         let answered = tokio::task::spawn_blocking(move || answer.recv_timeout(std::time::Duration::from_secs(10)))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -216,13 +220,13 @@ impl ClusterService for Api {
         // coordinator no longer leads), the stream ends and the worker finds the leader.
         let actor = self.actor()?;
         let session = ask_on(&actor, |reply| Ask::Register {
-                worker_id: register.worker_id,
-                slots: register.slots,
-                data_address: register.data_address,
-                orders: orders.clone(),
-                reply,
-            })
-            .await?;
+            worker_id: register.worker_id,
+            slots: register.slots,
+            data_address: register.data_address,
+            orders: orders.clone(),
+            reply,
+        })
+        .await?;
         let interval = self.heartbeat_interval_ms;
         orders
             .send(Ok(CoordinatorMessage { msg: Some(Order::Registered(Registered { heartbeat_interval_ms: interval })) }))

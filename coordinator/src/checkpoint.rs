@@ -179,10 +179,7 @@ impl CheckpointTracker {
             return (None, Vec::new());
         };
         self.last_end = now;
-        let (full, incremental) = manifest
-            .tasks
-            .values()
-            .fold((0, 0), |(f, i), t| (f + t.full_bytes, i + t.incremental_bytes));
+        let (full, incremental) = manifest.tasks.values().fold((0, 0), |(f, i), t| (f + t.full_bytes, i + t.incremental_bytes));
         let view = CheckpointView {
             checkpoint_id: id,
             kind: if p.savepoint { "savepoint" } else { "checkpoint" }.into(),
@@ -378,7 +375,9 @@ mod tests {
     async fn a_decline_aborts_and_a_timeout_aborts() {
         let mut t = tracker(Instant::now());
         let id = t.trigger(Instant::now(), 0, 1, tasks(), false);
-        assert!(matches!(t.ack(1, id, "0.0", Err("disk full".into()), Instant::now()), AckOutcome::Aborted { cause, savepoint: false } if cause.contains("disk full")));
+        assert!(
+            matches!(t.ack(1, id, "0.0", Err("disk full".into()), Instant::now()), AckOutcome::Aborted { cause, savepoint: false } if cause.contains("disk full"))
+        );
         assert!(t.pending().is_none());
         assert_eq!(t.ack(1, id, "1.0", snap(1), Instant::now()), AckOutcome::Stale, "acks of an aborted checkpoint");
 

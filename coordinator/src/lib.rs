@@ -105,7 +105,8 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
             let mut coordinator = actor::Coordinator::new(config.clone(), rx);
             if let Some(data) = &config.data_dir {
                 let (log, state) = meta::LocalLog::open(data)?;
-                coordinator = coordinator.with_stores(Box::new(log), state, store::CheckpointStore::open(&checkpoint_dir(&config))?).await?;
+                coordinator =
+                    coordinator.with_stores(Box::new(log), state, store::CheckpointStore::open(&checkpoint_dir(&config))?).await?;
             }
             route_tx.send_replace(api::Route::Here(tx));
             let stop = shutdown.clone();
@@ -151,7 +152,12 @@ const COMMIT_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Runs the coordinator's loop while this coordinator leads (with every earlier entry applied),
 /// from the replicated state; points the API at the leader otherwise.
-async fn lead(config: CoordinatorConfig, node: raft::RaftHandle, route: watch::Sender<api::Route>, shutdown: CancellationToken) -> anyhow::Result<()> {
+async fn lead(
+    config: CoordinatorConfig,
+    node: raft::RaftHandle,
+    route: watch::Sender<api::Route>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut status = node.status.clone();
     let storage = store::CheckpointStore::open(&checkpoint_dir(&config))?;
     loop {
@@ -174,9 +180,15 @@ async fn lead(config: CoordinatorConfig, node: raft::RaftHandle, route: watch::S
         }
         let (reply, answer) = std::sync::mpsc::channel();
         node.inputs.send(raft::Input::Applied { reply }).map_err(|_| anyhow::anyhow!("the raft node has stopped"))?;
-        let applied = tokio::task::spawn_blocking(move || answer.recv()).await?.map_err(|_| anyhow::anyhow!("the raft node has stopped"))?;
+        let applied =
+            tokio::task::spawn_blocking(move || answer.recv()).await?.map_err(|_| anyhow::anyhow!("the raft node has stopped"))?;
         let term = status.borrow().term;
-        tracing::info!(term, applied = applied.index, jobs = applied.state.jobs.len(), "leading: resuming the jobs from the replicated metadata");
+        tracing::info!(
+            term,
+            applied = applied.index,
+            jobs = applied.state.jobs.len(),
+            "leading: resuming the jobs from the replicated metadata"
+        );
         let failed = CancellationToken::new();
         let log = raft::log::RaftLog::new(node.inputs.clone(), failed.clone(), COMMIT_TIMEOUT);
         let (tx, rx) = mpsc::channel(256);

@@ -52,7 +52,10 @@ pub async fn connect(address: &str, timeout: std::time::Duration) -> Result<toni
 /// coordinators, `host:port` or a URL): each is asked in turn which coordinator leads, and the
 /// leader's address (which may be none of those given) is connected to. A single coordinator
 /// always leads. The error lists what each address answered.
-pub async fn connect_leader(addresses: &[String], connect_timeout: std::time::Duration) -> Result<(String, tonic::transport::Channel), String> {
+pub async fn connect_leader(
+    addresses: &[String],
+    connect_timeout: std::time::Duration,
+) -> Result<(String, tonic::transport::Channel), String> {
     let mut answers = Vec::new();
     for address in addresses {
         let channel = match connect(address, connect_timeout).await {

@@ -166,14 +166,14 @@ impl Control {
         }
     }
 
-    async fn session(&mut self, reports: &mut mpsc::UnboundedReceiver<WorkerMessage>, done: &mut mpsc::Receiver<Finished>) -> anyhow::Result<()> {
+    async fn session(
+        &mut self,
+        reports: &mut mpsc::UnboundedReceiver<WorkerMessage>,
+        done: &mut mpsc::Receiver<Finished>,
+    ) -> anyhow::Result<()> {
         // Finding the leader and registering is bounded by the lease while tasks run (a worker
         // trying a coordinator that does not answer must still stop them in time), else by 10 s.
-        let deadline = if self.jobs.is_empty() {
-            tokio::time::Instant::now() + Duration::from_secs(10)
-        } else {
-            self.lease_end()
-        };
+        let deadline = if self.jobs.is_empty() { tokio::time::Instant::now() + Duration::from_secs(10) } else { self.lease_end() };
         let (leader, tx, mut orders, interval) = tokio::time::timeout_at(deadline, self.register())
             .await
             .map_err(|_| anyhow::anyhow!("no leading coordinator answered in time"))??;

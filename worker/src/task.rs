@@ -419,7 +419,9 @@ pub async fn run(mut ctx: TaskContext) -> Result<()> {
                     key_groups: key_groups.clone(),
                     restore: fetch(o, matches!(kind, OperatorKind::Window(_))).await?,
                 };
-                ops.push(operators::build(&plan, o, octx, &ctx.metrics).await?.ok_or_else(|| TaskError::internal("operator has no builder"))?);
+                ops.push(
+                    operators::build(&plan, o, octx, &ctx.metrics).await?.ok_or_else(|| TaskError::internal("operator has no builder"))?,
+                );
                 op_indices.push(o);
             }
         }
@@ -599,10 +601,8 @@ async fn run_source(
 async fn run_inputs(ctx: &mut TaskContext, chain: &mut Chain) -> Result<()> {
     let key = (ctx.job_id.clone(), ctx.attempt, ctx.task);
     let n = ctx.plan.inputs(ctx.task).len();
-    let mut inputs = ctx
-        .inboxes
-        .receivers(&key, n)
-        .map_err(|e| TaskError::internal(format!("cannot take the inbox of task {}: {e}", ctx.task)))?;
+    let mut inputs =
+        ctx.inboxes.receivers(&key, n).map_err(|e| TaskError::internal(format!("cannot take the inbox of task {}: {e}", ctx.task)))?;
     let mut watermarks = vec![i64::MIN; n];
     let mut ended = vec![false; n];
     let mut current = i64::MIN;
