@@ -1042,10 +1042,18 @@ pub fn outcome_mismatches(p: &Pipeline, versions: Option<std::ops::RangeInclusiv
     }
 
     // The leaderboard is the exact 10-minute sum of the latest closed window, as SQL computes it.
-    // Wait for a window that closed after everything above was processed.
+    // Wait for a window that closed after everything above was processed, and after the latest
+    // event: a window read while Redis came back from another test's outage (an older window
+    // from its snapshot) may predate every event.
     let first = p.leaderboard().map(|(end, _)| end).unwrap_or_default().unwrap_or(i64::MIN);
+    let latest_event: i64 = p
+        .services
+        .psql(&p.pg_url, "SELECT coalesce(floor(extract(epoch FROM max(event_ts)) * 1000)::bigint, 0) FROM engagement_events")?
+        .trim()
+        .parse()?;
     let patience = settle.min(Duration::from_secs(60));
-    let newer = p.cluster.wait(patience, "a newer leaderboard window", |_| Ok(p.leaderboard()?.0.is_some_and(|w| w > first)));
+    let newer =
+        p.cluster.wait(patience, "a newer leaderboard window", |_| Ok(p.leaderboard()?.0.is_some_and(|w| w > first.max(latest_event))));
     let mut window_end = None;
     if newer.is_err() {
         mismatches.push(format!("leaderboard: no window closed within {patience:?} after the other checks (the last was {first})"));
