@@ -342,6 +342,7 @@ impl Job {
                 checkpoint_storage: checkpoint_storage.to_string(),
                 restore: restore.as_deref().cloned(),
                 parallelism: self.parallelism.unwrap_or(0),
+                plan_fingerprint: self.plan.fingerprint(),
             };
             (worker_id.to_string(), Order::Deploy(deploy))
         });

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use eddy_proto::CheckpointManifest;
+use eddy_proto::{layout, CheckpointManifest};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, PutPayload};
@@ -78,22 +78,11 @@ pub enum SharedGc {
     Keep,
 }
 
-/// The checkpoint a shared file was first uploaded for: `<job>/shared/<instance>/chk-<id>/<name>`.
-fn uploaded_for(path: &str) -> Option<u64> {
-    let mut parts = path.rsplit('/');
-    parts.next()?;
-    parts.next()?.strip_prefix("chk-")?.parse().ok()
-}
-
 /// Checkpoint storage as the coordinator uses it: manifests and garbage collection.
 #[derive(Clone)]
 pub struct CheckpointStore {
     root: String,
     store: Arc<dyn ObjectStore>,
-}
-
-fn manifest_path(job_id: &str, id: u64) -> String {
-    format!("{job_id}/chk-{id}/_manifest.pb")
 }
 
 impl CheckpointStore {
@@ -115,7 +104,7 @@ impl CheckpointStore {
 
     /// Stores a manifest; the checkpoint is complete once this returns.
     pub async fn put_manifest(&self, m: &CheckpointManifest) -> Result<(), String> {
-        let path = manifest_path(&m.job_id, m.checkpoint_id);
+        let path = layout::manifest(&m.job_id, m.checkpoint_id);
         self.store
             .put(&StorePath::from(path.as_str()), PutPayload::from(m.encode_to_vec()))
             .await
@@ -125,7 +114,7 @@ impl CheckpointStore {
 
     /// Reads a manifest back.
     pub async fn get_manifest(&self, job_id: &str, id: u64) -> anyhow::Result<CheckpointManifest> {
-        let path = manifest_path(job_id, id);
+        let path = layout::manifest(job_id, id);
         let bytes = self.store.get(&StorePath::from(path.as_str())).await?.bytes().await?;
         Ok(CheckpointManifest::decode(bytes)?)
     }
@@ -141,7 +130,7 @@ impl CheckpointStore {
             None => Vec::new(),
         };
         for id in dropped.into_iter().chain(abandoned) {
-            self.delete_prefix(&format!("{job_id}/chk-{id}"), |_| true).await;
+            self.delete_prefix(&layout::checkpoint_dir(job_id, id), |_| true).await;
         }
         let SharedGc::Through { checkpoint, before_ms } = shared else { return };
         let referenced: BTreeSet<String> = kept
@@ -150,10 +139,10 @@ impl CheckpointStore {
             .flat_map(|t| t.operators.iter())
             .flat_map(|o| o.files.iter().map(|f| f.path.clone()))
             .collect();
-        self.delete_prefix(&format!("{job_id}/shared"), |meta| {
+        self.delete_prefix(&layout::shared_dir(job_id), |meta| {
             let path = meta.location.as_ref();
             !referenced.contains(path)
-                && match uploaded_for(path) {
+                && match layout::uploaded_for(path) {
                     Some(id) => id <= checkpoint,
                     // The layout before files named their checkpoint: by age, on the store's clock.
                     None => meta.last_modified.timestamp_millis() < before_ms,
@@ -184,7 +173,7 @@ impl CheckpointStore {
         };
         let mut out = Vec::new();
         for folder in listing.common_prefixes {
-            let Some(id) = folder.filename().and_then(|f| f.strip_prefix("chk-")).and_then(|n| n.parse::<u64>().ok()) else {
+            let Some(id) = folder.filename().and_then(layout::checkpoint_of_folder) else {
                 continue;
             };
             if id >= newest || kept.contains(&id) {
@@ -192,7 +181,7 @@ impl CheckpointStore {
             }
             // A manifest that is there but not kept (one the coordinator could not read at start)
             // may still be wanted: only folders without one are abandoned.
-            if matches!(self.store.head(&StorePath::from(manifest_path(job_id, id))).await, Err(object_store::Error::NotFound { .. })) {
+            if matches!(self.store.head(&StorePath::from(layout::manifest(job_id, id))).await, Err(object_store::Error::NotFound { .. })) {
                 out.push(id);
             }
         }
@@ -264,10 +253,16 @@ mod tests {
         let file = |path: &str| StateFile { path: path.into(), name: path.rsplit('/').next().unwrap().into(), bytes: 1 };
         let mut kept = CheckpointManifest { job_id: "job".into(), checkpoint_id: 5, ..Default::default() };
         let mut task = TaskSnapshot::default();
-        task.operators.push(eddy_proto::OperatorSnapshot { operator: 1, inline: Vec::new(), files: vec![file("job/shared/a/chk-3/000010.sst")] });
+        task.operators.push(eddy_proto::OperatorSnapshot {
+            operator: 1,
+            inline: Vec::new(),
+            files: vec![file("job/shared/a/chk-3/000010.sst")],
+        });
         kept.tasks.insert("1.0".into(), task);
         store.put_manifest(&kept).await.unwrap();
-        for f in ["job/shared/a/chk-3/000010.sst", "job/shared/a/chk-4/000011.sst", "job/shared/a/chk-6/000012.sst", "job/shared/a/000009.sst"] {
+        for f in
+            ["job/shared/a/chk-3/000010.sst", "job/shared/a/chk-4/000011.sst", "job/shared/a/chk-6/000012.sst", "job/shared/a/000009.sst"]
+        {
             put(f).await;
         }
         let shared = || -> BTreeSet<String> {

@@ -28,6 +28,25 @@ impl SourceConnector {
             SourceConnector::File(_) => "file",
         }
     }
+
+    /// What the connector allows, for the planner to check a spec against at submit time.
+    pub fn capabilities(&self) -> Capabilities {
+        match self {
+            SourceConnector::PostgresCdc(_) => Capabilities {
+                single_instance: Some("postgres_cdc reads one replication slot, which is one stream, so it runs as one task"),
+            },
+            _ => Capabilities::default(),
+        }
+    }
+}
+
+/// What a connector allows: the planner reads it when a spec is submitted, so a spec the
+/// connector cannot run is refused then, with the reason, not when a worker starts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capabilities {
+    /// Why the connector runs as one instance whatever the job's parallelism (or a rescale's),
+    /// if it does.
+    pub single_instance: Option<&'static str>,
 }
 
 /// Options of the `file` source.
@@ -67,6 +86,16 @@ impl SinkConnector {
             SinkConnector::Redis(_) => "redis",
             SinkConnector::ClickHouse(_) => "clickhouse",
             SinkConnector::Http(_) => "http",
+        }
+    }
+
+    /// What the connector allows, for the planner to check a spec against at submit time.
+    pub fn capabilities(&self) -> Capabilities {
+        match self {
+            SinkConnector::Redis(_) => Capabilities {
+                single_instance: Some("the redis sink replaces the whole leaderboard per window, so it runs as one instance (several would replace each other's part of a window)"),
+            },
+            _ => Capabilities::default(),
         }
     }
 }
@@ -222,7 +251,7 @@ pub struct KafkaSourceOptions {
 impl KafkaSourceOptions {
     /// `state_ttl` in milliseconds; `None` when absent.
     pub fn state_ttl_ms(&self) -> Result<Option<i64>, String> {
-        self.state_ttl.as_deref().map(crate::spec::parse_duration_ms).transpose()
+        self.state_ttl.as_deref().map(crate::time::parse_duration_ms).transpose()
     }
 }
 
@@ -405,12 +434,10 @@ fn default_cache_ttl() -> String {
 pub fn parse_columns(text: &str) -> Result<Schema, String> {
     let mut fields: Vec<Field> = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (name, ty) = part
-            .split_once(char::is_whitespace)
-            .ok_or_else(|| format!("column `{part}` needs a type, e.g. `{part} BIGINT`"))?;
-        let data_type = DataType::parse(ty.trim()).ok_or_else(|| {
-            format!("column `{name}`: unknown type `{}`; use BIGINT, DOUBLE, VARCHAR, BOOLEAN or TIMESTAMP", ty.trim())
-        })?;
+        let (name, ty) =
+            part.split_once(char::is_whitespace).ok_or_else(|| format!("column `{part}` needs a type, e.g. `{part} BIGINT`"))?;
+        let data_type = DataType::parse(ty.trim())
+            .ok_or_else(|| format!("column `{name}`: unknown type `{}`; use BIGINT, DOUBLE, VARCHAR, BOOLEAN or TIMESTAMP", ty.trim()))?;
         if fields.iter().any(|f| f.name.eq_ignore_ascii_case(name)) {
             return Err(format!("column `{name}` is listed twice"));
         }
@@ -432,7 +459,7 @@ fn columns_exist(schema: &Schema, field: &str, names: &[String]) -> Result<(), S
 }
 
 fn duration_option(field: &str, text: &str) -> Result<i64, String> {
-    crate::spec::parse_duration_ms(text).map_err(|m| format!("{field}: {m}"))
+    crate::time::parse_duration_ms(text).map_err(|m| format!("{field}: {m}"))
 }
 
 /// Options of the `generator` source. Row `seq` (0, 1, 2, …) has key `k` in `1..=keys` and a whole-number
@@ -719,9 +746,7 @@ pub fn lookup(name: &str, options: &toml::Table) -> Result<(PostgresLookupOption
 struct Empty {}
 
 fn decode<T: serde::de::DeserializeOwned>(options: &toml::Table) -> Result<T, String> {
-    toml::Value::Table(options.clone())
-        .try_into()
-        .map_err(|e: toml::de::Error| format!("options: {}", e.message()))
+    toml::Value::Table(options.clone()).try_into().map_err(|e: toml::de::Error| format!("options: {}", e.message()))
 }
 
 #[cfg(test)]
@@ -736,27 +761,51 @@ mod tests {
     fn endpoints_are_checked_at_submit() {
         let input = parse_columns("id BIGINT, version BIGINT, name VARCHAR").unwrap();
         let cases = [
-            ("clickhouse", r#"url = "ftp://h:8123"
+            (
+                "clickhouse",
+                r#"url = "ftp://h:8123"
 database = "d"
-table = "t""#, "options.url: `ftp://h:8123` has scheme `ftp`"),
-            ("http", r#"url = "not a url at all"
+table = "t""#,
+                "options.url: `ftp://h:8123` has scheme `ftp`",
+            ),
+            (
+                "http",
+                r#"url = "not a url at all"
 columns = ["id"]
-idempotency_key = ["id"]"#, "options.url: `not a url at all` is not a URL"),
-            ("redis", r#"url = "redis://"
+idempotency_key = ["id"]"#,
+                "options.url: `not a url at all` is not a URL",
+            ),
+            (
+                "redis",
+                r#"url = "redis://"
 key = "k"
 member = "id"
-score = "version""#, "names no host"),
-            ("kafka", r#"brokers = "localhost"
+score = "version""#,
+                "names no host",
+            ),
+            (
+                "kafka",
+                r#"brokers = "localhost"
 topic = "t"
-key = ["id"]"#, "options.brokers: `localhost` is not HOST:PORT"),
-            ("kafka", r#"brokers = "h:1"
+key = ["id"]"#,
+                "options.brokers: `localhost` is not HOST:PORT",
+            ),
+            (
+                "kafka",
+                r#"brokers = "h:1"
 topic = "t"
 key = ["id"]
-version_column = "name""#, "options.version_column: `name` is VARCHAR"),
-            ("kafka", r#"brokers = "h:1"
+version_column = "name""#,
+                "options.version_column: `name` is VARCHAR",
+            ),
+            (
+                "kafka",
+                r#"brokers = "h:1"
 topic = "t"
 key = ["id"]
-version_column = "id""#, "is a key column"),
+version_column = "id""#,
+                "is a key column",
+            ),
         ];
         for (connector, options, want) in cases {
             let e = sink(connector, &table(options), &input).err().unwrap_or_default();

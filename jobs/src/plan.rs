@@ -12,7 +12,8 @@ use sqlparser::ast::{self, FunctionArg, FunctionArgExpr, FunctionArguments};
 
 use crate::connectors::{self, PostgresLookupOptions, SinkConnector, SourceConnector};
 use crate::expr::{parse_select_list, Expr};
-use crate::spec::{parse_duration_ms, JobSpec, LookupSpec, SinkSpec, TransformSpec, WindowSpec};
+use crate::spec::{JobSpec, LookupSpec, SinkSpec, TransformSpec, WindowSpec};
+use crate::time::parse_duration_ms;
 use crate::{DataType, Field, Schema, SpecError};
 
 /// Default number of key groups.
@@ -33,6 +34,15 @@ pub struct Plan {
     pub edges: Vec<Edge>,
     /// State backend and checkpointing.
     pub state: StatePlan,
+}
+
+impl Plan {
+    /// A digest of everything the plan says (FNV-1a over its description), equal on every process
+    /// that plans the same spec with the same version of Eddy: the coordinator sends it with a
+    /// deployment, and a worker whose own plan differs refuses to run it.
+    pub fn fingerprint(&self) -> u64 {
+        format!("{self:?}").bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+    }
 }
 
 /// Where keyed state lives.
@@ -65,7 +75,7 @@ impl StatePlan {
         };
         let checkpoint_interval_ms = match &spec.checkpoint_interval {
             None => Some(DEFAULT_CHECKPOINT_INTERVAL_MS),
-            Some(text) => match crate::spec::parse_duration_ms(text) {
+            Some(text) => match crate::time::parse_duration_ms(text) {
                 Ok(0) => None,
                 Ok(ms) if ms >= 100 => Some(ms as u64),
                 Ok(_) => return Err(SpecError::new("state.checkpoint_interval", "must be 0s (off) or at least 100ms")),
@@ -321,27 +331,17 @@ pub struct InputChannel {
 impl Plan {
     /// Every task of the plan.
     pub fn tasks(&self) -> Vec<TaskId> {
-        self.vertices
-            .iter()
-            .flat_map(|v| (0..v.parallelism).map(move |s| TaskId { vertex: v.id, subtask: s }))
-            .collect()
+        self.vertices.iter().flat_map(|v| (0..v.parallelism).map(move |s| TaskId { vertex: v.id, subtask: s })).collect()
     }
 
     /// Whether a vertex starts with a source (its tasks inject checkpoint barriers).
     pub fn is_source_vertex(&self, vertex: usize) -> bool {
-        self.vertices
-            .get(vertex)
-            .is_some_and(|v| matches!(self.operators[v.operators[0]].kind, OperatorKind::Source { .. }))
+        self.vertices.get(vertex).is_some_and(|v| matches!(self.operators[v.operators[0]].kind, OperatorKind::Source { .. }))
     }
 
     /// Chained operator names of a vertex, e.g. `events -> hop`.
     pub fn vertex_label(&self, vertex: usize) -> String {
-        self.vertices[vertex]
-            .operators
-            .iter()
-            .map(|&o| self.operators[o].name.as_str())
-            .collect::<Vec<_>>()
-            .join(" -> ")
+        self.vertices[vertex].operators.iter().map(|&o| self.operators[o].name.as_str()).collect::<Vec<_>>().join(" -> ")
     }
 
     /// The largest parallelism of any vertex: the slots this job needs (slot sharing, as in Flink).
@@ -355,14 +355,8 @@ impl Plan {
         for (i, e) in self.edges.iter().enumerate().filter(|(_, e)| e.to == task.vertex) {
             let up = self.vertices[e.from].parallelism;
             match e.partition {
-                Partition::Forward => out.push(InputChannel {
-                    edge: i,
-                    upstream: TaskId { vertex: e.from, subtask: task.subtask },
-                }),
-                _ => out.extend((0..up).map(|s| InputChannel {
-                    edge: i,
-                    upstream: TaskId { vertex: e.from, subtask: s },
-                })),
+                Partition::Forward => out.push(InputChannel { edge: i, upstream: TaskId { vertex: e.from, subtask: task.subtask } }),
+                _ => out.extend((0..up).map(|s| InputChannel { edge: i, upstream: TaskId { vertex: e.from, subtask: s } })),
             }
         }
         out
@@ -466,8 +460,7 @@ impl<'a> Planner<'a> {
         stages.extend(spec.sinks.iter().map(|s| (s.name.clone(), Stage::Sink(s))));
         let mut by_name = HashMap::new();
         for (i, (name, stage)) in stages.iter().enumerate() {
-            let valid = !name.is_empty()
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            let valid = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
             if !valid {
                 return Err(SpecError::new(
                     format!("{}.name", stage.field(spec)),
@@ -569,10 +562,7 @@ impl<'a> Planner<'a> {
                     None => (raw, Port::Main),
                 };
                 let &up = self.by_name.get(name).ok_or_else(|| {
-                    SpecError::new(
-                        format!("{field}.input"),
-                        format!("no stage named `{name}`; stages: {}", self.stage_names()),
-                    )
+                    SpecError::new(format!("{field}.input"), format!("no stage named `{name}`; stages: {}", self.stage_names()))
                 })?;
                 if let Stage::Sink(_) = self.stages[up].1 {
                     return Err(SpecError::new(format!("{field}.input"), format!("`{name}` is a sink; sinks cannot be read")));
@@ -614,26 +604,27 @@ impl<'a> Planner<'a> {
         match &self.stages[i].1 {
             Stage::Source(s) => {
                 let s = &self.spec.sources[*s];
-                let (connector, schema) = connectors::source(&s.connector, &s.options)
-                    .map_err(|m| split_field(field, &m))?;
-                // One replication slot is one ordered stream: one task reads it, whatever the
-                // job's parallelism (or a rescale's).
-                let single = matches!(connector, SourceConnector::PostgresCdc(_));
-                if single && s.parallelism.is_some_and(|p| p != 1) {
-                    return Err(SpecError::new(
-                        at("parallelism"),
-                        "postgres_cdc reads one replication slot, which is one stream, so it runs as one task; remove `parallelism` or set it to 1",
-                    ));
+                let (connector, schema) = connectors::source(&s.connector, &s.options).map_err(|m| split_field(field, &m))?;
+                let single = connector.capabilities().single_instance;
+                if let Some(why) = single.filter(|_| s.parallelism.is_some_and(|p| p != 1)) {
+                    return Err(SpecError::new(at("parallelism"), format!("{why}; remove `parallelism` or set it to 1")));
                 }
+                let single = single.is_some();
                 let parallelism = self.parallelism(&at("parallelism"), s.parallelism.or(single.then_some(1)))?;
                 let event_time = match &s.event_time {
                     None => None,
                     Some(et) => {
                         let column = schema.index_of(&et.column).ok_or_else(|| {
-                            SpecError::new(at("event_time.column"), format!("unknown column `{}`; available: {}", et.column, schema.names()))
+                            SpecError::new(
+                                at("event_time.column"),
+                                format!("unknown column `{}`; available: {}", et.column, schema.names()),
+                            )
                         })?;
                         if schema.fields[column].data_type != DataType::Timestamp {
-                            return Err(SpecError::new(at("event_time.column"), format!("`{}` is {}, expected TIMESTAMP", et.column, schema.fields[column].data_type)));
+                            return Err(SpecError::new(
+                                at("event_time.column"),
+                                format!("`{}` is {}, expected TIMESTAMP", et.column, schema.fields[column].data_type),
+                            ));
                         }
                         let duration = |name: &str, v: &Option<String>, default: i64| match v {
                             None => Ok(default),
@@ -660,12 +651,7 @@ impl<'a> Planner<'a> {
                     ));
                 }
                 let time = event_time.map(|e| schema.fields[e.column].name.clone());
-                let op = Operator {
-                    name: s.name.clone(),
-                    kind: OperatorKind::Source { connector, event_time },
-                    parallelism,
-                    schema,
-                };
+                let op = Operator { name: s.name.clone(), kind: OperatorKind::Source { connector, event_time }, parallelism, schema };
                 Ok((op, None, time))
             }
             Stage::Transform(t) => {
@@ -700,9 +686,10 @@ impl<'a> Planner<'a> {
                     port == Port::Main
                         && match &projection {
                             None => true,
-                            Some(exprs) => exprs.iter().zip(&schema.fields).any(|(e, f)| {
-                                e.as_column() == schema_in.index_of(c) && f.name.eq_ignore_ascii_case(c)
-                            }),
+                            Some(exprs) => exprs
+                                .iter()
+                                .zip(&schema.fields)
+                                .any(|(e, f)| e.as_column() == schema_in.index_of(c) && f.name.eq_ignore_ascii_case(c)),
                         }
                 });
                 check_dead_letters(&at, t.bad_records, &t.dead_letter_path)?;
@@ -730,7 +717,9 @@ impl<'a> Planner<'a> {
                 }
                 let slide_ms = match (w.kind.to_ascii_lowercase().as_str(), &w.slide) {
                     ("tumble", None) => size_ms,
-                    ("tumble", Some(_)) => return Err(SpecError::new(at("slide"), "a tumble window has no slide; remove it or use kind = \"hop\"")),
+                    ("tumble", Some(_)) => {
+                        return Err(SpecError::new(at("slide"), "a tumble window has no slide; remove it or use kind = \"hop\""))
+                    }
                     ("hop", Some(s)) => parse_duration_ms(s).map_err(|m| SpecError::new(at("slide"), m))?,
                     ("hop", None) => return Err(SpecError::new(at("slide"), "a hop window needs a slide, e.g. slide = \"5s\"")),
                     (other, _) => return Err(SpecError::new(at("kind"), format!("unknown window kind `{other}`; expected tumble or hop"))),
@@ -756,20 +745,30 @@ impl<'a> Planner<'a> {
                 }
                 let mut key = Vec::new();
                 for k in &w.key {
-                    key.push(schema_in.index_of(k).ok_or_else(|| {
-                        SpecError::new(at("key"), format!("unknown column `{k}`; available: {}", schema_in.names()))
-                    })?);
+                    key.push(
+                        schema_in
+                            .index_of(k)
+                            .ok_or_else(|| SpecError::new(at("key"), format!("unknown column `{k}`; available: {}", schema_in.names())))?,
+                    );
                 }
                 let time_name = match (&w.time, &self.time_columns[up]) {
                     (Some(t), _) => t.clone(),
                     (None, Some(t)) if port == Port::Main => t.clone(),
-                    _ => return Err(SpecError::new(at("time"), "no event-time column reaches this window; set `time` to a TIMESTAMP column or `event_time` on the source")),
+                    _ => {
+                        return Err(SpecError::new(
+                            at("time"),
+                            "no event-time column reaches this window; set `time` to a TIMESTAMP column or `event_time` on the source",
+                        ))
+                    }
                 };
-                let time_column = schema_in.index_of(&time_name).ok_or_else(|| {
-                    SpecError::new(at("time"), format!("unknown column `{time_name}`; available: {}", schema_in.names()))
-                })?;
+                let time_column = schema_in
+                    .index_of(&time_name)
+                    .ok_or_else(|| SpecError::new(at("time"), format!("unknown column `{time_name}`; available: {}", schema_in.names())))?;
                 if schema_in.fields[time_column].data_type != DataType::Timestamp {
-                    return Err(SpecError::new(at("time"), format!("`{time_name}` is {}, expected TIMESTAMP", schema_in.fields[time_column].data_type)));
+                    return Err(SpecError::new(
+                        at("time"),
+                        format!("`{time_name}` is {}, expected TIMESTAMP", schema_in.fields[time_column].data_type),
+                    ));
                 }
                 let aggregates = self.aggregates(&at("aggregates"), &w.aggregates, &schema_in)?;
                 let mut fields: Vec<Field> = key.iter().map(|&k| schema_in.fields[k].clone()).collect();
@@ -777,7 +776,10 @@ impl<'a> Planner<'a> {
                 fields.push(Field::new("window_end", DataType::Timestamp));
                 for a in &aggregates {
                     if fields.iter().any(|f| f.name.eq_ignore_ascii_case(&a.name)) {
-                        return Err(SpecError::new(at("aggregates"), format!("output column `{}` appears twice; rename it with AS", a.name)));
+                        return Err(SpecError::new(
+                            at("aggregates"),
+                            format!("output column `{}` appears twice; rename it with AS", a.name),
+                        ));
                     }
                     fields.push(Field::new(a.name.clone(), a.data_type));
                 }
@@ -803,13 +805,16 @@ impl<'a> Planner<'a> {
                 let (up, port) = input.expect("lookups have an input");
                 let schema_in = input_schema((up, port));
                 let (options, columns) = connectors::lookup(&l.connector, &l.options).map_err(|m| split_field(field, &m))?;
-                let on = schema_in.index_of(&l.on).ok_or_else(|| {
-                    SpecError::new(at("on"), format!("unknown column `{}`; available: {}", l.on, schema_in.names()))
-                })?;
+                let on = schema_in
+                    .index_of(&l.on)
+                    .ok_or_else(|| SpecError::new(at("on"), format!("unknown column `{}`; available: {}", l.on, schema_in.names())))?;
                 let mut fields = schema_in.fields.clone();
                 for f in &columns.fields {
                     if schema_in.index_of(&f.name).is_some() {
-                        return Err(SpecError::new(at("options.columns"), format!("`{}` is already an input column; rename it in the table or view", f.name)));
+                        return Err(SpecError::new(
+                            at("options.columns"),
+                            format!("`{}` is already an input column; rename it in the table or view", f.name),
+                        ));
                     }
                     fields.push(f.clone());
                 }
@@ -838,21 +843,16 @@ impl<'a> Planner<'a> {
                 let (up, port) = input.expect("sinks have an input");
                 let schema_in = input_schema((up, port));
                 let mut connector = connectors::sink(&s.connector, &s.options, &schema_in).map_err(|m| split_field(field, &m))?;
-                // The leaderboard replaces the whole set per window: one instance, whatever the
-                // parallelism of the window before it (or of a rescale).
-                let single = matches!(connector, SinkConnector::Redis(_));
+                let single = connector.capabilities().single_instance;
                 if let SinkConnector::Redis(o) = &mut connector {
                     if let (OperatorKind::Window(w), Port::Main) = (&self.operators[up].kind, port) {
                         o.window_slide_ms = Some(w.slide_ms);
                     }
                 }
-                if single && s.parallelism.is_some_and(|p| p != 1) {
-                    return Err(SpecError::new(
-                        at("parallelism"),
-                        "the redis sink runs as one instance (each would replace the others' part of a window); remove `parallelism` or set it to 1",
-                    ));
+                if let Some(why) = single.filter(|_| s.parallelism.is_some_and(|p| p != 1)) {
+                    return Err(SpecError::new(at("parallelism"), format!("{why}; remove `parallelism` or set it to 1")));
                 }
-                let default = if single { 1 } else { self.operators[up].parallelism };
+                let default = if single.is_some() { 1 } else { self.operators[up].parallelism };
                 let parallelism = self.parallelism(&at("parallelism"), s.parallelism.or(Some(default)))?;
                 let partition = self.partition(field, s.partition.as_deref(), None, &schema_in, up, parallelism)?;
                 let op = Operator { name: s.name.clone(), kind: OperatorKind::Sink { connector }, parallelism, schema: schema_in };
@@ -911,7 +911,10 @@ impl<'a> Planner<'a> {
             None if parallelism == 1 => Partition::Global,
             None => Partition::Rebalance,
             Some("forward") if up_parallelism != parallelism => {
-                return Err(SpecError::new(at, format!("forward needs equal parallelism, but the input has {up_parallelism} and this stage {parallelism}")))
+                return Err(SpecError::new(
+                    at,
+                    format!("forward needs equal parallelism, but the input has {up_parallelism} and this stage {parallelism}"),
+                ))
             }
             Some("forward") => Partition::Forward,
             Some("rebalance") => Partition::Rebalance,
@@ -921,9 +924,9 @@ impl<'a> Planner<'a> {
             }
             Some("global") => Partition::Global,
             Some("hash") => {
-                let key = key.filter(|k| !k.is_empty()).ok_or_else(|| {
-                    SpecError::new(format!("{field}.key"), "partition = \"hash\" needs key = [\"column\", …]")
-                })?;
+                let key = key
+                    .filter(|k| !k.is_empty())
+                    .ok_or_else(|| SpecError::new(format!("{field}.key"), "partition = \"hash\" needs key = [\"column\", …]"))?;
                 let mut cols = Vec::new();
                 for k in key {
                     cols.push(schema_in.index_of(k).ok_or_else(|| {
@@ -933,7 +936,10 @@ impl<'a> Planner<'a> {
                 Partition::Hash(cols)
             }
             Some(other) => {
-                return Err(SpecError::new(at, format!("unknown partition `{other}`; expected forward, rebalance, hash, broadcast or global")))
+                return Err(SpecError::new(
+                    at,
+                    format!("unknown partition `{other}`; expected forward, rebalance, hash, broadcast or global"),
+                ))
             }
         };
         if key.is_some() && !matches!(p, Partition::Hash(_)) {
@@ -950,7 +956,10 @@ impl<'a> Planner<'a> {
         let mut out = Vec::new();
         for (name, ast) in items {
             let ast::Expr::Function(f) = &ast else {
-                return Err(SpecError::new(field, format!("`{ast}` is not an aggregate; expected SUM, COUNT, MIN, MAX or AVG of an expression")));
+                return Err(SpecError::new(
+                    field,
+                    format!("`{ast}` is not an aggregate; expected SUM, COUNT, MIN, MAX or AVG of an expression"),
+                ));
             };
             let func = match f.name.to_string().to_ascii_uppercase().as_str() {
                 "SUM" => AggFunc::Sum,
@@ -978,10 +987,13 @@ impl<'a> Planner<'a> {
                 (AggFunc::Avg, Some(t)) if t.is_numeric() => DataType::Float,
                 (AggFunc::Min | AggFunc::Max, Some(t)) if t != DataType::Bool => t,
                 (_, t) => {
-                    return Err(SpecError::new(field, format!(
-                        "`{ast}`: cannot aggregate {}; SUM and AVG need a number, MIN and MAX a number, string or timestamp",
-                        t.map(|t| t.to_string()).unwrap_or_default()
-                    )))
+                    return Err(SpecError::new(
+                        field,
+                        format!(
+                            "`{ast}`: cannot aggregate {}; SUM and AVG need a number, MIN and MAX a number, string or timestamp",
+                            t.map(|t| t.to_string()).unwrap_or_default()
+                        ),
+                    ))
                 }
             };
             out.push(Aggregate { name, func, arg, data_type });
@@ -1201,6 +1213,16 @@ mod shipped_specs {
         assert!(names.contains(&"engagement_pct") && names.contains(&"slug"), "{names:?}");
     }
 
+    /// The same spec plans to the same fingerprint every time; another parallelism (or any other
+    /// change of the plan) to another.
+    #[test]
+    fn a_plan_fingerprint_is_stable_and_tells_plans_apart() {
+        let text = substitute_env(include_str!("../specs/process.toml"), |_| None).unwrap();
+        let one = crate::compile_with_parallelism(&text, None).unwrap();
+        assert_eq!(one.fingerprint(), crate::compile_with_parallelism(&text, None).unwrap().fingerprint());
+        assert_ne!(one.fingerprint(), crate::compile_with_parallelism(&text, Some(3)).unwrap().fingerprint());
+    }
+
     /// `eddy rescale JOB 2` on each shipped spec plans, and the stages that must run as one task
     /// (the CDC source: one slot is one stream; the Redis sink) stay at one.
     #[test]
@@ -1214,12 +1236,12 @@ mod shipped_specs {
             let text = substitute_env(text, |_| None).unwrap();
             let plan = crate::compile_with_parallelism(&text, Some(2)).unwrap_or_else(|e| panic!("{name}: {e}"));
             for o in &plan.operators {
-                let single = matches!(
-                    &o.kind,
-                    super::OperatorKind::Source { connector: crate::connectors::SourceConnector::PostgresCdc(_), .. }
-                        | super::OperatorKind::Sink { connector: crate::connectors::SinkConnector::Redis(_) }
-                );
-                if single {
+                let single = match &o.kind {
+                    super::OperatorKind::Source { connector, .. } => connector.capabilities().single_instance,
+                    super::OperatorKind::Sink { connector } => connector.capabilities().single_instance,
+                    _ => None,
+                };
+                if single.is_some() {
                     assert_eq!(o.parallelism, 1, "{name}: {}", o.name);
                 }
             }

@@ -218,18 +218,13 @@ fn key_at(text: &str, offset: usize) -> String {
 
 /// Replaces `${VAR}` with the variable's value and `${VAR:-default}` with the value or the default.
 /// A `${VAR}` whose variable is unset is an error naming it.
-pub fn substitute_env(
-    text: &str,
-    lookup: impl Fn(&str) -> Option<String>,
-) -> Result<String, SpecError> {
+pub fn substitute_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, SpecError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| {
-            SpecError::new("", format!("unterminated `${{` near `{}`", first_line(&rest[start..])))
-        })?;
+        let end = after.find('}').ok_or_else(|| SpecError::new("", format!("unterminated `${{` near `{}`", first_line(&rest[start..]))))?;
         let inner = &after[..end];
         let (name, default) = match inner.split_once(":-") {
             Some((n, d)) => (n, Some(d)),
@@ -242,10 +237,7 @@ pub fn substitute_env(
             (Some(v), _) => out.push_str(&v),
             (None, Some(d)) => out.push_str(d),
             (None, None) => {
-                return Err(SpecError::new(
-                    "",
-                    format!("environment variable `{name}` is not set; set it or write `${{{name}:-default}}`"),
-                ))
+                return Err(SpecError::new("", format!("environment variable `{name}` is not set; set it or write `${{{name}:-default}}`")))
             }
         }
         rest = &after[end + 1..];
@@ -256,24 +248,6 @@ pub fn substitute_env(
 
 fn first_line(s: &str) -> &str {
     s.lines().next().unwrap_or(s)
-}
-
-/// Parses a duration such as `500ms`, `5s`, `10m`, `1h` into milliseconds.
-pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
-    let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: i64 = num
-        .parse()
-        .map_err(|_| format!("bad duration `{text}`: expected a whole number and a unit (ms, s, m, h), e.g. `5s`"))?;
-    let scale = match unit.trim() {
-        "ms" => 1,
-        "s" | "sec" => 1_000,
-        "m" | "min" => 60_000,
-        "h" => 3_600_000,
-        _ => return Err(format!("bad duration `{text}`: unknown unit `{}`; use ms, s, m or h, e.g. `5s`", unit.trim())),
-    };
-    n.checked_mul(scale).ok_or_else(|| format!("bad duration `{text}`: too large"))
 }
 
 #[cfg(test)]
@@ -297,18 +271,8 @@ mod tests {
     }
 
     #[test]
-    fn durations() {
-        assert_eq!(parse_duration_ms("10m"), Ok(600_000));
-        assert_eq!(parse_duration_ms("5s"), Ok(5_000));
-        assert_eq!(parse_duration_ms("250ms"), Ok(250));
-        assert!(parse_duration_ms("5 parsecs").unwrap_err().contains("unknown unit"));
-        assert!(parse_duration_ms("fast").unwrap_err().contains("bad duration"));
-    }
-
-    #[test]
     fn unknown_field_is_named() {
-        let e = JobSpec::parse("name = \"j\"\n[[source]]\nname = \"s\"\nconnector = \"generator\"\nparalelism = 2\n")
-            .unwrap_err();
+        let e = JobSpec::parse("name = \"j\"\n[[source]]\nname = \"s\"\nconnector = \"generator\"\nparalelism = 2\n").unwrap_err();
         assert!(e.to_string().contains("paralelism"), "{e}");
         assert!(e.field.contains("source"), "{e:?}");
     }

@@ -1,5 +1,7 @@
-//! Timestamps: Eddy keeps them as milliseconds since the Unix epoch (UTC); these convert to and from
-//! text (`YYYY-MM-DD HH:MM:SS[.fff]`, ISO 8601 with `T` and an offset, PostgreSQL's `timestamptz`).
+//! Time, in one place: Eddy keeps timestamps as milliseconds since the Unix epoch (UTC); these
+//! convert them to and from text (`YYYY-MM-DD HH:MM:SS[.fff]`, ISO 8601 with `T` and an offset), read
+//! PostgreSQL's text output exactly ([`parse_postgres_timestamp`]: BC years, offsets with seconds,
+//! `±infinity`) and read durations (`5s`).
 
 use std::fmt::Write;
 
@@ -150,11 +152,7 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
                 if frac.is_empty() {
                     return None;
                 }
-                ms = frac
-                    .iter()
-                    .chain(std::iter::repeat(&b'0'))
-                    .take(3)
-                    .fold(0, |acc, d| acc * 10 + i64::from(d - b'0'));
+                ms = frac.iter().chain(std::iter::repeat(&b'0')).take(3).fold(0, |acc, d| acc * 10 + i64::from(d - b'0'));
             }
         }
         if h > 23 || mi > 59 || sec > 59 {
@@ -203,9 +201,157 @@ pub fn format_iso8601(ms: i64) -> String {
     s
 }
 
+/// Parses a duration such as `500ms`, `5s`, `10m`, `1h` into milliseconds.
+pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: i64 = num.parse().map_err(|_| format!("bad duration `{text}`: expected a whole number and a unit (ms, s, m, h), e.g. `5s`"))?;
+    let scale = match unit.trim() {
+        "ms" => 1,
+        "s" | "sec" => 1_000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        _ => return Err(format!("bad duration `{text}`: unknown unit `{}`; use ms, s, m or h, e.g. `5s`", unit.trim())),
+    };
+    n.checked_mul(scale).ok_or_else(|| format!("bad duration `{text}`: too large"))
+}
+
+/// Milliseconds since the Unix epoch of PostgreSQL's ISO text for `timestamptz`, `timestamp` (no
+/// offset: UTC) or `date`: `YYYY-MM-DD[ HH:MM:SS[.f…]][±HH[:MM[:SS]]][ BC]`, or `±infinity`.
+/// Fractions of a millisecond are dropped (rounded towards the past).
+pub fn parse_postgres_timestamp(text: &str) -> std::result::Result<i64, String> {
+    match text {
+        "infinity" => return Ok(i64::MAX),
+        "-infinity" => return Ok(i64::MIN),
+        _ => {}
+    }
+    let bad = || format!("`{text}` is not a timestamp like `2024-05-01 12:34:56.789+00`");
+    let (body, bc) = match text.strip_suffix(" BC") {
+        Some(body) => (body, true),
+        None => (text, false),
+    };
+    let mut p = Scan { s: body.as_bytes(), i: 0 };
+    let year = p.digits(4, 9).ok_or_else(bad)?;
+    let year = if bc { 1 - year } else { year };
+    p.expect(b'-').ok_or_else(bad)?;
+    let month = p.digits(2, 2).ok_or_else(bad)?;
+    p.expect(b'-').ok_or_else(bad)?;
+    let day = p.digits(2, 2).ok_or_else(bad)?;
+    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
+        return Err(bad());
+    }
+    let (mut hour, mut minute, mut second, mut nanos) = (0, 0, 0, 0);
+    if p.expect(b' ').or_else(|| p.expect(b'T')).is_some() {
+        hour = p.digits(2, 2).ok_or_else(bad)?;
+        p.expect(b':').ok_or_else(bad)?;
+        minute = p.digits(2, 2).ok_or_else(bad)?;
+        p.expect(b':').ok_or_else(bad)?;
+        second = p.digits(2, 2).ok_or_else(bad)?;
+        if p.expect(b'.').is_some() {
+            let start = p.i;
+            let fraction = p.digits(1, 9).ok_or_else(bad)?;
+            nanos = fraction * 10i64.pow(9 - (p.i - start) as u32);
+        }
+        if hour > 24 || minute > 59 || second > 60 {
+            return Err(bad());
+        }
+    }
+    let mut offset = 0;
+    let sign = match p.s.get(p.i) {
+        Some(b'+') => 1,
+        Some(b'-') => -1,
+        _ => 0,
+    };
+    if sign != 0 {
+        p.i += 1;
+        let hours = p.digits(2, 2).ok_or_else(bad)?;
+        let mut minutes = 0;
+        let mut seconds = 0;
+        if p.expect(b':').is_some() {
+            minutes = p.digits(2, 2).ok_or_else(bad)?;
+            if p.expect(b':').is_some() {
+                seconds = p.digits(2, 2).ok_or_else(bad)?;
+            }
+        }
+        offset = sign * (hours * 3600 + minutes * 60 + seconds);
+    }
+    if p.i != p.s.len() {
+        return Err(bad());
+    }
+    let seconds = days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset;
+    seconds.checked_mul(1000).and_then(|ms| ms.checked_add(nanos / 1_000_000)).ok_or_else(bad)
+}
+
+/// A cursor over ASCII text.
+struct Scan<'a> {
+    s: &'a [u8],
+    i: usize,
+}
+
+impl Scan<'_> {
+    /// `min..=max` decimal digits (as many as there are, up to `max`).
+    fn digits(&mut self, min: usize, max: usize) -> Option<i64> {
+        let start = self.i;
+        let mut value: i64 = 0;
+        while self.i < self.s.len() && self.i - start < max && self.s[self.i].is_ascii_digit() {
+            value = value * 10 + i64::from(self.s[self.i] - b'0');
+            self.i += 1;
+        }
+        (self.i - start >= min).then_some(value)
+    }
+
+    fn expect(&mut self, byte: u8) -> Option<()> {
+        (self.s.get(self.i) == Some(&byte)).then(|| self.i += 1)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn timestamps_from_postgres_text() {
+        let ok = |text: &str| parse_postgres_timestamp(text).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok("2024-05-01 12:34:56.789+00"), 1_714_566_896_789);
+        assert_eq!(ok("2024-05-01 12:34:56.789123+00"), 1_714_566_896_789);
+        assert_eq!(ok("2024-05-01 18:04:56.789+05:30"), 1_714_566_896_789);
+        assert_eq!(ok("2024-05-01 04:34:56.789-08"), 1_714_566_896_789);
+        assert_eq!(ok("2024-05-01T12:34:56.789"), 1_714_566_896_789, "timestamp without time zone is UTC");
+        assert_eq!(ok("2024-05-01 12:34:56.7+00"), 1_714_566_896_700);
+        assert_eq!(ok("2024-02-29"), 1_709_164_800_000, "a date is its midnight");
+        assert_eq!(ok("1970-01-01 00:00:00+00"), 0);
+        assert_eq!(ok("1969-12-31 23:59:59.9995+00"), -1, "sub-millisecond parts round towards the past");
+        assert_eq!(ok("1883-11-18 12:03:58-04:56:02"), -2_717_650_800_000, "historic offsets have seconds");
+        assert_eq!(ok("9999-12-31 23:59:59.999999+00"), 253_402_300_799_999);
+        assert_eq!(ok("10000-01-01 00:00:00+00"), 253_402_300_800_000);
+        assert_eq!(ok("0044-03-15 12:00:00+00 BC"), -63_517_780_800_000);
+        assert_eq!(ok("infinity"), i64::MAX);
+        assert_eq!(ok("-infinity"), i64::MIN);
+        for bad in [
+            "",
+            "yesterday",
+            "2024-13-01 00:00:00+00",
+            "2024-02-30",
+            "2023-02-29",
+            "2024-05-01 12:34+00",
+            "2024-05-01 12:34:56+0",
+            "2024-05-01 12:34:56.+00",
+            "2024-05-01 12:34:56+00 junk",
+            "24-05-01",
+        ] {
+            assert!(parse_postgres_timestamp(bad).is_err(), "`{bad}` should not parse");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration_ms("10m"), Ok(600_000));
+        assert_eq!(parse_duration_ms("5s"), Ok(5_000));
+        assert_eq!(parse_duration_ms("250ms"), Ok(250));
+        assert!(parse_duration_ms("5 parsecs").unwrap_err().contains("unknown unit"));
+        assert!(parse_duration_ms("fast").unwrap_err().contains("bad duration"));
+    }
 
     #[test]
     fn iso_timestamps() {

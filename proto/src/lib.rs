@@ -4,6 +4,8 @@
 
 tonic::include_proto!("eddy.v1");
 
+pub mod layout;
+
 /// Every long-lived gRPC connection between Eddy's processes (a worker's control stream to the
 /// coordinator, the data exchange between workers) pings its peer this often, from both ends, even
 /// when idle: a peer gone without closing its socket (a host that died, a network that split) is

@@ -27,10 +27,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::checkpoint::{Storage, TaskCommand};
+use crate::checkpoint::Storage;
 use crate::config::WorkerConfig;
 use crate::exchange::{Inboxes, Peers};
-use crate::task::{self, TaskContext, TaskMetrics};
+use crate::operator::TaskMetrics;
+use crate::task::{self, TaskCommand, TaskContext};
 
 struct RunningJob {
     attempt: u64,
@@ -280,7 +281,15 @@ impl Control {
         }
         self.inboxes.fence(&d.job_id, d.attempt);
         let cancel = self.shutdown.child_token();
-        let plan = eddy_jobs::compile_with_parallelism(&d.spec, (d.parallelism > 0).then_some(d.parallelism));
+        let plan = eddy_jobs::compile_with_parallelism(&d.spec, (d.parallelism > 0).then_some(d.parallelism))
+            .map_err(|e| e.to_string())
+            .and_then(|p| match (p.fingerprint(), d.plan_fingerprint) {
+                (ours, theirs) if theirs != 0 && ours != theirs => Err(format!(
+                    "this worker plans the spec differently from the coordinator (plan {ours:016x}, the coordinator's \
+                     {theirs:016x}): run the same version of Eddy on the coordinator and every worker"
+                )),
+                _ => Ok(p),
+            });
         let released = Arc::new(AtomicBool::new(false));
         let mut job = RunningJob { attempt: d.attempt, cancel: cancel.clone(), released: released.clone(), tasks: HashMap::new() };
         let mut placement = HashMap::new();

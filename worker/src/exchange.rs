@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eddy_jobs::plan::{Partition, Port};
+use eddy_jobs::plan::{Partition, Plan, Port};
 use eddy_jobs::TaskId;
 use eddy_proto::data_service_client::DataServiceClient;
 use eddy_proto::data_service_server::DataService;
@@ -28,7 +28,6 @@ use crate::batch::{row_bytes, Batch, Message};
 use crate::codec;
 use crate::error::{Result, TaskError};
 use crate::keys::{hash_key, key_group, subtask_for};
-use crate::task::TaskContext;
 
 /// Most rows a batch carries before it is sent.
 pub const BATCH_ROWS: usize = 1024;
@@ -224,6 +223,22 @@ impl Peers {
     }
 }
 
+/// What the exchange needs to know of the task whose outputs it opens.
+pub struct Wiring<'a> {
+    pub job_id: &'a str,
+    /// The job's attempt: a channel of an older attempt is refused.
+    pub attempt: u64,
+    /// The sending task.
+    pub task: TaskId,
+    pub plan: &'a Plan,
+    /// Data address of every task of the job.
+    pub placement: &'a HashMap<TaskId, String>,
+    /// This worker's data address: receivers placed here are reached through `inboxes`.
+    pub local_address: &'a str,
+    pub inboxes: &'a Inboxes,
+    pub peers: &'a Peers,
+}
+
 /// The sending end of one channel to one receiving task.
 pub enum Output {
     /// Same worker: straight into the receiver's inbox.
@@ -234,25 +249,18 @@ pub enum Output {
 
 impl Output {
     /// Opens a channel from the task of `ctx` to `receiver` at `address`, whose input `input` it is.
-    pub fn open(ctx: &TaskContext, receiver: TaskId, input: usize, address: &str) -> Result<Output> {
-        let (job, attempt) = (ctx.job_id.as_str(), ctx.attempt);
+    pub fn open(ctx: &Wiring, receiver: TaskId, input: usize, address: &str) -> Result<Output> {
+        let (job, attempt) = (ctx.job_id, ctx.attempt);
         let inputs = ctx.plan.inputs(receiver).len();
         if address == ctx.local_address {
-            let tx = ctx
-                .inboxes
-                .sender(&(job.to_string(), attempt, receiver), input, inputs)
-                .map_err(|e| TaskError::internal(e.to_string()))?;
+            let tx =
+                ctx.inboxes.sender(&(job.to_string(), attempt, receiver), input, inputs).map_err(|e| TaskError::internal(e.to_string()))?;
             return Ok(Output::Local { tx, input });
         }
         let mut client = ctx.peers.client(address)?;
         let (tx, rx) = mpsc::channel(REMOTE_BUFFER);
-        let header = ChannelHeader {
-            job_id: job.to_string(),
-            attempt,
-            task_id: receiver.to_string(),
-            input: input as u32,
-            inputs: inputs as u32,
-        };
+        let header =
+            ChannelHeader { job_id: job.to_string(), attempt, task_id: receiver.to_string(), input: input as u32, inputs: inputs as u32 };
         let first = ExchangeFrame { header: Some(header), payload: Vec::new() };
         let frames = tokio_stream::once(first).chain(ReceiverStream::new(rx));
         let target = address.to_string();
@@ -268,15 +276,12 @@ impl Output {
     /// Sends one message, waiting while the receiver is full.
     pub async fn send(&self, msg: Message) -> Result<()> {
         match self {
-            Output::Local { tx, input } => tx
-                .send(Delivery { input: *input, msg })
-                .await
-                .map_err(|_| TaskError::internal("downstream task is gone")),
+            Output::Local { tx, input } => {
+                tx.send(Delivery { input: *input, msg }).await.map_err(|_| TaskError::internal("downstream task is gone"))
+            }
             Output::Remote { tx, address } => {
                 let frame = ExchangeFrame { header: None, payload: codec::encode(&msg) };
-                tx.send(frame)
-                    .await
-                    .map_err(|_| TaskError::internal(format!("lost the data connection to worker {address}")))
+                tx.send(frame).await.map_err(|_| TaskError::internal(format!("lost the data connection to worker {address}")))
             }
         }
     }
@@ -301,16 +306,14 @@ pub struct Router {
 
 impl Router {
     /// Opens the outputs of the task of `ctx` for every edge leaving its vertex.
-    pub fn open(ctx: &TaskContext) -> Result<Router> {
-        let (plan, task) = (&ctx.plan, ctx.task);
+    pub fn open(ctx: &Wiring) -> Result<Router> {
+        let (plan, task) = (ctx.plan, ctx.task);
         let mut edges = Vec::new();
         for (i, edge) in plan.edges.iter().enumerate().filter(|(_, e)| e.from == task.vertex) {
             let mut outputs = Vec::new();
             for (receiver, input) in plan.outputs(task, i) {
-                let address = ctx
-                    .placement
-                    .get(&receiver)
-                    .ok_or_else(|| TaskError::internal(format!("no placement for task {receiver}")))?;
+                let address =
+                    ctx.placement.get(&receiver).ok_or_else(|| TaskError::internal(format!("no placement for task {receiver}")))?;
                 outputs.push(Output::open(ctx, receiver, input, address)?);
             }
             let n = outputs.len();
@@ -457,7 +460,6 @@ impl DataService for DataServer {
         Ok(Response::new(ExchangeAck {}))
     }
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -38,6 +38,28 @@ pub fn row_to_json(schema: &Schema, row: &[Value], columns: Option<&[usize]>) ->
     map
 }
 
+/// A string as a JSON string literal.
+pub fn json_string(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// Some columns of a row as the text of a JSON object, in their order: each column is given as its
+/// name already quoted (by [`json_string`], once, not per row) and its index in the row.
+pub fn object_text(columns: &[(String, usize)], row: &[Value]) -> String {
+    let mut out = String::with_capacity(32 * columns.len() + 2);
+    out.push('{');
+    for (i, (name, idx)) in columns.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(name);
+        out.push(':');
+        out.push_str(&to_json(row.get(*idx).unwrap_or(&Value::Null)).to_string());
+    }
+    out.push('}');
+    out
+}
+
 /// A JSON value read as `ty`; the error says what was found.
 pub fn from_json(j: &Json, ty: DataType) -> Result<Value, String> {
     Ok(match (j, ty) {
@@ -112,5 +134,15 @@ mod tests {
         let e = row_from_json(&schema, &serde_json::json!({"id": "seven"})).unwrap_err();
         assert!(e.contains("field `id`"), "{e}");
         assert!(row_from_json(&schema, &serde_json::json!([1])).unwrap_err().contains("JSON object"));
+    }
+
+    #[test]
+    fn object_text_has_the_chosen_columns_in_order() {
+        let row = vec![Value::Int(42), Value::string("a\"b\n"), Value::Timestamp(1_714_566_896_789), Value::Float(f64::NAN), Value::Null];
+        let cols: Vec<(String, usize)> =
+            [("id", 0), ("ts", 2), ("text", 1), ("nan", 3), ("gone", 4)].iter().map(|(n, i)| (json_string(n), *i)).collect();
+        let body = object_text(&cols, &row);
+        assert_eq!(body, r#"{"id":42,"ts":"2024-05-01T12:34:56.789Z","text":"a\"b\n","nan":null,"gone":null}"#);
+        assert_eq!(serde_json::from_str::<Json>(&body).unwrap()["ts"], "2024-05-01T12:34:56.789Z");
     }
 }

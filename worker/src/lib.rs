@@ -5,6 +5,7 @@
 //! [`task`] for the runtime, [`exchange`] for routing and backpressure, [`operators`] for transforms
 //! and windows, [`connectors`] for sources and sinks, [`control`] for the coordinator session.
 
+pub mod align;
 pub mod batch;
 pub mod checkpoint;
 pub mod codec;
@@ -15,10 +16,13 @@ pub mod error;
 pub mod exchange;
 pub mod json;
 pub mod keys;
+pub mod operator;
 pub mod operators;
 pub mod retry;
 pub mod state;
 pub mod task;
+#[cfg(test)]
+mod testing;
 pub mod workdir;
 
 use std::sync::Arc;

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::task::TaskMetrics;
+use crate::operator::TaskMetrics;
 
 /// Backoff settings: the first delay, the longest, and how long to keep trying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,8 +23,7 @@ pub struct Policy {
 
 impl Policy {
     /// The default for sinks and lookups: 100 ms doubling to 5 s, for up to 5 minutes.
-    pub const DEFAULT: Policy =
-        Policy { first: Duration::from_millis(100), max: Duration::from_secs(5), budget: Duration::from_secs(300) };
+    pub const DEFAULT: Policy = Policy { first: Duration::from_millis(100), max: Duration::from_secs(5), budget: Duration::from_secs(300) };
 
     /// Starts counting one operation's attempts.
     pub fn start(self) -> Retry {
@@ -61,11 +60,7 @@ impl Retry {
     pub fn next_delay_after(&mut self, error: &dyn Display) -> Option<Duration> {
         let delay = self.next_delay()?;
         if let Some((metrics, what)) = &self.report {
-            metrics.set_retrying(format!(
-                "{what}: {error} (retry {} after {} s)",
-                self.failures,
-                self.started.elapsed().as_secs()
-            ));
+            metrics.set_retrying(format!("{what}: {error} (retry {} after {} s)", self.failures, self.started.elapsed().as_secs()));
         }
         Some(delay)
     }
@@ -99,7 +94,10 @@ impl Retry {
 /// jitter).
 fn random() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos() ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u128(
+        Instant::now().elapsed().as_nanos()
+            ^ std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos()),
+    );
     h.finish()
 }
 

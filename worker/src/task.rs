@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,79 +23,26 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
 
+use crate::align::{Aligner, Offer};
 use crate::batch::{Batch, Message};
-use crate::checkpoint::{self, Aligner, Offer, Storage, TaskCommand, Uploader};
-use crate::connectors::{self, ConnectorContext, Progress, Sink, Source};
+use crate::checkpoint::{self, Storage, Uploader};
+use crate::connectors;
 use crate::error::{Result, TaskError};
-use crate::exchange::{Inboxes, Peers, Router};
+use crate::exchange::{Inboxes, Peers, Router, Wiring};
 use crate::keys::{groups_overlap, key_group_range};
-use crate::operators::{self, Collector, Operator, OperatorContext, OperatorSnapshot};
+use crate::operator::{
+    future_horizon_ms, Collector, ConnectorContext, Operator, OperatorContext, OperatorSnapshot, Progress, RestoredState, Sink, Source,
+    TaskMetrics,
+};
+use crate::operators;
 
-/// Live counters of one task, read by heartbeats.
-#[derive(Debug)]
-pub struct TaskMetrics {
-    /// Rows read by the first operator.
-    pub records_in: AtomicU64,
-    /// Rows written by the last operator.
-    pub records_out: AtomicU64,
-    /// Rows found late by windows.
-    pub late_records: AtomicU64,
-    /// Current watermark (ms).
-    pub watermark: AtomicI64,
-    /// Batches read.
-    pub batches_in: AtomicU64,
-    /// Batches written.
-    pub batches_out: AtomicU64,
-    /// Records skipped or dead-lettered by a bad-record policy.
-    pub dead_lettered: AtomicU64,
-    /// Connector figures (snapshot progress, lag, …), by name.
-    pub gauges: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
-    /// The error a connector is retrying now (empty when none); see `crate::retry`.
-    pub retrying: std::sync::Mutex<String>,
-}
-
-impl TaskMetrics {
-    /// Sets a connector gauge.
-    pub fn set_gauge(&self, name: &str, value: i64) {
-        let mut g = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
-        match g.get_mut(name) {
-            Some(v) => *v = value,
-            None => {
-                g.insert(name.to_string(), value);
-            }
-        }
-    }
-
-    /// A copy of the gauges.
-    pub fn gauges(&self) -> std::collections::BTreeMap<String, i64> {
-        self.gauges.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    /// Says which error is being retried now (empty: none).
-    pub fn set_retrying(&self, what: String) {
-        *self.retrying.lock().unwrap_or_else(|e| e.into_inner()) = what;
-    }
-
-    /// The error being retried now, if any.
-    pub fn retrying(&self) -> String {
-        self.retrying.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-}
-
-impl Default for TaskMetrics {
-    fn default() -> TaskMetrics {
-        TaskMetrics {
-            records_in: AtomicU64::new(0),
-            records_out: AtomicU64::new(0),
-            late_records: AtomicU64::new(0),
-            watermark: AtomicI64::new(i64::MIN),
-            batches_in: AtomicU64::new(0),
-            batches_out: AtomicU64::new(0),
-            dead_lettered: AtomicU64::new(0),
-            gauges: Default::default(),
-            retrying: Default::default(),
-        }
-    }
+/// Orders for a running task from the worker's control loop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskCommand {
+    /// Sources only: inject barrier `n`.
+    Trigger(u64),
+    /// Checkpoint `n` is complete.
+    Complete(u64),
 }
 
 /// Everything a task needs to run.
@@ -189,8 +136,6 @@ impl Chain {
         if late.is_empty() {
             return Ok(());
         }
-        let total: u64 = self.ops.iter().map(|o| o.late_records()).sum();
-        self.metrics.late_records.store(total, Ordering::Relaxed);
         for b in late {
             self.emit(Port::Late, b).await?;
         }
@@ -230,7 +175,7 @@ impl Chain {
     async fn end(&mut self) -> Result<()> {
         for i in 0..self.ops.len() {
             let mut out = Collector::default();
-            self.ops[i].on_end(&mut out).await?;
+            self.ops[i].finish(&mut out).await?;
             self.emit_late(out.late).await?;
             for b in out.main {
                 self.push_from(i + 1, b).await?;
@@ -256,8 +201,11 @@ impl Chain {
         }
     }
 
-    /// Time passes: lets a sink flush what has waited long enough.
+    /// Time passes: lets the operators keep house and a sink flush what has waited long enough.
     async fn tick(&mut self) -> Result<()> {
+        for op in &mut self.ops {
+            op.tick().await?;
+        }
         match &mut self.tail {
             Tail::Sink(s) => s.tick().await,
             Tail::Router(_) => Ok(()),
@@ -283,17 +231,15 @@ impl Chain {
         }
         let mut failure = None;
         for (op, index) in self.ops.iter_mut().zip(&self.op_indices) {
-            match op.snapshot(&scratch.join(format!("op{index}"))).await {
+            match op.snapshot(id, &scratch.join(format!("op{index}"))).await {
                 Ok(s) => snapshots.push((*index, s)),
                 Err(e) => failure = Some(e),
             }
         }
         match &mut self.tail {
             Tail::Sink(s) => {
-                let inline = s.on_barrier(id).await?;
-                if let Some(index) = self.sink_index {
-                    snapshots.push((index, OperatorSnapshot { inline, files: None }));
-                }
+                let index = self.sink_index.ok_or_else(|| TaskError::internal("a sink without its place in the plan"))?;
+                snapshots.push((index, s.snapshot(id, &scratch.join(format!("op{index}"))).await?));
             }
             Tail::Router(r) => r.broadcast(Message::Barrier(id)).await?,
         }
@@ -328,6 +274,9 @@ impl Chain {
 
     /// Checkpoint `id` is complete.
     async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
+        for op in &mut self.ops {
+            op.checkpoint_complete(id).await?;
+        }
         match &mut self.tail {
             Tail::Sink(s) => s.checkpoint_complete(id).await,
             Tail::Router(_) => Ok(()),
@@ -383,7 +332,7 @@ pub async fn run(mut ctx: TaskContext) -> Result<()> {
         }
     };
     let restored_id = ctx.restore.as_ref().map(|m| m.checkpoint_id);
-    let connector_ctx = |o: usize, restore: Vec<operators::RestoredState>| ConnectorContext {
+    let connector_ctx = |o: usize, restore: Vec<RestoredState>| ConnectorContext {
         job_id: ctx.job_id.clone(),
         task: ctx.task,
         parallelism: vertex.parallelism,
@@ -418,10 +367,9 @@ pub async fn run(mut ctx: TaskContext) -> Result<()> {
                     state_dir: ctx.dir.join(format!("op{o}")),
                     key_groups: key_groups.clone(),
                     restore: fetch(o, matches!(kind, OperatorKind::Window(_))).await?,
+                    metrics: ctx.metrics.clone(),
                 };
-                ops.push(
-                    operators::build(&plan, o, octx, &ctx.metrics).await?.ok_or_else(|| TaskError::internal("operator has no builder"))?,
-                );
+                ops.push(operators::build(&plan, o, octx).await?.ok_or_else(|| TaskError::internal("operator has no builder"))?);
                 op_indices.push(o);
             }
         }
@@ -438,7 +386,16 @@ pub async fn run(mut ctx: TaskContext) -> Result<()> {
     let _ = tokio::fs::remove_dir_all(&restore_dir).await;
     let tail = match sink {
         Some(s) => Tail::Sink(s),
-        None => Tail::Router(Router::open(ctx)?),
+        None => Tail::Router(Router::open(&Wiring {
+            job_id: &ctx.job_id,
+            attempt: ctx.attempt,
+            task: ctx.task,
+            plan: &ctx.plan,
+            placement: &ctx.placement,
+            local_address: &ctx.local_address,
+            inboxes: &ctx.inboxes,
+            peers: &ctx.peers,
+        })?),
     };
     let checkpoints = ctx.storage.as_ref().map(|storage| Checkpoints {
         uploader: Arc::new(Uploader::new(storage.clone(), &ctx.job_id, &ctx.task.to_string())),
@@ -493,7 +450,7 @@ impl WatermarkGenerator {
         let col = self.event_time.column;
         // A record stamped far beyond the wall clock (a typo, a year 2200) cannot move the
         // watermark: it would make every later record late, for good.
-        let horizon = operators::future_horizon_ms();
+        let horizon = future_horizon_ms();
         for row in &batch.rows {
             if let Value::Timestamp(t) = row[col] {
                 if t <= horizon {
@@ -542,7 +499,7 @@ impl WatermarkGenerator {
 }
 
 async fn run_source(
-    mut source: Box<dyn connectors::Source>,
+    mut source: Box<dyn Source>,
     index: usize,
     event_time: Option<EventTime>,
     chain: &mut Chain,

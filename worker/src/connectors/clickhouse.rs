@@ -34,6 +34,7 @@
 //! counted in `dead_lettered`). `finish` inserts what is left. Gauges: `rows_written`, `insert_retries`.
 
 use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -47,12 +48,11 @@ use tokio::time::Instant;
 
 use serde_json::Value as Json;
 
-use super::http::json_string;
-use super::{ConnectorContext, DeadLetters, Sink};
-use crate::retry::Policy;
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
-use crate::task::TaskMetrics;
+use crate::json::json_string;
+use crate::operator::{ConnectorContext, DeadLetters, OperatorSnapshot, Sink, TaskMetrics};
+use crate::retry::Policy;
 
 /// Batches queued between `write` and the writer task.
 const QUEUED_BATCHES: usize = 2;
@@ -89,7 +89,7 @@ impl ClickHouseSink {
                 o.url
             )));
         }
-        let flush_interval = eddy_jobs::spec::parse_duration_ms(&o.flush_interval)
+        let flush_interval = eddy_jobs::time::parse_duration_ms(&o.flush_interval)
             .map_err(|e| TaskError::user(format!("clickhouse sink: options.flush_interval: {e}")))?;
         let client = Client::default().with_url(&o.url).with_validation(false).with_compression(Compression::None);
         let writer = Writer {
@@ -149,7 +149,7 @@ impl Sink for ClickHouseSink {
         Ok(())
     }
 
-    async fn on_barrier(&mut self, _id: u64) -> Result<Vec<u8>> {
+    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
         // Rows before the barrier are not read again after a restore: insert them first.
         let Some(batches) = &self.batches else {
             return Err(TaskError::internal("clickhouse sink: checkpoint after finish"));
@@ -160,7 +160,7 @@ impl Sink for ClickHouseSink {
             self.writer_outcome().await?;
             return Err(TaskError::internal("clickhouse sink: the writer stopped early"));
         }
-        Ok(Vec::new())
+        Ok(OperatorSnapshot::default())
     }
 
     async fn on_watermark(&mut self, _watermark: i64) -> Result<()> {
@@ -236,9 +236,8 @@ impl Column {
             (Value::Timestamp(ms), ColumnKind::DateTime) => Some(ms.div_euclid(1000) as i128),
             (Value::Timestamp(ms), ColumnKind::Date) => Some(ms.div_euclid(86_400_000) as i128),
             (Value::Timestamp(ms), ColumnKind::DateTime64) => {
-                return (*ms < DATETIME64_MS.0 || *ms > DATETIME64_MS.1).then(|| {
-                    format!("{} is outside {}'s range (1900 to 2299)", eddy_jobs::time::format_iso8601(*ms), self.type_name)
-                });
+                return (*ms < DATETIME64_MS.0 || *ms > DATETIME64_MS.1)
+                    .then(|| format!("{} is outside {}'s range (1900 to 2299)", eddy_jobs::time::format_iso8601(*ms), self.type_name));
             }
             (Value::Timestamp(ms), ColumnKind::Number) => Some(*ms as i128),
             (Value::Int(i), ColumnKind::Number | ColumnKind::DateTime | ColumnKind::Date) => Some(*i as i128),
@@ -649,11 +648,7 @@ impl Writer {
     /// A row the table cannot hold: to the dead letters, with why.
     fn dead_letter(&self, row: &str, why: &str) -> Result<()> {
         tracing::warn!(job_id = %self.job_id, task = %self.task, table = %self.target, error = %why, "clickhouse sink: row dead-lettered");
-        self.dead_letters.record(&format!(
-            "{{\"table\":{},\"row\":{row},\"error\":{}}}",
-            json_string(&self.target),
-            json_string(why)
-        ))
+        self.dead_letters.record(&format!("{{\"table\":{},\"row\":{row},\"error\":{}}}", json_string(&self.target), json_string(why)))
     }
 
     /// Reads the table's columns and sorting key and matches them to the input.
@@ -934,11 +929,7 @@ mod tests {
     static SERVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     fn clickhouse_url() -> Option<String> {
-        let url = std::env::var("EDDY_TEST_CLICKHOUSE_URL").ok();
-        if url.is_none() {
-            eprintln!("skipped: set EDDY_TEST_CLICKHOUSE_URL=http://127.0.0.1:PORT to run against a real ClickHouse");
-        }
-        url
+        crate::testing::service("EDDY_TEST_CLICKHOUSE_URL", "http://127.0.0.1:PORT")
     }
 
     fn ctx() -> ConnectorContext {
@@ -1081,10 +1072,7 @@ mod tests {
     #[tokio::test]
     async fn clickhouse_outage_loses_nothing() {
         let Some(url) = clickhouse_url() else { return };
-        let Ok(ctl) = std::env::var("EDDY_TEST_SERVICES_CTL") else {
-            eprintln!("skipped: set EDDY_TEST_SERVICES_CTL to scripts/services.sh (it takes `stop clickhouse` / `start clickhouse`)");
-            return;
-        };
+        let Some(ctl) = crate::testing::service("EDDY_TEST_SERVICES_CTL", "scripts/services.sh") else { return };
         let _server = SERVER.lock().await;
         let table = "eddy_test_outage";
         fresh_table(&url, table).await;

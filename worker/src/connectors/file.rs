@@ -14,6 +14,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -21,10 +22,9 @@ use eddy_jobs::connectors::FileSinkOptions;
 use eddy_jobs::Value;
 use tokio::time::Instant;
 
-use super::{ConnectorContext, Sink};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
-use crate::operators::OperatorSnapshot;
+use crate::operator::{ConnectorContext, OperatorSnapshot, Sink, Source};
 
 /// Lines per batch of the source.
 const SOURCE_BATCH: usize = 1024;
@@ -61,7 +61,7 @@ impl FileSource {
 }
 
 #[async_trait]
-impl super::Source for FileSource {
+impl Source for FileSource {
     async fn next_batch(&mut self) -> Result<Option<Batch>> {
         let Some(reader) = self.reader.as_mut() else { return Ok(None) };
         let mut batch = Batch::with_capacity(SOURCE_BATCH);
@@ -149,7 +149,9 @@ fn write_value(out: &mut Vec<u8>, v: &Value) {
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
         Value::Int(i) | Value::Timestamp(i) => out.extend_from_slice(i.to_string().as_bytes()),
-        Value::Float(f) if f.is_finite() => out.extend_from_slice(serde_json::Number::from_f64(*f).map(|n| n.to_string()).unwrap_or_default().as_bytes()),
+        Value::Float(f) if f.is_finite() => {
+            out.extend_from_slice(serde_json::Number::from_f64(*f).map(|n| n.to_string()).unwrap_or_default().as_bytes())
+        }
         Value::Float(_) => out.extend_from_slice(b"null"),
         Value::String(s) => out.extend_from_slice(serde_json::to_string(&**s).unwrap_or_default().as_bytes()),
     }
@@ -192,14 +194,14 @@ impl Sink for FileSink {
         self.out.flush().map_err(|e| io_error(&self.path, e))
     }
 
-    async fn on_barrier(&mut self, _id: u64) -> Result<Vec<u8>> {
+    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
         self.out.flush().map_err(|e| io_error(&self.path, e))?;
         let file = self.out.get_ref();
         file.sync_data().map_err(|e| io_error(&self.path, e))?;
         let length = file.metadata().map_err(|e| io_error(&self.path, e))?.len();
         let mut state = length.to_le_bytes().to_vec();
         state.extend_from_slice(self.path.as_bytes());
-        Ok(state)
+        Ok(OperatorSnapshot::inline(state))
     }
 
     async fn finish(&mut self) -> Result<()> {

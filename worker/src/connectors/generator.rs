@@ -17,10 +17,9 @@ use eddy_jobs::connectors::GeneratorOptions;
 use eddy_jobs::Value;
 use tokio::time::Instant;
 
-use super::Source;
 use crate::batch::Batch;
 use crate::error::{Result, TaskError};
-use crate::operators::{OperatorSnapshot, RestoredState};
+use crate::operator::{OperatorSnapshot, RestoredState, Source};
 
 const BATCH_ROWS: u64 = 1024;
 /// First word of a checkpoint state in the lane format (older states hold `subtask, step, next`).
@@ -107,9 +106,7 @@ fn decode(state: &[u8]) -> Option<Vec<Lane>> {
 
 /// splitmix64: a good 64-bit mix of (seed, seq, column).
 fn draw(seed: u64, seq: u64, column: u64) -> u64 {
-    let mut z = seed
-        .wrapping_add(seq.wrapping_mul(0x9E37_79B9_7F4A_7C15))
-        .wrapping_add(column.wrapping_mul(0xD1B5_4A32_D192_ED03));
+    let mut z = seed.wrapping_add(seq.wrapping_mul(0x9E37_79B9_7F4A_7C15)).wrapping_add(column.wrapping_mul(0xD1B5_4A32_D192_ED03));
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)

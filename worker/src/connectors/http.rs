@@ -24,6 +24,7 @@
 //! `http_retries` (retried attempts).
 
 use std::fmt::Write as _;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,10 +34,11 @@ use eddy_jobs::connectors::HttpSinkOptions;
 use eddy_jobs::{Row, Value};
 use tokio::task::{JoinError, JoinSet};
 
-use super::{ConnectorContext, DeadLetters, Sink};
-use crate::retry::Policy;
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
+use crate::json::{json_string, object_text};
+use crate::operator::{ConnectorContext, DeadLetters, OperatorSnapshot, Sink};
+use crate::retry::Policy;
 
 /// First retry delay; doubles per attempt up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -89,9 +91,9 @@ impl HttpSink {
             return Err(TaskError::user(format!("http sink: options.url `{}`: only http:// is supported (this build has no TLS)", o.url)));
         }
         let timeout =
-            eddy_jobs::spec::parse_duration_ms(&o.timeout).map_err(|e| TaskError::user(format!("http sink: options.timeout: {e}")))?;
+            eddy_jobs::time::parse_duration_ms(&o.timeout).map_err(|e| TaskError::user(format!("http sink: options.timeout: {e}")))?;
         let timeout = Duration::from_millis(timeout.max(1) as u64);
-        let retry_for = eddy_jobs::spec::parse_duration_ms(&o.retry_for)
+        let retry_for = eddy_jobs::time::parse_duration_ms(&o.retry_for)
             .map_err(|e| TaskError::user(format!("http sink: options.retry_for: {e}")))?
             .max(0);
         let column = |name: &str, what: &str| {
@@ -161,7 +163,7 @@ impl Sink for HttpSink {
                 (Op::Retract, Some((_, key))) if crate::batch::is_update_old_row(&batch.rows, &batch.ops, i, key) => continue,
                 _ => {}
             }
-            let mut body = render_body(&self.body_columns, row);
+            let mut body = object_text(&self.body_columns, row);
             if let Some((field, _)) = &self.deleted {
                 body.pop();
                 let _ = write!(body, "{}{field}:{}}}", if body.len() > 1 { "," } else { "" }, *op == Op::Retract);
@@ -192,12 +194,12 @@ impl Sink for HttpSink {
         self.settle_ready()
     }
 
-    async fn on_barrier(&mut self, _id: u64) -> Result<Vec<u8>> {
+    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
         // Rows before the barrier are not read again after a restore: deliver them first.
         while let Some(joined) = self.in_flight.join_next().await {
             self.settle(joined)?;
         }
-        Ok(Vec::new())
+        Ok(OperatorSnapshot::default())
     }
 
     async fn finish(&mut self) -> Result<()> {
@@ -250,11 +252,7 @@ impl Request {
                 Verdict::Retry(error) => {
                     let capped = self.retry.max_retries.is_some_and(|m| retry.failures() >= m);
                     let Some(delay) = (!capped).then(|| retry.next_delay_after(&error)).flatten() else {
-                        let error = format!(
-                            "{error} (gave up after {} retries in {}s)",
-                            retry.failures(),
-                            retry.elapsed().as_secs()
-                        );
+                        let error = format!("{error} (gave up after {} retries in {}s)", retry.failures(), retry.elapsed().as_secs());
                         return Delivery::Failed { body: self.body, key: self.key, error };
                     };
                     let retries = self.counters.retries.fetch_add(1, Ordering::Relaxed) + 1;
@@ -304,22 +302,6 @@ struct RetryLimits {
     max_retries: Option<u32>,
 }
 
-/// The request body: a JSON object of the chosen columns, in their order.
-fn render_body(columns: &[(String, usize)], row: &Row) -> String {
-    let mut out = String::with_capacity(32 * columns.len() + 2);
-    out.push('{');
-    for (i, (name, idx)) in columns.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(name);
-        out.push(':');
-        write_json_value(&mut out, row.get(*idx).unwrap_or(&Value::Null));
-    }
-    out.push('}');
-    out
-}
-
 /// The `Idempotency-Key`: key column values joined with `:` (timestamps as epoch milliseconds,
 /// NULL as nothing).
 fn render_key(columns: &[usize], row: &Row) -> String {
@@ -359,36 +341,12 @@ fn header_safe(key: &str) -> String {
     out
 }
 
-/// A string as a JSON string literal.
-pub(crate) fn json_string(s: &str) -> String {
-    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
-}
-
-/// A value as JSON (see [`crate::json::to_json`]: timestamps as ISO-8601 UTC strings).
-fn write_json_value(out: &mut String, v: &Value) {
-    out.push_str(&crate::json::to_json(v).to_string());
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn row() -> Row {
         vec![Value::Int(42), Value::string("c-1"), Value::Timestamp(1_714_566_896_789), Value::Float(0.25), Value::Null, Value::Int(7)]
-    }
-
-    #[test]
-    fn body_has_the_chosen_columns_in_order() {
-        let cols: Vec<(String, usize)> =
-            [("id", 0), ("ts", 2), ("pct", 3), ("gone", 4)].iter().map(|(n, i)| (json_string(n), *i)).collect();
-        let body = render_body(&cols, &row());
-        assert_eq!(body, r#"{"id":42,"ts":"2024-05-01T12:34:56.789Z","pct":0.25,"gone":null}"#);
-        let parsed: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(parsed["ts"], "2024-05-01T12:34:56.789Z");
-        let mut odd = String::new();
-        write_json_value(&mut odd, &Value::Float(f64::NAN));
-        write_json_value(&mut odd, &Value::string("a\"b\n"));
-        assert_eq!(odd, r#"null"a\"b\n""#);
     }
 
     #[test]
@@ -419,7 +377,7 @@ mod tests {
     use eddy_jobs::{DataType, Field, Schema, TaskId};
     use tokio::io::AsyncBufReadExt;
 
-    use crate::task::TaskMetrics;
+    use crate::operator::TaskMetrics;
 
     /// The `eddy-mock-api` binary: `EDDY_TEST_MOCK_API_BIN`, or the one built next to this test.
     fn mock_api_bin() -> Option<PathBuf> {
@@ -429,6 +387,9 @@ mod tests {
         });
         match bin {
             Some(b) if b.is_file() => Some(b),
+            _ if std::env::var_os("EDDY_TEST_REQUIRE_SERVICES").is_some() => {
+                panic!("no eddy-mock-api binary next to the tests: build it first (cargo build -p eddy-demo) or set EDDY_TEST_MOCK_API_BIN")
+            }
             _ => {
                 eprintln!("skipped: build the mock first (cargo build -p eddy-demo) or set EDDY_TEST_MOCK_API_BIN");
                 None
@@ -586,8 +547,15 @@ mod tests {
             .map(|e| (e["key"].as_str().unwrap().to_string(), e["body"]["deleted"].as_bool().unwrap()))
             .collect();
         got.sort();
-        let want =
-            [("1:1", false), ("1:2", false), ("1:3:deleted", true), ("2:1", false), ("2:5:deleted", true), ("3:1", false), ("3:1:deleted", true)];
+        let want = [
+            ("1:1", false),
+            ("1:2", false),
+            ("1:3:deleted", true),
+            ("2:1", false),
+            ("2:5:deleted", true),
+            ("3:1", false),
+            ("3:1:deleted", true),
+        ];
         assert_eq!(got, want.map(|(k, d)| (k.to_string(), d)));
     }
 
@@ -625,8 +593,10 @@ mod tests {
         assert_eq!(metrics.dead_lettered.load(Ordering::Relaxed), 7);
         let errors = |prefix: &str| lines.iter().filter(|l| l["error"].as_str().unwrap().starts_with(prefix)).count();
         assert_eq!(errors("HTTP 503"), 6, "{lines:?}");
-        assert!(lines.iter().all(|l| !l["error"].as_str().unwrap().starts_with("HTTP 503")
-            || l["error"].as_str().unwrap().contains("(gave up after 0 retries")));
+        assert!(lines
+            .iter()
+            .all(|l| !l["error"].as_str().unwrap().starts_with("HTTP 503")
+                || l["error"].as_str().unwrap().contains("(gave up after 0 retries")));
         let refusal = lines.iter().find(|l| l["error"].as_str().unwrap().starts_with("HTTP 400")).unwrap();
         assert_eq!(refusal["idempotency_key"], "");
         assert_eq!(

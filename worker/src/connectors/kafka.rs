@@ -73,13 +73,13 @@ use rdkafka::ClientContext;
 use serde_json::Value as Json;
 use tracing::warn;
 
-use super::{ConnectorContext, DeadLetters, PendingCheckpoints, Progress, Sink, Source, BATCH_BYTES};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::json::{row_from_json, row_to_json};
-use crate::operators::{OperatorSnapshot, RestoredState};
+use crate::operator::{
+    ConnectorContext, DeadLetters, OperatorSnapshot, PendingCheckpoints, Progress, RestoredState, Sink, Source, TaskMetrics, BATCH_BYTES,
+};
 use crate::state::last_value::{self, LastValueState};
-use crate::task::TaskMetrics;
 
 const MAX_BATCH: usize = 1024;
 
@@ -400,7 +400,7 @@ impl KafkaSource {
     }
 
     /// Takes one record into `out`; `now` is when its batch was read, and `horizon` the latest
-    /// event time believed then (see [`crate::operators::future_horizon_ms`]).
+    /// event time believed then (see [`crate::operator::future_horizon_ms`]).
     fn take_owned(&mut self, m: &OwnedMessage, now: tokio::time::Instant, horizon: i64, out: &mut Batch) -> Result<()> {
         // Offsets skipped (after a restored position, or between two records) are records this
         // job never reads: normal on a compacted or transactional topic, data lost otherwise (a
@@ -485,7 +485,7 @@ impl KafkaSource {
 impl KafkaSource {
     /// The time of a record on the topic's clock (its event time, or for a source without one its
     /// record timestamp), which moves the clock forward; `None` for a tombstone of a source with
-    /// event time. Times past the wall clock plus [`crate::operators::MAX_FUTURE_MS`] do not count:
+    /// event time. Times past the wall clock plus [`crate::operator::MAX_FUTURE_MS`] do not count:
     /// one record stamped in 2200 would otherwise expire every key at once.
     fn advance_clock(&mut self, m: &OwnedMessage, row: Option<&Row>, horizon: i64) -> Option<i64> {
         let time = match self.event_time {
@@ -554,10 +554,7 @@ struct KeyRow {
 
 impl KeyRow {
     fn new(schema: &Schema, primary_key: &[String]) -> KeyRow {
-        let columns = primary_key
-            .iter()
-            .filter_map(|k| schema.index_of(k).map(|i| (k.clone(), i, schema.fields[i].data_type)))
-            .collect();
+        let columns = primary_key.iter().filter_map(|k| schema.index_of(k).map(|i| (k.clone(), i, schema.fields[i].data_type))).collect();
         KeyRow { columns, width: schema.fields.len() }
     }
 
@@ -802,7 +799,7 @@ impl Source for KafkaSource {
         }
         let mut batch = Batch::default();
         let now = tokio::time::Instant::now();
-        let horizon = crate::operators::future_horizon_ms();
+        let horizon = crate::operator::future_horizon_ms();
         for m in std::mem::take(&mut self.received) {
             self.take_owned(&m, now, horizon, &mut batch)?;
         }
@@ -883,8 +880,7 @@ impl Source for KafkaSource {
         let Some(positions) = self.snapshots.complete(id) else { return Ok(()) };
         let mut list = TopicPartitionList::new();
         for (p, o) in positions {
-            list.add_partition_offset(&self.options.topic, p, Offset::Offset(o))
-                .map_err(|e| TaskError::internal(format!("kafka: {e}")))?;
+            list.add_partition_offset(&self.options.topic, p, Offset::Offset(o)).map_err(|e| TaskError::internal(format!("kafka: {e}")))?;
         }
         // Only for lag and fresh starts: a restore seeks to the checkpoint's own offsets. A failed
         // commit is therefore not worth failing the job for.
@@ -1034,7 +1030,9 @@ impl KafkaSink {
             match read {
                 Ok(partitions) => h.partitions = partitions,
                 // Heartbeats go on to the partitions known; without any, the sink cannot go on.
-                Err(e) if !h.partitions.is_empty() => warn!(topic = %self.options.topic, error = %e, "kafka: re-reading the topic's partitions failed"),
+                Err(e) if !h.partitions.is_empty() => {
+                    warn!(topic = %self.options.topic, error = %e, "kafka: re-reading the topic's partitions failed")
+                }
                 Err(e) => return Err(TaskError::external(format!("kafka: reading the partitions of `{}`: {e}", self.options.topic))),
             }
             h.partitions_read = now;
@@ -1050,9 +1048,11 @@ impl KafkaSink {
                 .key(&key)
                 .payload(&value)
                 .headers(OwnedHeaders::new().insert(Header { key: HEARTBEAT_HEADER, value: Some(writer.as_str()) }));
-            deliveries.push(self.producer.send_result(record).map_err(|(e, _)| {
-                TaskError::external(format!("kafka: queueing a heartbeat for `{}`: {e}", self.options.topic))
-            })?);
+            deliveries.push(
+                self.producer
+                    .send_result(record)
+                    .map_err(|(e, _)| TaskError::external(format!("kafka: queueing a heartbeat for `{}`: {e}", self.options.topic)))?,
+            );
         }
         await_deliveries(deliveries, &self.options.topic).await?;
         h.written = beat.watermark;
@@ -1130,8 +1130,7 @@ impl Sink for KafkaSink {
                 Op::Insert => Some(serde_json::to_vec(&row_to_json(&self.schema, row, None)).unwrap_or_default()),
                 Op::Retract if !upsert => continue, // an append-only topic has no way to say "delete"
                 Op::Retract => {
-                    let updated = batch.ops.get(i + 1) == Some(&Op::Insert)
-                        && batch.rows.get(i + 1).map(|next| self.key(next)) == key;
+                    let updated = batch.ops.get(i + 1) == Some(&Op::Insert) && batch.rows.get(i + 1).map(|next| self.key(next)) == key;
                     if updated {
                         continue; // the "before" image of an update: the insert that follows replaces it
                     }
@@ -1345,10 +1344,7 @@ mod tests {
     /// versioned by `version`, for a sink writing it and a source reading it from the start, on
     /// the broker of `EDDY_TEST_KAFKA_BROKERS`; `None` (the test is skipped) without one.
     fn versioned_topic(prefix: &str) -> Option<(KafkaSinkOptions, KafkaSourceOptions)> {
-        let Ok(brokers) = std::env::var("EDDY_TEST_KAFKA_BROKERS") else {
-            eprintln!("skipped: set EDDY_TEST_KAFKA_BROKERS=127.0.0.1:PORT to run against a real broker");
-            return None;
-        };
+        let brokers = crate::testing::service("EDDY_TEST_KAFKA_BROKERS", "127.0.0.1:PORT")?;
         let topic = format!("{prefix}_{}_{}", std::process::id(), now_ms());
         let sink = KafkaSinkOptions {
             brokers: brokers.clone(),
@@ -1416,7 +1412,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_watermark_waits_for_the_partition_that_is_behind() {
         let Some((sink_options, source_options)) = versioned_topic("partition_times") else { return };
-        let schema = Schema::new(vec![Field::new("id", DataType::Int), Field::new("ts", DataType::Timestamp), Field::new("version", DataType::Int)]);
+        let schema =
+            Schema::new(vec![Field::new("id", DataType::Int), Field::new("ts", DataType::Timestamp), Field::new("version", DataType::Int)]);
         let task = TaskId { vertex: 0, subtask: 0 };
         // The sink creates the topic with two partitions; records go to chosen ones below.
         let sink_options = KafkaSinkOptions { partitions: 2, ..sink_options };
@@ -1427,7 +1424,10 @@ mod tests {
             let (producer, topic) = (producer.clone(), source_options.topic.clone());
             let (key, value) = (format!("{{\"id\":{id}}}"), format!("{{\"id\":{id},\"ts\":\"{ts}\",\"version\":1}}"));
             async move {
-                producer.send(FutureRecord::to(&topic).partition(partition).key(&key).payload(&value), Duration::from_secs(10)).await.unwrap();
+                producer
+                    .send(FutureRecord::to(&topic).partition(partition).key(&key).payload(&value), Duration::from_secs(10))
+                    .await
+                    .unwrap();
             }
         };
         write(0, 1, "2026-01-01T00:01:00Z").await;

@@ -25,6 +25,7 @@
 //! Gauge: `last_window_end` (the last window end written, Unix ms).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -32,10 +33,10 @@ use eddy_jobs::connectors::RedisSinkOptions;
 use eddy_jobs::{Row, Value};
 use redis::aio::MultiplexedConnection;
 
-use super::{ConnectorContext, Sink};
-use crate::retry::Policy;
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
+use crate::operator::{ConnectorContext, OperatorSnapshot, Sink};
+use crate::retry::Policy;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -222,7 +223,7 @@ impl Sink for RedisLeaderboard {
         }
     }
 
-    async fn on_barrier(&mut self, _id: u64) -> Result<Vec<u8>> {
+    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
         // Buffered windows were fired before the barrier: a restore must not lose them.
         let mut rows = Batch::default();
         for (end, window) in &self.windows.by_end {
@@ -230,7 +231,7 @@ impl Sink for RedisLeaderboard {
                 rows.push(vec![Value::Int(*end), Value::String(member.as_str().into()), Value::Float(*score)], Op::Insert);
             }
         }
-        Ok(crate::codec::encode(&crate::batch::Message::Data(rows)))
+        Ok(OperatorSnapshot::inline(crate::codec::encode(&crate::batch::Message::Data(rows))))
     }
 
     async fn finish(&mut self) -> Result<()> {
@@ -365,11 +366,7 @@ mod tests {
 
     /// The Redis URL for integration tests, or `None` (with a note) to skip them.
     fn redis_url() -> Option<String> {
-        let url = std::env::var("EDDY_TEST_REDIS_URL").ok();
-        if url.is_none() {
-            eprintln!("skipped: set EDDY_TEST_REDIS_URL=redis://127.0.0.1:PORT to run against a real Redis");
-        }
-        url
+        crate::testing::service("EDDY_TEST_REDIS_URL", "redis://127.0.0.1:PORT")
     }
 
     async fn leaderboard(url: &str, key: &str) -> (Vec<(String, f64)>, Option<i64>) {
@@ -458,10 +455,7 @@ mod tests {
     #[tokio::test]
     async fn redis_outage_delays_but_does_not_fail() {
         let Some(url) = redis_url() else { return };
-        let Ok(ctl) = std::env::var("EDDY_TEST_SERVICES_CTL") else {
-            eprintln!("skipped: set EDDY_TEST_SERVICES_CTL to scripts/services.sh (it takes `stop redis` / `start redis`)");
-            return;
-        };
+        let Some(ctl) = crate::testing::service("EDDY_TEST_SERVICES_CTL", "scripts/services.sh") else { return };
         let _server = SERVER.lock().await;
         let key = format!("eddy-test-lb-outage-{}", std::process::id());
         clear(&url, &key).await;

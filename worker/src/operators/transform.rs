@@ -7,9 +7,9 @@
 use eddy_jobs::expr::Expr;
 use eddy_jobs::Value;
 
-use super::{set_aside, BadRows, Collector, Operator};
 use crate::batch::Batch;
 use crate::error::Result;
+use crate::operator::{set_aside, BadRows, Collector, Operator};
 
 /// `SELECT projection FROM input WHERE filter`, row by row.
 pub struct Transform {
@@ -75,8 +75,7 @@ mod tests {
     use eddy_jobs::{DataType, Field, Schema};
 
     use super::*;
-    use crate::connectors::DeadLetters;
-    use crate::task::TaskMetrics;
+    use crate::operator::{DeadLetters, TaskMetrics};
 
     #[tokio::test]
     async fn rows_the_select_fails_on_are_set_aside_and_the_rest_goes_on() {

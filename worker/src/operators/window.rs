@@ -40,15 +40,17 @@
 
 use std::cell::Cell;
 use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use eddy_jobs::plan::{AggFunc, StateBackend, WindowPlan};
 use eddy_jobs::{DataType, Value};
 
-use super::{set_aside, BadRows, Collector, Operator, OperatorContext, OperatorSnapshot};
 use crate::batch::{Batch, Op};
 use crate::codec::encode_value;
 use crate::error::{Result, TaskError};
 use crate::keys::{hash_key, key_group};
+use crate::operator::{future_horizon_ms, set_aside, BadRows, Collector, Operator, OperatorContext, OperatorSnapshot, TaskMetrics};
 use crate::state::{Acc, Accs, WindowState};
 use rustc_hash::FxHashMap;
 
@@ -100,6 +102,8 @@ pub struct Window {
     args: Vec<Value>,
     /// What happens to rows an aggregate's argument fails on (without: the task fails).
     bad_rows: Option<BadRows>,
+    /// The task's figures: rows found late are counted there.
+    metrics: Arc<TaskMetrics>,
 }
 
 impl Window {
@@ -129,7 +133,13 @@ impl Window {
             inputs: Vec::new(),
             args: Vec::new(),
             bad_rows: None,
+            metrics: Arc::default(),
         }
+    }
+
+    /// Rows found late so far (restored ones included).
+    pub fn late_records(&self) -> u64 {
+        self.late
     }
 
     /// Rows an aggregate's argument fails on follow the stage's `bad_records` policy.
@@ -161,6 +171,9 @@ impl Window {
             window.last_fired = last_fired;
             window.late = late;
         }
+        // The task's late count goes on from what the restored subtasks had counted.
+        ctx.metrics.late_records.fetch_add(window.late, Ordering::Relaxed);
+        window.metrics = ctx.metrics;
         Ok(window)
     }
 
@@ -330,17 +343,17 @@ fn empty_accs(plan: &WindowPlan) -> Accs {
     Accs {
         rows: 0,
         values: plan
-                .aggregates
-                .iter()
-                .map(|a| match (a.func, a.data_type) {
-                    (AggFunc::Sum, DataType::Int) => Acc::SumInt { sum: 0, n: 0 },
-                    (AggFunc::Sum, _) => Acc::SumFloat { sum: 0.0, n: 0 },
-                    (AggFunc::Count, _) => Acc::Count(0),
-                    (AggFunc::Min, _) => Acc::Min(None),
-                    (AggFunc::Max, _) => Acc::Max(None),
-                    (AggFunc::Avg, _) => Acc::Avg { sum: 0.0, n: 0 },
-                })
-                .collect(),
+            .aggregates
+            .iter()
+            .map(|a| match (a.func, a.data_type) {
+                (AggFunc::Sum, DataType::Int) => Acc::SumInt { sum: 0, n: 0 },
+                (AggFunc::Sum, _) => Acc::SumFloat { sum: 0.0, n: 0 },
+                (AggFunc::Count, _) => Acc::Count(0),
+                (AggFunc::Min, _) => Acc::Min(None),
+                (AggFunc::Max, _) => Acc::Max(None),
+                (AggFunc::Avg, _) => Acc::Avg { sum: 0.0, n: 0 },
+            })
+            .collect(),
     }
 }
 
@@ -354,11 +367,7 @@ impl Operator for Window {
         self.advance(watermark, out)
     }
 
-    fn late_records(&self) -> u64 {
-        self.late
-    }
-
-    async fn snapshot(&mut self, scratch: &Path) -> Result<OperatorSnapshot> {
+    async fn snapshot(&mut self, _id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
         self.checkpoint(scratch)
     }
 }
@@ -367,7 +376,7 @@ impl Window {
     /// Adds a batch's rows to their slices; late rows go to `out.late`.
     pub fn process(&mut self, batch: Batch, out: &mut Collector) -> Result<()> {
         let mut late = Batch::default();
-        let horizon = super::future_horizon_ms();
+        let horizon = future_horizon_ms();
         for (row, op) in batch.rows.into_iter().zip(batch.ops) {
             let ts = match &row[self.plan.time_column] {
                 Value::Timestamp(t) => *t,
@@ -437,6 +446,7 @@ impl Window {
         }
         if !late.is_empty() {
             self.late += late.len() as u64;
+            self.metrics.late_records.fetch_add(late.len() as u64, Ordering::Relaxed);
             out.late.push(late);
         }
         Ok(())
@@ -634,7 +644,7 @@ fn decode_key(key: &[u8], width: usize) -> Result<Vec<Value>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operators::RestoredState;
+    use crate::operator::RestoredState;
     use crate::state::TempDir;
     use eddy_jobs::connectors::BadRecordPolicy;
     use eddy_jobs::expr::Expr;
@@ -680,10 +690,15 @@ mod tests {
         plan.aggregates[0].arg = Some(Expr::compile("v * 4611686018427387904", &schema()).unwrap());
         let dir = TempDir::new("window-bad-rows");
         let path = dir.path().join("dead.jsonl");
-        let metrics = std::sync::Arc::new(crate::task::TaskMetrics::default());
-        let letters = crate::connectors::DeadLetters::open("window", path.to_str(), metrics.clone()).unwrap();
+        let metrics = std::sync::Arc::new(crate::operator::TaskMetrics::default());
+        let letters = crate::operator::DeadLetters::open("window", path.to_str(), metrics.clone()).unwrap();
         let open = |plan: WindowPlan| {
-            let ctx = OperatorContext { state_dir: dir.path().join("state"), key_groups: 0..MAX_PARALLELISM, restore: Vec::new() };
+            let ctx = OperatorContext {
+                state_dir: dir.path().join("state"),
+                key_groups: 0..MAX_PARALLELISM,
+                restore: Vec::new(),
+                metrics: Default::default(),
+            };
             Window::open(plan, MAX_PARALLELISM, StateBackend::Memory, ctx).unwrap()
         };
         let mut w = open(plan.clone()).with_bad_rows(BadRows::new("window", "scored", BadRecordPolicy::DeadLetter, letters));
@@ -708,9 +723,15 @@ mod tests {
 
     /// A window on `backend` in a temporary directory (kept while the returned guard lives),
     /// owning `key_groups` and restored from `restore`.
-    fn open(size: i64, slide: i64, backend: StateBackend, key_groups: std::ops::Range<u32>, restore: Vec<RestoredState>) -> (Window, TempDir) {
+    fn open(
+        size: i64,
+        slide: i64,
+        backend: StateBackend,
+        key_groups: std::ops::Range<u32>,
+        restore: Vec<RestoredState>,
+    ) -> (Window, TempDir) {
         let dir = TempDir::new("window-test");
-        let ctx = OperatorContext { state_dir: dir.path().join("state"), key_groups, restore };
+        let ctx = OperatorContext { state_dir: dir.path().join("state"), key_groups, restore, metrics: Default::default() };
         (Window::open(plan(size, slide), MAX_PARALLELISM, backend, ctx).unwrap(), dir)
     }
 
@@ -763,7 +784,7 @@ mod tests {
         let mut out = Collector::default();
         w.process(Batch::inserts(vec![row(1, 1, 3)]), &mut out).unwrap();
         w.advance(9, &mut out).unwrap(); // fires [-5,5) and [0,10)
-        // t=2 belongs only to fired windows: late. t=8 still counts for [5,15).
+                                         // t=2 belongs only to fired windows: late. t=8 still counts for [5,15).
         w.process(Batch::inserts(vec![row(1, 1, 2), row(1, 2, 8)]), &mut out).unwrap();
         assert_eq!(w.late_records(), 1);
         assert_eq!(out.late[0].rows, vec![row(1, 1, 2)]);
@@ -776,7 +797,7 @@ mod tests {
         for backend in BACKENDS {
             let (mut w, _dir) = window(10, 5, backend);
             let mut out = Collector::default();
-            let far = super::super::future_horizon_ms() + 86_400_000;
+            let far = super::future_horizon_ms() + 86_400_000;
             w.process(Batch::inserts(vec![row(1, 1, 3), row(1, 1, far), row(1, 1, i64::MAX)]), &mut out).unwrap();
             assert_eq!(w.late_records(), 2, "{backend:?}");
             w.advance(20, &mut out).unwrap();
@@ -939,16 +960,24 @@ mod tests {
             bad_records: BadRecordPolicy::Fail,
             dead_letter_path: None,
         };
-        let batches = || (0..rows_total / BATCH)
-            .map(|b| {
-                let rows = (b * BATCH..(b + 1) * BATCH).map(|i| row((i * 7_919 % 1_000) as i64, (i % 100) as i64, i as i64 / 10)).collect();
-                (Batch::inserts(rows), ((b + 1) * BATCH) as i64 / 10 - 1_000)
-            })
-            .collect::<Vec<(Batch, i64)>>();
+        let batches = || {
+            (0..rows_total / BATCH)
+                .map(|b| {
+                    let rows =
+                        (b * BATCH..(b + 1) * BATCH).map(|i| row((i * 7_919 % 1_000) as i64, (i % 100) as i64, i as i64 / 10)).collect();
+                    (Batch::inserts(rows), ((b + 1) * BATCH) as i64 / 10 - 1_000)
+                })
+                .collect::<Vec<(Batch, i64)>>()
+        };
         for backend in BACKENDS {
             let batches = batches();
             let dir = TempDir::new("window-bench");
-            let ctx = OperatorContext { state_dir: dir.path().join("state"), key_groups: 0..MAX_PARALLELISM, restore: Vec::new() };
+            let ctx = OperatorContext {
+                state_dir: dir.path().join("state"),
+                key_groups: 0..MAX_PARALLELISM,
+                restore: Vec::new(),
+                metrics: Default::default(),
+            };
             let mut w = Window::open(plan.clone(), MAX_PARALLELISM, backend, ctx).unwrap();
             let (cpu0, t0) = (cpu_seconds(), std::time::Instant::now());
             let mut fired = 0;

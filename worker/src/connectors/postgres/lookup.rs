@@ -18,20 +18,20 @@ use std::time::Duration;
 
 use eddy_jobs::connectors::{redact_url, PostgresLookupOptions};
 use eddy_jobs::plan::{LookupMemory, StateBackend};
-use eddy_jobs::spec::parse_duration_ms;
+use eddy_jobs::time::parse_duration_ms;
 use eddy_jobs::{DataType, Schema, Value};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 use tracing::warn;
 
-use super::{Collector, Operator, OperatorContext, OperatorSnapshot};
+use super::quote_ident;
+use super::text::decode_value;
 use crate::batch::{Batch, Op};
-use crate::connectors::postgres_cdc::{decode_value, quote_ident};
 use crate::error::{Result, TaskError};
 use crate::keys::groups_overlap;
+use crate::operator::{Collector, Operator, OperatorContext, OperatorSnapshot, TaskMetrics};
 use crate::retry::Policy;
 use crate::state::last_value::{self, LastValueState};
-use crate::task::TaskMetrics;
 
 /// LEFT join with a PostgreSQL table or view.
 pub struct PostgresLookup {
@@ -81,7 +81,13 @@ impl PostgresLookup {
 
     /// Over a changelog (`memory` set), remembers what each row key's row was joined with, as
     /// restored from `ctx`.
-    pub fn remembering(mut self, memory: Option<&LookupMemory>, backend: StateBackend, max_parallelism: u32, ctx: &OperatorContext) -> Result<Self> {
+    pub fn remembering(
+        mut self,
+        memory: Option<&LookupMemory>,
+        backend: StateBackend,
+        max_parallelism: u32,
+        ctx: &OperatorContext,
+    ) -> Result<Self> {
         if let Some(plan) = memory {
             self.memory = Some(Memory::open(plan, self.columns.fields.len(), backend, max_parallelism, ctx)?);
         }
@@ -183,12 +189,8 @@ impl Operator for PostgresLookup {
             (Some(memory), Some(keys)) => memory.recall(&batch, keys)?,
             _ => vec![None; batch.len()],
         };
-        let keys: Vec<Option<String>> = batch
-            .rows
-            .iter()
-            .zip(&remembered)
-            .map(|(r, known)| if known.is_some() { None } else { key_text(&r[self.on]) })
-            .collect();
+        let keys: Vec<Option<String>> =
+            batch.rows.iter().zip(&remembered).map(|(r, known)| if known.is_some() { None } else { key_text(&r[self.on]) }).collect();
         let mut missing: Vec<String> = keys
             .iter()
             .flatten()
@@ -241,7 +243,7 @@ impl Operator for PostgresLookup {
         Ok(())
     }
 
-    async fn snapshot(&mut self, scratch: &Path) -> Result<OperatorSnapshot> {
+    async fn snapshot(&mut self, _id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
         match &mut self.memory {
             Some(memory) => memory.snapshot(scratch),
             None => Ok(OperatorSnapshot::default()),
@@ -340,7 +342,7 @@ impl Memory {
     /// are kept for its key, a retraction forgets the key.
     fn note(&mut self, batch: &Batch, keys: &[(u32, Vec<u8>)], joined: &[Vec<Value>]) -> Result<()> {
         // An event time past the horizon (a typo, a year 2200) is no time to keep a key by.
-        let horizon = crate::operators::future_horizon_ms();
+        let horizon = crate::operator::future_horizon_ms();
         for (((row, op), (group, key)), values) in batch.rows.iter().zip(&batch.ops).zip(keys).zip(joined) {
             match op {
                 Op::Insert => {
@@ -427,7 +429,7 @@ fn is_user_error(sqlstate: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operators::RestoredState;
+    use crate::operator::RestoredState;
 
     #[test]
     fn parses_postgres_text() {
@@ -453,10 +455,7 @@ mod tests {
     /// holds is enriched whole (the cache used to evict keys the batch still needed: NULLs).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_batch_wider_than_the_cache_is_enriched_whole() {
-        let Ok(url) = std::env::var("EDDY_TEST_PG_URL") else {
-            eprintln!("skipped: set EDDY_TEST_PG_URL=postgres://user@host:port/db to run against a real PostgreSQL");
-            return;
-        };
+        let Some(url) = crate::testing::service("EDDY_TEST_PG_URL", "postgres://user@host:port/db") else { return };
         let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
         tokio::spawn(connection);
         let table = format!("wide_dim_{}", std::process::id());
@@ -493,14 +492,14 @@ mod tests {
     /// got), also after a restore from a checkpoint, or a SUM over looked-up columns drifts.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_retraction_carries_what_its_insert_was_joined_with_after_the_dimension_changed() {
-        let Ok(url) = std::env::var("EDDY_TEST_PG_URL") else {
-            eprintln!("skipped: set EDDY_TEST_PG_URL=postgres://user@host:port/db to run against a real PostgreSQL");
-            return;
-        };
+        let Some(url) = crate::testing::service("EDDY_TEST_PG_URL", "postgres://user@host:port/db") else { return };
         let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
         tokio::spawn(connection);
         let table = format!("changing_dim_{}", std::process::id());
-        admin.batch_execute(&format!("CREATE TABLE {table} (id text PRIMARY KEY, title text); INSERT INTO {table} VALUES ('c1', 'old');")).await.unwrap();
+        admin
+            .batch_execute(&format!("CREATE TABLE {table} (id text PRIMARY KEY, title text); INSERT INTO {table} VALUES ('c1', 'old');"))
+            .await
+            .unwrap();
         let options = PostgresLookupOptions {
             url: url.clone(),
             table: table.clone(),
@@ -513,7 +512,8 @@ mod tests {
         let columns = eddy_jobs::connectors::parse_columns(&options.columns).unwrap();
         let memory = LookupMemory { key: vec![0], time: None, ttl_ms: None, keyed: false };
         let dir = crate::state::TempDir::new("lookup-memory");
-        let ctx = |restore| OperatorContext { state_dir: dir.path().join("state"), key_groups: 0..128, restore };
+        let ctx =
+            |restore| OperatorContext { state_dir: dir.path().join("state"), key_groups: 0..128, restore, metrics: Default::default() };
         let open = |restore| {
             let options = options.clone();
             let columns = columns.clone();
@@ -539,7 +539,7 @@ mod tests {
 
         // A checkpoint, a changed title again, and a restored lookup: the delete's retraction
         // carries what the last insert got.
-        let snapshot = lookup.snapshot(&dir.path().join("scratch")).await.unwrap();
+        let snapshot = lookup.snapshot(1, &dir.path().join("scratch")).await.unwrap();
         drop(lookup);
         admin.batch_execute(&format!("UPDATE {table} SET title = 'newer'")).await.unwrap();
         let mut restored = open(vec![RestoredState { inline: snapshot.inline, files: snapshot.files }]).await;
@@ -552,10 +552,7 @@ mod tests {
     /// (as a restart or failover does, SQLSTATE 57P01); the lookup retries and answers.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_query_ended_by_the_server_is_retried() {
-        let Ok(url) = std::env::var("EDDY_TEST_PG_URL") else {
-            eprintln!("skipped: set EDDY_TEST_PG_URL=postgres://user@host:port/db to run against a real PostgreSQL");
-            return;
-        };
+        let Some(url) = crate::testing::service("EDDY_TEST_PG_URL", "postgres://user@host:port/db") else { return };
         let (admin, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
         tokio::spawn(connection);
         let view = format!("slow_dim_{}", std::process::id());

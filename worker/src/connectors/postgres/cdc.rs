@@ -129,20 +129,22 @@ use std::time::Duration;
 use async_trait::async_trait;
 use eddy_jobs::connectors::{ExistingSlot, PostgresCdcOptions};
 use eddy_jobs::{DataType, Row, Schema, Value};
-use pgwire_replication::{Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::{debug, info, warn};
 
-use super::{ConnectorContext, PendingCheckpoints, Progress, Source, BATCH_BYTES};
+use super::pgoutput::{decode_pgoutput, Datum, OldTuple, PgOutput, Relation};
+use super::slots::{abandon_slot, create_slot, create_slot_with, existing_slot, import_snapshot};
+use super::text::decode_value;
+use super::{check_identifier, client_config, connect, pg_error, quote_ident, wire_error, SESSION_OPTIONS};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
-use crate::operators::OperatorSnapshot;
-use crate::task::TaskMetrics;
+use crate::operator::{ConnectorContext, OperatorSnapshot, PendingCheckpoints, Progress, Source, TaskMetrics, BATCH_BYTES};
 
 /// Rows per batch (an update's two rows are never split, so a batch may hold one more).
 const BATCH_ROWS: usize = 1024;
@@ -154,10 +156,6 @@ const REPLICATION_EVENTS: usize = 4096;
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often `slot_lag_bytes` is refreshed at most.
 const LAG_EVERY: Duration = Duration::from_secs(1);
-/// How long `start` waits for a previous session to release the slot.
-const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(15);
-/// Session settings that make values' text output the same whatever the server's defaults.
-const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3";
 
 /// Reads a table's snapshot, then its changes.
 pub struct PostgresCdc {
@@ -227,12 +225,7 @@ impl Position {
         if snapshot_done {
             floor = floor.max(word(25).unwrap_or(0));
         }
-        Some(Position {
-            snapshot_done,
-            lsn: Lsn(lsn),
-            floor: Lsn(floor),
-            version: word(17).unwrap_or(lsn.max(floor)),
-        })
+        Some(Position { snapshot_done, lsn: Lsn(lsn), floor: Lsn(floor), version: word(17).unwrap_or(lsn.max(floor)) })
     }
 }
 
@@ -250,12 +243,7 @@ enum Begin {
 }
 
 impl Begin {
-    fn decide(
-        o: &PostgresCdcOptions,
-        ctx: &ConnectorContext,
-        slot: Option<Lsn>,
-        restored: Option<(u64, Position)>,
-    ) -> Result<Begin> {
+    fn decide(o: &PostgresCdcOptions, ctx: &ConnectorContext, slot: Option<Lsn>, restored: Option<(u64, Position)>) -> Result<Begin> {
         let name = &o.slot;
         let reread_or_stream = |from: Lsn| {
             if o.snapshot {
@@ -376,9 +364,8 @@ impl PostgresCdc {
         let table = Table::resolve(&control, &o.table, declared, o.version_column.is_some()).await?;
         ensure_publication(&control, &o.publication, &table).await?;
         let existing = existing_slot(&control, &o.slot).await?;
-        let restored = ctx.restore.as_ref().and_then(|(id, states)| {
-            states.iter().find_map(|s| Position::decode(&s.inline)).map(|p| (*id, p))
-        });
+        let restored =
+            ctx.restore.as_ref().and_then(|(id, states)| states.iter().find_map(|s| Position::decode(&s.inline)).map(|p| (*id, p)));
         let begin = Begin::decide(o, &ctx, existing, restored)?;
         let clock_every = match ctx.event_time {
             Some(_) => {
@@ -492,13 +479,7 @@ impl PostgresCdc {
         source.chunks = Some(rx);
         source.snapshot_handed_on = Some(ack_tx);
         source.release = Some((control.clone(), o.slot.clone(), ctx.released.clone()));
-        source.lag = Some(LagProbe {
-            client: control,
-            slot: o.slot.clone(),
-            metrics: source.metrics.clone(),
-            last: None,
-            running: None,
-        });
+        source.lag = Some(LagProbe { client: control, slot: o.slot.clone(), metrics: source.metrics.clone(), last: None, running: None });
         Ok(source)
     }
 }
@@ -536,9 +517,7 @@ impl Source for PostgresCdc {
                     }
                     return Ok(Some(batch));
                 }
-                Some(Ok(Chunk::Progress(lsn, version))) => {
-                    advance(&mut self.returned, &mut self.returned_version, (lsn, version))
-                }
+                Some(Ok(Chunk::Progress(lsn, version))) => advance(&mut self.returned, &mut self.returned_version, (lsn, version)),
                 Some(Ok(Chunk::SnapshotEnd)) => {
                     self.snapshot_returned = true;
                     self.snapshot_done = true;
@@ -571,12 +550,8 @@ impl Source for PostgresCdc {
             return Ok(OperatorSnapshot::default()); // a subtask that reads nothing
         }
         self.pending.taken(id, self.returned);
-        let position = Position {
-            snapshot_done: self.snapshot_done,
-            lsn: self.returned,
-            floor: self.floor,
-            version: self.returned_version,
-        };
+        let position =
+            Position { snapshot_done: self.snapshot_done, lsn: self.returned, floor: self.floor, version: self.returned_version };
         Ok(OperatorSnapshot::inline(position.encode()))
     }
 
@@ -654,8 +629,7 @@ struct LagProbe {
 
 impl LagProbe {
     fn poll(&mut self) {
-        if self.running.as_ref().is_some_and(|h| !h.is_finished()) || self.last.is_some_and(|t| t.elapsed() < LAG_EVERY)
-        {
+        if self.running.as_ref().is_some_and(|h| !h.is_finished()) || self.last.is_some_and(|t| t.elapsed() < LAG_EVERY) {
             return;
         }
         self.last = Some(Instant::now());
@@ -684,58 +658,13 @@ fn declared_columns(o: &PostgresCdcOptions, schema: &Schema) -> Result<Vec<(Stri
     if let Some(v) = &o.version_column {
         match fields.pop() {
             Some((name, DataType::Int)) if name.eq_ignore_ascii_case(v) => {}
-            _ => {
-                return Err(TaskError::internal(format!(
-                    "postgres_cdc: the schema does not end with the version column `{v}`"
-                )))
-            }
+            _ => return Err(TaskError::internal(format!("postgres_cdc: the schema does not end with the version column `{v}`"))),
         }
     }
     if fields.is_empty() {
-        return Err(TaskError::user(
-            "options.columns: list the table's columns to read, e.g. `id BIGINT, name VARCHAR`",
-        ));
+        return Err(TaskError::user("options.columns: list the table's columns to read, e.g. `id BIGINT, name VARCHAR`"));
     }
     Ok(fields)
-}
-
-/// Slot and publication names go unquoted into replication commands: keep them plain.
-fn check_identifier(field: &str, name: &str) -> Result<()> {
-    let plain = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && !name.as_bytes()[0].is_ascii_digit();
-    if plain {
-        Ok(())
-    } else {
-        Err(TaskError::user(format!(
-            "{field}: `{name}` must be 1 to 63 lower-case letters, digits or underscores, not starting with a digit"
-        )))
-    }
-}
-
-/// The connection settings from `url`, with the session options that pin text output.
-fn client_config(url: &str) -> Result<tokio_postgres::Config> {
-    let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
-        TaskError::user(format!("options.url: {e}; expected e.g. postgres://user:password@host:5432/database"))
-    })?;
-    if pg.get_ssl_mode() == SslMode::Require {
-        return Err(TaskError::user(
-            "options.url: sslmode=require is not supported by postgres_cdc yet; use a plain connection",
-        ));
-    }
-    if pg.get_user().is_none() {
-        return Err(TaskError::user("options.url: name the user, e.g. postgres://eddy@host:5432/database"));
-    }
-    let options = match pg.get_options() {
-        Some(theirs) => format!("{theirs} {SESSION_OPTIONS}"),
-        None => SESSION_OPTIONS.to_string(),
-    };
-    pg.options(options);
-    if pg.get_connect_timeout().is_none() {
-        pg.connect_timeout(Duration::from_secs(10));
-    }
-    Ok(pg)
 }
 
 /// Prefix of the clock messages the source writes into the WAL.
@@ -785,11 +714,7 @@ impl Clock {
 }
 
 /// The replication session's settings, from the same URL.
-fn replication_config(
-    pg: &tokio_postgres::Config,
-    o: &PostgresCdcOptions,
-    ctx: &ConnectorContext,
-) -> Result<ReplicationConfig> {
+fn replication_config(pg: &tokio_postgres::Config, o: &PostgresCdcOptions, ctx: &ConnectorContext) -> Result<ReplicationConfig> {
     let host = match pg.get_hosts().first() {
         Some(Host::Tcp(host)) => host.clone(),
         Some(Host::Unix(dir)) => dir.to_string_lossy().into_owned(),
@@ -804,18 +729,6 @@ fn replication_config(
         .with_status_interval(STATUS_INTERVAL)
         .with_buffer_size(REPLICATION_EVENTS)
         .with_application_name(format!("eddy-{}-{}", ctx.job_id, ctx.task)))
-}
-
-/// An ordinary connection, its driver spawned.
-async fn connect(pg: &tokio_postgres::Config, what: &str) -> Result<Client> {
-    let (client, connection) =
-        pg.connect(NoTls).await.map_err(|e| pg_error(&format!("postgres_cdc: opening {what}"), e))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            debug!(error = %e, "postgres_cdc: connection ended");
-        }
-    });
-    Ok(client)
 }
 
 /// The table, checked against the declared columns.
@@ -835,19 +748,12 @@ struct Table {
 }
 
 impl Table {
-    async fn resolve(
-        control: &Client,
-        name: &str,
-        declared: Vec<(String, DataType)>,
-        versioned: bool,
-    ) -> Result<Table> {
+    async fn resolve(control: &Client, name: &str, declared: Vec<(String, DataType)>, versioned: bool) -> Result<Table> {
         let context = "postgres_cdc: reading the table's definition";
         let sql = "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text, c.relreplident::text \
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)";
         let row = control.query_opt(sql, &[&name]).await.map_err(|e| pg_error(context, e))?.ok_or_else(|| {
-            TaskError::user(format!(
-                "options.table: table `{name}` does not exist; create it or fix the name (e.g. public.events)"
-            ))
+            TaskError::user(format!("options.table: table `{name}` does not exist; create it or fix the name (e.g. public.events)"))
         })?;
         let (oid, schema, relname, kind, identity): (u32, String, String, String, String) =
             (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4));
@@ -944,11 +850,7 @@ async fn ensure_publication(control: &Client, publication: &str, table: &Table) 
                FROM pg_publication p WHERE p.pubname = $1";
     // Twice at most: if another session creates it between the check and ours, check theirs.
     for _ in 0..2 {
-        let Some(row) = control
-            .query_opt(sql, &[&publication, &table.schema, &table.name])
-            .await
-            .map_err(|e| pg_error(context, e))?
-        else {
+        let Some(row) = control.query_opt(sql, &[&publication, &table.schema, &table.name]).await.map_err(|e| pg_error(context, e))? else {
             let create = format!("CREATE PUBLICATION {publication} FOR TABLE {}", table.qualified);
             match control.batch_execute(&create).await {
                 Ok(()) => {
@@ -973,168 +875,7 @@ async fn ensure_publication(control: &Client, publication: &str, table: &Table) 
         }
         return Ok(());
     }
-    Err(TaskError::external(format!(
-        "postgres_cdc: publication `{publication}` appeared and vanished while being checked"
-    )))
-}
-
-/// The existing slot's confirmed position, once no other session holds it; `None` if it is missing.
-async fn existing_slot(control: &Client, slot: &str) -> Result<Option<Lsn>> {
-    let context = "postgres_cdc: checking the replication slot";
-    let sql = "SELECT s.plugin::text, s.slot_type, s.database = current_database(), s.active, s.active_pid, \
-                      s.confirmed_flush_lsn::text, s.wal_status \
-               FROM pg_replication_slots s WHERE s.slot_name = $1";
-    let deadline = Instant::now() + SLOT_RELEASE_WAIT;
-    loop {
-        let Some(row) = control.query_opt(sql, &[&slot]).await.map_err(|e| pg_error(context, e))? else {
-            return Ok(None);
-        };
-        let (plugin, kind, here): (Option<String>, String, Option<bool>) = (row.get(0), row.get(1), row.get(2));
-        if kind != "logical" || plugin.as_deref() != Some("pgoutput") {
-            return Err(TaskError::user(format!(
-                "options.slot: slot `{slot}` exists but is not a logical pgoutput slot; drop it or name another slot"
-            )));
-        }
-        if here != Some(true) {
-            return Err(TaskError::user(format!(
-                "options.slot: slot `{slot}` belongs to another database; name another slot"
-            )));
-        }
-        let (active, pid): (bool, Option<i32>) = (row.get(3), row.get(4));
-        if row.get::<_, Option<String>>(6).as_deref() == Some("lost") {
-            return Err(TaskError::user(format!(
-                "postgres_cdc: replication slot `{slot}` was invalidated (the server removed WAL it still \
-                 needed: max_slot_wal_keep_size); the changes it held are gone. Drop it (SELECT \
-                 pg_drop_replication_slot('{slot}')), then cancel the job and submit it again to take a new snapshot"
-            )));
-        }
-        if !active {
-            let lsn: Option<String> = row.get(5);
-            let lsn = lsn.as_deref().and_then(|l| Lsn::parse(l).ok()).ok_or_else(|| {
-                TaskError::external(format!("postgres_cdc: slot `{slot}` has no confirmed position yet"))
-            })?;
-            return Ok(Some(lsn));
-        }
-        if Instant::now() >= deadline {
-            return Err(TaskError::external(format!(
-                "postgres_cdc: slot `{slot}` is in use by backend {}; is another job reading it?",
-                pid.unwrap_or(0)
-            )));
-        }
-        // A previous attempt's session may still be ending.
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Creates the slot on the gated replication session: its consistent point and, with `export`,
-/// the name of the snapshot the session exports until its next command.
-async fn create_slot(repl: &mut ReplicationClient, slot: &str, export: bool) -> Result<(Lsn, Option<String>)> {
-    let mode = if export { "LOGICAL pgoutput EXPORT_SNAPSHOT" } else { "LOGICAL pgoutput NOEXPORT_SNAPSHOT" };
-    create_slot_with(repl, slot, mode).await
-}
-
-/// `CREATE_REPLICATION_SLOT slot <how>`: the consistent point and the exported snapshot, if any.
-async fn create_slot_with(repl: &mut ReplicationClient, slot: &str, how: &str) -> Result<(Lsn, Option<String>)> {
-    let export = how.contains("EXPORT_SNAPSHOT") && !how.contains("NOEXPORT_SNAPSHOT");
-    let rows = repl
-        .simple_query(&format!("CREATE_REPLICATION_SLOT {slot} {how}"))
-        .await
-        .map_err(|e| wire_error("creating the replication slot", e))?;
-    let text = |i: usize| -> Option<String> {
-        rows.first().and_then(|r| r.get(i)).and_then(|v| v.as_ref()).map(|b| String::from_utf8_lossy(b).into_owned())
-    };
-    let consistent = text(1)
-        .and_then(|l| Lsn::parse(&l).ok())
-        .ok_or_else(|| TaskError::external("postgres_cdc: CREATE_REPLICATION_SLOT returned no consistent point"))?;
-    let snapshot = if export {
-        Some(text(2).ok_or_else(|| TaskError::external("postgres_cdc: CREATE_REPLICATION_SLOT exported no snapshot"))?)
-    } else {
-        None
-    };
-    Ok((consistent, snapshot))
-}
-
-/// A connection inside a repeatable-read transaction that sees the exported snapshot.
-async fn import_snapshot(pg: &tokio_postgres::Config, name: &str) -> Result<Client> {
-    let client = connect(pg, "the snapshot connection").await?;
-    let sql =
-        format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}", quote_literal(name));
-    client.batch_execute(&sql).await.map_err(|e| pg_error("postgres_cdc: importing the slot's snapshot", e))?;
-    Ok(client)
-}
-
-/// Drops the slot because `why`, once the session reading it (ours, ending) lets go. Best effort:
-/// the error that led here is the one reported.
-async fn abandon_slot(control: &Client, slot: &str, why: &str) {
-    let deadline = Instant::now() + SLOT_RELEASE_WAIT;
-    loop {
-        match control.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await {
-            Ok(_) => {
-                info!(slot, why, "postgres_cdc: dropped the replication slot; the next start takes a new snapshot");
-                return;
-            }
-            Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => {
-                warn!(slot, why, error = %e, "postgres_cdc: could not drop the replication slot; drop it by hand (SELECT pg_drop_replication_slot(name)), or it holds WAL on the server");
-                return;
-            }
-        }
-    }
-}
-
-pub(crate) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
-/// A tokio-postgres error, blamed on the user when the fix is theirs.
-fn pg_error(context: &str, e: tokio_postgres::Error) -> TaskError {
-    let message = match e.as_db_error() {
-        Some(db) => match db.hint() {
-            Some(hint) => format!("{context}: {} ({hint})", db.message()),
-            None => format!("{context}: {}", db.message()),
-        },
-        None => format!("{context}: {e}"),
-    };
-    let theirs = [
-        SqlState::INVALID_PASSWORD,
-        SqlState::INVALID_AUTHORIZATION_SPECIFICATION,
-        SqlState::INSUFFICIENT_PRIVILEGE,
-        SqlState::INVALID_CATALOG_NAME,
-        SqlState::UNDEFINED_TABLE,
-        SqlState::UNDEFINED_COLUMN,
-        SqlState::UNDEFINED_OBJECT,
-        SqlState::INVALID_SCHEMA_NAME,
-        SqlState::INVALID_NAME,
-        SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE,
-        SqlState::CONFIGURATION_LIMIT_EXCEEDED,
-    ];
-    match e.code() {
-        Some(code) if theirs.contains(code) => TaskError::user(message),
-        _ => TaskError::external(message),
-    }
-}
-
-/// A replication-session error: the user's when it is about credentials or server settings.
-fn wire_error(context: &str, e: PgWireError) -> TaskError {
-    let message = format!("postgres_cdc: {context}: {e}");
-    let text = e.to_string();
-    if e.is_auth() || text.contains("password authentication failed") {
-        TaskError::user(format!("{message}; check the user and password in options.url"))
-    } else if text.contains("wal_level") {
-        TaskError::user(format!("{message}; set `wal_level = logical` in postgresql.conf and restart the server"))
-    } else if text.contains("replication slots") && text.contains("all") {
-        TaskError::user(format!("{message}; raise max_replication_slots or drop unused slots"))
-    } else if text.contains("must be superuser or replication role") || text.contains("permission denied") {
-        TaskError::user(format!("{message}; the user needs the REPLICATION attribute"))
-    } else {
-        TaskError::external(message)
-    }
+    Err(TaskError::external(format!("postgres_cdc: publication `{publication}` appeared and vanished while being checked")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1234,10 +975,7 @@ impl Reader {
     async fn read_rows(&mut self, client: Client) -> std::result::Result<(), Halt> {
         let context = "postgres_cdc: reading the snapshot";
         let failed = |e| Halt::Failed(pg_error(context, e));
-        let count = client
-            .simple_query(&format!("SELECT count(*) FROM {}", self.changes.table.qualified))
-            .await
-            .map_err(failed)?;
+        let count = client.simple_query(&format!("SELECT count(*) FROM {}", self.changes.table.qualified)).await.map_err(failed)?;
         let total = count
             .iter()
             .find_map(|m| match m {
@@ -1392,11 +1130,7 @@ impl Reader {
                     if !in_transaction && self.changes.rereading() && wal_end >= self.changes.reread_at {
                         self.reread(&mut pending).await?;
                     }
-                    if !in_transaction
-                        && !self.changes.rereading()
-                        && wal_end > sent
-                        && completed.is_none_or(|(c, _)| wal_end > c)
-                    {
+                    if !in_transaction && !self.changes.rereading() && wal_end > sent && completed.is_none_or(|(c, _)| wal_end > c) {
                         completed = Some((wal_end, self.changes.last));
                     }
                 }
@@ -1489,8 +1223,7 @@ impl Changes {
 
     /// Applies one pgoutput message to the pending batch.
     fn on_message(&mut self, data: &[u8], wal_start: Lsn, pending: &mut Batch) -> Result<()> {
-        let message =
-            decode_pgoutput(data).map_err(|m| TaskError::internal(format!("postgres_cdc: at {wal_start}: {m}")))?;
+        let message = decode_pgoutput(data).map_err(|m| TaskError::internal(format!("postgres_cdc: at {wal_start}: {m}")))?;
         let version = wal_start.0.max(self.floor.0 + 1).max(self.last + 1);
         let ours = matches!(
             &message,
@@ -1556,9 +1289,10 @@ impl Changes {
 
     /// The output row of a tuple; `old` supplies unchanged TOASTed values.
     fn row(&self, tuple: &[Datum<'_>], old: Option<&Row>, version: u64, lsn: Lsn) -> Result<Row> {
-        let map = self.relation.as_ref().ok_or_else(|| {
-            TaskError::internal(format!("postgres_cdc: at {lsn}: a change came before its relation message"))
-        })?;
+        let map = self
+            .relation
+            .as_ref()
+            .ok_or_else(|| TaskError::internal(format!("postgres_cdc: at {lsn}: a change came before its relation message")))?;
         if tuple.len() != map.len() {
             return Err(TaskError::internal(format!(
                 "postgres_cdc: at {lsn}: a tuple of {} columns for a relation of {}",
@@ -1572,13 +1306,9 @@ impl Changes {
             let (name, ty) = &self.table.columns[out];
             row[out] = match datum {
                 Datum::Null => Value::Null,
-                Datum::Text(text) => {
-                    decode_value(text, *ty).map_err(|m| value_error(name, &m, &format!("the change at {lsn}")))?
-                }
+                Datum::Text(text) => decode_value(text, *ty).map_err(|m| value_error(name, &m, &format!("the change at {lsn}")))?,
                 Datum::Unchanged => old.map(|o| o[out].clone()).ok_or_else(|| {
-                    TaskError::internal(format!(
-                        "postgres_cdc: at {lsn}: column `{name}` is an unchanged TOAST value with no old row"
-                    ))
+                    TaskError::internal(format!("postgres_cdc: at {lsn}: column `{name}` is an unchanged TOAST value with no old row"))
                 })?,
             };
         }
@@ -1590,474 +1320,13 @@ impl Changes {
 }
 
 fn value_error(column: &str, message: &str, place: &str) -> TaskError {
-    TaskError::user(format!(
-        "postgres_cdc: column `{column}` in {place}: {message}; declare the column as VARCHAR to read it as text"
-    ))
-}
-
-// ---------------------------------------------------------------------------------------------
-// Values: PostgreSQL's text output into Eddy's types (shared by the snapshot and the stream).
-
-/// Decodes one value's text output as `ty`.
-pub(crate) fn decode_value(text: &str, ty: DataType) -> std::result::Result<Value, String> {
-    match ty {
-        DataType::String => Ok(Value::String(Arc::from(text))),
-        DataType::Int => text.parse::<i64>().map(Value::Int).map_err(|_| format!("`{text}` is not a BIGINT")),
-        DataType::Float => text.parse::<f64>().map(Value::Float).map_err(|_| format!("`{text}` is not a DOUBLE")),
-        DataType::Bool => match text {
-            "t" | "true" => Ok(Value::Bool(true)),
-            "f" | "false" => Ok(Value::Bool(false)),
-            _ => Err(format!("`{text}` is not a BOOLEAN")),
-        },
-        DataType::Timestamp => parse_timestamp(text).map(Value::Timestamp),
-    }
-}
-
-/// Milliseconds since the Unix epoch of PostgreSQL's ISO text for `timestamptz`, `timestamp` (no
-/// offset: UTC) or `date`: `YYYY-MM-DD[ HH:MM:SS[.f…]][±HH[:MM[:SS]]][ BC]`, or `±infinity`.
-/// Fractions of a millisecond are dropped (rounded towards the past).
-fn parse_timestamp(text: &str) -> std::result::Result<i64, String> {
-    match text {
-        "infinity" => return Ok(i64::MAX),
-        "-infinity" => return Ok(i64::MIN),
-        _ => {}
-    }
-    let bad = || format!("`{text}` is not a timestamp like `2024-05-01 12:34:56.789+00`");
-    let (body, bc) = match text.strip_suffix(" BC") {
-        Some(body) => (body, true),
-        None => (text, false),
-    };
-    let mut p = Scan { s: body.as_bytes(), i: 0 };
-    let year = p.digits(4, 9).ok_or_else(bad)?;
-    let year = if bc { 1 - year } else { year };
-    p.expect(b'-').ok_or_else(bad)?;
-    let month = p.digits(2, 2).ok_or_else(bad)?;
-    p.expect(b'-').ok_or_else(bad)?;
-    let day = p.digits(2, 2).ok_or_else(bad)?;
-    if !(1..=12).contains(&month) || day < 1 || day > eddy_jobs::time::days_in_month(year, month) {
-        return Err(bad());
-    }
-    let (mut hour, mut minute, mut second, mut nanos) = (0, 0, 0, 0);
-    if p.expect(b' ').or_else(|| p.expect(b'T')).is_some() {
-        hour = p.digits(2, 2).ok_or_else(bad)?;
-        p.expect(b':').ok_or_else(bad)?;
-        minute = p.digits(2, 2).ok_or_else(bad)?;
-        p.expect(b':').ok_or_else(bad)?;
-        second = p.digits(2, 2).ok_or_else(bad)?;
-        if p.expect(b'.').is_some() {
-            let start = p.i;
-            let fraction = p.digits(1, 9).ok_or_else(bad)?;
-            nanos = fraction * 10i64.pow(9 - (p.i - start) as u32);
-        }
-        if hour > 24 || minute > 59 || second > 60 {
-            return Err(bad());
-        }
-    }
-    let mut offset = 0;
-    let sign = match p.s.get(p.i) {
-        Some(b'+') => 1,
-        Some(b'-') => -1,
-        _ => 0,
-    };
-    if sign != 0 {
-        p.i += 1;
-        let hours = p.digits(2, 2).ok_or_else(bad)?;
-        let mut minutes = 0;
-        let mut seconds = 0;
-        if p.expect(b':').is_some() {
-            minutes = p.digits(2, 2).ok_or_else(bad)?;
-            if p.expect(b':').is_some() {
-                seconds = p.digits(2, 2).ok_or_else(bad)?;
-            }
-        }
-        offset = sign * (hours * 3600 + minutes * 60 + seconds);
-    }
-    if p.i != p.s.len() {
-        return Err(bad());
-    }
-    let seconds = eddy_jobs::time::days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second - offset;
-    seconds.checked_mul(1000).and_then(|ms| ms.checked_add(nanos / 1_000_000)).ok_or_else(bad)
-}
-
-/// A cursor over ASCII text.
-struct Scan<'a> {
-    s: &'a [u8],
-    i: usize,
-}
-
-impl Scan<'_> {
-    /// `min..=max` decimal digits (as many as there are, up to `max`).
-    fn digits(&mut self, min: usize, max: usize) -> Option<i64> {
-        let start = self.i;
-        let mut value: i64 = 0;
-        while self.i < self.s.len() && self.i - start < max && self.s[self.i].is_ascii_digit() {
-            value = value * 10 + i64::from(self.s[self.i] - b'0');
-            self.i += 1;
-        }
-        (self.i - start >= min).then_some(value)
-    }
-
-    fn expect(&mut self, byte: u8) -> Option<()> {
-        (self.s.get(self.i) == Some(&byte)).then(|| self.i += 1)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// pgoutput, protocol version 1.
-
-/// One pgoutput message.
-#[derive(Debug, Clone, PartialEq)]
-enum PgOutput<'a> {
-    Begin { final_lsn: u64, xid: u32 },
-    Commit { lsn: u64, end_lsn: u64 },
-    Origin { name: &'a str },
-    Relation(Relation),
-    Type { oid: u32, name: &'a str },
-    Insert { relation: u32, new: Vec<Datum<'a>> },
-    Update { relation: u32, old: Option<OldTuple<'a>>, new: Vec<Datum<'a>> },
-    Delete { relation: u32, old: OldTuple<'a> },
-    Truncate { relations: Vec<u32> },
-    Message { prefix: &'a str },
-}
-
-/// A relation message: a table's identity and columns, sent before its first change in a session
-/// and again after its definition changes.
-#[derive(Debug, Clone, PartialEq)]
-struct Relation {
-    id: u32,
-    namespace: String,
-    name: String,
-    replica_identity: u8,
-    columns: Vec<RelationColumn>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-struct RelationColumn {
-    name: String,
-    type_oid: u32,
-    key: bool,
-}
-
-/// An update's or delete's old row: the whole row (`REPLICA IDENTITY FULL`) or its key only.
-#[derive(Debug, Clone, PartialEq)]
-enum OldTuple<'a> {
-    Full(Vec<Datum<'a>>),
-    Key(Vec<Datum<'a>>),
-}
-
-/// One column of a tuple.
-#[derive(Debug, Clone, PartialEq)]
-enum Datum<'a> {
-    Null,
-    /// A TOASTed value the update did not change (not sent).
-    Unchanged,
-    Text(&'a str),
-}
-
-fn decode_pgoutput(data: &[u8]) -> std::result::Result<PgOutput<'_>, String> {
-    let mut w = Wire { b: data, i: 0 };
-    let tag = w.u8()?;
-    let message = match tag {
-        b'B' => {
-            let final_lsn = w.u64()?;
-            let _commit_time = w.u64()?;
-            PgOutput::Begin { final_lsn, xid: w.u32()? }
-        }
-        b'C' => {
-            let _flags = w.u8()?;
-            let lsn = w.u64()?;
-            let end_lsn = w.u64()?;
-            let _commit_time = w.u64()?;
-            PgOutput::Commit { lsn, end_lsn }
-        }
-        b'O' => {
-            let _lsn = w.u64()?;
-            PgOutput::Origin { name: w.cstr()? }
-        }
-        b'R' => {
-            let id = w.u32()?;
-            let namespace = w.cstr()?.to_string();
-            let name = w.cstr()?.to_string();
-            let replica_identity = w.u8()?;
-            let n = w.u16()?;
-            let mut columns = Vec::with_capacity(n as usize);
-            for _ in 0..n {
-                let key = w.u8()? & 1 == 1;
-                let name = w.cstr()?.to_string();
-                let type_oid = w.u32()?;
-                let _type_modifier = w.u32()?;
-                columns.push(RelationColumn { name, type_oid, key });
-            }
-            PgOutput::Relation(Relation { id, namespace, name, replica_identity, columns })
-        }
-        b'Y' => {
-            let oid = w.u32()?;
-            let _namespace = w.cstr()?;
-            PgOutput::Type { oid, name: w.cstr()? }
-        }
-        b'I' => {
-            let relation = w.u32()?;
-            w.tag(b'N')?;
-            PgOutput::Insert { relation, new: w.tuple()? }
-        }
-        b'U' => {
-            let relation = w.u32()?;
-            let old = match w.u8()? {
-                b'O' => Some(OldTuple::Full(w.tuple()?)),
-                b'K' => Some(OldTuple::Key(w.tuple()?)),
-                b'N' => None,
-                other => return Err(format!("update: unexpected tuple kind `{}`", other as char)),
-            };
-            if old.is_some() {
-                w.tag(b'N')?;
-            }
-            PgOutput::Update { relation, old, new: w.tuple()? }
-        }
-        b'D' => {
-            let relation = w.u32()?;
-            let old = match w.u8()? {
-                b'O' => OldTuple::Full(w.tuple()?),
-                b'K' => OldTuple::Key(w.tuple()?),
-                other => return Err(format!("delete: unexpected tuple kind `{}`", other as char)),
-            };
-            PgOutput::Delete { relation, old }
-        }
-        b'T' => {
-            let n = w.u32()?;
-            let _options = w.u8()?;
-            let relations = (0..n).map(|_| w.u32()).collect::<std::result::Result<_, _>>()?;
-            PgOutput::Truncate { relations }
-        }
-        b'M' => {
-            let _flags = w.u8()?;
-            let _lsn = w.u64()?;
-            let prefix = w.cstr()?;
-            let n = w.u32()?;
-            w.take(n as usize)?;
-            PgOutput::Message { prefix }
-        }
-        other => return Err(format!("unexpected pgoutput message `{}`", other as char)),
-    };
-    if w.i != data.len() {
-        return Err(format!("pgoutput `{}` message has {} trailing bytes", tag as char, data.len() - w.i));
-    }
-    Ok(message)
-}
-
-/// A cursor over a pgoutput message (big-endian integers, NUL-terminated strings).
-struct Wire<'a> {
-    b: &'a [u8],
-    i: usize,
-}
-
-impl<'a> Wire<'a> {
-    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
-        let end = self.i.checked_add(n).filter(|e| *e <= self.b.len()).ok_or("truncated pgoutput message")?;
-        let bytes = &self.b[self.i..end];
-        self.i = end;
-        Ok(bytes)
-    }
-    fn u8(&mut self) -> std::result::Result<u8, String> {
-        Ok(self.take(1)?[0])
-    }
-    fn u16(&mut self) -> std::result::Result<u16, String> {
-        Ok(u16::from_be_bytes([self.u8()?, self.u8()?]))
-    }
-    fn u32(&mut self) -> std::result::Result<u32, String> {
-        let b = self.take(4)?;
-        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-    }
-    fn u64(&mut self) -> std::result::Result<u64, String> {
-        Ok((u64::from(self.u32()?) << 32) | u64::from(self.u32()?))
-    }
-    fn tag(&mut self, expected: u8) -> std::result::Result<(), String> {
-        match self.u8()? {
-            b if b == expected => Ok(()),
-            b => Err(format!("expected `{}`, found `{}`", expected as char, b as char)),
-        }
-    }
-    fn cstr(&mut self) -> std::result::Result<&'a str, String> {
-        let rest = &self.b[self.i..];
-        let n = rest.iter().position(|b| *b == 0).ok_or("unterminated string in pgoutput message")?;
-        let s = std::str::from_utf8(&rest[..n]).map_err(|_| "a name in a pgoutput message is not UTF-8".to_string())?;
-        self.i += n + 1;
-        Ok(s)
-    }
-    fn tuple(&mut self) -> std::result::Result<Vec<Datum<'a>>, String> {
-        let n = self.u16()?;
-        let mut datums = Vec::with_capacity(n as usize);
-        for _ in 0..n {
-            datums.push(match self.u8()? {
-                b'n' => Datum::Null,
-                b'u' => Datum::Unchanged,
-                b't' => {
-                    let len = self.u32()? as usize;
-                    let bytes = self.take(len)?;
-                    Datum::Text(std::str::from_utf8(bytes).map_err(|_| "a text value is not UTF-8".to_string())?)
-                }
-                b'b' => return Err("binary tuple data was not asked for".into()),
-                other => return Err(format!("unexpected tuple data kind `{}`", other as char)),
-            });
-        }
-        Ok(datums)
-    }
+    TaskError::user(format!("postgres_cdc: column `{column}` in {place}: {message}; declare the column as VARCHAR to read it as text"))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::super::pgoutput::fixtures::*;
     use super::*;
-
-    fn hex(text: &str) -> Vec<u8> {
-        (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
-    }
-
-    #[test]
-    fn timestamps_from_postgres_text() {
-        let ok = |text: &str| parse_timestamp(text).unwrap_or_else(|e| panic!("{e}"));
-        assert_eq!(ok("2024-05-01 12:34:56.789+00"), 1_714_566_896_789);
-        assert_eq!(ok("2024-05-01 12:34:56.789123+00"), 1_714_566_896_789);
-        assert_eq!(ok("2024-05-01 18:04:56.789+05:30"), 1_714_566_896_789);
-        assert_eq!(ok("2024-05-01 04:34:56.789-08"), 1_714_566_896_789);
-        assert_eq!(ok("2024-05-01T12:34:56.789"), 1_714_566_896_789, "timestamp without time zone is UTC");
-        assert_eq!(ok("2024-05-01 12:34:56.7+00"), 1_714_566_896_700);
-        assert_eq!(ok("2024-02-29"), 1_709_164_800_000, "a date is its midnight");
-        assert_eq!(ok("1970-01-01 00:00:00+00"), 0);
-        assert_eq!(ok("1969-12-31 23:59:59.9995+00"), -1, "sub-millisecond parts round towards the past");
-        assert_eq!(ok("1883-11-18 12:03:58-04:56:02"), -2_717_650_800_000, "historic offsets have seconds");
-        assert_eq!(ok("9999-12-31 23:59:59.999999+00"), 253_402_300_799_999);
-        assert_eq!(ok("10000-01-01 00:00:00+00"), 253_402_300_800_000);
-        assert_eq!(ok("0044-03-15 12:00:00+00 BC"), -63_517_780_800_000);
-        assert_eq!(ok("infinity"), i64::MAX);
-        assert_eq!(ok("-infinity"), i64::MIN);
-        for bad in [
-            "",
-            "yesterday",
-            "2024-13-01 00:00:00+00",
-            "2024-02-30",
-            "2023-02-29",
-            "2024-05-01 12:34+00",
-            "2024-05-01 12:34:56+0",
-            "2024-05-01 12:34:56.+00",
-            "2024-05-01 12:34:56+00 junk",
-            "24-05-01",
-        ] {
-            assert!(parse_timestamp(bad).is_err(), "`{bad}` should not parse");
-        }
-    }
-
-    #[test]
-    fn values_from_postgres_text() {
-        let v = |text: &str, ty| decode_value(text, ty);
-        assert_eq!(v("-42", DataType::Int), Ok(Value::Int(-42)));
-        assert_eq!(v("9223372036854775807", DataType::Int), Ok(Value::Int(i64::MAX)));
-        assert!(v("1.5", DataType::Int).is_err());
-        assert_eq!(v("12.50", DataType::Float), Ok(Value::Float(12.5)));
-        assert_eq!(v("1e-07", DataType::Float), Ok(Value::Float(1e-7)));
-        assert_eq!(v("-Infinity", DataType::Float), Ok(Value::Float(f64::NEG_INFINITY)));
-        assert!(matches!(v("NaN", DataType::Float), Ok(Value::Float(f)) if f.is_nan()));
-        assert_eq!(v("t", DataType::Bool), Ok(Value::Bool(true)));
-        assert_eq!(v("false", DataType::Bool), Ok(Value::Bool(false)));
-        assert!(v("yes", DataType::Bool).is_err());
-        assert_eq!(v("{\"a\": [1, 2]}", DataType::String), Ok(Value::String("{\"a\": [1, 2]}".into())));
-        assert_eq!(v("2024-05-01 12:34:56.789+00", DataType::Timestamp), Ok(Value::Timestamp(1_714_566_896_789)));
-    }
-
-    // Captured from PostgreSQL 15 (`pg_logical_slot_peek_binary_changes`, proto_version 1) for
-    // `fx (id bigint, u uuid, t text, ts timestamptz, n int, j jsonb, b bool, m numeric)`, REPLICA
-    // IDENTITY FULL, OID 16390: an insert, `UPDATE fx SET t = 'bye', n = 7`, then a delete.
-    const FX_BEGIN: &str = "42000000000196ba6800030470b78f4966000002e4";
-    const FX_RELATION: &str = "52000040067075626c6963006678006600080169640000000014ffffffff01750000000b86ffffffff01740000000019ffffffff01747300000004a0ffffffff016e0000000017ffffffff016a0000000edaffffffff01620000000010ffffffff016d00000006a4ffffffff";
-    const FX_INSERT: &str = "49000040064e0008740000000131740000002461306565626339392d396330622d346566382d626236642d366262396264333830613131740000000668c3a96c6c6f740000001a323032342d30352d30312031323a33343a35362e3738392b30306e740000000d7b2261223a205b312c20325d7d740000000174740000000531322e3530";
-    const FX_COMMIT: &str = "4300000000000196ba68000000000196ba9800030470b78f4966";
-    const FX_UPDATE: &str = "55000040064f0008740000000131740000002461306565626339392d396330622d346566382d626236642d366262396264333830613131740000000668c3a96c6c6f740000001a323032342d30352d30312031323a33343a35362e3738392b30306e740000000d7b2261223a205b312c20325d7d740000000174740000000531322e35304e0008740000000131740000002461306565626339392d396330622d346566382d626236642d3662623962643338306131317400000003627965740000001a323032342d30352d30312031323a33343a35362e3738392b3030740000000137740000000d7b2261223a205b312c20325d7d740000000174740000000531322e3530";
-    const FX_DELETE: &str = "44000040064f0008740000000131740000002461306565626339392d396330622d346566382d626236642d3662623962643338306131317400000003627965740000001a323032342d30352d30312031323a33343a35362e3738392b3030740000000137740000000d7b2261223a205b312c20325d7d740000000174740000000531322e3530";
-    // `fy (id int, big text STORAGE EXTERNAL, k int)`, OID 16399: `UPDATE fy SET k = 2` leaves the
-    // 3000-byte `big` out of the new tuple ('u'); then `TRUNCATE fy`.
-    const FY_RELATION: &str =
-        "520000400f7075626c6963006679006600030169640000000017ffffffff016269670000000019ffffffff016b0000000017ffffffff";
-    const FY_TRUNCATE: &str = "5400000001000000400f";
-
-    fn fy_update() -> Vec<u8> {
-        let mut b = hex("550000400f4f00037400000001317400000bb8");
-        b.extend(std::iter::repeat_n(b'x', 3000));
-        b.extend(hex("7400000001314e000374000000013175740000000132"));
-        b
-    }
-
-    #[test]
-    fn pgoutput_messages_decode() {
-        assert_eq!(decode_pgoutput(&hex(FX_BEGIN)), Ok(PgOutput::Begin { final_lsn: 0x196_BA68, xid: 740 }));
-        assert_eq!(decode_pgoutput(&hex(FX_COMMIT)), Ok(PgOutput::Commit { lsn: 0x196_BA68, end_lsn: 0x196_BA98 }));
-        let Ok(PgOutput::Relation(rel)) = decode_pgoutput(&hex(FX_RELATION)) else { panic!("not a relation") };
-        assert_eq!(
-            (rel.id, rel.namespace.as_str(), rel.name.as_str(), rel.replica_identity),
-            (16390, "public", "fx", b'f')
-        );
-        let columns: Vec<(&str, u32, bool)> =
-            rel.columns.iter().map(|c| (c.name.as_str(), c.type_oid, c.key)).collect();
-        assert_eq!(
-            columns,
-            [
-                ("id", 20, true),
-                ("u", 2950, true),
-                ("t", 25, true),
-                ("ts", 1184, true),
-                ("n", 23, true),
-                ("j", 3802, true),
-                ("b", 16, true),
-                ("m", 1700, true)
-            ],
-            "with REPLICA IDENTITY FULL every column is part of the identity"
-        );
-        let new = vec![
-            Datum::Text("1"),
-            Datum::Text("a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"),
-            Datum::Text("héllo"),
-            Datum::Text("2024-05-01 12:34:56.789+00"),
-            Datum::Null,
-            Datum::Text("{\"a\": [1, 2]}"),
-            Datum::Text("t"),
-            Datum::Text("12.50"),
-        ];
-        assert_eq!(decode_pgoutput(&hex(FX_INSERT)), Ok(PgOutput::Insert { relation: 16390, new: new.clone() }));
-        let mut updated = new.clone();
-        updated[2] = Datum::Text("bye");
-        updated[4] = Datum::Text("7");
-        assert_eq!(
-            decode_pgoutput(&hex(FX_UPDATE)),
-            Ok(PgOutput::Update { relation: 16390, old: Some(OldTuple::Full(new)), new: updated.clone() })
-        );
-        let delete = hex(FX_DELETE);
-        assert_eq!(decode_pgoutput(&delete), Ok(PgOutput::Delete { relation: 16390, old: OldTuple::Full(updated) }));
-        let fy_update = fy_update();
-        let Ok(PgOutput::Update { old: Some(OldTuple::Full(old)), new, .. }) = decode_pgoutput(&fy_update) else {
-            panic!("not an update")
-        };
-        assert!(matches!(old[1], Datum::Text(t) if t.len() == 3000));
-        assert_eq!(new, [Datum::Text("1"), Datum::Unchanged, Datum::Text("2")]);
-        assert_eq!(decode_pgoutput(&hex(FY_TRUNCATE)), Ok(PgOutput::Truncate { relations: vec![16399] }));
-
-        // Hand-built: a type, an origin and a logical message; then malformed input.
-        let mut ty = hex("590000abcd");
-        ty.extend(b"public\0mood\0");
-        assert_eq!(decode_pgoutput(&ty), Ok(PgOutput::Type { oid: 0xabcd, name: "mood" }));
-        let mut origin = hex("4f0000000000000010");
-        origin.extend(b"node_a\0");
-        assert_eq!(decode_pgoutput(&origin), Ok(PgOutput::Origin { name: "node_a" }));
-        let mut message = hex("010000000000000020");
-        message.insert(0, b'M');
-        message.extend(b"eddy\0");
-        message.extend(hex("00000002"));
-        message.extend(b"hi");
-        assert_eq!(decode_pgoutput(&message), Ok(PgOutput::Message { prefix: "eddy" }));
-        let insert = hex(FX_INSERT);
-        assert!(decode_pgoutput(&insert[..insert.len() - 1]).is_err(), "truncated");
-        let mut longer = insert.clone();
-        longer.push(0);
-        assert!(decode_pgoutput(&longer).is_err(), "trailing bytes");
-        assert!(decode_pgoutput(b"Z").is_err(), "unknown message");
-        assert!(decode_pgoutput(&[]).is_err(), "empty");
-    }
 
     fn fx_changes(versioned: bool) -> Changes {
         // Declared in another order than the table's, without `t`.
@@ -2150,10 +1419,14 @@ mod tests {
         changes.on_message(&hex(FX_UPDATE), Lsn(0x100), &mut batch).unwrap();
         changes.on_message(&hex(FX_UPDATE), Lsn(0x180), &mut batch).unwrap();
         changes.on_message(&hex(FX_DELETE), Lsn(0x200), &mut batch).unwrap();
-        let versions: Vec<i64> = batch.rows.iter().map(|r| match r.last() {
-            Some(Value::Int(v)) => *v,
-            other => panic!("no version: {other:?}"),
-        }).collect();
+        let versions: Vec<i64> = batch
+            .rows
+            .iter()
+            .map(|r| match r.last() {
+                Some(Value::Int(v)) => *v,
+                other => panic!("no version: {other:?}"),
+            })
+            .collect();
         let floor = 0x196_0000;
         assert_eq!(versions, [floor + 1, floor + 1, floor + 2, floor + 2, floor + 3]);
 
@@ -2206,10 +1479,7 @@ mod tests {
         changes.on_message(&fy_update(), Lsn(0x197_1BC8), &mut batch).unwrap();
         let big = Value::String("x".repeat(3000).into());
         assert_eq!(batch.ops, [Op::Retract, Op::Insert]);
-        assert_eq!(
-            batch.rows,
-            [vec![Value::Int(1), big.clone(), Value::Int(1)], vec![Value::Int(1), big, Value::Int(2)]]
-        );
+        assert_eq!(batch.rows, [vec![Value::Int(1), big.clone(), Value::Int(1)], vec![Value::Int(1), big, Value::Int(2)]]);
     }
 
     #[test]
@@ -2254,26 +1524,20 @@ mod tests {
         use std::collections::{BTreeMap, BTreeSet, HashMap};
         use std::path::Path;
 
+        use tokio_postgres::NoTls;
+
         use super::*;
         use crate::error::Blame;
 
-        const COLUMNS: &str =
-            "id BIGINT, event_ts TIMESTAMP, content_id VARCHAR, user_id VARCHAR, event_type VARCHAR, \
+        const COLUMNS: &str = "id BIGINT, event_ts TIMESTAMP, content_id VARCHAR, user_id VARCHAR, event_type VARCHAR, \
                                duration_ms BIGINT, device VARCHAR, raw_payload VARCHAR, score DOUBLE, flagged BOOLEAN";
         /// The table's rows as the source should produce them (in `COLUMNS` order, without version).
-        const EXPECTED: &str =
-            "SELECT id, floor(extract(epoch FROM event_ts) * 1000)::int8, content_id::text, user_id::text, \
+        const EXPECTED: &str = "SELECT id, floor(extract(epoch FROM event_ts) * 1000)::int8, content_id::text, user_id::text, \
                                 event_type, duration_ms::int8, device, raw_payload::text, score::float8, flagged \
                                 FROM {t} ORDER BY id";
 
         fn url() -> Option<String> {
-            let url = std::env::var("EDDY_TEST_PG_URL").ok();
-            if url.is_none() {
-                eprintln!(
-                    "skipped: set EDDY_TEST_PG_URL=postgres://user@host:port/db (wal_level = logical, REPLICATION)"
-                );
-            }
-            url
+            crate::testing::service("EDDY_TEST_PG_URL", "postgres://user@host:port/db (wal_level = logical, REPLICATION)")
         }
 
         /// A schema of its own with the engagement table, and the test's slot and publication names.
@@ -2287,8 +1551,7 @@ mod tests {
 
         impl Db {
             async fn new(url: String) -> Db {
-                let (client, connection) =
-                    tokio_postgres::connect(&url, NoTls).await.expect("connect to EDDY_TEST_PG_URL");
+                let (client, connection) = tokio_postgres::connect(&url, NoTls).await.expect("connect to EDDY_TEST_PG_URL");
                 tokio::spawn(connection);
                 let id = uuid::Uuid::new_v4().simple().to_string()[..10].to_string();
                 let db = Db {
@@ -2383,9 +1646,7 @@ mod tests {
 
             async fn expected(&self) -> BTreeMap<i64, Row> {
                 let rows = self.client.query(&EXPECTED.replace("{t}", &self.table()), &[]).await.unwrap();
-                let text = |r: &tokio_postgres::Row, i| {
-                    r.get::<_, Option<String>>(i).map_or(Value::Null, |t| Value::String(t.into()))
-                };
+                let text = |r: &tokio_postgres::Row, i| r.get::<_, Option<String>>(i).map_or(Value::Null, |t| Value::String(t.into()));
                 rows.iter()
                     .map(|r| {
                         let row = vec![
@@ -2409,10 +1670,7 @@ mod tests {
             async fn confirmed(&self) -> Option<u64> {
                 let row = self
                     .client
-                    .query_opt(
-                        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                        &[&self.slot],
-                    )
+                    .query_opt("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&self.slot])
                     .await
                     .unwrap()?;
                 Some(Lsn::parse(&row.get::<_, String>(0)).unwrap().0)
@@ -2427,21 +1685,14 @@ mod tests {
                 for _ in 0..100 {
                     let gone = self
                         .client
-                        .execute(
-                            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1",
-                            &[&self.slot],
-                        )
+                        .execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1", &[&self.slot])
                         .await;
                     if gone.is_ok() {
                         break;
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                self.exec(&format!(
-                    "DROP PUBLICATION IF EXISTS {}; DROP SCHEMA {} CASCADE",
-                    self.publication, self.schema
-                ))
-                .await;
+                self.exec(&format!("DROP PUBLICATION IF EXISTS {}; DROP SCHEMA {} CASCADE", self.publication, self.schema)).await;
             }
         }
 
@@ -2479,11 +1730,7 @@ mod tests {
                         }
                         Op::Retract => {
                             let had = self.rows.remove(id);
-                            assert_eq!(
-                                had.as_deref(),
-                                Some(&row[..10]),
-                                "retraction of id {id} is not the row it replaces"
-                            );
+                            assert_eq!(had.as_deref(), Some(&row[..10]), "retraction of id {id} is not the row it replaces");
                             if let Some(Op::Insert) = batch.ops.get(i + 1) {
                                 // An update's new row follows in the same batch (its id may differ).
                             }
@@ -2572,11 +1819,7 @@ mod tests {
             let expected = db.expected().await;
             let deadline = Instant::now() + Duration::from_secs(60);
             while *applied.rows() != expected {
-                assert!(
-                    Instant::now() < deadline,
-                    "did not catch up: {}",
-                    describe_difference(applied.rows(), &expected)
-                );
+                assert!(Instant::now() < deadline, "did not catch up: {}", describe_difference(applied.rows(), &expected));
                 step(source, applied).await;
             }
         }
@@ -2591,15 +1834,7 @@ mod tests {
 
         /// Inserts (ids from `new_ids`), updates (including TOASTed values and primary keys), deletes
         /// and multi-statement transactions on ids up to `max_id`.
-        async fn write_changes(
-            url: String,
-            table: String,
-            schema: String,
-            rounds: u64,
-            mut seed: u64,
-            max_id: i64,
-            new_ids: i64,
-        ) {
+        async fn write_changes(url: String, table: String, schema: String, rounds: u64, mut seed: u64, max_id: i64, new_ids: i64) {
             let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
             tokio::spawn(connection);
             let mut next_id = new_ids;
@@ -2651,8 +1886,7 @@ mod tests {
             // Changes all along: while the slot is created and its snapshot exported and imported
             // (each lands on exactly one side of the consistent point), and while the snapshot is
             // read (the consumer is slow then).
-            let writer =
-                tokio::spawn(write_changes(db.url.clone(), db.table(), db.schema.clone(), 4000, 7, INITIAL, 100_000));
+            let writer = tokio::spawn(write_changes(db.url.clone(), db.table(), db.schema.clone(), 4000, 7, INITIAL, 100_000));
             tokio::time::sleep(Duration::from_millis(50)).await;
             let (source, metrics) = db.start(&o).await;
             let mut source = source.unwrap_or_else(|e| panic!("start: {e}"));
@@ -2692,11 +1926,7 @@ mod tests {
             let wal = db.wal_now().await;
             let deadline = Instant::now() + Duration::from_secs(20);
             while db.confirmed().await.unwrap() < wal {
-                assert!(
-                    Instant::now() < deadline,
-                    "idle slot stuck at {:x} below {wal:x}",
-                    db.confirmed().await.unwrap()
-                );
+                assert!(Instant::now() < deadline, "idle slot stuck at {:x} below {wal:x}", db.confirmed().await.unwrap());
                 assert_eq!(step(&mut source, &mut applied).await, 0, "unpublished tables bring no rows");
             }
             let lag_deadline = Instant::now() + Duration::from_secs(5);
@@ -2737,8 +1967,7 @@ mod tests {
             }
             let expected = db.expected().await;
             while applied.rows != expected {
-                let batch =
-                    tokio::time::timeout(Duration::from_secs(10), source.next_batch()).await.unwrap().unwrap().unwrap();
+                let batch = tokio::time::timeout(Duration::from_secs(10), source.next_batch()).await.unwrap().unwrap().unwrap();
                 applied.apply(&batch);
                 source.tick().await.unwrap();
             }
@@ -2785,7 +2014,11 @@ mod tests {
             let db = Db::new(url).await;
             db.insert_rows(1, 10).await;
             let o = PostgresCdcOptions { heartbeat_interval: Some("100ms".into()), ..db.options() };
-            let (source, _) = db.start_with(&o, |ctx| ctx.event_time = Some(eddy_jobs::plan::EventTime { column: 1, allowed_delay_ms: 0, idle_timeout_ms: 5_000 })).await;
+            let (source, _) = db
+                .start_with(&o, |ctx| {
+                    ctx.event_time = Some(eddy_jobs::plan::EventTime { column: 1, allowed_delay_ms: 0, idle_timeout_ms: 5_000 })
+                })
+                .await;
             let mut source = source.unwrap();
             assert_eq!(source.progress(), Progress::Waiting);
             let server_ms = async || -> i64 {
@@ -2843,8 +2076,8 @@ mod tests {
         }
 
         /// A checkpoint's state of the source, as a restore hands it back.
-        fn restore_of(id: u64, state: &OperatorSnapshot) -> Option<(u64, Vec<crate::operators::RestoredState>)> {
-            Some((id, vec![crate::operators::RestoredState { inline: state.inline.clone(), files: None }]))
+        fn restore_of(id: u64, state: &OperatorSnapshot) -> Option<(u64, Vec<crate::operator::RestoredState>)> {
+            Some((id, vec![crate::operator::RestoredState { inline: state.inline.clone(), files: None }]))
         }
 
         async fn wait_slot(db: &Db, what: &str, ok: impl Fn(Option<u64>) -> bool) {
@@ -2861,9 +2094,11 @@ mod tests {
             let db = Db::new(url).await;
             db.insert_rows(1, 20_000).await;
             let o = db.options();
-            let checkpointed = |attempt: u64| move |ctx: &mut ConnectorContext| {
-                ctx.checkpointing = true;
-                ctx.attempt = attempt;
+            let checkpointed = |attempt: u64| {
+                move |ctx: &mut ConnectorContext| {
+                    ctx.checkpointing = true;
+                    ctx.attempt = attempt;
+                }
             };
             let (source, _) = db.start_with(&o, checkpointed(1)).await;
             let mut source = source.unwrap();
@@ -2900,7 +2135,12 @@ mod tests {
             assert_eq!(metrics.gauges().get("snapshot_rows_done"), Some(&19_999));
             // Inserted and updated while down: one version reaches downstream (the snapshot's),
             // not the table's and the stream's both.
-            assert_eq!(topic.taken.iter().filter(|t| t.0 == 40_001).count(), 1, "{:?}", topic.taken.iter().filter(|t| t.0 == 40_001).collect::<Vec<_>>());
+            assert_eq!(
+                topic.taken.iter().filter(|t| t.0 == 40_001).count(),
+                1,
+                "{:?}",
+                topic.taken.iter().filter(|t| t.0 == 40_001).collect::<Vec<_>>()
+            );
             // Rows delivered the first time and untouched since were not passed on again.
             for (id, version) in &first {
                 if !changed.contains(id) {

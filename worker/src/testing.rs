@@ -1,0 +1,16 @@
+//! What the worker's tests share: the real services they talk to.
+
+/// The setting `var` names (a real service's address, or the services script) for a test that
+/// needs it. When it is unset the test is skipped and says so, unless `EDDY_TEST_REQUIRE_SERVICES`
+/// is set, as the README's test command sets it once it has started every service: then a missing
+/// setting fails the test instead of letting it pass without having run.
+pub fn service(var: &str, example: &str) -> Option<String> {
+    if let Ok(value) = std::env::var(var) {
+        return Some(value);
+    }
+    if std::env::var_os("EDDY_TEST_REQUIRE_SERVICES").is_some() {
+        panic!("{var} is not set, yet EDDY_TEST_REQUIRE_SERVICES says the services are running: set {var}={example}");
+    }
+    eprintln!("skipped: set {var}={example} to run against the real service");
+    None
+}
