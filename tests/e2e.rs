@@ -271,10 +271,9 @@ fn invalid_specs_are_rejected_naming_the_field() -> Result<()> {
         assert!(stderr.contains(needle), "error should mention `{needle}`: {stderr}");
     }
     // A type mismatch in a transform names the field and the types.
-    let spec = endless_spec(1).replace(
-        "[[window]]",
-        "[[transform]]\nname = \"t\"\ninput = \"events\"\nselect = \"k, score + 'x' AS bad, ts\"\n\n[[window]]",
-    ).replace("input = \"events\"\nkind", "input = \"t\"\nkind");
+    let spec = endless_spec(1)
+        .replace("[[window]]", "[[transform]]\nname = \"t\"\ninput = \"events\"\nselect = \"k, score + 'x' AS bad, ts\"\n\n[[window]]")
+        .replace("input = \"events\"\nkind", "input = \"t\"\nkind");
     let path = cluster.dir.0.join("bad.toml");
     std::fs::write(&path, &spec)?;
     let out = cluster.eddy(&["submit", path.to_str().context("path")?])?;
@@ -343,13 +342,25 @@ options = {{ path = "{}", rows_per_second = 1000 }}
     cluster.wait_state(&job, "running", Duration::from_secs(20))?;
     let produced = |c: &Cluster| -> Result<u64> {
         let s = c.status(&job)?;
-        s["tasks"].as_array().context("tasks")?.iter().find(|t| t["operators"] == "events").and_then(|t| t["records_out"].as_u64()).context("source")
+        s["tasks"]
+            .as_array()
+            .context("tasks")?
+            .iter()
+            .find(|t| t["operators"] == "events")
+            .and_then(|t| t["records_out"].as_u64())
+            .context("source")
     };
     // The buffers between source and sinks fill at once; measure once the sinks have worked for
     // about two seconds (4,000 rows at 2,000 rows/s), when only their pace moves the source.
     let consumed = |c: &Cluster| -> Result<u64> {
         let s = c.status(&job)?;
-        Ok(s["tasks"].as_array().context("tasks")?.iter().filter(|t| t["operators"] == "slow").filter_map(|t| t["records_in"].as_u64()).sum())
+        Ok(s["tasks"]
+            .as_array()
+            .context("tasks")?
+            .iter()
+            .filter(|t| t["operators"] == "slow")
+            .filter_map(|t| t["records_in"].as_u64())
+            .sum())
     };
     cluster.wait(Duration::from_secs(30), "the sinks to work through 4,000 rows", |c| Ok(consumed(c)? >= 4_000))?;
     let rss = |c: &Cluster| -> Result<f64> { Ok(rss_mib(c.worker_pid("w1"))?.max(rss_mib(c.worker_pid("w2"))?)) };

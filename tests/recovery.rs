@@ -127,7 +127,9 @@ fn killed_workers_and_a_restarted_coordinator_recover_exactly() -> Result<()> {
     let status = cluster.status(&job)?;
     let history = status["history"].as_array().context("history")?;
     ensure!(
-        history.iter().any(|h| h["to"] == "restarting" && h["cause"].as_str().is_some_and(|c| c.contains(&format!("worker {victim} lost")))),
+        history
+            .iter()
+            .any(|h| h["to"] == "restarting" && h["cause"].as_str().is_some_and(|c| c.contains(&format!("worker {victim} lost")))),
         "the restart should name the lost worker: {status}"
     );
 
@@ -141,7 +143,8 @@ fn killed_workers_and_a_restarted_coordinator_recover_exactly() -> Result<()> {
         Ok(s["cause"].as_str().is_some_and(|c| c.contains("adopted")))
     })?;
     ensure!(attempt(&cluster.status(&job)?) == 2, "adopted, not restarted: {}", cluster.status(&job)?);
-    cluster.wait(Duration::from_secs(30), "a checkpoint after the adoption", |c| Ok(completed_checkpoints(&c.status(&job)?) > checkpoint))?;
+    cluster
+        .wait(Duration::from_secs(30), "a checkpoint after the adoption", |c| Ok(completed_checkpoints(&c.status(&job)?) > checkpoint))?;
     eprintln!("coordinator restarted: job adopted after {:?}", restarted.elapsed());
 
     // 3. Another window worker dies; with one slot left the job waits until a new worker joins.
@@ -166,7 +169,12 @@ fn rescale_and_savepoints_keep_windows_exact() -> Result<()> {
     cluster.wait_state(&job, "running", Duration::from_secs(20))?;
     cluster.wait(Duration::from_secs(20), "a first checkpoint", |c| Ok(completed_checkpoints(&c.status(&job)?) >= 1))?;
     let windows = |c: &Cluster| -> Result<usize> {
-        Ok(c.status(&job)?["tasks"].as_array().context("tasks")?.iter().filter(|t| t["operators"].as_str().is_some_and(|o| o.starts_with("hop"))).count())
+        Ok(c.status(&job)?["tasks"]
+            .as_array()
+            .context("tasks")?
+            .iter()
+            .filter(|t| t["operators"].as_str().is_some_and(|o| o.starts_with("hop")))
+            .count())
     };
     ensure!(windows(&cluster)? == 2);
 
@@ -185,7 +193,15 @@ fn rescale_and_savepoints_keep_windows_exact() -> Result<()> {
     let resumed = cluster.eddy_json(&["submit", path.to_str().context("path")?, "--from-savepoint", &savepoint])?;
     let resumed = resumed["job_id"].as_str().context("job id")?.to_string();
     let status = cluster.wait_state(&resumed, "finished", Duration::from_secs(120))?;
-    ensure!(status["tasks"].as_array().context("tasks")?.iter().filter(|t| t["operators"].as_str().is_some_and(|o| o.starts_with("hop"))).count() == 1);
+    ensure!(
+        status["tasks"]
+            .as_array()
+            .context("tasks")?
+            .iter()
+            .filter(|t| t["operators"].as_str().is_some_and(|o| o.starts_with("hop")))
+            .count()
+            == 1
+    );
     // The savepoint is listed with the cancelled job; an unknown one is refused.
     let old = cluster.status(&job)?;
     ensure!(old["checkpoints"].as_array().context("checkpoints")?.iter().any(|c| c["savepoint_id"] == savepoint.as_str()), "{old}");

@@ -210,10 +210,8 @@ impl Mock {
             Ok(v) => v,
             Err(e) => return self.refuse(&format!("the body is not JSON: {e}")),
         };
-        let received_at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or_default();
+        let received_at_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default();
         let event = json!({"key": key, "body": body, "received_at_ms": received_at_ms});
         let first = self.seen().record(key, &body, event.clone());
         if first {

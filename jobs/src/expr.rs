@@ -32,8 +32,7 @@ use crate::types::{DataType, Schema, Value};
 const MAX_DEPTH: usize = 256;
 
 /// Functions accepted by [`Expr::compile`], for error messages.
-const SUPPORTED_FUNCTIONS: &str =
-    "ABS, CEIL, COALESCE, CONCAT, FLOOR, LENGTH, LOWER, NULLIF, ROUND, UPPER (plus CAST)";
+const SUPPORTED_FUNCTIONS: &str = "ABS, CEIL, COALESCE, CONCAT, FLOOR, LENGTH, LOWER, NULLIF, ROUND, UPPER (plus CAST)";
 
 /// Errors found when compiling an expression against a schema. Messages are meant to be shown to
 /// users verbatim: they say what was wrong and what was expected.
@@ -138,8 +137,7 @@ impl Expr {
 /// also serves aggregate lists.
 pub fn parse_select_list(sql: &str) -> Result<Vec<(String, ast::Expr)>, ExprError> {
     let dialect = GenericDialect {};
-    let mut parser =
-        Parser::new(&dialect).try_with_sql(sql).map_err(|e| parse_error("select list", sql, e))?;
+    let mut parser = Parser::new(&dialect).try_with_sql(sql).map_err(|e| parse_error("select list", sql, e))?;
     let items = parser.parse_projection().map_err(|e| parse_error("select list", sql, e))?;
     expect_end(&parser, "select list", sql)?;
     let mut out: Vec<(String, ast::Expr)> = Vec::with_capacity(items.len());
@@ -150,20 +148,14 @@ pub fn parse_select_list(sql: &str) -> Result<Vec<(String, ast::Expr)>, ExprErro
             ast::SelectItem::ExprWithAlias { expr, alias } => (alias.value, expr),
             ast::SelectItem::UnnamedExpr(expr) => match &expr {
                 ast::Expr::Identifier(ident) => (ident.value.clone(), expr),
-                ast::Expr::CompoundIdentifier(parts) if !parts.is_empty() => {
-                    (parts[parts.len() - 1].value.clone(), expr)
-                }
+                ast::Expr::CompoundIdentifier(parts) if !parts.is_empty() => (parts[parts.len() - 1].value.clone(), expr),
                 _ => return Err(ExprError::MissingName(expr.to_string())),
             },
             ast::SelectItem::ExprWithAliases { expr, .. } => {
-                return Err(ExprError::Unsupported(format!(
-                    "multiple aliases for `{expr}`; write `{expr} AS name`"
-                )))
+                return Err(ExprError::Unsupported(format!("multiple aliases for `{expr}`; write `{expr} AS name`")))
             }
             ast::SelectItem::Wildcard(_) | ast::SelectItem::QualifiedWildcard(..) => {
-                return Err(ExprError::Unsupported(format!(
-                    "`*` in the select list `{sql}`; list the columns explicitly"
-                )))
+                return Err(ExprError::Unsupported(format!("`*` in the select list `{sql}`; list the columns explicitly")))
             }
         };
         if !names.insert(name.to_ascii_lowercase()) {
@@ -180,8 +172,7 @@ pub fn parse_select_list(sql: &str) -> Result<Vec<(String, ast::Expr)>, ExprErro
 /// one expression.
 pub fn parse_expr(sql: &str) -> Result<ast::Expr, ExprError> {
     let dialect = GenericDialect {};
-    let mut parser =
-        Parser::new(&dialect).try_with_sql(sql).map_err(|e| parse_error("expression", sql, e))?;
+    let mut parser = Parser::new(&dialect).try_with_sql(sql).map_err(|e| parse_error("expression", sql, e))?;
     let expr = parser.parse_expr().map_err(|e| parse_error("expression", sql, e))?;
     expect_end(&parser, "expression", sql)?;
     Ok(expr)
@@ -203,10 +194,7 @@ fn expect_end(parser: &Parser<'_>, what: &str, sql: &str) -> Result<(), ExprErro
     if next.token == Token::EOF {
         Ok(())
     } else {
-        Err(ExprError::Parse(format!(
-            "cannot parse SQL {what} `{sql}`: unexpected `{}` after the end of the {what}",
-            next.token
-        )))
+        Err(ExprError::Parse(format!("cannot parse SQL {what} `{sql}`: unexpected `{}` after the end of the {what}", next.token)))
     }
 }
 
@@ -477,18 +465,14 @@ impl Compiler<'_> {
             E::IsDistinctFrom(l, r) => self.distinct_from(l, r, false),
             E::IsNotDistinctFrom(l, r) => self.distinct_from(l, r, true),
             E::Between { expr, negated, low, high } => self.between(expr, *negated, low, high),
-            E::In { expr, target: ast::InTarget::List(items), negated, .. } => {
-                self.in_list(expr, items, *negated)
-            }
+            E::In { expr, target: ast::InTarget::List(items), negated, .. } => self.in_list(expr, items, *negated),
             E::Like { negated, any, expr, pattern, escape_char } => {
                 self.like(e, *negated, *any, expr, pattern, escape_char.is_some(), false)
             }
             E::ILike { negated, any, expr, pattern, escape_char } => {
                 self.like(e, *negated, *any, expr, pattern, escape_char.is_some(), true)
             }
-            E::Case { operand, conditions, else_result, .. } => {
-                self.case(operand.as_deref(), conditions, else_result.as_deref())
-            }
+            E::Case { operand, conditions, else_result, .. } => self.case(operand.as_deref(), conditions, else_result.as_deref()),
             E::Cast { kind, expr, data_type, format: None } => self.cast(kind, expr, data_type),
             E::Floor { expr, field } => self.floor_ceil(e, expr, field, false),
             E::Ceil { expr, field } => self.floor_ceil(e, expr, field, true),
@@ -502,42 +486,23 @@ impl Compiler<'_> {
         Ok((Node::IsNull { expr: n, negated }, Some(DataType::Bool)))
     }
 
-    fn distinct_from(
-        &mut self,
-        l: &ast::Expr,
-        r: &ast::Expr,
-        negated: bool,
-    ) -> Result<(Node, Ty), ExprError> {
+    fn distinct_from(&mut self, l: &ast::Expr, r: &ast::Expr, negated: bool) -> Result<(Node, Ty), ExprError> {
         let op = if negated { "IS NOT DISTINCT FROM" } else { "IS DISTINCT FROM" };
         let (l, r) = self.comparison_operands(l, r, op)?;
         Ok((Node::DistinctFrom { l: Box::new(l), r: Box::new(r), negated }, Some(DataType::Bool)))
     }
 
-    fn between(
-        &mut self,
-        expr: &ast::Expr,
-        negated: bool,
-        low: &ast::Expr,
-        high: &ast::Expr,
-    ) -> Result<(Node, Ty), ExprError> {
+    fn between(&mut self, expr: &ast::Expr, negated: bool, low: &ast::Expr, high: &ast::Expr) -> Result<(Node, Ty), ExprError> {
         let op = if negated { "NOT BETWEEN" } else { "BETWEEN" };
         let (en, et) = self.compile(expr)?;
         let (ln, lt) = self.compile(low)?;
         let (hn, ht) = self.compile(high)?;
         let ln = check_comparable(et, ln, lt, op)?;
         let hn = check_comparable(et, hn, ht, op)?;
-        Ok((
-            Node::Between { expr: Box::new(en), low: Box::new(ln), high: Box::new(hn), negated },
-            Some(DataType::Bool),
-        ))
+        Ok((Node::Between { expr: Box::new(en), low: Box::new(ln), high: Box::new(hn), negated }, Some(DataType::Bool)))
     }
 
-    fn in_list(
-        &mut self,
-        expr: &ast::Expr,
-        items: &[ast::Expr],
-        negated: bool,
-    ) -> Result<(Node, Ty), ExprError> {
+    fn in_list(&mut self, expr: &ast::Expr, items: &[ast::Expr], negated: bool) -> Result<(Node, Ty), ExprError> {
         let op = if negated { "NOT IN" } else { "IN" };
         let (en, et) = self.compile(expr)?;
         let mut list = Vec::with_capacity(items.len());
@@ -548,30 +513,17 @@ impl Compiler<'_> {
         Ok((Node::InList { expr: Box::new(en), list, negated }, Some(DataType::Bool)))
     }
 
-    fn cast(
-        &mut self,
-        kind: &ast::CastKind,
-        expr: &ast::Expr,
-        data_type: &ast::DataType,
-    ) -> Result<(Node, Ty), ExprError> {
+    fn cast(&mut self, kind: &ast::CastKind, expr: &ast::Expr, data_type: &ast::DataType) -> Result<(Node, Ty), ExprError> {
         let to = cast_target(data_type)?;
         let lenient = matches!(kind, ast::CastKind::TryCast | ast::CastKind::SafeCast);
         let (n, t) = self.compile(expr)?;
         cast_node(n, t, to, lenient)
     }
 
-    fn floor_ceil(
-        &mut self,
-        whole: &ast::Expr,
-        expr: &ast::Expr,
-        field: &ast::CeilFloorKind,
-        ceil: bool,
-    ) -> Result<(Node, Ty), ExprError> {
+    fn floor_ceil(&mut self, whole: &ast::Expr, expr: &ast::Expr, field: &ast::CeilFloorKind, ceil: bool) -> Result<(Node, Ty), ExprError> {
         let name = if ceil { "CEIL" } else { "FLOOR" };
         if !matches!(field, ast::CeilFloorKind::DateTimeField(ast::DateTimeField::NoDateTime)) {
-            return Err(unsupported(format!(
-                "`{whole}`: {name} takes a single numeric argument, e.g. `{name}(x)`"
-            )));
+            return Err(unsupported(format!("`{whole}`: {name} takes a single numeric argument, e.g. `{name}(x)`")));
         }
         let (n, t) = self.compile(expr)?;
         floor_ceil_node(name, n, t)
@@ -594,12 +546,7 @@ impl Compiler<'_> {
         }
     }
 
-    fn unary(
-        &mut self,
-        op: UnaryOperator,
-        inner: &ast::Expr,
-        whole: &ast::Expr,
-    ) -> Result<(Node, Ty), ExprError> {
+    fn unary(&mut self, op: UnaryOperator, inner: &ast::Expr, whole: &ast::Expr) -> Result<(Node, Ty), ExprError> {
         match op {
             UnaryOperator::Minus => {
                 // Fold `-<number>` so that `-9223372036854775808` is a valid BIGINT literal.
@@ -612,9 +559,7 @@ impl Compiler<'_> {
                 match t {
                     None | Some(DataType::Int) | Some(DataType::Float) => match n {
                         Node::Literal(Value::Float(f)) => Ok((Node::Literal(Value::Float(-f)), t)),
-                        Node::Literal(Value::Int(i)) if i != i64::MIN => {
-                            Ok((Node::Literal(Value::Int(-i)), t))
-                        }
+                        Node::Literal(Value::Int(i)) if i != i64::MIN => Ok((Node::Literal(Value::Int(-i)), t)),
                         n => Ok((Node::Neg(Box::new(n)), t)),
                     },
                     Some(other) => Err(mismatch(format!("cannot apply unary `-` to {other}"))),
@@ -638,12 +583,7 @@ impl Compiler<'_> {
         }
     }
 
-    fn binary(
-        &mut self,
-        left: &ast::Expr,
-        op: &BinaryOperator,
-        right: &ast::Expr,
-    ) -> Result<(Node, Ty), ExprError> {
+    fn binary(&mut self, left: &ast::Expr, op: &BinaryOperator, right: &ast::Expr) -> Result<(Node, Ty), ExprError> {
         if binary_kind(op).is_none() {
             return Err(unsupported_binary(left, op, right));
         }
@@ -653,24 +593,13 @@ impl Compiler<'_> {
     }
 
     /// Compiles both sides of a comparison and checks they are comparable.
-    fn comparison_operands(
-        &mut self,
-        left: &ast::Expr,
-        right: &ast::Expr,
-        op: &str,
-    ) -> Result<(Node, Node), ExprError> {
+    fn comparison_operands(&mut self, left: &ast::Expr, right: &ast::Expr, op: &str) -> Result<(Node, Node), ExprError> {
         let (l, lt) = self.compile(left)?;
         let (r, rt) = self.compile(right)?;
         comparison_pair(l, lt, r, rt, op)
     }
 
-    fn is_bool(
-        &mut self,
-        inner: &ast::Expr,
-        want: Option<bool>,
-        negated: bool,
-        op: &str,
-    ) -> Result<(Node, Ty), ExprError> {
+    fn is_bool(&mut self, inner: &ast::Expr, want: Option<bool>, negated: bool, op: &str) -> Result<(Node, Ty), ExprError> {
         let (n, t) = self.boxed(inner)?;
         if !matches!(t, None | Some(DataType::Bool)) {
             return Err(mismatch(format!("cannot apply `{op}` to {}; expected BOOLEAN", ty_name(t))));
@@ -690,9 +619,7 @@ impl Compiler<'_> {
         case_insensitive: bool,
     ) -> Result<(Node, Ty), ExprError> {
         if any || has_escape {
-            return Err(unsupported(format!(
-                "`{whole}`: only `x LIKE 'pattern'` (with `%` and `_`) is supported"
-            )));
+            return Err(unsupported(format!("`{whole}`: only `x LIKE 'pattern'` (with `%` and `_`) is supported")));
         }
         let op = match (case_insensitive, negated) {
             (false, false) => "LIKE",
@@ -704,11 +631,7 @@ impl Compiler<'_> {
         let (pn, pt) = self.compile(pattern)?;
         let texty = |t: Ty| matches!(t, None | Some(DataType::String));
         if !texty(et) || !texty(pt) {
-            return Err(mismatch(format!(
-                "cannot apply `{op}` to {} and {}; expected VARCHAR operands",
-                ty_name(et),
-                ty_name(pt)
-            )));
+            return Err(mismatch(format!("cannot apply `{op}` to {} and {}; expected VARCHAR operands", ty_name(et), ty_name(pt))));
         }
         let pattern = match pn {
             Node::Literal(Value::String(s)) => {
@@ -739,11 +662,7 @@ impl Compiler<'_> {
                 Some((_, ot)) => check_comparable(*ot, cn, ct, "CASE … WHEN")?,
                 None => {
                     if !matches!(ct, None | Some(DataType::Bool)) {
-                        return Err(mismatch(format!(
-                            "CASE WHEN condition `{}` must be BOOLEAN, found {}",
-                            cw.condition,
-                            ty_name(ct)
-                        )));
+                        return Err(mismatch(format!("CASE WHEN condition `{}` must be BOOLEAN, found {}", cw.condition, ty_name(ct))));
                     }
                     cn
                 }
@@ -764,11 +683,7 @@ impl Compiler<'_> {
             Some(e) => {
                 let (n, t) = self.compile(e)?;
                 result_ty = unify(result_ty, t).map_err(|()| {
-                    mismatch(format!(
-                        "CASE branches have incompatible types {} and {} (at `ELSE {e}`)",
-                        ty_name(result_ty),
-                        ty_name(t)
-                    ))
+                    mismatch(format!("CASE branches have incompatible types {} and {} (at `ELSE {e}`)", ty_name(result_ty), ty_name(t)))
                 })?;
                 Some(Box::new(coerce(n, t, result_ty)))
             }
@@ -785,12 +700,7 @@ impl Compiler<'_> {
     fn function(&mut self, f: &ast::Function, whole: &ast::Expr) -> Result<(Node, Ty), ExprError> {
         let name = match f.name.0.last() {
             Some(ast::ObjectNamePart::Identifier(id)) if f.name.0.len() == 1 => id.value.to_ascii_uppercase(),
-            _ => {
-                return Err(unsupported(format!(
-                    "function `{}`; supported functions: {SUPPORTED_FUNCTIONS}",
-                    f.name
-                )))
-            }
+            _ => return Err(unsupported(format!("function `{}`; supported functions: {SUPPORTED_FUNCTIONS}", f.name))),
         };
         if is_aggregate(&name) {
             return Err(unsupported(format!(
@@ -814,10 +724,7 @@ impl Compiler<'_> {
             "CHARACTER_LENGTH",
         ];
         if !KNOWN.contains(&name.as_str()) {
-            return Err(unsupported(format!(
-                "function `{}`; supported functions: {SUPPORTED_FUNCTIONS}",
-                f.name
-            )));
+            return Err(unsupported(format!("function `{}`; supported functions: {SUPPORTED_FUNCTIONS}", f.name)));
         }
         if f.over.is_some() {
             return Err(unsupported(format!("window function `{whole}`")));
@@ -829,17 +736,13 @@ impl Compiler<'_> {
             return Err(unsupported(format!("parameterized function call `{whole}`")));
         }
         let arg_exprs: Vec<&ast::Expr> = match &f.args {
-            ast::FunctionArguments::None => {
-                return Err(unsupported(format!("`{whole}`; supported functions: {SUPPORTED_FUNCTIONS}")))
-            }
+            ast::FunctionArguments::None => return Err(unsupported(format!("`{whole}`; supported functions: {SUPPORTED_FUNCTIONS}"))),
             ast::FunctionArguments::Subquery(_) => {
                 return Err(unsupported(format!("subquery in `{whole}`")));
             }
             ast::FunctionArguments::List(list) => {
                 if list.duplicate_treatment.is_some() || !list.clauses.is_empty() {
-                    return Err(unsupported(format!(
-                        "`{whole}`: DISTINCT / ORDER BY / other clauses in arguments"
-                    )));
+                    return Err(unsupported(format!("`{whole}`: DISTINCT / ORDER BY / other clauses in arguments")));
                 }
                 let mut v = Vec::with_capacity(list.args.len());
                 for a in &list.args {
@@ -872,18 +775,12 @@ impl Compiler<'_> {
                 let mut it = args.into_iter();
                 let (x, xt) = it.next().expect("checked arity");
                 if !matches!(xt, None | Some(DataType::Int) | Some(DataType::Float)) {
-                    return Err(mismatch(format!(
-                        "ROUND expects a numeric value (BIGINT or DOUBLE), found {}",
-                        ty_name(xt)
-                    )));
+                    return Err(mismatch(format!("ROUND expects a numeric value (BIGINT or DOUBLE), found {}", ty_name(xt))));
                 }
                 let digits = match it.next() {
                     Some((d, dt)) => {
                         if !matches!(dt, None | Some(DataType::Int)) {
-                            return Err(mismatch(format!(
-                                "ROUND expects a BIGINT number of decimals, found {}",
-                                ty_name(dt)
-                            )));
+                            return Err(mismatch(format!("ROUND expects a BIGINT number of decimals, found {}", ty_name(dt))));
                         }
                         Some(Box::new(d))
                     }
@@ -927,10 +824,7 @@ impl Compiler<'_> {
                 arity(n_args == 1, "1 argument")?;
                 let (x, xt) = args.pop().expect("checked arity");
                 if !matches!(xt, None | Some(DataType::Int) | Some(DataType::Float)) {
-                    return Err(mismatch(format!(
-                        "ABS expects a numeric argument (BIGINT or DOUBLE), found {}",
-                        ty_name(xt)
-                    )));
+                    return Err(mismatch(format!("ABS expects a numeric argument (BIGINT or DOUBLE), found {}", ty_name(xt))));
                 }
                 Ok((Node::Abs(Box::new(x)), xt))
             }
@@ -943,10 +837,7 @@ impl Compiler<'_> {
                 arity(n_args == 1, "1 argument")?;
                 let (x, xt) = args.pop().expect("checked arity");
                 if !matches!(xt, None | Some(DataType::String)) {
-                    return Err(mismatch(format!(
-                        "{name} expects a VARCHAR argument, found {}",
-                        ty_name(xt)
-                    )));
+                    return Err(mismatch(format!("{name} expects a VARCHAR argument, found {}", ty_name(xt))));
                 }
                 Ok(match name.as_str() {
                     "LOWER" => (Node::Str(StrFn::Lower, Box::new(x)), Some(DataType::String)),
@@ -954,9 +845,7 @@ impl Compiler<'_> {
                     _ => (Node::Length(Box::new(x)), Some(DataType::Int)),
                 })
             }
-            _ => {
-                Err(unsupported(format!("function `{}`; supported functions: {SUPPORTED_FUNCTIONS}", f.name)))
-            }
+            _ => Err(unsupported(format!("function `{}`; supported functions: {SUPPORTED_FUNCTIONS}", f.name))),
         }
     }
 }
@@ -1002,9 +891,8 @@ fn binary_node(op: &BinaryOperator, l: Node, lt: Ty, r: Node, rt: Ty) -> Result<
     };
     match kind {
         BinaryKind::Arith(aop) => {
-            let (mode, ty) = arith_type(aop, lt, rt).ok_or_else(|| {
-                mismatch(format!("cannot apply `{}` to {} and {}", aop.symbol(), ty_name(lt), ty_name(rt)))
-            })?;
+            let (mode, ty) = arith_type(aop, lt, rt)
+                .ok_or_else(|| mismatch(format!("cannot apply `{}` to {} and {}", aop.symbol(), ty_name(lt), ty_name(rt))))?;
             Ok((Node::Arith { op: aop, mode, l: Box::new(l), r: Box::new(r) }, ty))
         }
         BinaryKind::Cmp(cop) => {
@@ -1014,11 +902,7 @@ fn binary_node(op: &BinaryOperator, l: Node, lt: Ty, r: Node, rt: Ty) -> Result<
         BinaryKind::And | BinaryKind::Or => {
             let is_bool = |t: Ty| matches!(t, None | Some(DataType::Bool));
             if !is_bool(lt) || !is_bool(rt) {
-                return Err(mismatch(format!(
-                    "cannot apply `{op}` to {} and {}; expected BOOLEAN operands",
-                    ty_name(lt),
-                    ty_name(rt)
-                )));
+                return Err(mismatch(format!("cannot apply `{op}` to {} and {}; expected BOOLEAN operands", ty_name(lt), ty_name(rt))));
             }
             let (l, r) = (Box::new(l), Box::new(r));
             let node = if matches!(kind, BinaryKind::And) { Node::And(l, r) } else { Node::Or(l, r) };
@@ -1058,17 +942,13 @@ fn unsupported_expr(e: &ast::Expr) -> ExprError {
             let last = parts.last().map(|p| p.value.as_str()).unwrap_or_default();
             unsupported(format!("qualified column name `{e}`; refer to the column as `{last}`"))
         }
-        E::In { .. } => {
-            unsupported(format!("`{e}`: IN supports only a literal list such as `x IN (1, 2, 3)`"))
-        }
+        E::In { .. } => unsupported(format!("`{e}`: IN supports only a literal list such as `x IN (1, 2, 3)`")),
         E::Cast { .. } => unsupported(format!("CAST … FORMAT in `{e}`")),
         E::Interval(_) => unsupported(format!(
             "INTERVAL in `{e}`; timestamps are milliseconds, so add a BIGINT number of milliseconds \
              instead, e.g. `ts + 60000` for one minute"
         )),
-        E::Subquery(_) | E::Exists { .. } => {
-            unsupported(format!("subquery in `{e}`; expressions see only the current row"))
-        }
+        E::Subquery(_) | E::Exists { .. } => unsupported(format!("subquery in `{e}`; expressions see only the current row")),
         _ => unsupported(format!("expression `{e}`")),
     }
 }
@@ -1077,9 +957,7 @@ fn floor_ceil_node(name: &str, n: Node, t: Ty) -> Result<(Node, Ty), ExprError> 
     match t {
         Some(DataType::Int) => Ok((n, t)),
         None | Some(DataType::Float) => Ok((Node::FloorCeil { expr: Box::new(n), ceil: name != "FLOOR" }, t)),
-        Some(other) => {
-            Err(mismatch(format!("{name} expects a numeric argument (BIGINT or DOUBLE), found {other}")))
-        }
+        Some(other) => Err(mismatch(format!("{name} expects a numeric argument (BIGINT or DOUBLE), found {other}"))),
     }
 }
 
@@ -1218,9 +1096,7 @@ fn cast_target(dt: &ast::DataType) -> Result<DataType, ExprError> {
             None
         }
     });
-    found.ok_or_else(|| {
-        unsupported(format!("type `{full}`; supported types: BOOLEAN, BIGINT, DOUBLE, VARCHAR, TIMESTAMP"))
-    })
+    found.ok_or_else(|| unsupported(format!("type `{full}`; supported types: BOOLEAN, BIGINT, DOUBLE, VARCHAR, TIMESTAMP")))
 }
 
 fn cast_node(n: Node, from: Ty, to: DataType, lenient: bool) -> Result<(Node, Ty), ExprError> {
@@ -1233,14 +1109,7 @@ fn cast_node(n: Node, from: Ty, to: DataType, lenient: bool) -> Result<(Node, Ty
     }
     let allowed = matches!(
         (from, to),
-        (String, _)
-            | (_, String)
-            | (Int, Float)
-            | (Float, Int)
-            | (Int, Bool)
-            | (Bool, Int)
-            | (Int, Timestamp)
-            | (Timestamp, Int)
+        (String, _) | (_, String) | (Int, Float) | (Float, Int) | (Int, Bool) | (Bool, Int) | (Int, Timestamp) | (Timestamp, Int)
     );
     if !allowed {
         return Err(mismatch(format!("cannot CAST {from} to {to}")));
@@ -1443,9 +1312,7 @@ fn cast_value(v: Value, to: DataType) -> Result<Value, EvalError> {
                 T::Int => Value::Int(t.parse().map_err(|_| cast_error(&s, to))?),
                 T::Float => Value::Float(t.parse().map_err(|_| cast_error(&s, to))?),
                 T::Timestamp => Value::Timestamp(parse_timestamp(t).ok_or_else(|| {
-                    EvalError(format!(
-                        "cannot CAST '{s}' to TIMESTAMP: expected 'YYYY-MM-DD[ HH:MM:SS[.fff]][Z|±HH:MM]'"
-                    ))
+                    EvalError(format!("cannot CAST '{s}' to TIMESTAMP: expected 'YYYY-MM-DD[ HH:MM:SS[.fff]][Z|±HH:MM]'"))
                 })?),
                 T::String => unreachable!("handled above"),
             }
@@ -1461,10 +1328,8 @@ fn cast_value(v: Value, to: DataType) -> Result<Value, EvalError> {
     })
 }
 
-const POW10: [f64; 23] = [
-    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18,
-    1e19, 1e20, 1e21, 1e22,
-];
+const POW10: [f64; 23] =
+    [1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22];
 
 /// Rounds to `n` decimal places (negative `n` rounds left of the point), half away from zero, on
 /// the value's decimal digits to 15 significant places: as many as a double holds for any decimal
@@ -1630,20 +1495,14 @@ impl Node {
             }
             Node::Not(e) => Ok(bool_value(as_bool(&e.eval(row)?)?.map(|b| !b))),
             Node::IsNull { expr, negated } => Ok(Value::Bool(expr.eval(row)?.is_null() != *negated)),
-            Node::IsBool { expr, want, negated } => {
-                Ok(Value::Bool((as_bool(&expr.eval(row)?)? == *want) != *negated))
-            }
+            Node::IsBool { expr, want, negated } => Ok(Value::Bool((as_bool(&expr.eval(row)?)? == *want) != *negated)),
             Node::Neg(e) => negate(e.eval(row)?),
             Node::DistinctFrom { l, r, negated } => distinct_from(l.eval(row)?, r.eval(row)?, *negated),
             Node::Between { expr, low, high, negated } => eval_between(row, expr, low, high, *negated),
             Node::InList { expr, list, negated } => eval_in_list(row, expr, list, *negated),
-            Node::Like { expr, pattern, negated, case_insensitive } => {
-                eval_like(row, expr, pattern, *negated, *case_insensitive)
-            }
+            Node::Like { expr, pattern, negated, case_insensitive } => eval_like(row, expr, pattern, *negated, *case_insensitive),
             Node::Case { whens, else_ } => eval_case(row, None, whens, else_.as_deref()),
-            Node::CaseSimple { operand, whens, else_ } => {
-                eval_case(row, Some(operand), whens, else_.as_deref())
-            }
+            Node::CaseSimple { operand, whens, else_ } => eval_case(row, Some(operand), whens, else_.as_deref()),
             Node::Coalesce(args) => eval_coalesce(row, args),
             Node::NullIf(a, b) => eval_nullif(row, a, b),
             Node::Cast { expr, to, lenient } => match cast_value(expr.eval(row)?, *to) {
@@ -1678,9 +1537,7 @@ fn short_row(len: usize, i: usize) -> EvalError {
 fn negate(v: Value) -> Result<Value, EvalError> {
     Ok(match v {
         Value::Null => Value::Null,
-        Value::Int(i) => Value::Int(
-            i.checked_neg().ok_or_else(|| EvalError(format!("BIGINT overflow: -({i}) is out of range")))?,
-        ),
+        Value::Int(i) => Value::Int(i.checked_neg().ok_or_else(|| EvalError(format!("BIGINT overflow: -({i}) is out of range")))?),
         Value::Float(f) => Value::Float(-f),
         other => return Err(type_error("a number", &other)),
     })
@@ -1688,9 +1545,7 @@ fn negate(v: Value) -> Result<Value, EvalError> {
 
 fn abs(v: Value) -> Result<Value, EvalError> {
     Ok(match v {
-        Value::Int(i) => Value::Int(
-            i.checked_abs().ok_or_else(|| EvalError(format!("BIGINT overflow: ABS({i}) is out of range")))?,
-        ),
+        Value::Int(i) => Value::Int(i.checked_abs().ok_or_else(|| EvalError(format!("BIGINT overflow: ABS({i}) is out of range")))?),
         Value::Float(f) => Value::Float(f.abs()),
         other => other,
     })
@@ -1715,13 +1570,7 @@ fn distinct_from(a: Value, b: Value, negated: bool) -> Result<Value, EvalError> 
     Ok(Value::Bool(distinct != negated))
 }
 
-fn eval_between(
-    row: &[Value],
-    expr: &Node,
-    low: &Node,
-    high: &Node,
-    negated: bool,
-) -> Result<Value, EvalError> {
+fn eval_between(row: &[Value], expr: &Node, low: &Node, high: &Node, negated: bool) -> Result<Value, EvalError> {
     let v = expr.eval(row)?;
     if v.is_null() {
         return Ok(Value::Null);
@@ -1752,21 +1601,14 @@ fn eval_in_list(row: &[Value], expr: &Node, list: &[Node], negated: bool) -> Res
     Ok(if saw_null { Value::Null } else { Value::Bool(negated) })
 }
 
-fn eval_like(
-    row: &[Value],
-    expr: &Node,
-    pattern: &LikePattern,
-    negated: bool,
-    case_insensitive: bool,
-) -> Result<Value, EvalError> {
+fn eval_like(row: &[Value], expr: &Node, pattern: &LikePattern, negated: bool, case_insensitive: bool) -> Result<Value, EvalError> {
     let v = expr.eval(row)?;
     let text = match &v {
         Value::Null => return Ok(Value::Null),
         Value::String(s) => s,
         other => return Err(type_error("VARCHAR", other)),
     };
-    let text: Cow<'_, str> =
-        if case_insensitive { Cow::Owned(text.to_lowercase()) } else { Cow::Borrowed(text) };
+    let text: Cow<'_, str> = if case_insensitive { Cow::Owned(text.to_lowercase()) } else { Cow::Borrowed(text) };
     let matched = match pattern {
         LikePattern::Const(toks) => like_match(&text, toks),
         LikePattern::Dynamic(p) => match p.eval(row)? {
@@ -1783,12 +1625,7 @@ fn eval_like(
 
 /// Searched CASE (`operand` is `None`: first TRUE condition) or simple CASE (first value equal to
 /// the operand; a NULL operand matches nothing).
-fn eval_case(
-    row: &[Value],
-    operand: Option<&Node>,
-    whens: &[(Node, Node)],
-    else_: Option<&Node>,
-) -> Result<Value, EvalError> {
+fn eval_case(row: &[Value], operand: Option<&Node>, whens: &[(Node, Node)], else_: Option<&Node>) -> Result<Value, EvalError> {
     match operand {
         None => {
             for (cond, result) in whens {
@@ -1878,7 +1715,6 @@ fn eval_concat_fn(row: &[Value], args: &[Node]) -> Result<Value, EvalError> {
 // Timestamps
 // ---------------------------------------------------------------------------------------------
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1956,14 +1792,7 @@ mod tests {
             Field::new("ts", DataType::Timestamp),
         ]);
         let err = Expr::compile("scroe * 2", &schema).unwrap_err();
-        assert_eq!(
-            err,
-            ExprError::UnknownColumn {
-                name: "scroe".into(),
-                available: "seq, k, score, ts".into(),
-                double_quoted: false
-            }
-        );
+        assert_eq!(err, ExprError::UnknownColumn { name: "scroe".into(), available: "seq, k, score, ts".into(), double_quoted: false });
         assert_eq!(err.to_string(), "unknown column `scroe`; available columns: seq, k, score, ts");
         let err = Expr::compile("k = \"abc\"", &schema).unwrap_err().to_string();
         assert!(err.contains("single quotes"), "{err}");
@@ -2091,10 +1920,7 @@ mod tests {
         assert_eq!(eval("NOT NULL"), Value::Null);
         // Short-circuit: the right side is not evaluated.
         assert_eq!(eval("FALSE AND seq / 0 = 1"), Value::Bool(false));
-        assert_eq!(
-            compile_err("seq AND ok"),
-            "type mismatch: cannot apply `AND` to BIGINT and BOOLEAN; expected BOOLEAN operands"
-        );
+        assert_eq!(compile_err("seq AND ok"), "type mismatch: cannot apply `AND` to BIGINT and BOOLEAN; expected BOOLEAN operands");
         assert_eq!(compile_err("NOT k"), "type mismatch: cannot apply `NOT` to VARCHAR; expected BOOLEAN");
     }
 
@@ -2164,10 +1990,7 @@ mod tests {
             compile_err("CASE WHEN ok THEN 1 ELSE 'x' END"),
             "type mismatch: CASE branches have incompatible types BIGINT and VARCHAR (at `ELSE 'x'`)"
         );
-        assert_eq!(
-            compile_err("CASE WHEN seq THEN 1 END"),
-            "type mismatch: CASE WHEN condition `seq` must be BOOLEAN, found BIGINT"
-        );
+        assert_eq!(compile_err("CASE WHEN seq THEN 1 END"), "type mismatch: CASE WHEN condition `seq` must be BOOLEAN, found BIGINT");
         assert!(compile_err("CASE k WHEN 1 THEN 1 END").contains("VARCHAR and BIGINT"));
     }
 
@@ -2267,10 +2090,7 @@ mod tests {
             compile_err("seq || seq"),
             "type mismatch: cannot apply `||` to BIGINT and BIGINT; at least one operand must be VARCHAR"
         );
-        assert_eq!(
-            compile_err("LOWER(seq)"),
-            "type mismatch: LOWER expects a VARCHAR argument, found BIGINT"
-        );
+        assert_eq!(compile_err("LOWER(seq)"), "type mismatch: LOWER expects a VARCHAR argument, found BIGINT");
     }
 
     #[test]
@@ -2411,13 +2231,7 @@ mod tests {
     }
 
     fn small_or_any() -> impl Strategy<Value = Option<i64>> {
-        prop::option::of(prop_oneof![
-            -1000i64..1000,
-            any::<i64>(),
-            Just(0i64),
-            Just(i64::MIN),
-            Just(i64::MAX)
-        ])
+        prop::option::of(prop_oneof![-1000i64..1000, any::<i64>(), Just(0i64), Just(i64::MIN), Just(i64::MAX)])
     }
 
     proptest! {

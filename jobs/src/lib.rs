@@ -48,7 +48,6 @@ fn bounded(text: String) -> String {
     format!("{head} … [{} characters left out] … {tail}", chars - MESSAGE_HEAD - MESSAGE_TAIL)
 }
 
-
 /// Parses, validates and plans a spec's text (already substituted).
 pub fn compile(text: &str) -> Result<Plan, SpecError> {
     plan(&JobSpec::parse(text)?)

@@ -29,9 +29,7 @@ impl DataType {
         Some(match name.to_ascii_lowercase().as_str() {
             "bool" | "boolean" => DataType::Bool,
             "int" | "integer" | "bigint" | "smallint" | "int8" | "int4" | "long" => DataType::Int,
-            "float" | "double" | "real" | "double precision" | "float8" | "decimal" | "numeric" => {
-                DataType::Float
-            }
+            "float" | "double" | "real" | "double precision" | "float8" | "decimal" | "numeric" => DataType::Float,
             "string" | "text" | "varchar" | "char" => DataType::String,
             "timestamp" | "timestamptz" => DataType::Timestamp,
             _ => return None,

@@ -24,14 +24,11 @@ pub fn hash_key(row: &[Value], columns: &[usize]) -> u64 {
             Value::Int(i) => mix(h, *i as u64),
             Value::Float(f) => mix(h, f.to_bits()),
             Value::Timestamp(t) => mix(h, *t as u64 ^ 0x5555),
-            Value::String(s) => s
-                .as_bytes()
-                .chunks(8)
-                .fold(mix(h, s.len() as u64), |h, c| {
-                    let mut w = [0u8; 8];
-                    w[..c.len()].copy_from_slice(c);
-                    mix(h, u64::from_le_bytes(w))
-                }),
+            Value::String(s) => s.as_bytes().chunks(8).fold(mix(h, s.len() as u64), |h, c| {
+                let mut w = [0u8; 8];
+                w[..c.len()].copy_from_slice(c);
+                mix(h, u64::from_le_bytes(w))
+            }),
         };
     }
     h
@@ -85,8 +82,7 @@ mod tests {
     fn hash_is_stable() {
         // Pinned: key groups are persisted with state, so the hash must never change.
         assert_eq!(key_group(hash_key(&[Value::Int(42)], &[0]), 128), key_group(hash_key(&[Value::Int(42)], &[0]), 128));
-        let spread: std::collections::HashSet<u32> =
-            (0..1000).map(|i| key_group(hash_key(&[Value::Int(i)], &[0]), 128)).collect();
+        let spread: std::collections::HashSet<u32> = (0..1000).map(|i| key_group(hash_key(&[Value::Int(i)], &[0]), 128)).collect();
         assert!(spread.len() > 120, "1000 keys should reach nearly all 128 groups, got {}", spread.len());
     }
 }

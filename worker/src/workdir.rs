@@ -37,7 +37,8 @@ pub fn claim(dir: &Path) -> anyhow::Result<Claim> {
                 dir.display()
             );
         }
-        let lock = open_lock(dir).map_err(|e| anyhow::anyhow!("cannot open {}: {e}; pick another --state-dir", dir.join(LOCK).display()))?;
+        let lock =
+            open_lock(dir).map_err(|e| anyhow::anyhow!("cannot open {}: {e}; pick another --state-dir", dir.join(LOCK).display()))?;
         match lock.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => anyhow::bail!(

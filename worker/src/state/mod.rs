@@ -443,16 +443,30 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Update { k: u8, slice: i64, x: i64 },
-        Scan { after: i64, through: i64 },
-        Get { k: u8, slice: i64 },
+        Update {
+            k: u8,
+            slice: i64,
+            x: i64,
+        },
+        Scan {
+            after: i64,
+            through: i64,
+        },
+        Get {
+            k: u8,
+            slice: i64,
+        },
         Drop(i64),
         /// Snapshot, then continue on fresh instances restored from it, over one range or split
         /// in two at `split` (restored one after the other into the same instance).
-        Restore { split: u32 },
+        Restore {
+            split: u32,
+        },
         /// Snapshot, restore groups `[0, split)` and `[split, GROUPS)` into two instances each and
         /// check that the halves partition the whole.
-        Rescale { split: u32 },
+        Rescale {
+            split: u32,
+        },
     }
 
     fn ops() -> impl Strategy<Value = Vec<Op>> {

@@ -184,14 +184,23 @@ mod tests {
 
     #[derive(Debug, Clone)]
     enum Op {
-        Put { shard: u32, k: u8, row: Vec<Value> },
-        Delete { shard: u32, k: u8 },
+        Put {
+            shard: u32,
+            k: u8,
+            row: Vec<Value>,
+        },
+        Delete {
+            shard: u32,
+            k: u8,
+        },
         /// Time passes.
         Wait(i64),
         Expire,
         /// Snapshot, then go on with fresh instances restored from it, shards below `split` into
         /// one pair and the rest into another; check each holds only its shards, then merge.
-        Restore { split: u32 },
+        Restore {
+            split: u32,
+        },
     }
 
     fn ops() -> impl Strategy<Value = Vec<Op>> {
