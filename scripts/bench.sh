@@ -199,6 +199,7 @@ PY
 bench_failover() {
   local profile=${FAILOVER_PROFILE:-debug} i peers="" list="" port
   log "building $profile binaries"
+  [ "$profile" = debug ] && lint_while_building  # the test command's build, reused
   BIN=$(build_bins "$profile" --tests)  # with the tests: the feature set the test command builds
   for i in 1 2 3; do
     port=$(free_port)
@@ -400,6 +401,7 @@ bench_chaos() {
   local profile=${CHAOS_PROFILE:-debug} flags=() status=0
   [ "$profile" = release ] && flags=(--release)
   log "building $profile binaries"
+  [ "$profile" = debug ] && lint_while_building  # the test command's build, reused
   build_bins "$profile" --tests >/dev/null  # with the tests: one feature set, one RocksDB build
   log "chaos run: ${CHAOS_SECONDS}s of writers under faults (progress below; figures on stdout at the end)"
   # The test prints its figures as name=value lines on stdout, progress and mismatches on stderr.

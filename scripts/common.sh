@@ -21,6 +21,19 @@ build_bins() {
   echo "$CARGO_TARGET_DIR/$profile"
 }
 
+# Builds the workspace's own crates with clippy's lints, its warnings errors: clippy-driver wraps
+# rustc for them (dependencies are built by rustc as usual), so one debug build serves the lints,
+# the binaries and the tests (`cargo clippy` checks into a tree of its own, which would compile
+# RocksDB's C++ a second time). The test command and the benchmarks that reuse its debug build
+# (chaos, failover) call it, so they share that build.
+lint_while_building() {
+  if command -v rustup >/dev/null; then
+    rustup component add clippy rustfmt >/dev/null 2>&1 || true
+  fi
+  RUSTC_WORKSPACE_WRAPPER=$(command -v clippy-driver) || { echo "clippy-driver is missing: rustup component add clippy" >&2; exit 1; }
+  export RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
+}
+
 # A free TCP port on loopback.
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'

@@ -7,6 +7,8 @@ source "$(dirname "$0")/common.sh"
 cd "$ROOT"
 command -v cargo >/dev/null || { echo "cargo is missing: install Rust (https://rustup.rs) first" >&2; exit 1; }
 log "checking the house rules: no modules importing each other in a circle, the code formatted"
+lint_while_building  # also installs rustfmt and clippy where rustup's minimal profile left them out
+python3 scripts/check_modules.py --self-test >/dev/null
 python3 scripts/check_modules.py worker/src coordinator/src jobs/src proto/src cli/src
 cargo fmt --all --check || { echo "the code is not formatted as rustfmt.toml says: run cargo fmt --all" >&2; exit 1; }
 log "starting services (installs them when missing)"
@@ -18,13 +20,7 @@ export EDDY_TEST_KAFKA_BROKERS=$EDDY_KAFKA_BROKERS
 # Every service is up: a connector test that finds its setting missing fails instead of skipping.
 export EDDY_TEST_REQUIRE_SERVICES=1
 export EDDY_TEST_SERVICES_CTL=$ROOT/scripts/services.sh
-log "building binaries and tests, linted by clippy (its warnings are errors)"
-# clippy-driver compiles the workspace's own crates as rustc does, with clippy's lints on top, so one
-# build serves the lints, the binaries and the tests (`cargo clippy` checks into a tree of its own,
-# which would compile RocksDB's C++ a second time). Dependencies are built by rustc as usual.
-command -v clippy-driver >/dev/null || rustup component add clippy
-RUSTC_WORKSPACE_WRAPPER=$(command -v clippy-driver)
-export RUSTC_WORKSPACE_WRAPPER CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
+log "building binaries and tests, linted by clippy (its warnings are errors; see lint_while_building)"
 # With the tests, so that dependencies are built with the features `cargo test` unifies (its
 # dev-dependencies add some): RocksDB is compiled once, not once for the binaries and again for
 # the tests.
