@@ -23,8 +23,18 @@
 #            workers -> a submit succeeds on the new leader, KILLS (3) times with the old leader
 #            back in between; prints the median and worst seconds and how many times the running
 #            job restarted (goal 0). Env: KILLS (3), FAILOVER_PROFILE (debug; or release).
-# Every benchmark prints `name=value` lines on stdout; progress goes to stderr.
+# Every benchmark prints `name=value` lines on stdout; progress goes to stderr. The release ones
+# measure EDDY_BENCH_BIN instead of building, when it names a directory of prebuilt binaries (an
+# earlier version's, say, for a before/after in one sitting).
 source "$(dirname "$0")/common.sh"
+
+release_bins() {
+  if [ -n "${EDDY_BENCH_BIN:-}" ]; then
+    echo "$EDDY_BENCH_BIN"
+  else
+    build_bins release
+  fi
+}
 
 name=${1:-}
 [ -n "$name" ] || { echo "usage: scripts/bench.sh window" >&2; exit 2; }
@@ -66,7 +76,7 @@ start_worker() {
 bench_window() {
   local n=${N:-10000000} keys=${KEYS:-1000} ev_per_ms=${EV_PER_MS:-10}
   log "building release binaries"
-  BIN=$(build_bins release)
+  BIN=$(release_bins)
   start_cluster 1 2
   hop_job "$(generator_source "count = $n, keys = $keys, seed = 1, events_per_ms = $ev_per_ms")" 1 5s "${BACKEND:-rocksdb}" >"$RUN_DIR/window.toml"
   local pid=${WORKER_PIDS[0]} cpu0 cpu1 job status
@@ -96,7 +106,7 @@ bench_pipeline() {
   "$ROOT/scripts/services.sh" start >&2
   eval "$("$ROOT/scripts/services.sh" env)"
   log "building release binaries"
-  BIN=$(build_bins release)
+  BIN=$(release_bins)
   start_cluster 2 4
   MOCK_PORT=$(free_port)
   "$BIN/eddy-mock-api" --listen "127.0.0.1:$MOCK_PORT" --log "$RUN_DIR/external.jsonl" >"$RUN_DIR/mock-api.log" 2>&1 &
@@ -145,7 +155,7 @@ SPEC
 
 bench_recovery() {
   log "building release binaries"
-  BIN=$(build_bins release)
+  BIN=$(release_bins)
   start_cluster 3 1
   # Event time runs 20 s per second, so windows (5 s slide) fire every 0.25 s of wall time.
   hop_job "$(generator_source "keys = 1000, seed = 1, events_per_ms = 1, rate = 20000")" 2 1s >"$RUN_DIR/recovery.toml"
@@ -279,7 +289,7 @@ PY
 
 bench_checkpoint() {
   log "building release binaries"
-  BIN=$(build_bins release)
+  BIN=$(release_bins)
   start_cluster 1 2
   local keys job
   for keys in ${KEY_COUNTS:-100000 1000000}; do
@@ -320,7 +330,7 @@ bench_vs_flink() {
   command -v java >/dev/null || { echo "vs-flink needs Java 17 (apt-get install openjdk-17-jre-headless)" >&2; exit 1; }
   [ -x /usr/bin/time ] || { echo "vs-flink needs GNU time (apt-get install time)" >&2; exit 1; }
   log "building release binaries"
-  BIN=$(build_bins release)
+  BIN=$(release_bins)
   start_cluster 1 2
   # 1. The events, written once by Eddy's generator: {"seq","k","score","ts_ms"} per line.
   local events="$RUN_DIR/events.jsonl"
