@@ -884,8 +884,8 @@ connector = "discard"
     /// A cancel stored just before the coordinator died is not undone by the restart.
     #[tokio::test]
     async fn a_cancel_in_progress_survives_a_coordinator_restart() {
-        let dir = std::env::temp_dir().join(format!("eddy-cancel-restart-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         // Stored: "c" while its cancel was in progress, "r" running.
         let (mut log, mut state) = crate::meta::LocalLog::open(&dir.join("meta")).unwrap();
         for (id, states) in
@@ -929,7 +929,6 @@ connector = "discard"
         assert_eq!(state.jobs["r"].next_checkpoint_id, 2);
         assert_eq!(state.jobs["c"].state, JobState::Cancelled);
         assert_eq!(state.jobs["r"].state, JobState::Running);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// A coordinator that takes over (restarted, or newly leading) adopts a job whose tasks the
@@ -947,7 +946,8 @@ connector = "discard"
         let meta = before.coordinator.meta.state.clone();
         drop(before);
 
-        let dir = std::env::temp_dir().join(format!("eddy-adopt-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let storage = CheckpointStore::open(&dir).unwrap();
         let log = Box::new(FlakyLog(Arc::new(std::sync::atomic::AtomicBool::new(false))));
         let mut h = Harness::new();
@@ -1023,7 +1023,6 @@ connector = "discard"
             orders.iter().all(|o| !matches!(o, Order::Deploy(d) if d.job_id == adopted)),
             "nothing of the adopted job is deployed again"
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

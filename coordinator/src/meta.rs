@@ -446,8 +446,8 @@ pub(crate) mod tests {
     /// whole, with commands the state already holds skipped and a torn last line ignored.
     #[test]
     fn the_local_log_reads_back_what_was_applied() {
-        let dir = std::env::temp_dir().join(format!("eddy-meta-log-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let commands: Vec<MetaCommand> = std::iter::once(MetaCommand::Submitted { job: job("j") })
             .chain([JobState::Scheduling, JobState::Running].map(state_changed))
             .chain((1..=COMPACT_AFTER + 5).map(|i| MetaCommand::CheckpointIdsUsed { job_id: "j".into(), next: i }))
@@ -487,17 +487,16 @@ pub(crate) mod tests {
         std::fs::write(&log_path, format!("{{\"index\"\n{tail}")).unwrap();
         let e = LocalLog::open(&dir).err().unwrap().to_string();
         assert!(e.contains("line 1 is damaged"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_data_directory_serves_one_coordinator_at_a_time() {
-        let dir = std::env::temp_dir().join(format!("eddy-lock-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let first = LocalLog::open(&dir).unwrap();
         let e = LocalLog::open(&dir).err().unwrap().to_string();
         assert!(e.contains("another coordinator") && e.contains("--data-dir"), "{e}");
         drop(first);
         LocalLog::open(&dir).expect("free again once the first is gone");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

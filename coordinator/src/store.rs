@@ -218,7 +218,8 @@ mod tests {
 
     #[tokio::test]
     async fn checkpoints_that_never_completed_are_collected_once_a_newer_one_is_kept() {
-        let dir = std::env::temp_dir().join(format!("eddy-collect-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let store = CheckpointStore::open(&dir).unwrap();
         let put = |path: &str| {
             let (store, path) = (store.store.clone(), StorePath::from(path));
@@ -236,7 +237,6 @@ mod tests {
         let left: BTreeSet<String> =
             std::fs::read_dir(dir.join("job")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert_eq!(left, ["chk-1", "chk-3", "chk-4"].map(String::from).into_iter().collect());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Shared files are judged by the checkpoint they were uploaded for, not by clocks: a file of
@@ -244,7 +244,8 @@ mod tests {
     /// while a checkpoint of the job could not be read.
     #[tokio::test]
     async fn shared_files_of_a_checkpoint_in_flight_stay_whatever_the_clocks_say() {
-        let dir = std::env::temp_dir().join(format!("eddy-collect-shared-{}", std::process::id()));
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
         let store = CheckpointStore::open(&dir).unwrap();
         let put = |path: &str| {
             let (store, path) = (store.store.clone(), StorePath::from(path));
@@ -285,6 +286,5 @@ mod tests {
         // The clock says every file is older than anything (a worker's clock far behind).
         store.collect("job", Vec::new(), vec![Arc::new(kept)], SharedGc::Through { checkpoint: 5, before_ms: i64::MAX }).await;
         assert_eq!(shared(), ["chk-3/000010.sst", "chk-6/000012.sst"].map(String::from).into_iter().collect());
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -490,7 +490,7 @@ mod tests {
     /// and its local files go after the upload read them.
     #[tokio::test]
     async fn a_cancelled_task_ends_after_its_uploads() {
-        let dir = crate::state::TempDir::new("uploads");
+        let dir = crate::testing::temp_dir("uploads");
         let (local, landed) = (dir.path().join("task"), dir.path().join("storage-file"));
         std::fs::create_dir_all(&local).unwrap();
         let uploads = TaskTracker::new();

@@ -1,4 +1,9 @@
-//! What the worker's tests share: the real services they talk to.
+//! What the worker's tests share: the real services they talk to, and temporary directories.
+
+/// A fresh directory under the system's temp dir, named after `label`, removed when dropped.
+pub fn temp_dir(label: &str) -> tempfile::TempDir {
+    tempfile::Builder::new().prefix(&format!("eddy-{label}-")).tempdir().expect("creating a temporary directory")
+}
 
 /// The setting `var` names (a real service's address, or the services script) for a test that
 /// needs it. When it is unset the test is skipped and says so, unless `EDDY_TEST_REQUIRE_SERVICES`

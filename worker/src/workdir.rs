@@ -134,8 +134,8 @@ mod tests {
     /// empties it, and one started beside it removes it, while a live worker's folder stays.
     #[test]
     fn dead_workers_state_is_removed_and_live_workers_state_is_kept() {
-        let parent = std::env::temp_dir().join(format!("eddy-workdir-test-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&parent);
+        let tmp = crate::testing::temp_dir("workdir");
+        let parent = tmp.path();
         let (live, dead, own, other) = (parent.join("live"), parent.join("dead"), parent.join("own"), parent.join("not-a-worker"));
         let live_claim = claim(&live).unwrap();
         std::fs::write(live.join("state"), b"x").unwrap();
@@ -157,7 +157,7 @@ mod tests {
         assert!(live.join("state").exists(), "a refused claim removes nothing");
 
         let _own = claim(&own).unwrap();
-        assert_eq!(sweep_dead(&parent, &own), 1);
+        assert_eq!(sweep_dead(parent, &own), 1);
         assert!(!dead.exists() && !half_removed.exists());
         assert!(live.join("state").exists() && other.join("notes.txt").exists() && own.exists());
 
@@ -165,6 +165,5 @@ mod tests {
         drop(live_claim);
         let _again = claim(&live).unwrap();
         assert!(!live.join("state").exists());
-        let _ = std::fs::remove_dir_all(&parent);
     }
 }

@@ -1014,10 +1014,8 @@ mod tests {
             ),
         )
         .await;
-        let dir = std::env::temp_dir().join(format!("eddy-ch-dead-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("dead.jsonl");
-        let _ = std::fs::remove_file(&path);
+        let dir = crate::testing::temp_dir("ch-dead");
+        let path = dir.path().join("dead.jsonl");
         let mut o = options(&url, table, 100);
         o.dead_letter_path = Some(path.to_string_lossy().into_owned());
         let c = ctx();
@@ -1054,7 +1052,6 @@ mod tests {
                 _ => assert!(error.contains("event_ts") && error.contains("1900"), "{error}"),
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]

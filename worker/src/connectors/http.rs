@@ -563,8 +563,8 @@ mod tests {
     async fn http_dead_letters_refusals_and_exhausted_retries() {
         let Some(bin) = mock_api_bin() else { return };
         let mock = MockApi::start(&bin, &["--fail-every", "2"]).await;
-        let path = std::env::temp_dir().join(format!("eddy-http-dead-letters-{}.jsonl", std::process::id()));
-        let _ = std::fs::remove_file(&path);
+        let dir = crate::testing::temp_dir("http-dead-letters");
+        let path = dir.path().join("dead.jsonl");
         let c = ctx();
         let metrics = c.metrics.clone();
         let mut o = options(&mock.base);
@@ -583,7 +583,6 @@ mod tests {
         let stats = mock.get("/stats").await;
         let lines: Vec<serde_json::Value> =
             std::fs::read_to_string(&path).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-        let _ = std::fs::remove_file(&path);
         // One request at a time: rows 1, 3, …, 11 hit the mock's every-other 503 and have no retry
         // left; row 10 has an empty key and is refused with 400; rows 0, 2, 4, 6, 8 arrive.
         for (field, want) in [("received", 12), ("unique", 5), ("duplicates", 0), ("failed", 6), ("refused", 1)] {

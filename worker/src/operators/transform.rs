@@ -81,8 +81,8 @@ mod tests {
     async fn rows_the_select_fails_on_are_set_aside_and_the_rest_goes_on() {
         let schema = Schema::new(vec![Field::new("s", DataType::String)]);
         let select = Expr::compile("CAST(s AS BIGINT)", &schema).unwrap();
-        let dir = std::env::temp_dir().join(format!("eddy-transform-dead-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = crate::testing::temp_dir("transform-dead");
+        let dir = tmp.path();
         let path = dir.join("dead.jsonl");
         let metrics = Arc::new(TaskMetrics::default());
         let letters = DeadLetters::open("transform", path.to_str(), metrics.clone()).unwrap();
@@ -97,7 +97,6 @@ mod tests {
         assert_eq!(letter["stage"], "casted");
         assert_eq!(letter["row"], serde_json::json!(["two"]));
         assert!(letter["error"].as_str().unwrap().contains("select"), "{letter}");
-        let _ = std::fs::remove_dir_all(&dir);
 
         // Without a policy (or with `fail`) the row fails the task, as the user's error.
         let mut strict = Transform::new(None, Some(vec![select]));

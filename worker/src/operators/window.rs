@@ -645,13 +645,13 @@ fn decode_key(key: &[u8], width: usize) -> Result<Vec<Value>> {
 mod tests {
     use super::*;
     use crate::operator::RestoredState;
-    use crate::state::TempDir;
     use eddy_jobs::connectors::BadRecordPolicy;
     use eddy_jobs::expr::Expr;
     use eddy_jobs::plan::Aggregate;
     use eddy_jobs::{Field, Schema};
     use proptest::prelude::*;
     use std::collections::BTreeMap;
+    use tempfile::TempDir;
 
     fn schema() -> Schema {
         Schema::new(vec![Field::new("k", DataType::Int), Field::new("v", DataType::Int), Field::new("ts", DataType::Timestamp)])
@@ -688,7 +688,7 @@ mod tests {
         let mut plan = plan(10, 10);
         // 2^62: fine for v = 1, an overflow for v = 3.
         plan.aggregates[0].arg = Some(Expr::compile("v * 4611686018427387904", &schema()).unwrap());
-        let dir = TempDir::new("window-bad-rows");
+        let dir = crate::testing::temp_dir("window-bad-rows");
         let path = dir.path().join("dead.jsonl");
         let metrics = std::sync::Arc::new(crate::operator::TaskMetrics::default());
         let letters = crate::operator::DeadLetters::open("window", path.to_str(), metrics.clone()).unwrap();
@@ -730,7 +730,7 @@ mod tests {
         key_groups: std::ops::Range<u32>,
         restore: Vec<RestoredState>,
     ) -> (Window, TempDir) {
-        let dir = TempDir::new("window-test");
+        let dir = crate::testing::temp_dir("window-test");
         let ctx = OperatorContext { state_dir: dir.path().join("state"), key_groups, restore, metrics: Default::default() };
         (Window::open(plan(size, slide), MAX_PARALLELISM, backend, ctx).unwrap(), dir)
     }
@@ -889,7 +889,7 @@ mod tests {
                     let (mut w, _dir) = window(1_000, 250, backend);
                     let mut out = Collector::default();
                     feed(&mut [(&mut w, 0..MAX_PARALLELISM)], &steps[..cut], &mut out);
-                    let scratch = TempDir::new("window-scratch");
+                    let scratch = crate::testing::temp_dir("window-scratch");
                     let snap = w.checkpoint(scratch.path()).unwrap();
                     drop(w);
                     let restored = vec![RestoredState { inline: snap.inline, files: snap.files }];
@@ -921,7 +921,7 @@ mod tests {
     fn restoring_several_subtasks_keeps_the_earliest_progress() {
         for backend in BACKENDS {
             let mut snaps = Vec::new();
-            let scratch = TempDir::new("window-merge");
+            let scratch = crate::testing::temp_dir("window-merge");
             for (i, (groups, wm)) in [(0..64, 100), (64..MAX_PARALLELISM, 40)].into_iter().enumerate() {
                 let (mut w, _dir) = open(10, 5, backend, groups, Vec::new());
                 let mut out = Collector::default();
@@ -971,7 +971,7 @@ mod tests {
         };
         for backend in BACKENDS {
             let batches = batches();
-            let dir = TempDir::new("window-bench");
+            let dir = crate::testing::temp_dir("window-bench");
             let ctx = OperatorContext {
                 state_dir: dir.path().join("state"),
                 key_groups: 0..MAX_PARALLELISM,

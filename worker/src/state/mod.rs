@@ -314,38 +314,12 @@ fn get_varint(buf: &mut &[u8]) -> std::result::Result<u64, &'static str> {
     Err("varint too long")
 }
 
-/// A directory under the system temp dir, unique to the process and the call, removed on drop.
-#[cfg(test)]
-pub(crate) struct TempDir(std::path::PathBuf);
-
-#[cfg(test)]
-impl TempDir {
-    pub(crate) fn new(label: &str) -> TempDir {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("eddy-{label}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("creating a temporary directory");
-        TempDir(dir)
-    }
-
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-#[cfg(test)]
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
+    use tempfile::TempDir;
 
     const GROUPS: u32 = 4;
 
@@ -371,7 +345,7 @@ mod tests {
 
     impl Pair {
         fn new() -> Pair {
-            let dir = TempDir::new("state-prop");
+            let dir = crate::testing::temp_dir("state-prop");
             let rocks = RocksWindowState::open(&dir.path().join("db")).unwrap();
             Pair { memory: MemoryWindowState::default(), rocks, _dir: dir }
         }
@@ -433,7 +407,7 @@ mod tests {
 
     /// Snapshot `state` and restore it into `into`, over `ranges` one after another.
     fn copy(state: &mut dyn WindowState, into: &mut dyn WindowState, ranges: impl IntoIterator<Item = Range<u32>>) {
-        let dir = TempDir::new("state-snap");
+        let dir = crate::testing::temp_dir("state-snap");
         let snap = dir.path().join("snap");
         state.snapshot(&snap).unwrap();
         for r in ranges {

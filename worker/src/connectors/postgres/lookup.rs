@@ -511,7 +511,7 @@ mod tests {
         };
         let columns = eddy_jobs::connectors::parse_columns(&options.columns).unwrap();
         let memory = LookupMemory { key: vec![0], time: None, ttl_ms: None, keyed: false };
-        let dir = crate::state::TempDir::new("lookup-memory");
+        let dir = crate::testing::temp_dir("lookup-memory");
         let ctx =
             |restore| OperatorContext { state_dir: dir.path().join("state"), key_groups: 0..128, restore, metrics: Default::default() };
         let open = |restore| {

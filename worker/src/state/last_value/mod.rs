@@ -131,9 +131,9 @@ fn io_error(what: &str, path: &Path, e: std::io::Error) -> TaskError {
 mod tests {
     use super::*;
     use crate::codec::tests::value;
-    use crate::state::TempDir;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
+    use tempfile::TempDir;
 
     const SHARDS: u32 = 4;
     const TTL: i64 = 100;
@@ -147,7 +147,7 @@ mod tests {
 
     impl Pair {
         fn new(ttl_ms: Option<i64>) -> Pair {
-            let dir = TempDir::new("last-value");
+            let dir = crate::testing::temp_dir("last-value");
             let rocks = RocksLastValueState::open(&dir.path().join("db"), ttl_ms).unwrap();
             Pair { memory: MemoryLastValueState::new(ttl_ms), rocks, _dir: dir }
         }
@@ -163,7 +163,7 @@ mod tests {
 
     /// Snapshots `state` and restores the shards `owns` accepts into `into`.
     fn copy(state: &mut dyn LastValueState, into: &mut dyn LastValueState, owns: &dyn Fn(u32) -> bool) {
-        let dir = TempDir::new("last-value-snap");
+        let dir = crate::testing::temp_dir("last-value-snap");
         let snap = dir.path().join("snap");
         state.snapshot(&snap).unwrap();
         into.restore(&snap, owns).unwrap();
