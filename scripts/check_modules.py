@@ -6,8 +6,10 @@ Usage: scripts/check_modules.py [--graph] CRATE_SRC_DIR ...
 
 A module is a source file (`task.rs`, `connectors/kafka.rs`, `connectors/mod.rs`). A module
 depends on another when its code (tests excluded) names it through `crate::`, `super::` or `self::`
-paths, `use` or inline. Declaring a child (`mod kafka;`) and re-exporting it are not dependencies:
-a parent that only declares its rooms does not lean on them. Every circle is printed, with one
+paths or a child's bare name, `use` or inline. Declaring a child (`mod kafka;`) and re-exporting it
+are not dependencies: a parent that only declares its rooms does not lean on them. Nor is a module
+naming its own parent or another ancestor: that is its room's shared vocabulary, not a way back
+up (a parent and a child may therefore use each other). Every circle is printed, with one
 line per arrow naming where it comes from, and the script exits 1; with `--graph` it prints
 every arrow as well.
 """
@@ -108,8 +110,8 @@ def graph(src):
             while root == "super" and segments and segments[0] == "super":
                 segments, base = segments[1:], base[:-1]
             target = resolve(modules, base, segments)
-            # A room's own vocabulary (a child naming its parent or an ancestor) is not a way back up.
-            if target not in (module, ()) and module[: len(target)] != target:
+            # Itself, or its room's own vocabulary (the crate root, a parent or an ancestor).
+            if module[: len(target)] != target:
                 edges.setdefault(module, {}).setdefault(target, path)
     return files, edges
 

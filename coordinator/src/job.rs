@@ -332,6 +332,7 @@ impl Job {
         for (t, r) in &self.tasks {
             per_worker.entry(r.worker_id.as_str()).or_default().push(t.to_string());
         }
+        let plan_fingerprint = self.plan.fingerprint();
         let orders = per_worker.into_iter().map(|(worker_id, task_ids)| {
             let deploy = DeployTasks {
                 job_id: self.id.clone(),
@@ -342,7 +343,7 @@ impl Job {
                 checkpoint_storage: checkpoint_storage.to_string(),
                 restore: restore.as_deref().cloned(),
                 parallelism: self.parallelism.unwrap_or(0),
-                plan_fingerprint: self.plan.fingerprint(),
+                plan_fingerprint,
             };
             (worker_id.to_string(), Order::Deploy(deploy))
         });

@@ -387,7 +387,7 @@ mod tests {
         });
         match bin {
             Some(b) if b.is_file() => Some(b),
-            _ if std::env::var_os("EDDY_TEST_REQUIRE_SERVICES").is_some() => {
+            _ if crate::testing::services_required() => {
                 panic!("no eddy-mock-api binary next to the tests: build it first (cargo build -p eddy-demo) or set EDDY_TEST_MOCK_API_BIN")
             }
             _ => {
