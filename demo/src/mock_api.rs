@@ -17,17 +17,18 @@
 //!   `[{"key": "…", "body": {…}}, …]`.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
 use std::future::Future;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Bytes, Incoming};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
@@ -109,8 +110,8 @@ struct Mock {
     log: Option<Mutex<std::fs::File>>,
 }
 
-/// Serves on `listener` until `shutdown` resolves.
-pub async fn run(listener: TcpListener, config: MockConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+/// Serves on `listener` until `shutdown` resolves (requests in progress are answered first).
+pub async fn run(listener: TcpListener, config: MockConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let log = match &config.log {
         Some(path) => Some(Mutex::new(
             std::fs::OpenOptions::new()
@@ -126,41 +127,78 @@ pub async fn run(listener: TcpListener, config: MockConfig, shutdown: impl Futur
         _ => Seen::default(),
     };
     let mock = Arc::new(Mock { config, seen: Mutex::new(seen), log });
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            biased;
-            // Stop accepting first; connections in progress end with the process.
-            _ = &mut shutdown => return Ok(()),
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(a) => a,
-                    // Out of file descriptors or a reset during accept: keep serving.
-                    Err(e) => {
-                        eprintln!("eddy-mock-api: accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let mock = mock.clone();
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let mock = mock.clone();
-                        async move { Ok::<_, Infallible>(mock.handle(req).await) }
-                    });
-                    // A client closing its connection is not our concern.
-                    let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service).await;
-                });
-            }
-        }
+    // Any path takes events; only GETs of these two report.
+    let app =
+        Router::new().route("/stats", get(stats).post(post)).route("/events", get(events).post(post)).fallback(other).with_state(mock);
+    axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
+    Ok(())
+}
+
+fn reply(status: StatusCode, body: Value) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body.to_string()).into_response()
+}
+
+async fn stats(State(mock): State<Arc<Mock>>) -> Response {
+    let s = mock.seen();
+    reply(
+        StatusCode::OK,
+        json!({
+            "received": s.received, "unique": s.unique, "duplicates": s.duplicates, "conflicts": s.conflicts,
+            "failed": s.failed, "refused": s.refused,
+        }),
+    )
+}
+
+async fn events(State(mock): State<Arc<Mock>>) -> Response {
+    reply(StatusCode::OK, Value::Array(mock.seen().events.clone()))
+}
+
+async fn other(state: State<Arc<Mock>>, req: Request) -> Response {
+    match *req.method() {
+        Method::POST => post(state, req).await,
+        _ => reply(StatusCode::NOT_FOUND, json!({"error": "try POST /events, GET /stats or GET /events"})),
     }
 }
 
-fn reply(status: StatusCode, body: Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
-    response
+async fn post(State(mock): State<Arc<Mock>>, req: Request) -> Response {
+    if !mock.config.latency.is_zero() {
+        tokio::time::sleep(mock.config.latency).await;
+    }
+    {
+        let mut s = mock.seen();
+        s.received += 1;
+        if s.received.checked_rem(mock.config.fail_every) == Some(0) {
+            s.failed += 1;
+            return reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "failing on purpose (--fail-every)"}));
+        }
+    }
+    let key = req.headers().get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    let body = match axum::body::to_bytes(Body::new(req.into_body()), MAX_BODY).await {
+        Ok(bytes) => bytes,
+        Err(e) => return mock.refuse(&format!("reading the body: {e}")),
+    };
+    if key.is_empty() {
+        return mock.refuse("the Idempotency-Key header is missing or empty");
+    }
+    let body: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return mock.refuse(&format!("the body is not JSON: {e}")),
+    };
+    let received_at_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default();
+    let event = json!({"key": key, "body": body, "received_at_ms": received_at_ms});
+    let first = mock.seen().record(key, &body, event.clone());
+    if first {
+        if let Some(log) = &mock.log {
+            let mut line = event.to_string();
+            line.push('\n');
+            let mut file = log.lock().unwrap_or_else(|e| e.into_inner());
+            if let Err(e) = file.write_all(line.as_bytes()) {
+                eprintln!("eddy-mock-api: writing the log: {e}");
+            }
+        }
+    }
+    reply(StatusCode::OK, json!({"status": if first { "ok" } else { "duplicate" }}))
 }
 
 impl Mock {
@@ -168,66 +206,7 @@ impl Mock {
         self.seen.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        match (req.method(), req.uri().path()) {
-            (&Method::GET, "/stats") => {
-                let s = self.seen();
-                reply(
-                    StatusCode::OK,
-                    json!({
-                        "received": s.received, "unique": s.unique, "duplicates": s.duplicates, "conflicts": s.conflicts,
-                        "failed": s.failed, "refused": s.refused,
-                    }),
-                )
-            }
-            (&Method::GET, "/events") => reply(StatusCode::OK, Value::Array(self.seen().events.clone())),
-            (&Method::POST, _) => self.post(req).await,
-            _ => reply(StatusCode::NOT_FOUND, json!({"error": "try POST /events, GET /stats or GET /events"})),
-        }
-    }
-
-    async fn post(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
-        if !self.config.latency.is_zero() {
-            tokio::time::sleep(self.config.latency).await;
-        }
-        {
-            let mut s = self.seen();
-            s.received += 1;
-            if s.received.checked_rem(self.config.fail_every) == Some(0) {
-                s.failed += 1;
-                return reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "failing on purpose (--fail-every)"}));
-            }
-        }
-        let key = req.headers().get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-        let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-            Ok(collected) => collected.to_bytes(),
-            Err(e) => return self.refuse(&format!("reading the body: {e}")),
-        };
-        if key.is_empty() {
-            return self.refuse("the Idempotency-Key header is missing or empty");
-        }
-        let body: Value = match serde_json::from_slice(&body) {
-            Ok(v) => v,
-            Err(e) => return self.refuse(&format!("the body is not JSON: {e}")),
-        };
-        let received_at_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or_default();
-        let event = json!({"key": key, "body": body, "received_at_ms": received_at_ms});
-        let first = self.seen().record(key, &body, event.clone());
-        if first {
-            if let Some(log) = &self.log {
-                let mut line = event.to_string();
-                line.push('\n');
-                let mut file = log.lock().unwrap_or_else(|e| e.into_inner());
-                if let Err(e) = file.write_all(line.as_bytes()) {
-                    eprintln!("eddy-mock-api: writing the log: {e}");
-                }
-            }
-        }
-        reply(StatusCode::OK, json!({"status": if first { "ok" } else { "duplicate" }}))
-    }
-
-    fn refuse(&self, why: &str) -> Response<Full<Bytes>> {
+    fn refuse(&self, why: &str) -> Response {
         self.seen().refused += 1;
         reply(StatusCode::BAD_REQUEST, json!({"error": why}))
     }

@@ -1,6 +1,8 @@
 //! The connectors a spec may name, their options and the schemas they produce. The worker implements
 //! them; they are described here so that a spec is fully checked before anything runs.
 
+use std::time::Duration;
+
 use serde::Deserialize;
 
 use crate::{DataType, Field, Schema};
@@ -143,26 +145,23 @@ pub struct PostgresCdcOptions {
     /// logical message (default `1s`). A message's arrival on the stream says that every
     /// transaction committed before it has been read, so the watermark follows the database's
     /// clock while the table is quiet and stalls while the stream is behind.
-    pub heartbeat_interval: Option<String>,
+    #[serde(default = "one_second", with = "crate::time::duration")]
+    pub heartbeat_interval: Duration,
 }
 
 /// Shortest heartbeat interval a source or sink may be given.
-pub const MIN_HEARTBEAT_MS: i64 = 100;
+pub const MIN_HEARTBEAT: Duration = Duration::from_millis(100);
 
-impl PostgresCdcOptions {
-    /// `heartbeat_interval` in milliseconds (default one second).
-    pub fn heartbeat_interval_ms(&self) -> Result<i64, String> {
-        heartbeat_ms(self.heartbeat_interval.as_deref().unwrap_or("1s"))
-    }
+fn one_second() -> Duration {
+    Duration::from_secs(1)
 }
 
-/// A heartbeat interval, at least [`MIN_HEARTBEAT_MS`].
-fn heartbeat_ms(text: &str) -> Result<i64, String> {
-    let ms = duration_option("options.heartbeat_interval", text)?;
-    if ms < MIN_HEARTBEAT_MS {
-        return Err(format!("options.heartbeat_interval: at least {MIN_HEARTBEAT_MS}ms, got `{text}`"));
+/// Checks a heartbeat interval: at least [`MIN_HEARTBEAT`].
+fn check_heartbeat(every: Duration) -> Result<(), String> {
+    if every < MIN_HEARTBEAT {
+        return Err(format!("options.heartbeat_interval: at least {}ms, got {}ms", MIN_HEARTBEAT.as_millis(), every.as_millis()));
     }
-    Ok(ms)
+    Ok(())
 }
 
 /// What a new `postgres_cdc` job does with a replication slot an earlier job left behind. The slot
@@ -234,7 +233,8 @@ pub struct KafkaSourceOptions {
     /// Upsert format: how long a key's last row is kept after its last write (a duration such as
     /// `1h`); a key not written for that long is forgotten, so its next version retracts nothing.
     /// Kept forever when absent.
-    pub state_ttl: Option<String>,
+    #[serde(default, with = "crate::time::duration::option")]
+    pub state_ttl: Option<Duration>,
     /// Upsert format: a BIGINT column that orders each key's versions (the ingest job's LSN). A
     /// record whose version is not above the one held for its key, or above the version of the
     /// key's last tombstone (carried in the tombstone's `version` header), is a replay and changes
@@ -249,9 +249,9 @@ pub struct KafkaSourceOptions {
 }
 
 impl KafkaSourceOptions {
-    /// `state_ttl` in milliseconds; `None` when absent.
-    pub fn state_ttl_ms(&self) -> Result<Option<i64>, String> {
-        self.state_ttl.as_deref().map(crate::time::parse_duration_ms).transpose()
+    /// `state_ttl` in milliseconds (of event time); `None` when absent.
+    pub fn state_ttl_ms(&self) -> Option<i64> {
+        self.state_ttl.map(|ttl| i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX))
     }
 }
 
@@ -281,14 +281,8 @@ pub struct KafkaSinkOptions {
     pub version_column: Option<String>,
     /// Write the watermark into every partition as a heartbeat record at most this often (e.g.
     /// `1s`), for a downstream kafka source with `heartbeats = true`; none when absent.
-    pub heartbeat_interval: Option<String>,
-}
-
-impl KafkaSinkOptions {
-    /// `heartbeat_interval` in milliseconds; `None` when absent.
-    pub fn heartbeat_interval_ms(&self) -> Result<Option<i64>, String> {
-        self.heartbeat_interval.as_deref().map(heartbeat_ms).transpose()
-    }
+    #[serde(default, with = "crate::time::duration::option")]
+    pub heartbeat_interval: Option<Duration>,
 }
 
 fn default_partitions() -> i32 {
@@ -337,8 +331,8 @@ pub struct ClickHouseSinkOptions {
     #[serde(default = "default_batch_rows")]
     pub batch_rows: usize,
     /// Longest a row waits before its batch is inserted.
-    #[serde(default = "default_flush")]
-    pub flush_interval: String,
+    #[serde(default = "one_second", with = "crate::time::duration")]
+    pub flush_interval: Duration,
     /// Column that orders versions of a row (ReplacingMergeTree's version).
     pub version_column: Option<String>,
     /// UInt8 column set to 1 on the row that records a retraction (delete).
@@ -355,9 +349,6 @@ fn default_database() -> String {
 fn default_batch_rows() -> usize {
     10_000
 }
-fn default_flush() -> String {
-    "1s".into()
-}
 
 /// Options of the `http` sink.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -373,12 +364,12 @@ pub struct HttpSinkOptions {
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
     /// Per-request timeout.
-    #[serde(default = "default_timeout")]
-    pub timeout: String,
+    #[serde(default = "default_timeout", with = "crate::time::duration")]
+    pub timeout: Duration,
     /// How long a row is retried after timeouts, connection errors, 408, 429 and 5xx answers
     /// (backoff with jitter) before it goes to the dead letters.
-    #[serde(default = "default_retry_for")]
-    pub retry_for: String,
+    #[serde(default = "default_retry_for", with = "crate::time::duration")]
+    pub retry_for: Duration,
     /// At most this many retries per row, if set (otherwise `retry_for` alone bounds them).
     pub max_retries: Option<u32>,
     /// File where rows refused with a 4xx, or out of retries, are appended with the error.
@@ -396,11 +387,11 @@ pub struct HttpSinkOptions {
 fn default_concurrency() -> usize {
     16
 }
-fn default_timeout() -> String {
-    "5s".into()
+fn default_timeout() -> Duration {
+    Duration::from_secs(5)
 }
-fn default_retry_for() -> String {
-    "5m".into()
+fn default_retry_for() -> Duration {
+    Duration::from_secs(300)
 }
 
 /// Options of the `postgres` lookup (a LEFT join against a table or view).
@@ -419,15 +410,15 @@ pub struct PostgresLookupOptions {
     #[serde(default = "default_cache_size")]
     pub cache_size: usize,
     /// How long a cached answer is used.
-    #[serde(default = "default_cache_ttl")]
-    pub cache_ttl: String,
+    #[serde(default = "default_cache_ttl", with = "crate::time::duration")]
+    pub cache_ttl: Duration,
 }
 
 fn default_cache_size() -> usize {
     100_000
 }
-fn default_cache_ttl() -> String {
-    "60s".into()
+fn default_cache_ttl() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// Parses a column list such as `id BIGINT, name VARCHAR` into a schema.
@@ -456,10 +447,6 @@ fn columns_exist(schema: &Schema, field: &str, names: &[String]) -> Result<(), S
         }
     }
     Ok(())
-}
-
-fn duration_option(field: &str, text: &str) -> Result<i64, String> {
-    crate::time::parse_duration_ms(text).map_err(|m| format!("{field}: {m}"))
 }
 
 /// Options of the `generator` source. Row `seq` (0, 1, 2, …) has key `k` in `1..=keys` and a whole-number
@@ -556,7 +543,7 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
                 }
                 schema.fields.push(Field::new(v.clone(), DataType::Int));
             }
-            o.heartbeat_interval_ms()?;
+            check_heartbeat(o.heartbeat_interval)?;
             Ok((SourceConnector::PostgresCdc(o), schema))
         }
         "kafka" => {
@@ -576,12 +563,12 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
             if o.bad_records == BadRecordPolicy::DeadLetter && o.dead_letter_path.is_none() {
                 return Err("options.dead_letter_path: bad_records = \"dead-letter\" needs a file to write them to".into());
             }
-            if let Some(text) = &o.state_ttl {
+            if let Some(ttl) = o.state_ttl {
                 if o.format != KafkaFormat::UpsertJson {
                     return Err("options.state_ttl: only the upsert-json format keeps state; remove it".into());
                 }
-                if duration_option("options.state_ttl", text)? <= 0 {
-                    return Err(format!("options.state_ttl: must be positive, got `{text}` (omit it to keep keys forever)"));
+                if ttl.is_zero() {
+                    return Err("options.state_ttl: must be positive, got 0 (omit it to keep keys forever)".into());
                 }
             }
             if let Some(v) = &o.version_column {
@@ -680,7 +667,7 @@ pub fn sink(name: &str, options: &toml::Table, input: &Schema) -> Result<SinkCon
             if let Some(v) = &o.version_column {
                 check_version_column(input, v, &o.key, o.format)?;
             }
-            o.heartbeat_interval_ms()?;
+            o.heartbeat_interval.map(check_heartbeat).transpose()?;
             Ok(SinkConnector::Kafka(o))
         }
         "redis" => {
@@ -692,7 +679,6 @@ pub fn sink(name: &str, options: &toml::Table, input: &Schema) -> Result<SinkCon
         "clickhouse" => {
             let o: ClickHouseSinkOptions = decode(options)?;
             check_url("options.url", &o.url, &["http", "https"])?;
-            duration_option("options.flush_interval", &o.flush_interval)?;
             if o.batch_rows == 0 {
                 return Err("options.batch_rows: must be at least 1".into());
             }
@@ -702,8 +688,6 @@ pub fn sink(name: &str, options: &toml::Table, input: &Schema) -> Result<SinkCon
         "http" => {
             let o: HttpSinkOptions = decode(options)?;
             check_url("options.url", &o.url, &["http", "https"])?;
-            duration_option("options.timeout", &o.timeout)?;
-            duration_option("options.retry_for", &o.retry_for)?;
             if o.concurrency == 0 {
                 return Err("options.concurrency: must be at least 1".into());
             }
@@ -734,7 +718,6 @@ pub fn lookup(name: &str, options: &toml::Table) -> Result<(PostgresLookupOption
             let o: PostgresLookupOptions = decode(options)?;
             check_url("options.url", &o.url, &["postgres", "postgresql"])?;
             let schema = parse_columns(&o.columns).map_err(|m| format!("options.columns: {m}"))?;
-            duration_option("options.cache_ttl", &o.cache_ttl)?;
             Ok((o, schema))
         }
         other => Err(format!("connector: unknown lookup connector `{other}`; available: postgres")),
@@ -745,8 +728,16 @@ pub fn lookup(name: &str, options: &toml::Table) -> Result<(PostgresLookupOption
 #[serde(deny_unknown_fields)]
 struct Empty {}
 
+/// Reads a connector's options, naming the option an error is about (`options.timeout: …`).
 fn decode<T: serde::de::DeserializeOwned>(options: &toml::Table) -> Result<T, String> {
-    toml::Value::Table(options.clone()).try_into().map_err(|e: toml::de::Error| format!("options: {}", e.message()))
+    toml::Value::Table(options.clone()).try_into().map_err(|e: toml::de::Error| {
+        // toml's text for an error inside a table ends with "in `key`".
+        let text = e.to_string();
+        match text.trim_end().rsplit_once("\nin `") {
+            Some((_, key)) => format!("options.{}: {}", key.trim_end_matches('`'), e.message()),
+            None => format!("options: {}", e.message()),
+        }
+    })
 }
 
 #[cfg(test)]

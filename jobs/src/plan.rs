@@ -528,7 +528,7 @@ impl<'a> Planner<'a> {
                 at = input;
             }
             let OperatorKind::Source { connector: SourceConnector::Kafka(o), event_time } = &self.operators[at].kind else { continue };
-            let Ok(Some(ttl)) = o.state_ttl_ms() else { continue };
+            let Some(ttl) = o.state_ttl_ms() else { continue };
             let needed = window.size_ms + event_time.map_or(0, |e| e.allowed_delay_ms);
             if ttl < needed {
                 let source = &self.stages[self.by_name[&self.operators[at].name]].1;
@@ -878,7 +878,7 @@ impl<'a> Planner<'a> {
         }
         match &self.operators[op].kind {
             OperatorKind::Source { connector: SourceConnector::Kafka(o), .. } if o.format == connectors::KafkaFormat::UpsertJson => {
-                Some((o.primary_key.clone(), o.state_ttl_ms().ok().flatten()))
+                Some((o.primary_key.clone(), o.state_ttl_ms()))
             }
             OperatorKind::Source { connector: SourceConnector::PostgresCdc(o), .. } => Some((o.primary_key.clone(), None)),
             OperatorKind::Transform { .. } | OperatorKind::Lookup { .. } => {
@@ -1281,13 +1281,13 @@ mod shipped_specs {
         assert_eq!(memory(&plan), None);
     }
 
-    /// The Kafka source's `state_ttl` is checked at submit time.
+    /// The Kafka source's `state_ttl` is read and checked at submit time, the option named.
     #[test]
     fn a_bad_state_ttl_is_refused() {
         let text = substitute_env(include_str!("../specs/process.toml"), |_| None).unwrap();
         for (bad, says) in [("\"soon\"", "bad duration"), ("\"0s\"", "must be positive"), ("5", "invalid type")] {
             let e = compile(&text.replace("state_ttl = \"1h\"", &format!("state_ttl = {bad}"))).unwrap_err().to_string();
-            assert!(e.contains("source[events]") && e.contains(says), "{bad}: {e}");
+            assert!(e.contains("source[events].options.state_ttl") && e.contains(says), "{bad}: {e}");
         }
         let json = text.replace("format = \"upsert-json\"", "format = \"json\"");
         let e = compile(&json).unwrap_err().to_string();

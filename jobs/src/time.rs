@@ -4,6 +4,7 @@
 //! `±infinity`) and read durations (`5s`).
 
 use std::fmt::Write;
+use std::time::Duration;
 
 fn is_leap(y: i64) -> bool {
     (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
@@ -215,6 +216,35 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
         _ => return Err(format!("bad duration `{text}`: unknown unit `{}`; use ms, s, m or h, e.g. `5s`", unit.trim())),
     };
     n.checked_mul(scale).ok_or_else(|| format!("bad duration `{text}`: too large"))
+}
+
+/// Parses a duration such as `500ms`, `5s`, `10m`, `1h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    parse_duration_ms(text).map(|ms| Duration::from_millis(ms.unsigned_abs()))
+}
+
+/// A spec's duration options are read with the spec (`#[serde(with = "crate::time::duration")]`):
+/// what runs a connector holds a [`Duration`] and never parses text, and a bad one is refused at
+/// submit time with the option named.
+pub mod duration {
+    use std::time::Duration;
+
+    use serde::{de::Error, Deserialize, Deserializer};
+
+    /// Reads a duration from its text.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        super::parse_duration(&String::deserialize(d)?).map_err(D::Error::custom)
+    }
+
+    /// An optional duration option.
+    pub mod option {
+        use super::*;
+
+        /// Reads an optional duration from its text.
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            Option::<String>::deserialize(d)?.map(|t| super::super::parse_duration(&t)).transpose().map_err(D::Error::custom)
+        }
+    }
 }
 
 /// Milliseconds since the Unix epoch of PostgreSQL's ISO text for `timestamptz`, `timestamp` (no

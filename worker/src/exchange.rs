@@ -463,7 +463,95 @@ impl DataService for DataServer {
 
 #[cfg(test)]
 mod tests {
+    use eddy_jobs::Value;
+
     use super::*;
+    use crate::batch::Op;
+
+    /// Rows routed by key reach the subtask that owns their key's group, whether it runs on this
+    /// worker (its inbox) or on another (a gRPC stream, through the codec), and a barrier sent
+    /// after them arrives after all of them at both.
+    #[tokio::test]
+    async fn keyed_rows_reach_their_owner_here_or_over_the_wire_and_a_barrier_follows_them() {
+        let plan = eddy_jobs::compile(
+            r#"
+name = "routing"
+parallelism = 2
+[[source]]
+name = "gen"
+connector = "generator"
+options = { keys = 50 }
+event_time = { column = "ts" }
+[[window]]
+name = "w"
+input = "gen"
+kind = "tumble"
+size = "1s"
+key = ["k"]
+aggregates = "COUNT(*) AS n"
+[[sink]]
+name = "out"
+input = "w"
+connector = "discard"
+"#,
+        )
+        .unwrap();
+        let (edge, hash) = plan.edges.iter().enumerate().find(|(_, e)| matches!(e.partition, Partition::Hash(_))).unwrap();
+        let Partition::Hash(key) = hash.partition.clone() else { unreachable!() };
+        let (from, to) = (hash.from, hash.to);
+        assert_eq!(plan.outputs(TaskId { vertex: from, subtask: 0 }, edge).len(), 2);
+
+        // Receiver 0 on this worker, receiver 1 behind another worker's data service.
+        let here = Inboxes::default();
+        let there = Inboxes::default();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let service = eddy_proto::data_service_server::DataServiceServer::new(DataServer { inboxes: there.clone() });
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let receiver = |subtask| TaskId { vertex: to, subtask };
+        let placement = HashMap::from([(receiver(0), "here".to_string()), (receiver(1), address)]);
+        let peers = Peers::default();
+        let wiring = Wiring {
+            job_id: "job",
+            attempt: 1,
+            task: TaskId { vertex: from, subtask: 0 },
+            plan: &plan,
+            placement: &placement,
+            local_address: "here",
+            inboxes: &here,
+            peers: &peers,
+        };
+        let mut router = Router::open(&wiring).unwrap();
+        let rows: Vec<Vec<Value>> =
+            (0..3000).map(|seq| vec![Value::Int(seq), Value::Int(seq % 50), Value::Float(1.0), Value::Timestamp(seq)]).collect();
+        router.send(Port::Main, Batch::inserts(rows)).await.unwrap();
+        router.broadcast(Message::Barrier(7)).await.unwrap();
+
+        let mut received = 0;
+        for (inboxes, subtask) in [(&here, 0), (&there, 1)] {
+            let task = receiver(subtask);
+            let mut inputs = inboxes.receivers(&("job".to_string(), 1, task), plan.inputs(task).len()).unwrap();
+            loop {
+                let delivery = tokio::time::timeout(Duration::from_secs(10), inputs.recv(|_| false)).await.unwrap().unwrap();
+                match delivery.msg {
+                    Message::Data(batch) => {
+                        for (row, op) in batch.rows.iter().zip(&batch.ops) {
+                            let owner = subtask_for(key_group(hash_key(row, &key), plan.max_parallelism), plan.max_parallelism, 2);
+                            assert_eq!((owner, *op), (subtask, Op::Insert), "row {row:?} reached subtask {subtask}");
+                            received += 1;
+                        }
+                    }
+                    Message::Barrier(7) => break,
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        assert_eq!(received, 3000, "every row, each once, before the barrier");
+    }
 
     /// A sender naming an input the task does not have is refused at once, with the reason (it
     /// used to wait forever on a channel nobody reads); so is one whose plan disagrees.

@@ -43,10 +43,25 @@ pub fn json_string(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
+/// How a row's timestamps are written as JSON text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timestamps {
+    /// ISO 8601 UTC strings, as [`to_json`] writes them (Kafka, HTTP, ClickHouse).
+    Iso8601,
+    /// Milliseconds since the epoch, as numbers (files, which the file source reads back).
+    EpochMillis,
+}
+
 /// Some columns of a row as the text of a JSON object, in their order: each column is given as its
 /// name already quoted (by [`json_string`], once, not per row) and its index in the row.
-pub fn object_text(columns: &[(String, usize)], row: &[Value]) -> String {
+pub fn object_text(columns: &[(String, usize)], row: &[Value], timestamps: Timestamps) -> String {
     let mut out = String::with_capacity(32 * columns.len() + 2);
+    push_object(&mut out, columns, row, timestamps);
+    out
+}
+
+/// Appends [`object_text`] to `out`.
+pub fn push_object(out: &mut String, columns: &[(String, usize)], row: &[Value], timestamps: Timestamps) {
     out.push('{');
     for (i, (name, idx)) in columns.iter().enumerate() {
         if i > 0 {
@@ -54,10 +69,32 @@ pub fn object_text(columns: &[(String, usize)], row: &[Value]) -> String {
         }
         out.push_str(name);
         out.push(':');
-        out.push_str(&to_json(row.get(*idx).unwrap_or(&Value::Null)).to_string());
+        push_value(out, row.get(*idx).unwrap_or(&Value::Null), timestamps);
     }
     out.push('}');
-    out
+}
+
+/// Appends a value as JSON text: what [`to_json`] gives, written without building it.
+fn push_value(out: &mut String, v: &Value, timestamps: Timestamps) {
+    use std::fmt::Write;
+    match v {
+        Value::Null => out.push_str("null"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Int(i) => {
+            let _ = write!(out, "{i}");
+        }
+        Value::Timestamp(t) if timestamps == Timestamps::EpochMillis => {
+            let _ = write!(out, "{t}");
+        }
+        Value::Timestamp(t) => out.push_str(&json_string(&format_iso8601(*t))),
+        Value::Float(f) => match Number::from_f64(*f) {
+            Some(n) => {
+                let _ = write!(out, "{n}");
+            }
+            None => out.push_str("null"),
+        },
+        Value::String(s) => out.push_str(&json_string(s)),
+    }
 }
 
 /// A JSON value read as `ty`; the error says what was found.
@@ -141,8 +178,15 @@ mod tests {
         let row = vec![Value::Int(42), Value::string("a\"b\n"), Value::Timestamp(1_714_566_896_789), Value::Float(f64::NAN), Value::Null];
         let cols: Vec<(String, usize)> =
             [("id", 0), ("ts", 2), ("text", 1), ("nan", 3), ("gone", 4)].iter().map(|(n, i)| (json_string(n), *i)).collect();
-        let body = object_text(&cols, &row);
+        let body = object_text(&cols, &row, Timestamps::Iso8601);
         assert_eq!(body, r#"{"id":42,"ts":"2024-05-01T12:34:56.789Z","text":"a\"b\n","nan":null,"gone":null}"#);
         assert_eq!(serde_json::from_str::<Json>(&body).unwrap()["ts"], "2024-05-01T12:34:56.789Z");
+        // What the JSON values give, written directly.
+        let row = vec![Value::Float(0.1), Value::Float(1.0), Value::Int(-7), Value::Bool(true), Value::Timestamp(-1)];
+        let cols: Vec<(String, usize)> = (0..row.len()).map(|i| (json_string(&format!("c{i}")), i)).collect();
+        let built: serde_json::Map<String, Json> = (0..row.len()).map(|i| (format!("c{i}"), to_json(&row[i]))).collect();
+        assert_eq!(object_text(&cols, &row, Timestamps::Iso8601), Json::Object(built).to_string());
+        // Files keep timestamps as epoch milliseconds.
+        assert_eq!(object_text(&cols[4..], &row, Timestamps::EpochMillis), r#"{"c4":-1}"#);
     }
 }

@@ -118,6 +118,54 @@ pub struct RestoredState {
     pub files: Option<PathBuf>,
 }
 
+/// Inline state is a serde struct of the stage's own, written with `postcard` behind [`STATE_TAG`]
+/// and the struct's version: never the exchange's wire codec, so that a change of the wire cannot
+/// break a savepoint, and a change of the struct is a new version that the old one's reader sits
+/// beside.
+pub trait InlineState: serde::Serialize + serde::de::DeserializeOwned {
+    /// Who holds it, for errors ("kafka source").
+    const HOLDER: &'static str;
+    /// The struct's version: bumped when its fields change, the older reader kept.
+    const VERSION: u8;
+}
+
+/// The first bytes of every versioned inline state. Layouts written before it are told apart by
+/// their absence (none of them can begin with these bytes and also read as the tagged struct).
+pub const STATE_TAG: &[u8; 4] = b"EDDY";
+
+impl OperatorSnapshot {
+    /// A snapshot of a versioned inline state.
+    pub fn state<T: InlineState>(state: &T) -> OperatorSnapshot {
+        let mut inline = STATE_TAG.to_vec();
+        inline.push(T::VERSION);
+        // Serialising a plain struct into a vector cannot fail.
+        inline.extend(postcard::to_allocvec(state).unwrap_or_default());
+        OperatorSnapshot::inline(inline)
+    }
+}
+
+impl RestoredState {
+    /// The versioned inline state, if this snapshot holds one (`None`: empty, or a layout from
+    /// before versioning, which the holder reads itself).
+    pub fn state<T: InlineState>(&self) -> Result<Option<T>> {
+        let Some(rest) = self.inline.strip_prefix(STATE_TAG.as_slice()) else { return Ok(None) };
+        let corrupt = |why: String| TaskError::internal(format!("{}: checkpoint state unreadable: {why}", T::HOLDER));
+        match rest.split_first() {
+            Some((&version, bytes)) if version == T::VERSION => match postcard::take_from_bytes::<T>(bytes) {
+                Ok((state, [])) => Ok(Some(state)),
+                Ok((_, extra)) => Err(corrupt(format!("{} bytes left over", extra.len()))),
+                Err(e) => Err(corrupt(e.to_string())),
+            },
+            Some((&version, _)) => Err(TaskError::user(format!(
+                "{}: the checkpoint's state is version {version} and this Eddy reads version {}; restore it with an Eddy that reads it",
+                T::HOLDER,
+                T::VERSION
+            ))),
+            None => Err(corrupt("no version".into())),
+        }
+    }
+}
+
 /// What building an operator needs beyond the plan.
 #[derive(Debug, Clone)]
 pub struct OperatorContext {
@@ -476,7 +524,44 @@ pub fn future_horizon_ms() -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::PendingCheckpoints;
+    use serde::{Deserialize, Serialize};
+
+    use super::{InlineState, OperatorSnapshot, PendingCheckpoints, RestoredState};
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Held {
+        at: i64,
+        names: Vec<String>,
+    }
+
+    impl InlineState for Held {
+        const HOLDER: &'static str = "test stage";
+        const VERSION: u8 = 2;
+    }
+
+    fn restored(inline: Vec<u8>) -> RestoredState {
+        RestoredState { inline, files: None }
+    }
+
+    /// Inline state reads back as written; a layout from before versioning is left to its holder;
+    /// another version, or bytes that do not read as the struct, are errors that say so.
+    #[test]
+    fn inline_state_is_versioned() {
+        let held = Held { at: -5, names: vec!["a".into(), "b".into()] };
+        let inline = OperatorSnapshot::state(&held).inline;
+        assert_eq!(restored(inline.clone()).state::<Held>().unwrap(), Some(held));
+        assert_eq!(restored(Vec::new()).state::<Held>().unwrap(), None, "nothing held");
+        assert_eq!(restored(vec![1, 2, 3]).state::<Held>().unwrap(), None, "an unversioned layout");
+
+        let mut newer = inline.clone();
+        newer[4] = 3;
+        let e = restored(newer).state::<Held>().unwrap_err().to_string();
+        assert!(e.contains("test stage") && e.contains("version 3") && e.contains("reads version 2"), "{e}");
+        let e = restored(inline[..inline.len() - 1].to_vec()).state::<Held>().unwrap_err().to_string();
+        assert!(e.contains("test stage: checkpoint state unreadable"), "{e}");
+        let e = restored([inline.as_slice(), &[0]].concat()).state::<Held>().unwrap_err().to_string();
+        assert!(e.contains("left over"), "{e}");
+    }
 
     #[test]
     fn a_completion_supersedes_older_ones_and_few_are_kept() {

@@ -89,8 +89,6 @@ impl ClickHouseSink {
                 o.url
             )));
         }
-        let flush_interval = eddy_jobs::time::parse_duration_ms(&o.flush_interval)
-            .map_err(|e| TaskError::user(format!("clickhouse sink: options.flush_interval: {e}")))?;
         let client = Client::default().with_url(&o.url).with_validation(false).with_compression(Compression::None);
         let writer = Writer {
             client,
@@ -101,7 +99,7 @@ impl ClickHouseSink {
             version_column: o.version_column.clone(),
             deleted_column: o.deleted_column.clone(),
             batch_rows: o.batch_rows.max(1),
-            flush_interval: Duration::from_millis(flush_interval.max(1) as u64),
+            flush_interval: o.flush_interval.max(Duration::from_millis(1)),
             rows_written: 0,
             retries: 0,
             warned_skipped_retractions: false,
@@ -960,7 +958,7 @@ mod tests {
             database: "default".into(),
             table: table.into(),
             batch_rows,
-            flush_interval: "200ms".into(),
+            flush_interval: Duration::from_millis(200),
             version_column: Some("lsn".into()),
             deleted_column: Some("deleted".into()),
             dead_letter_path: None,

@@ -19,12 +19,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eddy_jobs::connectors::FileSinkOptions;
-use eddy_jobs::Value;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
-use crate::operator::{ConnectorContext, OperatorSnapshot, Sink, Source};
+use crate::json::{json_string, push_object, Timestamps};
+use crate::operator::{ConnectorContext, InlineState, OperatorSnapshot, Sink, Source};
 
 /// Lines per batch of the source.
 const SOURCE_BATCH: usize = 1024;
@@ -46,10 +47,18 @@ impl FileSource {
         if ctx.task.subtask != 0 {
             return Ok(source);
         }
-        if let Some((_, states)) = &ctx.restore {
-            for s in states.iter().map(|s| &s.inline).filter(|s| s.len() == 16) {
-                source.offset = u64::from_le_bytes(s[..8].try_into().unwrap_or_default());
-                source.line = u64::from_le_bytes(s[8..].try_into().unwrap_or_default());
+        for state in ctx.restore.iter().flat_map(|(_, states)| states) {
+            let read = match state.state::<ReadTo>()? {
+                Some(read) => Some(read),
+                // Before versioned state: the two as little-endian words.
+                None if state.inline.len() == 16 => {
+                    let word = |at: usize| u64::from_le_bytes(state.inline[at..at + 8].try_into().unwrap_or_default());
+                    Some(ReadTo { offset: word(0), line: word(8) })
+                }
+                None => None,
+            };
+            if let Some(read) = read {
+                (source.offset, source.line) = (read.offset, read.line);
             }
         }
         let mut file = File::open(&o.path)
@@ -92,15 +101,28 @@ impl Source for FileSource {
         if self.reader.is_none() {
             return Ok(OperatorSnapshot::default());
         }
-        Ok(OperatorSnapshot::inline([self.offset, self.line].iter().flat_map(|w| w.to_le_bytes()).collect()))
+        Ok(OperatorSnapshot::state(&ReadTo { offset: self.offset, line: self.line }))
     }
+}
+
+/// How far the file source has read: the byte offset of the next line and its number.
+#[derive(Serialize, Deserialize)]
+struct ReadTo {
+    offset: u64,
+    line: u64,
+}
+
+impl InlineState for ReadTo {
+    const HOLDER: &'static str = "file source";
+    const VERSION: u8 = 1;
 }
 
 /// The file sink.
 pub struct FileSink {
     path: String,
     out: BufWriter<File>,
-    columns: Vec<String>,
+    /// Each column's name as a JSON string, and its index.
+    columns: Vec<(String, usize)>,
     rows_per_second: Option<u64>,
     written: u64,
     started: Instant,
@@ -117,7 +139,17 @@ impl FileSink {
         }
         let length = match &ctx.restore {
             None => 0,
-            Some((_, states)) => states.iter().filter_map(|s| stored_length(&s.inline, &path)).max().unwrap_or(0),
+            Some((_, states)) => {
+                let mut longest = 0;
+                for state in states {
+                    let written = match state.state::<Written>()? {
+                        Some(written) => Some(written),
+                        None => Written::unversioned(&state.inline),
+                    };
+                    longest = written.filter(|w| w.path == path).map_or(longest, |w| w.length.max(longest));
+                }
+                longest
+            }
         };
         let file = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path).map_err(|e| io_error(&path, e))?;
         file.set_len(length).map_err(|e| io_error(&path, e))?;
@@ -126,7 +158,7 @@ impl FileSink {
         Ok(FileSink {
             path,
             out: BufWriter::with_capacity(1 << 16, file),
-            columns: schema.fields.iter().map(|f| serde_json::to_string(&f.name).unwrap_or_default()).collect(),
+            columns: schema.fields.iter().enumerate().map(|(i, f)| (json_string(&f.name), i)).collect(),
             rows_per_second: o.rows_per_second,
             written: 0,
             started: Instant::now(),
@@ -134,53 +166,47 @@ impl FileSink {
     }
 }
 
-/// The length a checkpoint stored for `path`, if this state is about that file.
-fn stored_length(state: &[u8], path: &str) -> Option<u64> {
-    let length = u64::from_le_bytes(state.get(..8)?.try_into().ok()?);
-    (state.get(8..)? == path.as_bytes()).then_some(length)
+/// What a file sink had written when a checkpoint was taken: its file and that file's length.
+#[derive(Serialize, Deserialize)]
+struct Written {
+    path: String,
+    length: u64,
+}
+
+impl InlineState for Written {
+    const HOLDER: &'static str = "file sink";
+    const VERSION: u8 = 1;
+}
+
+impl Written {
+    /// Before versioned state: the length as a little-endian word, then the path.
+    fn unversioned(state: &[u8]) -> Option<Written> {
+        let length = u64::from_le_bytes(state.get(..8)?.try_into().ok()?);
+        Some(Written { path: String::from_utf8(state.get(8..)?.to_vec()).ok()?, length })
+    }
 }
 
 fn io_error(path: &str, e: std::io::Error) -> TaskError {
     TaskError::external(format!("file sink `{path}`: {e}; check the path exists and is writable"))
 }
 
-fn write_value(out: &mut Vec<u8>, v: &Value) {
-    match v {
-        Value::Null => out.extend_from_slice(b"null"),
-        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-        Value::Int(i) | Value::Timestamp(i) => out.extend_from_slice(i.to_string().as_bytes()),
-        Value::Float(f) if f.is_finite() => {
-            out.extend_from_slice(serde_json::Number::from_f64(*f).map(|n| n.to_string()).unwrap_or_default().as_bytes())
-        }
-        Value::Float(_) => out.extend_from_slice(b"null"),
-        Value::String(s) => out.extend_from_slice(serde_json::to_string(&**s).unwrap_or_default().as_bytes()),
-    }
-}
-
 #[async_trait]
 impl Sink for FileSink {
     async fn write(&mut self, batch: Batch) -> Result<()> {
-        let mut line = Vec::with_capacity(128);
+        let mut line = String::with_capacity(128);
         for (row, op) in batch.rows.iter().zip(&batch.ops) {
             if let Some(rate) = self.rows_per_second {
                 let due = self.started + Duration::from_secs_f64(self.written as f64 / rate as f64);
                 tokio::time::sleep_until(due).await;
             }
             line.clear();
-            line.push(b'{');
-            for (i, (name, v)) in self.columns.iter().zip(row).enumerate() {
-                if i > 0 {
-                    line.push(b',');
-                }
-                line.extend_from_slice(name.as_bytes());
-                line.push(b':');
-                write_value(&mut line, v);
-            }
+            push_object(&mut line, &self.columns, row, Timestamps::EpochMillis);
             if *op == Op::Retract {
-                line.extend_from_slice(b",\"_op\":\"-\"");
+                line.pop();
+                line.push_str(",\"_op\":\"-\"}");
             }
-            line.extend_from_slice(b"}\n");
-            self.out.write_all(&line).map_err(|e| io_error(&self.path, e))?;
+            line.push('\n');
+            self.out.write_all(line.as_bytes()).map_err(|e| io_error(&self.path, e))?;
             self.written += 1;
         }
         Ok(())
@@ -199,9 +225,7 @@ impl Sink for FileSink {
         let file = self.out.get_ref();
         file.sync_data().map_err(|e| io_error(&self.path, e))?;
         let length = file.metadata().map_err(|e| io_error(&self.path, e))?.len();
-        let mut state = length.to_le_bytes().to_vec();
-        state.extend_from_slice(self.path.as_bytes());
-        Ok(OperatorSnapshot::inline(state))
+        Ok(OperatorSnapshot::state(&Written { path: self.path.clone(), length }))
     }
 
     async fn finish(&mut self) -> Result<()> {

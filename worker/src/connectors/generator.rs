@@ -15,18 +15,19 @@ use std::time::Duration;
 use async_trait::async_trait;
 use eddy_jobs::connectors::GeneratorOptions;
 use eddy_jobs::Value;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::batch::Batch;
 use crate::error::{Result, TaskError};
-use crate::operator::{OperatorSnapshot, RestoredState, Source};
+use crate::operator::{InlineState, OperatorSnapshot, RestoredState, Source};
 
 const BATCH_ROWS: u64 = 1024;
-/// First word of a checkpoint state in the lane format (older states hold `subtask, step, next`).
+/// First word of an unversioned checkpoint state in the lane format (older ones hold `subtask, step, next`).
 const LANES_FORMAT: u64 = u64::MAX;
 
 /// Part of the sequence: `next`, `next + stride`, ….
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 struct Lane {
     next: u64,
     stride: u64,
@@ -56,8 +57,11 @@ impl Generator {
     /// Continues from a checkpoint: this subtask's share of every lane the checkpoint holds.
     pub fn restored(mut self, states: &[RestoredState]) -> Result<Generator> {
         let mut lanes = Vec::new();
-        for RestoredState { inline: state, .. } in states {
-            lanes.extend(decode(state).ok_or_else(|| TaskError::internal("generator: corrupt checkpoint state"))?);
+        for state in states {
+            match state.state::<Lanes>()? {
+                Some(Lanes(restored)) => lanes.extend(restored),
+                None => lanes.extend(decode(&state.inline).ok_or_else(|| TaskError::internal("generator: corrupt checkpoint state"))?),
+            }
         }
         if lanes.is_empty() {
             return Ok(self);
@@ -92,7 +96,16 @@ impl Generator {
     }
 }
 
-/// The lanes of a checkpoint state, in either format.
+/// A generator's inline state: its lanes.
+#[derive(Serialize, Deserialize)]
+struct Lanes(Vec<Lane>);
+
+impl InlineState for Lanes {
+    const HOLDER: &'static str = "generator";
+    const VERSION: u8 = 1;
+}
+
+/// The lanes of a checkpoint state from before versioned state, in either of its formats.
 fn decode(state: &[u8]) -> Option<Vec<Lane>> {
     let words: Vec<u64> = state.chunks(8).map(|c| c.try_into().ok().map(u64::from_le_bytes)).collect::<Option<_>>()?;
     match words.as_slice() {
@@ -154,11 +167,7 @@ impl Source for Generator {
     }
 
     async fn snapshot(&mut self, _id: u64, _scratch: &std::path::Path) -> Result<OperatorSnapshot> {
-        let mut words = vec![LANES_FORMAT];
-        for l in &self.lanes {
-            words.extend([l.next, l.stride]);
-        }
-        Ok(OperatorSnapshot::inline(words.iter().flat_map(|w| w.to_le_bytes()).collect()))
+        Ok(OperatorSnapshot::state(&Lanes(self.lanes.clone())))
     }
 }
 

@@ -36,7 +36,7 @@ use tokio::task::{JoinError, JoinSet};
 
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
-use crate::json::{json_string, object_text};
+use crate::json::{json_string, object_text, Timestamps};
 use crate::operator::{ConnectorContext, DeadLetters, OperatorSnapshot, Sink};
 use crate::retry::Policy;
 
@@ -90,12 +90,7 @@ impl HttpSink {
         if url.scheme() != "http" {
             return Err(TaskError::user(format!("http sink: options.url `{}`: only http:// is supported (this build has no TLS)", o.url)));
         }
-        let timeout =
-            eddy_jobs::time::parse_duration_ms(&o.timeout).map_err(|e| TaskError::user(format!("http sink: options.timeout: {e}")))?;
-        let timeout = Duration::from_millis(timeout.max(1) as u64);
-        let retry_for = eddy_jobs::time::parse_duration_ms(&o.retry_for)
-            .map_err(|e| TaskError::user(format!("http sink: options.retry_for: {e}")))?
-            .max(0);
+        let timeout = o.timeout.max(Duration::from_millis(1));
         let column = |name: &str, what: &str| {
             ctx.schema
                 .index_of(name)
@@ -124,7 +119,7 @@ impl HttpSink {
             deleted,
             concurrency: o.concurrency.max(1),
             retry: RetryLimits {
-                policy: Policy { first: FIRST_BACKOFF, max: MAX_BACKOFF, budget: Duration::from_millis(retry_for as u64) },
+                policy: Policy { first: FIRST_BACKOFF, max: MAX_BACKOFF, budget: o.retry_for },
                 max_retries: o.max_retries,
             },
             in_flight: JoinSet::new(),
@@ -163,7 +158,7 @@ impl Sink for HttpSink {
                 (Op::Retract, Some((_, key))) if crate::batch::is_update_old_row(&batch.rows, &batch.ops, i, key) => continue,
                 _ => {}
             }
-            let mut body = object_text(&self.body_columns, row);
+            let mut body = object_text(&self.body_columns, row, Timestamps::Iso8601);
             if let Some((field, _)) = &self.deleted {
                 body.pop();
                 let _ = write!(body, "{}{field}:{}}}", if body.len() > 1 { "," } else { "" }, *op == Op::Retract);
@@ -444,8 +439,8 @@ mod tests {
             columns: Some(vec!["id".into(), "content_id".into(), "event_ts".into(), "engagement_pct".into()]),
             idempotency_key: vec!["id".into(), "version".into()],
             concurrency: 4,
-            timeout: "2s".into(),
-            retry_for: "30s".into(),
+            timeout: Duration::from_secs(2),
+            retry_for: Duration::from_secs(30),
             max_retries: Some(5),
             dead_letter_path: None,
             deleted_field: None,
@@ -613,7 +608,7 @@ mod tests {
         let c = ctx();
         let metrics = c.metrics.clone();
         let mut o = options(&mock.base);
-        o.timeout = "100ms".into();
+        o.timeout = Duration::from_millis(100);
         o.max_retries = Some(2);
         let mut sink = HttpSink::new(&o, c).unwrap();
         sink.write(Batch::inserts(vec![event(1, 1)])).await.unwrap();

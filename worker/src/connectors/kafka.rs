@@ -70,6 +70,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
+use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
 use tracing::warn;
 
@@ -77,7 +78,8 @@ use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::json::{row_from_json, row_to_json};
 use crate::operator::{
-    ConnectorContext, DeadLetters, OperatorSnapshot, PendingCheckpoints, Progress, RestoredState, Sink, Source, TaskMetrics, BATCH_BYTES,
+    ConnectorContext, DeadLetters, InlineState, OperatorSnapshot, PendingCheckpoints, Progress, RestoredState, Sink, Source, TaskMetrics,
+    BATCH_BYTES,
 };
 use crate::state::last_value::{self, LastValueState};
 
@@ -189,7 +191,7 @@ impl KafkaSource {
         let key_columns = o.primary_key.iter().filter_map(|k| ctx.schema.index_of(k)).collect();
         let path = o.dead_letter_path.as_deref().filter(|_| o.bad_records == BadRecordPolicy::DeadLetter);
         let dead_letters = DeadLetters::open("kafka source", path, ctx.metrics.clone())?;
-        let state_ttl_ms = o.state_ttl_ms().map_err(|e| TaskError::user(format!("kafka source: options.state_ttl: {e}")))?;
+        let state_ttl_ms = o.state_ttl_ms();
         let upserts = match o.format {
             KafkaFormat::UpsertJson => Some(Upserts {
                 state: last_value::open(ctx.state_backend, &ctx.state_dir.join("upsert"), state_ttl_ms)?,
@@ -247,7 +249,17 @@ impl KafkaSource {
         if let (Some(files), Some(upserts)) = (&restored.files, &mut self.upserts) {
             upserts.state.restore(files, &|shard| owns(shard as i32, parallelism, subtask))?;
         }
-        let state = restored.inline.as_slice();
+        if let Some(state) = restored.state::<Positions>()? {
+            self.positions.extend(state.0.into_iter().filter(|(p, _)| owns(*p, parallelism, subtask)));
+            return Ok(());
+        }
+        self.restore_unversioned(&restored.inline)
+    }
+
+    /// Reads the inline state of checkpoints from before versioned state: the positions as
+    /// little-endian words and, before the upsert state moved to the state backend, its rows in
+    /// the exchange's encoding.
+    fn restore_unversioned(&mut self, state: &[u8]) -> Result<()> {
         if state.is_empty() {
             return Ok(());
         }
@@ -262,8 +274,6 @@ impl KafkaSource {
                 self.positions.insert(p, o);
             }
         }
-        // Checkpoints taken before the upsert state moved to the state backend hold it inline,
-        // after the positions.
         if at == state.len() {
             return Ok(());
         }
@@ -645,6 +655,16 @@ impl GapCheck {
     }
 }
 
+/// A source's inline state: the next offset of each partition it read (its upsert state is in
+/// the state backend's files).
+#[derive(Serialize, Deserialize)]
+struct Positions(Vec<(i32, i64)>);
+
+impl InlineState for Positions {
+    const HOLDER: &'static str = "kafka source";
+    const VERSION: u8 = 1;
+}
+
 /// The upsert view of a topic: each key's current row, sharded by partition, in a
 /// [`LastValueState`]. With versions, a deleted key whose tombstone carried a version keeps the
 /// one-column row `[version]` as a marker (a real row holds at least its key and its version, so
@@ -858,12 +878,9 @@ impl Source for KafkaSource {
     }
 
     async fn snapshot(&mut self, id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
-        let mut inline = Vec::with_capacity(4 + self.positions.len() * 12);
-        inline.extend_from_slice(&(self.positions.len() as u32).to_le_bytes());
-        for (p, o) in &self.positions {
-            inline.extend_from_slice(&p.to_le_bytes());
-            inline.extend_from_slice(&o.to_le_bytes());
-        }
+        let mut positions: Vec<(i32, i64)> = self.positions.iter().map(|(p, o)| (*p, *o)).collect();
+        positions.sort_unstable();
+        let inline = OperatorSnapshot::state(&Positions(positions)).inline;
         let files = match &mut self.upserts {
             Some(upserts) => {
                 let dir = scratch.join("state");
@@ -996,9 +1013,8 @@ impl KafkaSink {
             .map_err(|e| TaskError::external(format!("kafka producer for {}: {e}", o.brokers)))?;
         let key_columns = o.key.iter().filter_map(|k| ctx.schema.index_of(k)).collect();
         let version = o.version_column.as_deref().and_then(|c| ctx.schema.index_of(c));
-        let interval = o.heartbeat_interval_ms().map_err(|e| TaskError::user(format!("kafka sink: {e}")))?;
-        let heartbeats = interval.map(|ms| Heartbeats {
-            interval: Duration::from_millis(ms as u64),
+        let heartbeats = o.heartbeat_interval.map(|interval| Heartbeats {
+            interval,
             partitions: Vec::new(),
             writer: ctx.task.subtask,
             writers: ctx.parallelism,
@@ -1495,7 +1511,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn watermark_heartbeats_travel_through_every_partition() {
         let Some((sink_options, source_options)) = versioned_topic("heartbeats") else { return };
-        let sink_options = KafkaSinkOptions { partitions: 2, heartbeat_interval: Some("100ms".into()), ..sink_options };
+        let sink_options = KafkaSinkOptions { partitions: 2, heartbeat_interval: Some(Duration::from_millis(100)), ..sink_options };
         let source_options = KafkaSourceOptions { heartbeats: true, ..source_options };
         let task = TaskId { vertex: 0, subtask: 0 };
         let mut sink = KafkaSink::start(&sink_options, ConnectorContext::for_test(task, 1, schema())).await.unwrap();

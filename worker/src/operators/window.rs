@@ -50,12 +50,30 @@ use crate::batch::{Batch, Op};
 use crate::codec::encode_value;
 use crate::error::{Result, TaskError};
 use crate::keys::{hash_key, key_group};
-use crate::operator::{future_horizon_ms, set_aside, BadRows, Collector, Operator, OperatorContext, OperatorSnapshot, TaskMetrics};
+use crate::operator::{
+    future_horizon_ms, set_aside, BadRows, Collector, InlineState, Operator, OperatorContext, OperatorSnapshot, TaskMetrics,
+};
 use crate::state::{Acc, Accs, WindowState};
 use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
 
-/// Version of the inline snapshot (watermark, last fired, late count), its first byte.
-const INLINE_VERSION: u8 = 1;
+/// What a window checkpoints inline (its keyed state is in the state backend's files).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+struct Progressed {
+    watermark: i64,
+    last_fired: i64,
+    /// Rows found late.
+    late: u64,
+}
+
+impl InlineState for Progressed {
+    const HOLDER: &'static str = "window";
+    const VERSION: u8 = 1;
+}
+
+/// First byte of the inline state before versioned state (then watermark, last fired and late
+/// count as little-endian words).
+const UNVERSIONED_TAG: u8 = 1;
 
 /// Keys up to which the operator keeps running aggregates (about 100 bytes each, so some 20 MB);
 /// above it, windows are merged from their slices.
@@ -153,23 +171,31 @@ impl Window {
     /// `ctx.key_groups`.
     pub fn open(plan: WindowPlan, max_parallelism: u32, backend: StateBackend, ctx: OperatorContext) -> Result<Window> {
         let mut state = crate::state::open(backend, &ctx.state_dir)?;
-        let mut scalars: Option<(i64, i64, u64)> = None;
+        let mut scalars: Option<Progressed> = None;
         for restored in &ctx.restore {
             if let Some(files) = &restored.files {
                 state.restore(files, ctx.key_groups.clone())?;
             }
-            if let Some((watermark, last_fired, late)) = decode_inline(&restored.inline)? {
+            let progressed = match restored.state::<Progressed>()? {
+                Some(p) => Some(p),
+                None => unversioned(&restored.inline)?,
+            };
+            if let Some(p) = progressed {
                 scalars = Some(match scalars {
-                    None => (watermark, last_fired, late),
-                    Some((w, f, l)) => (w.min(watermark), f.min(last_fired), l + late),
+                    None => p,
+                    Some(q) => Progressed {
+                        watermark: q.watermark.min(p.watermark),
+                        last_fired: q.last_fired.min(p.last_fired),
+                        late: q.late + p.late,
+                    },
                 });
             }
         }
         let mut window = Window::new(plan, max_parallelism, state);
-        if let Some((watermark, last_fired, late)) = scalars {
-            window.watermark = watermark;
-            window.last_fired = last_fired;
-            window.late = late;
+        if let Some(p) = scalars {
+            window.watermark = p.watermark;
+            window.last_fired = p.last_fired;
+            window.late = p.late;
         }
         // The task's late count goes on from what the restored subtasks had counted.
         ctx.metrics.late_records.fetch_add(window.late, Ordering::Relaxed);
@@ -181,11 +207,8 @@ impl Window {
     pub fn checkpoint(&mut self, scratch: &Path) -> Result<OperatorSnapshot> {
         let dir = scratch.join("state");
         self.state.snapshot(&dir)?;
-        let mut inline = Vec::with_capacity(25);
-        inline.push(INLINE_VERSION);
-        inline.extend_from_slice(&self.watermark.to_le_bytes());
-        inline.extend_from_slice(&self.last_fired.to_le_bytes());
-        inline.extend_from_slice(&self.late.to_le_bytes());
+        let inline =
+            OperatorSnapshot::state(&Progressed { watermark: self.watermark, last_fired: self.last_fired, late: self.late }).inline;
         Ok(OperatorSnapshot { inline, files: Some(dir) })
     }
 
@@ -328,12 +351,17 @@ fn apply_slices(
 }
 
 /// Decodes `(watermark, last_fired, late)` written by [`Window::checkpoint`]; `None` when empty.
-fn decode_inline(inline: &[u8]) -> Result<Option<(i64, i64, u64)>> {
+/// The inline state of a checkpoint from before versioned state.
+fn unversioned(inline: &[u8]) -> Result<Option<Progressed>> {
     match inline.split_first() {
         None => Ok(None),
-        Some((&INLINE_VERSION, rest)) if rest.len() == 24 => {
+        Some((&UNVERSIONED_TAG, rest)) if rest.len() == 24 => {
             let word = |i: usize| -> [u8; 8] { rest[i * 8..i * 8 + 8].try_into().expect("8 bytes") };
-            Ok(Some((i64::from_le_bytes(word(0)), i64::from_le_bytes(word(1)), u64::from_le_bytes(word(2)))))
+            Ok(Some(Progressed {
+                watermark: i64::from_le_bytes(word(0)),
+                last_fired: i64::from_le_bytes(word(1)),
+                late: u64::from_le_bytes(word(2)),
+            }))
         }
         Some(_) => Err(TaskError::internal("window: corrupt or unknown inline snapshot")),
     }

@@ -130,6 +130,7 @@ use async_trait::async_trait;
 use eddy_jobs::connectors::{ExistingSlot, PostgresCdcOptions};
 use eddy_jobs::{DataType, Row, Schema, Value};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -144,7 +145,9 @@ use super::text::decode_value;
 use super::{check_identifier, client_config, connect, pg_error, quote_ident, wire_error, SESSION_OPTIONS};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
-use crate::operator::{ConnectorContext, OperatorSnapshot, PendingCheckpoints, Progress, Source, TaskMetrics, BATCH_BYTES};
+use crate::operator::{
+    ConnectorContext, InlineState, OperatorSnapshot, PendingCheckpoints, Progress, RestoredState, Source, TaskMetrics, BATCH_BYTES,
+};
 
 /// Rows per batch (an update's two rows are never split, so a batch may hold one more).
 const BATCH_ROWS: usize = 1024;
@@ -194,31 +197,53 @@ pub struct PostgresCdc {
     clock: Option<i64>,
 }
 
-/// What a checkpoint records of the source (inline, little-endian): whether the snapshot had been
-/// handed on, the position every change up to which was handed on, the slot's version floor and
-/// the last version given out at that position. Checkpoints written before the last field existed
-/// hold 17 bytes; their last version is taken as the position, which no later change is below.
+/// What a checkpoint records of the source (a versioned [`InlineState`]): whether the snapshot had
+/// been handed on, the position every change up to which was handed on, the slot's version floor
+/// and the last version given out at that position. Checkpoints from before versioned state hold
+/// them as a byte and little-endian words; those written before the last field existed hold 17
+/// bytes, and their last version is taken as the position, which no later change is below.
 /// Some hold a fifth word, from an earlier way of re-reading: the position of a snapshot whose rows
 /// carry it as their version, so once that snapshot is handed on, later changes must outrank it
 /// (it raises the floor); before, the table is read again anyway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 struct Position {
     snapshot_done: bool,
+    #[serde(with = "lsn")]
     lsn: Lsn,
+    #[serde(with = "lsn")]
     floor: Lsn,
     version: u64,
 }
 
-impl Position {
-    fn encode(&self) -> Vec<u8> {
-        let mut out = vec![u8::from(self.snapshot_done)];
-        for n in [self.lsn.0, self.floor.0, self.version] {
-            out.extend_from_slice(&n.to_le_bytes());
-        }
-        out
+impl InlineState for Position {
+    const HOLDER: &'static str = "postgres_cdc";
+    const VERSION: u8 = 1;
+}
+
+/// An LSN in checkpoint state: its number.
+mod lsn {
+    use pgwire_replication::Lsn;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(lsn: &Lsn, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(lsn.0)
     }
 
-    fn decode(bytes: &[u8]) -> Option<Position> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Lsn, D::Error> {
+        u64::deserialize(d).map(Lsn)
+    }
+}
+
+impl Position {
+    /// The position a restored subtask's state holds, in any layout (`None`: it read nothing).
+    fn restored(state: &RestoredState) -> Result<Option<Position>> {
+        Ok(match state.state::<Position>()? {
+            Some(position) => Some(position),
+            None => Position::unversioned(&state.inline),
+        })
+    }
+
+    fn unversioned(bytes: &[u8]) -> Option<Position> {
         let word = |at: usize| bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
         let snapshot_done = *bytes.first()? == 1;
         let (lsn, mut floor) = (word(1)?, word(9)?);
@@ -364,16 +389,20 @@ impl PostgresCdc {
         let table = Table::resolve(&control, &o.table, declared, o.version_column.is_some()).await?;
         ensure_publication(&control, &o.publication, &table).await?;
         let existing = existing_slot(&control, &o.slot).await?;
-        let restored =
-            ctx.restore.as_ref().and_then(|(id, states)| states.iter().find_map(|s| Position::decode(&s.inline)).map(|p| (*id, p)));
+        let mut restored = None;
+        for (id, state) in ctx.restore.iter().flat_map(|(id, states)| states.iter().map(move |s| (*id, s))) {
+            if let Some(position) = Position::restored(state)? {
+                restored = Some((id, position));
+                break;
+            }
+        }
         let begin = Begin::decide(o, &ctx, existing, restored)?;
         let clock_every = match ctx.event_time {
             Some(_) => {
-                let every = o.heartbeat_interval_ms().map_err(|e| TaskError::user(format!("postgres_cdc: {e}")))?;
                 // Now, so that a user who may not write one hears it at once, not as a watermark
                 // that never moves.
                 Clock::write(&control).await.map_err(|e| TaskError::user(e.message))?;
-                Some(Duration::from_millis(every as u64))
+                Some(o.heartbeat_interval)
             }
             None => None,
         };
@@ -552,7 +581,7 @@ impl Source for PostgresCdc {
         self.pending.taken(id, self.returned);
         let position =
             Position { snapshot_done: self.snapshot_done, lsn: self.returned, floor: self.floor, version: self.returned_version };
-        Ok(OperatorSnapshot::inline(position.encode()))
+        Ok(OperatorSnapshot::state(&position))
     }
 
     async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
@@ -1443,14 +1472,17 @@ mod tests {
     #[test]
     fn checkpointed_positions_read_back_old_and_new() {
         let p = Position { snapshot_done: true, lsn: Lsn(0x50), floor: Lsn(0x10), version: 0x51 };
-        assert_eq!(Position::decode(&p.encode()), Some(p));
+        let restored = |inline: Vec<u8>| Position::restored(&RestoredState { inline, files: None }).unwrap();
+        assert_eq!(restored(OperatorSnapshot::state(&p).inline), Some(p));
+        // Before versioned state: a byte and little-endian words.
+        let unversioned: Vec<u8> = [vec![1], [0x50u64, 0x10, 0x51].iter().flat_map(|w| w.to_le_bytes()).collect()].concat();
+        assert_eq!(restored(unversioned.clone()), Some(p));
         // Written before the last version was kept: the position stands in for it.
-        let old = &p.encode()[..17];
-        assert_eq!(Position::decode(old), Some(Position { version: 0x50, ..p }));
+        assert_eq!(restored(unversioned[..17].to_vec()), Some(Position { version: 0x50, ..p }));
         // With the word of an earlier way of re-reading after it, which raises the floor.
-        let longer = [p.encode(), 0x60u64.to_le_bytes().to_vec()].concat();
-        assert_eq!(Position::decode(&longer), Some(Position { floor: Lsn(0x60), ..p }));
-        assert_eq!(Position::decode(&[]), None, "a subtask that read nothing");
+        let longer = [unversioned, 0x60u64.to_le_bytes().to_vec()].concat();
+        assert_eq!(restored(longer), Some(Position { floor: Lsn(0x60), ..p }));
+        assert_eq!(restored(Vec::new()), None, "a subtask that read nothing");
     }
 
     #[test]
@@ -1509,7 +1541,7 @@ mod tests {
             version_column: None,
             snapshot: true,
             existing_slot: ExistingSlot::Fail,
-            heartbeat_interval: None,
+            heartbeat_interval: Duration::from_secs(1),
         };
         let schema = eddy_jobs::connectors::parse_columns(&o.columns).unwrap();
         let ctx = ConnectorContext::for_test(eddy_jobs::TaskId { vertex: 0, subtask: 1 }, 2, schema);
@@ -1620,7 +1652,7 @@ mod tests {
                     version_column: Some("lsn".into()),
                     snapshot: true,
                     existing_slot: ExistingSlot::Fail,
-                    heartbeat_interval: None,
+                    heartbeat_interval: Duration::from_secs(1),
                 }
             }
 
@@ -2013,7 +2045,7 @@ mod tests {
             let Some(url) = url() else { return };
             let db = Db::new(url).await;
             db.insert_rows(1, 10).await;
-            let o = PostgresCdcOptions { heartbeat_interval: Some("100ms".into()), ..db.options() };
+            let o = PostgresCdcOptions { heartbeat_interval: Duration::from_millis(100), ..db.options() };
             let (source, _) = db
                 .start_with(&o, |ctx| {
                     ctx.event_time = Some(eddy_jobs::plan::EventTime { column: 1, allowed_delay_ms: 0, idle_timeout_ms: 5_000 })
@@ -2191,7 +2223,7 @@ mod tests {
             // Restored from checkpoint 2, the source replays what followed it, with the same
             // versions, and nothing before it (the slot itself is further back).
             let slot = db.confirmed().await.unwrap();
-            let restored = Position::decode(&second.inline).unwrap();
+            let restored = Position::restored(&RestoredState { inline: second.inline.clone(), files: None }).unwrap().unwrap();
             assert!(slot < restored.lsn.0, "the slot ({slot:x}) is behind checkpoint 2 ({})", restored.lsn);
             let (source, _) = db
                 .start_with(&o, |ctx| {

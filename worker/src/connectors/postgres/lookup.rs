@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use eddy_jobs::connectors::{redact_url, PostgresLookupOptions};
 use eddy_jobs::plan::{LookupMemory, StateBackend};
-use eddy_jobs::time::parse_duration_ms;
 use eddy_jobs::{DataType, Schema, Value};
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 use tokio_postgres::{Client, NoTls};
 use tracing::warn;
@@ -29,7 +29,7 @@ use super::text::decode_value;
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::keys::groups_overlap;
-use crate::operator::{Collector, Operator, OperatorContext, OperatorSnapshot, TaskMetrics};
+use crate::operator::{Collector, InlineState, Operator, OperatorContext, OperatorSnapshot, RestoredState, TaskMetrics};
 use crate::retry::Policy;
 use crate::state::last_value::{self, LastValueState};
 
@@ -52,7 +52,7 @@ pub struct PostgresLookup {
 impl PostgresLookup {
     /// Connects (lazily retried later if the database is down now).
     pub async fn connect(o: &PostgresLookupOptions, on: usize, columns: &Schema, metrics: Arc<TaskMetrics>) -> Result<PostgresLookup> {
-        let ttl = Duration::from_millis(parse_duration_ms(&o.cache_ttl).map_err(TaskError::user)?.max(0) as u64);
+        let ttl = o.cache_ttl;
         let select: Vec<String> = columns.fields.iter().map(|f| format!("{}::text", quote_ident(&f.name))).collect();
         let query = format!(
             "SELECT {}::text, {} FROM {} WHERE {}::text = ANY($1)",
@@ -273,7 +273,7 @@ impl Memory {
     fn open(plan: &LookupMemory, width: usize, backend: StateBackend, max_parallelism: u32, ctx: &OperatorContext) -> Result<Memory> {
         let mut state = last_value::open(backend, &ctx.state_dir.join("joined"), plan.ttl_ms)?;
         for restored in &ctx.restore {
-            let (Some(files), Some(taken)) = (&restored.files, SnapshotScope::decode(&restored.inline)) else { continue };
+            let (Some(files), Some(taken)) = (&restored.files, SnapshotScope::restored(restored)?) else { continue };
             let own = taken.groups == ctx.key_groups && taken.keyed == Some(plan.keyed);
             if own {
                 // This subtask's own snapshot, taken under the same routing: all of it.
@@ -372,28 +372,34 @@ impl Memory {
         let dir = scratch.join("joined");
         self.state.snapshot(&dir)?;
         let scope = SnapshotScope { groups: self.key_groups.clone(), keyed: Some(self.plan.keyed) };
-        Ok(OperatorSnapshot { inline: scope.encode(), files: Some(dir) })
+        Ok(OperatorSnapshot { inline: OperatorSnapshot::state(&scope).inline, files: Some(dir) })
     }
 }
 
 /// What a memory snapshot holds (its inline state): the key groups its subtask owned, and
 /// whether rows came to it by key or by the partitions its source owned.
+#[derive(Serialize, Deserialize)]
 struct SnapshotScope {
     groups: Range<u32>,
     /// `None` in snapshots written before the routing was recorded.
     keyed: Option<bool>,
 }
 
+impl InlineState for SnapshotScope {
+    const HOLDER: &'static str = "postgres lookup";
+    const VERSION: u8 = 1;
+}
+
 impl SnapshotScope {
-    fn encode(&self) -> Vec<u8> {
-        let mut inline = Vec::with_capacity(9);
-        inline.extend_from_slice(&self.groups.start.to_le_bytes());
-        inline.extend_from_slice(&self.groups.end.to_le_bytes());
-        inline.extend(self.keyed.map(u8::from));
-        inline
+    fn restored(state: &RestoredState) -> Result<Option<SnapshotScope>> {
+        Ok(match state.state::<SnapshotScope>()? {
+            Some(scope) => Some(scope),
+            None => SnapshotScope::unversioned(&state.inline),
+        })
     }
 
-    fn decode(inline: &[u8]) -> Option<SnapshotScope> {
+    /// Before versioned state: the key groups' bounds as little-endian words, then a byte.
+    fn unversioned(inline: &[u8]) -> Option<SnapshotScope> {
         let start = u32::from_le_bytes(inline.get(..4)?.try_into().ok()?);
         let end = u32::from_le_bytes(inline.get(4..8)?.try_into().ok()?);
         Some(SnapshotScope { groups: start..end, keyed: inline.get(8).map(|b| *b != 0) })
@@ -472,7 +478,7 @@ mod tests {
             key: "id".into(),
             columns: "slug VARCHAR".into(),
             cache_size: 2,
-            cache_ttl: "60s".into(),
+            cache_ttl: Duration::from_secs(60),
         };
         let columns = eddy_jobs::connectors::parse_columns(&options.columns).unwrap();
         let mut lookup = PostgresLookup::connect(&options, 0, &columns, Arc::default()).await.unwrap();
@@ -507,7 +513,7 @@ mod tests {
             columns: "title VARCHAR".into(),
             cache_size: 10,
             // Every batch asks the table again.
-            cache_ttl: "0s".into(),
+            cache_ttl: Duration::ZERO,
         };
         let columns = eddy_jobs::connectors::parse_columns(&options.columns).unwrap();
         let memory = LookupMemory { key: vec![0], time: None, ttl_ms: None, keyed: false };
@@ -572,7 +578,7 @@ mod tests {
             key: "id".into(),
             columns: "slug VARCHAR".into(),
             cache_size: 10,
-            cache_ttl: "60s".into(),
+            cache_ttl: Duration::from_secs(60),
         };
         let columns = eddy_jobs::connectors::parse_columns(&options.columns).unwrap();
         let mut lookup = PostgresLookup::connect(&options, 0, &columns, Arc::default()).await.unwrap();
