@@ -1,5 +1,8 @@
 //! What the worker's tests share: the real services they talk to, and temporary directories.
 
+/// Held by a test while it uses the ClickHouse server (some stop it).
+pub static CLICKHOUSE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// A fresh directory under the system's temp dir, named after `label`, removed when dropped.
 pub fn temp_dir(label: &str) -> tempfile::TempDir {
     tempfile::Builder::new().prefix(&format!("eddy-{label}-")).tempdir().expect("creating a temporary directory")
@@ -24,4 +27,52 @@ pub fn service(var: &str, example: &str) -> Option<String> {
     }
     eprintln!("skipped: set {var}={example} to run against the real service");
     None
+}
+
+/// The `eddy-mock-api` binary: `EDDY_TEST_MOCK_API_BIN`, or the one built next to this test.
+pub fn mock_api_bin() -> Option<std::path::PathBuf> {
+    let bin = std::env::var_os("EDDY_TEST_MOCK_API_BIN").map(std::path::PathBuf::from).or_else(|| {
+        let exe = std::env::current_exe().ok()?;
+        Some(exe.parent()?.parent()?.join("eddy-mock-api"))
+    });
+    match bin {
+        Some(b) if b.is_file() => Some(b),
+        _ if crate::testing::services_required() => {
+            panic!("no eddy-mock-api binary next to the tests: build it first (cargo build -p eddy-demo) or set EDDY_TEST_MOCK_API_BIN")
+        }
+        _ => {
+            eprintln!("skipped: build the mock first (cargo build -p eddy-demo) or set EDDY_TEST_MOCK_API_BIN");
+            None
+        }
+    }
+}
+
+/// A running mock API on a free loopback port; killed on drop.
+pub struct MockApi {
+    _child: tokio::process::Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+}
+
+impl MockApi {
+    /// Starts the mock with `args`, on a port it picks.
+    pub async fn start(bin: &std::path::Path, args: &[&str]) -> MockApi {
+        let mut child = tokio::process::Command::new(bin)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+        let line = lines.next_line().await.unwrap().unwrap();
+        let addr = line.rsplit(' ').next().unwrap().to_string();
+        MockApi { _child: child, base: format!("http://{addr}") }
+    }
+
+    /// GETs `path` as JSON.
+    pub async fn get(&self, path: &str) -> serde_json::Value {
+        let text = reqwest::get(format!("{}{path}", self.base)).await.unwrap().text().await.unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
 }

@@ -923,8 +923,7 @@ mod tests {
 
     // ---- Integration tests against a real ClickHouse (EDDY_TEST_CLICKHOUSE_URL). ----
 
-    /// Serialises the tests that share the server (one of them stops it).
-    static SERVER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    use crate::testing::CLICKHOUSE as SERVER;
 
     fn clickhouse_url() -> Option<String> {
         crate::testing::service("EDDY_TEST_CLICKHOUSE_URL", "http://127.0.0.1:PORT")

@@ -367,57 +367,10 @@ mod tests {
 
     // ---- Integration tests against the mock external system (`eddy-mock-api`). ----
 
-    use std::path::PathBuf;
-
     use eddy_jobs::{DataType, Field, Schema, TaskId};
-    use tokio::io::AsyncBufReadExt;
 
     use crate::operator::TaskMetrics;
-
-    /// The `eddy-mock-api` binary: `EDDY_TEST_MOCK_API_BIN`, or the one built next to this test.
-    fn mock_api_bin() -> Option<PathBuf> {
-        let bin = std::env::var_os("EDDY_TEST_MOCK_API_BIN").map(PathBuf::from).or_else(|| {
-            let exe = std::env::current_exe().ok()?;
-            Some(exe.parent()?.parent()?.join("eddy-mock-api"))
-        });
-        match bin {
-            Some(b) if b.is_file() => Some(b),
-            _ if crate::testing::services_required() => {
-                panic!("no eddy-mock-api binary next to the tests: build it first (cargo build -p eddy-demo) or set EDDY_TEST_MOCK_API_BIN")
-            }
-            _ => {
-                eprintln!("skipped: build the mock first (cargo build -p eddy-demo) or set EDDY_TEST_MOCK_API_BIN");
-                None
-            }
-        }
-    }
-
-    /// A running mock API on a free loopback port; killed on drop.
-    struct MockApi {
-        _child: tokio::process::Child,
-        base: String,
-    }
-
-    impl MockApi {
-        async fn start(bin: &PathBuf, args: &[&str]) -> MockApi {
-            let mut child = tokio::process::Command::new(bin)
-                .args(["--listen", "127.0.0.1:0"])
-                .args(args)
-                .stdout(std::process::Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .unwrap();
-            let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
-            let line = lines.next_line().await.unwrap().unwrap();
-            let addr = line.rsplit(' ').next().unwrap().to_string();
-            MockApi { _child: child, base: format!("http://{addr}") }
-        }
-
-        async fn get(&self, path: &str) -> serde_json::Value {
-            let text = reqwest::get(format!("{}{path}", self.base)).await.unwrap().text().await.unwrap();
-            serde_json::from_str(&text).unwrap()
-        }
-    }
+    use crate::testing::{mock_api_bin, MockApi};
 
     fn schema() -> Schema {
         Schema::new(vec![

@@ -2,6 +2,8 @@
 //! ([`source`] and [`sink`]) by the connector names specs use.
 
 pub mod clickhouse;
+#[cfg(test)]
+mod conformance;
 pub mod file;
 pub mod generator;
 pub mod http;
