@@ -102,6 +102,19 @@ print(f"worker_peak_rss_mb={rss}")
 PY
 }
 
+# A Python with kafka-python (for the pipeline's per-hop breakdown), in a venv of the benchmarks'
+# own; plain python3 (no breakdown) when it cannot be installed.
+bench_python() {
+  local venv="$EDDY_CACHE/tools/bench-venv"
+  if ! "$venv/bin/python" -c 'import kafka' 2>/dev/null; then
+    python3 -m venv "$venv" >&2 && "$venv/bin/pip" install -q 'kafka-python==2.0.2' >&2 || {
+      echo "python3"
+      return
+    }
+  fi
+  echo "$venv/bin/python"
+}
+
 bench_pipeline() {
   "$ROOT/scripts/services.sh" start >&2
   eval "$("$ROOT/scripts/services.sh" env)"
@@ -112,7 +125,9 @@ bench_pipeline() {
   "$BIN/eddy-mock-api" --listen "127.0.0.1:$MOCK_PORT" --log "$RUN_DIR/external.jsonl" >"$RUN_DIR/mock-api.log" 2>&1 &
   PIDS+=($!)
   export BIN RUN_DIR MOCK_PORT
-  (cd "$ROOT" && python3 scripts/bench_pipeline.py)
+  local python
+  python=$(bench_python)
+  (cd "$ROOT" && "$python" scripts/bench_pipeline.py)
 }
 
 # A generator source with options $1, event time on `ts`.
