@@ -107,7 +107,7 @@ PY
 bench_python() {
   local venv="$EDDY_CACHE/tools/bench-venv"
   if ! "$venv/bin/python" -c 'import kafka' 2>/dev/null; then
-    python3 -m venv "$venv" >&2 && "$venv/bin/pip" install -q 'kafka-python==2.0.2' >&2 || {
+    python3 -m venv "$venv" >&2 && "$venv/bin/pip" install -q 'kafka-python==2.0.3' >&2 || {
       echo "python3"
       return
     }

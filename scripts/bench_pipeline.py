@@ -95,6 +95,9 @@ def fresh_databases():
 
 
 def latency():
+    if psql(DB_URL, "SHOW track_commit_timestamp").strip() != "on":
+        raise SystemExit("PostgreSQL does not track commit timestamps: restart it (scripts/services.sh stop postgres; "
+                         "scripts/services.sh start) so that it starts with track_commit_timestamp=on")
     mock_port = os.environ["MOCK_PORT"]
     topic = f"{NAME}_{int(time.time())}"
     env = {"EDDY_PG_URL": DB_URL, "EDDY_TOPIC": topic, "EDDY_SLOT": NAME, "EDDY_GROUP": topic,
@@ -142,8 +145,6 @@ def latency():
     wait("ClickHouse to show every event", lambda: len(seen) >= inserted, 120)
     stop.set()
     poller.join()
-    if psql(DB_URL, "SHOW track_commit_timestamp").strip() != "on":
-        raise SystemExit("PostgreSQL does not track commit timestamps: restart it with scripts/services.sh stop postgres")
     commit = {int(i): float(ms) for i, ms in
               (l.split("|") for l in psql(DB_URL, "SELECT id, extract(epoch FROM pg_xact_commit_timestamp(xmin)) * 1000 "
                                                   f"FROM engagement_events WHERE id >= {first_measured}").split())}
@@ -178,6 +179,26 @@ def breakdown(topic, commit, clickhouse_seen, http_seen):
     except ImportError:
         log("kafka-python is not installed: no per-hop breakdown")
         return {}
+    try:
+        produced = read_produced(topic, KafkaConsumer, TopicPartition)
+    except Exception as e:  # noqa: BLE001 (the breakdown is extra: the run's figures stand without it)
+        log(f"reading the topic back failed: {e}; no per-hop breakdown")
+        return {}
+    ids = [i for i in commit if i in produced]
+    log(f"breakdown: {len(ids)} of {len(commit)} measured events found in the topic")
+    if not ids:
+        return {}
+    out = {}
+    for name, values in (("ingest", [produced[i] - commit[i] for i in ids]),
+                         ("process_clickhouse", [clickhouse_seen[i] - produced[i] for i in ids if i in clickhouse_seen]),
+                         ("process_http", [http_seen[i] - produced[i] for i in ids if i in http_seen])):
+        out[f"latency_{name}_p50_ms"] = round(percentile(values, 50))
+        out[f"latency_{name}_p99_ms"] = round(percentile(values, 99))
+    return out
+
+
+def read_produced(topic, KafkaConsumer, TopicPartition):
+    """Each event's record timestamp in the topic (the first, if replayed); then deletes the topic."""
     consumer = KafkaConsumer(bootstrap_servers=os.environ["EDDY_KAFKA_BROKERS"], api_version=(2, 0, 0),
                              enable_auto_commit=False, consumer_timeout_ms=3000)
     partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic) or ()]
@@ -200,16 +221,7 @@ def breakdown(topic, commit, clickhouse_seen, http_seen):
         admin.close()
     except Exception as e:  # noqa: BLE001 (a topic left behind only costs the broker memory)
         log(f"could not delete topic {topic}: {e}")
-    ids = [i for i in commit if i in produced]
-    if not ids:
-        return {}
-    out = {}
-    for name, values in (("ingest", [produced[i] - commit[i] for i in ids]),
-                         ("process_clickhouse", [clickhouse_seen[i] - produced[i] for i in ids if i in clickhouse_seen]),
-                         ("process_http", [http_seen[i] - produced[i] for i in ids if i in http_seen])):
-        out[f"latency_{name}_p50_ms"] = round(percentile(values, 50))
-        out[f"latency_{name}_p99_ms"] = round(percentile(values, 99))
-    return out
+    return produced
 
 
 def cdc():

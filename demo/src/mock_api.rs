@@ -128,8 +128,11 @@ pub async fn run(listener: TcpListener, config: MockConfig, shutdown: impl Futur
     };
     let mock = Arc::new(Mock { config, seen: Mutex::new(seen), log });
     // Any path takes events; only GETs of these two report.
-    let app =
-        Router::new().route("/stats", get(stats).post(post)).route("/events", get(events).post(post)).fallback(other).with_state(mock);
+    let app = Router::new()
+        .route("/stats", get(stats).post(post).fallback(other))
+        .route("/events", get(events).post(post).fallback(other))
+        .fallback(other)
+        .with_state(mock);
     axum::serve(listener, app).with_graceful_shutdown(shutdown).await?;
     Ok(())
 }

@@ -130,7 +130,8 @@ pub trait InlineState: serde::Serialize + serde::de::DeserializeOwned {
 }
 
 /// The first bytes of every versioned inline state. Layouts written before it are told apart by
-/// their absence (none of them can begin with these bytes and also read as the tagged struct).
+/// their absence; one that begins with a number (a file offset) can begin with these bytes too,
+/// so its holder falls back to the old reader when the versioned one fails.
 pub const STATE_TAG: &[u8; 4] = b"EDDY";
 
 impl OperatorSnapshot {

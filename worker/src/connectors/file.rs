@@ -48,14 +48,16 @@ impl FileSource {
             return Ok(source);
         }
         for state in ctx.restore.iter().flat_map(|(_, states)| states) {
-            let read = match state.state::<ReadTo>()? {
-                Some(read) => Some(read),
-                // Before versioned state: the two as little-endian words.
-                None if state.inline.len() == 16 => {
+            let read = match state.state::<ReadTo>() {
+                Ok(Some(read)) => Some(read),
+                // Before versioned state: the two as little-endian words (an offset may begin
+                // like the tag, so this is tried when the versioned read fails too).
+                Ok(None) | Err(_) if state.inline.len() == 16 => {
                     let word = |at: usize| u64::from_le_bytes(state.inline[at..at + 8].try_into().unwrap_or_default());
                     Some(ReadTo { offset: word(0), line: word(8) })
                 }
-                None => None,
+                Ok(None) => None,
+                Err(e) => return Err(e),
             };
             if let Some(read) = read {
                 (source.offset, source.line) = (read.offset, read.line);
@@ -142,9 +144,12 @@ impl FileSink {
             Some((_, states)) => {
                 let mut longest = 0;
                 for state in states {
-                    let written = match state.state::<Written>()? {
-                        Some(written) => Some(written),
-                        None => Written::unversioned(&state.inline),
+                    // An unversioned length may begin like the tag: its reader is tried then too
+                    // (the path it names must match, so a wrong guess is not taken).
+                    let written = match state.state::<Written>() {
+                        Ok(Some(written)) => Some(written),
+                        Ok(None) => Written::unversioned(&state.inline),
+                        Err(e) => Some(Written::unversioned(&state.inline).ok_or(e)?),
                     };
                     longest = written.filter(|w| w.path == path).map_or(longest, |w| w.length.max(longest));
                 }
@@ -231,5 +236,31 @@ impl Sink for FileSink {
     async fn finish(&mut self) -> Result<()> {
         self.out.flush().map_err(|e| io_error(&self.path, e))?;
         self.out.get_ref().sync_all().map_err(|e| io_error(&self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use eddy_jobs::connectors::FileSourceOptions;
+    use eddy_jobs::{DataType, Field, Schema, TaskId};
+
+    use super::*;
+    use crate::operator::RestoredState;
+
+    /// A checkpoint from before versioned state whose offset happens to begin with the tag's bytes
+    /// is still read as the offset it is, not refused as a broken versioned state.
+    #[test]
+    fn an_unversioned_offset_that_looks_like_the_tag_still_restores() {
+        let dir = crate::testing::temp_dir("file-source");
+        let path = dir.path().join("in.jsonl");
+        std::fs::write(&path, "{\"id\": 1}\n").unwrap();
+        let offset = u64::from_le_bytes([b'E', b'D', b'D', b'Y', 1, 0, 0, 0]);
+        let inline = [offset.to_le_bytes(), 7u64.to_le_bytes()].concat();
+        let schema = Schema::new(vec![Field::new("id", DataType::Int)]);
+        let mut ctx = ConnectorContext::for_test(TaskId { vertex: 0, subtask: 0 }, 1, schema);
+        ctx.restore = Some((1, vec![RestoredState { inline, files: None }]));
+        let o = FileSourceOptions { path: path.display().to_string(), columns: "id BIGINT".into() };
+        let source = FileSource::open(&o, &ctx).unwrap();
+        assert_eq!((source.offset, source.line), (offset, 7));
     }
 }

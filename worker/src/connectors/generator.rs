@@ -59,7 +59,7 @@ impl Generator {
         let mut lanes = Vec::new();
         for state in states {
             match state.state::<Lanes>()? {
-                Some(Lanes(restored)) => lanes.extend(restored),
+                Some(Lanes(restored)) => lanes.extend(restored.into_iter().map(|l| Lane { stride: l.stride.max(1), ..l })),
                 None => lanes.extend(decode(&state.inline).ok_or_else(|| TaskError::internal("generator: corrupt checkpoint state"))?),
             }
         }
