@@ -131,7 +131,7 @@ pub trait InlineState: serde::Serialize + serde::de::DeserializeOwned {
 
 /// The first bytes of every versioned inline state. Layouts written before it are told apart by
 /// their absence; one that begins with a number (a file offset) can begin with these bytes too,
-/// so its holder falls back to the old reader when the versioned one fails.
+/// so [`RestoredState::read`] falls back to the old reader when the versioned one fails.
 pub const STATE_TAG: &[u8; 4] = b"EDDY";
 
 impl OperatorSnapshot {
@@ -142,6 +142,11 @@ impl OperatorSnapshot {
         // Serialising a plain struct into a vector cannot fail.
         inline.extend(postcard::to_allocvec(state).unwrap_or_default());
         OperatorSnapshot::inline(inline)
+    }
+
+    /// The same snapshot with a directory of state files.
+    pub fn with_files(self, files: Option<PathBuf>) -> OperatorSnapshot {
+        OperatorSnapshot { files, ..self }
     }
 }
 
@@ -163,6 +168,21 @@ impl RestoredState {
                 T::VERSION
             ))),
             None => Err(corrupt("no version".into())),
+        }
+    }
+
+    /// The inline state in either layout: the versioned struct, or what `unversioned` reads from a
+    /// layout written before versioning (`Ok(None)`: nothing held). A versioned read that fails
+    /// gives way to `unversioned` when that reads the bytes, since an old layout that begins with
+    /// a number can begin like [`STATE_TAG`]; otherwise its error stands.
+    pub fn read<T: InlineState>(&self, unversioned: impl FnOnce(&[u8]) -> Result<Option<T>>) -> Result<Option<T>> {
+        match self.state::<T>() {
+            Ok(Some(state)) => Ok(Some(state)),
+            Ok(None) => unversioned(&self.inline),
+            Err(e) => match unversioned(&self.inline) {
+                Ok(Some(state)) => Ok(Some(state)),
+                _ => Err(e),
+            },
         }
     }
 }
@@ -562,6 +582,16 @@ mod tests {
         assert!(e.contains("test stage: checkpoint state unreadable"), "{e}");
         let e = restored([inline.as_slice(), &[0]].concat()).state::<Held>().unwrap_err().to_string();
         assert!(e.contains("left over"), "{e}");
+
+        // `read` takes the versioned struct, else the old layout's reader; bytes that begin like
+        // the tag but do not read as the struct go to that reader too, and its refusal leaves the
+        // versioned error standing.
+        let old = |bytes: &[u8]| Ok((bytes.len() == 6).then(|| Held { at: i64::from(bytes[5]), names: Vec::new() }));
+        let held = Held { at: 9, names: vec!["x".into()] };
+        assert_eq!(restored(OperatorSnapshot::state(&held).inline).read(old).unwrap(), Some(held));
+        assert_eq!(restored(b"EDDY\x07\x03".to_vec()).read(old).unwrap(), Some(Held { at: 3, names: Vec::new() }));
+        assert_eq!(restored(Vec::new()).read(|_| Ok(None::<Held>)).unwrap(), None);
+        assert!(restored(b"EDDY\x02".to_vec()).read(old).unwrap_err().to_string().contains("unreadable"));
     }
 
     #[test]

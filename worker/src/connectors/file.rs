@@ -48,17 +48,11 @@ impl FileSource {
             return Ok(source);
         }
         for state in ctx.restore.iter().flat_map(|(_, states)| states) {
-            let read = match state.state::<ReadTo>() {
-                Ok(Some(read)) => Some(read),
-                // Before versioned state: the two as little-endian words (an offset may begin
-                // like the tag, so this is tried when the versioned read fails too).
-                Ok(None) | Err(_) if state.inline.len() == 16 => {
-                    let word = |at: usize| u64::from_le_bytes(state.inline[at..at + 8].try_into().unwrap_or_default());
-                    Some(ReadTo { offset: word(0), line: word(8) })
-                }
-                Ok(None) => None,
-                Err(e) => return Err(e),
-            };
+            // Before versioned state: the two as little-endian words.
+            let read = state.read(|old| {
+                let word = |at: usize| u64::from_le_bytes(old[at..at + 8].try_into().unwrap_or_default());
+                Ok((old.len() == 16).then(|| ReadTo { offset: word(0), line: word(8) }))
+            })?;
             if let Some(read) = read {
                 (source.offset, source.line) = (read.offset, read.line);
             }
@@ -144,13 +138,7 @@ impl FileSink {
             Some((_, states)) => {
                 let mut longest = 0;
                 for state in states {
-                    // An unversioned length may begin like the tag: its reader is tried then too
-                    // (the path it names must match, so a wrong guess is not taken).
-                    let written = match state.state::<Written>() {
-                        Ok(Some(written)) => Some(written),
-                        Ok(None) => Written::unversioned(&state.inline),
-                        Err(e) => Some(Written::unversioned(&state.inline).ok_or(e)?),
-                    };
+                    let written = state.read(|old| Ok(Written::unversioned(old)))?;
                     longest = written.filter(|w| w.path == path).map_or(longest, |w| w.length.max(longest));
                 }
                 longest

@@ -58,10 +58,9 @@ impl Generator {
     pub fn restored(mut self, states: &[RestoredState]) -> Result<Generator> {
         let mut lanes = Vec::new();
         for state in states {
-            match state.state::<Lanes>()? {
-                Some(Lanes(restored)) => lanes.extend(restored.into_iter().map(|l| Lane { stride: l.stride.max(1), ..l })),
-                None => lanes.extend(decode(&state.inline).ok_or_else(|| TaskError::internal("generator: corrupt checkpoint state"))?),
-            }
+            let Lanes(restored) =
+                state.read(|old| Ok(decode(old).map(Lanes)))?.ok_or_else(|| TaskError::internal("generator: corrupt checkpoint state"))?;
+            lanes.extend(restored.into_iter().map(|l| Lane { stride: l.stride.max(1), ..l }));
         }
         if lanes.is_empty() {
             return Ok(self);

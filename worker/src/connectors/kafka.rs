@@ -880,7 +880,6 @@ impl Source for KafkaSource {
     async fn snapshot(&mut self, id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
         let mut positions: Vec<(i32, i64)> = self.positions.iter().map(|(p, o)| (*p, *o)).collect();
         positions.sort_unstable();
-        let inline = OperatorSnapshot::state(&Positions(positions)).inline;
         let files = match &mut self.upserts {
             Some(upserts) => {
                 let dir = scratch.join("state");
@@ -890,7 +889,7 @@ impl Source for KafkaSource {
             None => None,
         };
         self.snapshots.taken(id, self.positions.clone());
-        Ok(OperatorSnapshot { inline, files })
+        Ok(OperatorSnapshot::state(&Positions(positions)).with_files(files))
     }
 
     async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {

@@ -117,10 +117,7 @@ impl RedisLeaderboard {
         // Window results that waited for their window's end when the checkpoint was taken.
         if let Some((_, states)) = &sink.ctx.restore {
             for state in states {
-                let restored = match state.state::<Windows>()? {
-                    Some(windows) => windows,
-                    None => Windows::unversioned(&state.inline)?,
-                };
+                let Some(restored) = state.read(|old| Windows::unversioned(old).map(Some))? else { continue };
                 for (end, scores) in restored.by_end {
                     sink.windows.by_end.entry(end).or_default().extend(scores);
                 }

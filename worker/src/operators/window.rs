@@ -176,11 +176,7 @@ impl Window {
             if let Some(files) = &restored.files {
                 state.restore(files, ctx.key_groups.clone())?;
             }
-            let progressed = match restored.state::<Progressed>()? {
-                Some(p) => Some(p),
-                None => unversioned(&restored.inline)?,
-            };
-            if let Some(p) = progressed {
+            if let Some(p) = restored.read(unversioned)? {
                 scalars = Some(match scalars {
                     None => p,
                     Some(q) => Progressed {
@@ -207,9 +203,8 @@ impl Window {
     pub fn checkpoint(&mut self, scratch: &Path) -> Result<OperatorSnapshot> {
         let dir = scratch.join("state");
         self.state.snapshot(&dir)?;
-        let inline =
-            OperatorSnapshot::state(&Progressed { watermark: self.watermark, last_fired: self.last_fired, late: self.late }).inline;
-        Ok(OperatorSnapshot { inline, files: Some(dir) })
+        let progressed = Progressed { watermark: self.watermark, last_fired: self.last_fired, late: self.late };
+        Ok(OperatorSnapshot::state(&progressed).with_files(Some(dir)))
     }
 
     /// Emits the result of the window ending at `end` for every key with rows in it.

@@ -237,10 +237,7 @@ mod lsn {
 impl Position {
     /// The position a restored subtask's state holds, in any layout (`None`: it read nothing).
     fn restored(state: &RestoredState) -> Result<Option<Position>> {
-        Ok(match state.state::<Position>()? {
-            Some(position) => Some(position),
-            None => Position::unversioned(&state.inline),
-        })
+        state.read(|old| Ok(Position::unversioned(old)))
     }
 
     fn unversioned(bytes: &[u8]) -> Option<Position> {

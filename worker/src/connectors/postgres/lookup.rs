@@ -372,7 +372,7 @@ impl Memory {
         let dir = scratch.join("joined");
         self.state.snapshot(&dir)?;
         let scope = SnapshotScope { groups: self.key_groups.clone(), keyed: Some(self.plan.keyed) };
-        Ok(OperatorSnapshot { inline: OperatorSnapshot::state(&scope).inline, files: Some(dir) })
+        Ok(OperatorSnapshot::state(&scope).with_files(Some(dir)))
     }
 }
 
@@ -392,10 +392,7 @@ impl InlineState for SnapshotScope {
 
 impl SnapshotScope {
     fn restored(state: &RestoredState) -> Result<Option<SnapshotScope>> {
-        Ok(match state.state::<SnapshotScope>()? {
-            Some(scope) => Some(scope),
-            None => SnapshotScope::unversioned(&state.inline),
-        })
+        state.read(|old| Ok(SnapshotScope::unversioned(old)))
     }
 
     /// Before versioned state: the key groups' bounds as little-endian words, then a byte.
