@@ -207,34 +207,42 @@ pub struct OperatorContext {
 /// at the barrier (`snapshot`), commits what that checkpoint covers once it is complete
 /// (`checkpoint_complete`), gets a `tick` every 100–200 ms busy or idle, and at the end of its
 /// input flushes what it holds (`finish`). Figures (late records, lag, dead letters) go to the
-/// task's [`TaskMetrics`].
-///
+/// task's [`TaskMetrics`]. The hooks the three kinds share are this trait's; each default does
+/// nothing, and the task drives them over its stages alike.
+#[async_trait]
+pub trait Stage: Send {
+    /// Checkpoint `id`'s barrier passed this stage: return what to store in the checkpoint, as
+    /// inline bytes the stage reads back on restore ([`RestoredState`]) and files it may write into
+    /// `scratch` (an empty local directory). A source returns the position from which exactly the
+    /// batches it returns after this call are read again; a sink has everything written before
+    /// the barrier safely out, or staged for `checkpoint_complete`.
+    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
+        Ok(OperatorSnapshot::default())
+    }
+
+    /// Checkpoint `id` is complete: commit what was staged for it, or confirm upstream the
+    /// position it holds.
+    async fn checkpoint_complete(&mut self, _id: u64) -> Result<()> {
+        Ok(())
+    }
+
+    /// Time passes (every 100–200 ms, busy or idle): housekeeping, such as flushing what has
+    /// waited long enough, keeping an idle replication slot advancing or refreshing lag gauges.
+    async fn tick(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
 /// One step of a chain. Only `process_batch` is required; the hooks default to doing nothing.
 /// Methods are async so that an operator may wait on an external system (a lookup); CPU-only
 /// operators simply never await.
 #[async_trait]
-pub trait Operator: Send {
+pub trait Operator: Stage {
     /// Processes a batch of input rows.
     async fn process_batch(&mut self, batch: Batch, out: &mut Collector) -> Result<()>;
 
     /// The input watermark advanced to `watermark`; the runtime forwards it downstream afterwards.
     async fn on_watermark(&mut self, _watermark: i64, _out: &mut Collector) -> Result<()> {
-        Ok(())
-    }
-
-    /// Checkpoint `id`'s barrier passed: capture the state as of now. `scratch` is an empty local
-    /// directory the operator may write files into (and return as `files`).
-    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
-        Ok(OperatorSnapshot::default())
-    }
-
-    /// Checkpoint `id` is complete.
-    async fn checkpoint_complete(&mut self, _id: u64) -> Result<()> {
-        Ok(())
-    }
-
-    /// Time passes: a chance for housekeeping.
-    async fn tick(&mut self) -> Result<()> {
         Ok(())
     }
 
@@ -301,32 +309,13 @@ impl ConnectorContext {
 
 /// Produces batches. `next_batch` must be cancel-safe: dropping its future loses nothing.
 #[async_trait]
-pub trait Source: Send {
+pub trait Source: Stage {
     /// The next batch, or `None` once the source is exhausted.
     async fn next_batch(&mut self) -> Result<Option<Batch>>;
 
     /// Every batch returned so far has been handed to the next task. Without checkpoints this is
     /// when a source may confirm its position upstream (a replication slot's LSN).
     async fn handed_on(&mut self) -> Result<()> {
-        Ok(())
-    }
-
-    /// Checkpoint `id` starts here: the position to resume from so that exactly the batches
-    /// returned after this call are read again, as inline bytes this source can read back on
-    /// restore, plus any state it keeps, as files it may write into `scratch` (an empty local
-    /// directory) and return as `files`.
-    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
-        Ok(OperatorSnapshot::default())
-    }
-
-    /// Checkpoint `id` is complete: the position it holds may be confirmed upstream.
-    async fn checkpoint_complete(&mut self, _id: u64) -> Result<()> {
-        Ok(())
-    }
-
-    /// Called about every 200 ms, busy or not: a chance for housekeeping such as keeping an idle
-    /// replication slot advancing or refreshing lag gauges.
-    async fn tick(&mut self) -> Result<()> {
         Ok(())
     }
 
@@ -410,25 +399,11 @@ impl<T> PendingCheckpoints<T> {
 
 /// Writes batches to an external system.
 #[async_trait]
-pub trait Sink: Send {
+pub trait Sink: Stage {
     /// Writes one batch; returning means the sink has taken responsibility for it.
     async fn write(&mut self, batch: Batch) -> Result<()>;
     /// The input watermark advanced; a chance to flush.
     async fn on_watermark(&mut self, _watermark: i64) -> Result<()> {
-        Ok(())
-    }
-    /// Called about every 100 ms, busy or idle: a chance to flush what has waited long enough.
-    async fn tick(&mut self) -> Result<()> {
-        Ok(())
-    }
-    /// Checkpoint `id`'s barrier arrived: everything written before it must be safely out (or
-    /// staged for [`Sink::checkpoint_complete`]) when this returns. Returns what to store in the
-    /// checkpoint, which the sink gets back on restore (`ConnectorContext::restore`).
-    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
-        Ok(OperatorSnapshot::default())
-    }
-    /// Checkpoint `id` is complete: commit what was staged for it.
-    async fn checkpoint_complete(&mut self, _id: u64) -> Result<()> {
         Ok(())
     }
     /// No more input: flush everything.

@@ -32,7 +32,7 @@ use crate::exchange::{Inboxes, Peers, Router, Wiring};
 use crate::keys::{groups_overlap, key_group_range};
 use crate::operator::{
     future_horizon_ms, Collector, ConnectorContext, Operator, OperatorContext, OperatorSnapshot, Progress, RestoredState, Sink, Source,
-    TaskMetrics,
+    Stage, TaskMetrics,
 };
 use crate::operators;
 
@@ -83,15 +83,14 @@ pub struct TaskContext {
 }
 
 enum Tail {
-    Sink(Box<dyn Sink>),
+    /// A sink, with its index in the plan.
+    Sink(usize, Box<dyn Sink>),
     Router(Router),
 }
 
 struct Chain {
-    ops: Vec<Box<dyn Operator>>,
-    /// Plan index of each of `ops`, and of the sink at the tail (if any).
-    op_indices: Vec<usize>,
-    sink_index: Option<usize>,
+    /// The chained operators, each with its index in the plan.
+    ops: Vec<(usize, Box<dyn Operator>)>,
     tail: Tail,
     metrics: Arc<TaskMetrics>,
     checkpoints: Option<Checkpoints>,
@@ -121,7 +120,7 @@ impl Chain {
         for i in start..self.ops.len() {
             let mut out = Collector::default();
             for b in pending {
-                self.ops[i].process_batch(b, &mut out).await?;
+                self.ops[i].1.process_batch(b, &mut out).await?;
             }
             self.emit_late(out.late).await?;
             pending = out.main;
@@ -149,9 +148,9 @@ impl Chain {
         self.metrics.records_out.fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.metrics.batches_out.fetch_add(1, Ordering::Relaxed);
         match &mut self.tail {
-            Tail::Sink(s) if port == Port::Main => s.write(batch).await,
+            Tail::Sink(_, s) if port == Port::Main => s.write(batch).await,
             // A sink's chain has no late output; nothing reads it.
-            Tail::Sink(_) => Ok(()),
+            Tail::Sink(..) => Ok(()),
             Tail::Router(r) => r.send(port, batch).await,
         }
     }
@@ -160,14 +159,14 @@ impl Chain {
         self.metrics.watermark.store(watermark, Ordering::Relaxed);
         for i in 0..self.ops.len() {
             let mut out = Collector::default();
-            self.ops[i].on_watermark(watermark, &mut out).await?;
+            self.ops[i].1.on_watermark(watermark, &mut out).await?;
             self.emit_late(out.late).await?;
             for b in out.main {
                 self.push_from(i + 1, b).await?;
             }
         }
         match &mut self.tail {
-            Tail::Sink(s) => s.on_watermark(watermark).await,
+            Tail::Sink(_, s) => s.on_watermark(watermark).await,
             Tail::Router(r) => r.broadcast(Message::Watermark(watermark)).await,
         }
     }
@@ -175,14 +174,14 @@ impl Chain {
     async fn end(&mut self) -> Result<()> {
         for i in 0..self.ops.len() {
             let mut out = Collector::default();
-            self.ops[i].finish(&mut out).await?;
+            self.ops[i].1.finish(&mut out).await?;
             self.emit_late(out.late).await?;
             for b in out.main {
                 self.push_from(i + 1, b).await?;
             }
         }
         match &mut self.tail {
-            Tail::Sink(s) => s.finish().await,
+            Tail::Sink(_, s) => s.finish().await,
             Tail::Router(r) => r.broadcast(Message::End).await,
         }
     }
@@ -190,59 +189,56 @@ impl Chain {
     fn flush_deadline(&self) -> Option<Instant> {
         match &self.tail {
             Tail::Router(r) => r.flush_deadline(),
-            Tail::Sink(_) => None,
+            Tail::Sink(..) => None,
         }
     }
 
     async fn flush(&mut self) -> Result<()> {
         match &mut self.tail {
             Tail::Router(r) => r.flush().await,
-            Tail::Sink(_) => Ok(()),
+            Tail::Sink(..) => Ok(()),
         }
+    }
+
+    /// The chain's operators and its sink (if any), with their plan indices, in order.
+    fn stages(&mut self) -> impl Iterator<Item = (usize, &mut dyn Stage)> {
+        let sink = match &mut self.tail {
+            Tail::Sink(i, s) => Some((*i, s.as_mut() as &mut dyn Stage)),
+            Tail::Router(_) => None,
+        };
+        self.ops.iter_mut().map(|(i, o)| (*i, o.as_mut() as &mut dyn Stage)).chain(sink)
     }
 
     /// Time passes: lets the operators keep house and a sink flush what has waited long enough.
     async fn tick(&mut self) -> Result<()> {
-        for op in &mut self.ops {
-            op.tick().await?;
+        for (_, stage) in self.stages() {
+            stage.tick().await?;
         }
-        match &mut self.tail {
-            Tail::Sink(s) => s.tick().await,
-            Tail::Router(_) => Ok(()),
-        }
+        Ok(())
     }
 
-    /// Barrier `id` passes this task: snapshot the source (if the task has one, with its plan
-    /// index) and every operator, let the sink stage its output, forward the barrier, and upload
-    /// and ack in the background.
-    async fn checkpoint(&mut self, id: u64, source: Option<(usize, &mut dyn Source)>) -> Result<()> {
-        let Some(c) = &self.checkpoints else {
-            // Checkpoints are off for this job, yet a barrier came: pass it on, store nothing.
-            if let Tail::Router(r) = &mut self.tail {
-                r.broadcast(Message::Barrier(id)).await?;
-            }
-            return Ok(());
-        };
+    /// Barrier `id` passes this task: snapshot every stage (the source first, if the task has one,
+    /// with its plan index), which lets the sink stage its output, forward the barrier, and upload
+    /// and ack in the background. A stage that cannot snapshot fails the task (the job restarts
+    /// from the last complete checkpoint); an upload that fails declines the checkpoint.
+    async fn checkpoint(&mut self, id: u64, source: Option<(usize, &mut dyn Stage)>) -> Result<()> {
         let started = Instant::now();
-        let scratch = c.dir.join(format!("chk-{id}"));
+        // Checkpoints are off for this job, yet a barrier came: pass it on, store nothing.
+        let scratch = self.checkpoints.as_ref().map(|c| c.dir.join(format!("chk-{id}")));
         let mut snapshots: Vec<(usize, OperatorSnapshot)> = Vec::new();
-        if let Some((index, source)) = source {
-            snapshots.push((index, source.snapshot(id, &scratch.join(format!("op{index}"))).await?));
-        }
-        let mut failure = None;
-        for (op, index) in self.ops.iter_mut().zip(&self.op_indices) {
-            match op.snapshot(id, &scratch.join(format!("op{index}"))).await {
-                Ok(s) => snapshots.push((*index, s)),
-                Err(e) => failure = Some(e),
+        if let Some(scratch) = &scratch {
+            let dir = |index: usize| scratch.join(format!("op{index}"));
+            if let Some((index, source)) = source {
+                snapshots.push((index, source.snapshot(id, &dir(index)).await?));
+            }
+            for (index, stage) in self.stages() {
+                snapshots.push((index, stage.snapshot(id, &dir(index)).await?));
             }
         }
-        match &mut self.tail {
-            Tail::Sink(s) => {
-                let index = self.sink_index.ok_or_else(|| TaskError::internal("a sink without its place in the plan"))?;
-                snapshots.push((index, s.snapshot(id, &scratch.join(format!("op{index}"))).await?));
-            }
-            Tail::Router(r) => r.broadcast(Message::Barrier(id)).await?,
+        if let Tail::Router(r) = &mut self.tail {
+            r.broadcast(Message::Barrier(id)).await?;
         }
+        let (Some(c), Some(scratch)) = (&self.checkpoints, scratch) else { return Ok(()) };
         let mut ack = CheckpointAck {
             job_id: c.job_id.clone(),
             attempt: c.attempt,
@@ -254,11 +250,7 @@ impl Chain {
         tracing::debug!(job_id = %c.job_id, task = %c.task, checkpoint = id, sync_ms = started.elapsed().as_millis() as u64, "snapshot taken");
         let (uploader, reports) = (c.uploader.clone(), c.reports.clone());
         c.uploads.spawn(async move {
-            let result = match failure {
-                Some(e) => Err(e),
-                None => uploader.upload(id, snapshots).await,
-            };
-            match result {
+            match uploader.upload(id, snapshots).await {
                 Ok(s) => ack.snapshot = Some(s),
                 Err(e) => {
                     tracing::warn!(task = %ack.task_id, checkpoint = id, error = %e, "declining checkpoint");
@@ -274,13 +266,10 @@ impl Chain {
 
     /// Checkpoint `id` is complete.
     async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
-        for op in &mut self.ops {
-            op.checkpoint_complete(id).await?;
+        for (_, stage) in self.stages() {
+            stage.checkpoint_complete(id).await?;
         }
-        match &mut self.tail {
-            Tail::Sink(s) => s.checkpoint_complete(id).await,
-            Tail::Router(_) => Ok(()),
-        }
+        Ok(())
     }
 }
 
@@ -350,16 +339,13 @@ pub async fn run(mut ctx: TaskContext) -> Result<()> {
         released: ctx.released.clone(),
     };
     let mut ops = Vec::new();
-    let mut op_indices = Vec::new();
     let mut sink = None;
-    let mut sink_index = None;
     for &o in &vertex.operators {
         let op = &plan.operators[o];
         match &op.kind {
             OperatorKind::Sink { connector } => {
                 let restore = fetch(o, false).await?;
-                sink = Some(connectors::sink(connector, connector_ctx(o, restore)).await?);
-                sink_index = Some(o);
+                sink = Some((o, connectors::sink(connector, connector_ctx(o, restore)).await?));
             }
             OperatorKind::Source { .. } => {}
             kind => {
@@ -369,8 +355,8 @@ pub async fn run(mut ctx: TaskContext) -> Result<()> {
                     restore: fetch(o, matches!(kind, OperatorKind::Window(_))).await?,
                     metrics: ctx.metrics.clone(),
                 };
-                ops.push(operators::build(&plan, o, octx).await?.ok_or_else(|| TaskError::internal("operator has no builder"))?);
-                op_indices.push(o);
+                let op = operators::build(&plan, o, octx).await?.ok_or_else(|| TaskError::internal("operator has no builder"))?;
+                ops.push((o, op));
             }
         }
     }
@@ -385,7 +371,7 @@ pub async fn run(mut ctx: TaskContext) -> Result<()> {
     };
     let _ = tokio::fs::remove_dir_all(&restore_dir).await;
     let tail = match sink {
-        Some(s) => Tail::Sink(s),
+        Some((o, s)) => Tail::Sink(o, s),
         None => Tail::Router(Router::open(&Wiring {
             job_id: &ctx.job_id,
             attempt: ctx.attempt,
@@ -406,7 +392,7 @@ pub async fn run(mut ctx: TaskContext) -> Result<()> {
         dir: ctx.dir.clone(),
         uploads: ctx.uploads.clone(),
     });
-    let mut chain = Chain { ops, op_indices, sink_index, tail, metrics: ctx.metrics.clone(), checkpoints };
+    let mut chain = Chain { ops, tail, metrics: ctx.metrics.clone(), checkpoints };
     match source {
         Some((source, event_time)) => run_source(source, first, event_time, &mut chain, &mut ctx.commands).await,
         None => run_inputs(ctx, &mut chain).await,
@@ -535,7 +521,7 @@ async fn run_source(
             },
             // Checkpoints: inject a barrier between two batches; confirm positions once complete.
             Some(command) = commands.recv() => match command {
-                TaskCommand::Trigger(id) => chain.checkpoint(id, Some((index, source.as_mut()))).await?,
+                TaskCommand::Trigger(id) => chain.checkpoint(id, Some((index, source.as_mut() as &mut dyn Stage))).await?,
                 TaskCommand::Complete(id) => {
                     source.checkpoint_complete(id).await?;
                     chain.checkpoint_complete(id).await?;

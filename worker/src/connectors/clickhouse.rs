@@ -51,7 +51,7 @@ use serde_json::Value as Json;
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::json::json_string;
-use crate::operator::{ConnectorContext, DeadLetters, OperatorSnapshot, Sink, TaskMetrics};
+use crate::operator::{ConnectorContext, DeadLetters, OperatorSnapshot, Sink, Stage, TaskMetrics};
 use crate::retry::Policy;
 
 /// Batches queued between `write` and the writer task.
@@ -134,19 +134,7 @@ impl Drop for ClickHouseSink {
 }
 
 #[async_trait]
-impl Sink for ClickHouseSink {
-    async fn write(&mut self, batch: Batch) -> Result<()> {
-        let Some(batches) = &self.batches else {
-            return Err(TaskError::internal("clickhouse sink: write after finish"));
-        };
-        if batches.send(Input::Rows(batch)).await.is_err() {
-            self.batches = None;
-            self.writer_outcome().await?;
-            return Err(TaskError::internal("clickhouse sink: the writer stopped early"));
-        }
-        Ok(())
-    }
-
+impl Stage for ClickHouseSink {
     async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
         // Rows before the barrier are not read again after a restore: insert them first.
         let Some(batches) = &self.batches else {
@@ -159,6 +147,21 @@ impl Sink for ClickHouseSink {
             return Err(TaskError::internal("clickhouse sink: the writer stopped early"));
         }
         Ok(OperatorSnapshot::default())
+    }
+}
+
+#[async_trait]
+impl Sink for ClickHouseSink {
+    async fn write(&mut self, batch: Batch) -> Result<()> {
+        let Some(batches) = &self.batches else {
+            return Err(TaskError::internal("clickhouse sink: write after finish"));
+        };
+        if batches.send(Input::Rows(batch)).await.is_err() {
+            self.batches = None;
+            self.writer_outcome().await?;
+            return Err(TaskError::internal("clickhouse sink: the writer stopped early"));
+        }
+        Ok(())
     }
 
     async fn on_watermark(&mut self, _watermark: i64) -> Result<()> {

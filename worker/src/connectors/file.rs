@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::json::{json_string, push_object, Timestamps};
-use crate::operator::{ConnectorContext, InlineState, OperatorSnapshot, Sink, Source};
+use crate::operator::{ConnectorContext, InlineState, OperatorSnapshot, Sink, Source, Stage};
 
 /// Lines per batch of the source.
 const SOURCE_BATCH: usize = 1024;
@@ -66,6 +66,16 @@ impl FileSource {
 }
 
 #[async_trait]
+impl Stage for FileSource {
+    async fn snapshot(&mut self, _id: u64, _scratch: &std::path::Path) -> Result<OperatorSnapshot> {
+        if self.reader.is_none() {
+            return Ok(OperatorSnapshot::default());
+        }
+        Ok(OperatorSnapshot::state(&ReadTo { offset: self.offset, line: self.line }))
+    }
+}
+
+#[async_trait]
 impl Source for FileSource {
     async fn next_batch(&mut self) -> Result<Option<Batch>> {
         let Some(reader) = self.reader.as_mut() else { return Ok(None) };
@@ -91,13 +101,6 @@ impl Source for FileSource {
             batch.push(row, Op::Insert);
         }
         Ok((!batch.is_empty()).then_some(batch))
-    }
-
-    async fn snapshot(&mut self, _id: u64, _scratch: &std::path::Path) -> Result<OperatorSnapshot> {
-        if self.reader.is_none() {
-            return Ok(OperatorSnapshot::default());
-        }
-        Ok(OperatorSnapshot::state(&ReadTo { offset: self.offset, line: self.line }))
     }
 }
 
@@ -184,6 +187,21 @@ fn io_error(path: &str, e: std::io::Error) -> TaskError {
 }
 
 #[async_trait]
+impl Stage for FileSink {
+    async fn tick(&mut self) -> Result<()> {
+        self.out.flush().map_err(|e| io_error(&self.path, e))
+    }
+
+    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
+        self.out.flush().map_err(|e| io_error(&self.path, e))?;
+        let file = self.out.get_ref();
+        file.sync_data().map_err(|e| io_error(&self.path, e))?;
+        let length = file.metadata().map_err(|e| io_error(&self.path, e))?.len();
+        Ok(OperatorSnapshot::state(&Written { path: self.path.clone(), length }))
+    }
+}
+
+#[async_trait]
 impl Sink for FileSink {
     async fn write(&mut self, batch: Batch) -> Result<()> {
         let mut line = String::with_capacity(128);
@@ -207,18 +225,6 @@ impl Sink for FileSink {
 
     async fn on_watermark(&mut self, _watermark: i64) -> Result<()> {
         self.out.flush().map_err(|e| io_error(&self.path, e))
-    }
-
-    async fn tick(&mut self) -> Result<()> {
-        self.out.flush().map_err(|e| io_error(&self.path, e))
-    }
-
-    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
-        self.out.flush().map_err(|e| io_error(&self.path, e))?;
-        let file = self.out.get_ref();
-        file.sync_data().map_err(|e| io_error(&self.path, e))?;
-        let length = file.metadata().map_err(|e| io_error(&self.path, e))?.len();
-        Ok(OperatorSnapshot::state(&Written { path: self.path.clone(), length }))
     }
 
     async fn finish(&mut self) -> Result<()> {

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use crate::batch::Batch;
 use crate::error::{Result, TaskError};
-use crate::operator::{InlineState, OperatorSnapshot, RestoredState, Source};
+use crate::operator::{InlineState, OperatorSnapshot, RestoredState, Source, Stage};
 
 const BATCH_ROWS: u64 = 1024;
 /// First word of an unversioned checkpoint state in the lane format (older ones hold `subtask, step, next`).
@@ -134,6 +134,13 @@ pub fn row(o: &GeneratorOptions, seq: u64) -> Vec<Value> {
 }
 
 #[async_trait]
+impl Stage for Generator {
+    async fn snapshot(&mut self, _id: u64, _scratch: &std::path::Path) -> Result<OperatorSnapshot> {
+        Ok(OperatorSnapshot::state(&Lanes(self.lanes.clone())))
+    }
+}
+
+#[async_trait]
 impl Source for Generator {
     async fn next_batch(&mut self) -> Result<Option<Batch>> {
         let limit = self.options.count.unwrap_or(u64::MAX);
@@ -163,10 +170,6 @@ impl Source for Generator {
         }
         self.produced += batch.len() as u64;
         Ok(Some(batch))
-    }
-
-    async fn snapshot(&mut self, _id: u64, _scratch: &std::path::Path) -> Result<OperatorSnapshot> {
-        Ok(OperatorSnapshot::state(&Lanes(self.lanes.clone())))
     }
 }
 

@@ -37,7 +37,7 @@ use tokio::task::{JoinError, JoinSet};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::json::{json_string, object_text, Timestamps};
-use crate::operator::{ConnectorContext, DeadLetters, OperatorSnapshot, Sink};
+use crate::operator::{ConnectorContext, DeadLetters, OperatorSnapshot, Sink, Stage};
 use crate::retry::Policy;
 
 /// First retry delay; doubles per attempt up to [`MAX_BACKOFF`].
@@ -149,6 +149,17 @@ impl HttpSink {
 }
 
 #[async_trait]
+impl Stage for HttpSink {
+    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
+        // Rows before the barrier are not read again after a restore: deliver them first.
+        while let Some(joined) = self.in_flight.join_next().await {
+            self.settle(joined)?;
+        }
+        Ok(OperatorSnapshot::default())
+    }
+}
+
+#[async_trait]
 impl Sink for HttpSink {
     async fn write(&mut self, batch: Batch) -> Result<()> {
         for (i, (row, op)) in batch.rows.iter().zip(&batch.ops).enumerate() {
@@ -187,14 +198,6 @@ impl Sink for HttpSink {
 
     async fn on_watermark(&mut self, _watermark: i64) -> Result<()> {
         self.settle_ready()
-    }
-
-    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
-        // Rows before the barrier are not read again after a restore: deliver them first.
-        while let Some(joined) = self.in_flight.join_next().await {
-            self.settle(joined)?;
-        }
-        Ok(OperatorSnapshot::default())
     }
 
     async fn finish(&mut self) -> Result<()> {

@@ -78,8 +78,8 @@ use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::json::{row_from_json, row_to_json};
 use crate::operator::{
-    ConnectorContext, DeadLetters, InlineState, OperatorSnapshot, PendingCheckpoints, Progress, RestoredState, Sink, Source, TaskMetrics,
-    BATCH_BYTES,
+    ConnectorContext, DeadLetters, InlineState, OperatorSnapshot, PendingCheckpoints, Progress, RestoredState, Sink, Source, Stage,
+    TaskMetrics, BATCH_BYTES,
 };
 use crate::state::last_value::{self, LastValueState};
 
@@ -794,6 +794,51 @@ fn parse(bytes: &[u8]) -> std::result::Result<Json, String> {
 }
 
 #[async_trait]
+impl Stage for KafkaSource {
+    async fn tick(&mut self) -> Result<()> {
+        self.metrics.set_gauge("consumer_lag", self.lag.load(Ordering::Relaxed));
+        self.rediscover().await?;
+        if let (Some(ttl), Some(Upserts { state: current, .. })) = (self.state_ttl_ms, &mut self.upserts) {
+            let now = tokio::time::Instant::now();
+            if now >= self.next_sweep && self.clock > i64::MIN {
+                current.expire(self.clock)?;
+                self.next_sweep = now + SWEEP_INTERVAL.min(Duration::from_millis(ttl as u64));
+            }
+        }
+        Ok(())
+    }
+
+    async fn snapshot(&mut self, id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
+        let mut positions: Vec<(i32, i64)> = self.positions.iter().map(|(p, o)| (*p, *o)).collect();
+        positions.sort_unstable();
+        let files = match &mut self.upserts {
+            Some(upserts) => {
+                let dir = scratch.join("state");
+                upserts.state.snapshot(&dir)?;
+                Some(dir)
+            }
+            None => None,
+        };
+        self.snapshots.taken(id, self.positions.clone());
+        Ok(OperatorSnapshot::state(&Positions(positions)).with_files(files))
+    }
+
+    async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
+        let Some(positions) = self.snapshots.complete(id) else { return Ok(()) };
+        let mut list = TopicPartitionList::new();
+        for (p, o) in positions {
+            list.add_partition_offset(&self.options.topic, p, Offset::Offset(o)).map_err(|e| TaskError::internal(format!("kafka: {e}")))?;
+        }
+        // Only for lag and fresh starts: a restore seeks to the checkpoint's own offsets. A failed
+        // commit is therefore not worth failing the job for.
+        if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
+            warn!(topic = %self.options.topic, error = %e, "kafka: committing checkpoint offsets failed");
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
 impl Source for KafkaSource {
     async fn next_batch(&mut self) -> Result<Option<Batch>> {
         // Received records wait in `self.received`, not in a local: if this future is dropped at
@@ -839,19 +884,6 @@ impl Source for KafkaSource {
         Ok(())
     }
 
-    async fn tick(&mut self) -> Result<()> {
-        self.metrics.set_gauge("consumer_lag", self.lag.load(Ordering::Relaxed));
-        self.rediscover().await?;
-        if let (Some(ttl), Some(Upserts { state: current, .. })) = (self.state_ttl_ms, &mut self.upserts) {
-            let now = tokio::time::Instant::now();
-            if now >= self.next_sweep && self.clock > i64::MIN {
-                current.expire(self.clock)?;
-                self.next_sweep = now + SWEEP_INTERVAL.min(Duration::from_millis(ttl as u64));
-            }
-        }
-        Ok(())
-    }
-
     fn follows_upstream_watermark(&self) -> bool {
         self.options.heartbeats || self.event_time.is_some()
     }
@@ -875,35 +907,6 @@ impl Source for KafkaSource {
         } else {
             Progress::Waiting
         }
-    }
-
-    async fn snapshot(&mut self, id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
-        let mut positions: Vec<(i32, i64)> = self.positions.iter().map(|(p, o)| (*p, *o)).collect();
-        positions.sort_unstable();
-        let files = match &mut self.upserts {
-            Some(upserts) => {
-                let dir = scratch.join("state");
-                upserts.state.snapshot(&dir)?;
-                Some(dir)
-            }
-            None => None,
-        };
-        self.snapshots.taken(id, self.positions.clone());
-        Ok(OperatorSnapshot::state(&Positions(positions)).with_files(files))
-    }
-
-    async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
-        let Some(positions) = self.snapshots.complete(id) else { return Ok(()) };
-        let mut list = TopicPartitionList::new();
-        for (p, o) in positions {
-            list.add_partition_offset(&self.options.topic, p, Offset::Offset(o)).map_err(|e| TaskError::internal(format!("kafka: {e}")))?;
-        }
-        // Only for lag and fresh starts: a restore seeks to the checkpoint's own offsets. A failed
-        // commit is therefore not worth failing the job for.
-        if let Err(e) = self.consumer.commit(&list, CommitMode::Async) {
-            warn!(topic = %self.options.topic, error = %e, "kafka: committing checkpoint offsets failed");
-        }
-        Ok(())
     }
 }
 
@@ -1131,6 +1134,13 @@ async fn create_topic(o: &KafkaSinkOptions) -> Result<()> {
 }
 
 #[async_trait]
+impl Stage for KafkaSink {
+    async fn tick(&mut self) -> Result<()> {
+        self.heartbeat().await
+    }
+}
+
+#[async_trait]
 impl Sink for KafkaSink {
     async fn write(&mut self, batch: Batch) -> Result<()> {
         let upsert = self.options.format == KafkaFormat::UpsertJson;
@@ -1181,10 +1191,6 @@ impl Sink for KafkaSink {
         if let Some(h) = self.heartbeats.as_mut().filter(|_| watermark < i64::MAX) {
             h.watermark = h.watermark.max(watermark);
         }
-        self.heartbeat().await
-    }
-
-    async fn tick(&mut self) -> Result<()> {
         self.heartbeat().await
     }
 

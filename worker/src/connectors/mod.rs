@@ -16,7 +16,7 @@ use eddy_jobs::connectors::{SinkConnector, SourceConnector};
 
 use crate::batch::Batch;
 use crate::error::Result;
-use crate::operator::{ConnectorContext, Sink, Source};
+use crate::operator::{ConnectorContext, Sink, Source, Stage};
 
 /// Builds a source instance: every source connector is registered here.
 pub async fn source(connector: &SourceConnector, ctx: ConnectorContext) -> Result<Box<dyn Source>> {
@@ -46,11 +46,14 @@ pub async fn sink(connector: &SinkConnector, ctx: ConnectorContext) -> Result<Bo
 /// Drops every row.
 struct Discard;
 
+impl Stage for Discard {}
+
 #[async_trait]
 impl Sink for Discard {
     async fn write(&mut self, _batch: Batch) -> Result<()> {
         Ok(())
     }
+
     async fn finish(&mut self) -> Result<()> {
         Ok(())
     }

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
-use crate::operator::{ConnectorContext, InlineState, OperatorSnapshot, Sink};
+use crate::operator::{ConnectorContext, InlineState, OperatorSnapshot, Sink, Stage};
 use crate::retry::Policy;
 
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -198,6 +198,14 @@ fn transient(e: &redis::RedisError) -> bool {
 }
 
 #[async_trait]
+impl Stage for RedisLeaderboard {
+    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
+        // Buffered windows were fired before the barrier: a restore must not lose them.
+        Ok(OperatorSnapshot::state(&self.windows))
+    }
+}
+
+#[async_trait]
 impl Sink for RedisLeaderboard {
     async fn write(&mut self, batch: Batch) -> Result<()> {
         for (row, op) in batch.rows.iter().zip(&batch.ops) {
@@ -218,11 +226,6 @@ impl Sink for RedisLeaderboard {
             (_, Some(closed)) if closed > self.written => self.replace(closed, &BTreeMap::new()).await,
             _ => Ok(()),
         }
-    }
-
-    async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
-        // Buffered windows were fired before the barrier: a restore must not lose them.
-        Ok(OperatorSnapshot::state(&self.windows))
     }
 
     async fn finish(&mut self) -> Result<()> {

@@ -9,7 +9,7 @@ use eddy_jobs::Value;
 
 use crate::batch::Batch;
 use crate::error::Result;
-use crate::operator::{set_aside, BadRows, Collector, Operator};
+use crate::operator::{set_aside, BadRows, Collector, Operator, Stage};
 
 /// `SELECT projection FROM input WHERE filter`, row by row.
 pub struct Transform {
@@ -31,6 +31,8 @@ impl Transform {
         self
     }
 }
+
+impl Stage for Transform {}
 
 #[async_trait::async_trait]
 impl Operator for Transform {

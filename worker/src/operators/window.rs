@@ -51,7 +51,7 @@ use crate::codec::encode_value;
 use crate::error::{Result, TaskError};
 use crate::keys::{hash_key, key_group};
 use crate::operator::{
-    future_horizon_ms, set_aside, BadRows, Collector, InlineState, Operator, OperatorContext, OperatorSnapshot, TaskMetrics,
+    future_horizon_ms, set_aside, BadRows, Collector, InlineState, Operator, OperatorContext, OperatorSnapshot, Stage, TaskMetrics,
 };
 use crate::state::{Acc, Accs, WindowState};
 use rustc_hash::FxHashMap;
@@ -199,7 +199,7 @@ impl Window {
         Ok(window)
     }
 
-    /// Snapshots the state into `scratch/state` (see [`Operator::snapshot`]).
+    /// Snapshots the state into `scratch/state` (see [`Stage::snapshot`]).
     pub fn checkpoint(&mut self, scratch: &Path) -> Result<OperatorSnapshot> {
         let dir = scratch.join("state");
         self.state.snapshot(&dir)?;
@@ -381,6 +381,13 @@ fn empty_accs(plan: &WindowPlan) -> Accs {
 }
 
 #[async_trait::async_trait]
+impl Stage for Window {
+    async fn snapshot(&mut self, _id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
+        self.checkpoint(scratch)
+    }
+}
+
+#[async_trait::async_trait]
 impl Operator for Window {
     async fn process_batch(&mut self, batch: Batch, out: &mut Collector) -> Result<()> {
         self.process(batch, out)
@@ -388,10 +395,6 @@ impl Operator for Window {
 
     async fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<()> {
         self.advance(watermark, out)
-    }
-
-    async fn snapshot(&mut self, _id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
-        self.checkpoint(scratch)
     }
 }
 

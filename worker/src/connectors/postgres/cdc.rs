@@ -146,7 +146,7 @@ use super::{check_identifier, client_config, connect, pg_error, quote_ident, wir
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::operator::{
-    ConnectorContext, InlineState, OperatorSnapshot, PendingCheckpoints, Progress, RestoredState, Source, TaskMetrics, BATCH_BYTES,
+    ConnectorContext, InlineState, OperatorSnapshot, PendingCheckpoints, Progress, RestoredState, Source, Stage, TaskMetrics, BATCH_BYTES,
 };
 
 /// Rows per batch (an update's two rows are never split, so a batch may hold one more).
@@ -531,6 +531,32 @@ impl Drop for NewSlot {
 }
 
 #[async_trait]
+impl Stage for PostgresCdc {
+    async fn snapshot(&mut self, id: u64, _scratch: &std::path::Path) -> Result<OperatorSnapshot> {
+        if self.chunks.is_none() {
+            return Ok(OperatorSnapshot::default()); // a subtask that reads nothing
+        }
+        self.pending.taken(id, self.returned);
+        let position =
+            Position { snapshot_done: self.snapshot_done, lsn: self.returned, floor: self.floor, version: self.returned_version };
+        Ok(OperatorSnapshot::state(&position))
+    }
+
+    async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
+        let Some(lsn) = self.pending.complete(id) else { return Ok(()) };
+        self.confirm_up_to(lsn);
+        Ok(())
+    }
+
+    async fn tick(&mut self) -> Result<()> {
+        if let Some(lag) = self.lag.as_mut() {
+            lag.poll();
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
 impl Source for PostgresCdc {
     async fn next_batch(&mut self) -> Result<Option<Batch>> {
         let Some(chunks) = self.chunks.as_mut() else { return Ok(None) };
@@ -567,29 +593,6 @@ impl Source for PostgresCdc {
         }
         if !self.checkpointing {
             self.confirm_up_to(self.returned);
-        }
-        Ok(())
-    }
-
-    async fn snapshot(&mut self, id: u64, _scratch: &std::path::Path) -> Result<OperatorSnapshot> {
-        if self.chunks.is_none() {
-            return Ok(OperatorSnapshot::default()); // a subtask that reads nothing
-        }
-        self.pending.taken(id, self.returned);
-        let position =
-            Position { snapshot_done: self.snapshot_done, lsn: self.returned, floor: self.floor, version: self.returned_version };
-        Ok(OperatorSnapshot::state(&position))
-    }
-
-    async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
-        let Some(lsn) = self.pending.complete(id) else { return Ok(()) };
-        self.confirm_up_to(lsn);
-        Ok(())
-    }
-
-    async fn tick(&mut self) -> Result<()> {
-        if let Some(lag) = self.lag.as_mut() {
-            lag.poll();
         }
         Ok(())
     }

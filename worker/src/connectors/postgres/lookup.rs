@@ -29,7 +29,7 @@ use super::text::decode_value;
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::keys::groups_overlap;
-use crate::operator::{Collector, InlineState, Operator, OperatorContext, OperatorSnapshot, RestoredState, TaskMetrics};
+use crate::operator::{Collector, InlineState, Operator, OperatorContext, OperatorSnapshot, RestoredState, Stage, TaskMetrics};
 use crate::retry::Policy;
 use crate::state::last_value::{self, LastValueState};
 
@@ -180,6 +180,16 @@ impl PostgresLookup {
 }
 
 #[async_trait::async_trait]
+impl Stage for PostgresLookup {
+    async fn snapshot(&mut self, _id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
+        match &mut self.memory {
+            Some(memory) => memory.snapshot(scratch),
+            None => Ok(OperatorSnapshot::default()),
+        }
+    }
+}
+
+#[async_trait::async_trait]
 impl Operator for PostgresLookup {
     async fn process_batch(&mut self, mut batch: Batch, out: &mut Collector) -> Result<()> {
         let now = Instant::now();
@@ -241,13 +251,6 @@ impl Operator for PostgresLookup {
             memory.advance(watermark)?;
         }
         Ok(())
-    }
-
-    async fn snapshot(&mut self, _id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
-        match &mut self.memory {
-            Some(memory) => memory.snapshot(scratch),
-            None => Ok(OperatorSnapshot::default()),
-        }
     }
 }
 
