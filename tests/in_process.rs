@@ -1,0 +1,223 @@
+//! The cluster in one process: a coordinator and two workers run by their libraries'
+//! `run(listener, shutdown)` on loopback listeners, driven through the job API. It exercises the
+//! control sessions (registration, deployment, checkpoints, a worker leaving, shutdown) without
+//! binaries, ports chosen by hand or services, so it starts in milliseconds and fails at the line
+//! that broke.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use eddy_coordinator::CoordinatorConfig;
+use eddy_proto::job_service_client::JobServiceClient;
+use eddy_tests::read_jsonl;
+use eddy_proto::{JobStatusRequest, JobStatusResponse, ListWorkersRequest, SubmitRequest};
+use eddy_worker::WorkerConfig;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const EVENTS: u64 = 30_000;
+
+/// Generator → keyed SUM per 1 s tumbling window (two subtasks) → file, plus the raw events to a
+/// file: every event and every window result exactly once, whatever restarts in between.
+fn spec(out: &Path) -> String {
+    let out = out.display();
+    format!(
+        r#"
+name = "in-process"
+
+[[source]]
+name = "events"
+connector = "generator"
+options = {{ count = {EVENTS}, keys = 50, seed = 5, events_per_ms = 1, rate = 6000 }}
+event_time = {{ column = "ts", allowed_delay = "0s" }}
+
+[[window]]
+name = "per_second"
+input = "events"
+kind = "tumble"
+size = "1s"
+key = ["k"]
+aggregates = "COUNT(*) AS n"
+parallelism = 2
+
+[[sink]]
+name = "windows"
+input = "per_second"
+connector = "file"
+parallelism = 1
+options = {{ path = "{out}/windows.jsonl" }}
+
+[[sink]]
+name = "raw"
+input = "events"
+connector = "file"
+options = {{ path = "{out}/events.jsonl" }}
+
+[state]
+checkpoint_interval = "200ms"
+"#
+    )
+}
+
+struct InProcess {
+    api: JobServiceClient<tonic::transport::Channel>,
+    shutdown: CancellationToken,
+    coordinator: JoinHandle<Result<()>>,
+    workers: Vec<(CancellationToken, JoinHandle<Result<()>>)>,
+}
+
+async fn listener() -> Result<(TcpListener, String)> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?.to_string();
+    Ok((listener, address))
+}
+
+impl InProcess {
+    async fn start(dir: &Path, workers: usize, slots: u32) -> Result<InProcess> {
+        let shutdown = CancellationToken::new();
+        let (coordinator_listener, coordinator_address) = listener().await?;
+        let config = CoordinatorConfig {
+            heartbeat_interval: Duration::from_millis(100),
+            heartbeat_timeout: Duration::from_secs(2),
+            data_dir: Some(dir.join("coordinator")),
+            restart_backoff: Duration::from_millis(50),
+            ..CoordinatorConfig::default()
+        };
+        let coordinator = tokio::spawn(eddy_coordinator::run(config, coordinator_listener, shutdown.clone()));
+        let mut started = Vec::new();
+        for i in 1..=workers {
+            let (data, data_address) = listener().await?;
+            let config = WorkerConfig {
+                worker_id: format!("w{i}"),
+                coordinator: coordinator_address.clone(),
+                slots,
+                advertised_address: data_address,
+                state_dir: dir.join(format!("w{i}")),
+            };
+            let stop = shutdown.child_token();
+            started.push((stop.clone(), tokio::spawn(eddy_worker::run(config, data, stop))));
+        }
+        let channel = eddy_proto::connect(&coordinator_address, Duration::from_secs(5)).await.map_err(anyhow::Error::msg)?;
+        let mut api = JobServiceClient::new(channel);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let listed = api.list_workers(ListWorkersRequest {}).await?.into_inner().workers;
+            if listed.iter().filter(|w| w.state == "alive").count() == workers {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the workers did not register: {listed:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(InProcess { api, shutdown, coordinator, workers: started })
+    }
+
+    async fn status(&mut self, job: &str) -> Result<JobStatusResponse> {
+        Ok(self.api.job_status(JobStatusRequest { job_id: job.into() }).await?.into_inner())
+    }
+
+    /// Waits until `check` holds for the job's status.
+    async fn wait(&mut self, job: &str, what: &str, check: impl Fn(&JobStatusResponse) -> bool) -> Result<JobStatusResponse> {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let status = self.status(job).await?;
+            if check(&status) {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}: {status:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops everything and checks that each part returns cleanly, and soon.
+    async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        let ends = async {
+            for (_, worker) in self.workers {
+                worker.await??;
+            }
+            self.coordinator.await?
+        };
+        tokio::time::timeout(Duration::from_secs(15), ends).await.context("shutdown took longer than 15 s")?
+    }
+}
+
+fn state(status: &JobStatusResponse) -> &str {
+    status.job.as_ref().map_or("", |j| j.state.as_str())
+}
+
+fn completed_checkpoints(status: &JobStatusResponse) -> usize {
+    status.checkpoints.iter().filter(|c| c.kind == "checkpoint" && c.state == "completed").count()
+}
+
+/// Every event once, and every (key, window) result once with the count the events give it.
+fn assert_exactly_once(out: &Path) -> Result<()> {
+    let events = read_jsonl(&[out.join("events.jsonl")])?;
+    let seqs: HashSet<i64> = events.iter().filter_map(|e| e["seq"].as_i64()).collect();
+    assert_eq!(events.len() as u64, EVENTS, "events written");
+    assert_eq!(seqs.len() as u64, EVENTS, "distinct events written");
+    let mut expected = std::collections::HashMap::new();
+    for e in &events {
+        let key = (e["k"].as_i64().context("k")?, e["ts"].as_i64().context("ts")?.div_euclid(1000));
+        *expected.entry(key).or_insert(0) += 1;
+    }
+    let mut seen = std::collections::HashMap::new();
+    for w in read_jsonl(&[out.join("windows.jsonl")])? {
+        let key = (w["k"].as_i64().context("k")?, w["window_start"].as_i64().context("window_start")?.div_euclid(1000));
+        assert!(seen.insert(key, w["n"].as_i64().context("n")?).is_none(), "window {key:?} written twice");
+    }
+    assert_eq!(seen, expected, "window counts");
+    Ok(())
+}
+
+async fn submit(cluster: &mut InProcess, out: &Path) -> Result<String> {
+    std::fs::create_dir_all(out)?;
+    let request = SubmitRequest { spec: spec(out), from_savepoint: String::new() };
+    Ok(cluster.api.submit(request).await?.into_inner().job_id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_runs_to_its_end_and_the_cluster_shuts_down_cleanly() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = InProcess::start(dir.path(), 2, 4).await?;
+    let out = dir.path().join("out");
+    let job = submit(&mut cluster, &out).await?;
+    let status = cluster.wait(&job, "the job to finish", |s| state(s) == "finished").await?;
+    assert!(completed_checkpoints(&status) > 0, "checkpoints every 200 ms over 5 s: {:?}", status.checkpoints);
+    let history: Vec<&str> = status.history.iter().map(|t| t.to.as_str()).collect();
+    assert_eq!(history, ["created", "scheduling", "running", "finished"]);
+    assert_exactly_once(&out)?;
+    cluster.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_leaves_mid_job_hands_its_tasks_over_from_the_last_checkpoint() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cluster = InProcess::start(dir.path(), 2, 4).await?;
+    let out = dir.path().join("out");
+    let job = submit(&mut cluster, &out).await?;
+    // Some events out and a checkpoint taken, then the worker with the window's second subtask
+    // shuts down: its session ends, and the job restarts on the one left, from that checkpoint.
+    let running = cluster.wait(&job, "a checkpoint", |s| state(s) == "running" && completed_checkpoints(s) > 0).await?;
+    let victim = running
+        .tasks
+        .iter()
+        .find(|t| t.operators.starts_with("per_second") && t.subtask == 1)
+        .map(|t| t.worker_id.clone())
+        .context("the window's second subtask")?;
+    let index: usize = victim.trim_start_matches('w').parse()?;
+    let (stop, worker) = cluster.workers.remove(index - 1);
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(15), worker).await.context("the worker did not stop")???;
+    let status = cluster.wait(&job, "the job to finish", |s| state(s) == "finished").await?;
+    assert!(status.job.as_ref().is_some_and(|j| j.attempt > 1), "the job should have restarted: {status:?}");
+    assert!(status.tasks.iter().all(|t| t.worker_id != victim), "a task stayed on {victim}: {:?}", status.tasks);
+    assert_exactly_once(&out)?;
+    cluster.stop().await
+}
