@@ -128,12 +128,14 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
     }
     let msg = match r.u8()? {
         MSG_DATA => {
+            // Counts come from the sender: room is reserved only for what the bytes left can hold
+            // (a row takes 3 bytes at least, a value 1), so a forged count allocates nothing large.
             let n = u32::from_le_bytes(r.fixed()?) as usize;
-            let mut batch = Batch::with_capacity(n);
+            let mut batch = Batch::with_capacity(n.min(r.buf.len() / 3));
             for _ in 0..n {
                 let op = if r.u8()? == 0 { Op::Insert } else { Op::Retract };
                 let width = u16::from_le_bytes(r.fixed()?) as usize;
-                let mut row = Vec::with_capacity(width);
+                let mut row = Vec::with_capacity(width.min(r.buf.len()));
                 for _ in 0..width {
                     row.push(r.value()?);
                 }
@@ -197,5 +199,19 @@ pub(crate) mod tests {
             assert_eq!(decode(&encode(&m)).unwrap(), m);
         }
         assert!(decode(&[9, 0]).is_err());
+    }
+
+    /// A frame claiming four billion rows (or a row of 65,535 values) in a few bytes is refused
+    /// for what it lacks, without reserving room for what it claims (about 100 GB: an abort).
+    #[test]
+    fn a_forged_count_is_refused_without_a_large_allocation() {
+        let mut rows = vec![VERSION, MSG_DATA];
+        rows.extend(u32::MAX.to_le_bytes());
+        assert!(matches!(decode(&rows), Err(DecodeError("truncated"))));
+        let mut wide = vec![VERSION, MSG_DATA];
+        wide.extend(1u32.to_le_bytes());
+        wide.push(0);
+        wide.extend(u16::MAX.to_le_bytes());
+        assert!(matches!(decode(&wide), Err(DecodeError("truncated"))));
     }
 }
