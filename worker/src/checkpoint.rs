@@ -54,8 +54,16 @@ impl Storage {
         Ok(bytes.to_vec())
     }
 
-    /// Fetches the files of one operator snapshot into `dir`.
+    /// Fetches the files of one operator snapshot into `dir`. A file's name comes from the
+    /// manifest, which another worker wrote: it must be a plain file name, so that nothing lands
+    /// outside `dir`.
     pub async fn download(&self, files: &[StateFile], dir: &Path) -> Result<()> {
+        if let Some(f) = files.iter().find(|f| !is_plain_file_name(&f.name)) {
+            return Err(TaskError::internal(format!(
+                "checkpoint file `{}` (stored at {}) is not a plain file name: the manifest is corrupt or forged; restore from another checkpoint",
+                f.name, f.path
+            )));
+        }
         tokio::fs::create_dir_all(dir).await.map_err(|e| local_error(dir, e))?;
         for f in files {
             let bytes = self.get(&f.path).await?;
@@ -64,6 +72,12 @@ impl Storage {
         }
         Ok(())
     }
+}
+
+/// One normal path component: no directory, no `..`, not absolute, not empty.
+fn is_plain_file_name(name: &str) -> bool {
+    let mut parts = Path::new(name).components();
+    matches!((parts.next(), parts.next()), (Some(std::path::Component::Normal(_)), None)) && !name.contains(['/', '\\'])
 }
 
 fn local_error(path: &Path, e: std::io::Error) -> TaskError {
@@ -173,4 +187,30 @@ pub async fn fetch(storage: &Storage, op: usize, from: &[(String, &TaskSnapshot)
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::temp_dir;
+
+    /// A manifest naming a file `../x` or `/x` (a forged checkpoint ack) writes nothing outside
+    /// the restore directory: the restore fails, saying why.
+    #[tokio::test]
+    async fn a_manifest_naming_files_outside_the_restore_directory_is_refused() {
+        let root = temp_dir("checkpoint-names");
+        let storage = Storage::open(&root.path().join("store").display().to_string()).unwrap();
+        storage.put("job/shared/f1", b"planted".to_vec()).await.unwrap();
+        let into = root.path().join("restore").join("op1");
+        let outside = root.path().join("planted");
+        for name in ["../../planted".to_string(), outside.display().to_string(), "a/../../../planted".into(), String::new()] {
+            let files = [StateFile { path: "job/shared/f1".into(), name: name.clone(), bytes: 7 }];
+            let error = storage.download(&files, &into).await.expect_err(&name).to_string();
+            assert!(error.contains("not a plain file name"), "{name}: {error}");
+            assert!(!outside.exists(), "{name}: a file was written outside the restore directory");
+        }
+        let files = [StateFile { path: "job/shared/f1".into(), name: "000012.sst".into(), bytes: 7 }];
+        storage.download(&files, &into).await.unwrap();
+        assert_eq!(std::fs::read(into.join("000012.sst")).unwrap(), b"planted");
+    }
 }
