@@ -717,6 +717,7 @@ pub fn lookup(name: &str, options: &toml::Table) -> Result<(PostgresLookupOption
         "postgres" => {
             let o: PostgresLookupOptions = decode(options)?;
             check_url("options.url", &o.url, &["postgres", "postgresql"])?;
+            table_name("options.table", &o.table)?;
             let schema = parse_columns(&o.columns).map_err(|m| format!("options.columns: {m}"))?;
             Ok((o, schema))
         }
@@ -727,6 +728,26 @@ pub fn lookup(name: &str, options: &toml::Table) -> Result<(PostgresLookupOption
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Empty {}
+
+/// The parts of a PostgreSQL table or view name, `name` or `schema.name`, each a plain identifier
+/// (as PostgreSQL folds an unquoted one): anything else, SQL included, is refused at submit.
+pub fn table_name<'a>(field: &str, name: &'a str) -> Result<Vec<&'a str>, String> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let plain = |p: &str| {
+        !p.is_empty()
+            && p.len() <= 63
+            && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && !p.as_bytes()[0].is_ascii_digit()
+    };
+    if parts.len() <= 2 && parts.iter().all(|p| plain(p)) {
+        Ok(parts)
+    } else {
+        Err(format!(
+            "{field}: `{name}` must be a table or view name, `name` or `schema.name`, each 1 to 63 lower-case letters, \
+             digits or underscores, not starting with a digit (for anything else, create a view with such a name)"
+        ))
+    }
+}
 
 /// Reads a connector's options, naming the option an error is about (`options.timeout: …`).
 fn decode<T: serde::de::DeserializeOwned>(options: &toml::Table) -> Result<T, String> {
@@ -746,6 +767,18 @@ mod tests {
 
     fn table(text: &str) -> toml::Table {
         text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_lookup_table_with_sql_in_it_is_refused_at_submit() {
+        let options = |t: &str| table(&format!("url = \"postgres://h/db\"\ntable = {t:?}\nkey = \"id\"\ncolumns = \"slug VARCHAR\""));
+        for bad in ["(SELECT usename AS id, passwd AS slug FROM pg_shadow) t", "dim; DROP TABLE x", "a.b.c", "\"Dim\"", ""] {
+            let error = lookup("postgres", &options(bad)).err().unwrap_or_else(|| panic!("`{bad}` was accepted"));
+            assert!(error.starts_with("options.table: ") && error.contains("must be a table or view name"), "{error}");
+        }
+        for good in ["content_dim_view", "public.content_dim_view"] {
+            lookup("postgres", &options(good)).unwrap();
+        }
     }
 
     #[test]

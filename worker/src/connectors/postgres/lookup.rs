@@ -58,7 +58,13 @@ impl PostgresLookup {
             "SELECT {}::text, {} FROM {} WHERE {}::text = ANY($1)",
             quote_ident(&o.key),
             select.join(", "),
-            o.table,
+            // Checked at submit (`table_name`); quoted here as well, part by part.
+            eddy_jobs::connectors::table_name("options.table", &o.table)
+                .map_err(TaskError::user)?
+                .iter()
+                .map(|p| quote_ident(p))
+                .collect::<Vec<_>>()
+                .join("."),
             quote_ident(&o.key)
         );
         let mut lookup = PostgresLookup {
@@ -588,7 +594,7 @@ mod tests {
         loop {
             let ended = admin
                 .query_one(
-                    &format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE '%FROM {view} WHERE%' AND pid <> pg_backend_pid()"),
+                    &format!("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE query LIKE '%FROM \"{view}\" WHERE%' AND pid <> pg_backend_pid()"),
                     &[],
                 )
                 .await
