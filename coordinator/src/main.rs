@@ -10,8 +10,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(version, about = "Eddy coordinator: schedules jobs on workers")]
 struct Args {
-    /// Address to serve the job and cluster APIs on.
-    #[arg(long, env = "EDDY_LISTEN", default_value = "0.0.0.0:6123")]
+    /// Address to serve the job and cluster APIs on: loopback unless told otherwise. The APIs
+    /// have no authentication yet, so serve other hosts (`0.0.0.0:6123`) on a trusted network only.
+    #[arg(long, env = "EDDY_LISTEN", default_value = "127.0.0.1:6123")]
     listen: String,
     /// Milliseconds of worker silence after which it is declared lost (a worker whose connection
     /// closes is lost at once; this is for one that hangs or is cut off).
@@ -105,4 +106,16 @@ async fn main() -> anyhow::Result<()> {
         ..Default::default()
     };
     eddy_coordinator::run(config, listener, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn started_without_flags_it_listens_on_loopback_only() {
+        let args = Args::try_parse_from(["eddy-coordinator"]).unwrap();
+        let address: std::net::SocketAddr = args.listen.parse().unwrap();
+        assert!(address.ip().is_loopback(), "{address}");
+    }
 }

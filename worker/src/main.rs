@@ -12,8 +12,9 @@ struct Args {
     /// finds the leader, and the next one after a failover).
     #[arg(long, env = "EDDY_COORDINATOR", default_value = "127.0.0.1:6123")]
     coordinator: String,
-    /// Address to serve the data exchange on.
-    #[arg(long, env = "EDDY_DATA_LISTEN", default_value = "0.0.0.0:6124")]
+    /// Address to serve the data exchange on: loopback unless told otherwise. The exchange has
+    /// no authentication yet, so serve other hosts (`0.0.0.0:6124`) on a trusted network only.
+    #[arg(long, env = "EDDY_DATA_LISTEN", default_value = "127.0.0.1:6124")]
     listen: String,
     /// Address other workers use to reach this one (default: the bound address, or the hostname
     /// with the bound port when listening on all interfaces).
@@ -80,4 +81,16 @@ async fn main() -> anyhow::Result<()> {
     }
     let config = WorkerConfig { worker_id, coordinator: args.coordinator, slots: args.slots, advertised_address: advertised, state_dir };
     eddy_worker::run(config, listener, shutdown).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn started_without_flags_it_listens_on_loopback_only() {
+        let args = Args::try_parse_from(["eddy-worker"]).unwrap();
+        let address: std::net::SocketAddr = args.listen.parse().unwrap();
+        assert!(address.ip().is_loopback(), "{address}");
+    }
 }
