@@ -31,7 +31,7 @@ name = "in-process"
 [[source]]
 name = "events"
 connector = "generator"
-options = {{ count = {EVENTS}, keys = 50, seed = 5, events_per_ms = 1, rate = 6000 }}
+options = {{ count = {EVENTS}, keys = 50, seed = 5, events_per_ms = 1, rate = 3000 }}
 event_time = {{ column = "ts", allowed_delay = "0s" }}
 
 [[window]]
@@ -81,7 +81,6 @@ impl InProcess {
         let (coordinator_listener, coordinator_address) = listener().await?;
         let config = CoordinatorConfig {
             heartbeat_interval: Duration::from_millis(100),
-            heartbeat_timeout: Duration::from_secs(2),
             data_dir: Some(dir.join("coordinator")),
             restart_backoff: Duration::from_millis(50),
             ..CoordinatorConfig::default()
@@ -189,7 +188,7 @@ async fn a_job_runs_to_its_end_and_the_cluster_shuts_down_cleanly() -> Result<()
     let out = dir.path().join("out");
     let job = submit(&mut cluster, &out).await?;
     let status = cluster.wait(&job, "the job to finish", |s| state(s) == "finished").await?;
-    assert!(completed_checkpoints(&status) > 0, "checkpoints every 200 ms over 5 s: {:?}", status.checkpoints);
+    assert!(completed_checkpoints(&status) > 0, "checkpoints every 200 ms over 10 s: {:?}", status.checkpoints);
     let history: Vec<&str> = status.history.iter().map(|t| t.to.as_str()).collect();
     assert_eq!(history, ["created", "scheduling", "running", "finished"]);
     assert_exactly_once(&out)?;

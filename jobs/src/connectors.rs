@@ -729,22 +729,20 @@ pub fn lookup(name: &str, options: &toml::Table) -> Result<(PostgresLookupOption
 #[serde(deny_unknown_fields)]
 struct Empty {}
 
-/// The parts of a PostgreSQL table or view name, `name` or `schema.name`, each a plain identifier
-/// (as PostgreSQL folds an unquoted one): anything else, SQL included, is refused at submit.
-pub fn table_name<'a>(field: &str, name: &'a str) -> Result<Vec<&'a str>, String> {
+/// The parts of a PostgreSQL table or view name, `name` or `schema.name`, each a plain identifier,
+/// lower-cased as PostgreSQL folds an unquoted one (so quoting them names the same relation):
+/// anything else, SQL included, is refused at submit.
+pub fn table_name(field: &str, name: &str) -> Result<Vec<String>, String> {
     let parts: Vec<&str> = name.split('.').collect();
     let plain = |p: &str| {
-        !p.is_empty()
-            && p.len() <= 63
-            && p.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-            && !p.as_bytes()[0].is_ascii_digit()
+        !p.is_empty() && p.len() <= 63 && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') && !p.as_bytes()[0].is_ascii_digit()
     };
     if parts.len() <= 2 && parts.iter().all(|p| plain(p)) {
-        Ok(parts)
+        Ok(parts.iter().map(|p| p.to_ascii_lowercase()).collect())
     } else {
         Err(format!(
-            "{field}: `{name}` must be a table or view name, `name` or `schema.name`, each 1 to 63 lower-case letters, \
-             digits or underscores, not starting with a digit (for anything else, create a view with such a name)"
+            "{field}: `{name}` must be a table or view name, `name` or `schema.name`, each 1 to 63 letters, digits or \
+             underscores, not starting with a digit (for anything else, create a view with such a name)"
         ))
     }
 }
@@ -776,9 +774,10 @@ mod tests {
             let error = lookup("postgres", &options(bad)).err().unwrap_or_else(|| panic!("`{bad}` was accepted"));
             assert!(error.starts_with("options.table: ") && error.contains("must be a table or view name"), "{error}");
         }
-        for good in ["content_dim_view", "public.content_dim_view"] {
+        for good in ["content_dim_view", "public.content_dim_view", "Content_Dim"] {
             lookup("postgres", &options(good)).unwrap();
         }
+        assert_eq!(table_name("t", "Public.Content_Dim").unwrap(), ["public", "content_dim"], "folded as PostgreSQL folds");
     }
 
     #[test]

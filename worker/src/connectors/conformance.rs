@@ -83,14 +83,16 @@ impl Outside {
             Outside::Kafka(options) => {
                 // Each change the reader emits, applied; an insert of the version already held is
                 // a replay the reader let through. Every record was acknowledged before this
-                // runs, so the reader has read them all once it has stayed quiet for 2 s.
+                // runs, so the reader has read them all once it has stayed quiet for 2 s (its
+                // first batch, which waits for partitions and offsets, gets 30 s). Duplicates the
+                // sink writes are invisible to that reader, as they are to the process job.
                 let options: toml::Table = options.parse().unwrap();
                 let (connector, schema) = eddy_jobs::connectors::source("kafka", &options).unwrap();
                 let ctx = ConnectorContext::for_test(TaskId { vertex: 0, subtask: 0 }, 1, schema);
                 let mut reader = super::source(&connector, ctx).await.unwrap();
                 let mut doubled = false;
-                let quiet = std::time::Duration::from_secs(2);
-                while let Ok(Some(batch)) = tokio::time::timeout(quiet, reader.next_batch()).await.map(Result::unwrap) {
+                let wait = |first: bool| std::time::Duration::from_secs(if first { 30 } else { 2 });
+                while let Ok(Some(batch)) = tokio::time::timeout(wait(latest.is_empty()), reader.next_batch()).await.map(Result::unwrap) {
                     for (row, op) in batch.rows.iter().zip(&batch.ops) {
                         let (Value::Int(id), Value::Int(version)) = (&row[0], &row[1]) else { panic!("{row:?}") };
                         match op {
