@@ -86,7 +86,7 @@ impl ClickHouseSink {
         if !o.url.starts_with("http://") {
             return Err(TaskError::user(format!(
                 "clickhouse sink: options.url `{}`: expected http://host:port (ClickHouse's HTTP interface; this build has no TLS)",
-                o.url
+                eddy_jobs::connectors::redact_url(&o.url)
             )));
         }
         let client = Client::default().with_url(&o.url).with_validation(false).with_compression(Compression::None);
@@ -952,6 +952,12 @@ mod tests {
             ),
         )
         .await;
+    }
+
+    #[tokio::test]
+    async fn a_password_in_a_refused_url_is_not_shown() {
+        let e = ClickHouseSink::new(&options("https://user:hunter2@127.0.0.1:1", "t", 1), ctx()).err().unwrap().to_string();
+        assert!(e.contains("user:***@") && !e.contains("hunter2"), "{e}");
     }
 
     fn options(url: &str, table: &str, batch_rows: usize) -> ClickHouseSinkOptions {

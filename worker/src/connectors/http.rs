@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use eddy_jobs::connectors::HttpSinkOptions;
+use eddy_jobs::connectors::{redact_url, HttpSinkOptions};
 use eddy_jobs::{Row, Value};
 use tokio::task::{JoinError, JoinSet};
 
@@ -86,9 +86,10 @@ enum Verdict {
 impl HttpSink {
     /// Checks the options and builds the client; nothing is sent until rows arrive.
     pub fn new(o: &HttpSinkOptions, ctx: ConnectorContext) -> Result<HttpSink> {
-        let url = reqwest::Url::parse(&o.url).map_err(|e| TaskError::user(format!("http sink: options.url `{}`: {e}", o.url)))?;
+        let shown = redact_url(&o.url);
+        let url = reqwest::Url::parse(&o.url).map_err(|e| TaskError::user(format!("http sink: options.url `{shown}`: {e}")))?;
         if url.scheme() != "http" {
-            return Err(TaskError::user(format!("http sink: options.url `{}`: only http:// is supported (this build has no TLS)", o.url)));
+            return Err(TaskError::user(format!("http sink: options.url `{shown}`: only http:// is supported (this build has no TLS)")));
         }
         let timeout = o.timeout.max(Duration::from_millis(1));
         let column = |name: &str, what: &str| {
@@ -426,6 +427,18 @@ mod tests {
 
     fn gauge(m: &TaskMetrics, name: &str) -> i64 {
         m.gauges().get(name).copied().unwrap_or(0)
+    }
+
+    /// A password in the URL shows in no error: not when the URL is refused at start, nor when a
+    /// request fails (reqwest names the URL, without its credentials), which is what
+    /// `eddy status` and the logs show.
+    #[tokio::test]
+    async fn a_password_in_the_url_shows_in_no_error() {
+        let refused = HttpSink::new(&options("ftp://user:hunter2@127.0.0.1:1"), ctx()).err().unwrap().to_string();
+        assert!(refused.contains("user:***@") && !refused.contains("hunter2"), "{refused}");
+        let failed = reqwest::Client::new().post("http://user:hunter2@127.0.0.1:1/events").send().await.unwrap_err();
+        let (Verdict::Retry(text) | Verdict::Refused(text)) = classify_error(&failed) else { panic!("a failed request is a verdict") };
+        assert!(text.contains("127.0.0.1:1") && !text.contains("hunter2"), "{text}");
     }
 
     #[tokio::test]

@@ -97,8 +97,8 @@ impl RedisLeaderboard {
             })
         };
         let (member, score, window_end) = (column(&o.member, "member")?, column(&o.score, "score")?, column(&o.window_end, "window_end")?);
-        let client =
-            redis::Client::open(o.url.as_str()).map_err(|e| TaskError::user(format!("redis sink: options.url `{}`: {e}", o.url)))?;
+        let client = redis::Client::open(o.url.as_str())
+            .map_err(|e| TaskError::user(format!("redis sink: options.url `{}`: {e}", eddy_jobs::connectors::redact_url(&o.url))))?;
         let mut sink = RedisLeaderboard {
             client,
             conn: None,
