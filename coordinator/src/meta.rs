@@ -237,6 +237,15 @@ struct Entry {
     command: MetaCommand,
 }
 
+/// Options that create a file only its owner may read or write: the metadata holds every job's
+/// spec, database passwords included.
+fn owner_only() -> std::fs::OpenOptions {
+    let mut options = std::fs::OpenOptions::new();
+    options.create(true);
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options
+}
+
 impl LocalLog {
     /// Opens (creating it when missing) the log in `dir`, and reads the state it holds.
     pub fn open(dir: &Path) -> anyhow::Result<(LocalLog, MetaState)> {
@@ -311,11 +320,13 @@ impl LocalLog {
             file.set_len(good_end as u64)?;
             file.sync_all()?;
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", log_path.display()))?;
+        let file = owner_only().append(true).open(&log_path).map_err(|e| anyhow::anyhow!("cannot open {}: {e}", log_path.display()))?;
+        // Specs hold passwords: files an earlier version wrote readable by all are closed too.
+        for path in [&log_path, &snapshot] {
+            if path.exists() {
+                std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+            }
+        }
         Ok((LocalLog { dir: dir.to_path_buf(), file, entries, behind: false, _lock: lock }, state))
     }
 
@@ -325,7 +336,7 @@ impl LocalLog {
         let path = self.dir.join("jobs.json");
         let tmp = path.with_extension("json.tmp");
         {
-            let mut f = File::create(&tmp)?;
+            let mut f = owner_only().write(true).truncate(true).open(&tmp)?;
             f.write_all(&bytes)?;
             f.sync_all()?;
         }
@@ -333,7 +344,7 @@ impl LocalLog {
         File::open(&self.dir)?.sync_all()?;
         // The state holds every command of the log now: a crash before the truncation leaves
         // entries that a restart skips by their index.
-        let file = File::create(self.dir.join("meta.log"))?;
+        let file = owner_only().write(true).truncate(true).open(self.dir.join("meta.log"))?;
         file.sync_all()?;
         self.file = std::fs::OpenOptions::new().append(true).open(self.dir.join("meta.log"))?;
         self.entries = 0;
@@ -487,6 +498,29 @@ pub(crate) mod tests {
         std::fs::write(&log_path, format!("{{\"index\"\n{tail}")).unwrap();
         let e = LocalLog::open(&dir).err().unwrap().to_string();
         assert!(e.contains("line 1 is damaged"), "{e}");
+    }
+
+    /// The metadata holds every spec, passwords included: its files are the owner's alone, also
+    /// those an earlier version left readable by all.
+    #[test]
+    fn the_metadata_files_are_readable_by_their_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let mode = |name: &str| std::fs::metadata(tmp.path().join(name)).unwrap().permissions().mode() & 0o777;
+        std::fs::write(tmp.path().join("jobs.json"), serde_json::to_vec(&MetaState::default()).unwrap()).unwrap();
+        std::fs::set_permissions(tmp.path().join("jobs.json"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        let (mut log, mut state) = LocalLog::open(tmp.path()).unwrap();
+        assert_eq!((mode("meta.log"), mode("jobs.json")), (0o600, 0o600), "after opening");
+        for i in 0..=COMPACT_AFTER {
+            let c = if i == 0 {
+                MetaCommand::Submitted { job: job("j") }
+            } else {
+                MetaCommand::CheckpointIdsUsed { job_id: "j".into(), next: i }
+            };
+            state.apply(&c).unwrap();
+            log.append(&c, &state).unwrap();
+        }
+        assert_eq!((mode("meta.log"), mode("jobs.json")), (0o600, 0o600), "after the state was written whole");
     }
 
     #[test]
