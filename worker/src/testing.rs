@@ -3,6 +3,14 @@
 /// Held by a test while it uses the ClickHouse server (some stop it).
 pub static CLICKHOUSE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Runs `query` on the ClickHouse server at `url` and returns its answer as tab-separated text.
+pub async fn clickhouse_sql(url: &str, query: &str) -> String {
+    use clickhouse::{Client, Compression};
+    let client = Client::default().with_url(url).with_validation(false).with_compression(Compression::None);
+    let bytes = client.query(query).fetch_bytes("TabSeparated").unwrap().collect().await.unwrap();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
 /// A fresh directory under the system's temp dir, named after `label`, removed when dropped.
 pub fn temp_dir(label: &str) -> tempfile::TempDir {
     tempfile::Builder::new().prefix(&format!("eddy-{label}-")).tempdir().expect("creating a temporary directory")

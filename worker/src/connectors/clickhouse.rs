@@ -926,7 +926,7 @@ mod tests {
 
     // ---- Integration tests against a real ClickHouse (EDDY_TEST_CLICKHOUSE_URL). ----
 
-    use crate::testing::CLICKHOUSE as SERVER;
+    use crate::testing::{clickhouse_sql as sql, CLICKHOUSE as SERVER};
 
     fn clickhouse_url() -> Option<String> {
         crate::testing::service("EDDY_TEST_CLICKHOUSE_URL", "http://127.0.0.1:PORT")
@@ -934,12 +934,6 @@ mod tests {
 
     fn ctx() -> ConnectorContext {
         ConnectorContext::for_test(TaskId { vertex: 4, subtask: 0 }, 1, schema())
-    }
-
-    async fn sql(url: &str, query: &str) -> String {
-        let client = Client::default().with_url(url).with_validation(false).with_compression(Compression::None);
-        let bytes = client.query(query).fetch_bytes("TabSeparated").unwrap().collect().await.unwrap();
-        String::from_utf8(bytes.to_vec()).unwrap()
     }
 
     async fn fresh_table(url: &str, table: &str) {

@@ -16,7 +16,7 @@ use eddy_jobs::{DataType, Field, Row, Schema, TaskId, Value};
 
 use crate::batch::{Batch, Op};
 use crate::operator::{ConnectorContext, RestoredState};
-use crate::testing::{mock_api_bin, service, temp_dir, MockApi, CLICKHOUSE};
+use crate::testing::{clickhouse_sql as clickhouse, mock_api_bin, service, temp_dir, MockApi, CLICKHOUSE};
 
 fn schema() -> Schema {
     Schema::new(vec![Field::new("id", DataType::Int), Field::new("version", DataType::Int), Field::new("name", DataType::String)])
@@ -63,7 +63,7 @@ impl Outside {
             }
             Outside::ClickHouse { url, table } => {
                 // ReplacingMergeTree keeps one row per id under FINAL: repeats are harmless.
-                let text = clickhouse(url, &format!("SELECT id, version FROM default.{table} FINAL WHERE deleted = 0 FORMAT TSV")).await;
+                let text = clickhouse(url, &format!("SELECT id, version FROM default.{table} FINAL WHERE deleted = 0")).await;
                 for line in text.lines() {
                     let (id, version) = line.split_once('\t').unwrap();
                     latest.insert(id.parse().unwrap(), version.parse().unwrap());
@@ -107,14 +107,6 @@ impl Outside {
             }
         }
     }
-}
-
-async fn clickhouse(url: &str, query: &str) -> String {
-    let response = reqwest::Client::new().post(url).body(query.to_string()).send().await.unwrap();
-    let status = response.status();
-    let text = response.text().await.unwrap();
-    assert!(status.is_success(), "{query}: {text}");
-    text
 }
 
 /// Runs the contract on one sink, named in a spec as `connector` with `options`.
