@@ -40,6 +40,8 @@ name=${1:-}
 [ -n "$name" ] || { echo "usage: scripts/bench.sh window" >&2; exit 2; }
 
 RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/eddy-bench.XXXXXX")
+# The workers let jobs use files under RUN_DIR/files only (--allow-dir): dead letters go there.
+export EDDY_DEAD_LETTERS=$RUN_DIR/files/dead-letters.jsonl EDDY_HTTP_DEAD_LETTERS=$RUN_DIR/files/http-dead-letters.jsonl
 PIDS=()
 cleanup() {
   local status=$?
@@ -67,7 +69,7 @@ start_cluster() {
 # Starts worker $1 with $2 slots; its pid goes to WORKER_PIDS and to $RUN_DIR/$1.pid.
 start_worker() {
   RUST_LOG=warn "$BIN/eddy-worker" --coordinator "$EDDY_COORDINATOR" --listen 127.0.0.1:0 --id "$1" --slots "$2" \
-    --state-dir "$RUN_DIR/$1-state" >"$RUN_DIR/$1.log" 2>&1 &
+    --state-dir "$RUN_DIR/$1-state" --allow-dir "$RUN_DIR/files" >"$RUN_DIR/$1.log" 2>&1 &
   PIDS+=($!)
   WORKER_PIDS+=($!)
   echo $! >"$RUN_DIR/$1.pid"
@@ -209,7 +211,7 @@ for i in range(int(os.environ["KILLS"])):
     out = open(f"{RUN}/r{i}.log", "w")
     worker = subprocess.Popen(
         [f"{BIN}/eddy-worker", "--coordinator", os.environ["EDDY_COORDINATOR"], "--listen", "127.0.0.1:0",
-         "--id", f"r{i}", "--slots", "1", "--state-dir", f"{RUN}/r{i}-state"],
+         "--id", f"r{i}", "--slots", "1", "--state-dir", f"{RUN}/r{i}-state", "--allow-dir", f"{RUN}/files"],
         stdout=out, stderr=out, env={**os.environ, "RUST_LOG": "warn"})
     open(f"{RUN}/r{i}.pid", "w").write(str(worker.pid))
     last = wait_checkpoint(status, last)

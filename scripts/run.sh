@@ -24,7 +24,7 @@ export EDDY_COORDINATOR=$(sed 's/[0-9]*=//g' <<<"$PEERS")
 export EDDY_EXTERNAL_URL=http://127.0.0.1:${EDDY_MOCK_PORT:-58080}/events
 # A slot left by an earlier run is read again from its position rather than refused.
 export EDDY_EXISTING_SLOT=${EDDY_EXISTING_SLOT:-reread}
-export EDDY_DEAD_LETTERS=$RUN_DIR/dead-letters.jsonl EDDY_HTTP_DEAD_LETTERS=$RUN_DIR/http-dead-letters.jsonl
+export EDDY_DEAD_LETTERS=$RUN_DIR/files/dead-letters.jsonl EDDY_HTTP_DEAD_LETTERS=$RUN_DIR/files/http-dead-letters.jsonl
 if [ "$COORDINATORS" = 1 ]; then
   "$BIN/eddy-coordinator" --listen "$EDDY_COORDINATOR" --data-dir "$RUN_DIR/coordinator" >"$RUN_DIR/coordinator.log" 2>&1 & PIDS+=($!)
 else
@@ -34,7 +34,7 @@ else
   done
 fi
 for i in 1 2; do
-  "$BIN/eddy-worker" --coordinator "$EDDY_COORDINATOR" --listen 127.0.0.1:0 --id "worker-$i" --state-dir "$RUN_DIR/worker-$i-state" >"$RUN_DIR/worker-$i.log" 2>&1 & PIDS+=($!)
+  "$BIN/eddy-worker" --coordinator "$EDDY_COORDINATOR" --listen 127.0.0.1:0 --id "worker-$i" --state-dir "$RUN_DIR/worker-$i-state" --allow-dir "$RUN_DIR/files" >"$RUN_DIR/worker-$i.log" 2>&1 & PIDS+=($!)
 done
 "$BIN/eddy-mock-api" --listen "127.0.0.1:${EDDY_MOCK_PORT:-58080}" --log "$RUN_DIR/external.jsonl" >"$RUN_DIR/mock-api.log" 2>&1 & PIDS+=($!)
 wait_workers 2

@@ -292,6 +292,38 @@ fn invalid_specs_are_rejected_naming_the_field() -> Result<()> {
     Ok(())
 }
 
+/// The binaries as a user runs them: without the cluster's secret the CLI is refused (exit code
+/// 8) and told what to set; a coordinator or worker asked to listen beyond loopback without a
+/// secret does not start, and says how to make one.
+#[test]
+fn without_the_secret_the_cli_is_refused_and_open_listeners_do_not_start() -> Result<()> {
+    let cluster = Cluster::start("secret", 1, 1)?;
+    let without_secret = |program: &str| {
+        let mut cmd = std::process::Command::new(eddy_tests::bin(program));
+        cmd.env_remove("EDDY_SECRET").env_remove("EDDY_SECRET_FILE");
+        cmd
+    };
+    let out = without_secret("eddy").args(["jobs", "--coordinator", &cluster.address]).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(8), "{stderr}");
+    assert!(stderr.contains("requires its secret") && stderr.contains("EDDY_SECRET_FILE"), "{stderr}");
+    let out = cluster.eddy(&["jobs"])?;
+    assert!(out.status.success(), "with the secret: {}", String::from_utf8_lossy(&out.stderr));
+
+    let state = cluster.dir.0.join("open-worker");
+    let open: [(&str, Vec<&str>); 2] = [
+        ("eddy-coordinator", vec!["--listen", "0.0.0.0:0", "--data-dir", cluster.dir.0.to_str().context("dir")?]),
+        ("eddy-worker", vec!["--listen", "0.0.0.0:0", "--coordinator", &cluster.address, "--state-dir", state.to_str().context("dir")?]),
+    ];
+    for (program, args) in open {
+        let out = without_secret(program).args(&args).stdin(std::process::Stdio::null()).output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{program} started: {stderr}");
+        assert!(stderr.contains("refusing to listen on 0.0.0.0") && stderr.contains("EDDY_SECRET_FILE"), "{program}: {stderr}");
+    }
+    Ok(())
+}
+
 #[test]
 fn job_that_does_not_fit_is_refused_and_unreachable_coordinator_is_reported() -> Result<()> {
     let cluster = Cluster::start("fit", 1, 2)?;

@@ -10,8 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use eddy_coordinator::CoordinatorConfig;
+use eddy_proto::cluster_service_client::ClusterServiceClient;
+use eddy_proto::data_service_client::DataServiceClient;
 use eddy_proto::job_service_client::JobServiceClient;
-use eddy_proto::{JobStatusRequest, JobStatusResponse, ListWorkersRequest, SubmitRequest};
+use eddy_proto::{
+    worker_message, ChannelHeader, CoordinatorMessage, ExchangeFrame, JobStatusRequest, JobStatusResponse, ListJobsRequest,
+    ListWorkersRequest, Register, SubmitRequest, WorkerMessage,
+};
 use eddy_tests::read_jsonl;
 use eddy_worker::WorkerConfig;
 use tokio::net::TcpListener;
@@ -62,8 +67,17 @@ checkpoint_interval = "200ms"
     )
 }
 
+/// The cluster's secret in these tests: every call between the parts carries it.
+const SECRET: &str = "in-process-test-secret-0123456789";
+
+fn credentials(secret: Option<&str>) -> eddy_proto::Credentials {
+    eddy_proto::Credentials(secret.map(|s| eddy_proto::Secret::new(s).unwrap()))
+}
+
 struct InProcess {
-    api: JobServiceClient<tonic::transport::Channel>,
+    api: JobServiceClient<eddy_proto::Authed>,
+    coordinator_address: String,
+    data_addresses: Vec<String>,
     shutdown: CancellationToken,
     coordinator: JoinHandle<Result<()>>,
     workers: Vec<(CancellationToken, JoinHandle<Result<()>>)>,
@@ -83,23 +97,31 @@ impl InProcess {
             heartbeat_interval: Duration::from_millis(100),
             data_dir: Some(dir.join("coordinator")),
             restart_backoff: Duration::from_millis(50),
+            secret: credentials(Some(SECRET)).0,
             ..CoordinatorConfig::default()
         };
         let coordinator = tokio::spawn(eddy_coordinator::run(config, coordinator_listener, shutdown.clone()));
-        let mut started = Vec::new();
+        let (mut started, mut data_addresses) = (Vec::new(), Vec::new());
         for i in 1..=workers {
             let (data, data_address) = listener().await?;
+            data_addresses.push(data_address.clone());
             let config = WorkerConfig {
                 worker_id: format!("w{i}"),
                 coordinator: coordinator_address.clone(),
                 slots,
                 advertised_address: data_address,
                 state_dir: dir.join(format!("w{i}")),
+                secret: credentials(Some(SECRET)).0,
+                allowed_dirs: vec![dir.to_path_buf()],
+                allowed_hosts: Vec::new(),
+                job_env: Vec::new(),
             };
             let stop = shutdown.child_token();
             started.push((stop.clone(), tokio::spawn(eddy_worker::run(config, data, stop))));
         }
-        let channel = eddy_proto::connect(&coordinator_address, Duration::from_secs(5)).await.map_err(anyhow::Error::msg)?;
+        let channel = eddy_proto::connect(&coordinator_address, Duration::from_secs(5), &credentials(Some(SECRET)))
+            .await
+            .map_err(anyhow::Error::msg)?;
         let mut api = JobServiceClient::new(channel);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -112,7 +134,7 @@ impl InProcess {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Ok(InProcess { api, shutdown, coordinator, workers: started })
+        Ok(InProcess { api, coordinator_address, data_addresses, shutdown, coordinator, workers: started })
     }
 
     async fn status(&mut self, job: &str) -> Result<JobStatusResponse> {
@@ -218,5 +240,59 @@ async fn a_worker_that_leaves_mid_job_hands_its_tasks_over_from_the_last_checkpo
     assert!(status.job.as_ref().is_some_and(|j| j.attempt > 1), "the job should have restarted: {status:?}");
     assert!(status.tasks.iter().all(|t| t.worker_id != victim), "a task stayed on {victim}: {:?}", status.tasks);
     assert_exactly_once(&out)?;
+    cluster.stop().await
+}
+
+/// A control stream registering worker `id` with the coordinator at `address`, presenting
+/// `secret`: the coordinator's first answer, or its refusal.
+async fn register(address: &str, secret: Option<&str>, id: &str) -> std::result::Result<CoordinatorMessage, tonic::Status> {
+    let channel = eddy_proto::connect(address, Duration::from_secs(5), &credentials(secret)).await.map_err(tonic::Status::unavailable)?;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let register = Register { worker_id: id.into(), slots: 1000, data_address: "127.0.0.1:9".into() };
+    tx.send(WorkerMessage { msg: Some(worker_message::Msg::Register(register)) }).await.unwrap();
+    let mut orders = ClusterServiceClient::new(channel).control(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    let first = orders.message().await?.ok_or_else(|| tonic::Status::aborted("no answer"))?;
+    drop(tx);
+    Ok(first)
+}
+
+/// Without the cluster's secret (or with a wrong one) nothing gets in: no submit, no listing, no
+/// worker registration, no data stream into a worker; and a caller with the secret cannot take
+/// over a live worker's id. The refusals say what to do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_secret_nothing_is_let_in_and_a_live_worker_id_cannot_be_taken() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let cluster = InProcess::start(dir.path(), 1, 2).await?;
+    let out = dir.path().join("out");
+    for secret in [None, Some("a-wrong-secret-of-enough-length")] {
+        let channel = eddy_proto::connect(&cluster.coordinator_address, Duration::from_secs(5), &credentials(secret))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let mut api = JobServiceClient::new(channel);
+        let refused = api.submit(SubmitRequest { spec: spec(&out), from_savepoint: String::new() }).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        let expected = if secret.is_none() { "requires its secret" } else { "wrong cluster secret" };
+        assert!(refused.message().contains(expected) && refused.message().contains("EDDY_SECRET_FILE"), "{}", refused.message());
+        assert_eq!(api.list_jobs(ListJobsRequest {}).await.unwrap_err().code(), tonic::Code::Unauthenticated);
+
+        let refused = register(&cluster.coordinator_address, secret, "rogue").await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+
+        let channel = eddy_proto::connect(&cluster.data_addresses[0], Duration::from_secs(5), &credentials(secret))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        let header = ChannelHeader { job_id: "any".into(), attempt: 1, task_id: "1.0".into(), input: 0, inputs: 1 };
+        let frames = tokio_stream::iter([ExchangeFrame { header: Some(header), payload: Vec::new() }]);
+        let refused = DataServiceClient::new(channel).exchange(frames).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    }
+    assert!(cluster.api.clone().list_jobs(ListJobsRequest {}).await?.into_inner().jobs.is_empty(), "nothing was submitted");
+
+    // With the secret, a registration under the live worker's id is refused, not a takeover.
+    let refused = register(&cluster.coordinator_address, Some(SECRET), "w1").await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused:?}");
+    assert!(refused.message().contains("w1"), "{}", refused.message());
+    let workers = cluster.api.clone().list_workers(ListWorkersRequest {}).await?.into_inner().workers;
+    assert_eq!(workers.iter().map(|w| (w.worker_id.as_str(), w.state.as_str(), w.slots)).collect::<Vec<_>>(), [("w1", "alive", 2)]);
     cluster.stop().await
 }

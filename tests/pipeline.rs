@@ -49,7 +49,8 @@ fn engagement_pipeline_matches_postgres() -> Result<()> {
         "--unknown-pct",
         "5",
     ])?;
-    check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"] + during["deleted"])
+    check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"] + during["deleted"])?;
+    p.assert_worker_password_hidden()
 }
 
 /// Workers are killed with SIGKILL while events flow: three times one running the process job's

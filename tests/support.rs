@@ -255,7 +255,11 @@ impl Cluster {
         let listen = format!("{ip}:0");
         let child = spawn_logged(
             in_netns(netns, &bin("eddy-worker"))
+                .env("EDDY_TEST_WORKER_PASSWORD", WORKER_PASSWORD)
+                .env("EDDY_JOB_ENV", "EDDY_TEST_WORKER_PASSWORD")
                 .args(["--coordinator", &self.address, "--listen", &listen, "--id", id, "--slots", &slots.to_string()])
+                .arg("--allow-dir")
+                .arg(&self.dir.0)
                 .arg("--state-dir")
                 .arg(&state),
             &self.dir.0.join(format!("{id}.log")),
@@ -279,7 +283,7 @@ impl Cluster {
 
     /// Runs the CLI with extra environment.
     pub fn eddy_env(&self, args: &[&str], env: &[(&str, &str)]) -> Result<Output> {
-        let mut cmd = Command::new(bin("eddy"));
+        let mut cmd = in_netns(None, &bin("eddy"));
         cmd.args(args).env("EDDY_COORDINATOR", &self.address);
         for (k, v) in env {
             cmd.env(k, v);
@@ -365,16 +369,27 @@ impl Drop for Cluster {
     }
 }
 
-/// `program`, to run in network namespace `netns` (this process's when `None`).
+/// A password only the tests' workers hold, in `EDDY_TEST_WORKER_PASSWORD`: the pipeline's
+/// specs reach the external API stand-in (which requires it) with `${worker:…}`, so that it is
+/// never written into a spec, the coordinator's metadata, a log or a status.
+pub const WORKER_PASSWORD: &str = "only-the-workers-know-5d1e7";
+
+/// The secret of the clusters the tests start: every Eddy process they run presents it.
+pub const CLUSTER_SECRET: &str = "eddy-tests-cluster-secret-7f3a9c";
+
+/// Eddy's `program`, with the tests' cluster secret, to run in network namespace `netns` (this
+/// process's when `None`).
 pub fn in_netns(netns: Option<&str>, program: &Path) -> Command {
-    match netns {
+    let mut cmd = match netns {
         None => Command::new(program),
         Some(ns) => {
             let mut cmd = Command::new("ip");
             cmd.args(["netns", "exec", ns]).arg(program);
             cmd
         }
-    }
+    };
+    cmd.env_remove("EDDY_SECRET_FILE").env("EDDY_SECRET", CLUSTER_SECRET);
+    cmd
 }
 
 /// A private network of network namespaces on one bridge, for partition tests: each host is a
@@ -710,11 +725,44 @@ impl Pipeline {
         let log = self.cluster.dir.0.join(format!("mock-api-{}.log", self.mock_starts));
         let received = self.cluster.dir.0.join("external.jsonl");
         let mut cmd = Command::new(bin("eddy-mock-api"));
-        cmd.args(["--listen", &listen, "--resume", "--log"]).arg(&received);
+        cmd.args(["--listen", &listen, "--resume", "--log"]).arg(&received).env("EDDY_MOCK_API_PASSWORD", WORKER_PASSWORD);
         self.mock = Some(spawn_background(&mut cmd, &log)?);
         self.mock_url = format!("http://{}", wait_for_line(&log, "eddy-mock-api listening on ")?);
         let stats = format!("{}/stats", self.mock_url);
         self.cluster.wait(Duration::from_secs(10), "the external API stand-in", |_| Ok(http_get_json(&stats).is_ok()))?;
+        Ok(())
+    }
+
+    /// Checks that the workers' password reached the external API stand-in (nothing it was sent
+    /// was refused for want of it) and shows nowhere else: not in any file of the test (logs,
+    /// the coordinator's metadata, checkpoints), `eddy jobs` or `eddy status` of any job.
+    pub fn assert_worker_password_hidden(&self) -> Result<()> {
+        let stats = http_get_json(&format!("{}/stats", self.mock_url))?;
+        ensure!(stats["unauthorized"] == 0 && stats["unique"].as_u64() > Some(0), "the external system's stats: {stats}");
+        let mut shown = Vec::new();
+        let jobs = self.cluster.eddy_json(&["jobs"])?;
+        shown.push(("eddy jobs --json".to_string(), jobs.to_string()));
+        for job in jobs.as_array().context("jobs")? {
+            let id = job["job_id"].as_str().context("job_id")?;
+            shown.push((format!("eddy status {id} --json"), self.cluster.status(id)?.to_string()));
+        }
+        let mut dirs = vec![self.cluster.dir.0.clone()];
+        while let Some(dir) = dirs.pop() {
+            // The jobs still run: checkpoints and state files come and go meanwhile.
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if let Ok(bytes) = std::fs::read(&path) {
+                    shown.push((path.display().to_string(), String::from_utf8_lossy(&bytes).into_owned()));
+                }
+            }
+        }
+        ensure!(shown.len() > 4, "read only {:?}", shown.iter().map(|(w, _)| w).collect::<Vec<_>>());
+        for (place, text) in shown {
+            ensure!(!text.contains(WORKER_PASSWORD), "the workers' password shows in {place}");
+        }
         Ok(())
     }
 
@@ -738,7 +786,8 @@ impl Pipeline {
             ("EDDY_GROUP".into(), self.name.clone()),
             ("EDDY_CLICKHOUSE_DB".into(), self.name.clone()),
             ("EDDY_LEADERBOARD_KEY".into(), self.name.clone()),
-            ("EDDY_EXTERNAL_URL".into(), format!("{}/events", self.mock_url)),
+            // The password is resolved on the workers, from their environment.
+            ("EDDY_EXTERNAL_URL".into(), self.mock_url.replacen("://", "://eddy:${worker:EDDY_TEST_WORKER_PASSWORD}@", 1) + "/events"),
             ("EDDY_DEAD_LETTERS".into(), format!("{dir}/dead-letters.jsonl")),
             ("EDDY_HTTP_DEAD_LETTERS".into(), format!("{dir}/http-dead-letters.jsonl")),
             ("EDDY_CHECKPOINT_INTERVAL".into(), "1s".into()),

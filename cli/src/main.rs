@@ -2,7 +2,7 @@
 //!
 //! Exit codes: 0 success; 1 other error; 2 bad usage; 3 coordinator unreachable; 4 invalid job spec
 //! or argument; 5 no such job; 6 not enough free slots; 7 the request does not apply in the job's
-//! current state.
+//! current state; 8 the cluster refused this command's secret (or its lack of one).
 
 use std::process::ExitCode;
 
@@ -10,7 +10,6 @@ use clap::{Parser, Subcommand};
 use eddy_proto::job_service_client::JobServiceClient;
 use eddy_proto::*;
 use serde_json::json;
-use tonic::transport::Channel;
 use tonic::Code;
 
 #[derive(Parser)]
@@ -23,6 +22,10 @@ struct Cli {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// A file holding the cluster's secret, for a cluster started with one (or set EDDY_SECRET to
+    /// the secret itself).
+    #[arg(long, global = true, env = "EDDY_SECRET_FILE")]
+    secret_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -115,6 +118,7 @@ fn from_status(s: tonic::Status, coordinator: &str) -> Failure {
         Code::NotFound => 5,
         Code::ResourceExhausted => 6,
         Code::FailedPrecondition => 7,
+        Code::Unauthenticated => 8,
         _ => 1,
     };
     let message = if s.code() == Code::Unavailable && s.message().contains("transport") {
@@ -138,13 +142,17 @@ async fn main() -> ExitCode {
 }
 
 /// A client of the leading coordinator among those listed in `coordinator`.
-async fn connect(coordinator: &str) -> Result<JobServiceClient<Channel>, Failure> {
-    match eddy_proto::connect_leader(&eddy_proto::address_list(coordinator), std::time::Duration::from_secs(3)).await {
+async fn connect(coordinator: &str, credentials: &Credentials) -> Result<JobServiceClient<Authed>, Failure> {
+    let addresses = eddy_proto::address_list(coordinator);
+    match eddy_proto::connect_leader(&addresses, std::time::Duration::from_secs(3), credentials).await {
         Ok((_, channel)) => Ok(JobServiceClient::new(channel)),
         Err(answers) if answers.split("; ").all(|a| a.ends_with(": unreachable")) => Err(Failure::new(
             3,
             format!("cannot reach the coordinator at {coordinator}; start it, or point --coordinator / EDDY_COORDINATOR at it"),
         )),
+        Err(answers) if answers.contains("cluster secret") || answers.contains("requires its secret") => {
+            Err(Failure::new(8, format!("the coordinator refused this command: {answers}")))
+        }
         Err(answers) => {
             Err(Failure::new(3, format!("no coordinator leads ({answers}); a replicated cluster needs most of its coordinators running")))
         }
@@ -154,6 +162,7 @@ async fn connect(coordinator: &str) -> Result<JobServiceClient<Channel>, Failure
 async fn run(cli: &Cli) -> Result<(), Failure> {
     let coordinator = cli.coordinator.as_str();
     let rpc = |s| from_status(s, coordinator);
+    let credentials = Credentials(Secret::load(cli.secret_file.as_deref()).map_err(|e| Failure::new(2, e))?);
     match &cli.command {
         Command::Submit { file, from_savepoint } => {
             let text = std::fs::read_to_string(file).map_err(|e| Failure::new(4, format!("cannot read {}: {e}", file.display())))?;
@@ -161,7 +170,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 .map_err(|e| Failure::new(4, format!("invalid job spec {}: {e}", file.display())))?;
             // Validate locally first: a bad spec fails fast, even with no coordinator running.
             eddy_jobs::compile(&spec).map_err(|e| Failure::new(4, format!("invalid job spec {}: {e}", file.display())))?;
-            let mut client = connect(coordinator).await?;
+            let mut client = connect(coordinator, &credentials).await?;
             let request = SubmitRequest { spec, from_savepoint: from_savepoint.clone().unwrap_or_default() };
             let job_id = client.submit(request).await.map_err(rpc)?.into_inner().job_id;
             if cli.json {
@@ -171,7 +180,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Jobs => {
-            let jobs = connect(coordinator).await?.list_jobs(ListJobsRequest {}).await.map_err(rpc)?.into_inner().jobs;
+            let jobs = connect(coordinator, &credentials).await?.list_jobs(ListJobsRequest {}).await.map_err(rpc)?.into_inner().jobs;
             if cli.json {
                 println!("{}", json!(jobs.iter().map(job_json).collect::<Vec<_>>()));
             } else {
@@ -185,7 +194,12 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Status { job } => {
-            let s = connect(coordinator).await?.job_status(JobStatusRequest { job_id: job.clone() }).await.map_err(rpc)?.into_inner();
+            let s = connect(coordinator, &credentials)
+                .await?
+                .job_status(JobStatusRequest { job_id: job.clone() })
+                .await
+                .map_err(rpc)?
+                .into_inner();
             let j = s.job.clone().unwrap_or_default();
             if cli.json {
                 let tasks: Vec<_> = s
@@ -263,7 +277,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Cancel { job, savepoint: true, .. } => {
-            let r = connect(coordinator)
+            let r = connect(coordinator, &credentials)
                 .await?
                 .savepoint(SavepointRequest { job_id: job.clone(), cancel: true })
                 .await
@@ -276,7 +290,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Savepoint { job } => {
-            let r = connect(coordinator)
+            let r = connect(coordinator, &credentials)
                 .await?
                 .savepoint(SavepointRequest { job_id: job.clone(), cancel: false })
                 .await
@@ -292,7 +306,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Rescale { job, parallelism } => {
             let request = RescaleRequest { job_id: job.clone(), parallelism: *parallelism };
-            let r = connect(coordinator).await?.rescale(request).await.map_err(rpc)?.into_inner();
+            let r = connect(coordinator, &credentials).await?.rescale(request).await.map_err(rpc)?.into_inner();
             if cli.json {
                 println!("{}", json!({ "job_id": job, "savepoint_id": r.savepoint_id, "attempt": r.attempt, "parallelism": parallelism }));
             } else {
@@ -301,7 +315,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Cancel { job, savepoint: false, keep_slot } => {
             let request = CancelRequest { job_id: job.clone(), keep_slots: *keep_slot };
-            let r = connect(coordinator).await?.cancel(request).await.map_err(rpc)?.into_inner();
+            let r = connect(coordinator, &credentials).await?.cancel(request).await.map_err(rpc)?.into_inner();
             if cli.json {
                 println!("{}", json!({ "job_id": job, "state": r.state, "warning": r.warning }));
             } else {
@@ -314,13 +328,13 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Coordinators { change } => {
             // Listing works without a leader too (a split cluster is when one asks): the leader's
             // view when there is one, else the first coordinator that answers.
-            let mut client = match (change, connect(coordinator).await) {
+            let mut client = match (change, connect(coordinator, &credentials).await) {
                 (_, Ok(c)) => c,
                 (Some(_), Err(e)) => return Err(e),
                 (None, Err(e)) => {
                     let mut any = None;
                     for address in eddy_proto::address_list(coordinator) {
-                        if let Ok(c) = eddy_proto::connect(&address, std::time::Duration::from_secs(3)).await {
+                        if let Ok(c) = eddy_proto::connect(&address, std::time::Duration::from_secs(3), &credentials).await {
                             any = Some(JobServiceClient::new(c));
                             break;
                         }
@@ -357,7 +371,8 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Workers => {
-            let workers = connect(coordinator).await?.list_workers(ListWorkersRequest {}).await.map_err(rpc)?.into_inner().workers;
+            let workers =
+                connect(coordinator, &credentials).await?.list_workers(ListWorkersRequest {}).await.map_err(rpc)?.into_inner().workers;
             if cli.json {
                 let out: Vec<_> = workers
                     .iter()

@@ -55,8 +55,8 @@ pub enum Request {
     Cancel { job_id: String, release: bool, reply: oneshot::Sender<Result<CancelResponse, CoordinatorError>> },
     /// All workers.
     ListWorkers { reply: oneshot::Sender<Vec<WorkerView>> },
-    /// A worker opened its control stream.
-    Register { worker_id: String, slots: u32, data_address: String, orders: WorkerSender, reply: oneshot::Sender<u64> },
+    /// A worker opened its control stream: its session, or why it is refused.
+    Register { worker_id: String, slots: u32, data_address: String, orders: WorkerSender, reply: oneshot::Sender<Result<u64, String>> },
     /// A message on a worker's control stream (`session` tells reconnections apart).
     Heartbeat { worker_id: String, session: u64, tasks: Vec<TaskUpdate> },
     /// A task changed state.
@@ -480,11 +480,25 @@ impl Coordinator {
                 let _ = reply.send(self.cluster.views(self.held_slots()));
             }
             Request::Register { worker_id, slots, data_address, orders, reply } => {
-                if self.cluster.live(&worker_id).is_some() {
+                // A worker id belongs to its session while that session lives: a second
+                // registration under it is refused, not a takeover (which would declare the
+                // real worker lost and restart its jobs, as often as someone asked).
+                if let Some(live) = self.cluster.live(&worker_id) {
+                    if live.connected() {
+                        let refusal = format!(
+                            "worker id `{worker_id}` is taken by a live worker (at {}): start this one with another --id, or wait \
+                             until that one is declared lost ({} ms without a heartbeat)",
+                            live.data_address,
+                            self.config.heartbeat_timeout.as_millis()
+                        );
+                        let _ = reply.send(Err(refusal));
+                        return;
+                    }
+                    // Its stream is gone (a restart faster than the disconnect was heard).
                     self.worker_lost(&worker_id, "it registered again (restarted?)".into());
                 }
                 let session = self.cluster.register(worker_id, slots, data_address, orders);
-                let _ = reply.send(session);
+                let _ = reply.send(Ok(session));
             }
             Request::Heartbeat { worker_id, session, tasks } => {
                 if !self.cluster.touch(&worker_id, session) {
@@ -817,7 +831,7 @@ connector = "discard"
             let (orders, rx) = mpsc::channel(64);
             let (reply, mut session) = oneshot::channel();
             self.coordinator.handle(Request::Register { worker_id: id.into(), slots, data_address: format!("{id}:1"), orders, reply });
-            self.sessions.insert(id.into(), session.try_recv().unwrap());
+            self.sessions.insert(id.into(), session.try_recv().unwrap().unwrap());
             self.orders.insert(id.into(), rx);
         }
 
@@ -1324,6 +1338,26 @@ connector = "discard"
         }
         assert_eq!(h.state(&job), JobState::Failed, "{:?}", h.coordinator.jobs[&job].history);
         assert!(h.coordinator.jobs[&job].cause.contains("gave up after 2 restarts"), "{}", h.coordinator.jobs[&job].cause);
+    }
+
+    /// A second registration under a live worker's id is refused and changes nothing; once the
+    /// first worker's stream is gone (it died), the id is free again.
+    #[test]
+    fn a_live_worker_id_cannot_be_taken_over() {
+        let mut h = Harness::new();
+        h.register("a", 4);
+        let job = h.submit(SPEC).unwrap();
+        let (orders, _rogue) = mpsc::channel(64);
+        let (reply, mut answer) = oneshot::channel();
+        h.coordinator.handle(Request::Register { worker_id: "a".into(), slots: 100, data_address: "evil:1".into(), orders, reply });
+        let refusal = answer.try_recv().unwrap().unwrap_err();
+        assert!(refusal.contains("worker id `a` is taken by a live worker (at a:1)") && refusal.contains("--id"), "{refusal}");
+        assert!(h.coordinator.cluster.is_current("a", h.sessions["a"]), "the first session stays");
+        assert_eq!(h.state(&job), JobState::Scheduling, "its job is not restarted");
+        // The real worker dies without its disconnect being heard yet: its restart gets the id.
+        h.orders.remove("a");
+        h.register("a", 4);
+        assert_eq!(h.coordinator.cluster.live("a").map(|w| w.slots), Some(4));
     }
 
     #[tokio::test(start_paused = true)]

@@ -226,7 +226,8 @@ impl ClusterService for Api {
             orders: orders.clone(),
             reply,
         })
-        .await?;
+        .await?
+        .map_err(Status::already_exists)?;
         let interval = self.heartbeat_interval_ms;
         orders
             .send(Ok(CoordinatorMessage { msg: Some(Order::Registered(Registered { heartbeat_interval_ms: interval })) }))

@@ -36,6 +36,14 @@ pub struct Worker {
     pub lost: Option<String>,
 }
 
+impl Worker {
+    /// Whether its control stream is still open (a worker that died may not have been heard
+    /// leaving yet).
+    pub fn connected(&self) -> bool {
+        !self.orders.is_closed()
+    }
+}
+
 /// The registry of workers.
 pub struct Cluster {
     workers: BTreeMap<String, Worker>,

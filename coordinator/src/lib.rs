@@ -58,6 +58,9 @@ pub struct CoordinatorConfig {
     /// Replicate the metadata with these coordinators (Raft); `None`: this one alone, with its
     /// metadata in `data_dir`.
     pub raft: Option<raft::RaftSettings>,
+    /// The cluster's secret: calls without it are refused, and calls to other coordinators
+    /// carry it. `None` (loopback only): every call is let in.
+    pub secret: Option<eddy_proto::Secret>,
 }
 
 impl Default for CoordinatorConfig {
@@ -73,6 +76,7 @@ impl Default for CoordinatorConfig {
             max_restart_backoff: Duration::from_secs(10),
             max_restarts: 10,
             raft: None,
+            secret: None,
         }
     }
 }
@@ -117,7 +121,11 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
         }
         Some(settings) => {
             let (inputs, received) = std::sync::mpsc::channel();
-            let transport = raft::transport::GrpcTransport::new(tokio::runtime::Handle::current(), inputs.clone());
+            let transport = raft::transport::GrpcTransport::new(
+                tokio::runtime::Handle::current(),
+                inputs.clone(),
+                eddy_proto::Credentials(config.secret.clone()),
+            );
             let node = raft::start(settings, (inputs.clone(), received), Box::new(transport))?;
             api.raft = Some(api::RaftView { status: node.status.clone(), inputs: inputs.clone() });
             raft_service = Some(RaftServiceServer::new(raft::transport::RaftServer::new(inputs)).max_decoding_message_size(64 << 20));
@@ -125,10 +133,11 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
         }
     };
     let mut leading = leading;
+    let guard = eddy_proto::Guard(config.secret.clone());
     let server = eddy_proto::server()
-        .add_service(JobServiceServer::new(api.clone()))
-        .add_service(ClusterServiceServer::new(api))
-        .add_optional_service(raft_service)
+        .add_service(eddy_proto::auth::guarded(JobServiceServer::new(api.clone()), &guard))
+        .add_service(eddy_proto::auth::guarded(ClusterServiceServer::new(api), &guard))
+        .add_optional_service(raft_service.map(|s| eddy_proto::auth::guarded(s, &guard)))
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown.clone().cancelled_owned());
     tokio::select! {
         served = server => served?,

@@ -10,8 +10,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(version, about = "Eddy coordinator: schedules jobs on workers")]
 struct Args {
-    /// Address to serve the job and cluster APIs on: loopback unless told otherwise. The APIs
-    /// have no authentication yet, so serve other hosts (`0.0.0.0:6123`) on a trusted network only.
+    /// Address to serve the job and cluster APIs on: loopback unless told otherwise. Another
+    /// address (`0.0.0.0:6123`) needs the cluster's secret (EDDY_SECRET_FILE or EDDY_SECRET).
     #[arg(long, env = "EDDY_LISTEN", default_value = "127.0.0.1:6123")]
     listen: String,
     /// Milliseconds of worker silence after which it is declared lost (a worker whose connection
@@ -44,6 +44,10 @@ struct Args {
     /// `eddy coordinators add ID ADDRESS`; the leader sends this coordinator its state.
     #[arg(long, env = "EDDY_RAFT_JOIN", requires = "raft_id")]
     raft_join: bool,
+    /// A file holding the cluster's secret, which every call must then carry (or set EDDY_SECRET
+    /// to the secret itself).
+    #[arg(long, env = "EDDY_SECRET_FILE")]
+    secret_file: Option<std::path::PathBuf>,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -65,10 +69,12 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
+    let secret = eddy_proto::Secret::load(args.secret_file.as_deref()).map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}; pick a free address with --listen", args.listen))?;
     let address = listener.local_addr()?;
+    eddy_proto::Guard(secret.clone()).check_listen(address).map_err(anyhow::Error::msg)?;
     tracing::info!(%address, "coordinator listening");
     // A plain line on stdout too, so that a script that asked for port 0 can learn the port.
     println!("eddy-coordinator listening on {address}");
@@ -103,6 +109,7 @@ async fn main() -> anyhow::Result<()> {
         checkpoint_dir: args.checkpoint_dir,
         retained_checkpoints: args.retained_checkpoints,
         max_restarts: args.max_restarts,
+        secret,
         ..Default::default()
     };
     eddy_coordinator::run(config, listener, shutdown).await

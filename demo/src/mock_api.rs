@@ -11,6 +11,8 @@
 //!   had received.
 //! - With `fail_every = N`, every Nth POST is answered 503 before it is looked at (`failed`).
 //! - `latency` delays every POST's answer (to exercise timeouts).
+//! - With `password`, a POST must carry it in HTTP basic auth (any user name; a sink sends what
+//!   its URL's `user:password@` holds), else it is answered 401 (`unauthorized`).
 //! - `GET /stats` → `{"received": POSTs, "unique": n, "duplicates": n, "conflicts": n, "failed": n,
 //!   "refused": n}` (`unique` includes the events loaded with `resume`; the rest count this run).
 //! - `GET /events` → every recorded body with its key, in arrival order:
@@ -46,6 +48,8 @@ pub struct MockConfig {
     pub log: Option<PathBuf>,
     /// Load the events already in `log` before serving.
     pub resume: bool,
+    /// The password every POST must present (basic auth), if any.
+    pub password: Option<String>,
 }
 
 /// What the mock has seen.
@@ -57,6 +61,7 @@ struct Seen {
     conflicts: u64,
     failed: u64,
     refused: u64,
+    unauthorized: u64,
     /// Each key's first body.
     keys: HashMap<String, Value>,
     events: Vec<Value>,
@@ -147,9 +152,17 @@ async fn stats(State(mock): State<Arc<Mock>>) -> Response {
         StatusCode::OK,
         json!({
             "received": s.received, "unique": s.unique, "duplicates": s.duplicates, "conflicts": s.conflicts,
-            "failed": s.failed, "refused": s.refused,
+            "failed": s.failed, "refused": s.refused, "unauthorized": s.unauthorized,
         }),
     )
+}
+
+/// The password of a request's basic auth, if it has one.
+fn basic_auth_password(headers: &axum::http::HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    let encoded = headers.get(header::AUTHORIZATION)?.to_str().ok()?.strip_prefix("Basic ")?;
+    let decoded = String::from_utf8(base64::engine::general_purpose::STANDARD.decode(encoded).ok()?).ok()?;
+    decoded.split_once(':').map(|(_, password)| password.to_string())
 }
 
 async fn events(State(mock): State<Arc<Mock>>) -> Response {
@@ -173,6 +186,12 @@ async fn post(State(mock): State<Arc<Mock>>, req: Request) -> Response {
         if s.received.checked_rem(mock.config.fail_every) == Some(0) {
             s.failed += 1;
             return reply(StatusCode::SERVICE_UNAVAILABLE, json!({"error": "failing on purpose (--fail-every)"}));
+        }
+    }
+    if let Some(password) = &mock.config.password {
+        if basic_auth_password(req.headers()).as_deref() != Some(password.as_str()) {
+            mock.seen().unauthorized += 1;
+            return reply(StatusCode::UNAUTHORIZED, json!({"error": "this API needs its password (basic auth)"}));
         }
     }
     let key = req.headers().get("idempotency-key").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
@@ -241,7 +260,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let log = std::env::temp_dir().join(format!("eddy-mock-api-test-{}.jsonl", std::process::id()));
         let _ = std::fs::remove_file(&log);
-        let config = MockConfig { fail_every: 4, latency: Duration::ZERO, log: Some(log.clone()), resume: false };
+        let config = MockConfig { fail_every: 4, latency: Duration::ZERO, log: Some(log.clone()), resume: false, password: None };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(run(listener, config, async {
             let _ = stopped.await;
@@ -257,7 +276,10 @@ mod tests {
         assert_eq!(http(addr, "GET", "/nope", None, "").await.0, 404);
 
         let (_, stats) = http(addr, "GET", "/stats", None, "").await;
-        assert_eq!(stats, json!({"received": 6, "unique": 2, "duplicates": 1, "conflicts": 0, "failed": 1, "refused": 2}));
+        assert_eq!(
+            stats,
+            json!({"received": 6, "unique": 2, "duplicates": 1, "conflicts": 0, "failed": 1, "refused": 2, "unauthorized": 0})
+        );
         let (_, events) = http(addr, "GET", "/events", None, "").await;
         let without_time = |mut v: serde_json::Value| {
             v.as_object_mut().map(|o| o.remove("received_at_ms"));
@@ -276,7 +298,7 @@ mod tests {
         // repeat of a known key with another body is a conflict.
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let config = MockConfig { fail_every: 0, latency: Duration::ZERO, log: Some(log.clone()), resume: true };
+        let config = MockConfig { fail_every: 0, latency: Duration::ZERO, log: Some(log.clone()), resume: true, password: None };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(run(listener, config, async {
             let _ = stopped.await;
@@ -285,7 +307,10 @@ mod tests {
         assert_eq!(http(addr, "POST", "/events", Some("2:1"), r#"{"id":22}"#).await.0, 200);
         assert_eq!(http(addr, "POST", "/events", Some("6:1"), r#"{"id":6}"#).await.0, 200);
         let (_, stats) = http(addr, "GET", "/stats", None, "").await;
-        assert_eq!(stats, json!({"received": 3, "unique": 3, "duplicates": 2, "conflicts": 1, "failed": 0, "refused": 0}));
+        assert_eq!(
+            stats,
+            json!({"received": 3, "unique": 3, "duplicates": 2, "conflicts": 1, "failed": 0, "refused": 0, "unauthorized": 0})
+        );
         let (_, events) = http(addr, "GET", "/events", None, "").await;
         let keys: Vec<_> = events.as_array().unwrap().iter().map(|e| e["key"].as_str().unwrap().to_string()).collect();
         assert_eq!(keys, ["1:1", "2:1", "6:1"]);

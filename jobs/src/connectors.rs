@@ -580,8 +580,16 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
     }
 }
 
+/// Whether `value` holds a reference resolved on the workers: checked there, once resolved.
+fn resolved_on_workers(value: &str) -> bool {
+    value.contains("${worker:")
+}
+
 /// Checks that `url` is `scheme://host…` with one of `schemes`, quoting it without a password.
 fn check_url(field: &str, url: &str, schemes: &[&str]) -> Result<(), String> {
+    if resolved_on_workers(url) {
+        return Ok(());
+    }
     let expected = schemes.iter().map(|s| format!("{s}://")).collect::<Vec<_>>().join(" or ");
     let shown = redact_url(url);
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -613,6 +621,9 @@ pub fn redact_url(url: &str) -> String {
 
 /// Checks a Kafka bootstrap list: `host:port[,host:port…]`.
 fn check_brokers(brokers: &str) -> Result<(), String> {
+    if resolved_on_workers(brokers) {
+        return Ok(());
+    }
     for b in brokers.split(',').map(str::trim) {
         let ok = b.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0));
         if !ok {

@@ -6,12 +6,13 @@
 pub mod connectors;
 pub mod expr;
 pub mod plan;
+pub mod reach;
 pub mod spec;
 pub mod time;
 pub mod types;
 
 pub use plan::{plan, Plan, TaskId};
-pub use spec::{substitute_env, JobSpec};
+pub use spec::{substitute_env, substitute_worker_env, worker_references, JobSpec};
 pub use types::{DataType, Field, Row, Schema, Value};
 
 /// A spec error: the field at fault (a dotted path such as `window[hop].slide`) and what was expected.

@@ -216,9 +216,55 @@ fn key_at(text: &str, offset: usize) -> String {
     }
 }
 
+/// The prefix of a reference resolved on each worker, from its own environment:
+/// `${worker:NAME}` (or `${worker:NAME:-default}`). The spec keeps it as written on the way
+/// through the CLI and the coordinator, so a secret given that way is stored and shown nowhere.
+pub const WORKER_PREFIX: &str = "worker:";
+
 /// Replaces `${VAR}` with the variable's value and `${VAR:-default}` with the value or the default.
-/// A `${VAR}` whose variable is unset is an error naming it.
+/// A `${VAR}` whose variable is unset is an error naming it. `${worker:VAR}` is left as it is, for
+/// the workers ([`substitute_worker_env`]).
 pub fn substitute_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, SpecError> {
+    substitute(text, false, lookup)
+}
+
+/// Replaces each `${worker:VAR}` with the variable's value in this process's environment (or its
+/// default), leaving everything else as it is.
+pub fn substitute_worker_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, SpecError> {
+    substitute(text, true, lookup)
+}
+
+/// The names of the `${worker:NAME}` references in `text`, each once.
+pub fn worker_references(text: &str) -> Vec<&str> {
+    let mut names = Vec::new();
+    for (at, _) in text.match_indices("${worker:") {
+        let rest = &text[at + 2 + WORKER_PREFIX.len()..];
+        let reference = &rest[..rest.find('}').unwrap_or(rest.len())];
+        let name = reference.split_once(":-").map_or(reference, |(n, _)| n);
+        if !names.contains(&name) {
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// `value` as it may stand inside a TOML basic string (`"…"`), where worker references are
+/// meant to be: a quote or backslash in a password must not end the string or change the spec.
+fn toml_escaped(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The references of one kind (the workers' or the others) replaced.
+fn substitute(text: &str, workers: bool, lookup: impl Fn(&str) -> Option<String>) -> Result<String, SpecError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
@@ -226,21 +272,37 @@ pub fn substitute_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Re
         let after = &rest[start + 2..];
         let end = after.find('}').ok_or_else(|| SpecError::new("", format!("unterminated `${{` near `{}`", first_line(&rest[start..]))))?;
         let inner = &after[..end];
-        let (name, default) = match inner.split_once(":-") {
+        rest = &after[end + 1..];
+        let (for_workers, reference) = match inner.strip_prefix(WORKER_PREFIX) {
+            Some(r) => (true, r),
+            None => (false, inner),
+        };
+        if for_workers != workers {
+            out.push_str("${");
+            out.push_str(inner);
+            out.push('}');
+            continue;
+        }
+        let (name, default) = match reference.split_once(":-") {
             Some((n, d)) => (n, Some(d)),
-            None => (inner, None),
+            None => (reference, None),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(SpecError::new("", format!("bad variable reference `${{{inner}}}`: expected ${{NAME}} or ${{NAME:-default}}")));
+            return Err(SpecError::new(
+                "",
+                format!("bad variable reference `${{{inner}}}`: expected ${{NAME}}, ${{NAME:-default}} or ${{worker:NAME}}"),
+            ));
         }
+        let place = if workers { " on this worker" } else { "" };
         match (lookup(name), default) {
+            (Some(v), _) if workers => out.push_str(&toml_escaped(&v)),
             (Some(v), _) => out.push_str(&v),
             (None, Some(d)) => out.push_str(d),
             (None, None) => {
-                return Err(SpecError::new("", format!("environment variable `{name}` is not set; set it or write `${{{name}:-default}}`")))
+                let unset = format!("environment variable `{name}` is not set{place}; set it or write `${{{inner}:-default}}`");
+                return Err(SpecError::new("", unset));
             }
         }
-        rest = &after[end + 1..];
     }
     out.push_str(rest);
     Ok(out)
@@ -262,6 +324,22 @@ mod tests {
     fn substitutes_variables_and_defaults() {
         let s = substitute_env("a=${OUT}/f b=${PORT:-9000} c=$plain", env).unwrap();
         assert_eq!(s, "a=/tmp/x/f b=9000 c=$plain");
+    }
+
+    #[test]
+    fn worker_references_wait_for_the_workers() {
+        let text = "url = \"postgres://u:${worker:PW}@h/${DB:-d}\" b = \"${worker:SLOTS:-4}\"";
+        let sent = substitute_env(text, |_| None).unwrap();
+        assert_eq!(sent, "url = \"postgres://u:${worker:PW}@h/d\" b = \"${worker:SLOTS:-4}\"");
+        let run = substitute_worker_env(&sent, |n| (n == "PW").then(|| "s3cret".into())).unwrap();
+        assert_eq!(run, "url = \"postgres://u:s3cret@h/d\" b = \"4\"");
+        let e = substitute_worker_env(&sent, |_| None).unwrap_err();
+        assert!(e.to_string().contains("`PW` is not set on this worker"), "{e}");
+        assert_eq!(worker_references(&sent), ["PW", "SLOTS"]);
+        // A value is a string's content, whatever it holds.
+        let quoted = substitute_worker_env("p = \"${worker:PW}\"", |_| Some("a\"b\\c\n".into())).unwrap();
+        assert_eq!(quoted, r#"p = "a\"b\\c\u000A""#);
+        assert_eq!(toml::from_str::<toml::Table>(&quoted).unwrap()["p"].as_str(), Some("a\"b\\c\n"));
     }
 
     #[test]

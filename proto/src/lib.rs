@@ -4,7 +4,10 @@
 
 tonic::include_proto!("eddy.v1");
 
+pub mod auth;
 pub mod layout;
+
+pub use auth::{Authed, Credentials, Guard, Secret};
 
 /// Every long-lived gRPC connection between Eddy's processes (a worker's control stream to the
 /// coordinator, the data exchange between workers) pings its peer this often, from both ends, even
@@ -45,9 +48,11 @@ pub fn endpoint(address: &str) -> Result<tonic::transport::Endpoint, String> {
     tonic::transport::Endpoint::from_shared(url).map_err(|e| format!("not an address ({e})"))
 }
 
-/// A connection to `address` (`host:port` or a URL), pinging its server; the error says why not.
-pub async fn connect(address: &str, timeout: std::time::Duration) -> Result<tonic::transport::Channel, String> {
-    with_keepalive(endpoint(address)?.connect_timeout(timeout)).connect().await.map_err(|_| "unreachable".to_string())
+/// A connection to `address` (`host:port` or a URL), pinging its server and presenting
+/// `credentials` on every call; the error says why not.
+pub async fn connect(address: &str, timeout: std::time::Duration, credentials: &Credentials) -> Result<Authed, String> {
+    let channel = with_keepalive(endpoint(address)?.connect_timeout(timeout)).connect().await.map_err(|_| "unreachable".to_string())?;
+    Ok(auth::authed(channel, credentials))
 }
 
 /// A connection to the leading coordinator, found from `addresses` (any of a cluster's
@@ -57,10 +62,11 @@ pub async fn connect(address: &str, timeout: std::time::Duration) -> Result<toni
 pub async fn connect_leader(
     addresses: &[String],
     connect_timeout: std::time::Duration,
-) -> Result<(String, tonic::transport::Channel), String> {
+    credentials: &Credentials,
+) -> Result<(String, Authed), String> {
     let mut answers = Vec::new();
     for address in addresses {
-        let channel = match connect(address, connect_timeout).await {
+        let channel = match connect(address, connect_timeout, credentials).await {
             Ok(c) => c,
             Err(e) => {
                 answers.push(format!("{address}: {e}"));
@@ -82,7 +88,7 @@ pub async fn connect_leader(
             answers.push(format!("{address}: knows no leader"));
             continue;
         }
-        match connect(&view.leader_address, connect_timeout).await {
+        match connect(&view.leader_address, connect_timeout, credentials).await {
             Ok(c) => return Ok((view.leader_address, c)),
             Err(e) => answers.push(format!("{address}: the leader is at {}, which is {e}", view.leader_address)),
         }

@@ -173,6 +173,7 @@ mod tests {
     async fn a_blocked_input_backpressures_its_sender_and_the_others_flow() {
         let inboxes = crate::exchange::Inboxes::default();
         let key = ("job".to_string(), 1, eddy_jobs::TaskId { vertex: 1, subtask: 0 });
+        inboxes.fence("job", 1, [key.2]);
         let mut inputs = inboxes.receivers(&key, 2).unwrap();
         let (early, late) = (inboxes.sender(&key, 0, 2).unwrap(), inboxes.sender(&key, 1, 2).unwrap());
         let mut a = Aligner::new(2);

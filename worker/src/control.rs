@@ -29,6 +29,7 @@ use tracing::{info, warn};
 
 use crate::checkpoint::Storage;
 use crate::config::WorkerConfig;
+use crate::error::TaskError;
 use crate::exchange::{Inboxes, Peers};
 use crate::operator::TaskMetrics;
 use crate::task::{self, TaskCommand, TaskContext};
@@ -84,10 +85,11 @@ impl Control {
     pub fn new(config: Arc<WorkerConfig>, inboxes: Inboxes, shutdown: CancellationToken, tasks: tokio::runtime::Handle) -> Control {
         let (reports, reports_rx) = mpsc::unbounded_channel();
         let (done, done_rx) = mpsc::channel(256);
+        let peers = Peers::new(eddy_proto::Credentials(config.secret.clone()));
         Control {
             config,
             inboxes,
-            peers: Peers::default(),
+            peers,
             jobs: HashMap::new(),
             shutdown,
             tasks,
@@ -234,9 +236,13 @@ impl Control {
     /// Finds the leading coordinator and registers with it: its address, the session's report
     /// sender and order stream, and the heartbeat interval it asks for.
     async fn register(&self) -> anyhow::Result<(String, mpsc::Sender<WorkerMessage>, tonic::Streaming<CoordinatorMessage>, Duration)> {
-        let (leader, channel) = eddy_proto::connect_leader(&self.config.coordinators(), Duration::from_secs(3))
-            .await
-            .map_err(|answers| anyhow::anyhow!("no coordinator leads: {answers}"))?;
+        let (leader, channel) = eddy_proto::connect_leader(
+            &self.config.coordinators(),
+            Duration::from_secs(3),
+            &eddy_proto::Credentials(self.config.secret.clone()),
+        )
+        .await
+        .map_err(|answers| anyhow::anyhow!("no coordinator leads: {answers}"))?;
         let mut client = ClusterServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<WorkerMessage>(64);
         tx.send(WorkerMessage {
@@ -279,16 +285,49 @@ impl Control {
             existing.cancel.cancel();
             self.inboxes.remove(&d.job_id, existing.attempt);
         }
-        self.inboxes.fence(&d.job_id, d.attempt);
+        self.inboxes.fence(&d.job_id, d.attempt, d.task_ids.iter().filter_map(|t| t.parse().ok()));
         let cancel = self.shutdown.child_token();
-        let plan = eddy_jobs::compile_with_parallelism(&d.spec, (d.parallelism > 0).then_some(d.parallelism))
-            .map_err(|e| e.to_string())
+        let parallelism = (d.parallelism > 0).then_some(d.parallelism);
+        let plan = eddy_jobs::compile_with_parallelism(&d.spec, parallelism)
+            .map_err(|e| TaskError::internal(format!("cannot plan the job on this worker: {e}")))
             .and_then(|p| match (p.fingerprint(), d.plan_fingerprint) {
-                (ours, theirs) if theirs != 0 && ours != theirs => Err(format!(
+                (ours, theirs) if theirs != 0 && ours != theirs => Err(TaskError::internal(format!(
                     "this worker plans the spec differently from the coordinator (plan {ours:016x}, the coordinator's \
                      {theirs:016x}): run the same version of Eddy on the coordinator and every worker"
-                )),
+                ))),
                 _ => Ok(p),
+            })
+            .and_then(|p| {
+                // `${worker:VAR}` references, resolved from this worker's environment: the plan
+                // that runs holds their values, the one compared above their names.
+                let names = eddy_jobs::worker_references(&d.spec);
+                if names.is_empty() {
+                    return Ok(p);
+                }
+                let worker = &self.config.worker_id;
+                // Only what the worker lends to jobs: not its own secrets or credentials.
+                if let Some(name) = names.iter().find(|n| !self.config.job_env.iter().any(|lent| lent == *n)) {
+                    return Err(TaskError::user(format!(
+                        "worker {worker} lends no `{name}` to jobs: start it with --job-env {name} (EDDY_JOB_ENV) to let \
+                         `${{worker:{name}}}` read it"
+                    )));
+                }
+                let values: Vec<(&str, String)> = names.iter().filter_map(|n| Some((*n, std::env::var(n).ok()?))).collect();
+                let value = |name: &str| values.iter().find(|(n, _)| *n == name).map(|(_, v)| v.clone());
+                eddy_jobs::substitute_worker_env(&d.spec, value)
+                    .and_then(|spec| eddy_jobs::compile_with_parallelism(&spec, parallelism))
+                    .map_err(|e| {
+                        // An error may quote a value: it shows as the reference it came from.
+                        let mut message = format!("{e} (worker {worker})");
+                        for (name, v) in values.iter().filter(|(_, v)| !v.is_empty()) {
+                            message = message.replace(v.as_str(), &format!("${{worker:{name}}}"));
+                        }
+                        TaskError::user(message)
+                    })
+            })
+            .and_then(|p| {
+                let refusal = |e| TaskError::user(format!("worker {} does not run this job: {e}", self.config.worker_id));
+                self.config.permits(&p.reach()).map_err(refusal).map(|()| p)
             });
         let released = Arc::new(AtomicBool::new(false));
         let mut job = RunningJob { attempt: d.attempt, cancel: cancel.clone(), released: released.clone(), tasks: HashMap::new() };
@@ -316,9 +355,9 @@ impl Control {
             let (plan, storage) = match (&plan, &storage) {
                 (Ok(p), None | Some(Ok(_))) => (Arc::new(p.clone()), storage.as_ref().and_then(|s| s.as_ref().ok()).cloned()),
                 (Err(e), _) => {
-                    // The coordinator validated this spec; a failure here means mismatched versions.
-                    let r = Err(crate::error::TaskError::internal(format!("cannot plan the job on this worker: {e}")));
-                    done.send(Finished { job_id: d.job_id.clone(), attempt: d.attempt, task, result: Some(r) }).await?;
+                    // Mismatched versions, a `${worker:VAR}` unset here, or a file or host this
+                    // worker does not allow.
+                    done.send(Finished { job_id: d.job_id.clone(), attempt: d.attempt, task, result: Some(Err(e.clone())) }).await?;
                     continue;
                 }
                 (_, Some(Err(e))) => {

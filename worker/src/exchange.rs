@@ -8,7 +8,7 @@
 //! (forward, rebalance, hash by key group, broadcast, global) into per-receiver buffers bounded by
 //! rows and bytes, and flushes them when full, before control messages, or after a short linger.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,12 +16,12 @@ use eddy_jobs::plan::{Partition, Plan, Port};
 use eddy_jobs::TaskId;
 use eddy_proto::data_service_client::DataServiceClient;
 use eddy_proto::data_service_server::DataService;
-use eddy_proto::{ChannelHeader, ExchangeAck, ExchangeFrame};
+use eddy_proto::{Authed, ChannelHeader, Credentials, ExchangeAck, ExchangeFrame};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::batch::{row_bytes, Batch, Message};
@@ -81,6 +81,10 @@ struct InboxTable {
     attempts: HashMap<String, u64>,
     /// How many inputs each inbox has, as the first sender or the task said.
     inputs: HashMap<InboxKey, usize>,
+    /// The tasks the coordinator deployed here, per job attempt: only their inboxes exist.
+    placed: HashMap<(String, u64), HashSet<TaskId>>,
+    /// Inputs a stream from another worker feeds: one stream each.
+    streamed: HashSet<(InboxKey, usize)>,
 }
 
 /// Why an inbox refuses a sender.
@@ -94,12 +98,19 @@ pub enum Refused {
     PlansDiffer { task: TaskId, known: usize, said: usize },
     #[error("the inputs of task {task} are already taken: the task runs twice in one attempt")]
     AlreadyTaken { task: TaskId },
+    #[error("task {task} of this job attempt is not deployed on this worker")]
+    NotPlacedHere { task: TaskId },
+    #[error("input {input} of task {task} is already fed by another stream")]
+    InputStreamed { task: TaskId, input: usize },
 }
 
-/// The inboxes of this worker's tasks, created by whichever comes first: the task, or a sender.
+/// The inboxes of this worker's tasks, created by whichever comes first: the task, or a sender,
+/// and only for the tasks deployed here.
 #[derive(Clone, Default)]
 pub struct Inboxes {
     inner: Arc<Mutex<InboxTable>>,
+    /// Woken when tasks are deployed here (a stream may arrive before its task's deployment).
+    deployed: Arc<tokio::sync::Notify>,
 }
 
 impl Inboxes {
@@ -110,9 +121,15 @@ impl Inboxes {
 
     /// A sender into input `input` of the inbox of `key`, a task with `inputs` inputs.
     pub fn sender(&self, key: &InboxKey, input: usize, inputs: usize) -> std::result::Result<mpsc::Sender<Delivery>, Refused> {
-        let mut t = self.table();
+        Self::sender_in(&mut self.table(), key, input, inputs)
+    }
+
+    fn sender_in(t: &mut InboxTable, key: &InboxKey, input: usize, inputs: usize) -> std::result::Result<mpsc::Sender<Delivery>, Refused> {
         if t.attempts.get(&key.0).is_some_and(|&a| a > key.1) {
             return Err(Refused::Superseded);
+        }
+        if !t.placed.get(&(key.0.clone(), key.1)).is_some_and(|tasks| tasks.contains(&key.2)) {
+            return Err(Refused::NotPlacedHere { task: key.2 });
         }
         let known = *t.inputs.entry(key.clone()).or_insert(inputs);
         if known != inputs {
@@ -145,12 +162,53 @@ impl Inboxes {
         Ok(Inputs { receivers, next: 0 })
     }
 
-    /// Records that `attempt` is the newest of `job`, dropping inboxes of older attempts.
-    pub fn fence(&self, job: &str, attempt: u64) {
+    /// A sender into input `input` of `key`'s inbox for a stream from another worker: like
+    /// [`Inboxes::sender`], and only one stream per input, so that no second stream can slip
+    /// rows or control messages between the real sender's.
+    pub fn stream_sender(&self, key: &InboxKey, input: usize, inputs: usize) -> std::result::Result<mpsc::Sender<Delivery>, Refused> {
+        let mut t = self.table();
+        if t.streamed.contains(&(key.clone(), input)) {
+            return Err(Refused::InputStreamed { task: key.2, input });
+        }
+        let tx = Self::sender_in(&mut t, key, input, inputs)?;
+        t.streamed.insert((key.clone(), input));
+        Ok(tx)
+    }
+
+    /// Like [`Inboxes::stream_sender`], waiting up to `patience` for the task to be deployed here
+    /// (its upstream may have been deployed, and started sending, first).
+    pub async fn stream_sender_when_placed(
+        &self,
+        key: &InboxKey,
+        input: usize,
+        inputs: usize,
+        patience: Duration,
+    ) -> std::result::Result<mpsc::Sender<Delivery>, Refused> {
+        let deadline = Instant::now() + patience;
+        loop {
+            // Listening before looking, so that a deployment in between is not missed.
+            let deployed = self.deployed.notified();
+            match self.stream_sender(key, input, inputs) {
+                Err(Refused::NotPlacedHere { .. }) if Instant::now() < deadline => {
+                    let _ = tokio::time::timeout_at(deadline, deployed).await;
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// Records that `attempt` is the newest of `job`, dropping inboxes of older attempts, and
+    /// that `tasks` of it are deployed here.
+    pub fn fence(&self, job: &str, attempt: u64, tasks: impl IntoIterator<Item = TaskId>) {
         let mut t = self.table();
         t.attempts.insert(job.to_string(), attempt);
         t.slots.retain(|(k, _), _| k.0 != job || k.1 >= attempt);
         t.inputs.retain(|k, _| k.0 != job || k.1 >= attempt);
+        t.streamed.retain(|(k, _)| k.0 != job || k.1 >= attempt);
+        t.placed.retain(|(j, a), _| j != job || *a >= attempt);
+        t.placed.entry((job.to_string(), attempt)).or_default().extend(tasks);
+        drop(t);
+        self.deployed.notify_waiters();
     }
 
     /// Drops every inbox of a job attempt.
@@ -158,6 +216,8 @@ impl Inboxes {
         let mut t = self.table();
         t.slots.retain(|(k, _), _| k.0 != job || k.1 != attempt);
         t.inputs.retain(|k, _| k.0 != job || k.1 != attempt);
+        t.streamed.retain(|(k, _)| k.0 != job || k.1 != attempt);
+        t.placed.remove(&(job.to_string(), attempt));
     }
 }
 
@@ -204,11 +264,17 @@ impl Inputs {
 /// gRPC clients to other workers' data services, one connection per address.
 #[derive(Clone, Default)]
 pub struct Peers {
-    channels: Arc<Mutex<HashMap<String, Channel>>>,
+    channels: Arc<Mutex<HashMap<String, Authed>>>,
+    credentials: Credentials,
 }
 
 impl Peers {
-    fn client(&self, address: &str) -> Result<DataServiceClient<Channel>> {
+    /// Clients presenting `credentials` to the workers they reach.
+    pub fn new(credentials: Credentials) -> Peers {
+        Peers { channels: Arc::default(), credentials }
+    }
+
+    fn client(&self, address: &str) -> Result<DataServiceClient<Authed>> {
         let mut map = self.channels.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(c) = map.get(address) {
             return Ok(DataServiceClient::new(c.clone()));
@@ -217,7 +283,7 @@ impl Peers {
             .map_err(|e| TaskError::internal(format!("bad worker address `{address}`: {e}")))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true);
-        let channel = eddy_proto::with_keepalive(endpoint).connect_lazy();
+        let channel = eddy_proto::auth::authed(eddy_proto::with_keepalive(endpoint).connect_lazy(), &self.credentials);
         map.insert(address.to_string(), channel.clone());
         Ok(DataServiceClient::new(channel))
     }
@@ -429,6 +495,12 @@ async fn flush_one(edge: &mut EdgeOutputs, target: usize) -> Result<()> {
     edge.outputs[target].send(Message::Data(batch)).await
 }
 
+/// How long a stream for a task not (yet) deployed here waits for its deployment before it is
+/// closed: the coordinator deploys a job's tasks to all its workers at once, so a real sender
+/// waits milliseconds (seconds on a worker busy restoring); one naming a task never deployed
+/// here holds nothing once closed.
+const DEPLOY_PATIENCE: Duration = Duration::from_secs(30);
+
 /// The worker's gRPC data service: feeds remote senders' frames into local inboxes.
 pub struct DataServer {
     /// Where frames go.
@@ -446,9 +518,11 @@ impl DataService for DataServer {
             .ok_or_else(|| Status::invalid_argument("the first exchange frame must carry a header"))?;
         let task: TaskId = header.task_id.parse().map_err(Status::invalid_argument)?;
         let input = header.input as usize;
+        let key = (header.job_id.clone(), header.attempt, task);
         let tx = self
             .inboxes
-            .sender(&(header.job_id.clone(), header.attempt, task), input, header.inputs as usize)
+            .stream_sender_when_placed(&key, input, header.inputs as usize, DEPLOY_PATIENCE)
+            .await
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         while let Some(frame) = frames.message().await? {
             let msg = codec::decode(&frame.payload).map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -513,6 +587,8 @@ connector = "discard"
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
         let receiver = |subtask| TaskId { vertex: to, subtask };
+        here.fence("job", 1, [receiver(0)]);
+        there.fence("job", 1, [receiver(1)]);
         let placement = HashMap::from([(receiver(0), "here".to_string()), (receiver(1), address)]);
         let peers = Peers::default();
         let wiring = Wiring {
@@ -559,6 +635,7 @@ connector = "discard"
     async fn an_input_out_of_range_is_refused_not_left_waiting() {
         let inboxes = Inboxes::default();
         let key = ("job".to_string(), 1, TaskId { vertex: 2, subtask: 0 });
+        inboxes.fence("job", 1, [key.2]);
         assert!(inboxes.sender(&key, 0, 2).is_ok());
         let e = inboxes.sender(&key, 2, 2).unwrap_err();
         assert_eq!(e.to_string(), "input 2 is out of range: task 2.0 has 2 inputs");
@@ -574,7 +651,40 @@ connector = "discard"
         assert!(tx.try_send(Delivery { input: 1, msg: Message::Watermark(99) }).is_err());
         assert_eq!(inputs.recv(|_| false).await.unwrap().input, 1);
         assert_eq!(inbox_capacity(64), 2);
-        inboxes.fence("job", 2);
+        inboxes.fence("job", 2, []);
         assert_eq!(inboxes.sender(&key, 0, 2).unwrap_err(), Refused::Superseded);
+    }
+
+    /// Only the tasks deployed here have inboxes: a stream naming another task (or job, or
+    /// attempt) waits a moment for a deployment, then is refused and leaves nothing behind; a
+    /// second stream into an input already fed is refused too.
+    #[tokio::test(start_paused = true)]
+    async fn streams_reach_only_tasks_deployed_here_one_per_input() {
+        let inboxes = Inboxes::default();
+        let placed = TaskId { vertex: 2, subtask: 0 };
+        let key = |job: &str, attempt, task| (job.to_string(), attempt, task);
+        let patience = Duration::from_secs(10);
+
+        // Deployed while the stream waits: it gets its input.
+        let waiting = tokio::spawn({
+            let inboxes = inboxes.clone();
+            async move { inboxes.stream_sender_when_placed(&key("job", 1, placed), 0, 1, patience).await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        inboxes.fence("job", 1, [placed]);
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        assert_eq!(inboxes.stream_sender(&key("job", 1, placed), 0, 1).unwrap_err(), Refused::InputStreamed { task: placed, input: 0 });
+
+        // Never deployed: refused once the patience runs out, and no inbox was made for it.
+        let other = TaskId { vertex: 2, subtask: 1 };
+        let started = Instant::now();
+        for k in [key("job", 1, other), key("job", 7, placed), key("forged", 1, placed)] {
+            assert!(matches!(inboxes.stream_sender_when_placed(&k, 0, 1, patience).await, Err(Refused::NotPlacedHere { .. })), "{k:?}");
+        }
+        assert_eq!(started.elapsed(), patience * 3);
+        let table = inboxes.table();
+        assert_eq!(table.slots.keys().map(|(k, _)| k.clone()).collect::<Vec<_>>(), [key("job", 1, placed)]);
+        assert_eq!(table.inputs.len(), 1);
+        assert_eq!(table.streamed.len(), 1, "only the stream let in holds its input");
     }
 }

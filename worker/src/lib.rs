@@ -46,7 +46,10 @@ pub async fn run(config: WorkerConfig, data_listener: TcpListener, shutdown: Can
     let server = eddy_proto::server()
         .initial_stream_window_size(exchange::STREAM_WINDOW)
         .initial_connection_window_size(exchange::CONNECTION_WINDOW)
-        .add_service(DataServiceServer::new(exchange::DataServer { inboxes: inboxes.clone() }))
+        .add_service(eddy_proto::auth::guarded(
+            DataServiceServer::new(exchange::DataServer { inboxes: inboxes.clone() }),
+            &eddy_proto::Guard(config.secret.clone()),
+        ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(data_listener), shutdown.clone().cancelled_owned());
     let control = control::Control::new(config, inboxes, shutdown.clone(), tokio::runtime::Handle::current());
     let (done_tx, done) = tokio::sync::oneshot::channel();

@@ -12,8 +12,8 @@ struct Args {
     /// finds the leader, and the next one after a failover).
     #[arg(long, env = "EDDY_COORDINATOR", default_value = "127.0.0.1:6123")]
     coordinator: String,
-    /// Address to serve the data exchange on: loopback unless told otherwise. The exchange has
-    /// no authentication yet, so serve other hosts (`0.0.0.0:6124`) on a trusted network only.
+    /// Address to serve the data exchange on: loopback unless told otherwise. Another address
+    /// (`0.0.0.0:6124`) needs the cluster's secret (EDDY_SECRET_FILE or EDDY_SECRET).
     #[arg(long, env = "EDDY_DATA_LISTEN", default_value = "127.0.0.1:6124")]
     listen: String,
     /// Address other workers use to reach this one (default: the bound address, or the hostname
@@ -31,6 +31,22 @@ struct Args {
     /// where dead workers' folders are removed).
     #[arg(long, env = "EDDY_STATE_DIR")]
     state_dir: Option<std::path::PathBuf>,
+    /// A file holding the cluster's secret, presented to the coordinator and other workers and
+    /// required of them (or set EDDY_SECRET to the secret itself).
+    #[arg(long, env = "EDDY_SECRET_FILE")]
+    secret_file: Option<std::path::PathBuf>,
+    /// A directory whose files jobs may read and write (file sources and sinks, dead letters);
+    /// repeat it, or comma-separate them. Default: `eddy` in the system's temporary directory.
+    #[arg(long = "allow-dir", env = "EDDY_ALLOW_DIRS", value_delimiter = ',')]
+    allow_dirs: Vec<std::path::PathBuf>,
+    /// Hosts jobs may connect to (`name`, or `*.domain` for any name under it), comma-separated;
+    /// default: any.
+    #[arg(long, env = "EDDY_ALLOW_HOSTS", value_delimiter = ',')]
+    allow_hosts: Vec<String>,
+    /// Environment variables of this worker that jobs may read as `${worker:NAME}` (a password
+    /// kept out of specs), comma-separated; no other is lent.
+    #[arg(long, env = "EDDY_JOB_ENV", value_delimiter = ',')]
+    job_env: Vec<String>,
 }
 
 #[tokio::main]
@@ -43,10 +59,12 @@ async fn main() -> anyhow::Result<()> {
     if args.slots == 0 {
         anyhow::bail!("--slots must be at least 1");
     }
+    let secret = eddy_proto::Secret::load(args.secret_file.as_deref()).map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}; pick a free address with --listen", args.listen))?;
     let bound = listener.local_addr()?;
+    eddy_proto::Guard(secret.clone()).check_listen(bound).map_err(anyhow::Error::msg)?;
     let advertised = match args.advertise {
         Some(a) => a,
         None if bound.ip().is_unspecified() => {
@@ -79,7 +97,24 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(removed, parent = %parent.display(), "removed dead workers' state directories");
         }
     }
-    let config = WorkerConfig { worker_id, coordinator: args.coordinator, slots: args.slots, advertised_address: advertised, state_dir };
+    let allowed_dirs = if args.allow_dirs.is_empty() { vec![WorkerConfig::default_allowed_dir()] } else { args.allow_dirs };
+    for dir in &allowed_dirs {
+        // Made if missing, for this user alone (the default is under the shared temporary dir).
+        std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+            .create(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create --allow-dir {}: {e}", dir.display()))?;
+    }
+    let config = WorkerConfig {
+        worker_id,
+        coordinator: args.coordinator,
+        slots: args.slots,
+        advertised_address: advertised,
+        state_dir,
+        secret,
+        allowed_dirs,
+        allowed_hosts: args.allow_hosts.into_iter().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect(),
+        job_env: args.job_env.into_iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),
+    };
     eddy_worker::run(config, listener, shutdown).await
 }
 

@@ -421,9 +421,13 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    /// Checks at once that the file (if any) can be appended to.
+    /// Checks at once that the file (if any) can be appended to, creating its directory.
     pub fn open(who: &'static str, path: Option<&str>, metrics: Arc<TaskMetrics>) -> Result<DeadLetters> {
         if let Some(path) = path {
+            if let Some(dir) = std::path::Path::new(path).parent().filter(|d| !d.as_os_str().is_empty()) {
+                // A failure shows in the open below, with the file named.
+                let _ = std::fs::create_dir_all(dir);
+            }
             std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| {
                 TaskError::user(format!("{who}: dead-letter file `{path}`: {e}; check that its directory exists and is writable"))
             })?;

@@ -23,12 +23,14 @@ pub struct GrpcTransport {
     runtime: tokio::runtime::Handle,
     inputs: Sender<Input>,
     peers: HashMap<u64, (String, mpsc::UnboundedSender<Message>)>,
+    credentials: eddy_proto::Credentials,
 }
 
 impl GrpcTransport {
-    /// A transport spawning its senders on `runtime`, reporting unreachable peers to `inputs`.
-    pub fn new(runtime: tokio::runtime::Handle, inputs: Sender<Input>) -> GrpcTransport {
-        GrpcTransport { runtime, inputs, peers: HashMap::new() }
+    /// A transport spawning its senders on `runtime`, reporting unreachable peers to `inputs`,
+    /// presenting `credentials` to them.
+    pub fn new(runtime: tokio::runtime::Handle, inputs: Sender<Input>, credentials: eddy_proto::Credentials) -> GrpcTransport {
+        GrpcTransport { runtime, inputs, peers: HashMap::new(), credentials }
     }
 }
 
@@ -41,7 +43,7 @@ impl Transport for GrpcTransport {
                 Some((_, tx)) => tx.clone(),
                 None => {
                     let (tx, rx) = mpsc::unbounded_channel();
-                    self.runtime.spawn(send_to(m.to, address.clone(), rx, self.inputs.clone()));
+                    self.runtime.spawn(send_to(m.to, address.clone(), rx, self.inputs.clone(), self.credentials.clone()));
                     self.peers.insert(m.to, (address.clone(), tx.clone()));
                     tx
                 }
@@ -54,7 +56,13 @@ impl Transport for GrpcTransport {
 /// Messages a peer is sent in one call, at most.
 const BATCH: usize = 256;
 
-async fn send_to(to: u64, address: String, mut messages: mpsc::UnboundedReceiver<Message>, inputs: Sender<Input>) {
+async fn send_to(
+    to: u64,
+    address: String,
+    mut messages: mpsc::UnboundedReceiver<Message>,
+    inputs: Sender<Input>,
+    credentials: eddy_proto::Credentials,
+) {
     let endpoint = match eddy_proto::endpoint(&address) {
         Ok(e) => e.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(3)),
         Err(e) => {
@@ -62,12 +70,18 @@ async fn send_to(to: u64, address: String, mut messages: mpsc::UnboundedReceiver
             return;
         }
     };
-    let mut client = RaftServiceClient::new(eddy_proto::with_keepalive(endpoint).connect_lazy()).max_decoding_message_size(64 << 20);
+    let channel = eddy_proto::auth::authed(eddy_proto::with_keepalive(endpoint).connect_lazy(), &credentials);
+    let mut client = RaftServiceClient::new(channel).max_decoding_message_size(64 << 20);
     let mut batch = Vec::new();
     while messages.recv_many(&mut batch, BATCH).await > 0 {
         let encoded = batch.drain(..).filter_map(|m| m.write_to_bytes().ok()).collect();
         if let Err(e) = client.step(RaftMessages { messages: encoded }).await {
-            debug!(to, address, error = %e, "a coordinator did not take raft messages");
+            if e.code() == tonic::Code::Unauthenticated {
+                // Not a passing fault: the coordinators were given different secrets.
+                tracing::warn!(to, address, error = %e.message(), "a coordinator refused this one's cluster secret");
+            } else {
+                debug!(to, address, error = %e, "a coordinator did not take raft messages");
+            }
             let _ = inputs.send(Input::Unreachable(to));
         }
     }

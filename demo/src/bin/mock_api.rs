@@ -6,7 +6,8 @@ use clap::Parser;
 use eddy_demo::mock_api::{run, MockConfig};
 
 /// Accepts `POST /events` (deduplicated by `Idempotency-Key`); `GET /stats` and `GET /events`
-/// report what it saw.
+/// report what it saw. With EDDY_MOCK_API_PASSWORD set, a POST must carry that password in basic
+/// auth.
 #[derive(Parser)]
 #[command(name = "eddy-mock-api", version)]
 struct Args {
@@ -35,8 +36,15 @@ async fn main() -> anyhow::Result<()> {
         tokio::net::TcpListener::bind(&args.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     // Tests read this line to learn the port.
     println!("eddy-mock-api listening on {}", listener.local_addr()?);
-    let config =
-        MockConfig { fail_every: args.fail_every, latency: Duration::from_millis(args.latency_ms), log: args.log, resume: args.resume };
+    // From the environment, not a flag: a flag shows in every process listing.
+    let password = std::env::var("EDDY_MOCK_API_PASSWORD").ok().filter(|p| !p.is_empty());
+    let config = MockConfig {
+        fail_every: args.fail_every,
+        latency: Duration::from_millis(args.latency_ms),
+        log: args.log,
+        resume: args.resume,
+        password,
+    };
     run(listener, config, shutdown_signal()).await
 }
 

@@ -110,6 +110,9 @@ impl HttpSink {
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
             .pool_max_idle_per_host(o.concurrency.max(1))
+            // A redirect is an answer like any other (refused, see `classify_status`): following
+            // it would reach a host the worker's --allow-hosts never checked.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| TaskError::internal(format!("http sink: building the HTTP client: {e}")))?;
         Ok(HttpSink {

@@ -1,0 +1,170 @@
+//! The cluster's shared secret: every gRPC call between Eddy's processes (the CLI's job API, a
+//! worker's control stream, the data exchange between workers, raft between coordinators) carries
+//! it, and a process that has one refuses calls without it.
+//!
+//! The secret travels as a bearer token in each call's metadata, compared in constant time. A
+//! token rather than mutual TLS: one value to hand to every process (a file, or the environment),
+//! no certificate authority to run, and the same check on every listener. What it does not give
+//! is secrecy on the wire: on a network others can read, put the cluster behind TLS or a private
+//! network, since the token itself is sent in the clear otherwise.
+
+use std::sync::Arc;
+
+use tonic::service::Interceptor;
+use tonic::{Request, Status};
+
+/// The environment variable naming a file that holds the secret (preferred: it shows in no
+/// process listing or environment dump).
+pub const SECRET_FILE_VAR: &str = "EDDY_SECRET_FILE";
+/// The environment variable holding the secret itself.
+pub const SECRET_VAR: &str = "EDDY_SECRET";
+/// Fewest characters a secret may have.
+const MIN_LEN: usize = 16;
+const HEADER: &str = "authorization";
+
+/// How to make a secret, for the messages that ask for one.
+pub const HOW_TO_SET: &str = "create one with `(umask 077; head -c 32 /dev/urandom | base64 > eddy.secret)` and give every \
+     coordinator, worker and `eddy` command EDDY_SECRET_FILE=eddy.secret (or the value itself in EDDY_SECRET)";
+
+/// A cluster secret. Its `Debug` shows no part of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Arc<str>);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl Secret {
+    /// A secret from its text (surrounding whitespace, such as a file's last newline, dropped):
+    /// at least 16 visible ASCII characters, so that it fits a header and is not guessed.
+    pub fn new(text: &str) -> Result<Secret, String> {
+        let text = text.trim();
+        if text.len() < MIN_LEN || !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(format!("a cluster secret is at least {MIN_LEN} visible ASCII characters, without spaces; {HOW_TO_SET}"));
+        }
+        Ok(Secret(text.into()))
+    }
+
+    /// The secret in `file` if given, else in the file named by `EDDY_SECRET_FILE`, else in
+    /// `EDDY_SECRET`; none if neither is set.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Option<Secret>, String> {
+        let file = file.map(std::path::PathBuf::from).or_else(|| std::env::var_os(SECRET_FILE_VAR).map(Into::into));
+        if let Some(path) = file {
+            let text =
+                std::fs::read_to_string(&path).map_err(|e| format!("cannot read the cluster secret from {}: {e}", path.display()))?;
+            return Secret::new(&text).map(Some).map_err(|e| format!("{}: {e}", path.display()));
+        }
+        match std::env::var(SECRET_VAR) {
+            Ok(text) => Secret::new(&text).map(Some).map_err(|e| format!("{SECRET_VAR}: {e}")),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// Whether `given` is this secret, in time that does not depend on where they differ.
+    fn matches(&self, given: &[u8]) -> bool {
+        let ours = self.0.as_bytes();
+        ours.len() == given.len() && ours.iter().zip(given).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+/// What a process presents on its calls: the cluster's secret, if it has one.
+#[derive(Clone, Debug, Default)]
+pub struct Credentials(pub Option<Secret>);
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(secret) = &self.0 {
+            let value = format!("Bearer {}", secret.0).parse().map_err(|_| Status::internal("the cluster secret is not a valid header"))?;
+            request.metadata_mut().insert(HEADER, value);
+        }
+        Ok(request)
+    }
+}
+
+/// What a listener lets in: calls carrying the cluster's secret, or any call when it has none.
+#[derive(Clone, Debug, Default)]
+pub struct Guard(pub Option<Secret>);
+
+impl Guard {
+    /// Refuses to serve `address` beyond this host without a secret: anyone who reached it could
+    /// run jobs, join as a worker or feed rows into running jobs.
+    pub fn check_listen(&self, address: std::net::SocketAddr) -> Result<(), String> {
+        if self.0.is_none() && !address.ip().is_loopback() {
+            return Err(format!(
+                "refusing to listen on {address} without a cluster secret: anyone who reaches it could submit jobs, join as a \
+                 worker or inject rows. Listen on 127.0.0.1, or {HOW_TO_SET}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Interceptor for Guard {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(secret) = &self.0 else { return Ok(request) };
+        match request.metadata().get(HEADER).map(|v| v.as_bytes().strip_prefix(b"Bearer ")) {
+            Some(Some(given)) if secret.matches(given) => Ok(request),
+            Some(_) => Err(Status::unauthenticated(
+                "wrong cluster secret: give this caller the secret the cluster was started with (EDDY_SECRET_FILE or EDDY_SECRET)",
+            )),
+            None => Err(Status::unauthenticated(
+                "this Eddy cluster requires its secret: give this caller EDDY_SECRET_FILE (a file holding the secret) or EDDY_SECRET",
+            )),
+        }
+    }
+}
+
+/// A connection that presents the cluster's secret on every call.
+pub type Authed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Credentials>;
+
+/// `channel`, presenting `credentials` on every call.
+pub fn authed(channel: tonic::transport::Channel, credentials: &Credentials) -> Authed {
+    tonic::service::interceptor::InterceptedService::new(channel, credentials.clone())
+}
+
+/// `service`, serving only calls that `guard` lets in.
+pub fn guarded<S>(service: S, guard: &Guard) -> tonic::service::interceptor::InterceptedService<S, Guard> {
+    tonic::service::interceptor::InterceptedService::new(service, guard.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret() -> Secret {
+        Secret::new("0123456789abcdef-secret\n").unwrap()
+    }
+
+    #[test]
+    fn a_call_passes_only_with_the_secret() {
+        let mut guard = Guard(Some(secret()));
+        let signed = Credentials(Some(secret())).call(Request::new(())).unwrap();
+        assert!(guard.call(signed).is_ok());
+        let missing = guard.call(Request::new(())).unwrap_err();
+        assert_eq!(missing.code(), tonic::Code::Unauthenticated);
+        assert!(missing.message().contains("requires its secret"), "{}", missing.message());
+        let other = Credentials(Some(Secret::new("another-secret-of-ours").unwrap())).call(Request::new(())).unwrap();
+        assert!(guard.call(other).unwrap_err().message().contains("wrong cluster secret"));
+        // Without a secret a listener lets anything in (loopback only, see below).
+        assert!(Guard(None).call(Request::new(())).is_ok());
+    }
+
+    #[test]
+    fn short_or_spaced_secrets_are_refused_and_debug_hides_them() {
+        assert!(Secret::new("short").unwrap_err().contains("at least 16"));
+        assert!(Secret::new("has a space in the middle").is_err());
+        assert_eq!(format!("{:?}", Credentials(Some(secret()))), "Credentials(Some(Secret(***)))");
+    }
+
+    #[test]
+    fn only_loopback_listens_without_a_secret() {
+        let open = Guard(None);
+        assert!(open.check_listen("127.0.0.1:6123".parse().unwrap()).is_ok());
+        assert!(open.check_listen("[::1]:6123".parse().unwrap()).is_ok());
+        let e = open.check_listen("0.0.0.0:6123".parse().unwrap()).unwrap_err();
+        assert!(e.contains("EDDY_SECRET_FILE"), "{e}");
+        assert!(Guard(Some(secret())).check_listen("0.0.0.0:6123".parse().unwrap()).is_ok());
+    }
+}
