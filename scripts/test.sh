@@ -30,3 +30,5 @@ log "running tests"
 # coordinator kill, a PostgreSQL restart and outages; its seed is printed). `scripts/bench.sh chaos`
 # runs the long one.
 cargo test --workspace --no-fail-fast "$@"
+log "fuzzing each decoder of outside input briefly (scripts/fuzz.sh SECONDS for longer runs)"
+scripts/fuzz.sh 5

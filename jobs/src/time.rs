@@ -117,10 +117,16 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
         _ => {}
     }
     let mut c = Cur { b: s.trim().as_bytes(), i: 0 };
+    // An expanded year (signed) has at least 6 digits, and as many as a timestamp's range needs
+    // (years up to about 292 million): every timestamp formatted reads back.
+    let expanded = |c: &mut Cur| {
+        let digits = c.b[c.i..].iter().take_while(|b| b.is_ascii_digit()).count();
+        (6..=9).contains(&digits).then(|| c.num(digits)).flatten()
+    };
     let y = if c.eat(b'+') {
-        c.num(6)?
+        expanded(&mut c)?
     } else if c.eat(b'-') {
-        -c.num(6)?
+        -expanded(&mut c)?
     } else {
         c.num(4)?
     };
@@ -181,7 +187,9 @@ pub fn parse_timestamp(s: &str) -> Option<i64> {
         return None;
     }
     let days = days_from_civil(y, mo, d);
-    let total = ((days.checked_mul(24)? + h) * 60 + mi - offset_min).checked_mul(60_000)?.checked_add(sec * 1000 + ms)?;
+    // In i128: a day's start may lie beyond the range of a time late in that day.
+    let of_day = (((h * 60 + mi - offset_min) * 60 + sec) * 1000) + ms;
+    let total = i64::try_from(i128::from(days).checked_mul(86_400_000)? + i128::from(of_day)).ok()?;
     // The two extremes stand for ±infinity; a date that lands on them is out of range.
     (infinity(total).is_none()).then_some(total)
 }
@@ -407,9 +415,15 @@ mod tests {
             assert_eq!(parse_timestamp(text), Some(ms), "{text}");
             assert_eq!(parse_timestamp(&format_timestamp(ms)), Some(ms), "{}", format_timestamp(ms));
         }
-        // Far beyond what milliseconds hold: no value, not a wrapped one.
         let far = parse_timestamp("+999999-12-31T23:59:59Z").unwrap();
         assert_eq!(format_iso8601(far), "+999999-12-31T23:59:59.000Z");
-        assert_eq!(parse_timestamp("+99999999-01-01"), None);
+        // Beyond six year digits too (found by fuzzing: a JSON number of epoch milliseconds
+        // written back as text must read back), up to what milliseconds hold.
+        for ms in [1_568_888_888_888_888_174, -9_000_000_000_000_000_000, i64::MAX - 1, i64::MIN + 1] {
+            assert_eq!(parse_timestamp(&format_iso8601(ms)), Some(ms), "{}", format_iso8601(ms));
+        }
+        // Far beyond what milliseconds hold: no value, not a wrapped one.
+        assert_eq!(parse_timestamp("+999999999-01-01"), None);
+        assert_eq!(parse_timestamp("+1000000000-01-01"), None);
     }
 }
