@@ -5,7 +5,7 @@
 //! that broke.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -70,8 +70,8 @@ checkpoint_interval = "200ms"
 /// The cluster's secret in these tests: every call between the parts carries it.
 const SECRET: &str = "in-process-test-secret-0123456789";
 
-fn credentials(secret: Option<&str>) -> eddy_proto::Credentials {
-    eddy_proto::Credentials(secret.map(|s| eddy_proto::Secret::new(s).unwrap()))
+fn access(secret: Option<&str>) -> eddy_proto::Access {
+    eddy_proto::Access { secret: secret.map(|s| eddy_proto::Secret::new(s).unwrap()), ..Default::default() }
 }
 
 struct InProcess {
@@ -91,13 +91,18 @@ async fn listener() -> Result<(TcpListener, String)> {
 
 impl InProcess {
     async fn start(dir: &Path, workers: usize, slots: u32) -> Result<InProcess> {
+        InProcess::start_with(dir, workers, slots, access(Some(SECRET))).await
+    }
+
+    /// Every part (and the test's client) with `access`: the secret, and TLS if it has it.
+    async fn start_with(dir: &Path, workers: usize, slots: u32, access: eddy_proto::Access) -> Result<InProcess> {
         let shutdown = CancellationToken::new();
         let (coordinator_listener, coordinator_address) = listener().await?;
         let config = CoordinatorConfig {
             heartbeat_interval: Duration::from_millis(100),
             data_dir: Some(dir.join("coordinator")),
             restart_backoff: Duration::from_millis(50),
-            secret: credentials(Some(SECRET)).0,
+            access: access.clone(),
             ..CoordinatorConfig::default()
         };
         let coordinator = tokio::spawn(eddy_coordinator::run(config, coordinator_listener, shutdown.clone()));
@@ -111,7 +116,7 @@ impl InProcess {
                 slots,
                 advertised_address: data_address,
                 state_dir: dir.join(format!("w{i}")),
-                secret: credentials(Some(SECRET)).0,
+                access: access.clone(),
                 allowed_dirs: vec![dir.to_path_buf()],
                 allowed_hosts: Vec::new(),
                 job_env: Vec::new(),
@@ -119,9 +124,7 @@ impl InProcess {
             let stop = shutdown.child_token();
             started.push((stop.clone(), tokio::spawn(eddy_worker::run(config, data, stop))));
         }
-        let channel = eddy_proto::connect(&coordinator_address, Duration::from_secs(5), &credentials(Some(SECRET)))
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let channel = eddy_proto::connect(&coordinator_address, Duration::from_secs(5), &access).await.map_err(anyhow::Error::msg)?;
         let mut api = JobServiceClient::new(channel);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -246,7 +249,7 @@ async fn a_worker_that_leaves_mid_job_hands_its_tasks_over_from_the_last_checkpo
 /// A control stream registering worker `id` with the coordinator at `address`, presenting
 /// `secret`: the coordinator's first answer, or its refusal.
 async fn register(address: &str, secret: Option<&str>, id: &str) -> std::result::Result<CoordinatorMessage, tonic::Status> {
-    let channel = eddy_proto::connect(address, Duration::from_secs(5), &credentials(secret)).await.map_err(tonic::Status::unavailable)?;
+    let channel = eddy_proto::connect(address, Duration::from_secs(5), &access(secret)).await.map_err(tonic::Status::unavailable)?;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let register = Register { worker_id: id.into(), slots: 1000, data_address: "127.0.0.1:9".into() };
     tx.send(WorkerMessage { msg: Some(worker_message::Msg::Register(register)) }).await.unwrap();
@@ -265,9 +268,8 @@ async fn without_the_secret_nothing_is_let_in_and_a_live_worker_id_cannot_be_tak
     let cluster = InProcess::start(dir.path(), 1, 2).await?;
     let out = dir.path().join("out");
     for secret in [None, Some("a-wrong-secret-of-enough-length")] {
-        let channel = eddy_proto::connect(&cluster.coordinator_address, Duration::from_secs(5), &credentials(secret))
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let channel =
+            eddy_proto::connect(&cluster.coordinator_address, Duration::from_secs(5), &access(secret)).await.map_err(anyhow::Error::msg)?;
         let mut api = JobServiceClient::new(channel);
         let refused = api.submit(SubmitRequest { spec: spec(&out), from_savepoint: String::new() }).await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
@@ -278,9 +280,8 @@ async fn without_the_secret_nothing_is_let_in_and_a_live_worker_id_cannot_be_tak
         let refused = register(&cluster.coordinator_address, secret, "rogue").await.unwrap_err();
         assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
 
-        let channel = eddy_proto::connect(&cluster.data_addresses[0], Duration::from_secs(5), &credentials(secret))
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let channel =
+            eddy_proto::connect(&cluster.data_addresses[0], Duration::from_secs(5), &access(secret)).await.map_err(anyhow::Error::msg)?;
         let header = ChannelHeader { job_id: "any".into(), attempt: 1, task_id: "1.0".into(), input: 0, inputs: 1 };
         let frames = tokio_stream::iter([ExchangeFrame { header: Some(header), payload: Vec::new() }]);
         let refused = DataServiceClient::new(channel).exchange(frames).await.unwrap_err();
@@ -294,5 +295,58 @@ async fn without_the_secret_nothing_is_let_in_and_a_live_worker_id_cannot_be_tak
     assert!(refused.message().contains("w1"), "{}", refused.message());
     let workers = cluster.api.clone().list_workers(ListWorkersRequest {}).await?.into_inner().workers;
     assert_eq!(workers.iter().map(|w| (w.worker_id.as_str(), w.state.as_str(), w.slots)).collect::<Vec<_>>(), [("w1", "alive", 2)]);
+    cluster.stop().await
+}
+
+/// A CA and a certificate it signed for 127.0.0.1, made with `openssl` in `dir`: (certificate,
+/// key, CA certificate).
+fn certificates(dir: &Path, name: &str) -> Result<(PathBuf, PathBuf, PathBuf)> {
+    let run = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().context("running openssl")?;
+        anyhow::ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    let [ca, ca_key, key, csr, cert, ext] = [".ca.pem", ".ca.key", ".key", ".csr", ".pem", ".ext"].map(|suffix| format!("{name}{suffix}"));
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    run(&[&["req", "-x509"][..], &ec, &["-keyout", &ca_key, "-out", &ca, "-days", "2", "-subj", &format!("/CN={name}-ca")]].concat())?;
+    run(&[&["req"][..], &ec, &["-keyout", &key, "-out", &csr, "-subj", "/CN=127.0.0.1"]].concat())?;
+    std::fs::write(dir.join(&ext), "subjectAltName=IP:127.0.0.1,DNS:localhost\n")?;
+    run(&["x509", "-req", "-in", &csr, "-CA", &ca, "-CAkey", &ca_key, "-CAcreateserial", "-out", &cert, "-days", "2", "-extfile", &ext])?;
+    Ok((dir.join(cert), dir.join(key), dir.join(ca)))
+}
+
+/// With TLS from certificate files on every listener, a job spread over two workers (its
+/// exchange crossing between them) runs to its end exactly once; a client that does not trust
+/// the cluster's CA, or speaks plain HTTP/2 to it, gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_a_job_runs_and_clients_without_the_ca_get_nothing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cert, key, ca) = certificates(dir.path(), "cluster")?;
+    let tls = eddy_proto::Tls::load(Some(&cert), Some(&key), Some(&ca)).map_err(anyhow::Error::msg)?;
+    let mut cluster = InProcess::start_with(dir.path(), 2, 4, eddy_proto::Access { tls, ..access(Some(SECRET)) }).await?;
+    let out = dir.path().join("out");
+    let job = submit(&mut cluster, &out).await?;
+    let status = cluster.wait(&job, "the job to finish", |s| state(s) == "finished").await?;
+    let workers: HashSet<&str> = status.tasks.iter().map(|t| t.worker_id.as_str()).collect();
+    assert_eq!(workers.len(), 2, "spread over both workers: {:?}", status.tasks);
+    assert_exactly_once(&out)?;
+
+    // A client trusting another CA: refused in the handshake, which it names.
+    let (_, _, other_ca) = certificates(dir.path(), "other")?;
+    let other = eddy_proto::Tls::load(None, None, Some(&other_ca)).map_err(anyhow::Error::msg)?;
+    let refused = eddy_proto::connect(
+        &cluster.coordinator_address,
+        Duration::from_secs(5),
+        &eddy_proto::Access { tls: other, ..access(Some(SECRET)) },
+    )
+    .await
+    .map(|_| ())
+    .unwrap_err();
+    assert!(refused.contains("TLS"), "{refused}");
+    // Plain HTTP/2 to a TLS listener: no answer.
+    let plain = eddy_proto::connect(&cluster.coordinator_address, Duration::from_secs(5), &access(Some(SECRET))).await;
+    if let Ok(channel) = plain {
+        assert!(JobServiceClient::new(channel).list_jobs(ListJobsRequest {}).await.is_err(), "a plain call was answered");
+    }
     cluster.stop().await
 }

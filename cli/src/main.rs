@@ -26,6 +26,10 @@ struct Cli {
     /// the secret itself).
     #[arg(long, global = true, env = "EDDY_SECRET_FILE")]
     secret_file: Option<std::path::PathBuf>,
+    /// The CA certificate (PEM) that signed the coordinators' certificates, for a cluster
+    /// serving TLS.
+    #[arg(long, global = true, env = "EDDY_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -142,13 +146,17 @@ async fn main() -> ExitCode {
 }
 
 /// A client of the leading coordinator among those listed in `coordinator`.
-async fn connect(coordinator: &str, credentials: &Credentials) -> Result<JobServiceClient<Authed>, Failure> {
+async fn connect(coordinator: &str, access: &Access) -> Result<JobServiceClient<Authed>, Failure> {
     let addresses = eddy_proto::address_list(coordinator);
-    match eddy_proto::connect_leader(&addresses, std::time::Duration::from_secs(3), credentials).await {
+    match eddy_proto::connect_leader(&addresses, std::time::Duration::from_secs(3), access).await {
         Ok((_, channel)) => Ok(JobServiceClient::new(channel)),
         Err(answers) if answers.split("; ").all(|a| a.ends_with(": unreachable")) => Err(Failure::new(
             3,
             format!("cannot reach the coordinator at {coordinator}; start it, or point --coordinator / EDDY_COORDINATOR at it"),
+        )),
+        Err(answers) if answers.contains("(TLS: ") => Err(Failure::new(
+            3,
+            format!("cannot connect to the coordinator over TLS ({answers}); give the CA that signed its certificate (--tls-ca)"),
         )),
         Err(answers) if answers.contains("cluster secret") || answers.contains("requires its secret") => {
             Err(Failure::new(8, format!("the coordinator refused this command: {answers}")))
@@ -162,7 +170,7 @@ async fn connect(coordinator: &str, credentials: &Credentials) -> Result<JobServ
 async fn run(cli: &Cli) -> Result<(), Failure> {
     let coordinator = cli.coordinator.as_str();
     let rpc = |s| from_status(s, coordinator);
-    let credentials = Credentials(Secret::load(cli.secret_file.as_deref()).map_err(|e| Failure::new(2, e))?);
+    let access = Access::load(cli.secret_file.as_deref(), None, None, cli.tls_ca.as_deref()).map_err(|e| Failure::new(2, e))?;
     match &cli.command {
         Command::Submit { file, from_savepoint } => {
             let text = std::fs::read_to_string(file).map_err(|e| Failure::new(4, format!("cannot read {}: {e}", file.display())))?;
@@ -170,7 +178,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 .map_err(|e| Failure::new(4, format!("invalid job spec {}: {e}", file.display())))?;
             // Validate locally first: a bad spec fails fast, even with no coordinator running.
             eddy_jobs::compile(&spec).map_err(|e| Failure::new(4, format!("invalid job spec {}: {e}", file.display())))?;
-            let mut client = connect(coordinator, &credentials).await?;
+            let mut client = connect(coordinator, &access).await?;
             let request = SubmitRequest { spec, from_savepoint: from_savepoint.clone().unwrap_or_default() };
             let job_id = client.submit(request).await.map_err(rpc)?.into_inner().job_id;
             if cli.json {
@@ -180,7 +188,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Jobs => {
-            let jobs = connect(coordinator, &credentials).await?.list_jobs(ListJobsRequest {}).await.map_err(rpc)?.into_inner().jobs;
+            let jobs = connect(coordinator, &access).await?.list_jobs(ListJobsRequest {}).await.map_err(rpc)?.into_inner().jobs;
             if cli.json {
                 println!("{}", json!(jobs.iter().map(job_json).collect::<Vec<_>>()));
             } else {
@@ -194,12 +202,8 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Status { job } => {
-            let s = connect(coordinator, &credentials)
-                .await?
-                .job_status(JobStatusRequest { job_id: job.clone() })
-                .await
-                .map_err(rpc)?
-                .into_inner();
+            let s =
+                connect(coordinator, &access).await?.job_status(JobStatusRequest { job_id: job.clone() }).await.map_err(rpc)?.into_inner();
             let j = s.job.clone().unwrap_or_default();
             if cli.json {
                 let tasks: Vec<_> = s
@@ -277,7 +281,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Cancel { job, savepoint: true, .. } => {
-            let r = connect(coordinator, &credentials)
+            let r = connect(coordinator, &access)
                 .await?
                 .savepoint(SavepointRequest { job_id: job.clone(), cancel: true })
                 .await
@@ -290,7 +294,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Savepoint { job } => {
-            let r = connect(coordinator, &credentials)
+            let r = connect(coordinator, &access)
                 .await?
                 .savepoint(SavepointRequest { job_id: job.clone(), cancel: false })
                 .await
@@ -306,7 +310,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Rescale { job, parallelism } => {
             let request = RescaleRequest { job_id: job.clone(), parallelism: *parallelism };
-            let r = connect(coordinator, &credentials).await?.rescale(request).await.map_err(rpc)?.into_inner();
+            let r = connect(coordinator, &access).await?.rescale(request).await.map_err(rpc)?.into_inner();
             if cli.json {
                 println!("{}", json!({ "job_id": job, "savepoint_id": r.savepoint_id, "attempt": r.attempt, "parallelism": parallelism }));
             } else {
@@ -315,7 +319,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         }
         Command::Cancel { job, savepoint: false, keep_slot } => {
             let request = CancelRequest { job_id: job.clone(), keep_slots: *keep_slot };
-            let r = connect(coordinator, &credentials).await?.cancel(request).await.map_err(rpc)?.into_inner();
+            let r = connect(coordinator, &access).await?.cancel(request).await.map_err(rpc)?.into_inner();
             if cli.json {
                 println!("{}", json!({ "job_id": job, "state": r.state, "warning": r.warning }));
             } else {
@@ -328,13 +332,13 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
         Command::Coordinators { change } => {
             // Listing works without a leader too (a split cluster is when one asks): the leader's
             // view when there is one, else the first coordinator that answers.
-            let mut client = match (change, connect(coordinator, &credentials).await) {
+            let mut client = match (change, connect(coordinator, &access).await) {
                 (_, Ok(c)) => c,
                 (Some(_), Err(e)) => return Err(e),
                 (None, Err(e)) => {
                     let mut any = None;
                     for address in eddy_proto::address_list(coordinator) {
-                        if let Ok(c) = eddy_proto::connect(&address, std::time::Duration::from_secs(3), &credentials).await {
+                        if let Ok(c) = eddy_proto::connect(&address, std::time::Duration::from_secs(3), &access).await {
                             any = Some(JobServiceClient::new(c));
                             break;
                         }
@@ -371,8 +375,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
             }
         }
         Command::Workers => {
-            let workers =
-                connect(coordinator, &credentials).await?.list_workers(ListWorkersRequest {}).await.map_err(rpc)?.into_inner().workers;
+            let workers = connect(coordinator, &access).await?.list_workers(ListWorkersRequest {}).await.map_err(rpc)?.into_inner().workers;
             if cli.json {
                 let out: Vec<_> = workers
                     .iter()

@@ -58,9 +58,9 @@ pub struct CoordinatorConfig {
     /// Replicate the metadata with these coordinators (Raft); `None`: this one alone, with its
     /// metadata in `data_dir`.
     pub raft: Option<raft::RaftSettings>,
-    /// The cluster's secret: calls without it are refused, and calls to other coordinators
-    /// carry it. `None` (loopback only): every call is let in.
-    pub secret: Option<eddy_proto::Secret>,
+    /// The cluster's secret and TLS: calls without the secret are refused, and calls to other
+    /// coordinators carry it. No secret (loopback only): every call is let in.
+    pub access: eddy_proto::Access,
 }
 
 impl Default for CoordinatorConfig {
@@ -76,7 +76,7 @@ impl Default for CoordinatorConfig {
             max_restart_backoff: Duration::from_secs(10),
             max_restarts: 10,
             raft: None,
-            secret: None,
+            access: eddy_proto::Access::default(),
         }
     }
 }
@@ -121,11 +121,7 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
         }
         Some(settings) => {
             let (inputs, received) = std::sync::mpsc::channel();
-            let transport = raft::transport::GrpcTransport::new(
-                tokio::runtime::Handle::current(),
-                inputs.clone(),
-                eddy_proto::Credentials(config.secret.clone()),
-            );
+            let transport = raft::transport::GrpcTransport::new(tokio::runtime::Handle::current(), inputs.clone(), config.access.clone());
             let node = raft::start(settings, (inputs.clone(), received), Box::new(transport))?;
             api.raft = Some(api::RaftView { status: node.status.clone(), inputs: inputs.clone() });
             raft_service = Some(RaftServiceServer::new(raft::transport::RaftServer::new(inputs)).max_decoding_message_size(64 << 20));
@@ -133,8 +129,11 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
         }
     };
     let mut leading = leading;
-    let guard = eddy_proto::Guard(config.secret.clone());
-    let server = eddy_proto::server()
+    let guard = config.access.guard();
+    let server = config
+        .access
+        .server()
+        .map_err(anyhow::Error::msg)?
         .add_service(eddy_proto::auth::guarded(JobServiceServer::new(api.clone()), &guard))
         .add_service(eddy_proto::auth::guarded(ClusterServiceServer::new(api), &guard))
         .add_optional_service(raft_service.map(|s| eddy_proto::auth::guarded(s, &guard)))

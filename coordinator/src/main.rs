@@ -48,6 +48,16 @@ struct Args {
     /// to the secret itself).
     #[arg(long, env = "EDDY_SECRET_FILE")]
     secret_file: Option<std::path::PathBuf>,
+    /// TLS on this coordinator's listener: its certificate (PEM), with --tls-key.
+    #[arg(long, env = "EDDY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "EDDY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The CA certificate (PEM) that signed the other coordinators' certificates: raft between
+    /// them then runs over TLS.
+    #[arg(long, env = "EDDY_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -69,12 +79,14 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let secret = eddy_proto::Secret::load(args.secret_file.as_deref()).map_err(anyhow::Error::msg)?;
+    let access =
+        eddy_proto::Access::load(args.secret_file.as_deref(), args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_ca.as_deref())
+            .map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}; pick a free address with --listen", args.listen))?;
     let address = listener.local_addr()?;
-    eddy_proto::Guard(secret.clone()).check_listen(address).map_err(anyhow::Error::msg)?;
+    access.guard().check_listen(address).map_err(anyhow::Error::msg)?;
     tracing::info!(%address, "coordinator listening");
     // A plain line on stdout too, so that a script that asked for port 0 can learn the port.
     println!("eddy-coordinator listening on {address}");
@@ -109,7 +121,7 @@ async fn main() -> anyhow::Result<()> {
         checkpoint_dir: args.checkpoint_dir,
         retained_checkpoints: args.retained_checkpoints,
         max_restarts: args.max_restarts,
-        secret,
+        access,
         ..Default::default()
     };
     eddy_coordinator::run(config, listener, shutdown).await

@@ -5,8 +5,8 @@
 //! The secret travels as a bearer token in each call's metadata, compared in constant time. A
 //! token rather than mutual TLS: one value to hand to every process (a file, or the environment),
 //! no certificate authority to run, and the same check on every listener. What it does not give
-//! is secrecy on the wire: on a network others can read, put the cluster behind TLS or a private
-//! network, since the token itself is sent in the clear otherwise.
+//! is secrecy on the wire: on a network others can read, turn on [`Tls`] (certificates from
+//! files) as well, or the token and the data cross it in the clear.
 
 use std::sync::Arc;
 
@@ -112,6 +112,100 @@ impl Interceptor for Guard {
             None => Err(Status::unauthenticated(
                 "this Eddy cluster requires its secret: give this caller EDDY_SECRET_FILE (a file holding the secret) or EDDY_SECRET",
             )),
+        }
+    }
+}
+
+/// TLS on Eddy's listeners and connections, from PEM files: a process serves with its
+/// certificate and key, and connects to peers whose certificates the given CA signed (over
+/// `https`). Off when no files are given.
+#[derive(Clone, Default)]
+pub struct Tls {
+    server: Option<tonic::transport::ServerTlsConfig>,
+    client: Option<tonic::transport::ClientTlsConfig>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("serves", &self.server.is_some()).field("verifies", &self.client.is_some()).finish()
+    }
+}
+
+impl Tls {
+    /// TLS from a certificate and key to serve with (both or neither) and a CA certificate to
+    /// check peers with; the error names the file and what is wrong with it.
+    pub fn load(cert: Option<&std::path::Path>, key: Option<&std::path::Path>, ca: Option<&std::path::Path>) -> Result<Tls, String> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+        let read = |path: &std::path::Path, what: &str| {
+            std::fs::read(path).map_err(|e| format!("cannot read the TLS {what} {}: {e}", path.display()))
+        };
+        let server = match (cert, key) {
+            (Some(cert), Some(key)) => {
+                let config = ServerTlsConfig::new().identity(Identity::from_pem(read(cert, "certificate")?, read(key, "key")?));
+                // Parsed now, so that a bad file stops the start with its name.
+                tonic::transport::Server::builder().tls_config(config.clone()).map_err(|e| {
+                    format!("the TLS certificate {} and key {} do not make an identity: {e}", cert.display(), key.display())
+                })?;
+                Some(config)
+            }
+            (None, None) => None,
+            _ => return Err("a TLS certificate and its key go together: give both (--tls-cert and --tls-key, PEM files)".into()),
+        };
+        let client = match ca {
+            Some(ca) => Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "CA certificate")?))),
+            None => None,
+        };
+        Ok(Tls { server, client })
+    }
+}
+
+/// How a process takes part in a cluster's security: the secret it presents and requires, and
+/// TLS when configured.
+#[derive(Clone, Debug, Default)]
+pub struct Access {
+    pub secret: Option<Secret>,
+    pub tls: Tls,
+}
+
+impl Access {
+    /// What a process's settings give: the secret (see [`Secret::load`]) and TLS files.
+    pub fn load(
+        secret_file: Option<&std::path::Path>,
+        tls_cert: Option<&std::path::Path>,
+        tls_key: Option<&std::path::Path>,
+        tls_ca: Option<&std::path::Path>,
+    ) -> Result<Access, String> {
+        Ok(Access { secret: Secret::load(secret_file)?, tls: Tls::load(tls_cert, tls_key, tls_ca)? })
+    }
+
+    /// What this process presents on its calls.
+    pub fn credentials(&self) -> Credentials {
+        Credentials(self.secret.clone())
+    }
+
+    /// What this process's listeners let in.
+    pub fn guard(&self) -> Guard {
+        Guard(self.secret.clone())
+    }
+
+    /// A gRPC server for one of Eddy's processes (see [`crate::server`]), with TLS if configured.
+    pub fn server(&self) -> Result<tonic::transport::Server, String> {
+        let server = crate::server();
+        match &self.tls.server {
+            Some(config) => server.tls_config(config.clone()).map_err(|e| format!("TLS: {e}")),
+            None => Ok(server),
+        }
+    }
+
+    /// An endpoint for `address` (`host:port` or a URL): over TLS, checked against the CA, when
+    /// one is configured.
+    pub fn endpoint(&self, address: &str) -> Result<tonic::transport::Endpoint, String> {
+        let scheme = if self.tls.client.is_some() { "https" } else { "http" };
+        let url = if address.contains("://") { address.to_string() } else { format!("{scheme}://{address}") };
+        let endpoint = tonic::transport::Endpoint::from_shared(url).map_err(|e| format!("not an address ({e})"))?;
+        match &self.tls.client {
+            Some(config) => endpoint.tls_config(config.clone()).map_err(|e| format!("TLS: {e}")),
+            None => Ok(endpoint),
         }
     }
 }

@@ -7,7 +7,7 @@ tonic::include_proto!("eddy.v1");
 pub mod auth;
 pub mod layout;
 
-pub use auth::{Authed, Credentials, Guard, Secret};
+pub use auth::{Access, Authed, Credentials, Guard, Secret, Tls};
 
 /// Every long-lived gRPC connection between Eddy's processes (a worker's control stream to the
 /// coordinator, the data exchange between workers) pings its peer this often, from both ends, even
@@ -42,17 +42,25 @@ pub fn address_list(list: &str) -> Vec<String> {
     list.split(',').map(str::trim).filter(|a| !a.is_empty()).map(String::from).collect()
 }
 
-/// An endpoint for `address`: `host:port` (plain HTTP/2) or a URL.
-pub fn endpoint(address: &str) -> Result<tonic::transport::Endpoint, String> {
-    let url = if address.contains("://") { address.to_string() } else { format!("http://{address}") };
-    tonic::transport::Endpoint::from_shared(url).map_err(|e| format!("not an address ({e})"))
+/// A connection to `address` (`host:port` or a URL), pinging its server, over TLS when `access`
+/// has it and presenting its secret on every call; the error says why not.
+pub async fn connect(address: &str, timeout: std::time::Duration, access: &Access) -> Result<Authed, String> {
+    let endpoint = access.endpoint(address)?;
+    let channel = with_keepalive(endpoint.connect_timeout(timeout)).connect().await.map_err(|e| unreachable_because(&e))?;
+    Ok(auth::authed(channel, &access.credentials()))
 }
 
-/// A connection to `address` (`host:port` or a URL), pinging its server and presenting
-/// `credentials` on every call; the error says why not.
-pub async fn connect(address: &str, timeout: std::time::Duration, credentials: &Credentials) -> Result<Authed, String> {
-    let channel = with_keepalive(endpoint(address)?.connect_timeout(timeout)).connect().await.map_err(|_| "unreachable".to_string())?;
-    Ok(auth::authed(channel, credentials))
+/// "unreachable", with the TLS reason when the connection failed in its handshake.
+fn unreachable_because(e: &tonic::transport::Error) -> String {
+    let mut source: Option<&dyn std::error::Error> = Some(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if text.contains("certificate") || text.contains("tls") || text.contains("TLS") || text.contains("handshake") {
+            return format!("unreachable (TLS: {text})");
+        }
+        source = s.source();
+    }
+    "unreachable".to_string()
 }
 
 /// A connection to the leading coordinator, found from `addresses` (any of a cluster's
@@ -62,11 +70,11 @@ pub async fn connect(address: &str, timeout: std::time::Duration, credentials: &
 pub async fn connect_leader(
     addresses: &[String],
     connect_timeout: std::time::Duration,
-    credentials: &Credentials,
+    access: &Access,
 ) -> Result<(String, Authed), String> {
     let mut answers = Vec::new();
     for address in addresses {
-        let channel = match connect(address, connect_timeout, credentials).await {
+        let channel = match connect(address, connect_timeout, access).await {
             Ok(c) => c,
             Err(e) => {
                 answers.push(format!("{address}: {e}"));
@@ -88,7 +96,7 @@ pub async fn connect_leader(
             answers.push(format!("{address}: knows no leader"));
             continue;
         }
-        match connect(&view.leader_address, connect_timeout, credentials).await {
+        match connect(&view.leader_address, connect_timeout, access).await {
             Ok(c) => return Ok((view.leader_address, c)),
             Err(e) => answers.push(format!("{address}: the leader is at {}, which is {e}", view.leader_address)),
         }

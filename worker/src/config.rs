@@ -14,9 +14,10 @@ pub struct WorkerConfig {
     pub advertised_address: String,
     /// Local directory for task state (RocksDB) and checkpoint scratch files.
     pub state_dir: std::path::PathBuf,
-    /// The cluster's secret: presented to the coordinator and other workers, and required of
-    /// whoever opens a data stream to this one. `None`: loopback only, nothing required.
-    pub secret: Option<eddy_proto::Secret>,
+    /// The cluster's secret and TLS: the secret is presented to the coordinator and other
+    /// workers, and required of whoever opens a data stream to this one (none: loopback only,
+    /// nothing required).
+    pub access: eddy_proto::Access,
     /// Directories whose files jobs may read or write (file sources and sinks, dead letters).
     pub allowed_dirs: Vec<std::path::PathBuf>,
     /// Hosts jobs may connect to (`name`, or `*.domain` for any name under it); empty: any.
@@ -148,7 +149,7 @@ mod tests {
             slots: 1,
             advertised_address: String::new(),
             state_dir: dir.into(),
-            secret: None,
+            access: eddy_proto::Access::default(),
             allowed_dirs: vec![dir.join("jobs")],
             allowed_hosts: hosts.iter().map(|h| h.to_string()).collect(),
             job_env: Vec::new(),

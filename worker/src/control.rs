@@ -85,7 +85,7 @@ impl Control {
     pub fn new(config: Arc<WorkerConfig>, inboxes: Inboxes, shutdown: CancellationToken, tasks: tokio::runtime::Handle) -> Control {
         let (reports, reports_rx) = mpsc::unbounded_channel();
         let (done, done_rx) = mpsc::channel(256);
-        let peers = Peers::new(eddy_proto::Credentials(config.secret.clone()));
+        let peers = Peers::new(config.access.clone());
         Control {
             config,
             inboxes,
@@ -236,13 +236,9 @@ impl Control {
     /// Finds the leading coordinator and registers with it: its address, the session's report
     /// sender and order stream, and the heartbeat interval it asks for.
     async fn register(&self) -> anyhow::Result<(String, mpsc::Sender<WorkerMessage>, tonic::Streaming<CoordinatorMessage>, Duration)> {
-        let (leader, channel) = eddy_proto::connect_leader(
-            &self.config.coordinators(),
-            Duration::from_secs(3),
-            &eddy_proto::Credentials(self.config.secret.clone()),
-        )
-        .await
-        .map_err(|answers| anyhow::anyhow!("no coordinator leads: {answers}"))?;
+        let (leader, channel) = eddy_proto::connect_leader(&self.config.coordinators(), Duration::from_secs(3), &self.config.access)
+            .await
+            .map_err(|answers| anyhow::anyhow!("no coordinator leads: {answers}"))?;
         let mut client = ClusterServiceClient::new(channel);
         let (tx, rx) = mpsc::channel::<WorkerMessage>(64);
         tx.send(WorkerMessage {

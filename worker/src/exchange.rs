@@ -16,12 +16,11 @@ use eddy_jobs::plan::{Partition, Plan, Port};
 use eddy_jobs::TaskId;
 use eddy_proto::data_service_client::DataServiceClient;
 use eddy_proto::data_service_server::DataService;
-use eddy_proto::{Authed, ChannelHeader, Credentials, ExchangeAck, ExchangeFrame};
+use eddy_proto::{Access, Authed, ChannelHeader, ExchangeAck, ExchangeFrame};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::batch::{row_bytes, Batch, Message};
@@ -265,13 +264,13 @@ impl Inputs {
 #[derive(Clone, Default)]
 pub struct Peers {
     channels: Arc<Mutex<HashMap<String, Authed>>>,
-    credentials: Credentials,
+    access: Access,
 }
 
 impl Peers {
-    /// Clients presenting `credentials` to the workers they reach.
-    pub fn new(credentials: Credentials) -> Peers {
-        Peers { channels: Arc::default(), credentials }
+    /// Clients reaching other workers as `access` says (TLS, the secret presented).
+    pub fn new(access: Access) -> Peers {
+        Peers { channels: Arc::default(), access }
     }
 
     fn client(&self, address: &str) -> Result<DataServiceClient<Authed>> {
@@ -279,11 +278,13 @@ impl Peers {
         if let Some(c) = map.get(address) {
             return Ok(DataServiceClient::new(c.clone()));
         }
-        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+        let endpoint = self
+            .access
+            .endpoint(address)
             .map_err(|e| TaskError::internal(format!("bad worker address `{address}`: {e}")))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true);
-        let channel = eddy_proto::auth::authed(eddy_proto::with_keepalive(endpoint).connect_lazy(), &self.credentials);
+        let channel = eddy_proto::auth::authed(eddy_proto::with_keepalive(endpoint).connect_lazy(), &self.access.credentials());
         map.insert(address.to_string(), channel.clone());
         Ok(DataServiceClient::new(channel))
     }

@@ -43,12 +43,15 @@ pub use config::WorkerConfig;
 pub async fn run(config: WorkerConfig, data_listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let inboxes = exchange::Inboxes::default();
-    let server = eddy_proto::server()
+    let server = config
+        .access
+        .server()
+        .map_err(anyhow::Error::msg)?
         .initial_stream_window_size(exchange::STREAM_WINDOW)
         .initial_connection_window_size(exchange::CONNECTION_WINDOW)
         .add_service(eddy_proto::auth::guarded(
             DataServiceServer::new(exchange::DataServer { inboxes: inboxes.clone() }),
-            &eddy_proto::Guard(config.secret.clone()),
+            &config.access.guard(),
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(data_listener), shutdown.clone().cancelled_owned());
     let control = control::Control::new(config, inboxes, shutdown.clone(), tokio::runtime::Handle::current());

@@ -35,6 +35,16 @@ struct Args {
     /// required of them (or set EDDY_SECRET to the secret itself).
     #[arg(long, env = "EDDY_SECRET_FILE")]
     secret_file: Option<std::path::PathBuf>,
+    /// TLS on this worker's data listener: its certificate (PEM), with --tls-key.
+    #[arg(long, env = "EDDY_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "EDDY_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
+    /// The CA certificate (PEM) that signed the coordinators' and other workers' certificates:
+    /// this worker then reaches them over TLS.
+    #[arg(long, env = "EDDY_TLS_CA")]
+    tls_ca: Option<std::path::PathBuf>,
     /// A directory whose files jobs may read and write (file sources and sinks, dead letters);
     /// repeat it, or comma-separate them. Default: `eddy` in the system's temporary directory.
     #[arg(long = "allow-dir", env = "EDDY_ALLOW_DIRS", value_delimiter = ',')]
@@ -59,12 +69,14 @@ async fn main() -> anyhow::Result<()> {
     if args.slots == 0 {
         anyhow::bail!("--slots must be at least 1");
     }
-    let secret = eddy_proto::Secret::load(args.secret_file.as_deref()).map_err(anyhow::Error::msg)?;
+    let access =
+        eddy_proto::Access::load(args.secret_file.as_deref(), args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_ca.as_deref())
+            .map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}; pick a free address with --listen", args.listen))?;
     let bound = listener.local_addr()?;
-    eddy_proto::Guard(secret.clone()).check_listen(bound).map_err(anyhow::Error::msg)?;
+    access.guard().check_listen(bound).map_err(anyhow::Error::msg)?;
     let advertised = match args.advertise {
         Some(a) => a,
         None if bound.ip().is_unspecified() => {
@@ -110,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
         slots: args.slots,
         advertised_address: advertised,
         state_dir,
-        secret,
+        access,
         allowed_dirs,
         allowed_hosts: args.allow_hosts.into_iter().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect(),
         job_env: args.job_env.into_iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),

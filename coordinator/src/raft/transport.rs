@@ -23,14 +23,14 @@ pub struct GrpcTransport {
     runtime: tokio::runtime::Handle,
     inputs: Sender<Input>,
     peers: HashMap<u64, (String, mpsc::UnboundedSender<Message>)>,
-    credentials: eddy_proto::Credentials,
+    access: eddy_proto::Access,
 }
 
 impl GrpcTransport {
     /// A transport spawning its senders on `runtime`, reporting unreachable peers to `inputs`,
-    /// presenting `credentials` to them.
-    pub fn new(runtime: tokio::runtime::Handle, inputs: Sender<Input>, credentials: eddy_proto::Credentials) -> GrpcTransport {
-        GrpcTransport { runtime, inputs, peers: HashMap::new(), credentials }
+    /// reaching them as `access` says.
+    pub fn new(runtime: tokio::runtime::Handle, inputs: Sender<Input>, access: eddy_proto::Access) -> GrpcTransport {
+        GrpcTransport { runtime, inputs, peers: HashMap::new(), access }
     }
 }
 
@@ -43,7 +43,7 @@ impl Transport for GrpcTransport {
                 Some((_, tx)) => tx.clone(),
                 None => {
                     let (tx, rx) = mpsc::unbounded_channel();
-                    self.runtime.spawn(send_to(m.to, address.clone(), rx, self.inputs.clone(), self.credentials.clone()));
+                    self.runtime.spawn(send_to(m.to, address.clone(), rx, self.inputs.clone(), self.access.clone()));
                     self.peers.insert(m.to, (address.clone(), tx.clone()));
                     tx
                 }
@@ -61,16 +61,16 @@ async fn send_to(
     address: String,
     mut messages: mpsc::UnboundedReceiver<Message>,
     inputs: Sender<Input>,
-    credentials: eddy_proto::Credentials,
+    access: eddy_proto::Access,
 ) {
-    let endpoint = match eddy_proto::endpoint(&address) {
+    let endpoint = match access.endpoint(&address) {
         Ok(e) => e.connect_timeout(Duration::from_secs(1)).timeout(Duration::from_secs(3)),
         Err(e) => {
             tracing::warn!(to, address, error = %e, "a coordinator's address is not a URL; not sending to it");
             return;
         }
     };
-    let channel = eddy_proto::auth::authed(eddy_proto::with_keepalive(endpoint).connect_lazy(), &credentials);
+    let channel = eddy_proto::auth::authed(eddy_proto::with_keepalive(endpoint).connect_lazy(), &access.credentials());
     let mut client = RaftServiceClient::new(channel).max_decoding_message_size(64 << 20);
     let mut batch = Vec::new();
     while messages.recv_many(&mut batch, BATCH).await > 0 {
