@@ -44,20 +44,8 @@ struct Args {
     /// `eddy coordinators add ID ADDRESS`; the leader sends this coordinator its state.
     #[arg(long, env = "EDDY_RAFT_JOIN", requires = "raft_id")]
     raft_join: bool,
-    /// A file holding the cluster's secret, which every call must then carry (or set EDDY_SECRET
-    /// to the secret itself).
-    #[arg(long, env = "EDDY_SECRET_FILE")]
-    secret_file: Option<std::path::PathBuf>,
-    /// TLS on this coordinator's listener: its certificate (PEM), with --tls-key.
-    #[arg(long, env = "EDDY_TLS_CERT", requires = "tls_key")]
-    tls_cert: Option<std::path::PathBuf>,
-    /// The key of --tls-cert (PEM).
-    #[arg(long, env = "EDDY_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<std::path::PathBuf>,
-    /// The CA certificate (PEM) that signed the other coordinators' certificates: raft between
-    /// them then runs over TLS.
-    #[arg(long, env = "EDDY_TLS_CA")]
-    tls_ca: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    access: eddy_proto::auth::AccessArgs,
 }
 
 /// Parses `1=host:port,2=host:port`.
@@ -79,9 +67,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     let args = Args::parse();
-    let access =
-        eddy_proto::Access::load(args.secret_file.as_deref(), args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_ca.as_deref())
-            .map_err(anyhow::Error::msg)?;
+    let access = args.access.load().map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}; pick a free address with --listen", args.listen))?;

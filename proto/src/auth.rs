@@ -210,6 +210,33 @@ impl Access {
     }
 }
 
+/// A server process's security settings, as flags and `EDDY_*` variables (the coordinator's and
+/// the worker's alike).
+#[derive(clap::Args, Debug)]
+pub struct AccessArgs {
+    /// A file holding the cluster's secret: presented on this process's calls and required of
+    /// every call to it (or set EDDY_SECRET to the secret itself).
+    #[arg(long, env = "EDDY_SECRET_FILE")]
+    pub secret_file: Option<std::path::PathBuf>,
+    /// TLS on this process's listener: its certificate (PEM), with --tls-key.
+    #[arg(long, env = "EDDY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// The key of --tls-cert (PEM).
+    #[arg(long, env = "EDDY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// The CA certificate (PEM) that signed the other processes' certificates: this one then
+    /// reaches them over TLS.
+    #[arg(long, env = "EDDY_TLS_CA")]
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl AccessArgs {
+    /// The secret and TLS these settings name; the error says which file is wrong and how.
+    pub fn load(&self) -> Result<Access, String> {
+        Access::load(self.secret_file.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref(), self.tls_ca.as_deref())
+    }
+}
+
 /// A connection that presents the cluster's secret on every call.
 pub type Authed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Credentials>;
 

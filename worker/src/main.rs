@@ -31,20 +31,8 @@ struct Args {
     /// where dead workers' folders are removed).
     #[arg(long, env = "EDDY_STATE_DIR")]
     state_dir: Option<std::path::PathBuf>,
-    /// A file holding the cluster's secret, presented to the coordinator and other workers and
-    /// required of them (or set EDDY_SECRET to the secret itself).
-    #[arg(long, env = "EDDY_SECRET_FILE")]
-    secret_file: Option<std::path::PathBuf>,
-    /// TLS on this worker's data listener: its certificate (PEM), with --tls-key.
-    #[arg(long, env = "EDDY_TLS_CERT", requires = "tls_key")]
-    tls_cert: Option<std::path::PathBuf>,
-    /// The key of --tls-cert (PEM).
-    #[arg(long, env = "EDDY_TLS_KEY", requires = "tls_cert")]
-    tls_key: Option<std::path::PathBuf>,
-    /// The CA certificate (PEM) that signed the coordinators' and other workers' certificates:
-    /// this worker then reaches them over TLS.
-    #[arg(long, env = "EDDY_TLS_CA")]
-    tls_ca: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    access: eddy_proto::auth::AccessArgs,
     /// A directory whose files jobs may read and write (file sources and sinks, dead letters);
     /// repeat it, or comma-separate them. Default: `eddy` in the system's temporary directory.
     #[arg(long = "allow-dir", env = "EDDY_ALLOW_DIRS", value_delimiter = ',')]
@@ -69,9 +57,7 @@ async fn main() -> anyhow::Result<()> {
     if args.slots == 0 {
         anyhow::bail!("--slots must be at least 1");
     }
-    let access =
-        eddy_proto::Access::load(args.secret_file.as_deref(), args.tls_cert.as_deref(), args.tls_key.as_deref(), args.tls_ca.as_deref())
-            .map_err(anyhow::Error::msg)?;
+    let access = args.access.load().map_err(anyhow::Error::msg)?;
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}; pick a free address with --listen", args.listen))?;
