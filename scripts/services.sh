@@ -146,9 +146,10 @@ apt_install() {
 
 # Build dependencies of crates Eddy uses (librdkafka's cmake build needs curl's headers; RocksDB's
 # bindings are generated with libclang; the broker is patched with `patch`), and the tools the
-# partition tests build their network namespaces with (`ip`, `iptables`); checked once per `start`.
+# partition tests build their network namespaces with (`ip`, `iptables`), and `openssl`, which the
+# TLS tests make their certificates with; checked once per `start`.
 ensure_build_deps() {
-  apt_install cmake libcurl4-openssl-dev curl libclang-dev g++ patch iproute2 iptables
+  apt_install cmake libcurl4-openssl-dev curl libclang-dev g++ patch iproute2 iptables openssl
 }
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,6 @@ lint_while_building  # also installs rustfmt and clippy where rustup's minimal p
 python3 scripts/check_modules.py --self-test >/dev/null
 python3 scripts/check_modules.py worker/src coordinator/src jobs/src proto/src cli/src
 cargo fmt --all --check || { echo "the code is not formatted as rustfmt.toml says: run cargo fmt --all" >&2; exit 1; }
-# The TLS tests make their certificates with openssl.
-command -v openssl >/dev/null || { apt-get update -qq && apt-get install -y -qq openssl >/dev/null; }
 log "starting services (installs them when missing)"
 scripts/services.sh start
 eval "$(scripts/services.sh env)"

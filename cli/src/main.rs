@@ -162,7 +162,11 @@ async fn connect(coordinator: &str, access: &Access) -> Result<JobServiceClient<
             Err(Failure::new(8, format!("the coordinator refused this command: {answers}")))
         }
         Err(answers) => {
-            Err(Failure::new(3, format!("no coordinator leads ({answers}); a replicated cluster needs most of its coordinators running")))
+            let tls = if access.tls.verifies() { "" } else { " (if the cluster serves TLS, give its CA with --tls-ca)" };
+            Err(Failure::new(
+                3,
+                format!("no coordinator leads ({answers}); a replicated cluster needs most of its coordinators running{tls}"),
+            ))
         }
     }
 }

@@ -152,10 +152,26 @@ impl Tls {
             _ => return Err("a TLS certificate and its key go together: give both (--tls-cert and --tls-key, PEM files)".into()),
         };
         let client = match ca {
-            Some(ca) => Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "CA certificate")?))),
+            Some(ca) => {
+                let pem = read(ca, "CA certificate")?;
+                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                    return Err(format!("the TLS CA certificate {} holds no PEM certificate", ca.display()));
+                }
+                Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem)))
+            }
             None => None,
         };
         Ok(Tls { server, client })
+    }
+
+    /// Whether this process serves TLS.
+    pub fn serves(&self) -> bool {
+        self.server.is_some()
+    }
+
+    /// Whether this process reaches its peers over TLS.
+    pub fn verifies(&self) -> bool {
+        self.client.is_some()
     }
 }
 
@@ -201,6 +217,10 @@ impl Access {
     /// one is configured.
     pub fn endpoint(&self, address: &str) -> Result<tonic::transport::Endpoint, String> {
         let scheme = if self.tls.client.is_some() { "https" } else { "http" };
+        if self.tls.client.is_some() && address.starts_with("http://") {
+            // Plain text would carry the secret in the clear to a cluster meant to be private.
+            return Err(format!("`{address}` is plain HTTP, but TLS is on (a CA is given): write https:// or host:port"));
+        }
         let url = if address.contains("://") { address.to_string() } else { format!("{scheme}://{address}") };
         let endpoint = tonic::transport::Endpoint::from_shared(url).map_err(|e| format!("not an address ({e})"))?;
         match &self.tls.client {
@@ -277,6 +297,25 @@ mod tests {
         assert!(Secret::new("short").unwrap_err().contains("at least 16"));
         assert!(Secret::new("has a space in the middle").is_err());
         assert_eq!(format!("{:?}", Credentials(Some(secret()))), "Credentials(Some(Secret(***)))");
+    }
+
+    #[test]
+    fn with_tls_on_a_plain_http_address_is_refused_and_a_ca_file_must_hold_a_certificate() {
+        let dir = std::env::temp_dir().join(format!("eddy-auth-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ca, key) = (dir.join("ca.pem"), dir.join("key.pem"));
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap();
+        std::fs::write(&key, "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n").unwrap();
+        let tls = Tls::load(None, None, Some(&ca)).unwrap();
+        assert!(tls.verifies() && !tls.serves());
+        let access = Access { secret: Some(secret()), tls };
+        let e = access.endpoint("http://10.0.0.1:6123").unwrap_err();
+        assert!(e.contains("plain HTTP, but TLS is on"), "{e}");
+        assert_eq!(access.endpoint("10.0.0.1:6123").unwrap().uri().scheme_str(), Some("https"));
+        let e = Tls::load(None, None, Some(&key)).unwrap_err();
+        assert!(e.contains("holds no PEM certificate"), "{e}");
+        assert!(Tls::load(Some(&ca), None, None).unwrap_err().contains("go together"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

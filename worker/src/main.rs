@@ -58,6 +58,9 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("--slots must be at least 1");
     }
     let access = args.access.load().map_err(anyhow::Error::msg)?;
+    if access.tls.serves() && !access.tls.verifies() {
+        anyhow::bail!("a worker serving TLS reaches the other workers over TLS too: give the CA with --tls-ca (EDDY_TLS_CA)");
+    }
     let listener = TcpListener::bind(&args.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}; pick a free address with --listen", args.listen))?;
@@ -96,11 +99,22 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let allowed_dirs = if args.allow_dirs.is_empty() { vec![WorkerConfig::default_allowed_dir()] } else { args.allow_dirs };
+    let me = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&state_dir)?);
     for dir in &allowed_dirs {
-        // Made if missing, for this user alone (the default is under the shared temporary dir).
+        // Made if missing, for this user alone (the default is under the shared temporary dir),
+        // and refused if another user owns it or may write in it (and so plant links there).
         std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
             .create(dir)
             .map_err(|e| anyhow::anyhow!("cannot create --allow-dir {}: {e}", dir.display()))?;
+        let meta = std::fs::metadata(dir)?;
+        let (owner, mode) = (std::os::unix::fs::MetadataExt::uid(&meta), std::os::unix::fs::PermissionsExt::mode(&meta.permissions()));
+        if owner != me || mode & 0o022 != 0 {
+            anyhow::bail!(
+                "--allow-dir {} is owned by another user or writable by others (mode {:o}): give this worker a directory of its own",
+                dir.display(),
+                mode & 0o777
+            );
+        }
     }
     let config = WorkerConfig {
         worker_id,

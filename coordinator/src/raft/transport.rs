@@ -76,7 +76,10 @@ async fn send_to(
     while messages.recv_many(&mut batch, BATCH).await > 0 {
         let encoded = batch.drain(..).filter_map(|m| m.write_to_bytes().ok()).collect();
         if let Err(e) = client.step(RaftMessages { messages: encoded }).await {
-            if e.code() == tonic::Code::Unauthenticated {
+            let text = e.to_string();
+            if text.contains("TLS") || text.contains("tls") || text.contains("certificate") {
+                tracing::warn!(to, address, error = %e, "TLS to a coordinator failed: check the certificates and --tls-ca");
+            } else if e.code() == tonic::Code::Unauthenticated {
                 // Not a passing fault: the coordinators were given different secrets.
                 tracing::warn!(to, address, error = %e.message(), "a coordinator refused this one's cluster secret");
             } else {
