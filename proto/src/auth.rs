@@ -213,6 +213,12 @@ impl Access {
         }
     }
 
+    /// A connection to `endpoint` made on its first call (and again after a failure), pinging its
+    /// server and presenting this process's secret on every call.
+    pub fn connect_lazy(&self, endpoint: tonic::transport::Endpoint) -> Authed {
+        authed(crate::with_keepalive(endpoint).connect_lazy(), &self.credentials())
+    }
+
     /// An endpoint for `address` (`host:port` or a URL): over TLS, checked against the CA, when
     /// one is configured.
     pub fn endpoint(&self, address: &str) -> Result<tonic::transport::Endpoint, String> {
@@ -255,6 +261,20 @@ impl AccessArgs {
     pub fn load(&self) -> Result<Access, String> {
         Access::load(self.secret_file.as_deref(), self.tls_cert.as_deref(), self.tls_key.as_deref(), self.tls_ca.as_deref())
     }
+}
+
+/// What went wrong in TLS, if `error` (or an error behind it) is a TLS failure: a handshake, or a
+/// certificate refused.
+pub fn tls_fault(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut source = Some(error);
+    while let Some(e) = source {
+        let text = e.to_string();
+        if text.contains("certificate") || text.contains("tls") || text.contains("TLS") || text.contains("handshake") {
+            return Some(text);
+        }
+        source = e.source();
+    }
+    None
 }
 
 /// A connection that presents the cluster's secret on every call.

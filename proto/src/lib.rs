@@ -52,15 +52,10 @@ pub async fn connect(address: &str, timeout: std::time::Duration, access: &Acces
 
 /// "unreachable", with the TLS reason when the connection failed in its handshake.
 fn unreachable_because(e: &tonic::transport::Error) -> String {
-    let mut source: Option<&dyn std::error::Error> = Some(e);
-    while let Some(s) = source {
-        let text = s.to_string();
-        if text.contains("certificate") || text.contains("tls") || text.contains("TLS") || text.contains("handshake") {
-            return format!("unreachable (TLS: {text})");
-        }
-        source = s.source();
+    match auth::tls_fault(e) {
+        Some(reason) => format!("unreachable (TLS: {reason})"),
+        None => "unreachable".to_string(),
     }
-    "unreachable".to_string()
 }
 
 /// A connection to the leading coordinator, found from `addresses` (any of a cluster's

@@ -284,7 +284,7 @@ impl Peers {
             .map_err(|e| TaskError::internal(format!("bad worker address `{address}`: {e}")))?
             .connect_timeout(Duration::from_secs(3))
             .tcp_nodelay(true);
-        let channel = eddy_proto::auth::authed(eddy_proto::with_keepalive(endpoint).connect_lazy(), &self.access.credentials());
+        let channel = self.access.connect_lazy(endpoint);
         map.insert(address.to_string(), channel.clone());
         Ok(DataServiceClient::new(channel))
     }

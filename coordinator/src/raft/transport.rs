@@ -70,15 +70,13 @@ async fn send_to(
             return;
         }
     };
-    let channel = eddy_proto::auth::authed(eddy_proto::with_keepalive(endpoint).connect_lazy(), &access.credentials());
-    let mut client = RaftServiceClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut client = RaftServiceClient::new(access.connect_lazy(endpoint)).max_decoding_message_size(64 << 20);
     let mut batch = Vec::new();
     while messages.recv_many(&mut batch, BATCH).await > 0 {
         let encoded = batch.drain(..).filter_map(|m| m.write_to_bytes().ok()).collect();
         if let Err(e) = client.step(RaftMessages { messages: encoded }).await {
-            let text = e.to_string();
-            if text.contains("TLS") || text.contains("tls") || text.contains("certificate") {
-                tracing::warn!(to, address, error = %e, "TLS to a coordinator failed: check the certificates and --tls-ca");
+            if let Some(reason) = eddy_proto::auth::tls_fault(&e) {
+                tracing::warn!(to, address, error = %reason, "TLS to a coordinator failed: check the certificates and --tls-ca");
             } else if e.code() == tonic::Code::Unauthenticated {
                 // Not a passing fault: the coordinators were given different secrets.
                 tracing::warn!(to, address, error = %e.message(), "a coordinator refused this one's cluster secret");
