@@ -63,10 +63,8 @@ impl Aligner {
                     Some(_) => {}
                     None => self.aligning = Some((id, vec![false; self.ended.len()])),
                 }
-                if let Some((_, arrived)) = &mut self.aligning {
-                    if let Some(a) = arrived.get_mut(d.input) {
-                        *a = true;
-                    }
+                if let Some(a) = self.aligning.as_mut().and_then(|(_, arrived)| arrived.get_mut(d.input)) {
+                    *a = true;
                 }
                 self.check_aligned().map_or(Offer::Absorbed, Offer::Aligned)
             }
@@ -86,14 +84,9 @@ impl Aligner {
     }
 
     fn check_aligned(&mut self) -> Option<u64> {
-        let (id, arrived) = self.aligning.as_ref()?;
-        if arrived.iter().zip(&self.ended).all(|(a, e)| *a || *e) {
-            let id = *id;
-            self.last = id;
-            self.aligning = None;
-            return Some(id);
-        }
-        None
+        let (id, _) = self.aligning.take_if(|(_, arrived)| arrived.iter().zip(&self.ended).all(|(a, e)| *a || *e))?;
+        self.last = id;
+        Some(id)
     }
 }
 

@@ -60,12 +60,7 @@ pub fn is_update_old_row(rows: &[Row], ops: &[Op], i: usize, key: &[usize]) -> b
 
 /// Rough in-memory size of a row, used to bound batches by bytes.
 pub fn row_bytes(row: &Row) -> usize {
-    row.iter()
-        .map(|v| match v {
-            Value::String(s) => 24 + s.len(),
-            _ => 24,
-        })
-        .sum()
+    row.iter().map(|v| if let Value::String(s) = v { 24 + s.len() } else { 24 }).sum()
 }
 
 /// What flows on a channel between tasks, in order.

@@ -45,13 +45,9 @@ impl Storage {
     }
 
     async fn get(&self, path: &str) -> Result<Vec<u8>> {
-        let result = self
-            .store
-            .get(&StorePath::from(path))
-            .await
-            .map_err(|e| TaskError::external(format!("reading checkpoint file {path}: {e}")))?;
-        let bytes = result.bytes().await.map_err(|e| TaskError::external(format!("reading checkpoint file {path}: {e}")))?;
-        Ok(bytes.to_vec())
+        let unreadable = |e: object_store::Error| TaskError::external(format!("reading checkpoint file {path}: {e}"));
+        let result = self.store.get(&StorePath::from(path)).await.map_err(unreadable)?;
+        Ok(result.bytes().await.map_err(unreadable)?.to_vec())
     }
 
     /// Fetches the files of one operator snapshot into `dir`. A file's name comes from the

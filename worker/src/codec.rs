@@ -31,10 +31,7 @@ pub fn encode(msg: &Message) -> Vec<u8> {
             out.push(MSG_DATA);
             out.extend_from_slice(&(batch.rows.len() as u32).to_le_bytes());
             for (row, op) in batch.rows.iter().zip(&batch.ops) {
-                out.push(match op {
-                    Op::Insert => 0,
-                    Op::Retract => 1,
-                });
+                out.push(u8::from(*op == Op::Retract));
                 out.extend_from_slice(&(row.len() as u16).to_le_bytes());
                 for v in row {
                     encode_value(v, &mut out);
@@ -56,29 +53,18 @@ pub fn encode(msg: &Message) -> Vec<u8> {
 
 /// Appends one value's encoding (also used for state keys).
 pub fn encode_value(v: &Value, out: &mut Vec<u8>) {
-    match v {
-        Value::Null => out.push(0),
-        Value::Bool(b) => {
-            out.push(1);
-            out.push(*b as u8);
-        }
-        Value::Int(i) => {
-            out.push(2);
-            out.extend_from_slice(&i.to_le_bytes());
-        }
-        Value::Float(f) => {
-            out.push(3);
-            out.extend_from_slice(&f.to_bits().to_le_bytes());
-        }
-        Value::String(s) => {
-            out.push(4);
-            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-            out.extend_from_slice(s.as_bytes());
-        }
-        Value::Timestamp(t) => {
-            out.push(5);
-            out.extend_from_slice(&t.to_le_bytes());
-        }
+    let (tag, bytes): (u8, &[u8]) = match v {
+        Value::Null => (0, &[]),
+        Value::Bool(b) => (1, &[*b as u8]),
+        Value::Int(i) => (2, &i.to_le_bytes()),
+        Value::Float(f) => (3, &f.to_bits().to_le_bytes()),
+        Value::String(s) => (4, &(s.len() as u32).to_le_bytes()),
+        Value::Timestamp(t) => (5, &t.to_le_bytes()),
+    };
+    out.push(tag);
+    out.extend_from_slice(bytes);
+    if let Value::String(s) = v {
+        out.extend_from_slice(s.as_bytes());
     }
 }
 
@@ -88,10 +74,7 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
-        if self.buf.len() < n {
-            return Err(DecodeError("truncated"));
-        }
-        let (head, tail) = self.buf.split_at(n);
+        let (head, tail) = self.buf.split_at_checked(n).ok_or(DecodeError("truncated"))?;
         self.buf = tail;
         Ok(head)
     }
@@ -99,9 +82,7 @@ impl<'a> Reader<'a> {
         Ok(self.take(1)?[0])
     }
     fn fixed<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
-        let mut a = [0u8; N];
-        a.copy_from_slice(self.take(N)?);
-        Ok(a)
+        self.take(N)?.try_into().map_err(|_| DecodeError("truncated"))
     }
     fn value(&mut self) -> Result<Value, DecodeError> {
         Ok(match self.u8()? {
@@ -117,6 +98,10 @@ impl<'a> Reader<'a> {
             5 => Value::Timestamp(i64::from_le_bytes(self.fixed()?)),
             _ => return Err(DecodeError("unknown value tag")),
         })
+    }
+    /// `v`, if nothing is left to read.
+    fn end<T>(self, v: T) -> Result<T, DecodeError> {
+        self.buf.is_empty().then_some(v).ok_or(DecodeError("trailing bytes"))
     }
 }
 
@@ -148,20 +133,14 @@ pub fn decode(buf: &[u8]) -> Result<Message, DecodeError> {
         MSG_BARRIER => Message::Barrier(u64::from_le_bytes(r.fixed()?)),
         _ => return Err(DecodeError("unknown message tag")),
     };
-    if !r.buf.is_empty() {
-        return Err(DecodeError("trailing bytes"));
-    }
-    Ok(msg)
+    r.end(msg)
 }
 
 /// Decodes `n` values written one after another by [`encode_value`] (a state key).
 pub fn decode_values(buf: &[u8], n: usize) -> Result<Vec<Value>, DecodeError> {
     let mut r = Reader { buf };
     let values = (0..n).map(|_| r.value()).collect::<Result<Vec<_>, _>>()?;
-    if !r.buf.is_empty() {
-        return Err(DecodeError("trailing bytes"));
-    }
-    Ok(values)
+    r.end(values)
 }
 
 #[cfg(test)]

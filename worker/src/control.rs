@@ -119,12 +119,8 @@ impl Control {
             if std::mem::take(&mut self.registered) {
                 backoff = Duration::from_millis(200);
             }
-            match result {
-                Ok(()) => break,
-                Err(e) => {
-                    warn!(coordinator = %self.config.coordinator, error = %e, retry_in_ms = backoff.as_millis() as u64, tasks_run_on = !self.jobs.is_empty(), "control session ended; reconnecting");
-                }
-            }
+            let Err(e) = result else { break };
+            warn!(coordinator = %self.config.coordinator, error = %e, retry_in_ms = backoff.as_millis() as u64, tasks_run_on = !self.jobs.is_empty(), "control session ended; reconnecting");
             // Meanwhile the tasks run on, within the lease; those that end are reported later.
             let retry = tokio::time::Instant::now() + backoff;
             loop {
@@ -135,10 +131,7 @@ impl Control {
                     _ = shutdown.cancelled() => break 'sessions,
                     _ = tokio::time::sleep_until(retry) => break,
                     _ = tokio::time::sleep_until(lease_end), if !self.jobs.is_empty() => {}
-                    Some(d) = done.recv() => {
-                        let update = self.finished(d);
-                        let _ = self.reports.send(WorkerMessage { msg: Some(Report::TaskUpdate(update)) });
-                    }
+                    Some(d) = done.recv() => self.finished(d),
                 }
             }
             // With tasks running on, find the new leader quickly: the lease is short.
@@ -213,10 +206,7 @@ impl Control {
                 }
                 // A task ended: report it (after its deploy report, queued before), forget the job
                 // once all its tasks are done.
-                Some(d) = done.recv() => {
-                    let update = self.finished(d);
-                    let _ = self.reports.send(WorkerMessage { msg: Some(Report::TaskUpdate(update)) });
-                }
+                Some(d) = done.recv() => self.finished(d),
                 Some(report) = reports.recv() => tx.send(report).await?,
                 _ = heartbeat.tick() => {
                     let tasks = self.jobs.iter().flat_map(|(job_id, job)| {
@@ -327,12 +317,7 @@ impl Control {
             });
         let released = Arc::new(AtomicBool::new(false));
         let mut job = RunningJob { attempt: d.attempt, cancel: cancel.clone(), released: released.clone(), tasks: HashMap::new() };
-        let mut placement = HashMap::new();
-        for (t, addr) in &d.placement {
-            if let Ok(id) = t.parse::<TaskId>() {
-                placement.insert(id, addr.clone());
-            }
-        }
+        let placement: HashMap<_, _> = d.placement.iter().filter_map(|(t, addr)| Some((t.parse::<TaskId>().ok()?, addr.clone()))).collect();
         let placement = Arc::new(placement);
         let storage = match (&plan, d.checkpoint_storage.as_str()) {
             (Ok(p), root) if p.state.checkpoint_interval_ms.is_some() && !root.is_empty() => Some(Storage::open(root)),
@@ -340,23 +325,16 @@ impl Control {
         };
         let restore = d.restore.map(Arc::new);
         for id in &d.task_ids {
-            let task: TaskId = match id.parse() {
-                Ok(t) => t,
-                Err(e) => anyhow::bail!("coordinator sent a bad task id: {e}"),
-            };
+            let task = id.parse::<TaskId>().map_err(|e| anyhow::anyhow!("coordinator sent a bad task id: {e}"))?;
             let metrics = Arc::new(TaskMetrics::default());
             let (commands_tx, commands) = mpsc::channel(TASK_COMMANDS);
             let source = plan.as_ref().is_ok_and(|p| p.is_source_vertex(task.vertex));
             job.tasks.insert(task, RunningTask { metrics: metrics.clone(), commands: commands_tx, source });
             let (plan, storage) = match (&plan, &storage) {
                 (Ok(p), None | Some(Ok(_))) => (Arc::new(p.clone()), storage.as_ref().and_then(|s| s.as_ref().ok()).cloned()),
-                (Err(e), _) => {
-                    // Mismatched versions, a `${worker:VAR}` unset here, or a file or host this
-                    // worker does not allow.
-                    done.send(Finished { job_id: d.job_id.clone(), attempt: d.attempt, task, result: Some(Err(e.clone())) }).await?;
-                    continue;
-                }
-                (_, Some(Err(e))) => {
+                // Mismatched versions, a `${worker:VAR}` unset here, or a file or host this worker does
+                // not allow; or checkpoint storage that cannot be opened.
+                (Err(e), _) | (_, Some(Err(e))) => {
                     done.send(Finished { job_id: d.job_id.clone(), attempt: d.attempt, task, result: Some(Err(e.clone())) }).await?;
                     continue;
                 }
@@ -396,7 +374,8 @@ impl Control {
         Ok(())
     }
 
-    fn finished(&mut self, done: Finished) -> TaskUpdate {
+    /// Reports a task's end to the coordinator.
+    fn finished(&mut self, done: Finished) {
         let (state, error, retryable) = match &done.result {
             None => (TaskState::Cancelled, String::new(), true),
             Some(Ok(())) => (TaskState::Finished, String::new(), true),
@@ -420,7 +399,8 @@ impl Control {
                 self.inboxes.remove(&done.job_id, done.attempt);
             }
         }
-        TaskUpdate { retryable, ..update(&done.job_id, done.attempt, done.task, state, error, &metrics) }
+        let update = TaskUpdate { retryable, ..update(&done.job_id, done.attempt, done.task, state, error, &metrics) };
+        let _ = self.reports.send(WorkerMessage { msg: Some(Report::TaskUpdate(update)) });
     }
 }
 

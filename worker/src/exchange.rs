@@ -417,27 +417,20 @@ impl Router {
                         let target = subtask_for(key_group(hash_key(&row, &key), max_parallelism), max_parallelism, n as u32) as usize;
                         edge.buffer_bytes[target] += row_bytes(&row);
                         edge.buffers[target].push(row, op);
-                        if edge.buffers[target].len() >= BATCH_ROWS || edge.buffer_bytes[target] >= BATCH_BYTES {
-                            flush_one(edge, target).await?;
-                        }
+                        flush_if_full(edge, target).await?;
                     }
                 }
                 Partition::Broadcast => {
                     for target in 0..n {
-                        append(edge, target, batch.clone());
-                        flush_if_full(edge, target).await?;
+                        append(edge, target, batch.clone()).await?;
                     }
                 }
                 Partition::Rebalance if n > 1 => {
                     let target = edge.next % n;
                     edge.next = edge.next.wrapping_add(1);
-                    append(edge, target, batch);
-                    flush_if_full(edge, target).await?;
+                    append(edge, target, batch).await?;
                 }
-                _ => {
-                    append(edge, 0, batch);
-                    flush_if_full(edge, 0).await?;
-                }
+                _ => append(edge, 0, batch).await?,
             }
             if self.pending_since.is_none() && edge.buffers.iter().any(|b| !b.is_empty()) {
                 self.pending_since = Some(Instant::now());
@@ -469,7 +462,8 @@ impl Router {
     }
 }
 
-fn append(edge: &mut EdgeOutputs, target: usize, batch: Batch) {
+/// Appends `batch` to the buffer of `target`, and sends the buffer once it is full.
+async fn append(edge: &mut EdgeOutputs, target: usize, batch: Batch) -> Result<()> {
     edge.buffer_bytes[target] += batch.rows.iter().map(row_bytes).sum::<usize>();
     let buf = &mut edge.buffers[target];
     if buf.is_empty() {
@@ -478,6 +472,7 @@ fn append(edge: &mut EdgeOutputs, target: usize, batch: Batch) {
         buf.rows.extend(batch.rows);
         buf.ops.extend(batch.ops);
     }
+    flush_if_full(edge, target).await
 }
 
 async fn flush_if_full(edge: &mut EdgeOutputs, target: usize) -> Result<()> {

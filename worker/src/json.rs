@@ -22,20 +22,10 @@ pub fn to_json(v: &Value) -> Json {
 
 /// The columns `columns` of a row as a JSON object (all columns when `None`).
 pub fn row_to_json(schema: &Schema, row: &[Value], columns: Option<&[usize]>) -> Map<String, Json> {
-    let mut map = Map::new();
     match columns {
-        Some(cols) => {
-            for &c in cols {
-                map.insert(schema.fields[c].name.clone(), to_json(&row[c]));
-            }
-        }
-        None => {
-            for (f, v) in schema.fields.iter().zip(row) {
-                map.insert(f.name.clone(), to_json(v));
-            }
-        }
+        Some(cols) => cols.iter().map(|&c| (schema.fields[c].name.clone(), to_json(&row[c]))).collect(),
+        None => schema.fields.iter().zip(row).map(|(f, v)| (f.name.clone(), to_json(v))).collect(),
     }
-    map
 }
 
 /// A string as a JSON string literal.
@@ -77,24 +67,18 @@ pub fn push_object(out: &mut String, columns: &[(String, usize)], row: &[Value],
 /// Appends a value as JSON text: what [`to_json`] gives, written without building it.
 fn push_value(out: &mut String, v: &Value, timestamps: Timestamps) {
     use std::fmt::Write;
-    match v {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Int(i) => {
-            let _ = write!(out, "{i}");
-        }
-        Value::Timestamp(t) if timestamps == Timestamps::EpochMillis => {
-            let _ = write!(out, "{t}");
-        }
-        Value::Timestamp(t) => out.push_str(&json_string(&format_iso8601(*t))),
+    let _ = match v {
+        Value::Null => out.write_str("null"),
+        Value::Bool(b) => write!(out, "{b}"),
+        Value::Int(i) => write!(out, "{i}"),
+        Value::Timestamp(t) if timestamps == Timestamps::EpochMillis => write!(out, "{t}"),
+        Value::Timestamp(t) => out.write_str(&json_string(&format_iso8601(*t))),
         Value::Float(f) => match Number::from_f64(*f) {
-            Some(n) => {
-                let _ = write!(out, "{n}");
-            }
-            None => out.push_str("null"),
+            Some(n) => write!(out, "{n}"),
+            None => out.write_str("null"),
         },
-        Value::String(s) => out.push_str(&json_string(s)),
-    }
+        Value::String(s) => out.write_str(&json_string(s)),
+    };
 }
 
 /// A JSON value read as `ty`; the error says what was found.

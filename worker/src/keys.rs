@@ -16,22 +16,18 @@ fn mix(h: u64, x: u64) -> u64 {
 
 /// A stable hash of the values at `columns` of `row`.
 pub fn hash_key(row: &[Value], columns: &[usize]) -> u64 {
-    let mut h = SEED;
-    for &c in columns {
-        h = match &row[c] {
-            Value::Null => mix(h, 0),
-            Value::Bool(b) => mix(h, 1 + *b as u64),
-            Value::Int(i) => mix(h, *i as u64),
-            Value::Float(f) => mix(h, f.to_bits()),
-            Value::Timestamp(t) => mix(h, *t as u64 ^ 0x5555),
-            Value::String(s) => s.as_bytes().chunks(8).fold(mix(h, s.len() as u64), |h, c| {
-                let mut w = [0u8; 8];
-                w[..c.len()].copy_from_slice(c);
-                mix(h, u64::from_le_bytes(w))
-            }),
-        };
-    }
-    h
+    columns.iter().fold(SEED, |h, &c| match &row[c] {
+        Value::Null => mix(h, 0),
+        Value::Bool(b) => mix(h, 1 + *b as u64),
+        Value::Int(i) => mix(h, *i as u64),
+        Value::Float(f) => mix(h, f.to_bits()),
+        Value::Timestamp(t) => mix(h, *t as u64 ^ 0x5555),
+        Value::String(s) => s.as_bytes().chunks(8).fold(mix(h, s.len() as u64), |h, c| {
+            let mut w = [0u8; 8];
+            w[..c.len()].copy_from_slice(c);
+            mix(h, u64::from_le_bytes(w))
+        }),
+    })
 }
 
 /// The key group of a hash.

@@ -46,9 +46,7 @@ impl TaskMetrics {
         let mut g = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
         match g.get_mut(name) {
             Some(v) => *v = value,
-            None => {
-                g.insert(name.to_string(), value);
-            }
+            None => _ = g.insert(name.to_string(), value),
         }
     }
 
@@ -102,13 +100,6 @@ pub struct OperatorSnapshot {
     pub files: Option<PathBuf>,
 }
 
-impl OperatorSnapshot {
-    /// A snapshot of inline state only.
-    pub fn inline(inline: Vec<u8>) -> OperatorSnapshot {
-        OperatorSnapshot { inline, files: None }
-    }
-}
-
 /// One subtask's snapshot of this operator from an earlier run, fetched to local disk.
 #[derive(Debug, Clone, Default)]
 pub struct RestoredState {
@@ -135,6 +126,11 @@ pub trait InlineState: serde::Serialize + serde::de::DeserializeOwned {
 pub const STATE_TAG: &[u8; 4] = b"EDDY";
 
 impl OperatorSnapshot {
+    /// A snapshot of inline state only.
+    pub fn inline(inline: Vec<u8>) -> OperatorSnapshot {
+        OperatorSnapshot { inline, files: None }
+    }
+
     /// A snapshot of a versioned inline state.
     pub fn state<T: InlineState>(state: &T) -> OperatorSnapshot {
         let mut inline = STATE_TAG.to_vec();
@@ -177,12 +173,9 @@ impl RestoredState {
     /// a number can begin like [`STATE_TAG`]; otherwise its error stands.
     pub fn read<T: InlineState>(&self, unversioned: impl FnOnce(&[u8]) -> Result<Option<T>>) -> Result<Option<T>> {
         match self.state::<T>() {
-            Ok(Some(state)) => Ok(Some(state)),
             Ok(None) => unversioned(&self.inline),
-            Err(e) => match unversioned(&self.inline) {
-                Ok(Some(state)) => Ok(Some(state)),
-                _ => Err(e),
-            },
+            Err(e) => unversioned(&self.inline).ok().flatten().map(Some).ok_or(e),
+            versioned => versioned,
         }
     }
 }
@@ -440,9 +433,7 @@ impl DeadLetters {
         use std::io::Write as _;
         self.metrics.dead_lettered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let Some(path) = &self.path else { return Ok(()) };
-        let mut text = String::with_capacity(line.len() + 1);
-        text.push_str(line);
-        text.push('\n');
+        let text = format!("{line}\n");
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)

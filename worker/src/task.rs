@@ -132,9 +132,6 @@ impl Chain {
     }
 
     async fn emit_late(&mut self, late: Vec<Batch>) -> Result<()> {
-        if late.is_empty() {
-            return Ok(());
-        }
         for b in late {
             self.emit(Port::Late, b).await?;
         }
@@ -302,10 +299,7 @@ pub async fn run(mut ctx: TaskContext) -> Result<()> {
     // What every earlier subtask stored for operator `o` (`keyed`: only those whose key groups
     // overlap this subtask's), fetched to local disk.
     let fetch = |o: usize, keyed: bool| {
-        let earlier = match &ctx.restore {
-            Some(m) => earlier_snapshots(m, o, plan.max_parallelism),
-            None => Vec::new(),
-        };
+        let earlier = ctx.restore.as_ref().map(|m| earlier_snapshots(m, o, plan.max_parallelism)).unwrap_or_default();
         let from: Vec<(String, &TaskSnapshot)> = earlier
             .into_iter()
             .filter(|(_, groups, _)| !keyed || groups_overlap(groups, &key_groups))
@@ -437,13 +431,11 @@ impl WatermarkGenerator {
         // A record stamped far beyond the wall clock (a typo, a year 2200) cannot move the
         // watermark: it would make every later record late, for good.
         let horizon = future_horizon_ms();
-        for row in &batch.rows {
-            if let Value::Timestamp(t) = row[col] {
-                if t <= horizon {
-                    self.max_ts = self.max_ts.max(t);
-                }
-            }
-        }
+        let times = batch.rows.iter().filter_map(|row| match row[col] {
+            Value::Timestamp(t) if t <= horizon => Some(t),
+            _ => None,
+        });
+        self.max_ts = times.fold(self.max_ts, i64::max);
         let wm = self.max_ts.saturating_sub(self.event_time.allowed_delay_ms);
         (self.max_ts != i64::MIN && wm > self.current).then(|| {
             self.current = wm;

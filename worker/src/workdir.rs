@@ -8,7 +8,7 @@
 
 use std::fs::{File, TryLockError};
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 /// Name of the lock file inside a worker's directory; its presence marks the directory as one a
 /// worker made, which a later worker may empty.
@@ -86,7 +86,7 @@ pub fn sweep_dead(parent: &Path, own: &Path) -> usize {
         if lock.try_lock().is_err() || !same_file(&lock, &path.join(LOCK)) {
             continue;
         }
-        let trash = trash_name(parent, &entry.file_name());
+        let trash = parent.join(format!("{TRASH}{}-{}", entry.file_name().to_string_lossy(), uuid::Uuid::new_v4().simple()));
         let gone = std::fs::rename(&path, &trash).and_then(|()| {
             drop(lock);
             std::fs::remove_dir_all(&trash)
@@ -102,16 +102,10 @@ pub fn sweep_dead(parent: &Path, own: &Path) -> usize {
 /// Prefix of a folder on its way out: no worker's id, so no claim picks it up.
 const TRASH: &str = ".removing-";
 
-fn trash_name(parent: &Path, name: &std::ffi::OsStr) -> PathBuf {
-    parent.join(format!("{TRASH}{}-{}", name.to_string_lossy(), uuid::Uuid::new_v4().simple()))
-}
-
 /// Whether the open `file` is the one at `path` now.
 fn same_file(file: &File, path: &Path) -> bool {
-    match (file.metadata(), std::fs::metadata(path)) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
+    let (Ok(a), Ok(b)) = (file.metadata(), std::fs::metadata(path)) else { return false };
+    a.dev() == b.dev() && a.ino() == b.ino()
 }
 
 fn open_lock(dir: &Path) -> std::io::Result<File> {

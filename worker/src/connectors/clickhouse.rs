@@ -41,17 +41,17 @@ use async_trait::async_trait;
 use clickhouse::error::Error as ChError;
 use clickhouse::{Client, Compression};
 use eddy_jobs::connectors::ClickHouseSinkOptions;
-use eddy_jobs::{Row, Schema, TaskId, Value};
+use eddy_jobs::{Row, Schema, Value};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use serde_json::Value as Json;
 
-use crate::batch::{Batch, Op};
+use crate::batch::{is_update_old_row, Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::json::json_string;
-use crate::operator::{ConnectorContext, DeadLetters, OperatorSnapshot, Sink, Stage, TaskMetrics};
+use crate::operator::{ConnectorContext, DeadLetters, OperatorSnapshot, Sink, Stage};
 use crate::retry::Policy;
 
 /// Batches queued between `write` and the writer task.
@@ -93,34 +93,42 @@ impl ClickHouseSink {
         let writer = Writer {
             client,
             target: format!("{}.{}", quote_identifier(&o.database), quote_identifier(&o.table)),
-            database: o.database.clone(),
-            table: o.table.clone(),
-            schema: ctx.schema.clone(),
-            version_column: o.version_column.clone(),
-            deleted_column: o.deleted_column.clone(),
-            batch_rows: o.batch_rows.max(1),
-            flush_interval: o.flush_interval.max(Duration::from_millis(1)),
+            o: ClickHouseSinkOptions {
+                batch_rows: o.batch_rows.max(1),
+                flush_interval: o.flush_interval.max(Duration::from_millis(1)),
+                ..o.clone()
+            },
             rows_written: 0,
             retries: 0,
             warned_skipped_retractions: false,
             dead_letters: DeadLetters::open("clickhouse sink", o.dead_letter_path.as_deref(), ctx.metrics.clone())?,
-            job_id: ctx.job_id,
-            task: ctx.task,
-            metrics: ctx.metrics,
+            ctx,
         };
         let (tx, rx) = mpsc::channel(QUEUED_BATCHES);
         Ok(ClickHouseSink { batches: Some(tx), writer: Some(tokio::spawn(writer.run(rx))) })
     }
 
+    /// Hands `input` to the writer; `what` names the call in the error after `finish`.
+    async fn send(&mut self, input: Input, what: &str) -> Result<()> {
+        let Some(batches) = &self.batches else {
+            return Err(TaskError::internal(format!("clickhouse sink: {what} after finish")));
+        };
+        if batches.send(input).await.is_err() {
+            return Err(self.stopped().await);
+        }
+        Ok(())
+    }
+
+    /// The writer task stopped early: its error, or the reason it is gone.
+    async fn stopped(&mut self) -> TaskError {
+        self.batches = None;
+        self.writer_outcome().await.err().unwrap_or_else(|| TaskError::internal("clickhouse sink: the writer stopped early"))
+    }
+
     /// The writer task has stopped: its error, or the reason it is gone.
     async fn writer_outcome(&mut self) -> Result<()> {
-        match self.writer.take() {
-            Some(handle) => match handle.await {
-                Ok(outcome) => outcome,
-                Err(e) => Err(TaskError::internal(format!("clickhouse sink: the writer task failed: {e}"))),
-            },
-            None => Err(TaskError::internal("clickhouse sink: used after it finished or failed")),
-        }
+        let writer = self.writer.take().ok_or_else(|| TaskError::internal("clickhouse sink: used after it finished or failed"))?;
+        writer.await.map_err(|e| TaskError::internal(format!("clickhouse sink: the writer task failed: {e}")))?
     }
 }
 
@@ -137,14 +145,10 @@ impl Drop for ClickHouseSink {
 impl Stage for ClickHouseSink {
     async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
         // Rows before the barrier are not read again after a restore: insert them first.
-        let Some(batches) = &self.batches else {
-            return Err(TaskError::internal("clickhouse sink: checkpoint after finish"));
-        };
         let (done, flushed) = tokio::sync::oneshot::channel();
-        if batches.send(Input::Flush(done)).await.is_err() || flushed.await.is_err() {
-            self.batches = None;
-            self.writer_outcome().await?;
-            return Err(TaskError::internal("clickhouse sink: the writer stopped early"));
+        self.send(Input::Flush(done), "checkpoint").await?;
+        if flushed.await.is_err() {
+            return Err(self.stopped().await);
         }
         Ok(OperatorSnapshot::default())
     }
@@ -153,23 +157,13 @@ impl Stage for ClickHouseSink {
 #[async_trait]
 impl Sink for ClickHouseSink {
     async fn write(&mut self, batch: Batch) -> Result<()> {
-        let Some(batches) = &self.batches else {
-            return Err(TaskError::internal("clickhouse sink: write after finish"));
-        };
-        if batches.send(Input::Rows(batch)).await.is_err() {
-            self.batches = None;
-            self.writer_outcome().await?;
-            return Err(TaskError::internal("clickhouse sink: the writer stopped early"));
-        }
-        Ok(())
+        self.send(Input::Rows(batch), "write").await
     }
 
     async fn on_watermark(&mut self, _watermark: i64) -> Result<()> {
         // The writer flushes on its own clock; this only reports its failure promptly.
         if self.writer.as_ref().is_some_and(|w| w.is_finished()) {
-            self.batches = None;
-            self.writer_outcome().await?;
-            return Err(TaskError::internal("clickhouse sink: the writer stopped early"));
+            return Err(self.stopped().await);
         }
         Ok(())
     }
@@ -193,15 +187,10 @@ enum RowKind {
 /// Which rows of a batch to write, and how: a retraction directly followed by an insert with the
 /// same key is an update's old image and is skipped; other retractions are deletes.
 fn plan_rows(rows: &[Row], ops: &[Op], key: &[usize]) -> Vec<(usize, RowKind)> {
-    let mut out = Vec::with_capacity(rows.len());
-    for (i, op) in ops.iter().enumerate() {
-        match op {
-            Op::Insert => out.push((i, RowKind::Live)),
-            Op::Retract if !crate::batch::is_update_old_row(rows, ops, i, key) => out.push((i, RowKind::Deleted)),
-            Op::Retract => {}
-        }
-    }
-    out
+    (0..ops.len())
+        .filter(|&i| !is_update_old_row(rows, ops, i, key))
+        .map(|i| (i, if ops[i] == Op::Insert { RowKind::Live } else { RowKind::Deleted }))
+        .collect()
 }
 
 /// A table column an input column goes to.
@@ -220,11 +209,10 @@ struct Column {
 impl Column {
     fn new(name: &str, type_name: &str) -> Column {
         let kind = ColumnKind::of(type_name);
-        let base = strip_wrappers(type_name);
         let range = match kind {
             ColumnKind::DateTime => Some((0, u32::MAX as i128)),
             ColumnKind::Date => Some((0, u16::MAX as i128)),
-            _ => integer_range(base),
+            _ => integer_range(strip_wrappers(type_name)),
         };
         Column { name: json_string(name), kind, type_name: type_name.to_string(), range }
     }
@@ -328,43 +316,26 @@ impl ColumnKind {
 /// should be left out: NULL, or a float that JSON cannot hold.
 fn write_value(out: &mut String, v: &Value, kind: ColumnKind) -> bool {
     use std::fmt::Write as _;
-    let quote = kind == ColumnKind::Text;
-    match v {
+    // Text columns take every value as a JSON string.
+    let q = if kind == ColumnKind::Text { "\"" } else { "" };
+    let _ = match v {
         Value::Null => return false,
-        Value::Bool(b) => out.push_str(match (kind, *b) {
-            (ColumnKind::Bool, true) => "true",
-            (ColumnKind::Bool, false) => "false",
-            (ColumnKind::Text, true) => "\"true\"",
-            (ColumnKind::Text, false) => "\"false\"",
-            (_, true) => "1",
-            (_, false) => "0",
-        }),
-        Value::Int(i) if quote => {
-            let _ = write!(out, "\"{i}\"");
-        }
-        Value::Int(i) => {
-            let _ = write!(out, "{i}");
-        }
+        Value::Bool(b) if matches!(kind, ColumnKind::Bool | ColumnKind::Text) => write!(out, "{q}{b}{q}"),
+        Value::Bool(b) => write!(out, "{}", u8::from(*b)),
+        Value::Int(i) => write!(out, "{q}{i}{q}"),
         Value::Float(f) => match serde_json::Number::from_f64(*f) {
-            Some(n) if quote => {
-                let _ = write!(out, "\"{n}\"");
-            }
-            Some(n) => {
-                let _ = write!(out, "{n}");
-            }
+            Some(n) => write!(out, "{q}{n}{q}"),
             None => return false,
         },
-        Value::String(s) => out.push_str(&json_string(s)),
-        Value::Timestamp(ms) => {
-            let _ = match kind {
-                ColumnKind::DateTime => write!(out, "{}", ms.div_euclid(1000)),
-                ColumnKind::DateTime64 => write!(out, "\"{}\"", eddy_jobs::time::format_timestamp(*ms)),
-                ColumnKind::Date => write!(out, "\"{}\"", &eddy_jobs::time::format_timestamp(*ms)[..10]),
-                ColumnKind::Text => write!(out, "\"{}\"", eddy_jobs::time::format_iso8601(*ms)),
-                ColumnKind::Bool | ColumnKind::Number => write!(out, "{ms}"),
-            };
-        }
-    }
+        Value::String(s) => out.write_str(&json_string(s)),
+        Value::Timestamp(ms) => match kind {
+            ColumnKind::DateTime => write!(out, "{}", ms.div_euclid(1000)),
+            ColumnKind::DateTime64 => write!(out, "\"{}\"", eddy_jobs::time::format_timestamp(*ms)),
+            ColumnKind::Date => write!(out, "\"{}\"", &eddy_jobs::time::format_timestamp(*ms)[..10]),
+            ColumnKind::Text => write!(out, "\"{}\"", eddy_jobs::time::format_iso8601(*ms)),
+            ColumnKind::Bool | ColumnKind::Number => write!(out, "{ms}"),
+        },
+    };
     true
 }
 
@@ -402,15 +373,11 @@ impl Layout {
             })?),
             None => None,
         };
+        // The deleted flag is the sink's to set.
         let columns = schema
             .fields
             .iter()
-            .map(|f| match find(&f.name) {
-                // The deleted flag is the sink's to set.
-                Some((n, _)) if deleted.as_deref().is_some_and(|d| d == n) => None,
-                Some((n, ty)) => Some(Column::new(n, ty)),
-                None => None,
-            })
+            .map(|f| find(&f.name).filter(|(n, _)| deleted.as_ref() != Some(n)).map(|(n, ty)| Column::new(n, ty)))
             .collect();
         let version = match version_column {
             Some(v) => {
@@ -446,7 +413,7 @@ impl Layout {
     fn render(&self, out: &mut String, row: &Row, kind: RowKind) -> std::result::Result<(), String> {
         let start = out.len();
         out.push('{');
-        let mut first = true;
+        // Every field is followed by a comma; the last one is dropped at the end.
         for (i, (column, value)) in self.columns.iter().zip(row).enumerate() {
             let Some(column) = column else { continue };
             let value = match (kind, value) {
@@ -458,23 +425,20 @@ impl Layout {
                 return Err(format!("column {}: {why}", column.name));
             }
             let mark = out.len();
-            if !first {
-                out.push(',');
-            }
             out.push_str(&column.name);
             out.push(':');
             if write_value(out, &value, column.kind) {
-                first = false;
+                out.push(',');
             } else {
                 out.truncate(mark);
             }
         }
         if let Some(deleted) = &self.deleted {
-            if !first {
-                out.push(',');
-            }
             out.push_str(deleted);
-            out.push_str(if kind == RowKind::Deleted { ":1" } else { ":0" });
+            out.push_str(if kind == RowKind::Deleted { ":1," } else { ":0," });
+        }
+        if out.ends_with(',') {
+            out.pop();
         }
         out.push_str("}\n");
         Ok(())
@@ -521,20 +485,13 @@ struct Writer {
     client: Client,
     /// `` `db`.`table` ``.
     target: String,
-    database: String,
-    table: String,
-    schema: Schema,
-    version_column: Option<String>,
-    deleted_column: Option<String>,
-    batch_rows: usize,
-    flush_interval: Duration,
+    /// The options, with `batch_rows` and `flush_interval` at least 1.
+    o: ClickHouseSinkOptions,
     rows_written: u64,
     retries: u64,
     warned_skipped_retractions: bool,
     dead_letters: DeadLetters,
-    job_id: String,
-    task: TaskId,
-    metrics: std::sync::Arc<TaskMetrics>,
+    ctx: ConnectorContext,
 }
 
 impl Writer {
@@ -542,7 +499,7 @@ impl Writer {
         let layout = self.load_layout().await?;
         let mut buffer = Buffer::default();
         loop {
-            let due = buffer.since.map(|t| t + self.flush_interval);
+            let due = buffer.since.map(|t| t + self.o.flush_interval);
             tokio::select! {
                 biased;
                 // The oldest row has waited flush_interval: insert even while input keeps coming.
@@ -568,18 +525,18 @@ impl Writer {
             if kind == RowKind::Deleted && !layout.writes_deletes() {
                 if !self.warned_skipped_retractions {
                     self.warned_skipped_retractions = true;
-                    tracing::warn!(job_id = %self.job_id, task = %self.task, table = %self.target, "clickhouse sink: retractions are skipped: set version_column and/or deleted_column to write deletes");
+                    tracing::warn!(job_id = %self.ctx.job_id, task = %self.ctx.task, table = %self.target, "clickhouse sink: retractions are skipped: set version_column and/or deleted_column to write deletes");
                 }
                 continue;
             }
             if let Err(why) = layout.render(&mut buffer.text, &batch.rows[i], kind) {
-                let row = Json::Object(crate::json::row_to_json(&self.schema, &batch.rows[i], None));
+                let row = Json::Object(crate::json::row_to_json(&self.ctx.schema, &batch.rows[i], None));
                 self.dead_letter(&row.to_string(), &why)?;
                 continue;
             }
             buffer.rows += 1;
             buffer.since.get_or_insert_with(Instant::now);
-            if buffer.rows >= self.batch_rows {
+            if buffer.rows >= self.o.batch_rows {
                 self.flush(buffer).await?;
             }
         }
@@ -593,7 +550,7 @@ impl Writer {
         if buffer.rows == 0 {
             return Ok(());
         }
-        let body = std::mem::take(&mut buffer.text);
+        let mut body = std::mem::take(&mut buffer.text);
         let mut refused = 0;
         if let Some(error) = self.insert(&body).await? {
             // JSON escapes newlines inside strings: every line is one row.
@@ -614,12 +571,10 @@ impl Writer {
             }
         }
         self.rows_written += (buffer.rows - refused) as u64;
-        self.metrics.set_gauge("rows_written", self.rows_written as i64);
-        tracing::debug!(job_id = %self.job_id, task = %self.task, table = %self.target, rows = buffer.rows, refused, "clickhouse sink: inserted");
-        buffer.text = body;
-        buffer.text.clear();
-        buffer.rows = 0;
-        buffer.since = None;
+        self.ctx.metrics.set_gauge("rows_written", self.rows_written as i64);
+        tracing::debug!(job_id = %self.ctx.job_id, task = %self.ctx.task, table = %self.target, rows = buffer.rows, refused, "clickhouse sink: inserted");
+        body.clear();
+        *buffer = Buffer { text: body, ..Buffer::default() };
         Ok(())
     }
 
@@ -648,65 +603,52 @@ impl Writer {
 
     /// A row the table cannot hold: to the dead letters, with why.
     fn dead_letter(&self, row: &str, why: &str) -> Result<()> {
-        tracing::warn!(job_id = %self.job_id, task = %self.task, table = %self.target, error = %why, "clickhouse sink: row dead-lettered");
+        tracing::warn!(job_id = %self.ctx.job_id, task = %self.ctx.task, table = %self.target, error = %why, "clickhouse sink: row dead-lettered");
         self.dead_letters.record(&format!("{{\"table\":{},\"row\":{row},\"error\":{}}}", json_string(&self.target), json_string(why)))
     }
 
     /// Reads the table's columns and sorting key and matches them to the input.
     async fn load_layout(&mut self) -> Result<Layout> {
-        let client = self.client.clone();
-        let (database, table) = (self.database.clone(), self.table.clone());
-        let columns = self
-            .retrying("reading the table's columns", || {
-                let query = client
-                    .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
-                    .bind(database.as_str())
-                    .bind(table.as_str());
-                async move { query.fetch_bytes("TabSeparated")?.collect().await }
-            })
-            .await?;
-        let columns: Vec<(String, String)> = String::from_utf8_lossy(&columns)
-            .lines()
-            .filter_map(|line| line.split_once('\t'))
-            .map(|(name, ty)| (unescape_tsv(name), unescape_tsv(ty)))
-            .collect();
+        let columns =
+            self.select("reading the table's columns", "SELECT name, type FROM system.columns WHERE database = ? AND table = ?").await?;
+        let columns: Vec<(String, String)> =
+            columns.lines().filter_map(|line| line.split_once('\t')).map(|(name, ty)| (unescape_tsv(name), unescape_tsv(ty))).collect();
         if columns.is_empty() {
             return Err(TaskError::user(format!(
                 "clickhouse sink: table {} does not exist; create it first (a ReplacingMergeTree ordered by the event id, with the version column)",
                 self.target
             )));
         }
-        let sorting_key = self
-            .retrying("reading the table's sorting key", || {
-                let query = client
-                    .query("SELECT sorting_key FROM system.tables WHERE database = ? AND name = ?")
-                    .bind(database.as_str())
-                    .bind(table.as_str());
-                async move { query.fetch_bytes("TabSeparated")?.collect().await }
-            })
-            .await?;
-        let sorting_key = unescape_tsv(String::from_utf8_lossy(&sorting_key).trim_end_matches('\n'));
-        let layout = Layout::new(
-            &self.schema,
-            &columns,
-            &sorting_key,
-            self.version_column.as_deref(),
-            self.deleted_column.as_deref(),
-            &self.target,
-        )?;
-        let dropped: Vec<&str> = self
-            .schema
+        let sorting_key =
+            self.select("reading the table's sorting key", "SELECT sorting_key FROM system.tables WHERE database = ? AND name = ?").await?;
+        let sorting_key = unescape_tsv(sorting_key.trim_end_matches('\n'));
+        let (o, schema) = (&self.o, &self.ctx.schema);
+        let layout = Layout::new(schema, &columns, &sorting_key, o.version_column.as_deref(), o.deleted_column.as_deref(), &self.target)?;
+        let dropped: Vec<&str> = schema
             .fields
             .iter()
             .zip(&layout.columns)
-            .filter(|(f, c)| c.is_none() && self.deleted_column.as_deref().is_none_or(|d| !f.name.eq_ignore_ascii_case(d)))
+            .filter(|(f, c)| c.is_none() && o.deleted_column.as_deref().is_none_or(|d| !f.name.eq_ignore_ascii_case(d)))
             .map(|(f, _)| f.name.as_str())
             .collect();
         if !dropped.is_empty() {
-            tracing::warn!(job_id = %self.job_id, task = %self.task, table = %self.target, columns = %dropped.join(", "), "clickhouse sink: input columns missing from the table are not written");
+            tracing::warn!(job_id = %self.ctx.job_id, task = %self.ctx.task, table = %self.target, columns = %dropped.join(", "), "clickhouse sink: input columns missing from the table are not written");
         }
-        tracing::info!(job_id = %self.job_id, task = %self.task, table = %self.target, sorting_key = %sorting_key, "clickhouse sink: table layout read");
+        tracing::info!(job_id = %self.ctx.job_id, task = %self.ctx.task, table = %self.target, sorting_key = %sorting_key, "clickhouse sink: table layout read");
         Ok(layout)
+    }
+
+    /// Runs `sql` on the table's layout (its `?`s bound to the database and table), retried, and
+    /// returns its TabSeparated output.
+    async fn select(&mut self, what: &str, sql: &str) -> Result<String> {
+        let (client, database, table) = (self.client.clone(), self.o.database.clone(), self.o.table.clone());
+        let bytes = self
+            .retrying(what, || {
+                let query = client.query(sql).bind(database.as_str()).bind(table.as_str());
+                async move { query.fetch_bytes("TabSeparated")?.collect().await }
+            })
+            .await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// Runs `attempt` until it succeeds, fails permanently (the user's error), or has failed for
@@ -716,12 +658,12 @@ impl Writer {
         F: FnMut() -> Fut,
         Fut: Future<Output = clickhouse::error::Result<T>>,
     {
-        let mut retry = Policy::DEFAULT.start_reporting(&self.metrics, "clickhouse sink");
+        let mut retry = Policy::DEFAULT.start_reporting(&self.ctx.metrics, "clickhouse sink");
         loop {
             match attempt().await {
                 Ok(v) => {
                     if retry.failures() > 0 {
-                        tracing::info!(job_id = %self.job_id, task = %self.task, table = %self.target, attempt = retry.failures(), "clickhouse sink: {what} succeeded again");
+                        tracing::info!(job_id = %self.ctx.job_id, task = %self.ctx.task, table = %self.target, attempt = retry.failures(), "clickhouse sink: {what} succeeded again");
                     }
                     return Ok(v);
                 }
@@ -738,8 +680,8 @@ impl Writer {
                         )));
                     };
                     self.retries += 1;
-                    self.metrics.set_gauge("insert_retries", self.retries as i64);
-                    tracing::warn!(job_id = %self.job_id, task = %self.task, table = %self.target, attempt = retry.failures(), error = %e, ?delay, "clickhouse sink: {what} failed; retrying");
+                    self.ctx.metrics.set_gauge("insert_retries", self.retries as i64);
+                    tracing::warn!(job_id = %self.ctx.job_id, task = %self.ctx.task, table = %self.target, attempt = retry.failures(), error = %e, ?delay, "clickhouse sink: {what} failed; retrying");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -752,17 +694,16 @@ fn unescape_tsv(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     let mut chars = s.chars();
     while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next() {
-            Some('t') => out.push('\t'),
-            Some('n') => out.push('\n'),
-            Some('0') => out.push('\0'),
-            Some(other) => out.push(other),
-            None => out.push('\\'),
-        }
+        out.push(match c {
+            '\\' => match chars.next() {
+                Some('t') => '\t',
+                Some('n') => '\n',
+                Some('0') => '\0',
+                Some(other) => other,
+                None => '\\',
+            },
+            c => c,
+        });
     }
     out
 }
@@ -770,7 +711,7 @@ fn unescape_tsv(s: &str) -> String {
 #[cfg(test)]
 mod tests {
 
-    use eddy_jobs::{DataType, Field};
+    use eddy_jobs::{DataType, Field, TaskId};
 
     use super::*;
 

@@ -49,12 +49,10 @@ impl FileSource {
         }
         for state in ctx.restore.iter().flat_map(|(_, states)| states) {
             // Before versioned state: the two as little-endian words.
-            let read = state.read(|old| {
-                let word = |at: usize| u64::from_le_bytes(old[at..at + 8].try_into().unwrap_or_default());
-                Ok((old.len() == 16).then(|| ReadTo { offset: word(0), line: word(8) }))
-            })?;
-            if let Some(read) = read {
-                (source.offset, source.line) = (read.offset, read.line);
+            let word = |old: &[u8], at: usize| u64::from_le_bytes(old[at..at + 8].try_into().unwrap_or_default());
+            let read = state.read(|old| Ok((old.len() == 16).then(|| ReadTo { offset: word(old, 0), line: word(old, 8) })))?;
+            if let Some(ReadTo { offset, line }) = read {
+                (source.offset, source.line) = (offset, line);
             }
         }
         let mut file = File::open(&o.path)
@@ -136,20 +134,15 @@ impl FileSink {
         if let Some(dir) = std::path::Path::new(&path).parent() {
             std::fs::create_dir_all(dir).map_err(|e| io_error(&path, e))?;
         }
-        let length = match &ctx.restore {
-            None => 0,
-            Some((_, states)) => {
-                let mut longest = 0;
-                for state in states {
-                    let written = state.read(|old| Ok(Written::unversioned(old)))?;
-                    longest = written.filter(|w| w.path == path).map_or(longest, |w| w.length.max(longest));
-                }
-                longest
+        // The longest length a checkpoint stored for this path.
+        let mut length = 0;
+        for state in ctx.restore.iter().flat_map(|(_, states)| states) {
+            if let Some(written) = state.read(|old| Ok(Written::unversioned(old)))?.filter(|w| w.path == path) {
+                length = length.max(written.length);
             }
-        };
-        let file = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path).map_err(|e| io_error(&path, e))?;
+        }
+        let mut file = std::fs::OpenOptions::new().create(true).write(true).truncate(false).open(&path).map_err(|e| io_error(&path, e))?;
         file.set_len(length).map_err(|e| io_error(&path, e))?;
-        let mut file = file;
         std::io::Seek::seek(&mut file, std::io::SeekFrom::End(0)).map_err(|e| io_error(&path, e))?;
         Ok(FileSink {
             path,

@@ -41,17 +41,13 @@ pub struct Generator {
     lanes: Vec<Lane>,
     produced: u64,
     started: Option<Instant>,
-    /// Rows per second of this subtask, if throttled.
-    rate: Option<f64>,
 }
 
 impl Generator {
     /// Subtask `subtask` of `parallelism`, from the start.
     pub fn new(options: GeneratorOptions, subtask: u32, parallelism: u32) -> Generator {
         let lanes = vec![Lane { next: subtask as u64, stride: parallelism.max(1) as u64 }];
-        let mut g = Generator { options, subtask, parallelism: parallelism.max(1), lanes, produced: 0, started: None, rate: None };
-        g.set_rate();
-        g
+        Generator { options, subtask, parallelism: parallelism.max(1), lanes, produced: 0, started: None }
     }
 
     /// Continues from a checkpoint: this subtask's share of every lane the checkpoint holds.
@@ -78,20 +74,15 @@ impl Generator {
                 .collect();
             lanes.sort_unstable();
         }
-        self.lanes = lanes
-            .into_iter()
-            .enumerate()
-            .filter(|(i, _)| *i % self.parallelism as usize == self.subtask as usize)
-            .map(|(_, l)| l)
-            .collect();
-        self.set_rate();
+        self.lanes = lanes.into_iter().skip(self.subtask as usize).step_by(self.parallelism as usize).collect();
         Ok(self)
     }
 
-    /// This subtask's share of the rate: the share of the sequence its lanes hold.
-    fn set_rate(&mut self) {
+    /// Rows per second of this subtask, if throttled: its share of the rate, the share of the
+    /// sequence its lanes hold.
+    fn rate(&self) -> Option<f64> {
         let share: f64 = self.lanes.iter().map(|l| 1.0 / l.stride as f64).sum();
-        self.rate = self.options.rate.map(|r| r as f64 * share);
+        self.options.rate.map(|r| r as f64 * share)
     }
 }
 
@@ -148,7 +139,7 @@ impl Source for Generator {
             return Ok(None);
         }
         let mut n = BATCH_ROWS;
-        if let Some(rate) = self.rate {
+        if let Some(rate) = self.rate() {
             let started = *self.started.get_or_insert_with(Instant::now);
             // Small batches at low rates keep latency down; the sleep is cancel-safe.
             n = n.min((rate / 100.0).ceil().max(1.0) as u64);

@@ -40,32 +40,28 @@ use crate::json::{json_string, object_text, Timestamps};
 use crate::operator::{ConnectorContext, DeadLetters, OperatorSnapshot, Sink, Stage};
 use crate::retry::Policy;
 
-/// First retry delay; doubles per attempt up to [`MAX_BACKOFF`].
-const FIRST_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
-
 /// The HTTP sink.
 pub struct HttpSink {
-    client: reqwest::Client,
-    url: reqwest::Url,
+    endpoint: Arc<Endpoint>,
     /// Body columns: JSON-quoted name and row position.
-    body_columns: Arc<[(String, usize)]>,
+    body_columns: Vec<(String, usize)>,
     key_columns: Vec<usize>,
     /// With deletes sent: the JSON-quoted field name, and the columns identifying a row.
     deleted: Option<(String, Vec<usize>)>,
     concurrency: usize,
-    retry: RetryLimits,
     in_flight: JoinSet<Delivery>,
     dead_letters: DeadLetters,
-    counters: Arc<Counters>,
-    ctx: ConnectorContext,
 }
 
-/// Live figures shared with the request tasks.
-#[derive(Default)]
-struct Counters {
+/// What every request task shares: where and how to send, when to give up, and live figures.
+struct Endpoint {
+    client: reqwest::Client,
+    url: reqwest::Url,
+    policy: Policy,
+    max_retries: Option<u32>,
     sent: AtomicU64,
     retries: AtomicU64,
+    ctx: ConnectorContext,
 }
 
 /// How one row's delivery ended.
@@ -97,15 +93,13 @@ impl HttpSink {
                 .index_of(name)
                 .ok_or_else(|| TaskError::user(format!("http sink: {what}: no input column `{name}`; columns are {}", ctx.schema.names())))
         };
+        let columns = |names: &[String], what: &str| names.iter().map(|n| column(n, what)).collect::<Result<Vec<_>>>();
         let body_columns = match &o.columns {
             Some(names) => names.iter().map(|n| Ok((json_string(n), column(n, "options.columns")?))).collect::<Result<Vec<_>>>()?,
             None => ctx.schema.fields.iter().enumerate().map(|(i, f)| (json_string(&f.name), i)).collect(),
         };
-        let key_columns = o.idempotency_key.iter().map(|n| column(n, "options.idempotency_key")).collect::<Result<Vec<_>>>()?;
-        let deleted = match &o.deleted_field {
-            Some(field) => Some((json_string(field), o.key.iter().map(|n| column(n, "options.key")).collect::<Result<Vec<_>>>()?)),
-            None => None,
-        };
+        let key_columns = columns(&o.idempotency_key, "options.idempotency_key")?;
+        let deleted = o.deleted_field.as_ref().map(|f| columns(&o.key, "options.key").map(|key| (json_string(f), key))).transpose()?;
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(Duration::from_secs(5)))
@@ -116,20 +110,21 @@ impl HttpSink {
             .build()
             .map_err(|e| TaskError::internal(format!("http sink: building the HTTP client: {e}")))?;
         Ok(HttpSink {
-            client,
-            url,
-            body_columns: body_columns.into(),
+            body_columns,
             key_columns,
             deleted,
             concurrency: o.concurrency.max(1),
-            retry: RetryLimits {
-                policy: Policy { first: FIRST_BACKOFF, max: MAX_BACKOFF, budget: o.retry_for },
-                max_retries: o.max_retries,
-            },
             in_flight: JoinSet::new(),
             dead_letters: DeadLetters::open("http sink", o.dead_letter_path.as_deref(), ctx.metrics.clone())?,
-            counters: Arc::default(),
-            ctx,
+            endpoint: Arc::new(Endpoint {
+                client,
+                url,
+                policy: Policy { first: Duration::from_millis(100), max: Duration::from_secs(10), budget: o.retry_for },
+                max_retries: o.max_retries,
+                sent: AtomicU64::new(0),
+                retries: AtomicU64::new(0),
+                ctx,
+            }),
         })
     }
 
@@ -139,7 +134,7 @@ impl HttpSink {
         let Delivery::Failed { body, key, error } = delivery else {
             return Ok(());
         };
-        tracing::warn!(job_id = %self.ctx.job_id, task = %self.ctx.task, idempotency_key = %key, %error, "http sink: row dead-lettered");
+        tracing::warn!(job_id = %self.endpoint.ctx.job_id, task = %self.endpoint.ctx.task, idempotency_key = %key, %error, "http sink: row dead-lettered");
         self.dead_letters.record(&format!("{{\"row\":{body},\"idempotency_key\":{},\"error\":{}}}", json_string(&key), json_string(&error)))
     }
 
@@ -155,10 +150,9 @@ impl HttpSink {
 #[async_trait]
 impl Stage for HttpSink {
     async fn snapshot(&mut self, _id: u64, _scratch: &Path) -> Result<OperatorSnapshot> {
-        // Rows before the barrier are not read again after a restore: deliver them first.
-        while let Some(joined) = self.in_flight.join_next().await {
-            self.settle(joined)?;
-        }
+        // Rows before the barrier are not read again after a restore: deliver them first (all
+        // that `finish` does).
+        self.finish().await?;
         Ok(OperatorSnapshot::default())
     }
 }
@@ -178,24 +172,16 @@ impl Sink for HttpSink {
                 body.pop();
                 let _ = write!(body, "{}{field}:{}}}", if body.len() > 1 { "," } else { "" }, *op == Op::Retract);
             }
+            let mut key = render_key(&self.key_columns, row);
+            if *op == Op::Retract {
+                key.push_str(":deleted");
+            }
             while self.in_flight.len() >= self.concurrency {
                 if let Some(joined) = self.in_flight.join_next().await {
                     self.settle(joined)?;
                 }
             }
-            let request = Request {
-                client: self.client.clone(),
-                url: self.url.clone(),
-                body,
-                key: match op {
-                    Op::Insert => render_key(&self.key_columns, row),
-                    Op::Retract => render_key(&self.key_columns, row) + ":deleted",
-                },
-                retry: self.retry,
-                counters: self.counters.clone(),
-                ctx: self.ctx.clone(),
-            };
-            self.in_flight.spawn(request.deliver());
+            self.in_flight.spawn(self.endpoint.clone().deliver(body, key));
         }
         self.settle_ready()
     }
@@ -212,27 +198,17 @@ impl Sink for HttpSink {
     }
 }
 
-/// One row's delivery, owned by its task.
-struct Request {
-    client: reqwest::Client,
-    url: reqwest::Url,
-    body: String,
-    key: String,
-    retry: RetryLimits,
-    counters: Arc<Counters>,
-    ctx: ConnectorContext,
-}
-
-impl Request {
-    async fn deliver(self) -> Delivery {
-        let mut retry = self.retry.policy.start_reporting(&self.ctx.metrics, "http sink");
+impl Endpoint {
+    /// Delivers one row, in its own task.
+    async fn deliver(self: Arc<Self>, body: String, key: String) -> Delivery {
+        let mut retry = self.policy.start_reporting(&self.ctx.metrics, "http sink");
         loop {
             let sent = self
                 .client
                 .post(self.url.clone())
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .header("Idempotency-Key", header_safe(&self.key))
-                .body(self.body.clone())
+                .header("Idempotency-Key", header_safe(&key))
+                .body(body.clone())
                 .send()
                 .await;
             let verdict = match sent {
@@ -246,20 +222,20 @@ impl Request {
             };
             match verdict {
                 Verdict::Done => {
-                    let sent = self.counters.sent.fetch_add(1, Ordering::Relaxed) + 1;
+                    let sent = self.sent.fetch_add(1, Ordering::Relaxed) + 1;
                     self.ctx.metrics.set_gauge("http_sent", sent as i64);
                     return Delivery::Sent;
                 }
-                Verdict::Refused(error) => return Delivery::Failed { body: self.body, key: self.key, error },
+                Verdict::Refused(error) => return Delivery::Failed { body, key, error },
                 Verdict::Retry(error) => {
-                    let capped = self.retry.max_retries.is_some_and(|m| retry.failures() >= m);
+                    let capped = self.max_retries.is_some_and(|m| retry.failures() >= m);
                     let Some(delay) = (!capped).then(|| retry.next_delay_after(&error)).flatten() else {
                         let error = format!("{error} (gave up after {} retries in {}s)", retry.failures(), retry.elapsed().as_secs());
-                        return Delivery::Failed { body: self.body, key: self.key, error };
+                        return Delivery::Failed { body, key, error };
                     };
-                    let retries = self.counters.retries.fetch_add(1, Ordering::Relaxed) + 1;
+                    let retries = self.retries.fetch_add(1, Ordering::Relaxed) + 1;
                     self.ctx.metrics.set_gauge("http_retries", retries as i64);
-                    tracing::debug!(job_id = %self.ctx.job_id, task = %self.ctx.task, idempotency_key = %self.key, attempt = retry.failures(), %error, ?delay, "http sink: retrying");
+                    tracing::debug!(job_id = %self.ctx.job_id, task = %self.ctx.task, idempotency_key = %key, attempt = retry.failures(), %error, ?delay, "http sink: retrying");
                     tokio::time::sleep(delay).await;
                 }
             }
@@ -297,42 +273,22 @@ fn classify_error(e: &reqwest::Error) -> Verdict {
     }
 }
 
-/// When a row's delivery gives up.
-#[derive(Debug, Clone, Copy)]
-struct RetryLimits {
-    policy: Policy,
-    max_retries: Option<u32>,
-}
-
 /// The `Idempotency-Key`: key column values joined with `:` (timestamps as epoch milliseconds,
 /// NULL as nothing).
 fn render_key(columns: &[usize], row: &Row) -> String {
-    let mut out = String::new();
-    for (i, idx) in columns.iter().enumerate() {
-        if i > 0 {
-            out.push(':');
-        }
-        match row.get(*idx).unwrap_or(&Value::Null) {
-            Value::Null => {}
-            Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-            Value::Int(v) | Value::Timestamp(v) => {
-                let _ = write!(out, "{v}");
-            }
-            Value::Float(f) => {
-                let _ = write!(out, "{f}");
-            }
-            Value::String(s) => out.push_str(s),
-        }
-    }
-    out
+    let value = |idx: &usize| match row.get(*idx).unwrap_or(&Value::Null) {
+        Value::Null => String::new(),
+        Value::Bool(b) => b.to_string(),
+        Value::Int(v) | Value::Timestamp(v) => v.to_string(),
+        Value::Float(f) => f.to_string(),
+        Value::String(s) => s.to_string(),
+    };
+    columns.iter().map(value).collect::<Vec<_>>().join(":")
 }
 
 /// A header value holds visible ASCII only: other bytes (and `%`) are percent-encoded.
 fn header_safe(key: &str) -> String {
-    if key.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'%') {
-        return key.to_string();
-    }
-    let mut out = String::with_capacity(key.len() + 8);
+    let mut out = String::with_capacity(key.len());
     for b in key.bytes() {
         if (0x20..0x7f).contains(&b) && b != b'%' {
             out.push(b as char);

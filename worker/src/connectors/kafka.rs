@@ -66,7 +66,7 @@ use eddy_jobs::{Row, Schema, Value};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::ClientContext;
@@ -108,9 +108,6 @@ impl ClientContext for LagContext {
 }
 
 impl ConsumerContext for LagContext {}
-
-/// A decoded record: its key identity (upsert format only) and its row (`None` for a tombstone).
-type Decoded = (Option<Vec<u8>>, Option<Vec<Value>>);
 
 /// Reads a topic as a changelog (upsert) or as appends (json).
 pub struct KafkaSource {
@@ -231,16 +228,10 @@ impl KafkaSource {
             next_rediscovery: tokio::time::Instant::now() + PARTITIONS_REFRESH,
             clock: i64::MIN,
         };
-        if let Some((_, states)) = &ctx.restore {
-            for state in states {
-                source.restore(state)?;
-            }
+        for state in ctx.restore.iter().flat_map(|(_, states)| states) {
+            source.restore(state)?;
         }
         Ok(source)
-    }
-
-    fn owns(&self, partition: i32) -> bool {
-        owns(partition, self.parallelism, self.subtask)
     }
 
     /// Takes the positions and keys this subtask owns from one earlier subtask's state.
@@ -270,7 +261,7 @@ impl KafkaSource {
             let p = i32::from_le_bytes(state.get(at..at + 4).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?);
             let o = i64::from_le_bytes(state.get(at + 4..at + 12).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?);
             at += 12;
-            if self.owns(p) {
+            if owns(p, self.parallelism, self.subtask) {
                 self.positions.insert(p, o);
             }
         }
@@ -285,7 +276,7 @@ impl KafkaSource {
             let (Some(Value::Int(p)), Some(Value::String(key))) = (row.first().cloned(), row.get(1).cloned()) else {
                 return Err(corrupt());
             };
-            if let (true, Some(upserts)) = (self.owns(p as i32), &mut self.upserts) {
+            if let (true, Some(upserts)) = (owns(p as i32, self.parallelism, self.subtask), &mut self.upserts) {
                 upserts.state.put(p as u32, key.as_bytes(), &row.split_off(2), now)?;
             }
         }
@@ -312,7 +303,7 @@ impl KafkaSource {
         let consumer = self.consumer.clone();
         let topic = self.options.topic.clone();
         match partition_ids(move || consumer.fetch_metadata(Some(&topic), Duration::from_secs(2))).await? {
-            Ok(p) if !p.is_empty() => Ok(Some(p.into_iter().filter(|p| self.owns(*p)).collect())),
+            Ok(p) if !p.is_empty() => Ok(Some(p.into_iter().filter(|p| owns(*p, self.parallelism, self.subtask)).collect())),
             Ok(_) => Ok(None), // the topic does not exist yet: its producer creates it
             Err(e) => {
                 warn!(topic = %self.options.topic, error = %e, "kafka: cannot read topic metadata; retrying");
@@ -366,24 +357,18 @@ impl KafkaSource {
 
     /// Decodes one record: its key identity (upsert format only) and its row (`None` for a
     /// tombstone).
-    fn decode(&self, m: &OwnedMessage) -> std::result::Result<Decoded, String> {
-        let value = match m.payload() {
-            None => None,
-            Some(bytes) => Some(row_from_json(&self.schema, &parse(bytes)?)?),
-        };
+    fn decode(&self, m: &OwnedMessage) -> std::result::Result<(Option<Vec<u8>>, Option<Row>), String> {
+        let value = m.payload().map(|bytes| row_from_json(&self.schema, &parse(bytes)?)).transpose()?;
         if self.options.format == KafkaFormat::Json {
             return Ok((None, value));
         }
         // Key identity: the record key's canonical JSON (or the value's key columns without one).
         let key = match (m.key(), &value) {
-            (Some(k), _) => serde_json::to_vec(&parse(k)?).map_err(|e| e.to_string())?,
-            (None, Some(row)) => {
-                let cols: Vec<Json> = self.key_columns.iter().map(|&c| crate::json::to_json(&row[c])).collect();
-                serde_json::to_vec(&cols).map_err(|e| e.to_string())?
-            }
+            (Some(k), _) => parse(k)?,
+            (None, Some(row)) => Json::Array(self.key_columns.iter().map(|&c| crate::json::to_json(&row[c])).collect()),
             (None, None) => return Err("a tombstone without a key".into()),
         };
-        Ok((Some(key), value))
+        Ok((Some(serde_json::to_vec(&key).map_err(|e| e.to_string())?), value))
     }
 
     fn bad_record(&mut self, m: &OwnedMessage, error: String) -> Result<()> {
@@ -452,26 +437,16 @@ impl KafkaSource {
             self.metrics.set_gauge("skipped_offsets", self.skipped);
         }
         self.pending.insert(m.partition(), m.offset());
-        match Heartbeat::of(m) {
-            Some(Ok(beat)) => {
-                self.beats.entry(m.partition()).or_default().heard(beat);
-                return Ok(());
-            }
-            Some(Err(e)) => return self.bad_record(m, e),
-            None => {}
+        if let Some(beat) = Heartbeat::of(m) {
+            return beat.map(|beat| self.beats.entry(m.partition()).or_default().heard(beat)).or_else(|e| self.bad_record(m, e));
         }
         let decoded = self.decode(m);
         // Only a record with a usable event time makes its partition active: a tombstone, a null
         // or a time past the horizon would keep it active while it holds no time at all.
-        if let Some(e) = self.event_time {
-            if let (Ok((_, Some(row))), Some(times)) = (&decoded, self.partition_times.get_mut(&m.partition())) {
-                if let Some(Value::Timestamp(t)) = row.get(e.column) {
-                    if *t <= horizon {
-                        times.latest = times.latest.max(*t);
-                        times.last_record = now;
-                    }
-                }
-            }
+        let time = decoded.as_ref().ok().and_then(|(_, row)| self.event_time_of(row.as_ref())).filter(|t| *t <= horizon);
+        if let (Some(t), Some(times)) = (time, self.partition_times.get_mut(&m.partition())) {
+            times.latest = times.latest.max(t);
+            times.last_record = now;
         }
         match decoded {
             Ok((Some(key), value)) => {
@@ -481,37 +456,34 @@ impl KafkaSource {
                     self.upserts.as_mut().ok_or_else(|| TaskError::internal("kafka source: upsert record without upsert state"))?;
                 upserts.apply(m.partition() as u32, &key, value, tombstone_version(m), times, out)
             }
-            Ok((None, value)) => {
-                if let Some(row) = value {
-                    out.push(row, Op::Insert);
-                }
+            Ok((None, Some(row))) => {
+                out.push(row, Op::Insert);
                 Ok(())
             }
+            Ok((None, None)) => Ok(()),
             Err(e) => self.bad_record(m, e),
         }
     }
-}
 
-impl KafkaSource {
     /// The time of a record on the topic's clock (its event time, or for a source without one its
     /// record timestamp), which moves the clock forward; `None` for a tombstone of a source with
     /// event time. Times past the wall clock plus [`crate::operator::MAX_FUTURE_MS`] do not count:
     /// one record stamped in 2200 would otherwise expire every key at once.
     fn advance_clock(&mut self, m: &OwnedMessage, row: Option<&Row>, horizon: i64) -> Option<i64> {
-        let time = match self.event_time {
-            Some(e) => match row.and_then(|r| r.get(e.column)) {
-                Some(Value::Timestamp(t)) => Some(*t),
-                _ => None,
-            },
-            None => m.timestamp().to_millis(),
-        };
+        let time = if self.event_time.is_some() { self.event_time_of(row) } else { m.timestamp().to_millis() };
         let time = time.filter(|t| *t <= horizon)?;
         self.clock = self.clock.max(time);
         Some(time)
     }
-}
 
-impl KafkaSource {
+    /// The event time of `row` (`None` without one, or for a source without event time).
+    fn event_time_of(&self, row: Option<&Row>) -> Option<i64> {
+        match row?.get(self.event_time?.column) {
+            Some(Value::Timestamp(t)) => Some(*t),
+            _ => None,
+        }
+    }
+
     /// Without heartbeats: the lowest latest event time over the partitions that had a record
     /// within the idle timeout or have records not read yet, less the allowed delay. With every partition quiet, the wall
     /// clock takes over (`Unknown`); an active partition without a record yet holds it back.
@@ -523,12 +495,8 @@ impl KafkaSource {
         let now = tokio::time::Instant::now();
         let idle = Duration::from_millis(e.idle_timeout_ms.max(0) as u64);
         let backlogged = self.backlogged.lock().unwrap_or_else(|e| e.into_inner());
-        let active = self
-            .owned
-            .iter()
-            .filter_map(|p| Some((p, self.partition_times.get(p)?)))
-            .filter(|(p, t)| now.duration_since(t.last_record) < idle || backlogged.contains(p));
-        match active.map(|(_, t)| t.latest).min() {
+        let active = |p: &i32, t: &PartitionTime| now.duration_since(t.last_record) < idle || backlogged.contains(p);
+        match self.owned.iter().filter_map(|p| self.partition_times.get(p).filter(|t| active(p, t))).map(|t| t.latest).min() {
             None => Progress::Unknown,
             Some(i64::MIN) => Progress::Waiting,
             Some(t) => Progress::Watermark(t.saturating_sub(e.allowed_delay_ms)),
@@ -629,8 +597,7 @@ impl GapCheck {
     /// A record at `offset` of `partition`, whose next expected offset is `expected` (none before
     /// the partition's first record without a restored position).
     fn on_record(&mut self, partition: i32, offset: i64, expected: Option<i64>) -> Gap {
-        if let Some((from, got, stale)) = self.rereading.get_mut(&partition) {
-            let (from, got) = (*from, *got);
+        if let Some(&mut (from, got, ref mut stale)) = self.rereading.get_mut(&partition) {
             if offset > got || offset < from {
                 *stale += 1;
                 return if *stale > STALE_AT_MOST { Gap::Stuck(from) } else { Gap::Stale };
@@ -642,16 +609,12 @@ impl GapCheck {
             *self.confirmed.entry(partition).or_default() += 1;
             return Gap::Confirmed { skipped: offset - from };
         }
-        match expected {
-            Some(from) if offset > from => {
-                if self.confirmed.get(&partition).is_some_and(|n| *n >= TRUSTED_AFTER) {
-                    return Gap::Confirmed { skipped: offset - from };
-                }
-                self.rereading.insert(partition, (from, offset, 0));
-                Gap::Reread(from)
-            }
-            _ => Gap::None,
+        let Some(from) = expected.filter(|from| offset > *from) else { return Gap::None };
+        if self.confirmed.get(&partition).is_some_and(|n| *n >= TRUSTED_AFTER) {
+            return Gap::Confirmed { skipped: offset - from };
         }
+        self.rereading.insert(partition, (from, offset, 0));
+        Gap::Reread(from)
     }
 }
 
@@ -691,23 +654,18 @@ impl Upserts {
         let now = times.now;
         let held = self.state.get(shard, key, now)?;
         let held_anything = held.is_some();
-        let (previous, held_version) = match (held, self.version) {
-            (Some(marker), Some(_)) if marker.len() == 1 => (None, int(&marker[0])),
-            (Some(row), Some(v)) => {
-                let version = row.get(v).and_then(int);
-                (Some(row), version)
-            }
-            (held, _) => (held, None),
+        let (held_version, previous) = match (held, self.version) {
+            (Some(marker), Some(_)) if marker.len() == 1 => (int(&marker[0]), None),
+            (Some(row), Some(v)) => (row.get(v).and_then(int), Some(row)),
+            (held, _) => (None, held),
         };
         let incoming = match (&value, self.version) {
             (Some(row), Some(v)) => row.get(v).and_then(int),
             (None, Some(_)) => tombstone_version,
             (_, None) => None,
         };
-        if let (Some(held), Some(incoming)) = (held_version, incoming) {
-            if incoming <= held {
-                return Ok(()); // a replay of this version or an older one
-            }
+        if held_version.zip(incoming).is_some_and(|(held, incoming)| incoming <= held) {
+            return Ok(()); // a replay of this version or an older one
         }
         match value {
             Some(row) => {
@@ -748,8 +706,7 @@ impl Upserts {
                     // retraction of the key alone, at the tombstone's version, still deletes it in
                     // sinks that key by it (ClickHouse); a window counts it as late (no event time).
                     None => {
-                        let version = self.version.zip(incoming);
-                        if let Some(row) = version.and_then(|v| self.key.row(key, Some(v))) {
+                        if let Some(row) = self.version.zip(incoming).and_then(|v| self.key.row(key, Some(v))) {
                             out.push(row, Op::Retract);
                         }
                     }
@@ -761,10 +718,8 @@ impl Upserts {
 }
 
 fn int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Int(i) => Some(*i),
-        _ => None,
-    }
+    let Value::Int(i) = v else { return None };
+    Some(*i)
 }
 
 /// Header of a tombstone that carries the deleted version.
@@ -772,10 +727,7 @@ const VERSION_HEADER: &str = "version";
 
 /// The version a tombstone carries in its [`VERSION_HEADER`], if any.
 fn tombstone_version(m: &OwnedMessage) -> Option<i64> {
-    if m.payload().is_some() {
-        return None;
-    }
-    let headers = m.headers()?;
+    let headers = m.headers().filter(|_| m.payload().is_none())?;
     headers.iter().find(|h| h.key == VERSION_HEADER).and_then(|h| std::str::from_utf8(h.value?).ok()?.parse().ok())
 }
 
@@ -811,16 +763,12 @@ impl Stage for KafkaSource {
     async fn snapshot(&mut self, id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
         let mut positions: Vec<(i32, i64)> = self.positions.iter().map(|(p, o)| (*p, *o)).collect();
         positions.sort_unstable();
-        let files = match &mut self.upserts {
-            Some(upserts) => {
-                let dir = scratch.join("state");
-                upserts.state.snapshot(&dir)?;
-                Some(dir)
-            }
-            None => None,
-        };
+        let dir = scratch.join("state");
+        if let Some(upserts) = &mut self.upserts {
+            upserts.state.snapshot(&dir)?;
+        }
         self.snapshots.taken(id, self.positions.clone());
-        Ok(OperatorSnapshot::state(&Positions(positions)).with_files(files))
+        Ok(OperatorSnapshot::state(&Positions(positions)).with_files(self.upserts.is_some().then_some(dir)))
     }
 
     async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
@@ -852,15 +800,10 @@ impl Source for KafkaSource {
         let size = |m: &OwnedMessage| m.payload().map_or(0, <[u8]>::len) + m.key().map_or(0, <[u8]>::len);
         let mut bytes: usize = self.received.iter().map(size).sum();
         while self.received.len() < MAX_BATCH && bytes < BATCH_BYTES {
-            match tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await {
-                Ok(Ok(m)) => {
-                    let m = m.detach();
-                    bytes += size(&m);
-                    self.received.push(m);
-                }
-                Ok(Err(e)) => return Err(TaskError::external(format!("kafka: {e}"))),
-                Err(_) => break,
-            }
+            let Ok(m) = tokio::time::timeout(Duration::ZERO, self.consumer.recv()).await else { break };
+            let m = m.map_err(|e| TaskError::external(format!("kafka: {e}")))?.detach();
+            bytes += size(&m);
+            self.received.push(m);
         }
         let mut batch = Batch::default();
         let now = tokio::time::Instant::now();
@@ -895,17 +838,10 @@ impl Source for KafkaSource {
         if !self.options.heartbeats {
             return self.partitions_progress();
         }
-        let mut low = i64::MAX;
-        for p in &self.owned {
-            match self.beats.get(p).and_then(|b| b.watermark) {
-                Some(w) => low = low.min(w),
-                None => return Progress::Waiting,
-            }
-        }
-        if self.assigned {
-            Progress::Watermark(low)
-        } else {
-            Progress::Waiting
+        // Waiting until every partition has a watermark.
+        match self.owned.iter().try_fold(i64::MAX, |low, p| Some(low.min(self.beats.get(p)?.watermark?))) {
+            Some(low) if self.assigned => Progress::Watermark(low),
+            _ => Progress::Waiting,
         }
     }
 }
@@ -951,14 +887,10 @@ struct Heartbeat {
 }
 
 impl Heartbeat {
-    fn to_json(self) -> Vec<u8> {
-        serde_json::json!({ "watermark": self.watermark, "writer": self.writer, "writers": self.writers }).to_string().into_bytes()
-    }
-
     /// The heartbeat a record carries (`None`: a row), or why it is malformed.
     fn of(m: &OwnedMessage) -> Option<std::result::Result<Heartbeat, String>> {
         m.headers()?.iter().find(|h| h.key == HEARTBEAT_HEADER)?;
-        let parsed = parse(m.payload().unwrap_or_default()).and_then(|v| {
+        Some(parse(m.payload().unwrap_or_default()).and_then(|v| {
             let field = |name: &str| v.get(name).and_then(Json::as_i64).ok_or_else(|| format!("heartbeat without an integer `{name}`"));
             let beat = Heartbeat {
                 watermark: field("watermark")?,
@@ -969,8 +901,7 @@ impl Heartbeat {
                 return Err(format!("heartbeat of writer {} of {}", beat.writer, beat.writers));
             }
             Ok(beat)
-        });
-        Some(parsed)
+        }))
     }
 }
 
@@ -1028,6 +959,10 @@ impl KafkaSink {
         Ok(KafkaSink { producer, options: o.clone(), schema: ctx.schema.clone(), key_columns, version, heartbeats })
     }
 
+    fn key(&self, row: &[Value]) -> Vec<u8> {
+        serde_json::to_vec(&row_to_json(&self.schema, row, Some(&self.key_columns))).unwrap_or_default()
+    }
+
     /// Writes the watermark into every partition if it moved and the interval has passed. Every
     /// record before it has been acknowledged (`write` waits for that), so a heartbeat follows
     /// the records it covers in each partition.
@@ -1040,11 +975,7 @@ impl KafkaSink {
         if h.partitions.is_empty() || now >= h.partitions_read + PARTITIONS_REFRESH {
             let producer = self.producer.clone();
             let topic = self.options.topic.clone();
-            let read = partition_ids(move || {
-                use rdkafka::producer::Producer;
-                producer.client().fetch_metadata(Some(&topic), Duration::from_secs(5))
-            })
-            .await?;
+            let read = partition_ids(move || producer.client().fetch_metadata(Some(&topic), Duration::from_secs(5))).await?;
             match read {
                 Ok(partitions) => h.partitions = partitions,
                 // Heartbeats go on to the partitions known; without any, the sink cannot go on.
@@ -1055,25 +986,17 @@ impl KafkaSink {
             }
             h.partitions_read = now;
         }
-        let beat = Heartbeat { watermark: h.watermark, writer: h.writer, writers: h.writers };
         let key = serde_json::json!({ "eddy_heartbeat": h.writer }).to_string().into_bytes();
-        let value = beat.to_json();
+        let value = serde_json::json!({ "watermark": h.watermark, "writer": h.writer, "writers": h.writers }).to_string().into_bytes();
         let writer = h.writer.to_string();
         let mut deliveries = Vec::with_capacity(h.partitions.len());
         for &p in &h.partitions {
-            let record = FutureRecord::to(&self.options.topic)
-                .partition(p)
-                .key(&key)
-                .payload(&value)
-                .headers(OwnedHeaders::new().insert(Header { key: HEARTBEAT_HEADER, value: Some(writer.as_str()) }));
-            deliveries.push(
-                self.producer
-                    .send_result(record)
-                    .map_err(|(e, _)| TaskError::external(format!("kafka: queueing a heartbeat for `{}`: {e}", self.options.topic)))?,
-            );
+            let headers = OwnedHeaders::new().insert(Header { key: HEARTBEAT_HEADER, value: Some(writer.as_str()) });
+            let record = FutureRecord::to(&self.options.topic).partition(p).key(&key).payload(&value).headers(headers);
+            deliveries.push(send(&self.producer, record, "a heartbeat", &self.options.topic)?);
         }
         await_deliveries(deliveries, &self.options.topic).await?;
-        h.written = beat.watermark;
+        h.written = h.watermark;
         h.next = now + h.interval;
         Ok(())
     }
@@ -1090,23 +1013,19 @@ where
         .map_err(|e| TaskError::internal(format!("kafka metadata: {e}")))
 }
 
-/// Waits until the broker has acknowledged every record.
-async fn await_deliveries(deliveries: Vec<rdkafka::producer::DeliveryFuture>, topic: &str) -> Result<()> {
-    for d in deliveries {
-        match d.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((e, _))) => return Err(TaskError::external(format!("kafka: delivery to `{topic}` failed: {e}"))),
-            Err(_) => return Err(TaskError::external("kafka: producer dropped a delivery")),
-        }
-    }
-    Ok(())
+/// Queues `record` (`what`, for the error) for `topic`.
+fn send(producer: &FutureProducer, record: FutureRecord<'_, Vec<u8>, Vec<u8>>, what: &str, topic: &str) -> Result<DeliveryFuture> {
+    producer.send_result(record).map_err(|(e, _)| TaskError::external(format!("kafka: queueing {what} for `{topic}`: {e}")))
 }
 
-impl KafkaSink {
-    fn key(&self, row: &[Value]) -> Vec<u8> {
-        let key = row_to_json(&self.schema, row, Some(&self.key_columns));
-        serde_json::to_vec(&key).unwrap_or_default()
+/// Waits until the broker has acknowledged every record.
+async fn await_deliveries(deliveries: Vec<DeliveryFuture>, topic: &str) -> Result<()> {
+    for d in deliveries {
+        d.await
+            .map_err(|_| TaskError::external("kafka: producer dropped a delivery"))?
+            .map_err(|(e, _)| TaskError::external(format!("kafka: delivery to `{topic}` failed: {e}")))?;
     }
+    Ok(())
 }
 
 /// Creates the sink's topic unless it exists.
@@ -1124,10 +1043,9 @@ async fn create_topic(o: &KafkaSinkOptions) -> Result<()> {
         .create_topics([&topic], &options)
         .await
         .map_err(|e| TaskError::external(format!("kafka: creating topic `{}`: {e}; is the broker at {} up?", o.topic, o.brokers)))?;
-    for r in results {
-        match r {
-            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, code)) => return Err(TaskError::external(format!("kafka: creating topic `{t}`: {code}"))),
+    for (t, code) in results.into_iter().filter_map(|r| r.err()) {
+        if !matches!(code, RDKafkaErrorCode::TopicAlreadyExists) {
+            return Err(TaskError::external(format!("kafka: creating topic `{t}`: {code}")));
         }
     }
     Ok(())
@@ -1155,32 +1073,18 @@ impl Sink for KafkaSink {
                 Op::Insert => Some(serde_json::to_vec(&row_to_json(&self.schema, row, None)).unwrap_or_default()),
                 Op::Retract if !upsert => continue, // an append-only topic has no way to say "delete"
                 Op::Retract => {
-                    let updated = batch.ops.get(i + 1) == Some(&Op::Insert) && batch.rows.get(i + 1).map(|next| self.key(next)) == key;
-                    if updated {
-                        continue; // the "before" image of an update: the insert that follows replaces it
+                    // The "before" image of an update: the insert that follows replaces it.
+                    if batch.ops.get(i + 1) == Some(&Op::Insert) && batch.rows.get(i + 1).map(|next| self.key(next)) == key {
+                        continue;
                     }
                     None
                 }
             };
-            let mut record: FutureRecord<'_, Vec<u8>, Vec<u8>> = FutureRecord::to(&self.options.topic);
-            if let Some(k) = &key {
-                record = record.key(k);
-            }
-            if let Some(p) = &payload {
-                record = record.payload(p);
-            }
-            let version = match (&payload, self.version.and_then(|v| row.get(v)).and_then(int)) {
-                (None, Some(v)) => Some(v.to_string()),
-                _ => None,
-            };
-            if let Some(v) = &version {
-                record = record.headers(OwnedHeaders::new().insert(Header { key: VERSION_HEADER, value: Some(v.as_str()) }));
-            }
-            let delivery = self
-                .producer
-                .send_result(record)
-                .map_err(|(e, _)| TaskError::external(format!("kafka: queueing a record for `{}`: {e}", self.options.topic)))?;
-            deliveries.push(delivery);
+            // A tombstone carries the deleted row's version in a header.
+            let version = self.version.and_then(|v| row.get(v)).and_then(int).filter(|_| payload.is_none()).map(|v| v.to_string());
+            let headers = version.map(|v| OwnedHeaders::new().insert(Header { key: VERSION_HEADER, value: Some(v.as_str()) }));
+            let record = FutureRecord { key: key.as_ref(), payload: payload.as_ref(), headers, ..FutureRecord::to(&self.options.topic) };
+            deliveries.push(send(&self.producer, record, "a record", &self.options.topic)?);
         }
         await_deliveries(deliveries, &self.options.topic).await
     }
@@ -1195,7 +1099,6 @@ impl Sink for KafkaSink {
     }
 
     async fn finish(&mut self) -> Result<()> {
-        use rdkafka::producer::Producer;
         // The last watermark goes out now, whatever the interval.
         if let Some(h) = self.heartbeats.as_mut() {
             h.next = tokio::time::Instant::now();

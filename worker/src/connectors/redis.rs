@@ -17,11 +17,10 @@
 //!
 //! `finish` writes the newest buffered window. Rows with a NULL member or score are skipped.
 //! Connection failures are retried under the connectors' shared policy ([`crate::retry`], up to
-//! 5 minutes; a Redis restart or a
-//! short outage costs nothing but delay; meanwhile `on_watermark` does not return, which
-//! backpressures upstream), then the task fails with an `external` error. The sink must run with
-//! parallelism 1: each subtask would otherwise replace the others' part of the window. In Redis
-//! Cluster the three keys need a common hash tag, e.g. `key = "{lb}leaderboard"`.
+//! 5 minutes; a Redis restart or a short outage costs nothing but delay; meanwhile `on_watermark`
+//! does not return, which backpressures upstream), then the task fails with an `external` error.
+//! The sink must run with parallelism 1: each subtask would otherwise replace the others' part of
+//! the window. In Redis Cluster the three keys need a common hash tag, e.g. `key = "{lb}leaderboard"`.
 //! Gauge: `last_window_end` (the last window end written, Unix ms).
 
 use std::collections::BTreeMap;
@@ -65,10 +64,8 @@ return 1
 pub struct RedisLeaderboard {
     client: redis::Client,
     conn: Option<MultiplexedConnection>,
-    script: redis::Script,
+    /// The leaderboard; the fence and the temporary set are `<key>:window_end` and `<key>:tmp`.
     key: String,
-    fence_key: String,
-    tmp_key: String,
     member: usize,
     score: usize,
     window_end: usize,
@@ -99,30 +96,26 @@ impl RedisLeaderboard {
         let (member, score, window_end) = (column(&o.member, "member")?, column(&o.score, "score")?, column(&o.window_end, "window_end")?);
         let client = redis::Client::open(o.url.as_str())
             .map_err(|e| TaskError::user(format!("redis sink: options.url `{}`: {e}", eddy_jobs::connectors::redact_url(&o.url))))?;
+        // Window results that waited for their window's end when the checkpoint was taken.
+        let mut windows = Windows::default();
+        for state in ctx.restore.iter().flat_map(|(_, states)| states) {
+            let Some(restored) = state.read(|old| Windows::unversioned(old).map(Some))? else { continue };
+            for (end, scores) in restored.by_end {
+                windows.by_end.entry(end).or_default().extend(scores);
+            }
+        }
         let mut sink = RedisLeaderboard {
             client,
             conn: None,
-            script: redis::Script::new(REPLACE_SCRIPT),
             key: o.key.clone(),
-            fence_key: format!("{}:window_end", o.key),
-            tmp_key: format!("{}:tmp", o.key),
             member,
             score,
             window_end,
-            windows: Windows::default(),
+            windows,
             slide_ms: o.window_slide_ms.filter(|s| *s > 0),
             written: i64::MIN,
             ctx,
         };
-        // Window results that waited for their window's end when the checkpoint was taken.
-        if let Some((_, states)) = &sink.ctx.restore {
-            for state in states {
-                let Some(restored) = state.read(|old| Windows::unversioned(old).map(Some))? else { continue };
-                for (end, scores) in restored.by_end {
-                    sink.windows.by_end.entry(end).or_default().extend(scores);
-                }
-            }
-        }
         if let Err(e) = sink.connection().await {
             tracing::warn!(job_id = %sink.ctx.job_id, task = %sink.ctx.task, error = %e, "redis sink: Redis unreachable at start; will retry on the first write");
         }
@@ -141,32 +134,20 @@ impl RedisLeaderboard {
 
     /// Replaces the leaderboard with window `end`'s scores, retrying while Redis is unreachable.
     async fn replace(&mut self, end: i64, scores: &BTreeMap<String, f64>) -> Result<()> {
-        let script = self.script.clone();
+        let script = redis::Script::new(REPLACE_SCRIPT);
         let mut invocation = script.prepare_invoke();
-        invocation.key(&self.key).key(&self.fence_key).key(&self.tmp_key).arg(end);
+        invocation.key(&self.key).key(format!("{}:window_end", self.key)).key(format!("{}:tmp", self.key)).arg(end);
         for (member, score) in scores {
             invocation.arg(*score).arg(member.as_str());
         }
         let mut retry = Policy::DEFAULT.start_reporting(&self.ctx.metrics, "redis sink");
-        loop {
+        let replaced = loop {
             let outcome = match self.connection().await {
                 Ok(mut conn) => invocation.invoke_async::<i64>(&mut conn).await,
                 Err(e) => Err(e),
             };
             match outcome {
-                Ok(replaced) => {
-                    self.written = self.written.max(end);
-                    if retry.failures() > 0 {
-                        tracing::info!(job_id = %self.ctx.job_id, task = %self.ctx.task, attempt = retry.failures(), "redis sink: Redis reachable again");
-                    }
-                    if replaced == 1 {
-                        self.ctx.metrics.set_gauge("last_window_end", end);
-                        tracing::debug!(job_id = %self.ctx.job_id, task = %self.ctx.task, window_end = end, members = scores.len(), "redis sink: leaderboard replaced");
-                    } else {
-                        tracing::info!(job_id = %self.ctx.job_id, task = %self.ctx.task, window_end = end, "redis sink: the leaderboard already holds this window or a newer one; skipped");
-                    }
-                    return Ok(());
-                }
+                Ok(replaced) => break replaced,
                 Err(e) if !transient(&e) => {
                     return Err(TaskError::external(format!("redis sink: replacing `{}` with window {end}: {e}", self.key)));
                 }
@@ -183,7 +164,18 @@ impl RedisLeaderboard {
                     tokio::time::sleep(delay).await;
                 }
             }
+        };
+        self.written = self.written.max(end);
+        if retry.failures() > 0 {
+            tracing::info!(job_id = %self.ctx.job_id, task = %self.ctx.task, attempt = retry.failures(), "redis sink: Redis reachable again");
         }
+        if replaced == 1 {
+            self.ctx.metrics.set_gauge("last_window_end", end);
+            tracing::debug!(job_id = %self.ctx.job_id, task = %self.ctx.task, window_end = end, members = scores.len(), "redis sink: leaderboard replaced");
+        } else {
+            tracing::info!(job_id = %self.ctx.job_id, task = %self.ctx.task, window_end = end, "redis sink: the leaderboard already holds this window or a newer one; skipped");
+        }
+        Ok(())
     }
 }
 
@@ -217,10 +209,7 @@ impl Sink for RedisLeaderboard {
     async fn on_watermark(&mut self, watermark: i64) -> Result<()> {
         let newest = self.windows.take_newest_complete(watermark);
         // The last window that closed by this watermark; with no rows for it, it is empty.
-        let closed = match self.slide_ms {
-            Some(slide) if watermark < i64::MAX => Some(watermark.saturating_add(1).div_euclid(slide) * slide),
-            _ => None,
-        };
+        let closed = self.slide_ms.filter(|_| watermark < i64::MAX).map(|slide| watermark.saturating_add(1).div_euclid(slide) * slide);
         match (newest, closed) {
             (Some((end, scores)), closed) if closed.is_none_or(|c| end >= c) => self.replace(end, &scores).await,
             (_, Some(closed)) if closed > self.written => self.replace(closed, &BTreeMap::new()).await,
@@ -229,10 +218,8 @@ impl Sink for RedisLeaderboard {
     }
 
     async fn finish(&mut self) -> Result<()> {
-        match self.windows.take_newest_complete(i64::MAX) {
-            Some((end, scores)) => self.replace(end, &scores).await,
-            None => Ok(()),
-        }
+        let Some((end, scores)) = self.windows.take_newest_complete(i64::MAX) else { return Ok(()) };
+        self.replace(end, &scores).await
     }
 }
 
@@ -266,19 +253,15 @@ impl Windows {
     /// Buffers one result row. A retraction removes the member's score from that window (window
     /// results are final, so this only happens with upstreams that revise them).
     fn add(&mut self, row: &Row, op: Op, member: usize, score: usize, window_end: usize) {
-        let end = match row.get(window_end) {
-            Some(Value::Timestamp(t) | Value::Int(t)) => *t,
-            _ => return,
-        };
+        let Some(Value::Timestamp(end) | Value::Int(end)) = row.get(window_end) else { return };
         let member = match row.get(member) {
             Some(Value::String(s)) => s.to_string(),
-            Some(Value::Int(i)) => i.to_string(),
+            Some(Value::Int(i) | Value::Timestamp(i)) => i.to_string(),
             Some(Value::Float(f)) => f.to_string(),
             Some(Value::Bool(b)) => b.to_string(),
-            Some(Value::Timestamp(t)) => t.to_string(),
             Some(Value::Null) | None => return,
         };
-        let window = self.by_end.entry(end).or_default();
+        let window = self.by_end.entry(*end).or_default();
         match op {
             Op::Retract => {
                 window.remove(&member);
@@ -297,10 +280,7 @@ impl Windows {
     /// Removes every complete window (`end - 1 <= watermark`) and returns the newest of them; the
     /// older ones are superseded by it.
     fn take_newest_complete(&mut self, watermark: i64) -> Option<(i64, BTreeMap<String, f64>)> {
-        let incomplete = match watermark.checked_add(2) {
-            Some(first_incomplete) => self.by_end.split_off(&first_incomplete),
-            None => BTreeMap::new(),
-        };
+        let incomplete = watermark.checked_add(2).map(|first_incomplete| self.by_end.split_off(&first_incomplete)).unwrap_or_default();
         let complete = std::mem::replace(&mut self.by_end, incomplete);
         complete.into_iter().next_back()
     }

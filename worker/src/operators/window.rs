@@ -232,7 +232,7 @@ impl Window {
             let Some((_, first)) = slices.next() else { return };
             let mut merged = first.clone();
             for (_, a) in slices {
-                merge(&mut merged, a);
+                merge(&mut merged, a, 1);
             }
             if merged.rows > 0 && result.is_ok() {
                 result = emit(plan, key, end, &merged, batch);
@@ -264,15 +264,15 @@ impl Window {
                 if reset {
                     *accs = self.empty.clone();
                 } else {
-                    apply_slices(state, group, key, fired + slide - size, end - size, slice, accs, unmerge)?;
+                    apply_slices(state, group, key, fired + slide - size, end - size, slice, accs, -1)?;
                 }
-                apply_slices(state, group, key, fired.max(end - size), end, slice, accs, merge)?;
+                apply_slices(state, group, key, fired.max(end - size), end, slice, accs, 1)?;
                 if accs.rows > 0 {
                     emit(&self.plan, key, end, accs, batch)?;
                 }
                 // Not reset when no rows are left: a retraction without its insert (whose insert
                 // came late, say) still counts until its slice leaves.
-                apply_slices(state, group, key, end - size, next_from, slice, accs, unmerge)
+                apply_slices(state, group, key, end - size, next_from, slice, accs, -1)
             })();
             match step {
                 // Slices through next_from are dropped after this firing: forget keys with no others.
@@ -287,157 +287,29 @@ impl Window {
         result
     }
 
-    /// Builds the running aggregates from the state (after a restore).
-    fn rebuild_running(&mut self) -> Result<()> {
-        let fired = self.last_fired;
-        let held_from = if fired == i64::MIN { i64::MIN } else { fired + self.plan.slide_ms - self.plan.size_ms };
-        let mut running = FxHashMap::default();
-        let mut too_many = false;
-        let empty = &self.empty;
-        self.state.for_each_key(held_from, i64::MAX, &mut |key_group, key, slices| {
-            if running.len() >= MAX_RUNNING_KEYS {
-                too_many = true;
-                return;
-            }
-            let mut r = Running { key_group, accs: empty.clone(), last_slice: i64::MIN };
-            for (slice_end, accs) in slices {
-                if slice_end <= fired {
-                    merge(&mut r.accs, accs);
-                }
-                r.last_slice = slice_end;
-            }
-            running.insert(key.into(), r);
-        })?;
-        self.running = if too_many { RunningState::Off } else { RunningState::Kept(running) };
-        Ok(())
-    }
-}
-
-/// Appends the result row of `key` (a key of `plan`) in the window ending at `end`.
-fn emit(plan: &WindowPlan, key: &[u8], end: i64, merged: &Accs, batch: &mut Batch) -> Result<()> {
-    let mut row = decode_key(key, plan.key.len())?;
-    row.push(Value::Timestamp(end - plan.size_ms));
-    row.push(Value::Timestamp(end));
-    row.extend(merged.values.iter().map(result));
-    batch.push(row, Op::Insert);
-    Ok(())
-}
-
-/// Merges (or with `unmerge`, subtracts) into `accs` the key's slices ending in `(after, through]`.
-#[allow(clippy::too_many_arguments)]
-fn apply_slices(
-    state: &mut dyn WindowState,
-    key_group: u32,
-    key: &[u8],
-    after: i64,
-    through: i64,
-    slice: i64,
-    accs: &mut Accs,
-    apply: fn(&mut Accs, &Accs),
-) -> Result<()> {
-    let mut slice_end = after.saturating_add(slice);
-    while slice_end <= through {
-        if let Some(a) = state.get(key_group, key, slice_end)? {
-            apply(accs, a);
-        }
-        slice_end += slice;
-    }
-    Ok(())
-}
-
-/// Decodes `(watermark, last_fired, late)` written by [`Window::checkpoint`]; `None` when empty.
-/// The inline state of a checkpoint from before versioned state.
-fn unversioned(inline: &[u8]) -> Result<Option<Progressed>> {
-    match inline.split_first() {
-        None => Ok(None),
-        Some((&UNVERSIONED_TAG, rest)) if rest.len() == 24 => {
-            let word = |i: usize| -> [u8; 8] { rest[i * 8..i * 8 + 8].try_into().expect("8 bytes") };
-            Ok(Some(Progressed {
-                watermark: i64::from_le_bytes(word(0)),
-                last_fired: i64::from_le_bytes(word(1)),
-                late: u64::from_le_bytes(word(2)),
-            }))
-        }
-        Some(_) => Err(TaskError::internal("window: corrupt or unknown inline snapshot")),
-    }
-}
-
-fn empty_accs(plan: &WindowPlan) -> Accs {
-    Accs {
-        rows: 0,
-        values: plan
-            .aggregates
-            .iter()
-            .map(|a| match (a.func, a.data_type) {
-                (AggFunc::Sum, DataType::Int) => Acc::SumInt { sum: 0, n: 0 },
-                (AggFunc::Sum, _) => Acc::SumFloat { sum: 0.0, n: 0 },
-                (AggFunc::Count, _) => Acc::Count(0),
-                (AggFunc::Min, _) => Acc::Min(None),
-                (AggFunc::Max, _) => Acc::Max(None),
-                (AggFunc::Avg, _) => Acc::Avg { sum: 0.0, n: 0 },
-            })
-            .collect(),
-    }
-}
-
-#[async_trait::async_trait]
-impl Stage for Window {
-    async fn snapshot(&mut self, _id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
-        self.checkpoint(scratch)
-    }
-}
-
-#[async_trait::async_trait]
-impl Operator for Window {
-    async fn process_batch(&mut self, batch: Batch, out: &mut Collector) -> Result<()> {
-        self.process(batch, out)
-    }
-
-    async fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<()> {
-        self.advance(watermark, out)
-    }
-}
-
-impl Window {
     /// Adds a batch's rows to their slices; late rows go to `out.late`.
     pub fn process(&mut self, batch: Batch, out: &mut Collector) -> Result<()> {
         let mut late = Batch::default();
         let horizon = future_horizon_ms();
         for (row, op) in batch.rows.into_iter().zip(batch.ops) {
-            let ts = match &row[self.plan.time_column] {
-                Value::Timestamp(t) => *t,
-                // A row without event time belongs to no window: count it as late, keep it visible.
-                _ => {
-                    late.push(row, op);
-                    continue;
-                }
+            // A row without event time belongs to no window, and one beyond the wall clock's horizon
+            // has a bogus time: both are kept out of the state, counted as late and kept visible.
+            let slice_end = match row[self.plan.time_column] {
+                Value::Timestamp(ts) if ts <= horizon => Some(slice_end(ts, self.slice_ms)),
+                _ => None,
             };
-            // Beyond the wall clock's horizon: a bogus time, kept out of the state and counted.
-            if ts > horizon {
+            let Some(slice_end) = slice_end.filter(|&s| self.last_window_end(s).saturating_sub(1) > self.watermark) else {
                 late.push(row, op);
                 continue;
-            }
-            let slice_end = slice_end(ts, self.slice_ms);
-            if self.last_window_end(slice_end).saturating_sub(1) <= self.watermark {
-                late.push(row, op);
-                continue;
-            }
+            };
             // The arguments first: a row one fails on changes nothing, whatever its op.
             self.args.clear();
-            let mut failed = None;
-            for agg in &self.plan.aggregates {
-                match &agg.arg {
-                    None => self.args.push(Value::Int(1)),
-                    Some(e) => match e.eval(&row) {
-                        Ok(v) => self.args.push(v),
-                        Err(e) => {
-                            failed = Some(format!("aggregate `{}` failed on a row: {e}", agg.name));
-                            break;
-                        }
-                    },
-                }
-            }
-            if let Some(error) = failed {
+            let evaluated = self.plan.aggregates.iter().try_for_each(|agg| -> std::result::Result<(), String> {
+                let arg = agg.arg.as_ref().map_or(Ok(Value::Int(1)), |e| e.eval(&row));
+                self.args.push(arg.map_err(|e| format!("aggregate `{}` failed on a row: {e}", agg.name))?);
+                Ok(())
+            });
+            if let Err(error) = evaluated {
                 set_aside(&mut self.bad_rows, &row, error)?;
                 continue;
             }
@@ -453,10 +325,7 @@ impl Window {
                 empty.clone()
             };
             let accs = self.state.accumulators(group, &self.key_buf, slice_end, &init)?;
-            let sign = match op {
-                Op::Insert => 1,
-                Op::Retract => -1,
-            };
+            let sign = if op == Op::Insert { 1 } else { -1 };
             // A slice already folded into the key's running aggregate: the row goes there too.
             let folded = slice_end <= self.last_fired && matches!(self.running, RunningState::Kept(_));
             accs.rows += sign;
@@ -532,6 +401,116 @@ impl Window {
         }
         Ok(())
     }
+
+    /// Builds the running aggregates from the state (after a restore).
+    fn rebuild_running(&mut self) -> Result<()> {
+        let fired = self.last_fired;
+        let held_from = if fired == i64::MIN { i64::MIN } else { fired + self.plan.slide_ms - self.plan.size_ms };
+        let mut running = FxHashMap::default();
+        let mut too_many = false;
+        let empty = &self.empty;
+        self.state.for_each_key(held_from, i64::MAX, &mut |key_group, key, slices| {
+            if running.len() >= MAX_RUNNING_KEYS {
+                too_many = true;
+                return;
+            }
+            let mut r = Running { key_group, accs: empty.clone(), last_slice: i64::MIN };
+            for (slice_end, accs) in slices {
+                if slice_end <= fired {
+                    merge(&mut r.accs, accs, 1);
+                }
+                r.last_slice = slice_end;
+            }
+            running.insert(key.into(), r);
+        })?;
+        self.running = if too_many { RunningState::Off } else { RunningState::Kept(running) };
+        Ok(())
+    }
+}
+
+/// Appends the result row of `key` (a key of `plan`) in the window ending at `end`.
+fn emit(plan: &WindowPlan, key: &[u8], end: i64, merged: &Accs, batch: &mut Batch) -> Result<()> {
+    let mut row = crate::codec::decode_values(key, plan.key.len()).map_err(|e| TaskError::internal(format!("window state: {e}")))?;
+    row.push(Value::Timestamp(end - plan.size_ms));
+    row.push(Value::Timestamp(end));
+    row.extend(merged.values.iter().map(result));
+    batch.push(row, Op::Insert);
+    Ok(())
+}
+
+/// Merges (or with `sign` −1, subtracts) into `accs` the key's slices ending in `(after, through]`.
+#[allow(clippy::too_many_arguments)]
+fn apply_slices(
+    state: &mut dyn WindowState,
+    key_group: u32,
+    key: &[u8],
+    after: i64,
+    through: i64,
+    slice: i64,
+    accs: &mut Accs,
+    sign: i64,
+) -> Result<()> {
+    let mut slice_end = after.saturating_add(slice);
+    while slice_end <= through {
+        if let Some(a) = state.get(key_group, key, slice_end)? {
+            merge(accs, a, sign);
+        }
+        slice_end += slice;
+    }
+    Ok(())
+}
+
+/// Decodes `(watermark, last_fired, late)` written by [`Window::checkpoint`]; `None` when empty.
+/// The inline state of a checkpoint from before versioned state.
+fn unversioned(inline: &[u8]) -> Result<Option<Progressed>> {
+    match inline.split_first() {
+        None => Ok(None),
+        Some((&UNVERSIONED_TAG, rest)) if rest.len() == 24 => {
+            let word = |i: usize| -> [u8; 8] { rest[i * 8..i * 8 + 8].try_into().expect("8 bytes") };
+            Ok(Some(Progressed {
+                watermark: i64::from_le_bytes(word(0)),
+                last_fired: i64::from_le_bytes(word(1)),
+                late: u64::from_le_bytes(word(2)),
+            }))
+        }
+        Some(_) => Err(TaskError::internal("window: corrupt or unknown inline snapshot")),
+    }
+}
+
+fn empty_accs(plan: &WindowPlan) -> Accs {
+    Accs {
+        rows: 0,
+        values: plan
+            .aggregates
+            .iter()
+            .map(|a| match (a.func, a.data_type) {
+                (AggFunc::Sum, DataType::Int) => Acc::SumInt { sum: 0, n: 0 },
+                (AggFunc::Sum, _) => Acc::SumFloat { sum: 0.0, n: 0 },
+                (AggFunc::Count, _) => Acc::Count(0),
+                (AggFunc::Min, _) => Acc::Min(None),
+                (AggFunc::Max, _) => Acc::Max(None),
+                (AggFunc::Avg, _) => Acc::Avg { sum: 0.0, n: 0 },
+            })
+            .collect(),
+    }
+}
+
+#[async_trait::async_trait]
+impl Stage for Window {
+    async fn snapshot(&mut self, _id: u64, scratch: &Path) -> Result<OperatorSnapshot> {
+        self.checkpoint(scratch)
+    }
+}
+
+#[async_trait::async_trait]
+impl Operator for Window {
+    async fn process_batch(&mut self, batch: Batch, out: &mut Collector) -> Result<()> {
+        self.process(batch, out)
+    }
+
+    async fn on_watermark(&mut self, watermark: i64, out: &mut Collector) -> Result<()> {
+        self.advance(watermark, out)
+    }
 }
 
 /// End (exclusive) of the slice holding `ts`.
@@ -568,9 +547,8 @@ fn update(acc: &mut Acc, v: &Value, sign: i64) -> std::result::Result<(), String
             *n += sign;
         }
         (Acc::Count(c), _) => *c += sign,
-        (Acc::Min(m), _) | (Acc::Max(m), _) if sign < 0 => {
-            let _ = m;
-            return Err("MIN and MAX cannot take retractions; use them on append-only inputs".into());
+        (Acc::Min(_) | Acc::Max(_), _) if sign < 0 => {
+            return Err("MIN and MAX cannot take retractions; use them on append-only inputs".into())
         }
         (Acc::Min(m), _) => keep_extreme(m, v, true),
         (Acc::Max(m), _) => keep_extreme(m, v, false),
@@ -612,42 +590,25 @@ fn keep_extreme(current: &mut Option<Value>, v: &Value, min: bool) {
     }
 }
 
-fn merge(into: &mut Accs, from: &Accs) {
-    into.rows += from.rows;
+/// Adds `from` into `into`, or with `sign` −1 takes it back out (SUM, COUNT and AVG only: running
+/// aggregates, which subtract, are off when MIN or MAX is present).
+fn merge(into: &mut Accs, from: &Accs, sign: i64) {
+    into.rows += sign * from.rows;
     for (a, b) in into.values.iter_mut().zip(&from.values) {
         match (a, b) {
             (Acc::SumInt { sum, n }, Acc::SumInt { sum: s, n: m }) => {
-                *sum = sum.wrapping_add(*s);
-                *n += m;
+                *sum = sum.wrapping_add(s.wrapping_mul(sign));
+                *n += sign * m;
             }
             (Acc::SumFloat { sum, n }, Acc::SumFloat { sum: s, n: m }) | (Acc::Avg { sum, n }, Acc::Avg { sum: s, n: m }) => {
-                *sum += s;
-                *n += m;
+                *sum += sign as f64 * s;
+                *n += sign * m;
             }
-            (Acc::Count(c), Acc::Count(d)) => *c += d,
+            (Acc::Count(c), Acc::Count(d)) => *c += sign * d,
+            _ if sign < 0 => unreachable!("unmerge of MIN or MAX"),
             (Acc::Min(x), Acc::Min(Some(y))) => keep_extreme(x, y, true),
             (Acc::Max(x), Acc::Max(Some(y))) => keep_extreme(x, y, false),
             _ => {}
-        }
-    }
-}
-
-/// Takes `from` back out of `into` (the inverse of [`merge`] for SUM, COUNT and AVG).
-fn unmerge(into: &mut Accs, from: &Accs) {
-    into.rows -= from.rows;
-    for (a, b) in into.values.iter_mut().zip(&from.values) {
-        match (a, b) {
-            (Acc::SumInt { sum, n }, Acc::SumInt { sum: s, n: m }) => {
-                *sum = sum.wrapping_sub(*s);
-                *n -= m;
-            }
-            (Acc::SumFloat { sum, n }, Acc::SumFloat { sum: s, n: m }) | (Acc::Avg { sum, n }, Acc::Avg { sum: s, n: m }) => {
-                *sum -= s;
-                *n -= m;
-            }
-            (Acc::Count(c), Acc::Count(d)) => *c -= d,
-            // Not invertible: running aggregates are off when MIN or MAX is present.
-            _ => unreachable!("unmerge of MIN or MAX"),
         }
     }
 }
@@ -661,10 +622,6 @@ fn result(acc: &Acc) -> Value {
         Acc::Count(c) => Value::Int(*c),
         Acc::Min(v) | Acc::Max(v) => v.clone().unwrap_or(Value::Null),
     }
-}
-
-fn decode_key(key: &[u8], width: usize) -> Result<Vec<Value>> {
-    crate::codec::decode_values(key, width).map_err(|e| TaskError::internal(format!("window state: {e}")))
 }
 
 #[cfg(test)]

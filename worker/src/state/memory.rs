@@ -38,22 +38,6 @@ pub struct MemoryWindowState {
     slices: BTreeMap<i64, usize>,
 }
 
-impl MemoryWindowState {
-    /// Sets the accumulators of (`key`, `slice_end`), replacing any held.
-    fn put(&mut self, key_group: u32, key: &[u8], slice_end: i64, accs: Accs) {
-        let entry = self.keys.entry(key.into()).or_insert_with(|| KeySlices { key_group, ring: VecDeque::new() });
-        let ring = &mut entry.ring;
-        let pos = ring.partition_point(|(s, _)| *s < slice_end);
-        match ring.get_mut(pos) {
-            Some((s, a)) if *s == slice_end => *a = accs,
-            _ => {
-                ring.insert(pos, (slice_end, accs));
-                *self.slices.entry(slice_end).or_default() += 1;
-            }
-        }
-    }
-}
-
 impl WindowState for MemoryWindowState {
     fn accumulators(&mut self, key_group: u32, key: &[u8], slice_end: i64, init: &dyn Fn() -> Accs) -> Result<&mut Accs> {
         // Look up by borrowed key first so that the common case (key present) allocates nothing.
@@ -138,8 +122,9 @@ impl WindowState for MemoryWindowState {
     }
 
     fn restore(&mut self, dir: &Path, key_groups: Range<u32>) -> Result<()> {
+        // An entry already held for the same (key, slice) is replaced.
         super::read_snapshot(dir, key_groups, &mut |key_group, key, slice_end, accs| {
-            self.put(key_group, key, slice_end, decode_accs(accs)?);
+            *self.accumulators(key_group, key, slice_end, &Accs::default)? = decode_accs(accs)?;
             Ok(())
         })
     }

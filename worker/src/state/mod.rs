@@ -54,7 +54,7 @@ pub enum Acc {
 
 /// All aggregates of one key in one slice, plus the net number of rows (inserts − retractions),
 /// which tells whether the key still has rows there.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Accs {
     /// Net row count.
     pub rows: i64,

@@ -89,14 +89,10 @@ impl RocksWindowState {
             slices: BTreeMap::new(),
             dead_through: i64::MIN,
             dead_entries: 0,
-            read: Accs { rows: 0, values: Vec::new() },
+            read: Accs::default(),
             key_buf: Vec::new(),
             value_buf: Vec::new(),
         })
-    }
-
-    fn err(&self, e: rocksdb::Error) -> TaskError {
-        db_error(&self.dir, e)
     }
 
     /// Writes the cache to RocksDB and empties it.
@@ -171,13 +167,9 @@ impl WindowState for RocksWindowState {
         if self.cache.contains_key(self.key_buf.as_slice()) {
             return Ok(self.cache.get(self.key_buf.as_slice()));
         }
-        match self.db.get_pinned(&self.key_buf).map_err(|e| db_error(&self.dir, e))? {
-            Some(value) => {
-                self.read = decode_accs(&value)?;
-                Ok(Some(&self.read))
-            }
-            None => Ok(None),
-        }
+        let Some(value) = self.db.get_pinned(&self.key_buf).map_err(|e| db_error(&self.dir, e))? else { return Ok(None) };
+        self.read = decode_accs(&value)?;
+        Ok(Some(&self.read))
     }
 
     fn first_slice(&self) -> Option<i64> {
@@ -221,7 +213,7 @@ impl WindowState for RocksWindowState {
         emit(&current, &mut slices);
         drop(it);
         if !deletes.is_empty() {
-            self.db.write_opt(deletes, &self.write_opts).map_err(|e| self.err(e))?;
+            self.db.write_opt(deletes, &self.write_opts).map_err(|e| db_error(&self.dir, e))?;
         }
         self.dead_through = i64::MIN;
         self.dead_entries = 0;
@@ -273,7 +265,7 @@ impl WindowState for RocksWindowState {
             }
             Ok(())
         })?;
-        self.db.write_opt(batch, &self.write_opts).map_err(|e| self.err(e))?;
+        self.db.write_opt(batch, &self.write_opts).map_err(|e| db_error(&self.dir, e))?;
         self.recount()
     }
 }

@@ -140,7 +140,7 @@ use tokio_postgres::{Client, SimpleQueryMessage};
 use tracing::{debug, info, warn};
 
 use super::pgoutput::{decode_pgoutput, Datum, OldTuple, PgOutput, Relation};
-use super::slots::{abandon_slot, create_slot, create_slot_with, existing_slot, import_snapshot};
+use super::slots::{abandon_slot, create_slot, existing_slot, import_snapshot};
 use super::text::decode_value;
 use super::{check_identifier, client_config, connect, pg_error, quote_ident, wire_error, SESSION_OPTIONS};
 use crate::batch::{Batch, Op};
@@ -186,9 +186,6 @@ pub struct PostgresCdc {
     pending: PendingCheckpoints<Lsn>,
     /// The version floor of changes (see `Changes::floor`).
     floor: Lsn,
-    /// Without checkpoints, a slot whose snapshot was not handed on is dropped when the reader
-    /// fails; with them, it is kept for the restart to read again under the same versions.
-    release_on_failure: bool,
     /// The slot, dropped when the task ends after the job was cancelled for good.
     release: Option<(Arc<Client>, String, Arc<AtomicBool>)>,
     /// With event time: the task writing clock messages into the WAL (see [`Clock`]).
@@ -267,13 +264,8 @@ enum Begin {
 impl Begin {
     fn decide(o: &PostgresCdcOptions, ctx: &ConnectorContext, slot: Option<Lsn>, restored: Option<(u64, Position)>) -> Result<Begin> {
         let name = &o.slot;
-        let reread_or_stream = |from: Lsn| {
-            if o.snapshot {
-                Begin::Reread { from }
-            } else {
-                Begin::Stream { from, floor: from, version: from.0 }
-            }
-        };
+        let reread_or_stream =
+            |from: Lsn| if o.snapshot { Begin::Reread { from } } else { Begin::Stream { from, floor: from, version: from.0 } };
         Ok(match (slot, restored) {
             (None, None) => Begin::Fresh,
             (None, Some((id, p))) => {
@@ -369,7 +361,6 @@ impl PostgresCdc {
             snapshot_done: false,
             pending: PendingCheckpoints::default(),
             floor: Lsn(0),
-            release_on_failure: false,
             release: None,
             clock_writer: None,
             clock: None,
@@ -386,33 +377,24 @@ impl PostgresCdc {
         let table = Table::resolve(&control, &o.table, declared, o.version_column.is_some()).await?;
         ensure_publication(&control, &o.publication, &table).await?;
         let existing = existing_slot(&control, &o.slot).await?;
-        let mut restored = None;
-        for (id, state) in ctx.restore.iter().flat_map(|(id, states)| states.iter().map(move |s| (*id, s))) {
-            if let Some(position) = Position::restored(state)? {
-                restored = Some((id, position));
-                break;
-            }
-        }
+        let restored = ctx
+            .restore
+            .iter()
+            .flat_map(|(id, states)| states.iter().map(move |s| (*id, s)))
+            .find_map(|(id, state)| Position::restored(state).map(|p| p.map(|p| (id, p))).transpose())
+            .transpose()?;
         let begin = Begin::decide(o, &ctx, existing, restored)?;
-        let clock_every = match ctx.event_time {
-            Some(_) => {
-                // Now, so that a user who may not write one hears it at once, not as a watermark
-                // that never moves.
-                Clock::write(&control).await.map_err(|e| TaskError::user(e.message))?;
-                Some(o.heartbeat_interval)
-            }
-            None => None,
-        };
-        if !ctx.checkpointing {
-            source.release_on_failure = true;
+        // With event time, one clock message now, so that a user who may not write one hears it
+        // at once, not as a watermark that never moves.
+        if ctx.event_time.is_some() {
+            Clock::write(&control).await.map_err(|e| TaskError::user(e.message))?;
         }
+        let clock_every = ctx.event_time.is_some().then_some(o.heartbeat_interval);
 
         let mut repl = ReplicationClient::connect_gated(replication_config(&pg, o, &ctx)?.with_start_lsn(begin.from()))
             .await
             .map_err(|e| wire_error("opening the replication session", e))?;
-        // The snapshot's rows carry `snapshot_at` as their version; a temporary slot's session
-        // (a re-read) stays open until they are read.
-        let mut snapshot_at = Lsn(0);
+        // A temporary slot's session (a re-read) stays open until its snapshot is read.
         let mut reread_at = Lsn(0);
         let mut exporter = None;
         let (start, floor, version, snapshot) = match begin {
@@ -429,17 +411,16 @@ impl PostgresCdc {
                     .await
                     .map_err(|e| wire_error("opening a session for the temporary slot", e))?;
                 let name = format!("eddy_reread_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-                let (at, exported) = create_slot_with(&mut temp, &name, "TEMPORARY LOGICAL pgoutput EXPORT_SNAPSHOT").await?;
+                let (at, exported) = create_slot(&mut temp, &name, true, true).await?;
                 let exported = exported.ok_or_else(|| TaskError::external("postgres_cdc: the temporary slot exported no snapshot"))?;
                 let client = import_snapshot(&pg, &exported).await?;
                 warn!(job_id = %ctx.job_id, slot = %o.slot, from = %from, snapshot = %at, "postgres_cdc: no completed checkpoint holds the whole snapshot; catching up from the slot, then reading the table again");
                 exporter = Some(temp);
-                snapshot_at = from;
                 reread_at = at;
                 (from, from, from.0, Some(client))
             }
             Begin::Fresh => {
-                let (consistent, exported) = create_slot(&mut repl, &o.slot, o.snapshot).await?;
+                let (consistent, exported) = create_slot(&mut repl, &o.slot, false, o.snapshot).await?;
                 info!(job_id = %ctx.job_id, slot = %o.slot, lsn = %consistent, snapshot = o.snapshot, "postgres_cdc: created the replication slot");
                 let snapshot = match exported {
                     None => None,
@@ -447,21 +428,19 @@ impl PostgresCdc {
                         // Until the reader owns the slot (no await after this), a failed or
                         // cancelled start drops it again: its snapshot would never be read.
                         let mut guard = NewSlot { control: control.clone(), slot: o.slot.clone(), armed: true };
-                        match import_snapshot(&pg, &name).await {
-                            Ok(client) => {
-                                guard.armed = false;
-                                Some(client)
-                            }
+                        let client = match import_snapshot(&pg, &name).await {
+                            Ok(client) => client,
                             Err(e) => {
                                 drop(repl);
                                 abandon_slot(&control, &o.slot, "its snapshot could not be imported").await;
                                 guard.armed = false;
                                 return Err(e);
                             }
-                        }
+                        };
+                        guard.armed = false;
+                        Some(client)
                     }
                 };
-                snapshot_at = consistent;
                 (consistent, consistent, consistent.0, snapshot)
             }
         };
@@ -487,7 +466,6 @@ impl PostgresCdc {
                 start,
                 floor,
                 last: version,
-                snapshot_at,
                 reread_at,
                 touched: HashSet::new(),
             },
@@ -495,7 +473,7 @@ impl PostgresCdc {
             control: control.clone(),
             slot: o.slot.clone(),
             job_id: ctx.job_id.clone(),
-            release_on_failure: source.release_on_failure,
+            release_on_failure: !ctx.checkpointing,
             snapshot_pending: snapshot.is_some(),
             clocked: clock_every.is_some(),
             snapshot: snapshot.map(|client| SnapshotRead { client, exporter, handed_on: ack_rx }),
@@ -507,6 +485,16 @@ impl PostgresCdc {
         source.release = Some((control.clone(), o.slot.clone(), ctx.released.clone()));
         source.lag = Some(LagProbe { client: control, slot: o.slot.clone(), metrics: source.metrics.clone(), last: None, running: None });
         Ok(source)
+    }
+
+    /// Lets the reader report `lsn` to the slot (positions only move forward).
+    fn confirm_up_to(&mut self, lsn: Lsn) {
+        if lsn > self.confirmed {
+            self.confirmed = lsn;
+            // The reader may have ended; its error comes through `next_batch`.
+            let _ = self.confirm.send(self.confirmed);
+            self.metrics.set_gauge("confirmed_lsn", self.confirmed.0 as i64);
+        }
     }
 }
 
@@ -520,13 +508,16 @@ struct NewSlot {
 
 impl Drop for NewSlot {
     fn drop(&mut self) {
-        if !self.armed {
-            return;
+        if self.armed {
+            abandon_in_background(self.control.clone(), std::mem::take(&mut self.slot), "its snapshot was never read");
         }
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            let (control, slot) = (self.control.clone(), std::mem::take(&mut self.slot));
-            runtime.spawn(async move { abandon_slot(&control, &slot, "its snapshot was never read").await });
-        }
+    }
+}
+
+/// Drops the slot from a `drop`, which cannot wait for it.
+fn abandon_in_background(control: Arc<Client>, slot: String, why: &'static str) {
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move { abandon_slot(&control, &slot, why).await });
     }
 }
 
@@ -564,12 +555,10 @@ impl Source for PostgresCdc {
         loop {
             match chunks.recv().await {
                 Some(Ok(Chunk::Rows { batch, confirm })) => {
-                    if let Some(at) = confirm {
-                        advance(&mut self.returned, &mut self.returned_version, at);
-                    }
+                    advance(&mut self.returned, &mut self.returned_version, confirm);
                     return Ok(Some(batch));
                 }
-                Some(Ok(Chunk::Progress(lsn, version))) => advance(&mut self.returned, &mut self.returned_version, (lsn, version)),
+                Some(Ok(Chunk::Progress(lsn, version))) => advance(&mut self.returned, &mut self.returned_version, Some((lsn, version))),
                 Some(Ok(Chunk::SnapshotEnd)) => {
                     self.snapshot_returned = true;
                     self.snapshot_done = true;
@@ -586,10 +575,8 @@ impl Source for PostgresCdc {
     }
 
     async fn handed_on(&mut self) -> Result<()> {
-        if self.snapshot_returned {
-            if let Some(ack) = self.snapshot_handed_on.take() {
-                let _ = ack.send(());
-            }
+        if let Some(ack) = self.snapshot_handed_on.take_if(|_| self.snapshot_returned) {
+            let _ = ack.send(());
         }
         if !self.checkpointing {
             self.confirm_up_to(self.returned);
@@ -606,23 +593,11 @@ impl Source for PostgresCdc {
     }
 }
 
-/// Every change up to `lsn` has been returned, the last with version `version` at most.
-fn advance(returned: &mut Lsn, returned_version: &mut u64, (lsn, version): (Lsn, u64)) {
-    if lsn >= *returned {
+/// Every change up to `lsn` has been returned (if `at` holds it), the last with version `version` at most.
+fn advance(returned: &mut Lsn, returned_version: &mut u64, at: Option<(Lsn, u64)>) {
+    if let Some((lsn, version)) = at.filter(|(lsn, _)| *lsn >= *returned) {
         *returned = lsn;
         *returned_version = (*returned_version).max(version);
-    }
-}
-
-impl PostgresCdc {
-    /// Lets the reader report `lsn` to the slot (positions only move forward).
-    fn confirm_up_to(&mut self, lsn: Lsn) {
-        if lsn > self.confirmed {
-            self.confirmed = lsn;
-            // The reader may have ended; its error comes through `next_batch`.
-            let _ = self.confirm.send(self.confirmed);
-            self.metrics.set_gauge("confirmed_lsn", self.confirmed.0 as i64);
-        }
     }
 }
 
@@ -630,19 +605,12 @@ impl Drop for PostgresCdc {
     fn drop(&mut self) {
         // The reader notices the closed channel by itself and ends its session (dropping a slot
         // whose snapshot was not handed on); only the lag query is cut short.
-        if let Some(handle) = self.lag.as_mut().and_then(|l| l.running.take()) {
-            handle.abort();
-        }
-        if let Some(handle) = self.clock_writer.take() {
+        for handle in self.lag.as_mut().and_then(|l| l.running.take()).into_iter().chain(self.clock_writer.take()) {
             handle.abort();
         }
         // The job was cancelled for good: the slot would only hold WAL back on the server.
-        if let Some((control, slot, released)) = self.release.take() {
-            if released.load(Ordering::SeqCst) {
-                if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    runtime.spawn(async move { abandon_slot(&control, &slot, "the job was cancelled").await });
-                }
-            }
+        if let Some((control, slot, _)) = self.release.take().filter(|(_, _, released)| released.load(Ordering::SeqCst)) {
+            abandon_in_background(control, slot, "the job was cancelled");
         }
     }
 }
@@ -665,12 +633,10 @@ impl LagProbe {
         let (client, slot, metrics) = (self.client.clone(), self.slot.clone(), self.metrics.clone());
         self.running = Some(tokio::spawn(async move {
             let sql = "SELECT (pg_current_wal_lsn() - confirmed_flush_lsn)::bigint FROM pg_replication_slots WHERE slot_name = $1";
-            match client.query_opt(sql, &[&slot]).await {
-                Ok(Some(row)) => match row.try_get::<_, Option<i64>>(0) {
-                    Ok(Some(lag)) => metrics.set_gauge("slot_lag_bytes", lag),
-                    Ok(None) => {}
-                    Err(e) => debug!(error = %e, "postgres_cdc: reading the slot lag"),
-                },
+            let lag = client.query_opt(sql, &[&slot]).await.and_then(|row| row.map(|r| r.try_get::<_, Option<i64>>(0)).transpose());
+            match lag {
+                Ok(Some(Some(lag))) => metrics.set_gauge("slot_lag_bytes", lag),
+                Ok(Some(None)) => {}
                 Ok(None) => debug!(slot = %slot, "postgres_cdc: the slot is gone"),
                 Err(e) => debug!(error = %e, "postgres_cdc: reading the slot lag"),
             }
@@ -710,7 +676,6 @@ const CLOCK_PREFIX: &str = "eddy-clock";
 struct Clock;
 
 impl Clock {
-    /// Writes one clock message.
     async fn write(control: &Client) -> Result<()> {
         let sql = format!(
             "SELECT pg_logical_emit_message(false, '{CLOCK_PREFIX}', (extract(epoch FROM clock_timestamp()) * 1000)::bigint::text)"
@@ -800,19 +765,15 @@ impl Table {
         let actual = control.query(sql, &[&oid]).await.map_err(|e| pg_error(context, e))?;
         let mut columns = Vec::with_capacity(declared.len());
         for (column, ty) in declared {
-            let found = actual
-                .iter()
-                .find(|r| r.get::<_, String>(0) == column)
-                .or_else(|| actual.iter().find(|r| r.get::<_, String>(0).eq_ignore_ascii_case(&column)));
-            let Some(found) = found else {
+            let exact = actual.iter().find(|r| r.get::<_, String>(0) == column);
+            let Some(found) = exact.or_else(|| actual.iter().find(|r| r.get::<_, String>(0).eq_ignore_ascii_case(&column))) else {
                 let names: Vec<String> = actual.iter().map(|r| r.get::<_, String>(0)).collect();
                 return Err(TaskError::user(format!(
                     "options.columns: table `{name}` has no column `{column}`; its columns are: {}",
                     names.join(", ")
                 )));
             };
-            let type_name: String = found.get(2);
-            check_type(&column, ty, found.get(1), &type_name)?;
+            check_type(&column, ty, found.get(1), &found.get::<_, String>(2))?;
             columns.push((found.get(0), ty));
         }
         Ok(Table { oid, schema, name: relname, qualified, columns, versioned })
@@ -848,23 +809,17 @@ mod oid {
 /// Whether values of PostgreSQL type `type_oid` can be read as `declared`.
 fn check_type(column: &str, declared: DataType, type_oid: u32, type_name: &str) -> Result<()> {
     use oid::*;
-    let ok = match declared {
-        DataType::String => true,
-        DataType::Bool => type_oid == BOOL,
-        DataType::Int => matches!(type_oid, INT2 | INT4 | INT8 | OID),
-        DataType::Float => matches!(type_oid, INT2 | INT4 | INT8 | FLOAT4 | FLOAT8 | NUMERIC),
-        DataType::Timestamp => matches!(type_oid, TIMESTAMPTZ | TIMESTAMP | DATE),
+    // The type that reads it as itself; VARCHAR reads any type's text, DOUBLE integers too.
+    let fits = match type_oid {
+        BOOL => DataType::Bool,
+        INT2 | INT4 | INT8 | OID => DataType::Int,
+        FLOAT4 | FLOAT8 | NUMERIC => DataType::Float,
+        TIMESTAMPTZ | TIMESTAMP | DATE => DataType::Timestamp,
+        _ => DataType::String,
     };
-    if ok {
+    if declared == fits || declared == DataType::String || (declared == DataType::Float && matches!(type_oid, INT2 | INT4 | INT8)) {
         return Ok(());
     }
-    let fits = match type_oid {
-        BOOL => "BOOLEAN",
-        INT2 | INT4 | INT8 | OID => "BIGINT",
-        FLOAT4 | FLOAT8 | NUMERIC => "DOUBLE",
-        TIMESTAMPTZ | TIMESTAMP | DATE => "TIMESTAMP",
-        _ => "VARCHAR",
-    };
     Err(TaskError::user(format!(
         "options.columns: column `{column}` is `{type_name}` in the table and cannot be read as {declared:?}; declare it as {fits}"
     )))
@@ -919,7 +874,8 @@ struct Reader {
     control: Arc<Client>,
     slot: String,
     job_id: String,
-    /// Drop the slot if the snapshot fails (see `PostgresCdc::release_on_failure`).
+    /// Without checkpoints, a slot whose snapshot was not handed on is dropped when the reader
+    /// fails; with them, it is kept for the restart to read again under the same versions.
     release_on_failure: bool,
     /// The snapshot to read (first, or when a re-read's stream reaches `Changes::reread_at`).
     snapshot: Option<SnapshotRead>,
@@ -938,19 +894,10 @@ struct SnapshotRead {
     handed_on: oneshot::Receiver<()>,
 }
 
-/// Why the reader stops.
-enum Halt {
-    /// An error, for `next_batch` to report.
-    Failed(TaskError),
-    /// The source is gone: nobody is left to read for.
-    Closed,
-}
-
-impl From<TaskError> for Halt {
-    fn from(e: TaskError) -> Halt {
-        Halt::Failed(e)
-    }
-}
+/// Why the reader stops: an error, for `next_batch` to report, or [`CLOSED`].
+type Halt = Option<TaskError>;
+/// The source is gone: nobody is left to read for.
+const CLOSED: Halt = None;
 
 impl Reader {
     async fn run(mut self, mut repl: ReplicationClient) {
@@ -962,56 +909,27 @@ impl Reader {
             if self.release_on_failure && self.snapshot_pending {
                 abandon_slot(&self.control, &self.slot, "its snapshot was not handed on").await;
             }
-            self.report(halt).await;
-        }
-    }
-
-    /// The snapshot (unless a re-read: then the stream reads it when it gets there), then the
-    /// stream, until an error or until the source is gone.
-    async fn read_and_stream(&mut self, repl: &mut ReplicationClient) -> std::result::Result<(), Halt> {
-        if self.changes.reread_at.0 == 0 {
-            if let Some(snapshot) = self.snapshot.take() {
-                self.read_snapshot(snapshot).await?;
+            if let Some(e) = halt {
+                // If the source is gone too, nobody needs to hear it.
+                let _ = self.out.send(Err(e)).await;
             }
-        }
-        self.stream(repl).await
-    }
-
-    async fn report(&self, halt: Halt) {
-        if let Halt::Failed(e) = halt {
-            // If the source is gone too, nobody needs to hear it.
-            let _ = self.out.send(Err(e)).await;
         }
     }
 
     async fn send(&self, chunk: Chunk) -> std::result::Result<(), Halt> {
-        self.out.send(Ok(chunk)).await.map_err(|_| Halt::Closed)
+        self.out.send(Ok(chunk)).await.map_err(|_| CLOSED)
     }
 
-    /// Reads the snapshot through a cursor, every row under version `Changes::snapshot_at` but
+    /// Reads the snapshot through a cursor, every row under version `Changes::start` but
     /// those a re-read's stream touched, and waits until it is all handed on (the stream is not
     /// confirmed before).
     async fn read_snapshot(&mut self, snapshot: SnapshotRead) -> std::result::Result<(), Halt> {
         let SnapshotRead { client, exporter, handed_on } = snapshot;
-        self.read_rows(client).await?;
-        // A temporary slot goes with its session once its snapshot is read.
-        drop(exporter);
-        handed_on.await.map_err(|_| Halt::Closed)?;
-        self.snapshot_pending = false;
-        Ok(())
-    }
-
-    async fn read_rows(&mut self, client: Client) -> std::result::Result<(), Halt> {
         let context = "postgres_cdc: reading the snapshot";
-        let failed = |e| Halt::Failed(pg_error(context, e));
+        let failed = |e| Some(pg_error(context, e));
         let count = client.simple_query(&format!("SELECT count(*) FROM {}", self.changes.table.qualified)).await.map_err(failed)?;
-        let total = count
-            .iter()
-            .find_map(|m| match m {
-                SimpleQueryMessage::Row(r) => r.get(0).and_then(|c| c.parse::<i64>().ok()),
-                _ => None,
-            })
-            .unwrap_or(0);
+        let total =
+            count.iter().find_map(|m| if let SimpleQueryMessage::Row(r) = m { r.get(0)?.parse::<i64>().ok() } else { None }).unwrap_or(0);
         self.metrics.set_gauge("snapshot_rows_total", total);
         self.metrics.set_gauge("snapshot_rows_done", 0);
         info!(job_id = %self.job_id, table = %self.changes.table.qualified, rows = total, "postgres_cdc: reading the snapshot");
@@ -1020,7 +938,7 @@ impl Reader {
         // Rows per FETCH: BATCH_ROWS, fewer while rows are so large that a batch would pass
         // BATCH_BYTES of text.
         let mut rows_per_fetch = BATCH_ROWS;
-        let version = self.changes.table.versioned.then_some(Value::Int(self.changes.snapshot_at.0 as i64));
+        let version = self.changes.table.versioned.then_some(Value::Int(self.changes.start.0 as i64));
         let (mut done, mut skipped) = (0i64, 0usize);
         loop {
             let fetch = format!("FETCH FORWARD {rows_per_fetch} FROM eddy_snapshot");
@@ -1065,11 +983,20 @@ impl Reader {
         client.batch_execute("CLOSE eddy_snapshot; COMMIT").await.map_err(failed)?;
         self.metrics.set_gauge("snapshot_rows_total", done.max(total));
         info!(job_id = %self.job_id, rows = done, skipped, "postgres_cdc: snapshot read (skipped: rows the stream changed); streaming once it is handed on");
-        self.send(Chunk::SnapshotEnd).await
+        self.send(Chunk::SnapshotEnd).await?;
+        // A temporary slot goes with its session once its snapshot is read.
+        drop((client, exporter));
+        handed_on.await.map_err(|_| CLOSED)?;
+        self.snapshot_pending = false;
+        Ok(())
     }
 
-    /// Streams changes until an error, or until the source is gone.
-    async fn stream(&mut self, repl: &mut ReplicationClient) -> std::result::Result<(), Halt> {
+    /// The snapshot (unless a re-read: then the stream reads it when it gets there), then the
+    /// stream, until an error or until the source is gone.
+    async fn read_and_stream(&mut self, repl: &mut ReplicationClient) -> std::result::Result<(), Halt> {
+        if let Some(snapshot) = self.snapshot.take_if(|_| !self.changes.rereading()) {
+            self.read_snapshot(snapshot).await?;
+        }
         repl.start().await.map_err(|e| wire_error("starting replication", e))?;
         repl.wait_started().await.map_err(|e| wire_error("starting replication", e))?;
         info!(job_id = %self.job_id, slot = %self.slot, from = %self.changes.start, "postgres_cdc: streaming changes");
@@ -1089,23 +1016,18 @@ impl Reader {
                 pending_bytes = 0;
             }
             // Pass on what the source handed on; the library reports it to the server.
-            match self.confirm.has_changed() {
-                Ok(true) => repl.update_applied_lsn(*self.confirm.borrow_and_update()),
-                Ok(false) => {}
-                Err(_) => return Err(Halt::Closed),
+            if self.confirm.has_changed().map_err(|_| CLOSED)? {
+                repl.update_applied_lsn(*self.confirm.borrow_and_update());
             }
             let event = if pending.is_empty() && completed.is_none() && clock.is_none() {
                 tokio::select! {
                     biased;
                     // A newly handed-on position should reach the server even when nothing else happens.
                     changed = self.confirm.changed() => {
-                        if changed.is_err() {
-                            return Err(Halt::Closed);
-                        }
+                        changed.map_err(|_| CLOSED)?;
                         repl.update_applied_lsn(*self.confirm.borrow_and_update());
                         continue;
                     }
-                    // The stream.
                     event = repl.recv() => event,
                 }
             } else {
@@ -1113,17 +1035,14 @@ impl Reader {
                 match tokio::time::timeout(Duration::ZERO, repl.recv()).await {
                     Ok(event) => event,
                     Err(_) => {
-                        let chunk = if !pending.is_empty() {
+                        if let Some((lsn, _)) = completed {
+                            sent = sent.max(lsn);
+                        }
+                        if !pending.is_empty() {
                             let batch = std::mem::replace(&mut pending, Batch::with_capacity(BATCH_ROWS + 1));
-                            Some(Chunk::Rows { batch, confirm: completed.take() })
-                        } else {
-                            completed.take().map(|(lsn, version)| Chunk::Progress(lsn, version))
-                        };
-                        if let Some(chunk) = chunk {
-                            if let Chunk::Rows { confirm: Some((lsn, _)), .. } | Chunk::Progress(lsn, _) = &chunk {
-                                sent = sent.max(*lsn);
-                            }
-                            self.send(chunk).await?;
+                            self.send(Chunk::Rows { batch, confirm: completed.take() }).await?;
+                        } else if let Some((lsn, version)) = completed.take() {
+                            self.send(Chunk::Progress(lsn, version)).await?;
                         }
                         if let Some(t) = clock.take() {
                             self.send(Chunk::Clock(t)).await?;
@@ -1167,9 +1086,8 @@ impl Reader {
                 ReplicationEvent::Message { transactional: false, prefix, content, .. }
                     if self.clocked && prefix == CLOCK_PREFIX && !in_transaction && !self.changes.rereading() =>
                 {
-                    if let Some(t) = std::str::from_utf8(&content).ok().and_then(|t| t.parse::<i64>().ok()) {
-                        clock = Some(clock.map_or(t, |c: i64| c.max(t)));
-                    }
+                    // The latest of those read (`None` sorts first).
+                    clock = clock.max(std::str::from_utf8(&content).ok().and_then(|t| t.parse::<i64>().ok()));
                 }
                 ReplicationEvent::Message { .. } | ReplicationEvent::StoppedAt { .. } => {}
             }
@@ -1219,8 +1137,6 @@ struct Changes {
     last: u64,
     /// Key columns (output positions).
     key: Vec<usize>,
-    /// The version of the snapshot's rows: the slot's consistent point.
-    snapshot_at: Lsn,
     /// During a re-read: the temporary slot's consistent point, where its snapshot was taken (0:
     /// not re-reading). The transactions that commit before it are in that snapshot too.
     reread_at: Lsn,
@@ -1234,7 +1150,6 @@ impl Changes {
         self.reread_at.0 != 0
     }
 
-    /// The encoded key of a row.
     fn key_of(&self, row: &[Value]) -> Vec<u8> {
         let mut key = Vec::new();
         for &k in &self.key {
@@ -1245,8 +1160,7 @@ impl Changes {
 
     fn touch(&mut self, row: &[Value]) {
         if self.rereading() {
-            let key = self.key_of(row);
-            self.touched.insert(key);
+            self.touched.insert(self.key_of(row));
         }
     }
 
@@ -1254,17 +1168,13 @@ impl Changes {
     fn on_message(&mut self, data: &[u8], wal_start: Lsn, pending: &mut Batch) -> Result<()> {
         let message = decode_pgoutput(data).map_err(|m| TaskError::internal(format!("postgres_cdc: at {wal_start}: {m}")))?;
         let version = wal_start.0.max(self.floor.0 + 1).max(self.last + 1);
-        let ours = matches!(
-            &message,
-            PgOutput::Insert { relation, .. } | PgOutput::Update { relation, .. } | PgOutput::Delete { relation, .. }
-                if *relation == self.table.oid
-        );
         match message {
             PgOutput::Relation(rel) if rel.id == self.table.oid => self.relation = Some(self.map_relation(&rel)?),
             PgOutput::Insert { relation, new } if relation == self.table.oid => {
                 let row = self.row(&new, None, version, wal_start)?;
                 self.touch(&row);
                 pending.push(row, Op::Insert);
+                self.last = version;
             }
             PgOutput::Update { relation, old, new } if relation == self.table.oid => {
                 let Some(OldTuple::Full(old)) = old else { return Err(self.identity_error("an update")) };
@@ -1274,28 +1184,27 @@ impl Changes {
                 self.touch(&new);
                 pending.push(old, Op::Retract);
                 pending.push(new, Op::Insert);
+                self.last = version;
             }
             PgOutput::Delete { relation, old } if relation == self.table.oid => {
                 let OldTuple::Full(old) = old else { return Err(self.identity_error("a delete")) };
                 let old = self.row(&old, None, version, wal_start)?;
                 self.touch(&old);
                 pending.push(old, Op::Retract);
+                self.last = version;
             }
             PgOutput::Truncate { relations } if relations.contains(&self.table.oid) => {
                 warn!(table = %self.table.qualified, lsn = %wal_start, "postgres_cdc: TRUNCATE skipped: its rows cannot be retracted, so downstream keeps them");
             }
             _ => {}
         }
-        if ours {
-            self.last = version;
-        }
         Ok(())
     }
 
     fn identity_error(&self, what: &str) -> TaskError {
         TaskError::user(format!(
-            "postgres_cdc: {what} on {} came without its complete old row; run `ALTER TABLE {} REPLICA IDENTITY FULL`",
-            self.table.qualified, self.table.qualified
+            "postgres_cdc: {what} on {0} came without its complete old row; run `ALTER TABLE {0} REPLICA IDENTITY FULL`",
+            self.table.qualified
         ))
     }
 
@@ -1383,7 +1292,6 @@ mod tests {
             floor: Lsn(0x196_0000),
             last: 0x196_0000,
             key: vec![1],
-            snapshot_at: Lsn(0x196_0000),
             reread_at: Lsn(0),
             touched: HashSet::new(),
         }
@@ -1502,7 +1410,6 @@ mod tests {
             floor: Lsn(0),
             last: 0,
             key: vec![0],
-            snapshot_at: Lsn(0),
             reread_at: Lsn(0),
             touched: HashSet::new(),
         };

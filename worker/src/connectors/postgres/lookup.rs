@@ -29,7 +29,7 @@ use super::text::decode_value;
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::keys::groups_overlap;
-use crate::operator::{Collector, InlineState, Operator, OperatorContext, OperatorSnapshot, RestoredState, Stage, TaskMetrics};
+use crate::operator::{Collector, InlineState, Operator, OperatorContext, OperatorSnapshot, Stage, TaskMetrics};
 use crate::retry::Policy;
 use crate::state::last_value::{self, LastValueState};
 
@@ -42,7 +42,6 @@ pub struct PostgresLookup {
     client: Option<Client>,
     cache: HashMap<String, (Instant, Option<Vec<Value>>)>,
     order: VecDeque<String>,
-    ttl: Duration,
     /// The task's metrics (where a query being retried shows).
     metrics: Arc<TaskMetrics>,
     /// Over a changelog: what each row key's current row was joined with.
@@ -52,21 +51,12 @@ pub struct PostgresLookup {
 impl PostgresLookup {
     /// Connects (lazily retried later if the database is down now).
     pub async fn connect(o: &PostgresLookupOptions, on: usize, columns: &Schema, metrics: Arc<TaskMetrics>) -> Result<PostgresLookup> {
-        let ttl = o.cache_ttl;
         let select: Vec<String> = columns.fields.iter().map(|f| format!("{}::text", quote_ident(&f.name))).collect();
-        let query = format!(
-            "SELECT {}::text, {} FROM {} WHERE {}::text = ANY($1)",
-            quote_ident(&o.key),
-            select.join(", "),
-            // Checked at submit (`table_name`); quoted here as well, part by part.
-            eddy_jobs::connectors::table_name("options.table", &o.table)
-                .map_err(TaskError::user)?
-                .iter()
-                .map(|p| quote_ident(p))
-                .collect::<Vec<_>>()
-                .join("."),
-            quote_ident(&o.key)
-        );
+        // Checked at submit (`table_name`); quoted here as well, part by part.
+        let table: Vec<String> =
+            eddy_jobs::connectors::table_name("options.table", &o.table).map_err(TaskError::user)?.iter().map(|p| quote_ident(p)).collect();
+        let (key, select, table) = (quote_ident(&o.key), select.join(", "), table.join("."));
+        let query = format!("SELECT {key}::text, {select} FROM {table} WHERE {key}::text = ANY($1)");
         let mut lookup = PostgresLookup {
             options: o.clone(),
             on,
@@ -75,7 +65,6 @@ impl PostgresLookup {
             client: None,
             cache: HashMap::new(),
             order: VecDeque::new(),
-            ttl,
             metrics,
             memory: None,
         };
@@ -138,8 +127,7 @@ impl PostgresLookup {
                 Ok(rows) => {
                     let mut found = HashMap::with_capacity(rows.len());
                     for r in rows {
-                        let key: Option<String> = r.get(0);
-                        let Some(key) = key else { continue };
+                        let Some(key) = r.get::<_, Option<String>>(0) else { continue };
                         let values = self
                             .columns
                             .fields
@@ -172,12 +160,8 @@ impl PostgresLookup {
 
     fn remember(&mut self, key: String, value: Option<Vec<Value>>) {
         while self.cache.len() >= self.options.cache_size.max(1) {
-            match self.order.pop_front() {
-                Some(old) => {
-                    self.cache.remove(&old);
-                }
-                None => break,
-            }
+            let Some(old) = self.order.pop_front() else { break };
+            self.cache.remove(&old);
         }
         if self.cache.insert(key.clone(), (Instant::now(), value)).is_none() {
             self.order.push_back(key);
@@ -210,7 +194,7 @@ impl Operator for PostgresLookup {
         let mut missing: Vec<String> = keys
             .iter()
             .flatten()
-            .filter(|k| self.cache.get(*k).is_none_or(|(at, _)| now.duration_since(*at) > self.ttl))
+            .filter(|k| self.cache.get(*k).is_none_or(|(at, _)| now.duration_since(*at) > self.options.cache_ttl))
             .cloned()
             .collect();
         missing.sort_unstable();
@@ -236,10 +220,7 @@ impl Operator for PostgresLookup {
             .into_iter()
             .zip(remembered)
             .map(|(key, known)| {
-                known.unwrap_or_else(|| match key.and_then(|k| batch_values.get(&k)).and_then(|v| v.as_ref()) {
-                    Some(values) => values.clone(),
-                    None => vec![Value::Null; width],
-                })
+                known.unwrap_or_else(|| key.and_then(|k| batch_values.get(&k)?.clone()).unwrap_or_else(|| vec![Value::Null; width]))
             })
             .collect();
         if let (Some(memory), Some(keys)) = (&mut self.memory, &memory_keys) {
@@ -282,22 +263,18 @@ impl Memory {
     fn open(plan: &LookupMemory, width: usize, backend: StateBackend, max_parallelism: u32, ctx: &OperatorContext) -> Result<Memory> {
         let mut state = last_value::open(backend, &ctx.state_dir.join("joined"), plan.ttl_ms)?;
         for restored in &ctx.restore {
-            let (Some(files), Some(taken)) = (&restored.files, SnapshotScope::restored(restored)?) else { continue };
+            let (Some(files), Some(taken)) = (&restored.files, restored.read(|old| Ok(SnapshotScope::unversioned(old)))?) else { continue };
             let own = taken.groups == ctx.key_groups && taken.keyed == Some(plan.keyed);
-            if own {
-                // This subtask's own snapshot, taken under the same routing: all of it.
+            if own || !plan.keyed {
+                // This subtask's own snapshot, taken under the same routing: all of it. Behind a
+                // source whose subtasks own partitions, which keys come here is the source's
+                // choice, so every key is kept (those that never come expire), and of two copies
+                // of a key the one written later.
                 state.restore(files, &|_| true)?;
-            } else if plan.keyed {
+            } else if taken.keyed != Some(true) || groups_overlap(&taken.groups, &ctx.key_groups) {
                 // Rows come here by key group: the entries of this subtask's groups, wherever
                 // they were (a snapshot taken behind a partition-owning source holds any group).
-                if taken.keyed != Some(true) || groups_overlap(&taken.groups, &ctx.key_groups) {
-                    state.restore(files, &|group| ctx.key_groups.contains(&group))?;
-                }
-            } else {
-                // Behind a source whose subtasks own partitions: which keys come here is the
-                // source's choice, so every key is kept (those that never come expire), and of
-                // two copies of a key the one written later.
-                state.restore(files, &|_| true)?;
+                state.restore(files, &|group| ctx.key_groups.contains(&group))?;
             }
         }
         Ok(Memory {
@@ -313,17 +290,14 @@ impl Memory {
 
     /// Each row's key (encoded) and the key group it is stored under.
     fn keys(&self, batch: &Batch) -> Vec<(u32, Vec<u8>)> {
-        batch.rows.iter().map(|row| self.key(row)).collect()
-    }
-
-    /// A row's key (encoded) and the key group it is stored under.
-    fn key(&self, row: &[Value]) -> (u32, Vec<u8>) {
-        let mut key = Vec::new();
-        for &c in &self.plan.key {
-            crate::codec::encode_value(&row[c], &mut key);
-        }
-        let group = crate::keys::key_group(crate::keys::hash_key(row, &self.plan.key), self.max_parallelism);
-        (group, key)
+        let key = |row: &Vec<Value>| {
+            let mut key = Vec::new();
+            for &c in &self.plan.key {
+                crate::codec::encode_value(&row[c], &mut key);
+            }
+            (crate::keys::key_group(crate::keys::hash_key(row, &self.plan.key), self.max_parallelism), key)
+        };
+        batch.rows.iter().map(key).collect()
     }
 
     /// Per row of `batch` (whose `keys` are given): for a retraction, the values its insert was
@@ -400,10 +374,6 @@ impl InlineState for SnapshotScope {
 }
 
 impl SnapshotScope {
-    fn restored(state: &RestoredState) -> Result<Option<SnapshotScope>> {
-        state.read(|old| Ok(SnapshotScope::unversioned(old)))
-    }
-
     /// Before versioned state: the key groups' bounds as little-endian words, then a byte.
     fn unversioned(inline: &[u8]) -> Option<SnapshotScope> {
         let start = u32::from_le_bytes(inline.get(..4)?.try_into().ok()?);

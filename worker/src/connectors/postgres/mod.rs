@@ -27,13 +27,9 @@ pub(crate) fn check_identifier(field: &str, name: &str) -> Result<()> {
         && name.len() <= 63
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
         && !name.as_bytes()[0].is_ascii_digit();
-    if plain {
-        Ok(())
-    } else {
-        Err(TaskError::user(format!(
-            "{field}: `{name}` must be 1 to 63 lower-case letters, digits or underscores, not starting with a digit"
-        )))
-    }
+    plain.then_some(()).ok_or_else(|| {
+        TaskError::user(format!("{field}: `{name}` must be 1 to 63 lower-case letters, digits or underscores, not starting with a digit"))
+    })
 }
 
 /// The connection settings from `url`, with the session options that pin text output.
@@ -46,10 +42,7 @@ pub(crate) fn client_config(url: &str) -> Result<tokio_postgres::Config> {
     if pg.get_user().is_none() {
         return Err(TaskError::user("options.url: name the user, e.g. postgres://eddy@host:5432/database"));
     }
-    let options = match pg.get_options() {
-        Some(theirs) => format!("{theirs} {SESSION_OPTIONS}"),
-        None => SESSION_OPTIONS.to_string(),
-    };
+    let options = pg.get_options().map_or_else(|| SESSION_OPTIONS.to_string(), |theirs| format!("{theirs} {SESSION_OPTIONS}"));
     pg.options(options);
     if pg.get_connect_timeout().is_none() {
         pg.connect_timeout(Duration::from_secs(10));
@@ -72,17 +65,10 @@ pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-pub(crate) fn quote_literal(text: &str) -> String {
-    format!("'{}'", text.replace('\'', "''"))
-}
-
 /// A tokio-postgres error, blamed on the user when the fix is theirs.
 pub(crate) fn pg_error(context: &str, e: tokio_postgres::Error) -> TaskError {
     let message = match e.as_db_error() {
-        Some(db) => match db.hint() {
-            Some(hint) => format!("{context}: {} ({hint})", db.message()),
-            None => format!("{context}: {}", db.message()),
-        },
+        Some(db) => format!("{context}: {}{}", db.message(), db.hint().map(|hint| format!(" ({hint})")).unwrap_or_default()),
         None => format!("{context}: {e}"),
     };
     let theirs = [

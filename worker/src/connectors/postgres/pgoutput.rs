@@ -97,26 +97,12 @@ pub(crate) fn decode_pgoutput(data: &[u8]) -> std::result::Result<PgOutput<'_>, 
         }
         b'U' => {
             let relation = w.u32()?;
-            let old = match w.u8()? {
-                b'O' => Some(OldTuple::Full(w.tuple()?)),
-                b'K' => Some(OldTuple::Key(w.tuple()?)),
-                b'N' => None,
-                other => return Err(format!("update: unexpected tuple kind `{}`", other as char)),
-            };
-            if old.is_some() {
-                w.tag(b'N')?;
-            }
+            // The old tuple, if any, comes first; the new one always follows an `N`.
+            let old = if w.b.get(w.i) == Some(&b'N') { None } else { Some(w.old_tuple("update")?) };
+            w.tag(b'N')?;
             PgOutput::Update { relation, old, new: w.tuple()? }
         }
-        b'D' => {
-            let relation = w.u32()?;
-            let old = match w.u8()? {
-                b'O' => OldTuple::Full(w.tuple()?),
-                b'K' => OldTuple::Key(w.tuple()?),
-                other => return Err(format!("delete: unexpected tuple kind `{}`", other as char)),
-            };
-            PgOutput::Delete { relation, old }
-        }
+        b'D' => PgOutput::Delete { relation: w.u32()?, old: w.old_tuple("delete")? },
         b'T' => {
             let n = w.u32()?;
             let _options = w.u8()?;
@@ -178,6 +164,14 @@ impl<'a> Wire<'a> {
         self.i += n + 1;
         Ok(s)
     }
+    /// An update's or delete's old tuple: the whole row (`O`) or its key (`K`).
+    fn old_tuple(&mut self, what: &str) -> std::result::Result<OldTuple<'a>, String> {
+        match self.u8()? {
+            b'O' => Ok(OldTuple::Full(self.tuple()?)),
+            b'K' => Ok(OldTuple::Key(self.tuple()?)),
+            other => Err(format!("{what}: unexpected tuple kind `{}`", other as char)),
+        }
+    }
     fn tuple(&mut self) -> std::result::Result<Vec<Datum<'a>>, String> {
         let n = self.u16()?;
         let mut datums = Vec::with_capacity(n as usize);
@@ -187,8 +181,7 @@ impl<'a> Wire<'a> {
                 b'u' => Datum::Unchanged,
                 b't' => {
                     let len = self.u32()? as usize;
-                    let bytes = self.take(len)?;
-                    Datum::Text(std::str::from_utf8(bytes).map_err(|_| "a text value is not UTF-8".to_string())?)
+                    Datum::Text(std::str::from_utf8(self.take(len)?).map_err(|_| "a text value is not UTF-8".to_string())?)
                 }
                 b'b' => return Err("binary tuple data was not asked for".into()),
                 other => return Err(format!("unexpected tuple data kind `{}`", other as char)),

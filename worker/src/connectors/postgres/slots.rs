@@ -9,7 +9,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 use tracing::{info, warn};
 
-use super::{connect, pg_error, quote_literal, wire_error};
+use super::{connect, pg_error, wire_error};
 use crate::error::{Result, TaskError};
 
 /// How long `start` waits for a previous session to release the slot.
@@ -44,12 +44,8 @@ pub(crate) async fn existing_slot(control: &Client, slot: &str) -> Result<Option
             )));
         }
         if !active {
-            let lsn: Option<String> = row.get(5);
-            let lsn = lsn
-                .as_deref()
-                .and_then(|l| Lsn::parse(l).ok())
-                .ok_or_else(|| TaskError::external(format!("postgres_cdc: slot `{slot}` has no confirmed position yet")))?;
-            return Ok(Some(lsn));
+            let lsn = row.get::<_, Option<String>>(5).and_then(|l| Lsn::parse(&l).ok());
+            return lsn.map(Some).ok_or_else(|| TaskError::external(format!("postgres_cdc: slot `{slot}` has no confirmed position yet")));
         }
         if Instant::now() >= deadline {
             return Err(TaskError::external(format!(
@@ -62,18 +58,13 @@ pub(crate) async fn existing_slot(control: &Client, slot: &str) -> Result<Option
     }
 }
 
-/// Creates the slot on the gated replication session: its consistent point and, with `export`,
-/// the name of the snapshot the session exports until its next command.
-pub(crate) async fn create_slot(repl: &mut ReplicationClient, slot: &str, export: bool) -> Result<(Lsn, Option<String>)> {
-    let mode = if export { "LOGICAL pgoutput EXPORT_SNAPSHOT" } else { "LOGICAL pgoutput NOEXPORT_SNAPSHOT" };
-    create_slot_with(repl, slot, mode).await
-}
-
-/// `CREATE_REPLICATION_SLOT slot <how>`: the consistent point and the exported snapshot, if any.
-pub(crate) async fn create_slot_with(repl: &mut ReplicationClient, slot: &str, how: &str) -> Result<(Lsn, Option<String>)> {
-    let export = how.contains("EXPORT_SNAPSHOT") && !how.contains("NOEXPORT_SNAPSHOT");
+/// Creates the slot (`TEMPORARY` or not) on the gated replication session: its consistent point
+/// and, with `export`, the name of the snapshot the session exports until its next command.
+pub(crate) async fn create_slot(repl: &mut ReplicationClient, slot: &str, temporary: bool, export: bool) -> Result<(Lsn, Option<String>)> {
+    let temporary = if temporary { "TEMPORARY " } else { "" };
+    let export_mode = if export { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" };
     let rows = repl
-        .simple_query(&format!("CREATE_REPLICATION_SLOT {slot} {how}"))
+        .simple_query(&format!("CREATE_REPLICATION_SLOT {slot} {temporary}LOGICAL pgoutput {export_mode}"))
         .await
         .map_err(|e| wire_error("creating the replication slot", e))?;
     let text = |i: usize| -> Option<String> {
@@ -82,18 +73,16 @@ pub(crate) async fn create_slot_with(repl: &mut ReplicationClient, slot: &str, h
     let consistent = text(1)
         .and_then(|l| Lsn::parse(&l).ok())
         .ok_or_else(|| TaskError::external("postgres_cdc: CREATE_REPLICATION_SLOT returned no consistent point"))?;
-    let snapshot = if export {
-        Some(text(2).ok_or_else(|| TaskError::external("postgres_cdc: CREATE_REPLICATION_SLOT exported no snapshot"))?)
-    } else {
-        None
-    };
+    let snapshot = export
+        .then(|| text(2).ok_or_else(|| TaskError::external("postgres_cdc: CREATE_REPLICATION_SLOT exported no snapshot")))
+        .transpose()?;
     Ok((consistent, snapshot))
 }
 
 /// A connection inside a repeatable-read transaction that sees the exported snapshot.
 pub(crate) async fn import_snapshot(pg: &tokio_postgres::Config, name: &str) -> Result<Client> {
     let client = connect(pg, "the snapshot connection").await?;
-    let sql = format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}", quote_literal(name));
+    let sql = format!("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT '{}'", name.replace('\'', "''"));
     client.batch_execute(&sql).await.map_err(|e| pg_error("postgres_cdc: importing the slot's snapshot", e))?;
     Ok(client)
 }

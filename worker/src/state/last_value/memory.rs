@@ -12,7 +12,7 @@ use std::path::Path;
 use eddy_jobs::Value;
 use rustc_hash::FxHashMap;
 
-use super::{decode_entry, encode_entry, expired, io_error, EntryVisitor, LastValueState};
+use super::{decode_entry, encode_entry, expired, io_error, shard_key, EntryVisitor, LastValueState};
 use crate::error::Result;
 use crate::state::SnapshotFile;
 
@@ -36,13 +36,6 @@ impl MemoryLastValueState {
         MemoryLastValueState { ttl_ms, entries: FxHashMap::default(), key_buf: Vec::new() }
     }
 
-    /// Puts the map key of (`shard`, `key`) in `key_buf`.
-    fn key(&mut self, shard: u32, key: &[u8]) {
-        self.key_buf.clear();
-        self.key_buf.extend_from_slice(&shard.to_be_bytes());
-        self.key_buf.extend_from_slice(key);
-    }
-
     /// Number of entries held, expired ones not yet swept included.
     pub fn len(&self) -> usize {
         self.entries.len()
@@ -56,7 +49,7 @@ impl MemoryLastValueState {
 
 impl LastValueState for MemoryLastValueState {
     fn get(&mut self, shard: u32, key: &[u8], now: i64) -> Result<Option<Vec<Value>>> {
-        self.key(shard, key);
+        shard_key(&mut self.key_buf, shard, key);
         Ok(match self.entries.get(self.key_buf.as_slice()) {
             Some((written, row)) if !expired(self.ttl_ms, *written, now) => Some(row.clone()),
             _ => None,
@@ -64,21 +57,20 @@ impl LastValueState for MemoryLastValueState {
     }
 
     fn put(&mut self, shard: u32, key: &[u8], row: &[Value], written: i64) -> Result<()> {
-        self.key(shard, key);
+        shard_key(&mut self.key_buf, shard, key);
         self.entries.insert(self.key_buf.as_slice().into(), (written, row.to_vec()));
         Ok(())
     }
 
     fn delete(&mut self, shard: u32, key: &[u8]) -> Result<()> {
-        self.key(shard, key);
+        shard_key(&mut self.key_buf, shard, key);
         self.entries.remove(self.key_buf.as_slice());
         Ok(())
     }
 
     fn expire(&mut self, now: i64) -> Result<()> {
         if self.ttl_ms.is_some() {
-            let ttl_ms = self.ttl_ms;
-            self.entries.retain(|_, (written, _)| !expired(ttl_ms, *written, now));
+            self.entries.retain(|_, (written, _)| !expired(self.ttl_ms, *written, now));
         }
         Ok(())
     }
@@ -105,14 +97,10 @@ impl LastValueState for MemoryLastValueState {
 
     fn restore(&mut self, dir: &Path, owns: &dyn Fn(u32) -> bool) -> Result<()> {
         super::read_snapshot(dir, owns, &mut |shard, key, entry| {
-            self.key(shard, key);
+            shard_key(&mut self.key_buf, shard, key);
             let (written, row) = decode_entry(entry)?;
-            match self.entries.get_mut(self.key_buf.as_slice()) {
-                Some(held) if held.0 > written => {}
-                Some(held) => *held = (written, row),
-                None => {
-                    self.entries.insert(self.key_buf.as_slice().into(), (written, row));
-                }
+            if self.entries.get(self.key_buf.as_slice()).is_none_or(|held| held.0 <= written) {
+                self.entries.insert(self.key_buf.as_slice().into(), (written, row));
             }
             Ok(())
         })

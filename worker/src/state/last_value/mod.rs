@@ -71,6 +71,14 @@ pub fn open(backend: StateBackend, dir: &Path, ttl_ms: Option<i64>) -> Result<Bo
     })
 }
 
+/// Puts the key of (`shard`, `key`) in `out`, as both backends key entries: the shard
+/// big-endian, then the key.
+fn shard_key(out: &mut Vec<u8>, shard: u32, key: &[u8]) {
+    out.clear();
+    out.extend_from_slice(&shard.to_be_bytes());
+    out.extend_from_slice(key);
+}
+
 /// Whether an entry written at `written` has expired at `now`.
 fn expired(ttl_ms: Option<i64>, written: i64, now: i64) -> bool {
     ttl_ms.is_some_and(|ttl| now.saturating_sub(written) >= ttl)
@@ -116,7 +124,7 @@ type EntryVisitor<'a> = dyn FnMut(u32, &[u8], &[u8]) -> Result<()> + 'a;
 fn read_snapshot(dir: &Path, owns: &dyn Fn(u32) -> bool, f: &mut EntryVisitor<'_>) -> Result<()> {
     if memory::is_snapshot(dir) {
         memory::read_snapshot(dir, owns, f)
-    } else if rocks::is_snapshot(dir) {
+    } else if super::rocks::is_snapshot(dir) {
         rocks::read_snapshot(dir, owns, f)
     } else {
         Err(TaskError::internal(format!("last-value state: {} holds no last-value snapshot", dir.display())))

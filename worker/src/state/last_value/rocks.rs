@@ -22,7 +22,7 @@ use eddy_jobs::Value;
 use rocksdb::compaction_filter::Decision;
 use rocksdb::{WriteBatch, WriteOptions, DB};
 
-use super::{decode_entry, encode_entry, entry_written, expired, EntryVisitor, LastValueState};
+use super::{decode_entry, encode_entry, entry_written, expired, shard_key, EntryVisitor, LastValueState};
 use crate::error::{Result, TaskError};
 use crate::state::rocks::{db_options, labelled_db_error, open_fresh, open_snapshot, unlogged, write_checkpoint};
 
@@ -84,17 +84,6 @@ impl RocksLastValueState {
         })
     }
 
-    fn err(&self, e: rocksdb::Error) -> TaskError {
-        labelled_db_error(LABEL, &self.dir, e)
-    }
-
-    /// Puts the RocksDB key of (`shard`, `key`) in `key_buf`.
-    fn key(&mut self, shard: u32, key: &[u8]) {
-        self.key_buf.clear();
-        self.key_buf.extend_from_slice(&shard.to_be_bytes());
-        self.key_buf.extend_from_slice(key);
-    }
-
     fn tick(&self, now: i64) {
         self.clock.fetch_max(now, Ordering::Relaxed);
     }
@@ -115,7 +104,7 @@ impl RocksLastValueState {
 impl LastValueState for RocksLastValueState {
     fn get(&mut self, shard: u32, key: &[u8], now: i64) -> Result<Option<Vec<Value>>> {
         self.tick(now);
-        self.key(shard, key);
+        shard_key(&mut self.key_buf, shard, key);
         let Some(value) = self.db.get_pinned(&self.key_buf).map_err(|e| labelled_db_error(LABEL, &self.dir, e))? else {
             return Ok(None);
         };
@@ -126,14 +115,14 @@ impl LastValueState for RocksLastValueState {
     }
 
     fn put(&mut self, shard: u32, key: &[u8], row: &[Value], written: i64) -> Result<()> {
-        self.key(shard, key);
+        shard_key(&mut self.key_buf, shard, key);
         self.value_buf.clear();
         encode_entry(written, row, &mut self.value_buf);
         self.db.put_opt(&self.key_buf, &self.value_buf, &self.write_opts).map_err(|e| labelled_db_error(LABEL, &self.dir, e))
     }
 
     fn delete(&mut self, shard: u32, key: &[u8]) -> Result<()> {
-        self.key(shard, key);
+        shard_key(&mut self.key_buf, shard, key);
         self.db.delete_opt(&self.key_buf, &self.write_opts).map_err(|e| labelled_db_error(LABEL, &self.dir, e))
     }
 
@@ -153,12 +142,9 @@ impl LastValueState for RocksLastValueState {
         let (db, write_opts, own_dir) = (&self.db, &self.write_opts, &self.dir);
         let merge = std::mem::replace(&mut self.restored, true);
         super::read_snapshot(dir, owns, &mut |shard, key, entry| {
-            key_buf.clear();
-            key_buf.extend_from_slice(&shard.to_be_bytes());
-            key_buf.extend_from_slice(key);
+            shard_key(&mut key_buf, shard, key);
             if merge {
-                let held = db.get_pinned(&key_buf).map_err(|e| labelled_db_error(LABEL, own_dir, e))?;
-                if let Some(held) = held {
+                if let Some(held) = db.get_pinned(&key_buf).map_err(|e| labelled_db_error(LABEL, own_dir, e))? {
                     if entry_written(&held)? > entry_written(entry)? {
                         return Ok(());
                     }
@@ -170,13 +156,8 @@ impl LastValueState for RocksLastValueState {
             }
             Ok(())
         })?;
-        self.db.write_opt(batch, &self.write_opts).map_err(|e| self.err(e))
+        self.db.write_opt(batch, &self.write_opts).map_err(|e| labelled_db_error(LABEL, &self.dir, e))
     }
-}
-
-/// Whether `dir` holds a RocksDB checkpoint.
-pub(super) fn is_snapshot(dir: &Path) -> bool {
-    dir.join("CURRENT").is_file()
 }
 
 /// Calls `f(shard, key, entry)` for every entry of the checkpoint in `dir` whose shard `owns`
@@ -192,15 +173,12 @@ pub(super) fn read_snapshot(dir: &Path, owns: &dyn Fn(u32) -> bool, f: &mut Entr
         let shard = u32::from_be_bytes(*shard);
         if owns(shard) {
             f(shard, user_key, value)?;
+            it.next();
         } else {
             // Skip the rest of this shard in one seek.
-            match shard.checked_add(1) {
-                Some(next) => it.seek(next.to_be_bytes()),
-                None => break,
-            }
-            continue;
+            let Some(next) = shard.checked_add(1) else { break };
+            it.seek(next.to_be_bytes());
         }
-        it.next();
     }
     it.status().map_err(|e| labelled_db_error(LABEL, dir, e))
 }
