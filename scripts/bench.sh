@@ -349,8 +349,10 @@ bench_vs_flink() {
   log "building release binaries"
   BIN=$(release_bins)
   start_cluster 1 2
-  # 1. The events, written once by Eddy's generator: {"seq","k","score","ts_ms"} per line.
-  local events="$RUN_DIR/events.jsonl"
+  # 1. The events, written once by Eddy's generator: {"seq","k","score","ts_ms"} per line, in the
+  # directory the workers let jobs use (--allow-dir).
+  local events="$RUN_DIR/files/events.jsonl"
+  mkdir -p "$RUN_DIR/files"
   cat >"$RUN_DIR/events.toml" <<SPEC
 name = "bench-events"
 [state]
