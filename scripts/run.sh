@@ -19,6 +19,7 @@ PIDS=()
 trap 'kill "${PIDS[@]}" 2>/dev/null; wait 2>/dev/null' EXIT
 PORT=${EDDY_PORT:-6123}
 COORDINATORS=${COORDINATORS:-1}
+HTTP_PORT=${EDDY_HTTP_PORT:-8081}
 PEERS=$(for i in $(seq 1 "$COORDINATORS"); do printf '%s=127.0.0.1:%s\n' "$i" $((PORT + 10 * (i - 1))); done | paste -sd,)
 export EDDY_COORDINATOR=$(sed 's/[0-9]*=//g' <<<"$PEERS")
 export EDDY_EXTERNAL_URL=http://127.0.0.1:${EDDY_MOCK_PORT:-58080}/events
@@ -26,10 +27,10 @@ export EDDY_EXTERNAL_URL=http://127.0.0.1:${EDDY_MOCK_PORT:-58080}/events
 export EDDY_EXISTING_SLOT=${EDDY_EXISTING_SLOT:-reread}
 export EDDY_DEAD_LETTERS=$RUN_DIR/files/dead-letters.jsonl EDDY_HTTP_DEAD_LETTERS=$RUN_DIR/files/http-dead-letters.jsonl
 if [ "$COORDINATORS" = 1 ]; then
-  "$BIN/eddy-coordinator" --listen "$EDDY_COORDINATOR" --data-dir "$RUN_DIR/coordinator" >"$RUN_DIR/coordinator.log" 2>&1 & PIDS+=($!)
+  "$BIN/eddy-coordinator" --listen "$EDDY_COORDINATOR" --http-listen "127.0.0.1:$HTTP_PORT" --data-dir "$RUN_DIR/coordinator" >"$RUN_DIR/coordinator.log" 2>&1 & PIDS+=($!)
 else
   for i in $(seq 1 "$COORDINATORS"); do
-    "$BIN/eddy-coordinator" --listen "127.0.0.1:$((PORT + 10 * (i - 1)))" --raft-id "$i" --raft-peers "$PEERS" \
+    "$BIN/eddy-coordinator" --listen "127.0.0.1:$((PORT + 10 * (i - 1)))" --http-listen "127.0.0.1:$((HTTP_PORT + 10 * (i - 1)))" --raft-id "$i" --raft-peers "$PEERS" \
       --data-dir "$RUN_DIR/coordinator$i" --checkpoint-dir "$RUN_DIR/checkpoints" >"$RUN_DIR/coordinator$i.log" 2>&1 & PIDS+=($!)
   done
 fi
@@ -48,6 +49,7 @@ cat <<MSG
 
 Eddy is running the engagement pipeline; events are inserted at $RATE/s. Where to look:
   jobs           $BIN/eddy jobs ; $BIN/eddy status $process
+  web page       http://127.0.0.1:$HTTP_PORT/ (Prometheus metrics on /metrics)
   leaderboard    redis-cli -p ${EDDY_REDIS_PORT:-56379} ZREVRANGE leaderboard 0 9 WITHSCORES
   ClickHouse     curl -s '$EDDY_CLICKHOUSE_URL' --data-binary 'SELECT count() FROM eddy.engagement_enriched FINAL WHERE deleted = 0'
   external API   curl -s http://127.0.0.1:${EDDY_MOCK_PORT:-58080}/stats

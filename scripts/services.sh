@@ -6,9 +6,11 @@
 #   kafka       the tansu broker (Kafka protocol) with in-memory storage
 #   redis       redis-server without persistence
 #   clickhouse  clickhouse-server (Debian's 18.16 or newer), schema sql/clickhouse.sql
+#   s3          an S3-protocol object store (the s3s-fs crate's server, files under the runtime
+#               dir) with bucket `eddy`, for checkpoint storage at s3://eddy/...
 #
-# Usage: scripts/services.sh start|stop|status|env [postgres|kafka|redis|clickhouse ...]
-# With no service named, the command applies to all four.
+# Usage: scripts/services.sh start|stop|status|env [postgres|kafka|redis|clickhouse|s3 ...]
+# With no service named, the command applies to all five.
 #
 #   start   installs what is missing (apt packages, the tansu binary), starts every service that
 #           is not running yet and waits until each one answers. Running services are left alone.
@@ -25,6 +27,7 @@
 #   EDDY_REDIS_PORT         default 56379
 #   EDDY_CLICKHOUSE_HTTP_PORT  default 58123
 #   EDDY_CLICKHOUSE_TCP_PORT   default 59000 (native protocol, for clickhouse-client)
+#   EDDY_S3_PORT            default 59900
 #   EDDY_PG_BIN             directory with initdb/pg_ctl, default /usr/lib/postgresql/15/bin
 #   EDDY_PG_DATA            PostgreSQL data dir (see pg_data_dir below for the default)
 #   EDDY_SERVICES_TIMEOUT   seconds to wait for a service to answer, default 60
@@ -44,6 +47,7 @@ KAFKA_PORT=${EDDY_KAFKA_PORT:-59092}
 REDIS_PORT=${EDDY_REDIS_PORT:-56379}
 CH_HTTP_PORT=${EDDY_CLICKHOUSE_HTTP_PORT:-58123}
 CH_TCP_PORT=${EDDY_CLICKHOUSE_TCP_PORT:-59000}
+S3_PORT=${EDDY_S3_PORT:-59900}
 TIMEOUT=${EDDY_SERVICES_TIMEOUT:-60}
 TANSU_VERSION=0.6.0
 # tansu-storage 0.6.0's memory:// engine can answer a fetch without records a consumer then
@@ -57,7 +61,9 @@ TANSU_PATCH=p2
 TANSU_STORAGE_SHA256=720d2ed8e6010c70f7f06e5af5a7274ebbf6e42fdcd9e46de542b10dc4d2f35d
 TANSU_ROOT=$EDDY_CACHE/tools/tansu-$TANSU_VERSION-$TANSU_PATCH
 TANSU=$TANSU_ROOT/bin/tansu
-ALL_SERVICES=(postgres kafka redis clickhouse)
+S3S_VERSION=0.12.0
+S3S=$EDDY_CACHE/tools/s3s-fs-$S3S_VERSION/bin/s3s-fs
+ALL_SERVICES=(postgres kafka redis clickhouse s3)
 
 log() { printf '==> %s\n' "$*" >&2; }
 die() { printf 'services.sh: %s\n' "$*" >&2; exit 1; }
@@ -142,6 +148,20 @@ apt_install() {
     APT_UPDATED=1
   fi
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+}
+
+# Installs a tool that cargo builds (service, crate, binary, build function) once: a lock keeps
+# two concurrent starts from building it twice.
+cargo_tool_install() {
+  local service=$1 crate=$2 binary=$3 build=$4
+  [ -x "$binary" ] && return 0
+  command -v cargo >/dev/null || die "$service: cargo is needed to install $crate; install Rust (https://rustup.rs)"
+  mkdir -p "$EDDY_CACHE"
+  (
+    flock 8
+    [ -x "$binary" ] || "$build"
+  ) 8>"$EDDY_CACHE/$crate-install.lock"
+  [ -x "$binary" ] || die "$service: cargo install $crate did not produce $binary"
 }
 
 # Build dependencies of crates Eddy uses (librdkafka's cmake build needs curl's headers; RocksDB's
@@ -280,17 +300,7 @@ KAFKA_LOG=$RUN/kafka.log
 kafka_answers() { "$TANSU" topic list --broker "tcp://127.0.0.1:$KAFKA_PORT" >/dev/null 2>&1; }
 kafka_up() { pid_alive "$KAFKA_PID" && kafka_answers; }
 
-kafka_install() {
-  [ -x "$TANSU" ] && return 0
-  command -v cargo >/dev/null || die "kafka: cargo is needed to install tansu; install Rust (https://rustup.rs)"
-  mkdir -p "$EDDY_CACHE"
-  # The lock keeps two concurrent starts from building it twice.
-  (
-    flock 8
-    [ -x "$TANSU" ] || kafka_build
-  ) 8>"$EDDY_CACHE/tansu-install.lock"
-  [ -x "$TANSU" ] || die "kafka: cargo install tansu did not produce $TANSU"
-}
+kafka_install() { cargo_tool_install kafka tansu "$TANSU" kafka_build; }
 
 # Builds the patched broker (under the install lock).
 kafka_build() {
@@ -468,20 +478,63 @@ ch_start() {
 ch_stop() { stop_pid clickhouse "$CH_PID"; }
 
 # ---------------------------------------------------------------------------------------------
+# S3: the s3s-fs server, objects kept as files under the runtime dir (they survive stop/start),
+# path-style requests, one access key. Its bucket `eddy` is a folder it serves.
+
+S3_PID=$RUN/s3.pid
+S3_LOG=$RUN/s3.log
+S3_URL="http://127.0.0.1:$S3_PORT"
+S3_ACCESS_KEY=eddy
+S3_SECRET_KEY=eddy-local-secret
+
+# Any HTTP answer will do (a request without a signature gets 403).
+s3_answers() { [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$S3_URL/" 2>/dev/null)" != 000 ]; }
+s3_up() { pid_alive "$S3_PID" && s3_answers; }
+
+s3_install() { cargo_tool_install s3 s3s-fs "$S3S" s3_build; }
+
+# Builds the S3 server (under the install lock).
+s3_build() {
+  log "s3: installing s3s-fs $S3S_VERSION (a one-off build of a few minutes)"
+  cargo install s3s-fs --version "$S3S_VERSION" --locked --features binary \
+    --root "$(dirname "$(dirname "$S3S")")" --target-dir "$EDDY_CACHE/s3s-target" >&2
+}
+
+s3_start() {
+  if s3_up; then echo "s3: already running"; return 0; fi
+  rm -f "$S3_PID"
+  check_port_free s3 "$S3_PORT" EDDY_S3_PORT
+  log "s3: starting s3s-fs on 127.0.0.1:$S3_PORT"
+  mkdir -p "$RUN/s3/eddy"
+  setsid nohup "$S3S" --host 127.0.0.1 --port "$S3_PORT" --access-key "$S3_ACCESS_KEY" --secret-key "$S3_SECRET_KEY" \
+    "$RUN/s3" >>"$S3_LOG" 2>&1 </dev/null 9>&- &
+  echo $! >"$S3_PID"
+  wait_until s3 s3_answers "$S3_PID" "$S3_LOG"
+  echo "s3: up ($S3_URL, bucket eddy)"
+}
+
+s3_stop() { stop_pid s3 "$S3_PID"; }
+
+# ---------------------------------------------------------------------------------------------
 # Commands
 
 # Maps a service name to its function prefix.
 prefix() {
   case $1 in
-    postgres) echo pg ;; kafka) echo kafka ;; redis) echo redis ;; clickhouse) echo ch ;;
+    postgres) echo pg ;; kafka) echo kafka ;; redis) echo redis ;; clickhouse) echo ch ;; s3) echo s3 ;;
     *) die "unknown service '$1' (known: ${ALL_SERVICES[*]})" ;;
   esac
 }
 
-cmd_start() {
+cmd_install() {
   local s
   ensure_build_deps
   for s in "$@"; do "$(prefix "$s")_install"; done
+}
+
+cmd_start() {
+  local s
+  cmd_install "$@"
   for s in "$@"; do "$(prefix "$s")_start"; done
 }
 
@@ -509,11 +562,15 @@ export EDDY_PG_URL=$PG_URL
 export EDDY_KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT
 export EDDY_REDIS_URL=redis://127.0.0.1:$REDIS_PORT
 export EDDY_CLICKHOUSE_URL=$CH_URL
+export EDDY_S3_ENDPOINT=$S3_URL
+export EDDY_S3_BUCKET=eddy
+export EDDY_S3_ACCESS_KEY=$S3_ACCESS_KEY
+export EDDY_S3_SECRET_KEY=$S3_SECRET_KEY
 EOF
 }
 
 usage() {
-  echo "usage: $0 start|stop|status|env [postgres|kafka|redis|clickhouse ...]" >&2
+  echo "usage: $0 start|stop|status|env|install [postgres|kafka|redis|clickhouse|s3 ...] | paths | test-tools" >&2
   exit 2
 }
 
@@ -526,8 +583,12 @@ main() {
   for s in "${services[@]}"; do prefix "$s" >/dev/null; done
   case $cmd in
     env) cmd_env ;;
+    # What only the tests use: headless Chromium renders the coordinator's web page.
+    test-tools) apt_install chromium ;;
+    # Where the installed broker and S3 server are (the compose test copies them into images).
+    paths) printf 'export EDDY_TANSU=%q\nexport EDDY_S3S=%q\n' "$TANSU" "$S3S" ;;
     status) cmd_status "${services[@]}" ;;
-    start | stop)
+    start | stop | install)
       mkdir -p "$RUN"
       # One start or stop at a time, so that parallel test runs do not race to start a service.
       # The services are started with fd 9 closed (`9>&-`), or they would hold the lock forever.

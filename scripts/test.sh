@@ -11,7 +11,8 @@ lint_while_building  # also installs rustfmt and clippy where rustup's minimal p
 python3 scripts/check_modules.py --self-test >/dev/null
 python3 scripts/check_modules.py worker/src coordinator/src jobs/src proto/src cli/src
 cargo fmt --all --check || { echo "the code is not formatted as rustfmt.toml says: run cargo fmt --all" >&2; exit 1; }
-log "starting services (installs them when missing)"
+log "starting services (installs them, and the tools only tests use, when missing)"
+scripts/services.sh test-tools
 scripts/services.sh start
 eval "$(scripts/services.sh env)"
 # What the connector and tool integration tests talk to (they skip when these are unset).

@@ -5,6 +5,7 @@ mod recovery;
 mod replicated;
 
 use std::collections::HashMap;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -299,7 +300,7 @@ fn invalid_specs_are_rejected_naming_the_field() -> Result<()> {
 fn without_the_secret_the_cli_is_refused_and_open_listeners_do_not_start() -> Result<()> {
     let cluster = Cluster::start("secret", 1, 1)?;
     let without_secret = |program: &str| {
-        let mut cmd = std::process::Command::new(eddy_tests::bin(program));
+        let mut cmd = Command::new(eddy_tests::bin(program));
         cmd.env_remove("EDDY_SECRET").env_remove("EDDY_SECRET_FILE");
         cmd
     };
@@ -335,7 +336,7 @@ fn job_that_does_not_fit_is_refused_and_unreachable_coordinator_is_reported() ->
     assert!(stderr.contains("needs 3 slots") && stderr.contains("2 free"), "{stderr}");
     assert_eq!(cluster.eddy_json(&["jobs"])?, serde_json::json!([]));
 
-    let out = std::process::Command::new(eddy_tests::bin("eddy"))
+    let out = Command::new(eddy_tests::bin("eddy"))
         .args(["jobs", "--coordinator", &format!("127.0.0.1:{}", eddy_tests::free_port())])
         .output()?;
     assert_eq!(out.status.code(), Some(3));
@@ -348,26 +349,7 @@ fn job_that_does_not_fit_is_refused_and_unreachable_coordinator_is_reported() ->
 #[test]
 fn slow_sink_backpressures_the_source_with_flat_memory() -> Result<()> {
     let cluster = Cluster::start("backpressure", 2, 1)?;
-    let out = cluster.dir.0.join("slow.jsonl");
-    let spec = format!(
-        r#"
-name = "backpressure"
-
-[[source]]
-name = "events"
-connector = "generator"
-options = {{ keys = 1000 }}
-
-[[sink]]
-name = "slow"
-input = "events"
-connector = "file"
-partition = "rebalance"
-parallelism = 2
-options = {{ path = "{}", rows_per_second = 1000 }}
-"#,
-        out.display()
-    );
+    let spec = slow_sink_spec("backpressure", &cluster.dir.0.join("slow.jsonl"));
     // The source has parallelism 1 and the sink 2, so the sink is not chained to it: rows cross
     // an exchange, and sink subtask 1 runs on the other worker.
     let job = cluster.submit("backpressure", &spec)?;
@@ -410,6 +392,131 @@ options = {{ path = "{}", rows_per_second = 1000 }}
     // Memory bound: each worker stays under 64 MiB and grows by less than 8 MiB over 6 s.
     assert!(m2 < 64.0, "worker RSS {m2:.1} MiB over the 64 MiB bound");
     assert!(m2 - m1 < 8.0, "worker RSS grew from {m1:.1} to {m2:.1} MiB");
+    cluster.eddy(&["cancel", &job])?;
+    Ok(())
+}
+
+/// A generator (parallelism 1) feeding a file sink throttled to 1,000 rows/s per subtask
+/// (parallelism 2, so not chained: rows cross an exchange, to the other worker for subtask 1).
+fn slow_sink_spec(name: &str, out: &std::path::Path) -> String {
+    format!(
+        r#"
+name = "{name}"
+
+[[source]]
+name = "events"
+connector = "generator"
+options = {{ keys = 1000 }}
+
+[[sink]]
+name = "slow"
+input = "events"
+connector = "file"
+partition = "rebalance"
+parallelism = 2
+options = {{ path = "{}", rows_per_second = 1000 }}
+"#,
+        out.display()
+    )
+}
+
+/// The samples of metric `name` in a Prometheus text scrape whose labels include `label`.
+fn samples(scrape: &str, name: &str, label: &str) -> Vec<f64> {
+    scrape
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect()
+}
+
+/// Each worker's `/metrics` names its tasks with Flink's figures, and they move while data flows:
+/// the sinks' records in grow, and the source held back by the slow sinks is backpressured far
+/// longer than it is busy.
+#[test]
+fn worker_metrics_show_records_flowing_and_where_the_time_goes() -> Result<()> {
+    let cluster = Cluster::start("metrics", 2, 1)?;
+    let job = cluster.submit("metrics", &slow_sink_spec("metrics", &cluster.dir.0.join("slow.jsonl")))?;
+    cluster.wait_state(&job, "running", Duration::from_secs(20))?;
+    let scrape = |c: &Cluster| -> Result<String> { Ok(format!("{}{}", c.worker_metrics("w1")?, c.worker_metrics("w2")?)) };
+    let sum = |text: &str, name: &str, label: &str| samples(text, name, label).iter().sum::<f64>();
+    let (source, sink) = ("vertex=\"events\"", "vertex=\"slow\"");
+    cluster.wait(Duration::from_secs(30), "the sinks to report rows", |c| {
+        Ok(sum(&scrape(c)?, "eddy_task_records_in_total", sink) >= 1_000.0)
+    })?;
+    let first = scrape(&cluster)?;
+    for name in ["eddy_task_records_in_total", "eddy_task_records_out_total", "eddy_task_busy_ms_total", "eddy_task_idle_ms_total"] {
+        assert_eq!(samples(&first, name, &format!("job=\"{job}\"")).len(), 3, "{name}: one sample per task in\n{first}");
+    }
+    assert!(first.contains("# TYPE eddy_task_backpressured_ms counter"), "{first}");
+    let sunk = sum(&first, "eddy_task_records_in_total", sink);
+    cluster.wait(Duration::from_secs(30), "the sinks' records in to grow by 2,000", |c| {
+        Ok(sum(&scrape(c)?, "eddy_task_records_in_total", sink) >= sunk + 2_000.0)
+    })?;
+    let second = scrape(&cluster)?;
+    let grew = |name: &str, label: &str| sum(&second, name, label) - sum(&first, name, label);
+    assert!(grew("eddy_task_records_out_total", source) > 0.0, "the source's records out did not move:\n{first}\n{second}");
+    assert!(grew("eddy_task_busy_ms_total", sink) > 0.0, "the sinks were never busy:\n{first}\n{second}");
+    let (waited, worked) = (grew("eddy_task_backpressured_ms_total", source), grew("eddy_task_busy_ms_total", source));
+    assert!(waited > 4.0 * worked, "the source waited {waited} ms and worked {worked} ms: it is not shown backpressured");
+    // The coordinator's view: the job running on two workers, its vertices' totals moving.
+    let before = cluster.coordinator_metrics()?;
+    let sunk = sum(&before, "eddy_job_vertex_records_in_total", sink);
+    cluster.wait(Duration::from_secs(30), "the coordinator's totals to move", |c| {
+        Ok(sum(&c.coordinator_metrics()?, "eddy_job_vertex_records_in_total", sink) >= sunk + 1_000.0)
+    })?;
+    let after = cluster.coordinator_metrics()?;
+    let running = format!("eddy_job_state{{job=\"{job}\",name=\"metrics\",state=\"running\"}} 1");
+    assert!(after.contains(&running), "{running} missing from\n{after}");
+    assert_eq!(samples(&after, "eddy_workers", "state=\"alive\""), [2.0], "{after}");
+    cluster.eddy(&["cancel", &job])?;
+    Ok(())
+}
+
+/// The coordinator's web page, rendered by headless Chromium as a user's browser would: the job's
+/// name and state, and its graph with both vertices and their live figures. The screenshot is kept
+/// in the test's directory (`EDDY_SCREENSHOT=FILE` copies it out, as the README's was made).
+#[test]
+fn the_web_page_shows_a_running_job_and_its_graph_in_chromium() -> Result<()> {
+    let Some(chromium) = ["chromium", "chromium-browser"].into_iter().find(|c| Command::new(c).arg("--version").output().is_ok()) else {
+        assert!(
+            std::env::var_os("EDDY_TEST_REQUIRE_SERVICES").is_none(),
+            "chromium is missing though the test command installs it: apt-get install chromium"
+        );
+        eprintln!("skipped: no chromium to render the web page with (apt-get install chromium)");
+        return Ok(());
+    };
+    let cluster = Cluster::start("web", 2, 1)?;
+    let job = cluster.submit("web", &slow_sink_spec("web-page", &cluster.dir.0.join("slow.jsonl")))?;
+    cluster.wait_state(&job, "running", Duration::from_secs(20))?;
+    let url = format!("{}jobs/{job}", cluster.web_url());
+    let render = |args: &[&str]| -> Result<String> {
+        let out = Command::new(chromium)
+            .args(["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--window-size=1280,1000"])
+            .args(args)
+            .arg(&url)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "chromium failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // The rates need two samples of the coordinator's (every 2 s).
+    cluster.wait(Duration::from_secs(30), "the page to show the vertices' rates", |_| Ok(render(&["--dump-dom"])?.contains(" out/s")))?;
+    let dom = render(&["--dump-dom"])?;
+    for shown in [
+        "<h1>web-page <span class=\"state running\">running</span></h1>",
+        "<svg class=\"graph\"",
+        ">events</text>",
+        ">slow</text>",
+        ">rebalance</text>",
+    ] {
+        assert!(dom.contains(shown), "{shown} is not on the rendered page:\n{dom}");
+    }
+    let png = cluster.dir.0.join("job-page.png");
+    render(&[&format!("--screenshot={}", png.display())])?;
+    let image = std::fs::read(&png)?;
+    assert!(image.starts_with(b"\x89PNG") && image.len() > 10_000, "no real screenshot: {} bytes", image.len());
+    if let Some(copy) = std::env::var_os("EDDY_SCREENSHOT") {
+        std::fs::copy(&png, copy)?;
+    }
     cluster.eddy(&["cancel", &job])?;
     Ok(())
 }

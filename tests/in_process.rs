@@ -105,7 +105,7 @@ impl InProcess {
             access: access.clone(),
             ..CoordinatorConfig::default()
         };
-        let coordinator = tokio::spawn(eddy_coordinator::run(config, coordinator_listener, shutdown.clone()));
+        let coordinator = tokio::spawn(eddy_coordinator::run(config, coordinator_listener, None, shutdown.clone()));
         let (mut started, mut data_addresses) = (Vec::new(), Vec::new());
         for i in 1..=workers {
             let (data, data_address) = listener().await?;
@@ -122,7 +122,7 @@ impl InProcess {
                 job_env: Vec::new(),
             };
             let stop = shutdown.child_token();
-            started.push((stop.clone(), tokio::spawn(eddy_worker::run(config, data, stop))));
+            started.push((stop.clone(), tokio::spawn(eddy_worker::run(config, data, None, stop))));
         }
         let channel = eddy_proto::connect(&coordinator_address, Duration::from_secs(5), &access).await.map_err(anyhow::Error::msg)?;
         let mut api = JobServiceClient::new(channel);

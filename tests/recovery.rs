@@ -6,7 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use eddy_tests::{read_jsonl, Cluster};
+use eddy_tests::{read_jsonl, Cluster, S3Storage, Services};
 use serde_json::Value;
 
 use crate::{reference, HOP_WINDOW, SIZE_MS};
@@ -112,7 +112,22 @@ fn wait_recovered(cluster: &Cluster, job: &str, n: u64, since: Instant) -> Resul
 
 #[test]
 fn killed_workers_and_a_restarted_coordinator_recover_exactly() -> Result<()> {
-    let mut cluster = Cluster::start("recover", 3, 1)?;
+    kill_workers_and_restart_the_coordinator(&mut Cluster::start("recover", 3, 1)?)
+}
+
+/// The same faults with checkpoints in an S3-protocol store, which the coordinator and the
+/// workers reach over HTTP and share no directory for.
+#[test]
+fn killed_workers_and_a_restarted_coordinator_recover_exactly_from_s3() -> Result<()> {
+    let s3 = S3Storage::for_test(&Services::start()?, "recover")?;
+    let mut cluster = Cluster::start_storing("recover-s3", 3, 1, Some(&s3))?;
+    kill_workers_and_restart_the_coordinator(&mut cluster)?;
+    let local = cluster.dir.0.join("coordinator").join("checkpoints");
+    ensure!(!local.exists(), "checkpoints went to {}, not to {}", local.display(), s3.url);
+    Ok(())
+}
+
+fn kill_workers_and_restart_the_coordinator(cluster: &mut Cluster) -> Result<()> {
     let out = cluster.dir.0.join("out");
     let job = cluster.submit("recovery", &spec(out.to_str().context("path")?, 15_000))?;
     cluster.wait_state(&job, "running", Duration::from_secs(20))?;
@@ -122,7 +137,7 @@ fn killed_workers_and_a_restarted_coordinator_recover_exactly() -> Result<()> {
     let victim = window_workers(&cluster.status(&job)?).into_iter().next_back().context("a window worker")?;
     let killed = Instant::now();
     cluster.kill_worker(&victim)?;
-    let took = wait_recovered(&cluster, &job, 2, killed)?;
+    let took = wait_recovered(cluster, &job, 2, killed)?;
     eprintln!("killed {victim}: running again after {took:?}");
     let status = cluster.status(&job)?;
     let history = status["history"].as_array().context("history")?;

@@ -90,6 +90,32 @@ pub struct Cluster {
     pub workers: Vec<(String, Child)>,
     /// Logs and outputs.
     pub dir: Scratch,
+    /// Environment every process of the cluster gets (checkpoint storage credentials).
+    env: Vec<(String, String)>,
+}
+
+/// Checkpoint storage on the S3-protocol server that `scripts/services.sh` runs: a fresh prefix
+/// of its bucket, and the environment that the coordinator and the workers reach it with.
+pub struct S3Storage {
+    /// `s3://bucket/prefix`, for --checkpoint-dir.
+    pub url: String,
+    /// AWS_* variables: endpoint, credentials, region.
+    pub env: Vec<(String, String)>,
+}
+
+impl S3Storage {
+    /// A prefix named after `test`, unique to this run.
+    pub fn for_test(services: &Services, test: &str) -> Result<S3Storage> {
+        let url = format!("s3://{}/{test}-{}-{}", services.var("EDDY_S3_BUCKET")?, std::process::id(), free_port());
+        let env = [
+            ("AWS_ENDPOINT", services.var("EDDY_S3_ENDPOINT")?),
+            ("AWS_ALLOW_HTTP", "true"),
+            ("AWS_ACCESS_KEY_ID", services.var("EDDY_S3_ACCESS_KEY")?),
+            ("AWS_SECRET_ACCESS_KEY", services.var("EDDY_S3_SECRET_KEY")?),
+            ("AWS_REGION", "us-east-1"),
+        ];
+        Ok(S3Storage { url, env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect() })
+    }
 }
 
 /// One coordinator process, and how to start it again.
@@ -100,11 +126,19 @@ struct CoordinatorProcess {
     netns: Option<String>,
     listen: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     child: Option<Child>,
     starts: u32,
+    /// Where it serves its web page and `/metrics` (`http://ip:port/`, on the address it listens
+    /// on, another port).
+    http_url: String,
 }
 
 impl CoordinatorProcess {
+    fn new(id: u64, netns: Option<String>, listen: String, args: Vec<String>, env: Vec<(String, String)>) -> CoordinatorProcess {
+        CoordinatorProcess { id, netns, listen, args, env, child: None, starts: 0, http_url: String::new() }
+    }
+
     fn spawn(&mut self, dir: &Path) -> Result<String> {
         self.starts += 1;
         let name = match (self.id, self.starts) {
@@ -115,8 +149,12 @@ impl CoordinatorProcess {
         };
         let log = dir.join(name);
         let mut cmd = in_netns(self.netns.as_deref(), &bin("eddy-coordinator"));
-        self.child = Some(spawn_logged(cmd.args(["--listen", &self.listen]).args(&self.args), &log)?);
-        wait_for_line(&log, "eddy-coordinator listening on ")
+        let http = format!("{}:0", self.listen.rsplit_once(':').map_or("127.0.0.1", |(ip, _)| ip));
+        cmd.args(["--listen", &self.listen, "--http-listen", &http]).args(&self.args).envs(self.env.iter().cloned());
+        self.child = Some(spawn_logged(&mut cmd, &log)?);
+        let address = wait_for_line(&log, "eddy-coordinator listening on ")?;
+        self.http_url = wait_for_line(&log, "eddy-coordinator web page on ")?;
+        Ok(address)
     }
 
     fn kill(&mut self) -> Result<()> {
@@ -131,21 +169,25 @@ impl CoordinatorProcess {
 impl Cluster {
     /// Starts a coordinator and `workers` workers with `slots` slots each, and waits until all registered.
     pub fn start(name: &str, workers: usize, slots: u32) -> Result<Cluster> {
+        Cluster::start_storing(name, workers, slots, None)
+    }
+
+    /// As [`Cluster::start`], with checkpoints in `s3` rather than under the coordinator's data
+    /// directory.
+    pub fn start_storing(name: &str, workers: usize, slots: u32, s3: Option<&S3Storage>) -> Result<Cluster> {
         let dir = Scratch::new(name);
         // Port 0: the coordinator picks a free port and prints it (no race between tests).
         let data = dir.0.join("coordinator").display().to_string();
-        let mut coordinator = CoordinatorProcess {
-            id: 0,
-            netns: None,
-            listen: "127.0.0.1:0".into(),
-            args: vec!["--data-dir".into(), data],
-            child: None,
-            starts: 0,
-        };
+        let mut args = vec!["--data-dir".to_string(), data];
+        if let Some(s3) = s3 {
+            args.extend(["--checkpoint-dir".to_string(), s3.url.clone()]);
+        }
+        let env = s3.map(|s| s.env.clone()).unwrap_or_default();
+        let mut coordinator = CoordinatorProcess::new(0, None, "127.0.0.1:0".into(), args, env.clone());
         let address = coordinator.spawn(&dir.0)?;
         // Started again on the same address.
         coordinator.listen = address.clone();
-        Cluster::with_workers(Cluster { address, coordinators: vec![coordinator], workers: Vec::new(), dir }, workers, slots)
+        Cluster::with_workers(Cluster { address, coordinators: vec![coordinator], workers: Vec::new(), dir, env }, workers, slots)
     }
 
     /// Starts `coordinators` coordinators replicating with Raft (checkpoints in one directory of
@@ -168,12 +210,13 @@ impl Cluster {
             let data = dir.0.join(format!("coordinator{id}")).display().to_string();
             let args = ["--raft-id", &id.to_string(), "--raft-peers", &peers, "--data-dir", &data, "--checkpoint-dir", &checkpoints];
             let netns = hosts[i].0.clone();
-            let mut c =
-                CoordinatorProcess { id, netns, listen: address.clone(), args: args.map(String::from).to_vec(), child: None, starts: 0 };
+            let args = args.map(String::from).to_vec();
+            let mut c = CoordinatorProcess::new(id, netns, address.clone(), args, Vec::new());
             c.spawn(&dir.0)?;
             list.push(c);
         }
-        Cluster::with_workers(Cluster { address: listen.join(","), coordinators: list, workers: Vec::new(), dir }, workers, slots)
+        let cluster = Cluster { address: listen.join(","), coordinators: list, workers: Vec::new(), dir, env: Vec::new() };
+        Cluster::with_workers(cluster, workers, slots)
     }
 
     fn with_workers(mut cluster: Cluster, workers: usize, slots: u32) -> Result<Cluster> {
@@ -223,7 +266,7 @@ impl Cluster {
         value(&mut args, "--raft-peers", format!("{peers},{id}={address}"));
         value(&mut args, "--data-dir", self.dir.0.join(format!("coordinator{id}")).display().to_string());
         args.push("--raft-join".into());
-        let mut c = CoordinatorProcess { id, netns: None, listen: address.clone(), args, child: None, starts: 0 };
+        let mut c = CoordinatorProcess::new(id, None, address.clone(), args, Vec::new());
         c.spawn(&self.dir.0)?;
         self.coordinators.push(c);
         Ok(address)
@@ -252,12 +295,14 @@ impl Cluster {
     /// Starts one more worker listening on `ip` in network namespace `netns`.
     pub fn add_worker_on(&mut self, id: &str, slots: u32, netns: Option<&str>, ip: &str) -> Result<()> {
         let state = self.dir.0.join(format!("{id}-state"));
-        let listen = format!("{ip}:0");
+        let (listen, metrics) = (format!("{ip}:0"), format!("{ip}:0"));
         let child = spawn_logged(
             in_netns(netns, &bin("eddy-worker"))
                 .env("EDDY_TEST_WORKER_PASSWORD", WORKER_PASSWORD)
                 .env("EDDY_JOB_ENV", "EDDY_TEST_WORKER_PASSWORD")
+                .envs(self.env.iter().cloned())
                 .args(["--coordinator", &self.address, "--listen", &listen, "--id", id, "--slots", &slots.to_string()])
+                .args(["--metrics-listen", &metrics])
                 .arg("--allow-dir")
                 .arg(&self.dir.0)
                 .arg("--state-dir")
@@ -266,6 +311,24 @@ impl Cluster {
         )?;
         self.workers.push((id.to_string(), child));
         Ok(())
+    }
+
+    /// The (first) coordinator's web page, `http://ip:port/`.
+    pub fn web_url(&self) -> &str {
+        &self.coordinators[0].http_url
+    }
+
+    /// What the (first) coordinator serves on `/metrics` now.
+    pub fn coordinator_metrics(&self) -> Result<String> {
+        http_get(&format!("{}metrics", self.web_url()))
+    }
+
+    /// What worker `id` serves on `/metrics` now (the address it printed when it started).
+    pub fn worker_metrics(&self, id: &str) -> Result<String> {
+        let log = std::fs::read_to_string(self.dir.0.join(format!("{id}.log")))?;
+        let prefix = "eddy-worker metrics on ";
+        let url = log.lines().find_map(|l| l.strip_prefix(prefix)).with_context(|| format!("worker {id} printed no metrics address"))?;
+        http_get(url.trim())
     }
 
     /// The OS process id of worker `id`.
@@ -511,7 +574,7 @@ pub fn read_jsonl(paths: &[PathBuf]) -> Result<Vec<Value>> {
     Ok(rows)
 }
 
-/// The real services (PostgreSQL, the Kafka-protocol broker, Redis, ClickHouse) started by
+/// The real services (PostgreSQL, the Kafka-protocol broker, Redis, ClickHouse, S3) started by
 /// `scripts/services.sh`, and per-test databases, topics and keys on them.
 pub struct Services {
     /// Settings printed by `scripts/services.sh env` (EDDY_PG_URL, EDDY_KAFKA_BROKERS, …).
@@ -662,13 +725,18 @@ pub fn spawn_background(cmd: &mut Command, log: &Path) -> Result<Background> {
     Ok(Background(spawn_logged(cmd, log)?))
 }
 
-/// GET `url` with curl and parse the JSON body.
-pub fn http_get_json(url: &str) -> Result<Value> {
+/// GET `url` with curl: the body.
+pub fn http_get(url: &str) -> Result<String> {
     let out = Command::new("curl").args(["-sS", "--fail", url]).output()?;
     if !out.status.success() {
         bail!("GET {url}: {}", String::from_utf8_lossy(&out.stderr));
     }
-    Ok(serde_json::from_slice(&out.stdout)?)
+    Ok(String::from_utf8(out.stdout)?)
+}
+
+/// GET `url` with curl and parse the JSON body.
+pub fn http_get_json(url: &str) -> Result<Value> {
+    Ok(serde_json::from_str(&http_get(url)?)?)
 }
 
 /// One test's private slice of the services for the engagement pipeline (PostgreSQL → ingest job →

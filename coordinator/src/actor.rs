@@ -928,7 +928,7 @@ connector = "discard"
                 log.append(&c, &state).unwrap();
             }
         }
-        let storage = CheckpointStore::open(&dir.join("checkpoints")).unwrap();
+        let storage = CheckpointStore::open(dir.join("checkpoints").to_str().unwrap()).unwrap();
         let (_tx, rx) = mpsc::channel(1);
         let coordinator = Coordinator::new(CoordinatorConfig::default(), rx).with_stores(Box::new(log), state, storage).await.unwrap();
         assert_eq!(coordinator.jobs["c"].state, JobState::Cancelled);
@@ -962,7 +962,7 @@ connector = "discard"
 
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let storage = CheckpointStore::open(&dir).unwrap();
+        let storage = CheckpointStore::open(dir.to_str().unwrap()).unwrap();
         let log = Box::new(FlakyLog(Arc::new(std::sync::atomic::AtomicBool::new(false))));
         let mut h = Harness::new();
         let (_tx, rx) = mpsc::channel(1);

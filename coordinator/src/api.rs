@@ -65,7 +65,20 @@ impl Api {
         }
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Ask) -> Result<T, Status> {
+    /// Every job's status, as `eddy status` shows it, oldest job first (none when this
+    /// coordinator does not lead).
+    pub(crate) async fn job_statuses(&self) -> Vec<JobStatusResponse> {
+        let mut out = Vec::new();
+        for job in self.ask(|reply| Ask::ListJobs { reply }).await.unwrap_or_default() {
+            let job_id = job.job_id;
+            if let Ok(Ok(status)) = self.ask(|reply| Ask::JobStatus { job_id, reply }).await {
+                out.push(status);
+            }
+        }
+        out
+    }
+
+    pub(crate) async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Ask) -> Result<T, Status> {
         ask_on(&self.actor()?, make).await
     }
 

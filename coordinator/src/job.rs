@@ -10,11 +10,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
+use eddy_jobs::plan::Port;
 use eddy_jobs::{Plan, TaskId};
 use eddy_proto::coordinator_message::Msg as Order;
 use eddy_proto::{
-    CancelJob, CheckpointDone, CheckpointManifest, CheckpointView, DeployTasks, JobStatusResponse, JobSummary, TaskMetrics, TaskState,
-    TaskUpdate, TaskView, Transition, TriggerCheckpoint,
+    CancelJob, CheckpointDone, CheckpointManifest, CheckpointView, DeployTasks, GraphEdge, JobStatusResponse, JobSummary, TaskMetrics,
+    TaskState, TaskUpdate, TaskView, Transition, TriggerCheckpoint,
 };
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -628,6 +629,17 @@ impl Job {
             finished_at_ms: self.finished_at_ms,
             checkpoints: self.checkpoints.views(),
             restarts: self.restarts,
+            edges: self
+                .plan
+                .edges
+                .iter()
+                .map(|e| GraphEdge {
+                    from: self.plan.vertex_label(e.from),
+                    to: self.plan.vertex_label(e.to),
+                    partition: e.partition.name().to_string(),
+                    late: e.port == Port::Late,
+                })
+                .collect(),
         }
     }
 }

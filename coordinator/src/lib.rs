@@ -7,6 +7,8 @@
 //! ([`job`], [`state`]), checkpoint tracking ([`checkpoint`], [`manifest`]), the durable metadata
 //! as commands ([`meta`], replicated by [`raft`] across coordinators) and checkpoint files
 //! ([`store`]). Workers keep one control stream each; heartbeats on it feed the failure detector.
+//! An optional HTTP listener serves a read-only web page ([`web`]) and Prometheus metrics
+//! ([`metrics`]), both read through the same requests as the job API.
 
 pub mod actor;
 pub mod api;
@@ -16,10 +18,12 @@ pub mod error;
 pub mod job;
 pub mod manifest;
 pub mod meta;
+pub mod metrics;
 pub mod raft;
 pub mod slots;
 pub mod state;
 pub mod store;
+pub mod web;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -43,8 +47,9 @@ pub struct CoordinatorConfig {
     pub heartbeat_timeout: Duration,
     /// Where job metadata is kept; `None` keeps nothing (and takes no checkpoints).
     pub data_dir: Option<PathBuf>,
-    /// Checkpoint storage (default: `checkpoints` in `data_dir`), shared with every worker.
-    pub checkpoint_dir: Option<PathBuf>,
+    /// Checkpoint storage shared with every worker: a directory or an `s3://bucket/prefix` URL
+    /// (default: `checkpoints` in `data_dir`).
+    pub checkpoint_dir: Option<String>,
     /// A checkpoint not complete after this long is aborted.
     pub checkpoint_timeout: Duration,
     /// Completed checkpoints kept per job (savepoints are always kept).
@@ -99,7 +104,12 @@ pub(crate) fn older_than_the_latest<T: Ord>(mut items: Vec<(T, String)>, kept: u
 
 /// Serves the job and cluster APIs on `listener` until `shutdown` is cancelled: alone, or as one of
 /// several coordinators replicating their metadata with Raft (then also the raft service).
-pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: CoordinatorConfig,
+    listener: TcpListener,
+    http_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let (route_tx, route) = watch::channel(api::Route::Leader(None));
     let mut api = api::Api { route, heartbeat_interval_ms: config.heartbeat_interval.as_millis() as u64, raft: None };
     let mut raft_service = None;
@@ -129,6 +139,15 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
         }
     };
     let mut leading = leading;
+    if let Some(http) = http_listener {
+        let scraped = api.clone();
+        let metrics = eddy_proto::metrics::router(move || {
+            let api = scraped.clone();
+            async move { metrics::families(&api).await }
+        });
+        let app = metrics.merge(web::router(api.clone(), shutdown.clone()));
+        tokio::spawn(eddy_proto::metrics::serve(http, app, shutdown.clone().cancelled_owned()));
+    }
     let guard = config.access.guard();
     let server = config
         .access
@@ -149,9 +168,9 @@ pub async fn run(config: CoordinatorConfig, listener: TcpListener, shutdown: Can
     leading.await?
 }
 
-fn checkpoint_dir(config: &CoordinatorConfig) -> PathBuf {
+fn checkpoint_dir(config: &CoordinatorConfig) -> String {
     let data = config.data_dir.clone().unwrap_or_else(|| PathBuf::from("eddy-data"));
-    config.checkpoint_dir.clone().unwrap_or_else(|| data.join("checkpoints"))
+    config.checkpoint_dir.clone().unwrap_or_else(|| data.join("checkpoints").display().to_string())
 }
 
 /// How long the leader's loop waits for a change to be committed before it gives up leading:

@@ -16,15 +16,23 @@ struct Args {
     listen: String,
     /// Milliseconds of worker silence after which it is declared lost (a worker whose connection
     /// closes is lost at once; this is for one that hangs or is cut off).
+    /// Address to serve the web page (`/`) and Prometheus metrics (`/metrics`) on, e.g.
+    /// `0.0.0.0:8081`; off unless given. Read-only and unauthenticated, like Flink's web UI
+    /// without a proxy: bind it where only your operators and Prometheus reach.
+    #[arg(long, env = "EDDY_HTTP_LISTEN")]
+    http_listen: Option<String>,
     #[arg(long, env = "EDDY_HEARTBEAT_TIMEOUT_MS", default_value_t = 10_000)]
     heartbeat_timeout_ms: u64,
     /// Directory for job metadata; a restarted coordinator resumes the jobs found there.
     #[arg(long, env = "EDDY_DATA_DIR", default_value = "eddy-data")]
     data_dir: std::path::PathBuf,
-    /// Checkpoint storage, a directory every worker can reach at the same path (a shared volume).
-    /// Default: `checkpoints` under --data-dir.
+    /// Checkpoint storage every worker reaches: a directory at the same path everywhere (a shared
+    /// volume), or `s3://bucket/prefix` on an S3-compatible store, with credentials, region and
+    /// endpoint from the AWS_* environment variables (AWS_ENDPOINT and AWS_ALLOW_HTTP=true for a
+    /// store other than AWS; the workers need the same variables). Default: `checkpoints` under
+    /// --data-dir.
     #[arg(long, env = "EDDY_CHECKPOINT_DIR")]
-    checkpoint_dir: Option<std::path::PathBuf>,
+    checkpoint_dir: Option<String>,
     /// Completed checkpoints kept per job (savepoints are always kept).
     #[arg(long, env = "EDDY_RETAINED_CHECKPOINTS", default_value_t = 3)]
     retained_checkpoints: usize,
@@ -76,6 +84,10 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(%address, "coordinator listening");
     // A plain line on stdout too, so that a script that asked for port 0 can learn the port.
     println!("eddy-coordinator listening on {address}");
+    let http = eddy_proto::metrics::listen(args.http_listen.as_deref(), "--http-listen").await.map_err(anyhow::Error::msg)?;
+    if let Some(l) = &http {
+        println!("eddy-coordinator web page on http://{}/", l.local_addr()?);
+    }
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
     tokio::spawn(async move {
@@ -92,7 +104,7 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(peers.contains_key(&id), "--raft-id {id} is not among --raft-peers ({list})");
             anyhow::ensure!(
                 args.checkpoint_dir.is_some(),
-                "replicated coordinators need --checkpoint-dir: a directory every coordinator and worker reaches at the same path"
+                "replicated coordinators need --checkpoint-dir: a directory every coordinator and worker reaches at the same path, or an s3:// URL"
             );
             let mut settings = eddy_coordinator::raft::RaftSettings::new(id, peers, args.data_dir.join("raft"));
             settings.join = args.raft_join;
@@ -110,7 +122,7 @@ async fn main() -> anyhow::Result<()> {
         access,
         ..Default::default()
     };
-    eddy_coordinator::run(config, listener, shutdown).await
+    eddy_coordinator::run(config, listener, http, shutdown).await
 }
 
 #[cfg(test)]

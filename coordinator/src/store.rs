@@ -4,11 +4,9 @@
 //! the checkpoint files.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::sync::Arc;
 
 use eddy_proto::{layout, CheckpointManifest};
-use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, PutPayload};
 use prost::Message;
@@ -86,15 +84,11 @@ pub struct CheckpointStore {
 }
 
 impl CheckpointStore {
-    /// Storage rooted at directory `root` (created when missing).
-    pub fn open(root: &Path) -> anyhow::Result<CheckpointStore> {
-        std::fs::create_dir_all(root).map_err(|e| {
-            anyhow::anyhow!("cannot create the checkpoint directory {}: {e}; pick another with --checkpoint-dir", root.display())
-        })?;
-        let root = std::fs::canonicalize(root)?;
-        // Deleting a folder's last file removes the folder too (`collect` deletes whole checkpoints).
-        let store = LocalFileSystem::new_with_prefix(&root)?.with_automatic_cleanup(true);
-        Ok(CheckpointStore { root: root.to_string_lossy().into_owned(), store: Arc::new(store) })
+    /// Storage named as the user wrote it (`--checkpoint-dir`): a directory, created when
+    /// missing, or an `s3://bucket/prefix` URL.
+    pub fn open(name: &str) -> anyhow::Result<CheckpointStore> {
+        let opened = eddy_proto::storage::open(name).map_err(anyhow::Error::msg)?;
+        Ok(CheckpointStore { root: opened.url, store: opened.store })
     }
 
     /// The root, as workers are told.
@@ -220,7 +214,7 @@ mod tests {
     async fn checkpoints_that_never_completed_are_collected_once_a_newer_one_is_kept() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let store = CheckpointStore::open(&dir).unwrap();
+        let store = CheckpointStore::open(dir.to_str().unwrap()).unwrap();
         let put = |path: &str| {
             let (store, path) = (store.store.clone(), StorePath::from(path));
             async move { store.put(&path, PutPayload::from(vec![1u8])).await.unwrap() }
@@ -246,7 +240,7 @@ mod tests {
     async fn shared_files_of_a_checkpoint_in_flight_stay_whatever_the_clocks_say() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let store = CheckpointStore::open(&dir).unwrap();
+        let store = CheckpointStore::open(dir.to_str().unwrap()).unwrap();
         let put = |path: &str| {
             let (store, path) = (store.store.clone(), StorePath::from(path));
             async move { store.put(&path, PutPayload::from(vec![1u8])).await.unwrap() }

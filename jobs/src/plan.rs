@@ -293,6 +293,19 @@ pub struct Edge {
     pub partition: Partition,
 }
 
+impl Partition {
+    /// How specs name it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Partition::Forward => "forward",
+            Partition::Rebalance => "rebalance",
+            Partition::Hash(_) => "hash",
+            Partition::Broadcast => "broadcast",
+            Partition::Global => "global",
+        }
+    }
+}
+
 /// Identifies one task: subtask `subtask` of vertex `vertex`. Printed as `vertex.subtask`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TaskId {

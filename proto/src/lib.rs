@@ -6,6 +6,8 @@ tonic::include_proto!("eddy.v1");
 
 pub mod auth;
 pub mod layout;
+pub mod metrics;
+pub mod storage;
 
 pub use auth::{Access, Authed, Credentials, Guard, Secret, Tls};
 

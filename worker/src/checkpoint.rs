@@ -1,7 +1,7 @@
 //! Checkpoint storage, the worker's side (the barriers' alignment is `crate::align`).
 //!
 //! Snapshots are written to local scratch directories and uploaded to checkpoint storage (a
-//! directory shared by all processes, through `object_store`) in the background, so the task goes
+//! directory shared by all processes, or an S3-compatible store, through `object_store`) in the background, so the task goes
 //! on processing while its files travel; the task then acks with a [`TaskSnapshot`] naming its
 //! files. Files a state backend never changes once written (RocksDB's `.sst` files) are uploaded
 //! once per state instance into a shared folder and only referenced by later checkpoints: that is
@@ -14,26 +14,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use eddy_proto::{layout, OperatorSnapshot as WireOperatorSnapshot, StateFile, TaskSnapshot};
-use object_store::local::LocalFileSystem;
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, PutPayload};
 
 use crate::error::{Result, TaskError};
 use crate::operator::{OperatorSnapshot, RestoredState};
 
-/// Checkpoint storage: a directory shared by the coordinator and every worker.
+/// Checkpoint storage: a directory or an object store shared by the coordinator and every worker.
 #[derive(Clone)]
 pub struct Storage {
     store: Arc<dyn ObjectStore>,
 }
 
 impl Storage {
-    /// Storage rooted at the local (or mounted) directory `root`, created when missing.
+    /// Storage named as the coordinator told it: a local (or mounted) directory, created when
+    /// missing, or an `s3://bucket/prefix` URL, its credentials from this worker's environment.
     pub fn open(root: &str) -> Result<Storage> {
-        std::fs::create_dir_all(root)
-            .map_err(|e| TaskError::external(format!("checkpoint storage `{root}`: {e}; check the path and its permissions")))?;
-        let store = LocalFileSystem::new_with_prefix(root).map_err(|e| TaskError::external(format!("checkpoint storage `{root}`: {e}")))?;
-        Ok(Storage { store: Arc::new(store) })
+        let opened = eddy_proto::storage::open(root).map_err(TaskError::external)?;
+        Ok(Storage { store: opened.store })
     }
 
     async fn put(&self, path: &str, bytes: Vec<u8>) -> Result<()> {

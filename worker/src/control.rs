@@ -31,6 +31,7 @@ use crate::checkpoint::Storage;
 use crate::config::WorkerConfig;
 use crate::error::TaskError;
 use crate::exchange::{Inboxes, Peers};
+use crate::metrics::TaskBoard;
 use crate::operator::TaskMetrics;
 use crate::task::{self, TaskCommand, TaskContext};
 
@@ -57,6 +58,8 @@ pub struct Control {
     inboxes: Inboxes,
     peers: Peers,
     jobs: HashMap<String, RunningJob>,
+    /// The running tasks' figures, for `/metrics`.
+    board: Arc<TaskBoard>,
     shutdown: CancellationToken,
     /// The data plane's runtime, where tasks run.
     tasks: tokio::runtime::Handle,
@@ -91,6 +94,7 @@ impl Control {
             inboxes,
             peers,
             jobs: HashMap::new(),
+            board: Arc::default(),
             shutdown,
             tasks,
             registered: false,
@@ -100,6 +104,11 @@ impl Control {
             done,
             done_rx: Some(done_rx),
         }
+    }
+
+    /// The running tasks' figures, for `/metrics`.
+    pub fn board(&self) -> Arc<TaskBoard> {
+        self.board.clone()
     }
 
     /// Connects, serves one session, and reconnects until shutdown.
@@ -330,6 +339,9 @@ impl Control {
             let (commands_tx, commands) = mpsc::channel(TASK_COMMANDS);
             let source = plan.as_ref().is_ok_and(|p| p.is_source_vertex(task.vertex));
             job.tasks.insert(task, RunningTask { metrics: metrics.clone(), commands: commands_tx, source });
+            if let Ok(p) = &plan {
+                self.board.insert(&d.job_id, p.vertex_label(task.vertex), task.subtask, &metrics);
+            }
             let (plan, storage) = match (&plan, &storage) {
                 (Ok(p), None | Some(Ok(_))) => (Arc::new(p.clone()), storage.as_ref().and_then(|s| s.as_ref().ok()).cloned()),
                 // Mismatched versions, a `${worker:VAR}` unset here, or a file or host this worker does
@@ -421,6 +433,8 @@ fn update(job_id: &str, attempt: u64, task: TaskId, state: TaskState, error: Str
             dead_lettered: m.dead_lettered.load(Ordering::Relaxed),
             gauges: m.gauges().into_iter().collect(),
             retrying: m.retrying(),
+            busy_ms: m.time_split_ms()[0],
+            backpressured_ms: m.time_split_ms()[1],
         }),
         retryable: true,
     }

@@ -9,6 +9,7 @@
 //! rows and bytes, and flushes them when full, before control messages, or after a short linger.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,6 +19,7 @@ use eddy_proto::data_service_client::DataServiceClient;
 use eddy_proto::data_service_server::DataService;
 use eddy_proto::{Access, Authed, ChannelHeader, ExchangeAck, ExchangeFrame};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
@@ -27,6 +29,7 @@ use crate::batch::{row_bytes, Batch, Message};
 use crate::codec;
 use crate::error::{Result, TaskError};
 use crate::keys::{hash_key, key_group, subtask_for};
+use crate::operator::TaskMetrics;
 
 /// Most rows a batch carries before it is sent.
 pub const BATCH_ROWS: usize = 1024;
@@ -304,6 +307,8 @@ pub struct Wiring<'a> {
     pub local_address: &'a str,
     pub inboxes: &'a Inboxes,
     pub peers: &'a Peers,
+    /// The sending task's figures: time spent waiting on a full receiver is its backpressure.
+    pub metrics: &'a Arc<TaskMetrics>,
 }
 
 /// The sending end of one channel to one receiving task.
@@ -340,16 +345,33 @@ impl Output {
         Ok(Output::Remote { tx, address: address.to_string() })
     }
 
-    /// Sends one message, waiting while the receiver is full.
-    pub async fn send(&self, msg: Message) -> Result<()> {
+    /// Sends one message, waiting while the receiver is full; the wait is added to `waited` (ns).
+    pub async fn send(&self, msg: Message, waited: &AtomicU64) -> Result<()> {
         match self {
-            Output::Local { tx, input } => {
-                tx.send(Delivery { input: *input, msg }).await.map_err(|_| TaskError::internal("downstream task is gone"))
-            }
+            Output::Local { tx, input } => send_counting(tx, Delivery { input: *input, msg }, waited)
+                .await
+                .map_err(|()| TaskError::internal("downstream task is gone")),
             Output::Remote { tx, address } => {
                 let frame = ExchangeFrame { header: None, payload: codec::encode(&msg) };
-                tx.send(frame).await.map_err(|_| TaskError::internal(format!("lost the data connection to worker {address}")))
+                send_counting(tx, frame, waited)
+                    .await
+                    .map_err(|()| TaskError::internal(format!("lost the data connection to worker {address}")))
             }
+        }
+    }
+}
+
+/// Sends on a bounded channel; when it is full, waits for room and adds the wait to `waited` (ns).
+/// Errs when the receiver is gone.
+async fn send_counting<T>(tx: &mpsc::Sender<T>, item: T, waited: &AtomicU64) -> std::result::Result<(), ()> {
+    match tx.try_send(item) {
+        Ok(()) => Ok(()),
+        Err(TrySendError::Closed(_)) => Err(()),
+        Err(TrySendError::Full(item)) => {
+            let start = std::time::Instant::now();
+            let sent = tx.send(item).await.map_err(|_| ());
+            waited.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            sent
         }
     }
 }
@@ -361,6 +383,7 @@ struct EdgeOutputs {
     buffers: Vec<Batch>,
     buffer_bytes: Vec<usize>,
     next: usize,
+    metrics: Arc<TaskMetrics>,
 }
 
 /// Routes a chain's output to the tasks downstream.
@@ -391,6 +414,7 @@ impl Router {
                 buffers: (0..n).map(|_| Batch::default()).collect(),
                 buffer_bytes: vec![0; n],
                 next: task.subtask as usize,
+                metrics: ctx.metrics.clone(),
             });
         }
         Ok(Router { edges, max_parallelism: plan.max_parallelism, pending_since: None })
@@ -455,7 +479,7 @@ impl Router {
         self.flush().await?;
         for edge in &self.edges {
             for out in &edge.outputs {
-                out.send(msg.clone()).await?;
+                out.send(msg.clone(), &edge.metrics.backpressured_ns).await?;
             }
         }
         Ok(())
@@ -488,7 +512,7 @@ async fn flush_one(edge: &mut EdgeOutputs, target: usize) -> Result<()> {
     }
     let batch = std::mem::take(&mut edge.buffers[target]);
     edge.buffer_bytes[target] = 0;
-    edge.outputs[target].send(Message::Data(batch)).await
+    edge.outputs[target].send(Message::Data(batch), &edge.metrics.backpressured_ns).await
 }
 
 /// How long a stream for a task not (yet) deployed here waits for its deployment before it is
@@ -596,6 +620,7 @@ connector = "discard"
             local_address: "here",
             inboxes: &here,
             peers: &peers,
+            metrics: &Default::default(),
         };
         let mut router = Router::open(&wiring).unwrap();
         let rows: Vec<Vec<Value>> =

@@ -16,6 +16,7 @@ pub mod error;
 pub mod exchange;
 pub mod json;
 pub mod keys;
+pub mod metrics;
 pub mod operator;
 pub mod operators;
 pub mod retry;
@@ -40,7 +41,12 @@ pub use config::WorkerConfig;
 /// The control session runs on a thread and runtime of its own, so that tasks keeping the data
 /// plane's threads busy (a large window firing, a state restore) never delay heartbeats: a busy
 /// worker must not look dead.
-pub async fn run(config: WorkerConfig, data_listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: WorkerConfig,
+    data_listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let config = Arc::new(config);
     let inboxes = exchange::Inboxes::default();
     let server = config
@@ -55,6 +61,11 @@ pub async fn run(config: WorkerConfig, data_listener: TcpListener, shutdown: Can
         ))
         .serve_with_incoming_shutdown(TcpListenerStream::new(data_listener), shutdown.clone().cancelled_owned());
     let control = control::Control::new(config, inboxes, shutdown.clone(), tokio::runtime::Handle::current());
+    if let Some(listener) = metrics_listener {
+        let board = control.board();
+        let app = eddy_proto::metrics::router(move || std::future::ready(board.families()));
+        tokio::spawn(eddy_proto::metrics::serve(listener, app, shutdown.clone().cancelled_owned()));
+    }
     let (done_tx, done) = tokio::sync::oneshot::channel();
     std::thread::Builder::new().name("eddy-control".into()).spawn(move || {
         match tokio::runtime::Builder::new_current_thread().enable_all().build() {

@@ -20,6 +20,11 @@ struct Args {
     /// with the bound port when listening on all interfaces).
     #[arg(long, env = "EDDY_ADVERTISE")]
     advertise: Option<String>,
+    /// Address to serve Prometheus metrics on (`GET /metrics`), e.g. `0.0.0.0:9249`; off unless
+    /// given. Read-only and unauthenticated, like Flink's reporter: bind it where only your
+    /// Prometheus reaches.
+    #[arg(long, env = "EDDY_METRICS_LISTEN")]
+    metrics_listen: Option<String>,
     /// Task slots offered.
     #[arg(long, env = "EDDY_SLOTS", default_value_t = 4)]
     slots: u32,
@@ -74,6 +79,11 @@ async fn main() -> anyhow::Result<()> {
         }
         None => bound.to_string(),
     };
+    let metrics = eddy_proto::metrics::listen(args.metrics_listen.as_deref(), "--metrics-listen").await.map_err(anyhow::Error::msg)?;
+    if let Some(l) = &metrics {
+        // On stdout, so that a script that asked for port 0 can learn the port.
+        println!("eddy-worker metrics on http://{}/metrics", l.local_addr()?);
+    }
     let worker_id = args.id.unwrap_or_else(|| format!("worker-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]));
     tracing::info!(%worker_id, data = %advertised, coordinator = %args.coordinator, "worker starting");
     let shutdown = CancellationToken::new();
@@ -127,7 +137,7 @@ async fn main() -> anyhow::Result<()> {
         allowed_hosts: args.allow_hosts.into_iter().map(|h| h.trim().to_string()).filter(|h| !h.is_empty()).collect(),
         job_env: args.job_env.into_iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),
     };
-    eddy_worker::run(config, listener, shutdown).await
+    eddy_worker::run(config, listener, metrics, shutdown).await
 }
 
 #[cfg(test)]

@@ -6,6 +6,7 @@
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64};
 use std::sync::Arc;
 
@@ -38,6 +39,14 @@ pub struct TaskMetrics {
     pub gauges: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
     /// The error a connector is retrying now (empty when none); see `crate::retry`.
     pub retrying: std::sync::Mutex<String>,
+    /// Time spent working on records (ns), without the time waiting on a full downstream.
+    pub busy_ns: AtomicU64,
+    /// Time spent waiting for downstream tasks to take output (ns): backpressure.
+    pub backpressured_ns: AtomicU64,
+    /// The last checkpoint whose completion the task's stages acted on (sinks commit then); 0: none.
+    pub committed_checkpoint: AtomicU64,
+    /// When the task started: what is neither busy nor backpressured since then was idle.
+    pub started: std::time::Instant,
 }
 
 impl TaskMetrics {
@@ -64,6 +73,15 @@ impl TaskMetrics {
     pub fn retrying(&self) -> String {
         self.retrying.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
+
+    /// Milliseconds busy, backpressured and idle since the task started, as Flink splits a task's
+    /// time.
+    pub fn time_split_ms(&self) -> [u64; 3] {
+        let busy = self.busy_ns.load(Relaxed) / 1_000_000;
+        let backpressured = self.backpressured_ns.load(Relaxed) / 1_000_000;
+        let alive = self.started.elapsed().as_millis() as u64;
+        [busy, backpressured, alive.saturating_sub(busy + backpressured)]
+    }
 }
 
 impl Default for TaskMetrics {
@@ -78,6 +96,10 @@ impl Default for TaskMetrics {
             dead_lettered: AtomicU64::new(0),
             gauges: Default::default(),
             retrying: Default::default(),
+            busy_ns: AtomicU64::new(0),
+            backpressured_ns: AtomicU64::new(0),
+            committed_checkpoint: AtomicU64::new(0),
+            started: std::time::Instant::now(),
         }
     }
 }

@@ -111,7 +111,13 @@ impl Chain {
     async fn push(&mut self, batch: Batch) -> Result<()> {
         self.metrics.records_in.fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.metrics.batches_in.fetch_add(1, Ordering::Relaxed);
-        self.push_from(0, batch).await
+        // Busy is the time the batch takes through the chain, less what the exchange spent waiting
+        // on a full downstream (counted as backpressure there).
+        let (start, waited) = (std::time::Instant::now(), self.metrics.backpressured_ns.load(Ordering::Relaxed));
+        let pushed = self.push_from(0, batch).await;
+        let waited = self.metrics.backpressured_ns.load(Ordering::Relaxed) - waited;
+        self.metrics.busy_ns.fetch_add((start.elapsed().as_nanos() as u64).saturating_sub(waited), Ordering::Relaxed);
+        pushed
     }
 
     /// Runs `batch` through operators `start..` and into the tail.
@@ -266,6 +272,7 @@ impl Chain {
         for (_, stage) in self.stages() {
             stage.checkpoint_complete(id).await?;
         }
+        self.metrics.committed_checkpoint.store(id, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -375,6 +382,7 @@ pub async fn run(mut ctx: TaskContext) -> Result<()> {
             local_address: &ctx.local_address,
             inboxes: &ctx.inboxes,
             peers: &ctx.peers,
+            metrics: &ctx.metrics,
         })?),
     };
     let checkpoints = ctx.storage.as_ref().map(|storage| Checkpoints {
