@@ -1,5 +1,6 @@
 //! End-to-end tests: the real coordinator, workers and CLI as separate processes on loopback.
 
+mod compose;
 mod pipeline;
 mod recovery;
 mod replicated;
