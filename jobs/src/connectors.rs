@@ -147,6 +147,12 @@ pub struct PostgresCdcOptions {
     /// clock while the table is quiet and stalls while the stream is behind.
     #[serde(default = "one_second", with = "crate::time::duration")]
     pub heartbeat_interval: Duration,
+    /// Bytes of WAL the slot may hold back on the server (`pg_current_wal_lsn() -
+    /// confirmed_flush_lsn`, the `slot_lag_bytes` figure) before the job fails, naming the lag, so
+    /// that a job that stopped keeping up or checkpointing is seen before the disk fills; a
+    /// warning is logged past 80 % of it. Default: no bound.
+    #[serde(default)]
+    pub max_slot_lag_bytes: Option<u64>,
 }
 
 /// Shortest heartbeat interval a source or sink may be given.

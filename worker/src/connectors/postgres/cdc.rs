@@ -483,7 +483,15 @@ impl PostgresCdc {
         source.chunks = Some(rx);
         source.snapshot_handed_on = Some(ack_tx);
         source.release = Some((control.clone(), o.slot.clone(), ctx.released.clone()));
-        source.lag = Some(LagProbe { client: control, slot: o.slot.clone(), metrics: source.metrics.clone(), last: None, running: None });
+        source.lag = Some(LagProbe {
+            client: control,
+            slot: o.slot.clone(),
+            metrics: source.metrics.clone(),
+            last: None,
+            running: None,
+            bound: o.max_slot_lag_bytes,
+            warned: false,
+        });
         Ok(source)
     }
 
@@ -542,6 +550,7 @@ impl Stage for PostgresCdc {
     async fn tick(&mut self) -> Result<()> {
         if let Some(lag) = self.lag.as_mut() {
             lag.poll();
+            lag.check_bound()?;
         }
         Ok(())
     }
@@ -622,9 +631,31 @@ struct LagProbe {
     metrics: Arc<TaskMetrics>,
     last: Option<Instant>,
     running: Option<JoinHandle<()>>,
+    /// `max_slot_lag_bytes`, and whether the warning before it was logged.
+    bound: Option<u64>,
+    warned: bool,
 }
 
 impl LagProbe {
+    /// Fails once the slot holds back more WAL than the bound allows (warns at 80 % of it).
+    fn check_bound(&mut self) -> Result<()> {
+        let (Some(bound), Some(&lag)) = (self.bound, self.metrics.gauges().get("slot_lag_bytes")) else { return Ok(()) };
+        let lag = lag.max(0) as u64;
+        if lag > bound {
+            return Err(TaskError::user(format!(
+                "postgres_cdc: replication slot `{}` holds {lag} bytes of WAL back on the server, past max_slot_lag_bytes = {bound}: \
+                 the job is not confirming what it reads (is it checkpointing? is it keeping up?). The slot is kept, so that \
+                 a restart loses nothing: fix the cause and resubmit, raise the bound, or cancel the job to drop the slot",
+                self.slot
+            )));
+        }
+        if lag > bound / 5 * 4 && !self.warned {
+            self.warned = true;
+            warn!(slot = %self.slot, lag, bound, "postgres_cdc: the slot's lag is past 80 % of max_slot_lag_bytes; the job fails past it");
+        }
+        Ok(())
+    }
+
     fn poll(&mut self) {
         if self.running.as_ref().is_some_and(|h| !h.is_finished()) || self.last.is_some_and(|t| t.elapsed() < LAG_EVERY) {
             return;
@@ -1449,6 +1480,7 @@ mod tests {
             snapshot: true,
             existing_slot: ExistingSlot::Fail,
             heartbeat_interval: Duration::from_secs(1),
+            max_slot_lag_bytes: None,
         };
         let schema = eddy_jobs::connectors::parse_columns(&o.columns).unwrap();
         let ctx = ConnectorContext::for_test(eddy_jobs::TaskId { vertex: 0, subtask: 1 }, 2, schema);
@@ -1560,6 +1592,7 @@ mod tests {
                     snapshot: true,
                     existing_slot: ExistingSlot::Fail,
                     heartbeat_interval: Duration::from_secs(1),
+                    max_slot_lag_bytes: None,
                 }
             }
 
@@ -1882,6 +1915,47 @@ mod tests {
             let mut source = source.unwrap_or_else(|e| panic!("restart: {e}"));
             catch_up(&db, &mut source, &mut applied).await;
             assert_eq!(metrics.gauges().get("snapshot_rows_total"), Some(&0));
+            drop(source);
+            db.drop_all().await;
+        }
+
+        /// A slot held back past `max_slot_lag_bytes` (here: changes read but never handed on, as
+        /// when checkpoints stop completing) fails the source with the slot and its lag named, as a
+        /// fault of the job's that a restart would not mend.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_slot_past_its_lag_bound_fails_the_job_with_the_lag_named() {
+            let Some(url) = url() else { return };
+            let db = Db::new(url).await;
+            let bound = 256 * 1024;
+            let (source, metrics) = db.start(&PostgresCdcOptions { max_slot_lag_bytes: Some(bound), ..db.options() }).await;
+            let mut source = source.unwrap();
+            let mut applied = Applied::default();
+            while source.snapshot_handed_on.is_some() || !source.snapshot_returned {
+                step(&mut source, &mut applied).await;
+            }
+            // About 2 MB of WAL, read but never said to be handed on: the slot cannot move.
+            let mut next = 1;
+            let deadline = Instant::now() + Duration::from_secs(60);
+            let error = loop {
+                assert!(Instant::now() < deadline, "no failure; slot_lag_bytes = {:?}", metrics.gauges().get("slot_lag_bytes"));
+                if next <= 6_000 {
+                    db.insert_rows(next, next + 999).await;
+                    next += 1_000;
+                }
+                if let Ok(batch) = tokio::time::timeout(Duration::from_millis(50), source.next_batch()).await {
+                    applied.apply(&batch.unwrap().unwrap());
+                }
+                if let Err(e) = source.tick().await {
+                    break e;
+                }
+            };
+            assert_eq!(error.blame, crate::error::Blame::User, "{error}");
+            assert!(!error.retryable(), "{error}");
+            for named in [db.slot.as_str(), "max_slot_lag_bytes = 262144", "bytes of WAL"] {
+                assert!(error.message.contains(named), "{named} is not in: {}", error.message);
+            }
+            let lag: u64 = error.message.split(" holds ").nth(1).and_then(|r| r.split(' ').next()).unwrap().parse().unwrap();
+            assert!(lag > bound, "failed at a lag of {lag}, under the bound {bound}");
             drop(source);
             db.drop_all().await;
         }
