@@ -14,13 +14,13 @@ struct Args {
     /// address (`0.0.0.0:6123`) needs the cluster's secret (EDDY_SECRET_FILE or EDDY_SECRET).
     #[arg(long, env = "EDDY_LISTEN", default_value = "127.0.0.1:6123")]
     listen: String,
-    /// Milliseconds of worker silence after which it is declared lost (a worker whose connection
-    /// closes is lost at once; this is for one that hangs or is cut off).
     /// Address to serve the web page (`/`) and Prometheus metrics (`/metrics`) on, e.g.
     /// `0.0.0.0:8081`; off unless given. Read-only and unauthenticated, like Flink's web UI
     /// without a proxy: bind it where only your operators and Prometheus reach.
     #[arg(long, env = "EDDY_HTTP_LISTEN")]
     http_listen: Option<String>,
+    /// Milliseconds of worker silence after which it is declared lost (a worker whose connection
+    /// closes is lost at once; this is for one that hangs or is cut off).
     #[arg(long, env = "EDDY_HEARTBEAT_TIMEOUT_MS", default_value_t = 10_000)]
     heartbeat_timeout_ms: u64,
     /// Directory for job metadata; a restarted coordinator resumes the jobs found there.

@@ -78,7 +78,10 @@ async fn sample(web: Web, shutdown: CancellationToken) {
         }
         let statuses = web.api.job_statuses().await;
         let mut history = web.history.lock().unwrap_or_else(|e| e.into_inner());
-        history.retain(|id, _| statuses.iter().any(|s| s.job.as_ref().is_some_and(|j| &j.job_id == id)));
+        // None at all: not leading (or not answering) now; the history waits for the next round.
+        if !statuses.is_empty() {
+            history.retain(|id, _| statuses.iter().any(|s| s.job.as_ref().is_some_and(|j| &j.job_id == id)));
+        }
         for s in &statuses {
             let Some(job) = &s.job else { continue };
             let samples = history.entry(job.job_id.clone()).or_default();
@@ -393,7 +396,7 @@ fn charts(samples: &[Sample]) -> String {
         }
         let lowest = pair[1].vertices.values().filter_map(|v| v.watermark_ms).filter(|w| *w != i64::MAX).min();
         if let Some(wm) = lowest {
-            lag.push((pair[1].at_ms, (pair[1].at_ms - wm).max(0) as f64 / 1000.0));
+            lag.push((pair[1].at_ms, pair[1].at_ms.saturating_sub(wm).max(0) as f64 / 1000.0));
         }
     }
     let from = samples[0].at_ms;

@@ -7,7 +7,7 @@ postgres)
   data=/var/lib/postgresql/data
   mkdir -p /run/postgresql && chown postgres /run/postgresql
   if [ ! -s "$data/PG_VERSION" ]; then
-    install -d -o postgres -m 700 "$data"
+    install -d -o postgres -m 700 "$data" && chown postgres "$data" && chmod 700 "$data"
     su postgres -c "initdb -D $data -U eddy --auth-local=trust --auth-host=scram-sha-256 -E UTF8 --locale=C.UTF-8" >/dev/null
     printf 'host all all 0.0.0.0/0 scram-sha-256\nhost replication all 0.0.0.0/0 scram-sha-256\n' >>"$data/pg_hba.conf"
     su postgres -c "pg_ctl -D $data -o '-c listen_addresses=' -w start" >/dev/null

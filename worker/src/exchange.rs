@@ -9,7 +9,6 @@
 //! rows and bytes, and flushes them when full, before control messages, or after a short linger.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -345,8 +344,9 @@ impl Output {
         Ok(Output::Remote { tx, address: address.to_string() })
     }
 
-    /// Sends one message, waiting while the receiver is full; the wait is added to `waited` (ns).
-    pub async fn send(&self, msg: Message, waited: &AtomicU64) -> Result<()> {
+    /// Sends one message, waiting while the receiver is full; the wait counts as the sender's
+    /// backpressure.
+    pub async fn send(&self, msg: Message, waited: &TaskMetrics) -> Result<()> {
         match self {
             Output::Local { tx, input } => send_counting(tx, Delivery { input: *input, msg }, waited)
                 .await
@@ -361,16 +361,16 @@ impl Output {
     }
 }
 
-/// Sends on a bounded channel; when it is full, waits for room and adds the wait to `waited` (ns).
+/// Sends on a bounded channel; when it is full, waits for room, the wait counted as backpressure.
 /// Errs when the receiver is gone.
-async fn send_counting<T>(tx: &mpsc::Sender<T>, item: T, waited: &AtomicU64) -> std::result::Result<(), ()> {
+async fn send_counting<T>(tx: &mpsc::Sender<T>, item: T, waited: &TaskMetrics) -> std::result::Result<(), ()> {
     match tx.try_send(item) {
         Ok(()) => Ok(()),
         Err(TrySendError::Closed(_)) => Err(()),
         Err(TrySendError::Full(item)) => {
-            let start = std::time::Instant::now();
+            let began = waited.wait_begins();
             let sent = tx.send(item).await.map_err(|_| ());
-            waited.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            waited.wait_ends(began);
             sent
         }
     }
@@ -479,7 +479,7 @@ impl Router {
         self.flush().await?;
         for edge in &self.edges {
             for out in &edge.outputs {
-                out.send(msg.clone(), &edge.metrics.backpressured_ns).await?;
+                out.send(msg.clone(), &edge.metrics).await?;
             }
         }
         Ok(())
@@ -512,7 +512,7 @@ async fn flush_one(edge: &mut EdgeOutputs, target: usize) -> Result<()> {
     }
     let batch = std::mem::take(&mut edge.buffers[target]);
     edge.buffer_bytes[target] = 0;
-    edge.outputs[target].send(Message::Data(batch), &edge.metrics.backpressured_ns).await
+    edge.outputs[target].send(Message::Data(batch), &edge.metrics).await
 }
 
 /// How long a stream for a task not (yet) deployed here waits for its deployment before it is

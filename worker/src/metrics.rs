@@ -21,7 +21,9 @@ impl TaskBoard {
     pub fn insert(&self, job: &str, vertex: String, subtask: u32, metrics: &Arc<TaskMetrics>) {
         let labels = vec![("job", job.to_string()), ("vertex", vertex), ("subtask", subtask.to_string())];
         let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
-        tasks.retain(|(_, m)| m.strong_count() > 0);
+        // An earlier attempt's task of the same name may still wind down: the new one replaces it,
+        // so that no series is shown twice.
+        tasks.retain(|(l, m)| m.strong_count() > 0 && *l != labels);
         tasks.push((labels, Arc::downgrade(metrics)));
     }
 
@@ -56,7 +58,8 @@ impl TaskBoard {
             backpressured.add(labels.clone(), p as f64);
             idle.add(labels.clone(), i as f64);
             let wm = m.watermark.load(Relaxed);
-            if wm != i64::MIN {
+            // MIN: none yet; MAX: the input ended.
+            if wm != i64::MIN && wm != i64::MAX {
                 watermark.add(labels.clone(), wm as f64);
                 lag.add(labels.clone(), now.saturating_sub(wm) as f64);
             }

@@ -41,8 +41,11 @@ pub struct TaskMetrics {
     pub retrying: std::sync::Mutex<String>,
     /// Time spent working on records (ns), without the time waiting on a full downstream.
     pub busy_ns: AtomicU64,
-    /// Time spent waiting for downstream tasks to take output (ns): backpressure.
+    /// Time spent waiting for downstream tasks to take output (ns): backpressure, ended waits.
     pub backpressured_ns: AtomicU64,
+    /// When the wait going on now began (ns after `started`; 0: none), so that a downstream
+    /// stalled for minutes shows as backpressure while it lasts.
+    waiting_since_ns: AtomicU64,
     /// The last checkpoint whose completion the task's stages acted on (sinks commit then); 0: none.
     pub committed_checkpoint: AtomicU64,
     /// When the task started: what is neither busy nor backpressured since then was idle.
@@ -77,10 +80,42 @@ impl TaskMetrics {
     /// Milliseconds busy, backpressured and idle since the task started, as Flink splits a task's
     /// time.
     pub fn time_split_ms(&self) -> [u64; 3] {
+        let alive_ns = self.started.elapsed().as_nanos() as u64;
+        let since = self.waiting_since_ns.load(Relaxed);
+        let ongoing = if since == 0 { 0 } else { alive_ns.saturating_sub(since) };
         let busy = self.busy_ns.load(Relaxed) / 1_000_000;
-        let backpressured = self.backpressured_ns.load(Relaxed) / 1_000_000;
-        let alive = self.started.elapsed().as_millis() as u64;
+        let backpressured = (self.backpressured_ns.load(Relaxed) + ongoing) / 1_000_000;
+        let alive = alive_ns / 1_000_000;
         [busy, backpressured, alive.saturating_sub(busy + backpressured)]
+    }
+
+    /// Marks the start of a wait for a full downstream task.
+    pub fn wait_begins(&self) -> std::time::Instant {
+        let now = std::time::Instant::now();
+        self.waiting_since_ns.store((now - self.started).as_nanos().max(1) as u64, Relaxed);
+        now
+    }
+
+    /// Ends the wait begun at `began`, counting it as backpressure.
+    pub fn wait_ends(&self, began: std::time::Instant) {
+        self.backpressured_ns.fetch_add(began.elapsed().as_nanos() as u64, Relaxed);
+        self.waiting_since_ns.store(0, Relaxed);
+    }
+
+    /// Starts timing work on records: see [`TaskMetrics::busy_until_now`].
+    pub fn busy_from(&self) -> (std::time::Instant, u64) {
+        (std::time::Instant::now(), self.backpressured_ns.load(Relaxed))
+    }
+
+    /// Counts the time since `from` as busy, less what was spent backpressured meanwhile.
+    pub fn busy_until_now(&self, from: (std::time::Instant, u64)) {
+        let waited = self.backpressured_ns.load(Relaxed).saturating_sub(from.1);
+        self.busy_ns.fetch_add((from.0.elapsed().as_nanos() as u64).saturating_sub(waited), Relaxed);
+    }
+
+    /// One connector gauge, if set.
+    pub fn gauge(&self, name: &str) -> Option<i64> {
+        self.gauges.lock().unwrap_or_else(|e| e.into_inner()).get(name).copied()
     }
 }
 
@@ -98,6 +133,7 @@ impl Default for TaskMetrics {
             retrying: Default::default(),
             busy_ns: AtomicU64::new(0),
             backpressured_ns: AtomicU64::new(0),
+            waiting_since_ns: AtomicU64::new(0),
             committed_checkpoint: AtomicU64::new(0),
             started: std::time::Instant::now(),
         }

@@ -112,11 +112,10 @@ impl Chain {
         self.metrics.records_in.fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.metrics.batches_in.fetch_add(1, Ordering::Relaxed);
         // Busy is the time the batch takes through the chain, less what the exchange spent waiting
-        // on a full downstream (counted as backpressure there).
-        let (start, waited) = (std::time::Instant::now(), self.metrics.backpressured_ns.load(Ordering::Relaxed));
+        // on a full downstream (counted as backpressure there); so for the other work below.
+        let from = self.metrics.busy_from();
         let pushed = self.push_from(0, batch).await;
-        let waited = self.metrics.backpressured_ns.load(Ordering::Relaxed) - waited;
-        self.metrics.busy_ns.fetch_add((start.elapsed().as_nanos() as u64).saturating_sub(waited), Ordering::Relaxed);
+        self.metrics.busy_until_now(from);
         pushed
     }
 
@@ -158,7 +157,20 @@ impl Chain {
         }
     }
 
+    /// Times `work` on the chain as busy (less its backpressure), as `push` does a batch: windows
+    /// firing on a watermark, sinks flushing on a tick or committing, snapshots.
+    async fn busy<T>(&mut self, work: impl AsyncFnOnce(&mut Chain) -> Result<T>) -> Result<T> {
+        let from = self.metrics.busy_from();
+        let done = work(self).await;
+        self.metrics.busy_until_now(from);
+        done
+    }
+
     async fn watermark(&mut self, watermark: i64) -> Result<()> {
+        self.busy(async |c| c.watermark_untimed(watermark).await).await
+    }
+
+    async fn watermark_untimed(&mut self, watermark: i64) -> Result<()> {
         self.metrics.watermark.store(watermark, Ordering::Relaxed);
         for i in 0..self.ops.len() {
             let mut out = Collector::default();
@@ -175,6 +187,10 @@ impl Chain {
     }
 
     async fn end(&mut self) -> Result<()> {
+        self.busy(async |c| c.end_untimed().await).await
+    }
+
+    async fn end_untimed(&mut self) -> Result<()> {
         for i in 0..self.ops.len() {
             let mut out = Collector::default();
             self.ops[i].1.finish(&mut out).await?;
@@ -214,10 +230,13 @@ impl Chain {
 
     /// Time passes: lets the operators keep house and a sink flush what has waited long enough.
     async fn tick(&mut self) -> Result<()> {
-        for (_, stage) in self.stages() {
-            stage.tick().await?;
-        }
-        Ok(())
+        self.busy(async |c| {
+            for (_, stage) in c.stages() {
+                stage.tick().await?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Barrier `id` passes this task: snapshot every stage (the source first, if the task has one,
@@ -269,11 +288,14 @@ impl Chain {
 
     /// Checkpoint `id` is complete.
     async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
-        for (_, stage) in self.stages() {
-            stage.checkpoint_complete(id).await?;
-        }
-        self.metrics.committed_checkpoint.store(id, Ordering::Relaxed);
-        Ok(())
+        self.busy(async |c| {
+            for (_, stage) in c.stages() {
+                stage.checkpoint_complete(id).await?;
+            }
+            c.metrics.committed_checkpoint.store(id, Ordering::Relaxed);
+            Ok(())
+        })
+        .await
     }
 }
 

@@ -159,6 +159,8 @@ const REPLICATION_EVENTS: usize = 4096;
 const STATUS_INTERVAL: Duration = Duration::from_secs(1);
 /// How often `slot_lag_bytes` is refreshed at most.
 const LAG_EVERY: Duration = Duration::from_secs(1);
+/// How long the slot's lag may stay past `max_slot_lag_bytes` before the source fails.
+const LAG_GRACE: Duration = Duration::from_secs(5);
 
 /// Reads a table's snapshot, then its changes.
 pub struct PostgresCdc {
@@ -491,6 +493,7 @@ impl PostgresCdc {
             running: None,
             bound: o.max_slot_lag_bytes,
             warned: false,
+            over_since: None,
         });
         Ok(source)
     }
@@ -548,17 +551,15 @@ impl Stage for PostgresCdc {
     }
 
     async fn tick(&mut self) -> Result<()> {
-        if let Some(lag) = self.lag.as_mut() {
-            lag.poll();
-            lag.check_bound()?;
-        }
-        Ok(())
+        self.check_lag()
     }
 }
 
 #[async_trait]
 impl Source for PostgresCdc {
     async fn next_batch(&mut self) -> Result<Option<Batch>> {
+        // Here too: a source that never waits for data may see no tick for a long while.
+        self.check_lag()?;
         let Some(chunks) = self.chunks.as_mut() else { return Ok(None) };
         // Only `recv` awaits, and each chunk is fully taken in before the next await: cancel-safe.
         loop {
@@ -610,6 +611,20 @@ fn advance(returned: &mut Lsn, returned_version: &mut u64, at: Option<(Lsn, u64)
     }
 }
 
+impl PostgresCdc {
+    /// Refreshes the slot's lag, and holds it to `max_slot_lag_bytes` once the snapshot has been
+    /// handed on (until then the slot cannot move).
+    fn check_lag(&mut self) -> Result<()> {
+        let settled = self.snapshot_done && self.snapshot_handed_on.is_none();
+        let Some(lag) = self.lag.as_mut() else { return Ok(()) };
+        lag.poll();
+        if settled {
+            lag.check_bound()?;
+        }
+        Ok(())
+    }
+}
+
 impl Drop for PostgresCdc {
     fn drop(&mut self) {
         // The reader notices the closed channel by itself and ends its session (dropping a slot
@@ -631,17 +646,22 @@ struct LagProbe {
     metrics: Arc<TaskMetrics>,
     last: Option<Instant>,
     running: Option<JoinHandle<()>>,
-    /// `max_slot_lag_bytes`, and whether the warning before it was logged.
+    /// `max_slot_lag_bytes`, whether the warning before it was logged, and since when the lag
+    /// has been past it.
     bound: Option<u64>,
     warned: bool,
+    over_since: Option<Instant>,
 }
 
 impl LagProbe {
-    /// Fails once the slot holds back more WAL than the bound allows (warns at 80 % of it).
+    /// Fails once the slot has held back more WAL than the bound allows for [`LAG_GRACE`] (a
+    /// burst of writes elsewhere on the server passes); warns at 80 % of it.
     fn check_bound(&mut self) -> Result<()> {
-        let (Some(bound), Some(&lag)) = (self.bound, self.metrics.gauges().get("slot_lag_bytes")) else { return Ok(()) };
+        let (Some(bound), Some(lag)) = (self.bound, self.metrics.gauge("slot_lag_bytes")) else { return Ok(()) };
         let lag = lag.max(0) as u64;
-        if lag > bound {
+        if lag <= bound {
+            self.over_since = None;
+        } else if self.over_since.get_or_insert_with(Instant::now).elapsed() >= LAG_GRACE {
             return Err(TaskError::user(format!(
                 "postgres_cdc: replication slot `{}` holds {lag} bytes of WAL back on the server, past max_slot_lag_bytes = {bound}: \
                  the job is not confirming what it reads (is it checkpointing? is it keeping up?). The slot is kept, so that \
