@@ -39,6 +39,36 @@ pub async fn families(api: &Api) -> Vec<Family> {
     families
 }
 
+/// One vertex's totals over its tasks (this attempt's, as heartbeats report them).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct VertexTotals {
+    pub tasks: u32,
+    pub records_in: u64,
+    pub records_out: u64,
+    pub busy_ms: u64,
+    pub backpressured_ms: u64,
+    pub dead_letters: u64,
+    /// The lowest watermark of its tasks, if every task has one (`i64::MAX` once all ended).
+    pub watermark_ms: Option<i64>,
+}
+
+/// A job's vertices (named as `TaskView.operators`) with their totals.
+pub(crate) fn vertex_totals(s: &JobStatusResponse) -> BTreeMap<String, VertexTotals> {
+    let mut vertices: BTreeMap<String, VertexTotals> = BTreeMap::new();
+    for t in &s.tasks {
+        let m = t.metrics.clone().unwrap_or_default();
+        let v = vertices.entry(t.operators.clone()).or_insert_with(|| VertexTotals { watermark_ms: Some(i64::MAX), ..Default::default() });
+        v.tasks += 1;
+        v.records_in += m.records_in;
+        v.records_out += m.records_out;
+        v.busy_ms += m.busy_ms;
+        v.backpressured_ms += m.backpressured_ms;
+        v.dead_letters += m.dead_lettered;
+        v.watermark_ms = v.watermark_ms.filter(|_| m.watermark_ms != i64::MIN).map(|w| w.min(m.watermark_ms));
+    }
+    vertices
+}
+
 /// The figures of each job, from what `eddy status` shows of it.
 fn job_families(statuses: &[JobStatusResponse]) -> Vec<Family> {
     let mut state = Family::gauge("job_state", "1 for the job's current state (running, restarting, failed, …).");
@@ -72,27 +102,15 @@ fn job_families(statuses: &[JobStatusResponse]) -> Vec<Family> {
             incremental.add(labels.clone(), c.incremental_bytes as f64);
         }
         failed.add(labels.clone(), s.checkpoints.iter().filter(|c| c.state == "failed").count() as f64);
-        let mut vertices: BTreeMap<&str, [f64; 5]> = BTreeMap::new();
-        let mut lowest: BTreeMap<&str, i64> = BTreeMap::new();
-        for t in &s.tasks {
-            let m = t.metrics.clone().unwrap_or_default();
-            let v = vertices.entry(t.operators.as_str()).or_default();
-            for (sum, add) in v.iter_mut().zip([m.records_in, m.records_out, m.busy_ms, m.backpressured_ms, m.dead_lettered]) {
-                *sum += add as f64;
-            }
-            let wm = lowest.entry(t.operators.as_str()).or_insert(i64::MAX);
-            *wm = (*wm).min(m.watermark_ms);
-        }
-        for (vertex, [i, o, b, p, d]) in vertices {
-            let labels = with("vertex", vertex.to_string());
-            records_in.add(labels.clone(), i);
-            records_out.add(labels.clone(), o);
-            busy.add(labels.clone(), b);
-            backpressured.add(labels.clone(), p);
-            dead.add(labels.clone(), d);
-            match lowest.get(vertex) {
-                Some(&wm) if wm != i64::MIN && wm != i64::MAX => _ = watermark.add(labels, wm as f64),
-                _ => {}
+        for (vertex, v) in vertex_totals(s) {
+            let labels = with("vertex", vertex);
+            records_in.add(labels.clone(), v.records_in as f64);
+            records_out.add(labels.clone(), v.records_out as f64);
+            busy.add(labels.clone(), v.busy_ms as f64);
+            backpressured.add(labels.clone(), v.backpressured_ms as f64);
+            dead.add(labels.clone(), v.dead_letters as f64);
+            if let Some(wm) = v.watermark_ms.filter(|&wm| wm != i64::MAX) {
+                watermark.add(labels, wm as f64);
             }
         }
     }

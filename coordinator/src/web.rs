@@ -19,23 +19,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::actor::Request as Ask;
 use crate::api::Api;
+use crate::metrics::{vertex_totals, VertexTotals};
 
 /// How often the sampler reads every job's totals.
 pub const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 /// How much history the charts show.
 const KEPT: usize = 300;
-
-/// One vertex's totals at one moment (this attempt's, as heartbeats report them).
-#[derive(Debug, Clone, Default)]
-struct VertexTotals {
-    tasks: u32,
-    records_in: u64,
-    records_out: u64,
-    busy_ms: u64,
-    backpressured_ms: u64,
-    /// The lowest watermark of its tasks, if every task has one.
-    watermark_ms: Option<i64>,
-}
 
 #[derive(Debug, Clone)]
 struct Sample {
@@ -88,24 +77,9 @@ async fn sample(web: Web, shutdown: CancellationToken) {
             if samples.len() == KEPT {
                 samples.pop_front();
             }
-            samples.push_back(Sample { at_ms: crate::now_ms(), attempt: job.attempt, vertices: totals(s) });
+            samples.push_back(Sample { at_ms: crate::now_ms(), attempt: job.attempt, vertices: vertex_totals(s) });
         }
     }
-}
-
-fn totals(s: &JobStatusResponse) -> BTreeMap<String, VertexTotals> {
-    let mut vertices: BTreeMap<String, VertexTotals> = BTreeMap::new();
-    for t in &s.tasks {
-        let m = t.metrics.clone().unwrap_or_default();
-        let v = vertices.entry(t.operators.clone()).or_insert_with(|| VertexTotals { watermark_ms: Some(i64::MAX), ..Default::default() });
-        v.tasks += 1;
-        v.records_in += m.records_in;
-        v.records_out += m.records_out;
-        v.busy_ms += m.busy_ms;
-        v.backpressured_ms += m.backpressured_ms;
-        v.watermark_ms = v.watermark_ms.filter(|_| m.watermark_ms != i64::MIN).map(|w| w.min(m.watermark_ms));
-    }
-    vertices
 }
 
 /// Rates of each vertex between two samples of one attempt (none across a restart, whose totals
