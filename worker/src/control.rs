@@ -417,6 +417,7 @@ impl Control {
 }
 
 fn update(job_id: &str, attempt: u64, task: TaskId, state: TaskState, error: String, m: &TaskMetrics) -> TaskUpdate {
+    let [busy_ms, backpressured_ms, _] = m.time_split_ms();
     TaskUpdate {
         job_id: job_id.to_string(),
         attempt,
@@ -433,8 +434,8 @@ fn update(job_id: &str, attempt: u64, task: TaskId, state: TaskState, error: Str
             dead_lettered: m.dead_lettered.load(Ordering::Relaxed),
             gauges: m.gauges().into_iter().collect(),
             retrying: m.retrying(),
-            busy_ms: m.time_split_ms()[0],
-            backpressured_ms: m.time_split_ms()[1],
+            busy_ms,
+            backpressured_ms,
         }),
         retryable: true,
     }

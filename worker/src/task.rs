@@ -111,12 +111,7 @@ impl Chain {
     async fn push(&mut self, batch: Batch) -> Result<()> {
         self.metrics.records_in.fetch_add(batch.len() as u64, Ordering::Relaxed);
         self.metrics.batches_in.fetch_add(1, Ordering::Relaxed);
-        // Busy is the time the batch takes through the chain, less what the exchange spent waiting
-        // on a full downstream (counted as backpressure there); so for the other work below.
-        let from = self.metrics.busy_from();
-        let pushed = self.push_from(0, batch).await;
-        self.metrics.busy_until_now(from);
-        pushed
+        self.busy(async |c| c.push_from(0, batch).await).await
     }
 
     /// Runs `batch` through operators `start..` and into the tail.
@@ -157,8 +152,9 @@ impl Chain {
         }
     }
 
-    /// Times `work` on the chain as busy (less its backpressure), as `push` does a batch: windows
-    /// firing on a watermark, sinks flushing on a tick or committing, snapshots.
+    /// Times `work` on the chain as busy, less what the exchange spent waiting on a full downstream
+    /// meanwhile (counted as backpressure there): batches, windows firing on a watermark, sinks
+    /// flushing on a tick or committing, the end of input.
     async fn busy<T>(&mut self, work: impl AsyncFnOnce(&mut Chain) -> Result<T>) -> Result<T> {
         let from = self.metrics.busy_from();
         let done = work(self).await;
