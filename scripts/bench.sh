@@ -23,6 +23,12 @@
 #            workers -> a submit succeeds on the new leader, KILLS (3) times with the old leader
 #            back in between; prints the median and worst seconds and how many times the running
 #            job restarted (goal 0). Env: KILLS (3), FAILOVER_PROFILE (debug; or release).
+#   snapshot the CDC source's snapshot of one table (the engagement columns, SNAPSHOT_ROWS rows,
+#            default 10,000,000; made once and kept) at parallelism 1 and 2 into a discard sink,
+#            next to `COPY (SELECT …) TO STDOUT` of the same rows by psql in the same run. Rates
+#            come from the source's own figures (rows over the time from its first chunk to its
+#            last; with two subtasks, all rows over the longer of the two); the wall time from
+#            submit to the last row counted is printed too. Env: SNAPSHOT_ROWS, CHUNK_PAGES (4096).
 # Every benchmark prints `name=value` lines on stdout; progress goes to stderr. The release ones
 # measure EDDY_BENCH_BIN instead of building, when it names a directory of prebuilt binaries (an
 # earlier version's, say, for a before/after in one sitting).
@@ -440,6 +446,98 @@ bench_chaos() {
   return "$status"
 }
 
+bench_snapshot() {
+  local rows=${SNAPSHOT_ROWS:-10000000} chunk_pages=${CHUNK_PAGES:-4096} p job
+  "$ROOT/scripts/services.sh" start >&2
+  eval "$("$ROOT/scripts/services.sh" env)"
+  log "building release binaries"
+  BIN=$(release_bins)
+  local psql=(psql -X -q -v ON_ERROR_STOP=1 "$EDDY_PG_URL")
+  local table=bench_snapshot.events
+  local columns="id, content_id, user_id, event_type, event_ts, duration_ms, device, raw_payload"
+  if [ "$("${psql[@]}" -Atc "SELECT obj_description('$table'::regclass, 'pg_class')" 2>/dev/null)" != "rows=$rows" ]; then
+    log "making $table with $rows rows (once; kept for the next run)"
+    "${psql[@]}" >&2 <<SQL
+DROP SCHEMA IF EXISTS bench_snapshot CASCADE;
+CREATE SCHEMA bench_snapshot;
+CREATE TABLE $table (id bigint, content_id uuid, user_id uuid, event_type text, event_ts timestamptz,
+                     duration_ms int, device text, raw_payload jsonb);
+INSERT INTO $table
+SELECT g, md5(g::text)::uuid, md5((g * 7)::text)::uuid, (ARRAY['play', 'pause', 'finish', 'click'])[1 + g % 4],
+       timestamptz '2024-05-01 00:00:00+00' + g * interval '10 ms', g % 100000, 'device-' || (g % 5),
+       jsonb_build_object('g', g, 'src', 'bench')
+FROM generate_series(1, $rows) g;
+ALTER TABLE $table REPLICA IDENTITY FULL;
+VACUUM ANALYZE $table;
+COMMENT ON TABLE $table IS 'rows=$rows';
+SQL
+  fi
+  start_cluster 1 4
+  "${psql[@]}" -c "SELECT count(*) FROM $table" >/dev/null # warm the cache as COPY and the jobs find it
+  log "COPY of $rows rows"
+  local t0 t1
+  t0=$(date +%s.%N)
+  "${psql[@]}" -c "COPY (SELECT $columns FROM $table) TO STDOUT" >/dev/null
+  t1=$(date +%s.%N)
+  local copy_rate
+  copy_rate=$(python3 -c "print(round($rows / ($t1 - $t0)))")
+  echo "copy_rows_per_second=$copy_rate"
+  for p in 1 2; do
+    cat >"$RUN_DIR/snapshot-p$p.toml" <<SPEC
+name = "bench-snapshot-p$p"
+[state]
+checkpoint_interval = "5s"
+[[source]]
+name = "events"
+connector = "postgres_cdc"
+parallelism = $p
+[source.options]
+url = "$EDDY_PG_URL"
+table = "$table"
+columns = "id BIGINT, content_id VARCHAR, user_id VARCHAR, event_type VARCHAR, event_ts TIMESTAMP, duration_ms BIGINT, device VARCHAR, raw_payload VARCHAR"
+primary_key = ["id"]
+slot = "bench_snapshot_p$p"
+publication = "bench_snapshot"
+version_column = "version"
+snapshot_chunk_pages = $chunk_pages
+[[sink]]
+name = "out"
+input = "events"
+connector = "discard"
+parallelism = $p
+SPEC
+    "${psql[@]}" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = 'bench_snapshot_p$p'" >/dev/null
+    log "snapshot at parallelism $p"
+    t0=$(date +%s.%N)
+    job=$("$BIN/eddy" submit "$RUN_DIR/snapshot-p$p.toml")
+    python3 - "$BIN/eddy" "$job" "$rows" "$p" "$t0" "$copy_rate" <<'PY'
+import json, subprocess, sys, time
+eddy, job, rows, p, t0, copy_rate = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5]), int(sys.argv[6])
+deadline = time.time() + 1800
+while True:
+    s = json.loads(subprocess.run([eddy, "status", job, "--json"], capture_output=True, check=True, text=True).stdout)
+    if s["state"] in ("failed", "cancelled"):
+        sys.exit(f"job {job} is {s['state']}: {s.get('cause')}")
+    tasks = [t["gauges"] for t in s["tasks"] if "snapshot_chunks_total" in t.get("gauges", {})]
+    done = sum(g.get("snapshot_rows_done", 0) for g in tasks)
+    if done >= rows and all(g.get("snapshot_eta_seconds", 1) == 0 for g in tasks):
+        wall = time.time() - t0
+        break
+    if time.time() > deadline:
+        sys.exit(f"the snapshot did not finish: {done} of {rows} rows")
+    time.sleep(0.2)
+# Each subtask's rate is its rows over the time it spent reading them.
+seconds = max(g["snapshot_rows_done"] / g["snapshot_rows_per_second"] for g in tasks if g.get("snapshot_rows_per_second"))
+rate = round(done / seconds)
+print(f"snapshot_rows_per_second_p{p}={rate}")
+print(f"snapshot_wall_seconds_p{p}={wall:.1f}")
+print(f"snapshot_vs_copy_p{p}={rate / copy_rate:.2f}")
+PY
+    "$BIN/eddy" cancel "$job" >/dev/null
+  done
+  "${psql[@]}" -c "DROP PUBLICATION IF EXISTS bench_snapshot" >/dev/null
+}
+
 case $name in
   window) bench_window ;;
   pipeline) bench_pipeline ;;
@@ -448,5 +546,6 @@ case $name in
   vs-flink) bench_vs_flink ;;
   chaos) bench_chaos ;;
   failover) bench_failover ;;
-  *) echo "unknown benchmark '$name'; available: window, pipeline, recovery, checkpoint, vs-flink, chaos, failover" >&2; exit 2 ;;
+  snapshot) bench_snapshot ;;
+  *) echo "unknown benchmark '$name'; available: window, pipeline, recovery, checkpoint, vs-flink, chaos, failover, snapshot" >&2; exit 2 ;;
 esac

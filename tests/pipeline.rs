@@ -53,6 +53,66 @@ fn engagement_pipeline_matches_postgres() -> Result<()> {
     p.assert_worker_password_hidden()
 }
 
+/// The ingest job at parallelism 2: a new job's two CDC subtasks share the snapshot out by
+/// chunks (both read rows), then the first streams while the second idles; rescaled to 1 (a
+/// savepoint restored by one subtask, which takes both subtasks' state) while rows are inserted,
+/// updated and deleted, the outcomes still match PostgreSQL.
+#[test]
+fn ingest_at_parallelism_two_shares_its_snapshot_and_rescales() -> Result<()> {
+    let p = Pipeline::start("cdcpar")?;
+    let before =
+        p.datagen(&["--contents", "40", "--count", "3000", "--rate", "20000", "--seed", "7", "--updates-pct", "0", "--deletes-pct", "0"])?;
+    let ingest = p.run_with("ingest.toml", &[("EDDY_INGEST_PARALLELISM", "2"), ("EDDY_SNAPSHOT_CHUNK_PAGES", "8")])?;
+    let read = |p: &Pipeline| -> Result<Vec<i64>> {
+        let s = p.cluster.status(&ingest)?;
+        let tasks = s["tasks"].as_array().context("tasks")?;
+        Ok(tasks
+            .iter()
+            .filter_map(|t| t["gauges"]["snapshot_chunks_done"].as_i64().map(|_| t["gauges"]["snapshot_rows_done"].as_i64().unwrap_or(0)))
+            .collect())
+    };
+    p.cluster.wait(Duration::from_secs(60), "both subtasks to read their share of the snapshot", |_| {
+        let read = read(&p)?;
+        Ok(read.len() == 2 && read.iter().sum::<i64>() == before["inserted"] as i64)
+    })?;
+    let shares = read(&p)?;
+    ensure!(shares.iter().all(|r| *r > 0), "each subtask read a share: {shares:?}");
+    p.run_with("process.toml", &[])?;
+    let writer = p
+        .datagen_command(&[
+            "--contents",
+            "40",
+            "--count",
+            "2000",
+            "--rate",
+            "500",
+            "--seed",
+            "8",
+            "--updates-pct",
+            "10",
+            "--deletes-pct",
+            "5",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let attempt = |s: &serde_json::Value| s["attempt"].as_u64().unwrap_or(0);
+    let before_rescale = attempt(&p.cluster.status(&ingest)?);
+    let r = p.cluster.eddy_json(&["rescale", &ingest, "1"])?;
+    ensure!(r["savepoint_id"].as_str().is_some(), "{r}");
+    p.cluster.wait(Duration::from_secs(60), "the rescaled ingest job to run", |c| {
+        let s = c.status(&ingest)?;
+        Ok(s["state"] == "running" && attempt(&s) > before_rescale)
+    })?;
+    let sources = |p: &Pipeline| -> Result<usize> {
+        let s = p.cluster.status(&ingest)?;
+        let tasks = s["tasks"].as_array().context("tasks")?;
+        Ok(tasks.iter().filter(|t| t["operators"].as_str().is_some_and(|o| o.contains("engagement_events"))).count())
+    };
+    ensure!(sources(&p)? == 1, "one CDC subtask after the rescale: {}", p.cluster.status(&ingest)?);
+    let during = datagen_summary(writer.wait_with_output()?, &["--seed", "8"])?;
+    check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"] + during["deleted"])
+}
+
 /// Workers are killed with SIGKILL while events flow: three times one running the process job's
 /// window, once the one running the CDC source. Each time the jobs restart from their latest
 /// checkpoints on the workers left (a replacement joins), and the outcomes end exactly as without

@@ -59,8 +59,8 @@ enum Command {
         /// `submit --from-savepoint` resumes from them.
         #[arg(long)]
         savepoint: bool,
-        /// Keep the job's PostgreSQL replication slot (dropped by default: a kept slot holds
-        /// WAL on the server until a job reads from it again).
+        /// Keep the job's PostgreSQL replication slot and the publication it created (dropped by
+        /// default: a kept slot holds WAL on the server until a job reads from it again).
         #[arg(long)]
         keep_slot: bool,
     },

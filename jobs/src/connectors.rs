@@ -32,13 +32,10 @@ impl SourceConnector {
     }
 
     /// What the connector allows, for the planner to check a spec against at submit time.
+    /// Every source runs at any parallelism today (the CDC source's extra subtasks read snapshot
+    /// chunks, then idle).
     pub fn capabilities(&self) -> Capabilities {
-        match self {
-            SourceConnector::PostgresCdc(_) => Capabilities {
-                single_instance: Some("postgres_cdc reads one replication slot, which is one stream, so it runs as one task"),
-            },
-            _ => Capabilities::default(),
-        }
+        Capabilities::default()
     }
 }
 
@@ -153,6 +150,34 @@ pub struct PostgresCdcOptions {
     /// warning is logged past 80 % of it. Default: no bound.
     #[serde(default)]
     pub max_slot_lag_bytes: Option<u64>,
+    /// The snapshot is read in chunks of this many of the table's 8 KiB pages (`ctid` ranges,
+    /// default 4096 = 32 MiB): a checkpoint records the chunks handed on, so a restart reads only
+    /// the others again; with parallelism above 1 a new job's subtasks share them out.
+    #[serde(default = "default_chunk_pages")]
+    pub snapshot_chunk_pages: u32,
+    /// What happens when the table's columns change while the job streams (seen in pgoutput's
+    /// relation messages, against the columns the checkpoint holds).
+    #[serde(default)]
+    pub schema_changes: SchemaChanges,
+}
+
+/// What a `postgres_cdc` source does when its table gains or loses a column. A rename or a type
+/// change fails the job in either case, with the change named: Eddy does not guess.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum SchemaChanges {
+    /// Fail, naming the change, when a column it reads is dropped or one it does not read is
+    /// added (a column added that `columns` already declares is read from then on).
+    #[default]
+    Fail,
+    /// Carry on: a declared column the table lacks (not yet added, or dropped) reads as NULL, and
+    /// its values flow as soon as the table has it; a column added that `columns` does not
+    /// declare is logged and not read.
+    Evolve,
+}
+
+fn default_chunk_pages() -> u32 {
+    4096
 }
 
 /// Shortest heartbeat interval a source or sink may be given.
@@ -550,6 +575,9 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
                 schema.fields.push(Field::new(v.clone(), DataType::Int));
             }
             check_heartbeat(o.heartbeat_interval)?;
+            if o.snapshot_chunk_pages == 0 {
+                return Err("options.snapshot_chunk_pages: at least 1 (pages of 8 KiB per snapshot chunk)".into());
+            }
             Ok((SourceConnector::PostgresCdc(o), schema))
         }
         "kafka" => {

@@ -21,13 +21,15 @@
 //!   moved past it (an older savepoint) cannot go back, and a slot that is gone or invalidated
 //!   cannot be read: each is an error that says what to do, never a silent new snapshot.
 //! - **Existing slot, no completed checkpoint holds the whole snapshot** (the worker died during the
-//!   snapshot, or before the first checkpoint after it). Nothing was confirmed, so the slot is
-//!   still at `C`; the exported snapshot died with its session. A temporary slot exports a new
-//!   snapshot at its own consistent point `C2`. The kept slot's stream from `C` first catches up to
-//!   `C2`, every change as usual, noting the keys it touched; then the new snapshot is read,
+//!   snapshot, or before the first checkpoint after it). The exported snapshot died with its
+//!   session. A temporary slot exports a new snapshot at its own consistent point `C2`. The kept
+//!   slot's stream, from where the checkpoint stopped (`C` if none completed: nothing was
+//!   confirmed), first catches up to `C2`, every change as usual, noting the keys it touched; then
+//!   the chunks of the new snapshot that no checkpoint holds are read (see [`super::chunks`]),
 //!   without the touched rows (their latest change came from the stream) and with every other row
-//!   under version `C`: such a row has not changed since `C`, so it is what the first reading
-//!   sent, under the version it sent it with. Downstream sees exactly the versions an undisturbed
+//!   under version `C`: a row unchanged since `C` is what the first reading sent, under the
+//!   version it sent it with, and a row that changed before the checkpoint's position already
+//!   went downstream under a higher version, which an upsert consumer keeps. Downstream sees exactly the versions an undisturbed
 //!   run gives, some of them twice, which an upsert consumer (and a receiver deduplicating by
 //!   id and version) ignores; a row deleted meanwhile gets its delete from the stream. The keys
 //!   changed while the job was down are held in memory until the snapshot is read. The slot is
@@ -37,8 +39,11 @@
 //!   `resume` (stream from the slot) or `reread` (as above, catching up from the slot's position).
 //! - With `snapshot = false` a new slot exports nothing and only changes from `C` on are read.
 //!
-//! A reader task owns both connections. It reads the snapshot with a cursor (`FETCH 1024` at a time,
-//! counting `snapshot_rows_done` against `snapshot_rows_total`), waits until the source has handed
+//! A reader task owns both connections. It reads the snapshot in chunks of pages (`ctid` ranges,
+//! each with `COPY (SELECT …) TO STDOUT`; see [`super::chunks`]), counting `snapshot_rows_done`
+//! against the table's estimated rows and `snapshot_chunks_done`, with the rate and the seconds
+//! left (`snapshot_rows_per_second`, `snapshot_eta_seconds`); checkpoints record the chunks handed
+//! on. It waits until the source has handed
 //! every snapshot batch on, then sends `START_REPLICATION` on the session that created the slot and
 //! decodes the stream (a re-read streams first and reads the snapshot when the stream reaches
 //! `C2`). Everything it produces goes through one bounded queue (a few batches deep), so
@@ -61,6 +66,19 @@
 //! unchanged TOASTed value in the new row is taken from it. `TRUNCATE` cannot be turned into
 //! retractions (the rows are not known), so it is logged as a warning and skipped, as Debezium does
 //! by default. Changes to other tables of the publication are ignored.
+//!
+//! # Schema changes
+//!
+//! pgoutput describes the table (a relation message) before its first change in a session and
+//! again after its definition changed. Each description is compared with the columns known before
+//! (the table's when the slot was made, or those a restored checkpoint recorded with its position;
+//! after a start with neither, the first description is taken as it is). A column added or
+//! dropped goes by `schema_changes`: `fail` stops the job, naming the change, when a column it
+//! reads is dropped or one it does not read is added (one that `columns` declares is read from then
+//! on); `evolve` reads a declared column the table lacks as NULL and skips an undeclared one. A
+//! rename (a column gone and another come in one description) or a type change stops the job in
+//! either case, named: which column became which is not guessed. A new description reaches the
+//! source in stream order, so a checkpoint records the columns that go with its position.
 //!
 //! # Versions
 //!
@@ -106,7 +124,18 @@
 //!
 //! # Parallelism
 //!
-//! One slot is one ordered stream, so only subtask 0 reads; the others end at once (`Ok(None)`).
+//! One slot is one ordered stream, which subtask 0 reads. A new job's snapshot (first attempt, no
+//! restore) is shared out: subtask 0 offers the exported snapshot and its chunk plan to the
+//! others through the database ([`super::handoff`]), chunk `n` goes to subtask `n % parallelism`,
+//! and each reads its share under version `C`, in parallel, on its own connection. Subtask 0
+//! streams once every subtask has said (through the database again) that its share is handed on,
+//! so the changes follow the snapshot as with one subtask. Sharing needs checkpoints (which
+//! record each subtask's chunks) and `version_column`: rows of different subtasks reach a keyed
+//! consumer through different channels, and the versions order them (a change always outranks
+//! `C`); without either, subtask 0 reads every chunk itself.
+//! A subtask with nothing (more) to read idles: it stays alive, takes part in checkpoints and
+//! holds no watermark back. After a restart or a restore (a rescale too) subtask 0 reads the
+//! chunks no checkpoint holds by itself, as above, and the others idle.
 //!
 //! # Why `pgwire-replication`
 //!
@@ -127,7 +156,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use eddy_jobs::connectors::{ExistingSlot, PostgresCdcOptions};
+use eddy_jobs::connectors::{ExistingSlot, PostgresCdcOptions, SchemaChanges};
 use eddy_jobs::{DataType, Row, Schema, Value};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use serde::{Deserialize, Serialize};
@@ -135,13 +164,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_postgres::config::Host;
-use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
+use super::chunks::{ChunkPlan, ChunkRows, ChunksDone, SnapshotProgress};
+use super::handoff::{self, SharedSnapshot};
 use super::pgoutput::{decode_pgoutput, Datum, OldTuple, PgOutput, Relation};
 use super::slots::{abandon_slot, create_slot, existing_slot, import_snapshot};
-use super::text::decode_value;
+use super::text::{copy_fields, decode_value};
 use super::{check_identifier, client_config, connect, pg_error, quote_ident, wire_error, SESSION_OPTIONS};
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
@@ -164,7 +194,7 @@ const LAG_GRACE: Duration = Duration::from_secs(5);
 
 /// Reads a table's snapshot, then its changes.
 pub struct PostgresCdc {
-    /// Chunks from the reader task; `None` on subtasks other than 0, which read nothing.
+    /// Chunks from the reader task; `None` on a subtask that reads nothing.
     chunks: Option<mpsc::Receiver<Result<Chunk>>>,
     /// The position the reader may report to the slot.
     confirm: watch::Sender<Lsn>,
@@ -188,24 +218,54 @@ pub struct PostgresCdc {
     pending: PendingCheckpoints<Lsn>,
     /// The version floor of changes (see `Changes::floor`).
     floor: Lsn,
-    /// The slot, dropped when the task ends after the job was cancelled for good.
-    release: Option<(Arc<Client>, String, Arc<AtomicBool>)>,
+    /// The snapshot's chunk plan and the chunks handed on (`None`: a subtask other than 0 that has
+    /// no share yet).
+    parts: Option<ChunksDone>,
+    /// The table's columns as the stream last described them (see `Changes::known`).
+    columns: Option<Vec<(String, u32)>>,
+    /// This subtask streams the slot (subtask 0); the others read a share of a new job's
+    /// snapshot, if any, then idle.
+    streams: bool,
+    /// The slot and publication, released when the task ends after the job was cancelled for good.
+    release: Option<Release>,
     /// With event time: the task writing clock messages into the WAL (see [`Clock`]).
     clock_writer: Option<JoinHandle<()>>,
     /// The latest clock read back from the stream.
     clock: Option<i64>,
 }
 
-/// What a checkpoint records of the source (a versioned [`InlineState`]): whether the snapshot had
-/// been handed on, the position every change up to which was handed on, the slot's version floor
-/// and the last version given out at that position. Checkpoints from before versioned state hold
-/// them as a byte and little-endian words; those written before the last field existed hold 17
-/// bytes, and their last version is taken as the position, which no later change is below.
-/// Some hold a fifth word, from an earlier way of re-reading: the position of a snapshot whose rows
-/// carry it as their version, so once that snapshot is handed on, later changes must outrank it
-/// (it raises the floor); before, the table is read again anyway.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// What a checkpoint records of the source (a versioned [`InlineState`]): the position every
+/// change up to which was handed on, the slot's version floor and the last version given out at
+/// that position (subtask 0, which streams; `lsn` 0 on the others), and the snapshot's chunk plan
+/// with the chunks this subtask handed on. On a restore subtask 0 takes the union of every
+/// subtask's chunks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Position {
+    #[serde(with = "lsn")]
+    lsn: Lsn,
+    #[serde(with = "lsn")]
+    floor: Lsn,
+    version: u64,
+    chunks: ChunksDone,
+    /// The table's columns (name, type OID) as the stream had last described them at `lsn`
+    /// (`None`: not known, the next description is taken as it is).
+    columns: Option<Vec<(String, u32)>>,
+}
+
+impl InlineState for Position {
+    const HOLDER: &'static str = "postgres_cdc";
+    const VERSION: u8 = 2;
+}
+
+/// The layout before chunks: whether the (whole) snapshot had been handed on, then as
+/// [`Position`]. Checkpoints from before versioned state hold them as a byte and little-endian
+/// words; those written before the last field existed hold 17 bytes, and their last version is
+/// taken as the position, which no later change is below. Some hold a fifth word, from an earlier
+/// way of re-reading: the position of a snapshot whose rows carry it as their version, so once
+/// that snapshot is handed on, later changes must outrank it (it raises the floor); before, the
+/// table is read again anyway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct PositionV1 {
     snapshot_done: bool,
     #[serde(with = "lsn")]
     lsn: Lsn,
@@ -214,9 +274,16 @@ struct Position {
     version: u64,
 }
 
-impl InlineState for Position {
+impl InlineState for PositionV1 {
     const HOLDER: &'static str = "postgres_cdc";
     const VERSION: u8 = 1;
+}
+
+impl From<PositionV1> for Position {
+    fn from(p: PositionV1) -> Position {
+        let done = if p.snapshot_done { vec![0] } else { Vec::new() };
+        Position { lsn: p.lsn, floor: p.floor, version: p.version, chunks: ChunksDone { plan: ChunkPlan::whole(), done }, columns: None }
+    }
 }
 
 /// An LSN in checkpoint state: its number.
@@ -236,38 +303,62 @@ mod lsn {
 impl Position {
     /// The position a restored subtask's state holds, in any layout (`None`: it read nothing).
     fn restored(state: &RestoredState) -> Result<Option<Position>> {
-        state.read(|old| Ok(Position::unversioned(old)))
+        if let Ok(Some(old)) = state.state::<PositionV1>() {
+            return Ok(Some(old.into()));
+        }
+        state.read(|old| Ok(Position::unversioned(old).map(Position::from)))
     }
 
-    fn unversioned(bytes: &[u8]) -> Option<Position> {
+    fn unversioned(bytes: &[u8]) -> Option<PositionV1> {
         let word = |at: usize| bytes.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
         let snapshot_done = *bytes.first()? == 1;
         let (lsn, mut floor) = (word(1)?, word(9)?);
         if snapshot_done {
             floor = floor.max(word(25).unwrap_or(0));
         }
-        Some(Position { snapshot_done, lsn: Lsn(lsn), floor: Lsn(floor), version: word(17).unwrap_or(lsn.max(floor)) })
+        Some(PositionV1 { snapshot_done, lsn: Lsn(lsn), floor: Lsn(floor), version: word(17).unwrap_or(lsn.max(floor)) })
+    }
+
+    /// What a restore hands back, as one position: the stream's (the subtask that streamed) with
+    /// the chunks every subtask handed on.
+    fn gather(restore: &Option<(u64, Vec<RestoredState>)>) -> Result<Option<(u64, Position)>> {
+        let Some((id, states)) = restore else { return Ok(None) };
+        let mut positions = Vec::new();
+        for state in states {
+            positions.extend(Position::restored(state)?);
+        }
+        let Some(mut stream) = positions.iter().filter(|p| p.lsn.0 != 0).max_by_key(|p| p.lsn).cloned() else { return Ok(None) };
+        for p in &positions {
+            stream.chunks.merge(&p.chunks);
+        }
+        Ok(Some((*id, stream)))
     }
 }
 
 /// Where a run begins, decided from the slot and the checkpoint restored (if any).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Begin {
     /// Create the slot; read the snapshot it exports (unless `snapshot = false`), then stream.
     Fresh,
-    /// The slot exists but no completed checkpoint holds the whole snapshot: stream from the
-    /// slot's position `from` (its consistent point: nothing is confirmed before the snapshot is
-    /// checkpointed) up to a temporary slot's, then read that slot's snapshot.
-    Reread { from: Lsn },
+    /// The slot exists but no completed checkpoint holds the whole snapshot: stream from `from`
+    /// (the slot's consistent point, or where a checkpoint stopped) up to a temporary slot's
+    /// point, then read that slot's snapshot: the chunks `chunks` lacks (all of them if `None`),
+    /// every row under version `floor`.
+    Reread { from: Lsn, floor: Lsn, version: u64, chunks: Option<ChunksDone> },
     /// Stream from `from`, giving versions above `version` (and above `floor`).
-    Stream { from: Lsn, floor: Lsn, version: u64 },
+    Stream { from: Lsn, floor: Lsn, version: u64, chunks: ChunksDone },
 }
 
 impl Begin {
     fn decide(o: &PostgresCdcOptions, ctx: &ConnectorContext, slot: Option<Lsn>, restored: Option<(u64, Position)>) -> Result<Begin> {
         let name = &o.slot;
-        let reread_or_stream =
-            |from: Lsn| if o.snapshot { Begin::Reread { from } } else { Begin::Stream { from, floor: from, version: from.0 } };
+        let reread_or_stream = |from: Lsn| {
+            if o.snapshot {
+                Begin::Reread { from, floor: from, version: from.0, chunks: None }
+            } else {
+                Begin::stream(from)
+            }
+        };
         Ok(match (slot, restored) {
             (None, None) => Begin::Fresh,
             (None, Some((id, p))) => {
@@ -278,35 +369,36 @@ impl Begin {
                     p.lsn
                 )))
             }
-            (Some(at), Some((id, p))) if p.snapshot_done => {
-                if at > p.lsn {
-                    return Err(TaskError::user(format!(
-                        "postgres_cdc: replication slot `{name}` is at {at}, past {} where checkpoint {id} \
-                         stopped (an older savepoint?): the changes between cannot be read again. Restore from \
-                         the job's latest checkpoint or savepoint, or drop the slot and submit without one",
-                        p.lsn
-                    )));
-                }
-                Begin::Stream { from: p.lsn, floor: p.floor, version: p.version }
+            (Some(at), Some((id, p))) if at > p.lsn && p.chunks.complete() => {
+                return Err(TaskError::user(format!(
+                    "postgres_cdc: replication slot `{name}` is at {at}, past {} where checkpoint {id} \
+                     stopped (an older savepoint?): the changes between cannot be read again. Restore from \
+                     the job's latest checkpoint or savepoint, or drop the slot and submit without one",
+                    p.lsn
+                )));
             }
-            (Some(at), Some((id, p))) => {
-                if at != p.floor {
-                    return Err(TaskError::user(format!(
-                        "postgres_cdc: replication slot `{name}` is at {at}, but checkpoint {id} was taken during \
-                         the snapshot of a slot created at {}: it was dropped and created again. Cancel the job \
-                         and submit it again without a savepoint",
-                        p.floor
-                    )));
-                }
-                reread_or_stream(at)
+            (Some(at), Some((id, p))) if at > p.lsn => {
+                return Err(TaskError::user(format!(
+                    "postgres_cdc: replication slot `{name}` is at {at}, past {} where checkpoint {id} stopped, taken \
+                     during the snapshot of a slot created at {}: an older savepoint cannot go back (restore the job's \
+                     latest checkpoint or savepoint), and if the slot was dropped and created again, cancel the job and \
+                     submit it again without a savepoint",
+                    p.lsn, p.floor
+                )));
             }
+            (Some(_), Some((_, p))) if p.chunks.complete() => {
+                Begin::Stream { from: p.lsn, floor: p.floor, version: p.version, chunks: p.chunks }
+            }
+            // Chunks of the snapshot were not handed on: read them again, from a new snapshot,
+            // after the stream caught up with it.
+            (Some(_), Some((_, p))) => Begin::Reread { from: p.lsn, floor: p.floor, version: p.version, chunks: Some(p.chunks) },
             // A restart before any checkpoint completed: nothing was confirmed, so the slot is still
             // at its consistent point, whether or not the snapshot had been read.
             (Some(at), None) if ctx.checkpointing && ctx.attempt > 1 => reread_or_stream(at),
             // Without checkpoints, a slot is confirmed as batches are handed on.
-            (Some(at), None) if ctx.attempt > 1 => Begin::Stream { from: at, floor: at, version: at.0 },
+            (Some(at), None) if ctx.attempt > 1 => Begin::stream(at),
             (Some(at), None) => match o.existing_slot {
-                ExistingSlot::Resume => Begin::Stream { from: at, floor: at, version: at.0 },
+                ExistingSlot::Resume => Begin::stream(at),
                 ExistingSlot::Reread => reread_or_stream(at),
                 ExistingSlot::Fail => {
                     return Err(TaskError::user(format!(
@@ -320,13 +412,27 @@ impl Begin {
         })
     }
 
+    /// Streaming from the slot's position `at`, with no snapshot to read.
+    fn stream(at: Lsn) -> Begin {
+        Begin::Stream { from: at, floor: at, version: at.0, chunks: ChunksDone::nothing() }
+    }
+
     /// Where the replication stream starts (`0`: at the slot's position).
     fn from(&self) -> Lsn {
         match self {
             Begin::Fresh => Lsn(0),
-            Begin::Reread { from } | Begin::Stream { from, .. } => *from,
+            Begin::Reread { from, .. } | Begin::Stream { from, .. } => *from,
         }
     }
+}
+
+/// Whether this run shares a new job's snapshot out between its subtasks: a first attempt, not
+/// restored, at parallelism above 1, with a snapshot, checkpoints (which record each subtask's
+/// chunks) and a version column (rows of several subtasks reach downstream through different
+/// channels, and the versions order them). Restarts and restores leave what is left to subtask 0;
+/// otherwise subtask 0 reads every chunk and the others idle.
+fn shares_snapshot(o: &PostgresCdcOptions, ctx: &ConnectorContext) -> bool {
+    ctx.parallelism > 1 && ctx.attempt <= 1 && ctx.restore.is_none() && o.snapshot && ctx.checkpointing && o.version_column.is_some()
 }
 
 /// What the reader task hands to `next_batch`, in order.
@@ -338,7 +444,14 @@ enum Chunk {
     /// No rows, but everything up to this position has been read (a transaction that touched none
     /// of the table, or an idle stream's keepalive).
     Progress(Lsn, u64),
-    /// The snapshot's last rows came before this.
+    /// The plan of the snapshot a subtask other than 0 reads a share of, and its point.
+    Plan(ChunkPlan, Lsn),
+    /// The rows of this chunk of the snapshot came before this.
+    Read(u32),
+    /// The stream described the table's columns anew (a column added or dropped) in the
+    /// transaction whose end came before this.
+    Schema(Vec<(String, u32)>),
+    /// The snapshot's last rows (this subtask's share) came before this.
     SnapshotEnd,
     /// A clock message (see [`Clock`]): every transaction that committed before this time (Unix
     /// ms, the server's clock) came before.
@@ -363,29 +476,52 @@ impl PostgresCdc {
             snapshot_done: false,
             pending: PendingCheckpoints::default(),
             floor: Lsn(0),
+            parts: None,
+            columns: None,
+            streams: ctx.task.subtask == 0,
             release: None,
             clock_writer: None,
             clock: None,
         };
-        if ctx.task.subtask != 0 {
-            info!(job_id = %ctx.job_id, task = %ctx.task, "postgres_cdc: one replication slot is one stream; only subtask 0 reads");
-            return Ok(source);
-        }
         check_identifier("options.slot", &o.slot)?;
         check_identifier("options.publication", &o.publication)?;
         let declared = declared_columns(o, &ctx.schema)?;
         let pg = client_config(&o.url)?;
+        let sharing = shares_snapshot(o, &ctx);
+        if ctx.task.subtask != 0 && !sharing {
+            info!(job_id = %ctx.job_id, task = %ctx.task, "postgres_cdc: one replication slot is one stream, read by subtask 0; this subtask idles");
+            return Ok(source);
+        }
         let control = Arc::new(connect(&pg, "the control connection").await?);
-        let table = Table::resolve(&control, &o.table, declared, o.version_column.is_some()).await?;
-        ensure_publication(&control, &o.publication, &table).await?;
+        let evolve = o.schema_changes == SchemaChanges::Evolve;
+        let table = Table::resolve(&control, &o.table, declared, o.version_column.is_some(), evolve).await?;
+        if ctx.task.subtask != 0 {
+            let (out, rx) = mpsc::channel(QUEUED_CHUNKS);
+            let (ack_tx, ack_rx) = oneshot::channel();
+            let share = ShareReader {
+                handed_on: ack_rx,
+                pg,
+                job_id: ctx.job_id.clone(),
+                slot: o.slot.clone(),
+                subtask: ctx.task.subtask,
+                parallelism: ctx.parallelism,
+                table,
+                metrics: source.metrics.clone(),
+                out,
+            };
+            tokio::spawn(share.run());
+            source.chunks = Some(rx);
+            source.snapshot_handed_on = Some(ack_tx);
+            return Ok(source);
+        }
+        ensure_publication(&control, &o.publication, &table, &o.slot).await?;
         let existing = existing_slot(&control, &o.slot).await?;
-        let restored = ctx
-            .restore
-            .iter()
-            .flat_map(|(id, states)| states.iter().map(move |s| (*id, s)))
-            .find_map(|(id, state)| Position::restored(state).map(|p| p.map(|p| (id, p))).transpose())
-            .transpose()?;
+        let restored = Position::gather(&ctx.restore)?;
+        let restored_columns = restored.as_ref().and_then(|(_, p)| p.columns.clone());
         let begin = Begin::decide(o, &ctx, existing, restored)?;
+        // The columns the stream is compared with: the table's now for a new slot, the
+        // checkpoint's on a restore; otherwise the stream's first description is taken as it is.
+        let known = if begin == Begin::Fresh { Some(table.all.clone()) } else { restored_columns };
         // With event time, one clock message now, so that a user who may not write one hears it
         // at once, not as a watermark that never moves.
         if ctx.event_time.is_some() {
@@ -399,39 +535,56 @@ impl PostgresCdc {
         // A temporary slot's session (a re-read) stays open until its snapshot is read.
         let mut reread_at = Lsn(0);
         let mut exporter = None;
-        let (start, floor, version, snapshot) = match begin {
-            Begin::Stream { from, floor, version } => {
+        // What subtask 0 offers the others (sharing a new job's snapshot).
+        let mut offer = None;
+        let (start, floor, version, snapshot, parts) = match begin {
+            Begin::Stream { from, floor, version, chunks } => {
                 info!(job_id = %ctx.job_id, slot = %o.slot, lsn = %from, "postgres_cdc: resuming the stream without a snapshot");
-                (from, floor, version, None)
+                (from, floor, version, None, chunks)
             }
-            Begin::Reread { from } => {
+            Begin::Reread { from, floor, version, chunks } => {
                 // The snapshot exported with the slot died with its session. A temporary slot
                 // exports a new one at its own consistent point `C2`; the slot's stream from
-                // `from` catches up to `C2`, then the rows of that snapshot it did not touch
-                // follow under version `from`, as the first reading sent them.
+                // `from` catches up to `C2`, then the rows of that snapshot's unread chunks it
+                // did not touch follow under version `floor`, as the first reading sent them.
                 let mut temp = ReplicationClient::connect_gated(replication_config(&pg, o, &ctx)?)
                     .await
                     .map_err(|e| wire_error("opening a session for the temporary slot", e))?;
                 let name = format!("eddy_reread_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-                let (at, exported) = create_slot(&mut temp, &name, true, true).await?;
+                let (at, exported) = create_slot(&mut temp, &control, &source.metrics, &name, true, true).await?;
                 let exported = exported.ok_or_else(|| TaskError::external("postgres_cdc: the temporary slot exported no snapshot"))?;
                 let client = import_snapshot(&pg, &exported).await?;
-                warn!(job_id = %ctx.job_id, slot = %o.slot, from = %from, snapshot = %at, "postgres_cdc: no completed checkpoint holds the whole snapshot; catching up from the slot, then reading the table again");
+                let plan = ChunkPlan::make(&client, table.oid, o.snapshot_chunk_pages).await?;
+                let parts = match chunks {
+                    Some(c) if c.plan.relfilenode == 0 || c.plan.relfilenode == plan.relfilenode => c,
+                    Some(_) => {
+                        warn!(job_id = %ctx.job_id, table = %table.qualified, "postgres_cdc: the table was rewritten since its snapshot began (VACUUM FULL, CLUSTER, ALTER TABLE); reading every chunk again");
+                        ChunksDone { plan, done: Vec::new() }
+                    }
+                    None => ChunksDone { plan, done: Vec::new() },
+                };
+                warn!(job_id = %ctx.job_id, slot = %o.slot, from = %from, snapshot = %at, chunks = parts.remaining().len(), of = parts.plan.total, "postgres_cdc: no completed checkpoint holds the whole snapshot; catching up from the slot, then reading the chunks not handed on again");
                 exporter = Some(temp);
                 reread_at = at;
-                (from, from, from.0, Some(client))
+                let todo = parts.remaining();
+                (from, floor, version, Some((client, todo)), parts)
             }
             Begin::Fresh => {
-                let (consistent, exported) = create_slot(&mut repl, &o.slot, false, o.snapshot).await?;
+                let (consistent, exported) = create_slot(&mut repl, &control, &source.metrics, &o.slot, false, o.snapshot).await?;
                 info!(job_id = %ctx.job_id, slot = %o.slot, lsn = %consistent, snapshot = o.snapshot, "postgres_cdc: created the replication slot");
-                let snapshot = match exported {
-                    None => None,
+                match exported {
+                    None => (consistent, consistent, consistent.0, None, ChunksDone::nothing()),
                     Some(name) => {
                         // Until the reader owns the slot (no await after this), a failed or
                         // cancelled start drops it again: its snapshot would never be read.
                         let mut guard = NewSlot { control: control.clone(), slot: o.slot.clone(), armed: true };
-                        let client = match import_snapshot(&pg, &name).await {
-                            Ok(client) => client,
+                        let imported = async {
+                            let client = import_snapshot(&pg, &name).await?;
+                            let plan = ChunkPlan::make(&client, table.oid, o.snapshot_chunk_pages).await?;
+                            Ok::<_, TaskError>((client, plan))
+                        };
+                        let (client, plan) = match imported.await {
+                            Ok(imported) => imported,
                             Err(e) => {
                                 drop(repl);
                                 abandon_slot(&control, &o.slot, "its snapshot could not be imported").await;
@@ -440,12 +593,18 @@ impl PostgresCdc {
                             }
                         };
                         guard.armed = false;
-                        Some(client)
+                        let todo = if sharing { plan.share(0, ctx.parallelism) } else { (0..plan.total).collect() };
+                        if sharing {
+                            offer = Some(Some(SharedSnapshot { name, at: consistent.0, plan }));
+                        }
+                        (consistent, consistent, consistent.0, Some((client, todo)), ChunksDone { plan, done: Vec::new() })
                     }
-                };
-                (consistent, consistent, consistent.0, snapshot)
+                }
             }
         };
+        if sharing && offer.is_none() {
+            offer = Some(None); // the others hear that there is nothing for them to read
+        }
         source.metrics.set_gauge("confirmed_lsn", start.0 as i64);
         source.snapshot_done = snapshot.is_none();
         source.returned = start;
@@ -455,6 +614,9 @@ impl PostgresCdc {
             source.metrics.set_gauge("snapshot_rows_total", 0);
             source.metrics.set_gauge("snapshot_rows_done", 0);
         }
+        let plan = parts.plan;
+        source.parts = Some(parts);
+        source.columns = known.clone();
 
         let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
         let (ack_tx, ack_rx) = oneshot::channel();
@@ -465,6 +627,9 @@ impl PostgresCdc {
                 key: o.primary_key.iter().filter_map(|k| table.columns.iter().position(|(n, _)| n.eq_ignore_ascii_case(k))).collect(),
                 table,
                 relation: None,
+                known,
+                described: false,
+                policy: o.schema_changes,
                 start,
                 floor,
                 last: version,
@@ -478,13 +643,19 @@ impl PostgresCdc {
             release_on_failure: !ctx.checkpointing,
             snapshot_pending: snapshot.is_some(),
             clocked: clock_every.is_some(),
-            snapshot: snapshot.map(|client| SnapshotRead { client, exporter, handed_on: ack_rx }),
+            offer: offer.map(|offer| (pg.clone(), ctx.parallelism, offer)),
+            snapshot: snapshot.map(|(client, todo)| SnapshotRead { client, exporter, handed_on: ack_rx, plan, todo }),
         };
         source.clock_writer = clock_every.map(|every| Clock::spawn(control.clone(), every, reader.out.clone()));
         tokio::spawn(reader.run(repl));
         source.chunks = Some(rx);
         source.snapshot_handed_on = Some(ack_tx);
-        source.release = Some((control.clone(), o.slot.clone(), ctx.released.clone()));
+        source.release = Some(Release {
+            control: control.clone(),
+            slot: o.slot.clone(),
+            publication: o.publication.clone(),
+            released: ctx.released.clone(),
+        });
         source.lag = Some(LagProbe {
             client: control,
             slot: o.slot.clone(),
@@ -507,6 +678,16 @@ impl PostgresCdc {
             self.metrics.set_gauge("confirmed_lsn", self.confirmed.0 as i64);
         }
     }
+}
+
+/// What a cancel for good releases upstream: the slot, and the publication if Eddy created it
+/// and no other job uses it (see [`release_publication`]).
+struct Release {
+    control: Arc<Client>,
+    slot: String,
+    publication: String,
+    /// Set when the job ends for good.
+    released: Arc<AtomicBool>,
 }
 
 /// A slot created by this run that no reader owns yet: if `start` is cancelled meanwhile, the
@@ -535,12 +716,15 @@ fn abandon_in_background(control: Arc<Client>, slot: String, why: &'static str) 
 #[async_trait]
 impl Stage for PostgresCdc {
     async fn snapshot(&mut self, id: u64, _scratch: &std::path::Path) -> Result<OperatorSnapshot> {
-        if self.chunks.is_none() {
-            return Ok(OperatorSnapshot::default()); // a subtask that reads nothing
+        let Some(chunks) = self.parts.clone() else {
+            return Ok(OperatorSnapshot::default()); // a subtask that read nothing
+        };
+        if !self.streams {
+            return Ok(OperatorSnapshot::state(&Position { lsn: Lsn(0), floor: self.floor, version: 0, chunks, columns: None }));
         }
         self.pending.taken(id, self.returned);
         let position =
-            Position { snapshot_done: self.snapshot_done, lsn: self.returned, floor: self.floor, version: self.returned_version };
+            Position { lsn: self.returned, floor: self.floor, version: self.returned_version, chunks, columns: self.columns.clone() };
         Ok(OperatorSnapshot::state(&position))
     }
 
@@ -560,7 +744,8 @@ impl Source for PostgresCdc {
     async fn next_batch(&mut self) -> Result<Option<Batch>> {
         // Here too: a source that never waits for data may see no tick for a long while.
         self.check_lag()?;
-        let Some(chunks) = self.chunks.as_mut() else { return Ok(None) };
+        // A subtask with nothing (more) to read idles: alive, holding no watermark back.
+        let Some(chunks) = self.chunks.as_mut() else { return std::future::pending().await };
         // Only `recv` awaits, and each chunk is fully taken in before the next await: cancel-safe.
         loop {
             match chunks.recv().await {
@@ -569,9 +754,27 @@ impl Source for PostgresCdc {
                     return Ok(Some(batch));
                 }
                 Some(Ok(Chunk::Progress(lsn, version))) => advance(&mut self.returned, &mut self.returned_version, Some((lsn, version))),
+                Some(Ok(Chunk::Plan(plan, at))) => {
+                    self.parts = Some(ChunksDone { plan, done: Vec::new() });
+                    self.floor = at;
+                }
+                Some(Ok(Chunk::Schema(columns))) => self.columns = Some(columns),
+                Some(Ok(Chunk::Read(n))) => {
+                    if let Some(parts) = self.parts.as_mut() {
+                        parts.mark(n);
+                    }
+                }
                 Some(Ok(Chunk::SnapshotEnd)) => {
                     self.snapshot_returned = true;
                     self.snapshot_done = true;
+                    if !self.streams {
+                        info!(
+                            rows = self.metrics.gauges().get("snapshot_rows_done").copied().unwrap_or(0),
+                            "postgres_cdc: this subtask's share of the snapshot is read; it idles"
+                        );
+                        self.chunks = None;
+                        return std::future::pending().await;
+                    }
                 }
                 Some(Ok(Chunk::Clock(t))) => {
                     self.clock = Some(self.clock.map_or(t, |c| c.max(t)));
@@ -595,6 +798,10 @@ impl Source for PostgresCdc {
     }
 
     fn progress(&self) -> Progress {
+        if !self.streams {
+            // Snapshot rows hold the watermark back while they are read; then nothing does.
+            return if self.chunks.is_none() || self.snapshot_done { Progress::Idle } else { Progress::Waiting };
+        }
         match (&self.chunks, &self.clock_writer) {
             (None, _) => Progress::Idle,
             (Some(_), None) => Progress::Unknown,
@@ -633,8 +840,14 @@ impl Drop for PostgresCdc {
             handle.abort();
         }
         // The job was cancelled for good: the slot would only hold WAL back on the server.
-        if let Some((control, slot, _)) = self.release.take().filter(|(_, _, released)| released.load(Ordering::SeqCst)) {
-            abandon_in_background(control, slot, "the job was cancelled");
+        if let Some(Release { control, slot, publication, .. }) = self.release.take().filter(|r| r.released.load(Ordering::SeqCst)) {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                runtime.spawn(async move {
+                    if abandon_slot(&control, &slot, "the job was cancelled").await {
+                        release_publication(&control, &publication, &slot).await;
+                    }
+                });
+            }
         }
     }
 }
@@ -788,12 +1001,17 @@ struct Table {
     qualified: String,
     /// Declared columns in output order: (the table's spelling of the name, declared type).
     columns: Vec<(String, DataType)>,
+    /// Which declared columns the table had when resolved (with `schema_changes = "evolve"` a
+    /// declared column may be missing: it reads as NULL).
+    present: Vec<bool>,
+    /// Every column of the table when resolved: name and type OID.
+    all: Vec<(String, u32)>,
     /// Rows end with the version column.
     versioned: bool,
 }
 
 impl Table {
-    async fn resolve(control: &Client, name: &str, declared: Vec<(String, DataType)>, versioned: bool) -> Result<Table> {
+    async fn resolve(control: &Client, name: &str, declared: Vec<(String, DataType)>, versioned: bool, evolve: bool) -> Result<Table> {
         let context = "postgres_cdc: reading the table's definition";
         let sql = "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text, c.relreplident::text \
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)";
@@ -815,24 +1033,34 @@ impl Table {
                    WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum";
         let actual = control.query(sql, &[&oid]).await.map_err(|e| pg_error(context, e))?;
         let mut columns = Vec::with_capacity(declared.len());
+        let mut present = Vec::with_capacity(declared.len());
         for (column, ty) in declared {
             let exact = actual.iter().find(|r| r.get::<_, String>(0) == column);
             let Some(found) = exact.or_else(|| actual.iter().find(|r| r.get::<_, String>(0).eq_ignore_ascii_case(&column))) else {
+                if evolve {
+                    info!(table = %qualified, column, "postgres_cdc: a declared column the table does not have (yet) reads as NULL");
+                    columns.push((column, ty));
+                    present.push(false);
+                    continue;
+                }
                 let names: Vec<String> = actual.iter().map(|r| r.get::<_, String>(0)).collect();
                 return Err(TaskError::user(format!(
-                    "options.columns: table `{name}` has no column `{column}`; its columns are: {}",
+                    "options.columns: table `{name}` has no column `{column}`; its columns are: {} (with options.schema_changes = \"evolve\" a declared column the table lacks reads as NULL until it is added)",
                     names.join(", ")
                 )));
             };
             check_type(&column, ty, found.get(1), &found.get::<_, String>(2))?;
             columns.push((found.get(0), ty));
+            present.push(true);
         }
-        Ok(Table { oid, schema, name: relname, qualified, columns, versioned })
+        let all = actual.iter().map(|r| (r.get(0), r.get(1))).collect();
+        Ok(Table { oid, schema, name: relname, qualified, columns, present, all, versioned })
     }
 
     /// The snapshot query: the declared columns, in output order.
     fn select(&self) -> String {
-        let columns: Vec<String> = self.columns.iter().map(|(n, _)| quote_ident(n)).collect();
+        let columns: Vec<String> =
+            self.columns.iter().zip(&self.present).map(|((n, _), here)| if *here { quote_ident(n) } else { "NULL".into() }).collect();
         format!("SELECT {} FROM {}", columns.join(", "), self.qualified)
     }
 
@@ -876,28 +1104,51 @@ fn check_type(column: &str, declared: DataType, type_oid: u32, type_name: &str) 
     )))
 }
 
-/// Creates the publication for the table if it is missing; checks an existing one publishes it.
-async fn ensure_publication(control: &Client, publication: &str, table: &Table) -> Result<()> {
+/// The comment on a publication Eddy created, followed by the slots of the jobs using it.
+const PUBLICATION_MARK: &str = "eddy: used by slots ";
+
+/// The slots a publication's comment lists, if Eddy created it (`None`: the user's own).
+fn publication_users(comment: Option<&str>) -> Option<Vec<String>> {
+    let list = comment?.strip_prefix(PUBLICATION_MARK)?;
+    // Only names a slot can have: the list goes back into SQL.
+    let slot_name = |s: &&str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    Some(list.split(',').filter(slot_name).map(str::to_string).collect())
+}
+
+/// Serialises changes to the publication's comment between jobs (inside a transaction).
+fn publication_lock(publication: &str) -> String {
+    format!("SELECT pg_advisory_xact_lock(hashtext('eddy publication {publication}'))")
+}
+
+/// Creates the publication for the table if it is missing (noting in its comment that Eddy made
+/// it, for the slot `slot`); checks an existing one publishes it, and adds `slot` to the users of
+/// one Eddy made.
+async fn ensure_publication(control: &Client, publication: &str, table: &Table, slot: &str) -> Result<()> {
     let context = "postgres_cdc: checking the publication";
     let sql = "SELECT p.pubinsert AND p.pubupdate AND p.pubdelete, \
                       EXISTS (SELECT 1 FROM pg_publication_tables t \
-                              WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3) \
+                              WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3), \
+                      obj_description(p.oid, 'pg_publication') \
                FROM pg_publication p WHERE p.pubname = $1";
-    // Twice at most: if another session creates it between the check and ours, check theirs.
-    for _ in 0..2 {
+    control.batch_execute(&format!("BEGIN; {}", publication_lock(publication))).await.map_err(|e| pg_error(context, e))?;
+    let checked = async {
         let Some(row) = control.query_opt(sql, &[&publication, &table.schema, &table.name]).await.map_err(|e| pg_error(context, e))? else {
-            let create = format!("CREATE PUBLICATION {publication} FOR TABLE {}", table.qualified);
-            match control.batch_execute(&create).await {
-                Ok(()) => {
-                    info!(publication, table = %table.qualified, "postgres_cdc: created the publication");
-                    return Ok(());
-                }
-                Err(e) if e.code() == Some(&SqlState::DUPLICATE_OBJECT) => continue,
-                Err(e) => return Err(pg_error("postgres_cdc: creating the publication", e)),
-            }
+            let create = format!(
+                "CREATE PUBLICATION {publication} FOR TABLE {}; COMMENT ON PUBLICATION {publication} IS '{PUBLICATION_MARK}{slot}'",
+                table.qualified
+            );
+            control.batch_execute(&create).await.map_err(|e| pg_error("postgres_cdc: creating the publication", e))?;
+            info!(publication, table = %table.qualified, "postgres_cdc: created the publication");
+            return Ok(());
         };
-        let (all_changes, has_table): (bool, bool) = (row.get(0), row.get(1));
-        if !has_table {
+        let (all_changes, has_table, comment): (bool, bool, Option<String>) = (row.get(0), row.get(1), row.get(2));
+        let users = publication_users(comment.as_deref());
+        // Eddy's own publication takes another job's table (several tables, one publication).
+        if !has_table && users.is_some() {
+            let add = format!("ALTER PUBLICATION {publication} ADD TABLE {}", table.qualified);
+            control.batch_execute(&add).await.map_err(|e| pg_error("postgres_cdc: adding the table to the publication", e))?;
+            info!(publication, table = %table.qualified, "postgres_cdc: added the table to the publication");
+        } else if !has_table {
             return Err(TaskError::user(format!(
                 "options.publication: publication `{publication}` exists but does not include {0}; run `ALTER PUBLICATION {publication} ADD TABLE {0}` or name another publication",
                 table.qualified
@@ -908,9 +1159,52 @@ async fn ensure_publication(control: &Client, publication: &str, table: &Table) 
                 "options.publication: publication `{publication}` must publish inserts, updates and deletes; run `ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete')`"
             )));
         }
-        return Ok(());
+        if let Some(mut users) = users.filter(|u| !u.iter().any(|s| s == slot)) {
+            users.push(slot.to_string());
+            let sql = format!("COMMENT ON PUBLICATION {publication} IS '{PUBLICATION_MARK}{}'", users.join(","));
+            control.batch_execute(&sql).await.map_err(|e| pg_error(context, e))?;
+        }
+        Ok(())
+    };
+    let checked = checked.await;
+    let end = if checked.is_ok() { "COMMIT" } else { "ROLLBACK" };
+    control.batch_execute(end).await.map_err(|e| pg_error(context, e))?;
+    checked
+}
+
+/// The job using `slot` ended for good: takes it off the users of the publication, and drops the
+/// publication if Eddy created it and no other job's slot uses it. Best effort, like the slot's.
+async fn release_publication(control: &Client, publication: &str, slot: &str) {
+    let released = async {
+        control.batch_execute(&format!("BEGIN; {}", publication_lock(publication))).await?;
+        let sql = "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = $1";
+        let comment: Option<String> = control.query_opt(sql, &[&publication]).await?.and_then(|r| r.get(0));
+        let dropped = match publication_users(comment.as_deref()) {
+            None => None,
+            Some(users) => {
+                let left: Vec<String> = users.into_iter().filter(|s| s != slot).collect();
+                if left.is_empty() {
+                    control.batch_execute(&format!("DROP PUBLICATION {publication}")).await?;
+                    Some(true)
+                } else {
+                    control
+                        .batch_execute(&format!("COMMENT ON PUBLICATION {publication} IS '{PUBLICATION_MARK}{}'", left.join(",")))
+                        .await?;
+                    Some(false)
+                }
+            }
+        };
+        control.batch_execute("COMMIT").await?;
+        Ok::<_, tokio_postgres::Error>(dropped)
+    };
+    match released.await {
+        Ok(Some(true)) => info!(publication, "postgres_cdc: dropped the publication the cancelled job created"),
+        Ok(_) => {}
+        Err(e) => {
+            let _ = control.batch_execute("ROLLBACK").await;
+            warn!(publication, error = %e, "postgres_cdc: could not release the publication; drop it by hand once no job uses it (DROP PUBLICATION)");
+        }
     }
-    Err(TaskError::external(format!("postgres_cdc: publication `{publication}` appeared and vanished while being checked")))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -934,6 +1228,9 @@ struct Reader {
     snapshot_pending: bool,
     /// Clock messages are passed on (the source has event time); other sources' are ignored.
     clocked: bool,
+    /// Sharing a new job's snapshot: the connection settings, the parallelism and what to offer
+    /// the other subtasks before reading (see [`handoff`]).
+    offer: Option<(tokio_postgres::Config, u32, Option<SharedSnapshot>)>,
 }
 
 /// A snapshot to read: the connection that imported it, the temporary slot's session that
@@ -943,6 +1240,9 @@ struct SnapshotRead {
     client: Client,
     exporter: Option<ReplicationClient>,
     handed_on: oneshot::Receiver<()>,
+    /// The snapshot's chunks, and those this subtask reads.
+    plan: ChunkPlan,
+    todo: Vec<u32>,
 }
 
 /// Why the reader stops: an error, for `next_batch` to report, or [`CLOSED`].
@@ -971,68 +1271,17 @@ impl Reader {
         self.out.send(Ok(chunk)).await.map_err(|_| CLOSED)
     }
 
-    /// Reads the snapshot through a cursor, every row under version `Changes::start` but
-    /// those a re-read's stream touched, and waits until it is all handed on (the stream is not
+    /// Reads this subtask's chunks of the snapshot, every row under version `Changes::floor` but
+    /// those a re-read's stream touched, and waits until they are all handed on (the stream is not
     /// confirmed before).
     async fn read_snapshot(&mut self, snapshot: SnapshotRead) -> std::result::Result<(), Halt> {
-        let SnapshotRead { client, exporter, handed_on } = snapshot;
-        let context = "postgres_cdc: reading the snapshot";
-        let failed = |e| Some(pg_error(context, e));
-        let count = client.simple_query(&format!("SELECT count(*) FROM {}", self.changes.table.qualified)).await.map_err(failed)?;
-        let total =
-            count.iter().find_map(|m| if let SimpleQueryMessage::Row(r) = m { r.get(0)?.parse::<i64>().ok() } else { None }).unwrap_or(0);
-        self.metrics.set_gauge("snapshot_rows_total", total);
-        self.metrics.set_gauge("snapshot_rows_done", 0);
-        info!(job_id = %self.job_id, table = %self.changes.table.qualified, rows = total, "postgres_cdc: reading the snapshot");
-        let declare = format!("DECLARE eddy_snapshot NO SCROLL CURSOR FOR {}", self.changes.table.select());
-        client.batch_execute(&declare).await.map_err(failed)?;
-        // Rows per FETCH: BATCH_ROWS, fewer while rows are so large that a batch would pass
-        // BATCH_BYTES of text.
-        let mut rows_per_fetch = BATCH_ROWS;
-        let version = self.changes.table.versioned.then_some(Value::Int(self.changes.start.0 as i64));
-        let (mut done, mut skipped) = (0i64, 0usize);
-        loop {
-            let fetch = format!("FETCH FORWARD {rows_per_fetch} FROM eddy_snapshot");
-            let messages = client.simple_query(&fetch).await.map_err(failed)?;
-            let mut batch = Batch::with_capacity(rows_per_fetch);
-            let (mut fetched, mut bytes) = (0, 0);
-            for message in &messages {
-                if let SimpleQueryMessage::Row(r) = message {
-                    fetched += 1;
-                    let mut row = Vec::with_capacity(self.changes.table.width());
-                    for (i, (name, ty)) in self.changes.table.columns.iter().enumerate() {
-                        row.push(match r.get(i) {
-                            None => Value::Null,
-                            Some(text) => {
-                                bytes += text.len();
-                                decode_value(text, *ty).map_err(|m| value_error(name, &m, "the snapshot"))?
-                            }
-                        });
-                    }
-                    if !self.changes.touched.is_empty() && self.changes.touched.contains(&self.changes.key_of(&row)) {
-                        skipped += 1;
-                        continue;
-                    }
-                    row.extend(version.clone());
-                    batch.push(row, Op::Insert);
-                }
-            }
-            if fetched == 0 {
-                break;
-            }
-            done += fetched as i64;
-            self.metrics.set_gauge("snapshot_rows_done", done);
-            if !batch.is_empty() {
-                self.send(Chunk::Rows { batch, confirm: None }).await?;
-            }
-            if fetched < rows_per_fetch {
-                break;
-            }
-            let per_row = bytes / fetched;
-            rows_per_fetch = (BATCH_BYTES / per_row.max(1)).clamp(1, BATCH_ROWS);
-        }
-        client.batch_execute("CLOSE eddy_snapshot; COMMIT").await.map_err(failed)?;
-        self.metrics.set_gauge("snapshot_rows_total", done.max(total));
+        let SnapshotRead { client, exporter, handed_on, plan, todo } = snapshot;
+        let version = self.changes.table.versioned.then_some(Value::Int(self.changes.floor.0 as i64));
+        info!(job_id = %self.job_id, table = %self.changes.table.qualified, chunks = todo.len(), of = plan.total, estimated_rows = plan.estimated_rows, "postgres_cdc: reading the snapshot");
+        let changes = &self.changes;
+        let skip = |row: &Row| !changes.touched.is_empty() && changes.touched.contains(&changes.key_of(row));
+        let (done, skipped) = copy_chunks(&client, &changes.table, &plan, &todo, version, skip, &self.out, &self.metrics).await?;
+        client.batch_execute("COMMIT").await.map_err(|e| Some(pg_error("postgres_cdc: ending the snapshot", e)))?;
         info!(job_id = %self.job_id, rows = done, skipped, "postgres_cdc: snapshot read (skipped: rows the stream changed); streaming once it is handed on");
         self.send(Chunk::SnapshotEnd).await?;
         // A temporary slot goes with its session once its snapshot is read.
@@ -1045,8 +1294,17 @@ impl Reader {
     /// The snapshot (unless a re-read: then the stream reads it when it gets there), then the
     /// stream, until an error or until the source is gone.
     async fn read_and_stream(&mut self, repl: &mut ReplicationClient) -> std::result::Result<(), Halt> {
+        // The slot's exported snapshot lives while `repl` stays idle: shared out before anything else.
+        let mut shares = None;
+        if let Some((pg, parallelism, offer)) = self.offer.take() {
+            shares = Some(handoff::offer(&pg, &self.job_id, &self.slot, offer, parallelism).await?);
+        }
         if let Some(snapshot) = self.snapshot.take_if(|_| !self.changes.rereading()) {
             self.read_snapshot(snapshot).await?;
+        }
+        // The changes follow every subtask's snapshot rows.
+        if let Some(shares) = shares {
+            shares.wait_done().await?;
         }
         repl.start().await.map_err(|e| wire_error("starting replication", e))?;
         repl.wait_started().await.map_err(|e| wire_error("starting replication", e))?;
@@ -1114,7 +1372,7 @@ impl Reader {
                 }
                 ReplicationEvent::XLogData { wal_start, data, .. } => {
                     pending_bytes += data.len();
-                    self.changes.on_message(&data, wal_start, &mut pending)?
+                    self.changes.on_message(&data, wal_start, &mut pending)?;
                 }
                 // Nothing is confirmed before a re-read's snapshot is read.
                 ReplicationEvent::Commit { end_lsn, .. } => {
@@ -1122,6 +1380,21 @@ impl Reader {
                     if !self.changes.rereading() {
                         let end = completed.map_or(end_lsn, |(c, _)| c.max(end_lsn));
                         completed = Some((end, self.changes.last));
+                    }
+                    // A new description of the table goes out with the end of its transaction,
+                    // so that a checkpoint holds it only with a position past it.
+                    if std::mem::take(&mut self.changes.described) {
+                        let batch = std::mem::replace(&mut pending, Batch::with_capacity(BATCH_ROWS + 1));
+                        let confirm = completed.take();
+                        if let Some((lsn, _)) = confirm {
+                            sent = sent.max(lsn);
+                        }
+                        match confirm {
+                            _ if !batch.is_empty() => self.send(Chunk::Rows { batch, confirm }).await?,
+                            Some((lsn, version)) => self.send(Chunk::Progress(lsn, version)).await?,
+                            None => {}
+                        }
+                        self.send(Chunk::Schema(self.changes.known.clone().unwrap_or_default())).await?;
                     }
                 }
                 // Between transactions, the server's WAL end is safe to confirm once all before it is.
@@ -1169,11 +1442,130 @@ impl Reader {
     }
 }
 
+/// Reads chunks `todo` of `plan` through `client` (inside the snapshot), every row under
+/// `version` but those `skip` names, to `out`, telling it where each chunk ends. Rows read and
+/// rows skipped.
+#[allow(clippy::too_many_arguments)]
+async fn copy_chunks(
+    client: &Client,
+    table: &Table,
+    plan: &ChunkPlan,
+    todo: &[u32],
+    version: Option<Value>,
+    skip: impl Fn(&Row) -> bool,
+    out: &mpsc::Sender<Result<Chunk>>,
+    metrics: &Arc<TaskMetrics>,
+) -> std::result::Result<(i64, usize), Halt> {
+    let estimate = plan.estimated_rows.saturating_mul(todo.len() as i64) / i64::from(plan.total.max(1));
+    let mut progress = SnapshotProgress::start(metrics.clone(), estimate, todo.len());
+    let send = |chunk| async { out.send(Ok(chunk)).await.map_err(|_| CLOSED) };
+    let select = table.select();
+    let mut skipped = 0;
+    for &n in todo {
+        let mut rows = ChunkRows::open(client, &select, plan, n).await?;
+        let mut batch = Batch::with_capacity(BATCH_ROWS);
+        // Bytes and rows (sent or skipped) since the last batch.
+        let (mut bytes, mut read) = (0, 0);
+        while let Some(line) = rows.next().await? {
+            let mut fields = Vec::with_capacity(table.columns.len());
+            copy_fields(&line, &mut fields)
+                .map_err(|m| TaskError::external(format!("postgres_cdc: the snapshot of {}: {m}", table.qualified)))?;
+            if fields.len() != table.columns.len() {
+                return Err(Some(TaskError::internal(format!(
+                    "postgres_cdc: a snapshot row of {} has {} fields for {} columns",
+                    table.qualified,
+                    fields.len(),
+                    table.columns.len()
+                ))));
+            }
+            let mut row = Vec::with_capacity(table.width());
+            for (field, (name, ty)) in fields.iter().zip(&table.columns) {
+                row.push(match field {
+                    None => Value::Null,
+                    Some(text) => decode_value(text, *ty).map_err(|m| value_error(name, &m, "the snapshot"))?,
+                });
+            }
+            bytes += line.len();
+            read += 1;
+            if skip(&row) {
+                skipped += 1;
+                continue;
+            }
+            row.extend(version.clone());
+            batch.push(row, Op::Insert);
+            if batch.len() >= BATCH_ROWS || bytes >= BATCH_BYTES {
+                progress.rows(std::mem::take(&mut read));
+                send(Chunk::Rows { batch: std::mem::replace(&mut batch, Batch::with_capacity(BATCH_ROWS)), confirm: None }).await?;
+                bytes = 0;
+            }
+        }
+        progress.rows(read);
+        if !batch.is_empty() {
+            send(Chunk::Rows { batch, confirm: None }).await?;
+        }
+        send(Chunk::Read(n)).await?;
+        progress.chunk_done();
+    }
+    Ok((progress.finish(), skipped))
+}
+
+/// A subtask other than 0 of a new job: takes its share of the snapshot subtask 0 offers (see
+/// [`handoff`]), reads it under the slot's consistent point, and ends; the source then idles.
+struct ShareReader {
+    /// The source's word that every batch of the share was handed on.
+    handed_on: oneshot::Receiver<()>,
+    pg: tokio_postgres::Config,
+    job_id: String,
+    slot: String,
+    subtask: u32,
+    parallelism: u32,
+    table: Table,
+    metrics: Arc<TaskMetrics>,
+    out: mpsc::Sender<Result<Chunk>>,
+}
+
+impl ShareReader {
+    async fn run(mut self) {
+        if let Err(Some(e)) = self.read().await {
+            let _ = self.out.send(Err(e)).await;
+        }
+    }
+
+    async fn read(&mut self) -> std::result::Result<(), Halt> {
+        let send = |chunk| async { self.out.send(Ok(chunk)).await.map_err(|_| CLOSED) };
+        let (listener, offered) = handoff::wait_offer(&self.pg, &self.job_id, &self.slot).await?;
+        let Some(shared) = offered else {
+            handoff::tell(&listener, &self.job_id, &self.slot, self.subtask, false).await?;
+            return send(Chunk::SnapshotEnd).await;
+        };
+        let client = import_snapshot(&self.pg, &shared.name).await?;
+        handoff::tell(&listener, &self.job_id, &self.slot, self.subtask, false).await?;
+        send(Chunk::Plan(shared.plan, Lsn(shared.at))).await?;
+        let todo = shared.plan.share(self.subtask, self.parallelism);
+        info!(job_id = %self.job_id, subtask = self.subtask, chunks = todo.len(), of = shared.plan.total, "postgres_cdc: reading this subtask's share of the snapshot");
+        let version = self.table.versioned.then_some(Value::Int(shared.at as i64));
+        let (rows, _) = copy_chunks(&client, &self.table, &shared.plan, &todo, version, |_| false, &self.out, &self.metrics).await?;
+        client.batch_execute("COMMIT").await.map_err(|e| Some(pg_error("postgres_cdc: ending the snapshot", e)))?;
+        info!(job_id = %self.job_id, subtask = self.subtask, rows, "postgres_cdc: this subtask's share of the snapshot read");
+        send(Chunk::SnapshotEnd).await?;
+        (&mut self.handed_on).await.map_err(|_| CLOSED)?;
+        handoff::tell(&listener, &self.job_id, &self.slot, self.subtask, true).await?;
+        Ok(())
+    }
+}
+
 /// Turns pgoutput messages for the table into changelog rows.
 struct Changes {
     table: Table,
     /// Where each column of the latest relation message for the table goes in an output row.
     relation: Option<Vec<Option<usize>>>,
+    /// The table's columns (name, type OID) as last described (`None`: unknown, the next
+    /// description is taken as it is); a description that differs is a schema change.
+    known: Option<Vec<(String, u32)>>,
+    /// `known` changed since the reader last passed it on.
+    described: bool,
+    /// What a schema change does.
+    policy: SchemaChanges,
     /// The slot position this run streams from (and the snapshot rows' version).
     start: Lsn,
     /// Changes get at least version `floor + 1`: the slot's consistent point, where its snapshot
@@ -1220,7 +1612,7 @@ impl Changes {
         let message = decode_pgoutput(data).map_err(|m| TaskError::internal(format!("postgres_cdc: at {wal_start}: {m}")))?;
         let version = wal_start.0.max(self.floor.0 + 1).max(self.last + 1);
         match message {
-            PgOutput::Relation(rel) if rel.id == self.table.oid => self.relation = Some(self.map_relation(&rel)?),
+            PgOutput::Relation(rel) if rel.id == self.table.oid => self.on_relation(&rel, wal_start)?,
             PgOutput::Insert { relation, new } if relation == self.table.oid => {
                 let row = self.row(&new, None, version, wal_start)?;
                 self.touch(&row);
@@ -1259,19 +1651,108 @@ impl Changes {
         ))
     }
 
-    /// Maps a relation message's columns to output positions, checking the declared ones are there.
-    fn map_relation(&self, rel: &Relation) -> Result<Vec<Option<usize>>> {
-        let mut map = vec![None; rel.columns.len()];
-        for (out, (name, ty)) in self.table.columns.iter().enumerate() {
-            let position = rel.columns.iter().position(|c| c.name == *name).ok_or_else(|| {
-                TaskError::user(format!(
+    /// Takes a relation message: checks it against the columns known before (a schema change
+    /// goes by `policy`) and maps its columns to output positions.
+    fn on_relation(&mut self, rel: &Relation, lsn: Lsn) -> Result<()> {
+        let now: Vec<(String, u32)> = rel.columns.iter().map(|c| (c.name.clone(), c.type_oid)).collect();
+        // Nothing to compare with: the declared columns the table had must still be there.
+        if self.known.is_none() && self.policy == SchemaChanges::Fail {
+            let had = self.table.columns.iter().zip(&self.table.present).filter(|(_, here)| **here);
+            if let Some(((name, _), _)) = had.clone().find(|((n, _), _)| !now.iter().any(|(m, _)| m == n)) {
+                return Err(TaskError::user(format!(
                     "options.columns: table {} no longer has column `{name}`; fix options.columns or the table",
                     self.table.qualified
-                ))
-            })?;
-            let type_oid = rel.columns[position].type_oid;
-            check_type(name, *ty, type_oid, &format!("type oid {type_oid}"))?;
-            map[position] = Some(out);
+                )));
+            }
+        }
+        if let Some(before) = self.known.as_ref().filter(|before| **before != now) {
+            self.schema_change(before, &now, lsn)?;
+        }
+        if self.known.as_ref() != Some(&now) {
+            self.known = Some(now);
+            self.described = true;
+        }
+        self.relation = Some(self.map_relation(rel)?);
+        Ok(())
+    }
+
+    /// A declared column's output position (by the table's spelling, or case-insensitively).
+    fn declared(&self, name: &str) -> Option<usize> {
+        let columns = &self.table.columns;
+        columns.iter().position(|(n, _)| n == name).or_else(|| columns.iter().position(|(n, _)| n.eq_ignore_ascii_case(name)))
+    }
+
+    /// The table's columns went from `before` to `now` at `lsn`.
+    fn schema_change(&self, before: &[(String, u32)], now: &[(String, u32)], lsn: Lsn) -> Result<()> {
+        let t = &self.table.qualified;
+        let added: Vec<&(String, u32)> = now.iter().filter(|(n, _)| !before.iter().any(|(b, _)| b == n)).collect();
+        let dropped: Vec<&(String, u32)> = before.iter().filter(|(b, _)| !now.iter().any(|(n, _)| n == b)).collect();
+        let names = |cs: &[&(String, u32)]| cs.iter().map(|(n, _)| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+        if !added.is_empty() && !dropped.is_empty() {
+            return Err(TaskError::user(format!(
+                "postgres_cdc: at {lsn}, table {t} lost column {} and gained {}: a rename, or a column replaced? Eddy does not \
+                 guess which. Undo it, or update options.columns and submit the job again with a new snapshot",
+                names(&dropped),
+                names(&added)
+            )));
+        }
+        for (name, oid) in now {
+            if let Some((_, old)) = before.iter().find(|(b, o)| b == name && o != oid) {
+                return Err(TaskError::user(format!(
+                    "postgres_cdc: at {lsn}, column `{name}` of {t} changed type (type OID {old} to {oid}); Eddy does not convert \
+                     a column's values from one type to another. Undo it, or update options.columns and submit the job again \
+                     with a new snapshot"
+                )));
+            }
+        }
+        let fail = self.policy == SchemaChanges::Fail;
+        for (name, _) in dropped {
+            match (self.declared(name), fail) {
+                (None, _) => info!(table = %t, column = %name, %lsn, "postgres_cdc: a column the job does not read was dropped"),
+                (Some(_), true) => {
+                    return Err(TaskError::user(format!(
+                        "postgres_cdc: at {lsn}, column `{name}` was dropped from {t}, and options.columns reads it; with \
+                         options.schema_changes = \"fail\" the job stops here. Remove it from options.columns and submit the job \
+                         again (existing_slot = \"resume\" goes on from the slot), or set schema_changes = \"evolve\" to read it as \
+                         NULL from then on"
+                    )))
+                }
+                (Some(_), false) => {
+                    warn!(table = %t, column = %name, %lsn, "postgres_cdc: a column the job reads was dropped; it reads as NULL from here on")
+                }
+            }
+        }
+        for (name, oid) in added {
+            match (self.declared(name), fail) {
+                (Some(_), _) => {
+                    info!(table = %t, column = %name, %lsn, "postgres_cdc: a declared column was added to the table; its values flow from here on")
+                }
+                (None, true) => {
+                    return Err(TaskError::user(format!(
+                        "postgres_cdc: at {lsn}, column `{name}` (type OID {oid}) was added to {t}, and options.columns does not \
+                         read it; with options.schema_changes = \"fail\" the job stops here. To carry it downstream, declare it \
+                         in options.columns (rows from before it read it as NULL) and submit the job again (existing_slot = \
+                         \"resume\" goes on from the slot); or set schema_changes = \"evolve\" to carry on without it"
+                    )))
+                }
+                (None, false) => {
+                    warn!(table = %t, column = %name, %lsn, "postgres_cdc: a column was added that options.columns does not declare; not read")
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Maps a relation message's columns to output positions; a declared column it lacks reads
+    /// as NULL (the checks above have refused that where the policy does not allow it).
+    fn map_relation(&self, rel: &Relation) -> Result<Vec<Option<usize>>> {
+        let mut map = vec![None; rel.columns.len()];
+        for (position, column) in rel.columns.iter().enumerate() {
+            if let Some(out) = self.declared(&column.name) {
+                let (name, ty) = &self.table.columns[out];
+                check_type(name, *ty, column.type_oid, &format!("type oid {}", column.type_oid))?;
+                map[position] = Some(out);
+            }
         }
         Ok(map)
     }
@@ -1317,6 +1798,25 @@ mod tests {
     use super::super::pgoutput::fixtures::*;
     use super::*;
 
+    /// Options naming a server nobody listens on: for what must not connect.
+    fn offline_options() -> PostgresCdcOptions {
+        PostgresCdcOptions {
+            url: "postgres://nobody@127.0.0.1:1/none".into(),
+            table: "t".into(),
+            columns: "id BIGINT".into(),
+            primary_key: vec!["id".into()],
+            slot: "s".into(),
+            publication: "p".into(),
+            version_column: None,
+            snapshot: true,
+            existing_slot: ExistingSlot::Fail,
+            heartbeat_interval: Duration::from_secs(1),
+            max_slot_lag_bytes: None,
+            snapshot_chunk_pages: 4096,
+            schema_changes: SchemaChanges::Fail,
+        }
+    }
+
     fn fx_changes(versioned: bool) -> Changes {
         // Declared in another order than the table's, without `t`.
         let columns = [
@@ -1334,11 +1834,16 @@ mod tests {
             name: "fx".into(),
             qualified: "\"public\".\"fx\"".into(),
             columns: columns.iter().map(|(n, t)| (n.to_string(), *t)).collect(),
+            present: vec![true; columns.len()],
+            all: Vec::new(),
             versioned,
         };
         Changes {
             table,
             relation: None,
+            known: None,
+            described: false,
+            policy: SchemaChanges::Fail,
             start: Lsn(0x196_0000),
             floor: Lsn(0x196_0000),
             last: 0x196_0000,
@@ -1430,18 +1935,53 @@ mod tests {
 
     #[test]
     fn checkpointed_positions_read_back_old_and_new() {
-        let p = Position { snapshot_done: true, lsn: Lsn(0x50), floor: Lsn(0x10), version: 0x51 };
+        let whole = |done: bool| ChunksDone { plan: ChunkPlan::whole(), done: if done { vec![0] } else { vec![] } };
+        let p = Position { lsn: Lsn(0x50), floor: Lsn(0x10), version: 0x51, chunks: whole(true), columns: None };
         let restored = |inline: Vec<u8>| Position::restored(&RestoredState { inline, files: None }).unwrap();
-        assert_eq!(restored(OperatorSnapshot::state(&p).inline), Some(p));
+        assert_eq!(restored(OperatorSnapshot::state(&p).inline), Some(p.clone()));
+        // The layout before chunks: the whole snapshot read or not.
+        let v1 = PositionV1 { snapshot_done: false, lsn: Lsn(0x10), floor: Lsn(0x10), version: 0x10 };
+        let expect = Position { lsn: Lsn(0x10), floor: Lsn(0x10), version: 0x10, chunks: whole(false), columns: None };
+        assert_eq!(restored(OperatorSnapshot::state(&v1).inline), Some(expect));
         // Before versioned state: a byte and little-endian words.
         let unversioned: Vec<u8> = [vec![1], [0x50u64, 0x10, 0x51].iter().flat_map(|w| w.to_le_bytes()).collect()].concat();
-        assert_eq!(restored(unversioned.clone()), Some(p));
+        assert_eq!(restored(unversioned.clone()), Some(p.clone()));
         // Written before the last version was kept: the position stands in for it.
-        assert_eq!(restored(unversioned[..17].to_vec()), Some(Position { version: 0x50, ..p }));
+        assert_eq!(restored(unversioned[..17].to_vec()), Some(Position { version: 0x50, ..p.clone() }));
         // With the word of an earlier way of re-reading after it, which raises the floor.
         let longer = [unversioned, 0x60u64.to_le_bytes().to_vec()].concat();
         assert_eq!(restored(longer), Some(Position { floor: Lsn(0x60), ..p }));
         assert_eq!(restored(Vec::new()), None, "a subtask that read nothing");
+    }
+
+    /// A restore takes the stream from subtask 0 and the chunks from every subtask.
+    #[test]
+    fn a_restore_gathers_every_subtasks_chunks() {
+        let plan = ChunkPlan { relfilenode: 7, pages: 10, total: 3, estimated_rows: 100 };
+        let state = |p: &Position| RestoredState { inline: OperatorSnapshot::state(p).inline, files: None };
+        let stream = Position {
+            lsn: Lsn(0x90),
+            floor: Lsn(0x40),
+            version: 0x95,
+            chunks: ChunksDone { plan, done: vec![0, 2] },
+            columns: Some(vec![("id".into(), 20)]),
+        };
+        let share = Position { lsn: Lsn(0), floor: Lsn(0x40), version: 0, chunks: ChunksDone { plan, done: vec![1] }, columns: None };
+        let restore = Some((4, vec![state(&share), RestoredState { inline: Vec::new(), files: None }, state(&stream)]));
+        let (id, got) = Position::gather(&restore).unwrap().unwrap();
+        assert_eq!((id, got.lsn, got.version), (4, Lsn(0x90), 0x95));
+        assert!(got.chunks.complete(), "{:?}", got.chunks);
+        let partial = Some((4, vec![state(&stream)]));
+        let (_, got) = Position::gather(&partial).unwrap().unwrap();
+        assert_eq!(got.chunks.remaining(), [1]);
+        // The slot where the checkpoint left it: chunk 1 is read again, the stream goes on.
+        let o = PostgresCdcOptions { snapshot_chunk_pages: 10, ..offline_options() };
+        let schema = eddy_jobs::connectors::parse_columns(&o.columns).unwrap();
+        let ctx = ConnectorContext::for_test(eddy_jobs::TaskId { vertex: 0, subtask: 0 }, 2, schema);
+        let begin = Begin::decide(&o, &ctx, Some(Lsn(0x90)), Some((4, got.clone()))).unwrap();
+        assert_eq!(begin, Begin::Reread { from: Lsn(0x90), floor: Lsn(0x40), version: 0x95, chunks: Some(got.chunks.clone()) });
+        let e = Begin::decide(&o, &ctx, Some(Lsn(0x91)), Some((4, got))).unwrap_err().to_string();
+        assert!(e.contains("dropped and created again"), "{e}");
     }
 
     #[test]
@@ -1452,11 +1992,16 @@ mod tests {
             name: "fy".into(),
             qualified: "\"public\".\"fy\"".into(),
             columns: vec![("id".into(), DataType::Int), ("big".into(), DataType::String), ("k".into(), DataType::Int)],
+            present: vec![true; 3],
+            all: Vec::new(),
             versioned: false,
         };
         let mut changes = Changes {
             table,
             relation: None,
+            known: None,
+            described: false,
+            policy: SchemaChanges::Fail,
             start: Lsn(0),
             floor: Lsn(0),
             last: 0,
@@ -1476,6 +2021,7 @@ mod tests {
     fn relation_must_have_the_declared_columns_and_types() {
         let mut changes = fx_changes(false);
         changes.table.columns.push(("missing".into(), DataType::String));
+        changes.table.present.push(true);
         let e = changes.on_message(&hex(FX_RELATION), Lsn(0), &mut Batch::default()).unwrap_err();
         assert_eq!(e.blame, crate::error::Blame::User);
         assert!(e.message.contains("`missing`"), "{}", e.message);
@@ -1487,25 +2033,18 @@ mod tests {
         assert!(e.message.contains("declare it as TIMESTAMP"), "{}", e.message);
     }
 
+    /// Past a new job's first attempt, subtasks other than 0 read nothing and idle (alive, no
+    /// watermark held back).
     #[tokio::test]
-    async fn only_subtask_zero_reads() {
-        let o = PostgresCdcOptions {
-            url: "postgres://nobody@127.0.0.1:1/none".into(),
-            table: "t".into(),
-            columns: "id BIGINT".into(),
-            primary_key: vec!["id".into()],
-            slot: "s".into(),
-            publication: "p".into(),
-            version_column: None,
-            snapshot: true,
-            existing_slot: ExistingSlot::Fail,
-            heartbeat_interval: Duration::from_secs(1),
-            max_slot_lag_bytes: None,
-        };
+    async fn only_subtask_zero_reads_after_a_restart() {
+        let o = offline_options();
         let schema = eddy_jobs::connectors::parse_columns(&o.columns).unwrap();
-        let ctx = ConnectorContext::for_test(eddy_jobs::TaskId { vertex: 0, subtask: 1 }, 2, schema);
+        let mut ctx = ConnectorContext::for_test(eddy_jobs::TaskId { vertex: 0, subtask: 1 }, 2, schema);
+        ctx.attempt = 2;
         let mut source = PostgresCdc::start(&o, ctx).await.unwrap();
-        assert_eq!(source.next_batch().await.unwrap(), None);
+        assert!(tokio::time::timeout(Duration::from_millis(100), source.next_batch()).await.is_err(), "it idles");
+        assert_eq!(source.progress(), Progress::Idle);
+        assert_eq!(source.snapshot(1, std::path::Path::new("/nonexistent")).await.unwrap().inline, Vec::<u8>::new());
     }
 
     /// Tests against a real server. `EDDY_TEST_PG_URL` names a database on a PostgreSQL with
@@ -1613,6 +2152,8 @@ mod tests {
                     existing_slot: ExistingSlot::Fail,
                     heartbeat_interval: Duration::from_secs(1),
                     max_slot_lag_bytes: None,
+                    snapshot_chunk_pages: 4096,
+                    schema_changes: SchemaChanges::Fail,
                 }
             }
 
@@ -1825,12 +2366,24 @@ mod tests {
         }
 
         /// Inserts (ids from `new_ids`), updates (including TOASTed values and primary keys), deletes
-        /// and multi-statement transactions on ids up to `max_id`.
-        async fn write_changes(url: String, table: String, schema: String, rounds: u64, mut seed: u64, max_id: i64, new_ids: i64) {
+        /// and multi-statement transactions on ids up to `max_id`: `rounds` of them, and more until
+        /// `until` is set, if given.
+        async fn write_changes(
+            url: String,
+            table: String,
+            rounds: u64,
+            mut seed: u64,
+            max_id: i64,
+            new_ids: i64,
+            until: Option<Arc<AtomicBool>>,
+        ) {
             let (client, connection) = tokio_postgres::connect(&url, NoTls).await.unwrap();
             tokio::spawn(connection);
+            let schema = table.rsplit_once('.').map_or("public", |(s, _)| s).to_string();
             let mut next_id = new_ids;
-            for round in 0..rounds {
+            let more = || until.as_ref().is_some_and(|u| !u.load(Ordering::SeqCst));
+            let mut round = 0;
+            while round < rounds || more() {
                 seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
                 let x = 1 + (seed >> 33) as i64 % max_id;
                 let sql = match round % 9 {
@@ -1865,6 +2418,7 @@ mod tests {
                     _ => format!("INSERT INTO {schema}.unpublished (v) VALUES ('noise {round}')"),
                 };
                 client.batch_execute(&sql).await.unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+                round += 1;
             }
         }
 
@@ -1878,7 +2432,9 @@ mod tests {
             // Changes all along: while the slot is created and its snapshot exported and imported
             // (each lands on exactly one side of the consistent point), and while the snapshot is
             // read (the consumer is slow then).
-            let writer = tokio::spawn(write_changes(db.url.clone(), db.table(), db.schema.clone(), 4000, 7, INITIAL, 100_000));
+            // It goes on until half the snapshot is handed on, however slow the machine.
+            let stop = Arc::new(AtomicBool::new(false));
+            let writer = tokio::spawn(write_changes(db.url.clone(), db.table(), 2000, 7, INITIAL, 100_000, Some(stop.clone())));
             tokio::time::sleep(Duration::from_millis(50)).await;
             let (source, metrics) = db.start(&o).await;
             let mut source = source.unwrap_or_else(|e| panic!("start: {e}"));
@@ -1891,7 +2447,8 @@ mod tests {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
-            assert!(!writer.is_finished(), "the writer should still run while the snapshot is read");
+            assert!(!writer.is_finished(), "the writer runs while the snapshot is read");
+            stop.store(true, Ordering::SeqCst);
             assert!(snapshot_batches >= 9, "batches of at most about 1024 rows");
             writer.await.unwrap();
             catch_up(&db, &mut source, &mut applied).await;
@@ -1930,7 +2487,7 @@ mod tests {
             // A restart (of a job without checkpoints) resumes from the slot without a snapshot;
             // changes made meanwhile arrive.
             drop(source);
-            write_changes(db.url.clone(), db.table(), db.schema.clone(), 90, 99, INITIAL, 200_000).await;
+            write_changes(db.url.clone(), db.table(), 90, 99, INITIAL, 200_000, None).await;
             let (source, metrics) = db.start_with(&o, |ctx| ctx.attempt = 2).await;
             let mut source = source.unwrap_or_else(|e| panic!("restart: {e}"));
             catch_up(&db, &mut source, &mut applied).await;
@@ -2198,6 +2755,229 @@ mod tests {
             db.drop_all().await;
         }
 
+        /// Two subtasks share a new job's snapshot out by chunks; both die after a checkpoint
+        /// that holds some chunks of each (and a stream position past the snapshot's point), while
+        /// rows are deleted, updated and inserted; the restore reads only the chunks no checkpoint
+        /// holds, on subtask 0 (subtask 1 idles), and every row ends up once, as the table has it.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_kill_during_a_parallel_snapshot_resumes_by_chunks_without_losing_or_repeating_a_row() {
+            let Some(url) = url() else { return };
+            let db = Db::new(url).await;
+            db.insert_rows(1, 20_000).await;
+            let o = PostgresCdcOptions { snapshot_chunk_pages: 16, ..db.options() };
+            let subtask = |subtask: u32, attempt: u64, restore: Option<(u64, Vec<RestoredState>)>| {
+                move |ctx: &mut ConnectorContext| {
+                    ctx.task = eddy_jobs::TaskId { vertex: 0, subtask };
+                    ctx.parallelism = 2;
+                    ctx.checkpointing = true;
+                    ctx.attempt = attempt;
+                    ctx.restore = restore;
+                }
+            };
+            let ((first, m0), (second, m1)) = tokio::join!(db.start_with(&o, subtask(0, 1, None)), db.start_with(&o, subtask(1, 1, None)));
+            let (mut first, mut second) = (first.unwrap(), second.unwrap());
+            let mut topic = Upserted::default();
+            let chunks_of = |m: &Arc<TaskMetrics>| m.gauges().get("snapshot_chunks_done").copied().unwrap_or(0);
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while chunks_of(&m0) < 3 || chunks_of(&m1) < 3 {
+                assert!(Instant::now() < deadline, "both subtasks read chunks: {:?} {:?}", m0.gauges(), m1.gauges());
+                step(&mut first, &mut topic).await;
+                step(&mut second, &mut topic).await;
+            }
+            let total = m0.gauges()["snapshot_chunks_total"] + m1.gauges()["snapshot_chunks_total"];
+            let tmp = std::path::Path::new("/nonexistent");
+            let states = vec![first.snapshot(1, tmp).await.unwrap(), second.snapshot(1, tmp).await.unwrap()];
+            first.checkpoint_complete(1).await.unwrap();
+            second.checkpoint_complete(1).await.unwrap();
+            // More is handed on after the checkpoint, then both die.
+            for _ in 0..5 {
+                step(&mut first, &mut topic).await;
+                step(&mut second, &mut topic).await;
+            }
+            drop((first, second));
+            let first_versions: HashSet<i64> = topic.delivered.values().copied().collect();
+            assert_eq!(first_versions.len(), 1, "one snapshot version: {first_versions:?}");
+            let delivered: Vec<i64> = topic.delivered.keys().copied().filter(|id| *id > 10).take(2).collect();
+            let undelivered: Vec<i64> = (11..20_000).filter(|id| !topic.delivered.contains_key(id)).take(2).collect();
+            assert_eq!(undelivered.len(), 2, "some rows were still to read when the subtasks died");
+            db.exec(&format!(
+                "DELETE FROM {t} WHERE id IN ({d0}, {u0});
+                 UPDATE {t} SET duration_ms = -1, note = 'moved' WHERE id IN ({d1}, {u1});
+                 INSERT INTO {t} (id, event_type, event_ts) SELECT g, 'play', now() FROM generate_series(50000, 50100) g;",
+                t = db.table(),
+                d0 = delivered[0],
+                u0 = undelivered[0],
+                d1 = delivered[1],
+                u1 = undelivered[1],
+            ))
+            .await;
+
+            let restore = |states: &[OperatorSnapshot]| {
+                Some((1, states.iter().map(|s| RestoredState { inline: s.inline.clone(), files: None }).collect()))
+            };
+            let ((first, m0), (second, _)) =
+                tokio::join!(db.start_with(&o, subtask(0, 2, restore(&states))), db.start_with(&o, subtask(1, 2, restore(&states))));
+            let (mut first, mut second) = (first.unwrap(), second.unwrap());
+            assert!(tokio::time::timeout(Duration::from_millis(200), second.next_batch()).await.is_err(), "subtask 1 idles");
+            assert_eq!(second.progress(), Progress::Idle);
+            catch_up(&db, &mut first, &mut topic).await;
+            let reread = m0.gauges()["snapshot_chunks_total"];
+            assert!(reread > 0 && reread < total, "only the chunks no checkpoint holds are read again: {reread} of {total}");
+            assert!(m0.gauges()["snapshot_rows_done"] < 20_000, "{:?}", m0.gauges());
+            // Rows untouched since the snapshot came under its version only, whichever run read them.
+            let snapshot_version = *first_versions.iter().next().unwrap();
+            let changed = [delivered[0], delivered[1], undelivered[0], undelivered[1]];
+            for (id, versions) in &topic.inserted {
+                if !changed.contains(id) && *id < 50_000 {
+                    assert_eq!(versions.iter().copied().collect::<Vec<_>>(), [snapshot_version], "id {id}");
+                }
+            }
+            assert_eq!(topic.inserted.len(), 20_000 + 101 - 1, "every row, and those inserted while down (one deleted unread)");
+            drop((first, second));
+            db.drop_all().await;
+        }
+
+        /// A transaction left open holds slot creation up: the source names its backend until it ends.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn slot_creation_names_the_transaction_it_waits_for() {
+            let Some(url) = url() else { return };
+            let db = Db::new(url).await;
+            db.insert_rows(1, 10).await;
+            let (blocker, connection) = tokio_postgres::connect(&db.url, NoTls).await.unwrap();
+            tokio::spawn(connection);
+            blocker.batch_execute(&format!("BEGIN; INSERT INTO {}.unpublished (v) VALUES ('held')", db.schema)).await.unwrap();
+            let pid: i32 = blocker.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+            let o = db.options();
+            let (tx, rx) = oneshot::channel();
+            let start = db.start_with(&o, move |ctx| {
+                let _ = tx.send(ctx.metrics.clone());
+            });
+            let watch = async {
+                let metrics = rx.await.unwrap();
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while metrics.gauges().get("slot_waiting_for_pid") != Some(&i64::from(pid)) {
+                    assert!(Instant::now() < deadline, "the blocking backend {pid} is not named: {:?}", metrics.gauges());
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                blocker.batch_execute("COMMIT").await.unwrap();
+            };
+            let ((source, metrics), ()) = tokio::join!(start, watch);
+            let mut source = source.expect("the slot is created once the transaction ends");
+            assert_eq!(metrics.gauges().get("slot_waiting_for_pid"), Some(&0));
+            let mut topic = Upserted::default();
+            catch_up(&db, &mut source, &mut topic).await;
+            drop(source);
+            db.drop_all().await;
+        }
+
+        /// The first error the source returns within 20 s.
+        async fn next_error(source: &mut PostgresCdc) -> String {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                assert!(Instant::now() < deadline, "no error");
+                match tokio::time::timeout(Duration::from_millis(50), source.next_batch()).await {
+                    Ok(Err(e)) => return e.to_string(),
+                    Ok(Ok(_)) => source.handed_on().await.unwrap(),
+                    // As the task loop's tick does: hand on, then tick.
+                    Err(_) => {
+                        source.handed_on().await.unwrap();
+                        source.tick().await.unwrap();
+                    }
+                }
+            }
+        }
+
+        /// Rows by id, as an upsert consumer keeps them.
+        async fn read_until(source: &mut PostgresCdc, rows: &mut BTreeMap<i64, Row>, done: impl Fn(&BTreeMap<i64, Row>) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !done(rows) {
+                assert!(Instant::now() < deadline, "not there: {rows:?}");
+                if let Ok(next) = tokio::time::timeout(Duration::from_millis(50), source.next_batch()).await {
+                    let batch = next.unwrap_or_else(|e| panic!("next_batch: {e}")).unwrap();
+                    for (row, op) in batch.rows.iter().zip(&batch.ops) {
+                        let Value::Int(id) = row[0] else { panic!("{row:?}") };
+                        match op {
+                            Op::Insert => rows.insert(id, row.clone()),
+                            Op::Retract => rows.remove(&id),
+                        };
+                    }
+                }
+                source.handed_on().await.unwrap();
+                source.tick().await.unwrap();
+            }
+        }
+
+        /// Columns added and dropped while the job streams: with `fail` the job stops, naming the
+        /// change; with `evolve` a declared column the table lacks reads as NULL until it is added
+        /// and after it is dropped, an undeclared one is not read; a rename stops either.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn schema_changes_fail_or_evolve_as_the_job_chose() {
+            let Some(url) = url() else { return };
+            let db = Db::new(url).await;
+            db.insert_rows(1, 100).await;
+            let t = db.table();
+            let int = |v: i64| Value::Int(v);
+
+            // fail, a column added that the job does not read.
+            let fail = PostgresCdcOptions {
+                columns: "id BIGINT, device VARCHAR, duration_ms BIGINT".into(),
+                version_column: None,
+                ..db.options()
+            };
+            let (source, _) = db.start(&fail).await;
+            let mut source = source.unwrap();
+            let mut rows = BTreeMap::new();
+            read_until(&mut source, &mut rows, |r| r.len() == 100).await;
+            db.exec(&format!("ALTER TABLE {t} ADD COLUMN extra bigint; UPDATE {t} SET extra = 7 WHERE id = 1")).await;
+            let e = next_error(&mut source).await;
+            assert!(e.contains("`extra`") && e.contains("was added") && e.contains("schema_changes"), "{e}");
+            drop(source);
+            // Declared now, it is read (`resume` goes on from the slot: the change comes again).
+            let declared = PostgresCdcOptions {
+                columns: "id BIGINT, device VARCHAR, duration_ms BIGINT, extra BIGINT".into(),
+                existing_slot: ExistingSlot::Resume,
+                ..fail.clone()
+            };
+            let (source, _) = db.start(&declared).await;
+            let mut source = source.unwrap();
+            read_until(&mut source, &mut rows, |r| r.get(&1).is_some_and(|row| row.get(3) == Some(&int(7)))).await;
+            // fail, a column it reads dropped.
+            db.exec(&format!("ALTER TABLE {t} DROP COLUMN device; UPDATE {t} SET duration_ms = 1 WHERE id = 2")).await;
+            let e = next_error(&mut source).await;
+            assert!(e.contains("`device`") && e.contains("was dropped") && e.contains("evolve"), "{e}");
+            drop(source);
+
+            // evolve: `later` is declared before the table has it; `device` is gone already.
+            let evolve = PostgresCdcOptions {
+                columns: "id BIGINT, device VARCHAR, duration_ms BIGINT, later BIGINT".into(),
+                schema_changes: SchemaChanges::Evolve,
+                existing_slot: ExistingSlot::Reread,
+                ..fail.clone()
+            };
+            let (source, _) = db.start(&evolve).await;
+            let mut source = source.unwrap();
+            rows.clear();
+            read_until(&mut source, &mut rows, |r| r.len() == 100).await;
+            assert_eq!(rows[&3], [int(3), Value::Null, int(30), Value::Null], "missing columns read as NULL");
+            db.exec(&format!(
+                "ALTER TABLE {t} ADD COLUMN later bigint; UPDATE {t} SET later = id * 2 WHERE id <= 10;
+                 ALTER TABLE {t} ADD COLUMN undeclared text; INSERT INTO {t} (id, later, undeclared) VALUES (500, 1, 'x');"
+            ))
+            .await;
+            read_until(&mut source, &mut rows, |r| r.get(&500).is_some()).await;
+            assert_eq!(rows[&4], [int(4), Value::Null, int(40), int(8)], "the added column's values flow");
+            assert_eq!(rows[&500], [int(500), Value::Null, Value::Null, int(1)]);
+            db.exec(&format!("ALTER TABLE {t} DROP COLUMN later; UPDATE {t} SET duration_ms = 5 WHERE id = 4")).await;
+            read_until(&mut source, &mut rows, |r| r[&4][2] == int(5)).await;
+            assert_eq!(rows[&4], [int(4), Value::Null, int(5), Value::Null], "a dropped column reads as NULL");
+            // A rename is refused, even of a column it does not read.
+            db.exec(&format!("ALTER TABLE {t} RENAME COLUMN event_type TO kind; UPDATE {t} SET duration_ms = 6 WHERE id = 5")).await;
+            let e = next_error(&mut source).await;
+            assert!(e.contains("`event_type`") && e.contains("`kind`") && e.contains("rename"), "{e}");
+            drop(source);
+            db.drop_all().await;
+        }
+
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_restore_resumes_where_its_checkpoint_stopped_and_a_lost_slot_is_an_error() {
             let Some(url) = url() else { return };
@@ -2270,6 +3050,13 @@ mod tests {
             released.store(true, Ordering::SeqCst);
             drop(source);
             wait_slot(&db, "the slot of a cancelled job to be dropped", |at| at.is_none()).await;
+            // And the publication the job created, which no other job uses.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let publication = "SELECT count(*) FROM pg_publication WHERE pubname = $1";
+            while db.client.query_one(publication, &[&db.publication]).await.unwrap().get::<_, i64>(0) != 0 {
+                assert!(Instant::now() < deadline, "the publication the cancelled job created is still there");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
 
             // A restore whose slot is gone is an error, not a new snapshot.
             let (source, _) = db
@@ -2282,6 +3069,51 @@ mod tests {
             let e = source.err().expect("restoring without the slot").to_string();
             assert!(e.contains("is gone"), "{e}");
             assert_eq!(db.confirmed().await, None, "no slot was created");
+            db.drop_all().await;
+        }
+
+        /// Two tables in one job (two sources, each with its own slot): the publication Eddy made
+        /// for the first takes the second table, each source reads its own table only, and the
+        /// publication goes once both jobs' sources are released.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn two_tables_share_a_publication_and_release_it_together() {
+            let Some(url) = url() else { return };
+            let db = Db::new(url).await;
+            db.insert_rows(1, 50).await;
+            db.exec(&format!("ALTER TABLE {s}.unpublished REPLICA IDENTITY FULL; INSERT INTO {s}.unpublished (v) SELECT 'v' || g FROM generate_series(1, 30) g", s = db.schema)).await;
+            let events = PostgresCdcOptions { columns: "id BIGINT, device VARCHAR".into(), version_column: None, ..db.options() };
+            let other = PostgresCdcOptions {
+                table: format!("{}.unpublished", db.schema),
+                columns: "id BIGINT, v VARCHAR".into(),
+                slot: format!("{}_2", db.slot),
+                ..events.clone()
+            };
+            let released = Arc::new(AtomicBool::new(false));
+            let (a, _) = db.start_with(&events, |ctx| ctx.released = released.clone()).await;
+            let (b, _) = db.start_with(&other, |ctx| ctx.released = released.clone()).await;
+            let (mut a, mut b) = (a.unwrap(), b.unwrap());
+            let tables = "SELECT count(*) FROM pg_publication_tables WHERE pubname = $1";
+            assert_eq!(db.client.query_one(tables, &[&db.publication]).await.unwrap().get::<_, i64>(0), 2);
+            let (mut rows_a, mut rows_b) = (BTreeMap::new(), BTreeMap::new());
+            read_until(&mut a, &mut rows_a, |r| r.len() == 50).await;
+            read_until(&mut b, &mut rows_b, |r| r.len() == 30).await;
+            db.exec(&format!(
+                "INSERT INTO {t} (id, device) VALUES (900, 'tv'); UPDATE {s}.unpublished SET v = 'changed' WHERE id = 3",
+                t = db.table(),
+                s = db.schema
+            ))
+            .await;
+            read_until(&mut a, &mut rows_a, |r| r.contains_key(&900)).await;
+            read_until(&mut b, &mut rows_b, |r| r[&3][1] == Value::String("changed".into())).await;
+            assert_eq!((rows_a.len(), rows_b.len()), (51, 30), "each source reads its own table");
+            released.store(true, Ordering::SeqCst);
+            drop((a, b));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let publication = "SELECT count(*) FROM pg_publication WHERE pubname = $1";
+            while db.client.query_one(publication, &[&db.publication]).await.unwrap().get::<_, i64>(0) != 0 {
+                assert!(Instant::now() < deadline, "the publication is still there after both were released");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             db.drop_all().await;
         }
 

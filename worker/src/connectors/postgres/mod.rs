@@ -1,8 +1,11 @@
 //! PostgreSQL, the project's one wing for it: connections and identifiers (here), values' text
 //! output ([`text`]), the logical replication protocol ([`pgoutput`]), replication slots
-//! ([`slots`]), the change-data-capture source ([`cdc`]) and the lookup join ([`lookup`]).
+//! ([`slots`]), the change-data-capture source ([`cdc`]) with its snapshot's chunks ([`chunks`])
+//! shared out between subtasks ([`handoff`]), and the lookup join ([`lookup`]).
 
 pub mod cdc;
+mod chunks;
+mod handoff;
 pub mod lookup;
 pub mod pgoutput;
 pub mod slots;

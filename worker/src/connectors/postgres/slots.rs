@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use super::{connect, pg_error, wire_error};
 use crate::error::{Result, TaskError};
+use crate::operator::TaskMetrics;
 
 /// How long `start` waits for a previous session to release the slot.
 pub(crate) const SLOT_RELEASE_WAIT: Duration = Duration::from_secs(15);
@@ -58,15 +59,38 @@ pub(crate) async fn existing_slot(control: &Client, slot: &str) -> Result<Option
     }
 }
 
+/// How long slot creation waits before it says which transaction it waits for, and how often
+/// it says it again.
+const CREATION_REPORT: Duration = Duration::from_secs(2);
+const CREATION_REPORT_AGAIN: Duration = Duration::from_secs(30);
+
 /// Creates the slot (`TEMPORARY` or not) on the gated replication session: its consistent point
 /// and, with `export`, the name of the snapshot the session exports until its next command.
-pub(crate) async fn create_slot(repl: &mut ReplicationClient, slot: &str, temporary: bool, export: bool) -> Result<(Lsn, Option<String>)> {
+/// PostgreSQL finds a consistent point only once every transaction that was writing when asked
+/// has ended, so a long-running one holds creation up: after a moment the oldest is named in
+/// the log and in the `slot_waiting_for_pid` gauge (0 once created), with how to end it.
+pub(crate) async fn create_slot(
+    repl: &mut ReplicationClient,
+    control: &Client,
+    metrics: &TaskMetrics,
+    slot: &str,
+    temporary: bool,
+    export: bool,
+) -> Result<(Lsn, Option<String>)> {
     let temporary = if temporary { "TEMPORARY " } else { "" };
     let export_mode = if export { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" };
-    let rows = repl
-        .simple_query(&format!("CREATE_REPLICATION_SLOT {slot} {temporary}LOGICAL pgoutput {export_mode}"))
-        .await
-        .map_err(|e| wire_error("creating the replication slot", e))?;
+    let sql = format!("CREATE_REPLICATION_SLOT {slot} {temporary}LOGICAL pgoutput {export_mode}");
+    let create = repl.simple_query(&sql);
+    tokio::pin!(create);
+    let mut report = tokio::time::interval_at(Instant::now() + CREATION_REPORT, CREATION_REPORT_AGAIN);
+    let rows = loop {
+        tokio::select! {
+            rows = &mut create => break rows,
+            _ = report.tick() => report_blocker(control, metrics, slot).await,
+        }
+    };
+    metrics.set_gauge("slot_waiting_for_pid", 0);
+    let rows = rows.map_err(|e| wire_error("creating the replication slot", e))?;
     let text = |i: usize| -> Option<String> {
         rows.first().and_then(|r| r.get(i)).and_then(|v| v.as_ref()).map(|b| String::from_utf8_lossy(b).into_owned())
     };
@@ -79,6 +103,38 @@ pub(crate) async fn create_slot(repl: &mut ReplicationClient, slot: &str, tempor
     Ok((consistent, snapshot))
 }
 
+/// Names the oldest writing transaction, which slot creation waits for.
+async fn report_blocker(control: &Client, metrics: &TaskMetrics, slot: &str) {
+    let sql = "SELECT pid, coalesce(extract(epoch FROM now() - xact_start), 0)::bigint, coalesce(usename::text, ''), \
+                      coalesce(application_name, ''), coalesce(state, ''), left(coalesce(query, ''), 200) \
+               FROM pg_stat_activity \
+               WHERE backend_xid IS NOT NULL AND backend_type = 'client backend' AND pid <> pg_backend_pid() \
+               ORDER BY xact_start LIMIT 1";
+    match control.query_opt(sql, &[]).await {
+        Ok(Some(row)) => {
+            let (pid, seconds, user, application, state, query): (i32, i64, String, String, String, String) =
+                (row.get(0), row.get(1), row.get(2), row.get(3), row.get(4), row.get(5));
+            metrics.set_gauge("slot_waiting_for_pid", i64::from(pid));
+            warn!(
+                slot,
+                pid,
+                user,
+                application,
+                state,
+                running_seconds = seconds,
+                query,
+                "postgres_cdc: creating the replication slot waits for this transaction to end (PostgreSQL needs every \
+                 transaction writing when the slot was asked for to finish first); commit or roll it back, or end it: \
+                 SELECT pg_terminate_backend({pid})"
+            );
+        }
+        Ok(None) => {
+            warn!(slot, "postgres_cdc: creating the replication slot is taking long (no writing transaction seen; a prepared transaction?)")
+        }
+        Err(e) => warn!(slot, error = %e, "postgres_cdc: creating the replication slot is taking long; cannot read pg_stat_activity"),
+    }
+}
+
 /// A connection inside a repeatable-read transaction that sees the exported snapshot.
 pub(crate) async fn import_snapshot(pg: &tokio_postgres::Config, name: &str) -> Result<Client> {
     let client = connect(pg, "the snapshot connection").await?;
@@ -88,21 +144,21 @@ pub(crate) async fn import_snapshot(pg: &tokio_postgres::Config, name: &str) -> 
 }
 
 /// Drops the slot because `why`, once the session reading it (ours, ending) lets go. Best effort:
-/// the error that led here is the one reported.
-pub(crate) async fn abandon_slot(control: &Client, slot: &str, why: &str) {
+/// the error that led here is the one reported. Whether the slot is gone.
+pub(crate) async fn abandon_slot(control: &Client, slot: &str, why: &str) -> bool {
     let deadline = Instant::now() + SLOT_RELEASE_WAIT;
     loop {
         match control.execute("SELECT pg_drop_replication_slot($1)", &[&slot]).await {
             Ok(_) => {
                 info!(slot, why, "postgres_cdc: dropped the replication slot; the next start takes a new snapshot");
-                return;
+                return true;
             }
             Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {
                 warn!(slot, why, error = %e, "postgres_cdc: could not drop the replication slot; drop it by hand (SELECT pg_drop_replication_slot(name)), or it holds WAL on the server");
-                return;
+                return e.code() == Some(&SqlState::UNDEFINED_OBJECT);
             }
         }
     }
