@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fuzzes what Eddy decodes from outside (fuzz/fuzz_targets): exchange frames, pgoutput messages,
-# job specs and JSON rows, each for SECONDS (default 60), with libFuzzer through `cargo fuzz`,
+# COPY text rows, job specs and JSON rows, each for SECONDS (default 60), with libFuzzer through `cargo fuzz`,
 # starting from the seeds in fuzz/corpus. Usage: scripts/fuzz.sh [SECONDS] [TARGET...]
 # New inputs go to a scratch corpus (the repository's stays as committed); an input that crashes
 # a target is kept in $EDDY_CACHE/fuzz-artifacts/<target>/ and the script fails naming it.
@@ -10,7 +10,7 @@ cd "$ROOT/fuzz"
 seconds=${1:-60}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(exchange_codec pgoutput spec json_row)
+[ ${#targets[@]} -gt 0 ] || targets=(exchange_codec pgoutput copy_text spec json_row)
 if ! cargo fuzz --version 2>/dev/null | grep -q '^cargo-fuzz 0.13.2$'; then
   log "installing cargo-fuzz into $EDDY_CACHE/tools"
   cargo install --quiet --locked cargo-fuzz --version 0.13.2 --root "$EDDY_CACHE/tools" --target-dir "$EDDY_CACHE/tools-target"

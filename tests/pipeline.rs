@@ -113,6 +113,74 @@ fn ingest_at_parallelism_two_shares_its_snapshot_and_rescales() -> Result<()> {
     check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"] + during["deleted"])
 }
 
+/// Two tables in one job: two `postgres_cdc` sources, each with its own primary key and slot,
+/// sharing a publication Eddy creates for the first table and extends for the second, each to
+/// its own file. Every row of each table, snapshot and stream, arrives in its own file only; the
+/// cancel drops both slots and the publication.
+#[test]
+fn one_job_reads_two_tables_through_one_publication() -> Result<()> {
+    let p = Pipeline::start("twotables")?;
+    p.datagen(&["--contents", "25", "--count", "300", "--rate", "20000", "--seed", "9", "--updates-pct", "0", "--deletes-pct", "0"])?;
+    let dir = p.cluster.dir.0.clone();
+    let (events_out, content_out) = (dir.join("events.jsonl"), dir.join("content.jsonl"));
+    let source = |name: &str, table: &str, columns: &str| {
+        format!(
+            "[[source]]\nname = \"{name}\"\nconnector = \"postgres_cdc\"\n[source.options]\nurl = \"{url}\"\ntable = \"{table}\"\n\
+             columns = \"{columns}\"\nprimary_key = [\"id\"]\nslot = \"{slot}_{name}\"\npublication = \"{slot}_pub\"\n",
+            url = p.pg_url,
+            slot = p.name
+        )
+    };
+    let sink = |name: &str, input: &str, path: &std::path::Path| {
+        format!("[[sink]]\nname = \"{name}\"\ninput = \"{input}\"\nconnector = \"file\"\noptions = {{ path = \"{}\" }}\n", path.display())
+    };
+    let spec = [
+        "name = \"two-tables\"\n[state]\ncheckpoint_interval = \"1s\"\n".to_string(),
+        source("events", "public.engagement_events", "id BIGINT, content_id VARCHAR"),
+        source("content", "public.content", "id VARCHAR, slug VARCHAR"),
+        sink("events_out", "events", &events_out),
+        sink("content_out", "content", &content_out),
+    ]
+    .concat();
+    let job = p.cluster.submit("two-tables", &spec)?;
+    p.cluster.wait_state(&job, "running", Duration::from_secs(30))?;
+    // More rows into both tables while the job streams.
+    p.services.psql(&p.pg_url, "INSERT INTO content (id, slug) SELECT gen_random_uuid(), 'late-' || g FROM generate_series(1, 5) g")?;
+    p.datagen(&["--contents", "25", "--count", "200", "--rate", "2000", "--seed", "10", "--updates-pct", "0", "--deletes-pct", "0"])?;
+    let ids_in = |path: &std::path::Path| -> Result<std::collections::BTreeSet<String>> {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let mut ids = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let row: serde_json::Value = serde_json::from_str(line)?;
+            ensure!(row.get("_op").is_none(), "inserts only: {line}");
+            ids.insert(row["id"].to_string().trim_matches('"').to_string());
+        }
+        Ok(ids)
+    };
+    let ids_of = |sql: &str| -> Result<std::collections::BTreeSet<String>> {
+        Ok(p.services.psql(&p.pg_url, sql)?.lines().map(str::to_string).collect())
+    };
+    let (events, content) = (ids_of("SELECT id FROM engagement_events")?, ids_of("SELECT id FROM content")?);
+    ensure!(events.len() == 500 && content.len() >= 30, "{} events, {} contents", events.len(), content.len());
+    p.cluster.wait(Duration::from_secs(60), "each table's rows in its own file", |_| {
+        Ok(ids_in(&events_out)? == events && ids_in(&content_out)? == content)
+    })?;
+    let out = p.cluster.eddy(&["cancel", &job])?;
+    ensure!(out.status.success(), "cancel: {}", String::from_utf8_lossy(&out.stderr));
+    p.cluster.wait(Duration::from_secs(30), "the slots and the publication to go", |_| {
+        let left = p.services.psql(
+            &p.pg_url,
+            &format!(
+                "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE '{0}\\_%') + \
+                        (SELECT count(*) FROM pg_publication WHERE pubname = '{0}_pub')",
+                p.name
+            ),
+        )?;
+        Ok(left.trim() == "0")
+    })?;
+    Ok(())
+}
+
 /// Workers are killed with SIGKILL while events flow: three times one running the process job's
 /// window, once the one running the CDC source. Each time the jobs restart from their latest
 /// checkpoints on the workers left (a replacement joins), and the outcomes end exactly as without
@@ -183,9 +251,10 @@ fn pipeline_recovers_from_killed_workers() -> Result<()> {
 }
 
 /// The worker reading the ingest job's snapshot is killed part way through it, and rows are
-/// deleted and updated while the job is down. The restarted job reads the table again under the
-/// slot's position, so the rows already delivered keep their version (the external system gets
-/// no event twice under two versions), and the deletes made meanwhile come from the slot.
+/// deleted and updated while the job is down. The restarted job reads the chunks no checkpoint
+/// holds again under the slot's position, so the rows already delivered keep their version (the
+/// external system gets no event twice under two versions), and the deletes made meanwhile come
+/// from the slot.
 #[test]
 fn a_worker_killed_during_the_snapshot_sends_nothing_twice_and_keeps_deletes() -> Result<()> {
     let mut p = Pipeline::start_with("snapkill", 3)?;
@@ -234,8 +303,13 @@ fn a_worker_killed_during_the_snapshot_sends_nothing_twice_and_keeps_deletes() -
          UPDATE engagement_events SET duration_ms = 4242 WHERE id IN (SELECT id FROM engagement_events ORDER BY id LIMIT 10 OFFSET 100);",
     )?;
     p.cluster.add_worker("r0", 4)?;
-    p.cluster.wait(Duration::from_secs(120), "the ingest job to read its snapshot again", |c| {
-        Ok(c.status(&ingest)?["state"] == "running" && p.gauge(&ingest, "snapshot_rows_done")? == Some(rows - 20))
+    p.cluster.wait(Duration::from_secs(120), "the ingest job to read the rest of its snapshot again", |c| {
+        let s = c.status(&ingest)?;
+        let chunks = |name: &str| p.gauge(&ingest, name).map(|g| g.unwrap_or(0));
+        Ok(s["state"] == "running"
+            && s["attempt"].as_u64().unwrap_or(0) > 1
+            && chunks("snapshot_chunks_total")? > 0
+            && chunks("snapshot_chunks_done")? == chunks("snapshot_chunks_total")?)
     })?;
     // Every surviving row once and a delete for each of the 20 deleted rows, plus what was sent
     // before the kill of the 20 deleted rows and of the 10 updated ones (their new versions come
