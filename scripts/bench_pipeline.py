@@ -103,7 +103,7 @@ def latency():
     env = {"EDDY_PG_URL": DB_URL, "EDDY_TOPIC": topic, "EDDY_SLOT": NAME, "EDDY_GROUP": topic,
            "EDDY_CLICKHOUSE_DB": NAME, "EDDY_LEADERBOARD_KEY": NAME,
            "EDDY_EXTERNAL_URL": f"http://127.0.0.1:{mock_port}/events",
-           "EDDY_DEAD_LETTERS": f"{RUN}/dead.jsonl", "EDDY_HTTP_DEAD_LETTERS": f"{RUN}/http-dead.jsonl"}
+           "EDDY_DEAD_LETTERS": f"{RUN}/files/dead.jsonl", "EDDY_HTTP_DEAD_LETTERS": f"{RUN}/files/http-dead.jsonl"}
     jobs = [json.loads(eddy("submit", f"jobs/specs/{s}.toml", "--json", env=env))["job_id"] for s in ("ingest", "process")]
     for job in jobs:
         wait(f"job {job} to run", lambda: status(job)["state"] == "running", 60)
