@@ -257,7 +257,18 @@ fn pipeline_recovers_from_killed_workers() -> Result<()> {
 /// from the slot.
 #[test]
 fn a_worker_killed_during_the_snapshot_sends_nothing_twice_and_keeps_deletes() -> Result<()> {
-    let mut p = Pipeline::start_with("snapkill", 3)?;
+    kill_during_the_snapshot("snapkill", &[])
+}
+
+/// The same with the snapshot shared out between two subtasks in chunks of 256 pages: the restart
+/// reads the chunks no checkpoint holds, on subtask 0, and nothing is lost or sent twice.
+#[test]
+fn a_worker_killed_during_a_parallel_snapshot_sends_nothing_twice_and_keeps_deletes() -> Result<()> {
+    kill_during_the_snapshot("snapkill2", &[("EDDY_INGEST_PARALLELISM", "2"), ("EDDY_SNAPSHOT_CHUNK_PAGES", "256")])
+}
+
+fn kill_during_the_snapshot(name: &str, ingest_settings: &[(&str, &str)]) -> Result<()> {
+    let mut p = Pipeline::start_with(name, 3)?;
     let rows: i64 = 120_000;
     let before = p.datagen(&[
         "--contents",
@@ -276,7 +287,7 @@ fn a_worker_killed_during_the_snapshot_sends_nothing_twice_and_keeps_deletes() -
         "0",
     ])?;
     p.run_with("process.toml", &[])?;
-    let ingest = p.submit("ingest.toml")?;
+    let ingest = p.submit_with("ingest.toml", ingest_settings)?;
     let mut done_at_kill = 0;
     // Killed once the external system has received a thousand snapshot rows (so that sending
     // them again would show) and the snapshot is still being read.

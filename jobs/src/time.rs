@@ -10,6 +10,11 @@ fn is_leap(y: i64) -> bool {
     (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
 }
 
+/// The wall clock in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
 /// Days in month `m` (1–12) of year `y` (proleptic Gregorian).
 pub fn days_in_month(y: i64, m: i64) -> i64 {
     match m {

@@ -47,7 +47,7 @@ impl TaskBoard {
         let mut committed = Family::gauge("task_committed_checkpoint", "The last checkpoint the task's sinks committed on.");
         let mut retrying = Family::gauge("task_retrying", "1 while a connector of the task rides out an error.");
         let mut connectors: Vec<Family> = Vec::new();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let now = eddy_jobs::time::now_ms();
         for (labels, m) in tasks {
             records_in.add(labels.clone(), m.records_in.load(Relaxed) as f64);
             records_out.add(labels.clone(), m.records_out.load(Relaxed) as f64);

@@ -567,8 +567,7 @@ pub const MAX_FUTURE_MS: i64 = 3_600_000;
 /// The latest event time that counts now: the wall clock plus [`MAX_FUTURE_MS`]. Later records
 /// move no watermark, and windows send them to their late output.
 pub fn future_horizon_ms() -> i64 {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-    now.saturating_add(MAX_FUTURE_MS)
+    eddy_jobs::time::now_ms().saturating_add(MAX_FUTURE_MS)
 }
 
 #[cfg(test)]

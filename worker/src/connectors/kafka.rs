@@ -62,6 +62,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use eddy_jobs::connectors::{BadRecordPolicy, KafkaFormat, KafkaSinkOptions, KafkaSourceOptions};
 use eddy_jobs::plan::EventTime;
+use eddy_jobs::time::now_ms;
 use eddy_jobs::{Row, Schema, Value};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
@@ -734,11 +735,6 @@ fn tombstone_version(m: &OwnedMessage) -> Option<i64> {
 /// Whether subtask `subtask` of `parallelism` reads `partition`.
 fn owns(partition: i32, parallelism: u32, subtask: u32) -> bool {
     partition.rem_euclid(parallelism as i32) as u32 == subtask
-}
-
-/// Wall-clock time in Unix milliseconds, the clock of the upsert state's TTL.
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
 fn parse(bytes: &[u8]) -> std::result::Result<Json, String> {
