@@ -20,20 +20,20 @@
 //!   committed before it are not sent again), never silently wherever the slot is. A slot that has
 //!   moved past it (an older savepoint) cannot go back, and a slot that is gone or invalidated
 //!   cannot be read: each is an error that says what to do, never a silent new snapshot.
-//! - **Existing slot, no completed checkpoint holds the whole snapshot** (the worker died during the
-//!   snapshot, or before the first checkpoint after it). The exported snapshot died with its
+//! - **Existing slot, no completed checkpoint holds the whole snapshot** (the worker died during
+//!   the snapshot, or before the first checkpoint after it). The exported snapshot died with its
 //!   session. A temporary slot exports a new snapshot at its own consistent point `C2`. The kept
 //!   slot's stream, from where the checkpoint stopped (`C` if none completed: nothing was
 //!   confirmed), first catches up to `C2`, every change as usual, noting the keys it touched; then
 //!   the chunks of the new snapshot that no checkpoint holds are read (see [`super::chunks`]),
 //!   without the touched rows (their latest change came from the stream) and with every other row
-//!   under version `C`: a row unchanged since `C` is what the first reading sent, under the
-//!   version it sent it with, and a row that changed before the checkpoint's position already
-//!   went downstream under a higher version, which an upsert consumer keeps. Downstream sees exactly the versions an undisturbed
-//!   run gives, some of them twice, which an upsert consumer (and a receiver deduplicating by
-//!   id and version) ignores; a row deleted meanwhile gets its delete from the stream. The keys
-//!   changed while the job was down are held in memory until the snapshot is read. The slot is
-//!   kept, not dropped, for exactly this.
+//!   under version `C`: a row unchanged since `C` is what the first reading sent, under the version
+//!   it sent it with, and a row that changed before the checkpoint's position already went
+//!   downstream under a higher version, which an upsert consumer keeps. Downstream sees exactly the
+//!   versions an undisturbed run gives, some of them twice, which an upsert consumer (and a
+//!   receiver deduplicating by id and version) ignores; a row deleted meanwhile gets its delete
+//!   from the stream. The keys changed while the job was down are held in memory until the snapshot
+//!   is read. The slot is kept, not dropped, for exactly this.
 //! - **Existing slot, new job** (no restore, attempt 1): the slot does not tell whether its job
 //!   finished the snapshot, so `existing_slot` decides: `fail` (the default, naming the choices),
 //!   `resume` (stream from the slot) or `reread` (as above, catching up from the slot's position).
@@ -43,12 +43,11 @@
 //! each with `COPY (SELECT …) TO STDOUT`; see [`super::chunks`]), counting `snapshot_rows_done`
 //! against the table's estimated rows and `snapshot_chunks_done`, with the rate and the seconds
 //! left (`snapshot_rows_per_second`, `snapshot_eta_seconds`); checkpoints record the chunks handed
-//! on. It waits until the source has handed
-//! every snapshot batch on, then sends `START_REPLICATION` on the session that created the slot and
-//! decodes the stream (a re-read streams first and reads the snapshot when the stream reaches
-//! `C2`). Everything it produces goes through one bounded queue (a few batches deep), so
-//! `next_batch` only receives from a channel and is cancel-safe, and a slow pipeline holds the
-//! reader back (and, through TCP, the server) instead of growing memory.
+//! on. It waits until the source has handed every snapshot batch on, then sends `START_REPLICATION`
+//! on the session that created the slot and decodes the stream (a re-read streams first and reads
+//! the snapshot when the stream reaches `C2`). Everything it produces goes through one bounded
+//! queue (a few batches deep), so `next_batch` only receives from a channel and is cancel-safe, and
+//! a slow pipeline holds the reader back (and, through TCP, the server) instead of growing memory.
 //!
 //! # Rows
 //!
@@ -701,15 +700,21 @@ struct NewSlot {
 impl Drop for NewSlot {
     fn drop(&mut self) {
         if self.armed {
-            abandon_in_background(self.control.clone(), std::mem::take(&mut self.slot), "its snapshot was never read");
+            abandon_in_background(self.control.clone(), std::mem::take(&mut self.slot), "its snapshot was never read", None);
         }
     }
 }
 
-/// Drops the slot from a `drop`, which cannot wait for it.
-fn abandon_in_background(control: Arc<Client>, slot: String, why: &'static str) {
+/// Drops the slot from a `drop`, which cannot wait for it; once it is gone, releases
+/// `publication` too, if given (see [`release_publication`]).
+fn abandon_in_background(control: Arc<Client>, slot: String, why: &'static str, publication: Option<String>) {
     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(async move { abandon_slot(&control, &slot, why).await });
+        runtime.spawn(async move {
+            let gone = abandon_slot(&control, &slot, why).await;
+            if let Some(publication) = publication.filter(|_| gone) {
+                release_publication(&control, &publication, &slot).await;
+            }
+        });
     }
 }
 
@@ -848,13 +853,7 @@ impl Drop for PostgresCdc {
         }
         // The job was cancelled for good: the slot would only hold WAL back on the server.
         if let Some(Release { control, slot, publication, .. }) = self.release.take().filter(|r| r.released.load(Ordering::SeqCst)) {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    if abandon_slot(&control, &slot, "the job was cancelled").await {
-                        release_publication(&control, &publication, &slot).await;
-                    }
-                });
-            }
+            abandon_in_background(control, slot, "the job was cancelled", Some(publication));
         }
     }
 }
