@@ -77,6 +77,23 @@ enum Command {
         /// New parallelism.
         parallelism: u32,
     },
+    /// Read the rows of a PostgreSQL table that a condition selects again, into a running job's
+    /// stream (after changes were lost on their way, e.g. a slot lost): they go out as the table
+    /// has them now, ordered after every change before and before every change after, and a
+    /// crash half way loses none. Waits until they are handed on, printing how many.
+    Backfill {
+        /// Job id.
+        job: String,
+        /// An SQL condition on the table's columns, e.g. "id BETWEEN 100 AND 200".
+        #[arg(long = "where")]
+        filter: String,
+        /// The `postgres_cdc` source, when the job has several.
+        #[arg(long)]
+        source: Option<String>,
+        /// Return once a checkpoint holds the request, without waiting for the rows.
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// List workers and their slots.
     Workers,
     /// List the coordinators (id, address, role, term, applied index), or change them.
@@ -221,6 +238,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                             "records_in": m.records_in, "records_out": m.records_out,
                             "late_records": m.late_records, "watermark_ms": m.watermark_ms, "error": t.error,
                             "dead_lettered": m.dead_lettered, "gauges": m.gauges, "retrying": m.retrying,
+                            "notes": m.notes,
                         })
                     })
                     .collect();
@@ -253,7 +271,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                             m.records_out.to_string(),
                             m.late_records.to_string(),
                             m.dead_lettered.to_string(),
-                            details(&m.gauges),
+                            details(&m.gauges, &m.notes),
                             if t.error.is_empty() && !m.retrying.is_empty() { format!("retrying {}", m.retrying) } else { t.error.clone() },
                         ]
                     })
@@ -295,6 +313,29 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 println!("{}", json!({ "job_id": job, "savepoint_id": r.savepoint_id }));
             } else {
                 println!("{}", r.savepoint_id);
+            }
+        }
+        Command::Backfill { job, filter, source, no_wait } => {
+            let mut client = connect(coordinator, &access).await?;
+            let request = BackfillRequest { job_id: job.clone(), source: source.clone().unwrap_or_default(), filter: filter.clone() };
+            let r = client.backfill(request).await.map_err(rpc)?.into_inner();
+            if *no_wait {
+                if cli.json {
+                    println!(
+                        "{}",
+                        json!({ "job_id": job, "source": r.source, "backfill_id": r.backfill_id, "checkpoint_id": r.checkpoint_id })
+                    );
+                } else {
+                    println!("backfill {} of source {} is held by checkpoint {}", r.backfill_id, r.source, r.checkpoint_id);
+                }
+            } else {
+                if !cli.json {
+                    eprintln!(
+                        "backfill {} of source {} is held by checkpoint {}; waiting for its rows",
+                        r.backfill_id, r.source, r.checkpoint_id
+                    );
+                }
+                wait_backfill(&mut client, job, &r.source, r.backfill_id, cli.json, rpc).await?;
             }
         }
         Command::Savepoint { job } => {
@@ -398,11 +439,52 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Connector gauges as `name=value` pairs, e.g. `slot_lag_bytes=0 snapshot_rows=500/500`.
-fn details(gauges: &std::collections::HashMap<String, i64>) -> String {
-    let mut pairs: Vec<_> = gauges.iter().collect();
+/// Connector gauges as `name=value` pairs, e.g. `slot_lag_bytes=0 snapshot_rows_done=500`, then
+/// notes as `name="text"`.
+fn details(gauges: &std::collections::HashMap<String, i64>, notes: &std::collections::HashMap<String, String>) -> String {
+    let mut pairs: Vec<_> = gauges.iter().map(|(k, v)| format!("{k}={v}")).collect();
     pairs.sort();
-    pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+    let mut notes: Vec<_> = notes.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
+    notes.sort();
+    pairs.extend(notes);
+    pairs.join(" ")
+}
+
+/// Waits until backfill `id` of source `source` is handed on (or failed, or the job ended),
+/// from the source's figures in the job's status.
+async fn wait_backfill(
+    client: &mut JobServiceClient<Authed>,
+    job: &str,
+    source: &str,
+    id: u64,
+    json: bool,
+    rpc: impl Fn(tonic::Status) -> Failure,
+) -> Result<(), Failure> {
+    loop {
+        let s = client.job_status(JobStatusRequest { job_id: job.to_string() }).await.map_err(&rpc)?.into_inner();
+        let state = s.job.as_ref().map(|j| j.state.clone()).unwrap_or_default();
+        let streams = s.tasks.iter().filter(|t| t.subtask == 0 && t.operators.split(" -> ").next() == Some(source));
+        for m in streams.filter_map(|t| t.metrics.as_ref()) {
+            let gauge = |name: &str| m.gauges.get(name).copied().unwrap_or(0);
+            if gauge("backfill_failed_id") == id as i64 {
+                let why = m.notes.get("backfill_error").cloned().unwrap_or_default();
+                return Err(Failure::new(7, format!("backfill {id} failed, nothing more is re-read: {why}")));
+            }
+            if gauge("backfill_done_id") == id as i64 {
+                let (rows, skipped) = (gauge("backfill_rows"), gauge("backfill_rows_skipped"));
+                if json {
+                    println!("{}", json!({ "job_id": job, "source": source, "backfill_id": id, "rows": rows, "skipped": skipped }));
+                } else {
+                    println!("backfill {id}: {rows} rows re-read into the stream ({skipped} skipped: changed meanwhile, the stream carried them)");
+                }
+                return Ok(());
+            }
+        }
+        if ["finished", "failed", "cancelled"].contains(&state.as_str()) {
+            return Err(Failure::new(7, format!("job {job} is {state}; backfill {id} did not finish")));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 fn checkpoint_json(c: &CheckpointView) -> serde_json::Value {

@@ -19,9 +19,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use eddy_jobs::connectors::SourceConnector;
+use eddy_jobs::plan::OperatorKind;
 use eddy_jobs::{Plan, TaskId};
 use eddy_proto::coordinator_message::Msg as Order;
-use eddy_proto::{CancelJob, CancelResponse, CheckpointAck, CheckpointManifest, JobStatusResponse, JobSummary, TaskUpdate, WorkerView};
+use eddy_proto::{
+    BackfillResponse, CancelJob, CancelResponse, CheckpointAck, CheckpointManifest, JobStatusResponse, JobSummary, SourceRequest,
+    TaskUpdate, WorkerView,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +35,7 @@ use tracing::{info, warn};
 use crate::checkpoint::{checkpoint_record, record_view, AckOutcome, Completed};
 use crate::cluster::{Cluster, WorkerSender};
 use crate::error::CoordinatorError;
-use crate::job::{AfterSavepoint, Job, Next, Orders, SavepointDone, SavepointWaiter, ADOPT_WAIT};
+use crate::job::{AfterSavepoint, Job, Next, Orders, SavepointDone, SavepointWaiter, SourceRequestWaiter, ADOPT_WAIT};
 use crate::manifest::{describe, state_for_plan};
 use crate::meta::{MetaCommand, MetaLog, MetaState, Metadata};
 use crate::slots;
@@ -67,6 +72,9 @@ pub enum Request {
     CheckpointAck { worker_id: String, session: u64, ack: CheckpointAck },
     /// Take a savepoint; then cancel the job, or redeploy it with a new parallelism.
     Savepoint { job_id: String, then: AfterSavepoint, reply: oneshot::Sender<Result<SavepointDone, CoordinatorError>> },
+    /// Re-read the rows `filter` selects of a `postgres_cdc` source's table, answered once a
+    /// completed checkpoint holds the order.
+    Backfill { job_id: String, source: String, filter: String, reply: oneshot::Sender<Result<BackfillResponse, CoordinatorError>> },
 }
 
 /// Results of I/O the actor spawned.
@@ -86,6 +94,8 @@ pub struct Coordinator {
     /// The durable metadata, as applied; every change to it is recorded there.
     meta: Metadata,
     storage: Option<CheckpointStore>,
+    /// The last backfill id handed out.
+    last_backfill_id: u64,
 }
 
 impl Coordinator {
@@ -101,6 +111,7 @@ impl Coordinator {
             jobs: BTreeMap::new(),
             meta: Metadata::new(MetaState::default(), None),
             storage: None,
+            last_backfill_id: 0,
         }
     }
 
@@ -196,6 +207,9 @@ impl Coordinator {
         // Savepoints still waiting get an answer rather than a dropped channel.
         for job in self.jobs.values_mut() {
             for w in job.savepoint_waiters.drain(..) {
+                let _ = w.reply.send(Err(CoordinatorError::ShuttingDown));
+            }
+            for w in job.source_requests.drain(..) {
                 let _ = w.reply.send(Err(CoordinatorError::ShuttingDown));
             }
         }
@@ -311,6 +325,7 @@ impl Coordinator {
         }
         // Sources may now confirm positions upstream; sinks commit what they staged.
         self.cluster.send_all(job.checkpoint_done(done.id));
+        job.source_requests_held(done.id);
         if done.savepoint {
             self.savepoint_done(job_id, done);
         }
@@ -365,6 +380,60 @@ impl Coordinator {
         }
         job.savepoint_waiters.push(SavepointWaiter { then, reply });
         self.maybe_trigger(job_id, Instant::now());
+    }
+
+    /// The order for a backfill of `job_id`'s `postgres_cdc` source `source` (or its only one),
+    /// or why it cannot take one. Its id is unique across the job's life (the wall clock, kept
+    /// above earlier ids), so a source tells a repeat from a new order.
+    fn backfill(&mut self, job_id: &str, source: String, filter: String) -> Result<SourceRequest, CoordinatorError> {
+        let job = self.jobs.get(job_id).ok_or_else(|| CoordinatorError::NoSuchJob(job_id.into()))?;
+        if job.state.is_terminal() {
+            return Err(CoordinatorError::WrongState(format!("job {job_id} is {}; a backfill goes into a running job", job.state)));
+        }
+        if filter.trim().is_empty() {
+            return Err(CoordinatorError::Invalid(
+                "a backfill needs a filter (--where \"id BETWEEN 1 AND 100\"); to read the whole table again, say --where true".into(),
+            ));
+        }
+        let cdc: Vec<(&str, &eddy_jobs::connectors::PostgresCdcOptions)> = job
+            .plan
+            .operators
+            .iter()
+            .filter_map(|o| match &o.kind {
+                OperatorKind::Source { connector: SourceConnector::PostgresCdc(c), .. } => Some((o.name.as_str(), c)),
+                _ => None,
+            })
+            .collect();
+        let names = || cdc.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(", ");
+        let (name, options) = match (source.as_str(), cdc.as_slice()) {
+            (_, []) => return Err(CoordinatorError::Invalid(format!("job {job_id} has no postgres_cdc source to backfill"))),
+            ("", [only]) => *only,
+            ("", _) => {
+                return Err(CoordinatorError::Invalid(format!(
+                    "job {job_id} has several postgres_cdc sources ({}): name one with --source",
+                    names()
+                )))
+            }
+            (wanted, _) => *cdc.iter().find(|(n, _)| *n == wanted).ok_or_else(|| {
+                CoordinatorError::Invalid(format!(
+                    "job {job_id} has no postgres_cdc source `{wanted}`; its postgres_cdc sources: {}",
+                    names()
+                ))
+            })?,
+        };
+        if options.version_column.is_none() {
+            return Err(CoordinatorError::Invalid(format!(
+                "source `{name}` has no version_column: the re-read rows could not be ordered against the stream's changes. Set options.version_column"
+            )));
+        }
+        if self.storage.is_none() || !job.checkpoints.enabled() {
+            return Err(CoordinatorError::WrongState(format!(
+                "job {job_id} takes no checkpoints, and a backfill is recorded in them (it must survive a crash half way)"
+            )));
+        }
+        let id = (now_ms().max(0) as u64).max(self.last_backfill_id + 1);
+        self.last_backfill_id = id;
+        Ok(SourceRequest { source: name.to_string(), id, backfill_filter: filter })
     }
 
     /// Redeploys a job with `parallelism` from `manifest` (a savepoint just taken).
@@ -526,6 +595,13 @@ impl Coordinator {
                 }
             }
             Request::Savepoint { job_id, then, reply } => self.request_savepoint(&job_id, then, reply),
+            Request::Backfill { job_id, source, filter, reply } => match self.backfill(&job_id, source, filter) {
+                Ok(request) => {
+                    let job = self.jobs.get_mut(&job_id).expect("checked by backfill");
+                    job.source_requests.push(SourceRequestWaiter { request, sent_in: None, reply });
+                }
+                Err(e) => _ = reply.send(Err(e)),
+            },
         }
     }
 
@@ -893,6 +969,44 @@ connector = "discard"
             }
         }
         assert_eq!(h.state(&job), JobState::Running);
+    }
+
+    /// A backfill names a `postgres_cdc` source with a version column, in a job that checkpoints:
+    /// every other request is refused, saying what to do, and nothing is queued.
+    #[test]
+    fn a_backfill_is_refused_where_it_cannot_be_ordered_or_recorded() {
+        let mut h = Harness::new();
+        h.register("a", 8);
+        let backfill = |h: &mut Harness, job: &str, source: &str, filter: &str| {
+            let (reply, mut rx) = oneshot::channel();
+            h.coordinator.handle(Request::Backfill { job_id: job.into(), source: source.into(), filter: filter.into(), reply });
+            rx.try_recv().map(|r| r.map(|_| ()).map_err(|e| e.to_string())).unwrap_or(Ok(()))
+        };
+        let generator = h.submit(SPEC).unwrap();
+        let err = backfill(&mut h, &generator, "", "id = 1").unwrap_err();
+        assert!(err.contains("no postgres_cdc source"), "{err}");
+        let cdc = |name: &str, version: &str| {
+            format!(
+                "[[source]]\nname = \"{name}\"\nconnector = \"postgres_cdc\"\n[source.options]\nurl = \"postgres://u@h/d\"\n\
+                 table = \"public.t\"\ncolumns = \"id BIGINT\"\nprimary_key = [\"id\"]\nslot = \"s_{name}\"\n{version}\n\
+                 [[sink]]\nname = \"out_{name}\"\ninput = \"{name}\"\nconnector = \"discard\"\n"
+            )
+        };
+        let two = h.submit(&format!("name = \"two\"\n{}{}", cdc("a", "version_column = \"v\""), cdc("b", ""))).unwrap();
+        let err = backfill(&mut h, &two, "", "id = 1").unwrap_err();
+        assert!(err.contains("several postgres_cdc sources (a, b)"), "{err}");
+        let err = backfill(&mut h, &two, "c", "id = 1").unwrap_err();
+        assert!(err.contains("no postgres_cdc source `c`"), "{err}");
+        let err = backfill(&mut h, &two, "b", "id = 1").unwrap_err();
+        assert!(err.contains("no version_column"), "{err}");
+        let err = backfill(&mut h, &two, "a", " ").unwrap_err();
+        assert!(err.contains("--where true"), "{err}");
+        // This harness stores no checkpoints.
+        let err = backfill(&mut h, &two, "a", "id = 1").unwrap_err();
+        assert!(err.contains("takes no checkpoints"), "{err}");
+        let err = backfill(&mut h, "nope", "a", "id = 1").unwrap_err();
+        assert!(err.contains("no job `nope`"), "{err}");
+        assert!(h.coordinator.jobs.values().all(|j| j.source_requests.is_empty()));
     }
 
     /// A cancel stored just before the coordinator died is not undone by the restart.

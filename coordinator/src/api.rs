@@ -160,6 +160,11 @@ impl JobService for Api {
         Ok(Response::new(RescaleResponse { savepoint_id: done.savepoint_id, attempt: done.attempt }))
     }
 
+    async fn backfill(&self, request: Request<BackfillRequest>) -> Result<Response<BackfillResponse>, Status> {
+        let BackfillRequest { job_id, source, filter } = request.into_inner();
+        Ok(Response::new(self.ask(|reply| Ask::Backfill { job_id, source, filter, reply }).await??))
+    }
+
     async fn list_jobs(&self, _: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
         let jobs = self.ask(|reply| Ask::ListJobs { reply }).await?;
         Ok(Response::new(ListJobsResponse { jobs }))

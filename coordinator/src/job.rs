@@ -14,8 +14,8 @@ use eddy_jobs::plan::Port;
 use eddy_jobs::{Plan, TaskId};
 use eddy_proto::coordinator_message::Msg as Order;
 use eddy_proto::{
-    CancelJob, CheckpointDone, CheckpointManifest, CheckpointView, DeployTasks, GraphEdge, JobStatusResponse, JobSummary, TaskMetrics,
-    TaskState, TaskUpdate, TaskView, Transition, TriggerCheckpoint,
+    BackfillResponse, CancelJob, CheckpointDone, CheckpointManifest, CheckpointView, DeployTasks, GraphEdge, JobStatusResponse, JobSummary,
+    SourceRequest, TaskMetrics, TaskState, TaskUpdate, TaskView, Transition, TriggerCheckpoint,
 };
 use tokio::sync::oneshot;
 use tokio::time::Instant;
@@ -104,6 +104,16 @@ pub struct SavepointWaiter {
     pub reply: oneshot::Sender<Result<SavepointDone, CoordinatorError>>,
 }
 
+/// An order for a source (a backfill) waiting for a completed checkpoint to hold it: it goes with
+/// every checkpoint triggered from `sent_in` on (sources ignore repeats), and is answered once
+/// one of those completes.
+pub struct SourceRequestWaiter {
+    pub request: SourceRequest,
+    /// The first checkpoint that carried it.
+    pub sent_in: Option<u64>,
+    pub reply: oneshot::Sender<Result<BackfillResponse, CoordinatorError>>,
+}
+
 /// A task of the current attempt, as its worker last reported it.
 pub struct TaskRecord {
     pub worker_id: String,
@@ -167,6 +177,7 @@ pub struct Job {
     /// restarts the job.
     pub adopt_until: Option<Instant>,
     pub savepoint_waiters: Vec<SavepointWaiter>,
+    pub source_requests: Vec<SourceRequestWaiter>,
     /// Checkpoints in the metadata whose manifest could not be read at start: they stay in the
     /// metadata (a later start may read them), and while there are any no shared state file of
     /// the job is deleted (one of them may need it).
@@ -206,6 +217,7 @@ impl Job {
             previous_workers: Vec::new(),
             adopt_until: None,
             savepoint_waiters: Vec::new(),
+            source_requests: Vec::new(),
             unreadable: Vec::new(),
         }
     }
@@ -298,6 +310,11 @@ impl Job {
             for w in self.savepoint_waiters.drain(..) {
                 let _ =
                     w.reply.send(Err(CoordinatorError::Aborted(format!("the job became {to} before the savepoint completed: {cause}"))));
+            }
+            for w in self.source_requests.drain(..) {
+                let _ = w.reply.send(Err(CoordinatorError::Aborted(format!(
+                    "the job became {to} before a checkpoint held the backfill: {cause}; nothing was re-read"
+                ))));
             }
         }
         self.history.push(Transition { at_ms: now, from: from.to_string(), to: to.to_string(), cause: cause.to_string() });
@@ -417,7 +434,12 @@ impl Job {
         let tasks = self.tasks.keys().map(|t| t.to_string()).collect();
         let id = self.checkpoints.trigger(now, now_ms(), self.attempt, tasks, savepoint);
         debug!(job_id = %self.id, checkpoint = id, savepoint, "triggering checkpoint");
-        let order = TriggerCheckpoint { job_id: self.id.clone(), attempt: self.attempt, checkpoint_id: id };
+        let mut requests = Vec::new();
+        for w in &mut self.source_requests {
+            w.sent_in.get_or_insert(id);
+            requests.push(w.request.clone());
+        }
+        let order = TriggerCheckpoint { job_id: self.id.clone(), attempt: self.attempt, checkpoint_id: id, requests };
         let sources = self.tasks.iter().filter(|(t, _)| self.plan.is_source_vertex(t.vertex)).map(|(_, r)| &r.worker_id);
         Some((id, Orders::to_each(sources, Order::TriggerCheckpoint(order))))
     }
@@ -427,6 +449,16 @@ impl Job {
     pub fn checkpoint_done(&self, id: u64) -> Orders {
         let order = CheckpointDone { job_id: self.id.clone(), attempt: self.attempt, checkpoint_id: id };
         Orders::to_each(&self.slots, Order::CheckpointDone(order))
+    }
+
+    /// Checkpoint `id` completed: the source orders it carried are held, and answered.
+    pub fn source_requests_held(&mut self, id: u64) {
+        let (held, waiting) = std::mem::take(&mut self.source_requests).into_iter().partition(|w| w.sent_in.is_some_and(|s| s <= id));
+        self.source_requests = waiting;
+        for w in held {
+            let r = w.request;
+            let _ = w.reply.send(Ok(BackfillResponse { backfill_id: r.id, source: r.source, checkpoint_id: id }));
+        }
     }
 
     /// Answers every waiting savepoint with `cause`; the job runs on.

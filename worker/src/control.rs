@@ -32,7 +32,7 @@ use crate::config::WorkerConfig;
 use crate::error::TaskError;
 use crate::exchange::{Inboxes, Peers};
 use crate::metrics::TaskBoard;
-use crate::operator::TaskMetrics;
+use crate::operator::{SourceOrder, TaskMetrics};
 use crate::task::{self, TaskCommand, TaskContext};
 
 struct RunningJob {
@@ -207,7 +207,14 @@ impl Control {
                                 job.cancel.cancel();
                             }
                         }
-                        Some(Order::TriggerCheckpoint(t)) => self.command(&t.job_id, t.attempt, TaskCommand::Trigger(t.checkpoint_id)),
+                        Some(Order::TriggerCheckpoint(t)) => {
+                            let orders = t
+                                .requests
+                                .into_iter()
+                                .map(|r| (r.source, SourceOrder::Backfill { id: r.id, filter: r.backfill_filter }))
+                                .collect();
+                            self.command(&t.job_id, t.attempt, TaskCommand::Trigger(t.checkpoint_id, orders))
+                        }
                         Some(Order::CheckpointDone(c)) => self.command(&c.job_id, c.attempt, TaskCommand::Complete(c.checkpoint_id)),
                         Some(Order::Registered(_) | Order::Renew(_)) => {}
                         None => anyhow::bail!("coordinator closed the control stream"),
@@ -260,11 +267,11 @@ impl Control {
     fn command(&self, job_id: &str, attempt: u64, command: TaskCommand) {
         let Some(job) = self.jobs.get(job_id).filter(|j| j.attempt == attempt) else { return };
         for (task, t) in &job.tasks {
-            if matches!(command, TaskCommand::Trigger(_)) && !t.source {
+            if matches!(command, TaskCommand::Trigger(..)) && !t.source {
                 continue;
             }
             // A task too busy to take the order misses this checkpoint; the coordinator times it out.
-            if t.commands.try_send(command).is_err() {
+            if t.commands.try_send(command.clone()).is_err() {
                 warn!(job_id, attempt, %task, ?command, "task did not take a checkpoint order");
             }
         }
@@ -436,6 +443,7 @@ fn update(job_id: &str, attempt: u64, task: TaskId, state: TaskState, error: Str
             retrying: m.retrying(),
             busy_ms,
             backpressured_ms,
+            notes: m.notes().into_iter().collect(),
         }),
         retryable: true,
     }

@@ -39,6 +39,8 @@ pub struct TaskMetrics {
     pub gauges: std::sync::Mutex<std::collections::BTreeMap<String, i64>>,
     /// The error a connector is retrying now (empty when none); see `crate::retry`.
     pub retrying: std::sync::Mutex<String>,
+    /// Connector notes in words (why a backfill failed), by name.
+    notes: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     /// Time spent working on records (ns), without the time waiting on a full downstream.
     pub busy_ns: AtomicU64,
     /// Time spent waiting for downstream tasks to take output (ns): backpressure, ended waits.
@@ -53,6 +55,15 @@ pub struct TaskMetrics {
 }
 
 impl TaskMetrics {
+    /// Sets a connector note (see [`TaskMetrics::notes`]).
+    pub fn set_note(&self, name: &str, text: String) {
+        self.notes.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string(), text);
+    }
+
+    pub fn notes(&self) -> std::collections::BTreeMap<String, String> {
+        self.notes.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Sets a connector gauge.
     pub fn set_gauge(&self, name: &str, value: i64) {
         let mut g = self.gauges.lock().unwrap_or_else(|e| e.into_inner());
@@ -131,6 +142,7 @@ impl Default for TaskMetrics {
             dead_lettered: AtomicU64::new(0),
             gauges: Default::default(),
             retrying: Default::default(),
+            notes: Default::default(),
             busy_ns: AtomicU64::new(0),
             backpressured_ns: AtomicU64::new(0),
             waiting_since_ns: AtomicU64::new(0),
@@ -376,6 +388,15 @@ pub trait Source: Stage {
         Progress::Unknown
     }
 
+    /// An order from a user through the coordinator, taken just before a checkpoint's barrier,
+    /// so that the checkpoint records it (and a restore carries it out). The coordinator sends
+    /// each order with every checkpoint until one that carried it completes: a source ignores an
+    /// order it already holds. The default refuses none and does nothing, with a warning.
+    async fn order(&mut self, order: SourceOrder) -> Result<()> {
+        tracing::warn!(?order, "this source takes no orders; ignored");
+        Ok(())
+    }
+
     /// Whether the source's [`Progress::Watermark`] is its watermark alone (an upstream job's
     /// heartbeats, or the lowest over the partitions it reads): its records' times then move
     /// nothing by themselves, since one partition's newer records must not overtake another's
@@ -383,6 +404,14 @@ pub trait Source: Stage {
     fn follows_upstream_watermark(&self) -> bool {
         false
     }
+}
+
+/// An order for a source (see [`Source::order`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceOrder {
+    /// Read the rows this SQL condition selects again, into the running stream (`eddy
+    /// backfill`); `id` tells repeats apart.
+    Backfill { id: u64, filter: String },
 }
 
 /// A source's own word on event time (see [`Source::progress`]).

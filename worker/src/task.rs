@@ -32,15 +32,16 @@ use crate::exchange::{Inboxes, Peers, Router, Wiring};
 use crate::keys::{groups_overlap, key_group_range};
 use crate::operator::{
     future_horizon_ms, Collector, ConnectorContext, Operator, OperatorContext, OperatorSnapshot, Progress, RestoredState, Sink, Source,
-    Stage, TaskMetrics,
+    SourceOrder, Stage, TaskMetrics,
 };
 use crate::operators;
 
 /// Orders for a running task from the worker's control loop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TaskCommand {
-    /// Sources only: inject barrier `n`.
-    Trigger(u64),
+    /// Sources only: inject barrier `n`, after passing on the orders for the source operator
+    /// they name (so that the checkpoint records them).
+    Trigger(u64, Vec<(String, SourceOrder)>),
     /// Checkpoint `n` is complete.
     Complete(u64),
 }
@@ -384,7 +385,8 @@ pub async fn run(mut ctx: TaskContext) -> Result<()> {
     let source = match &plan.operators[first].kind {
         OperatorKind::Source { connector, event_time } => {
             let restore = fetch(first, false).await?;
-            Some((connectors::source(connector, connector_ctx(first, restore)).await?, *event_time))
+            let name = plan.operators[first].name.clone();
+            Some((connectors::source(connector, connector_ctx(first, restore)).await?, name, *event_time))
         }
         _ => None,
     };
@@ -414,7 +416,7 @@ pub async fn run(mut ctx: TaskContext) -> Result<()> {
     });
     let mut chain = Chain { ops, tail, metrics: ctx.metrics.clone(), checkpoints };
     match source {
-        Some((source, event_time)) => run_source(source, first, event_time, &mut chain, &mut ctx.commands).await,
+        Some((source, name, event_time)) => run_source(source, (first, &name), event_time, &mut chain, &mut ctx.commands).await,
         None => run_inputs(ctx, &mut chain).await,
     }
 }
@@ -504,7 +506,7 @@ impl WatermarkGenerator {
 
 async fn run_source(
     mut source: Box<dyn Source>,
-    index: usize,
+    (index, name): (usize, &str),
     event_time: Option<EventTime>,
     chain: &mut Chain,
     commands: &mut mpsc::Receiver<TaskCommand>,
@@ -539,7 +541,12 @@ async fn run_source(
             },
             // Checkpoints: inject a barrier between two batches; confirm positions once complete.
             Some(command) = commands.recv() => match command {
-                TaskCommand::Trigger(id) => chain.checkpoint(id, Some((index, source.as_mut() as &mut dyn Stage))).await?,
+                TaskCommand::Trigger(id, orders) => {
+                    for (_, order) in orders.into_iter().filter(|(to, _)| to == name) {
+                        source.order(order).await?;
+                    }
+                    chain.checkpoint(id, Some((index, source.as_mut() as &mut dyn Stage))).await?
+                }
                 TaskCommand::Complete(id) => {
                     source.checkpoint_complete(id).await?;
                     chain.checkpoint_complete(id).await?;

@@ -166,6 +166,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
+use super::backfill::{self, Backfill, Point};
 use super::chunks::{ChunkPlan, ChunkRows, ChunksDone, SnapshotProgress};
 use super::handoff::{self, SharedSnapshot};
 use super::pgoutput::{decode_pgoutput, Datum, OldTuple, PgOutput, Relation};
@@ -175,7 +176,8 @@ use super::{check_identifier, client_config, connect, pg_error, quote_ident, wir
 use crate::batch::{Batch, Op};
 use crate::error::{Result, TaskError};
 use crate::operator::{
-    ConnectorContext, InlineState, OperatorSnapshot, PendingCheckpoints, Progress, RestoredState, Source, Stage, TaskMetrics, BATCH_BYTES,
+    ConnectorContext, InlineState, OperatorSnapshot, PendingCheckpoints, Progress, RestoredState, Source, SourceOrder, Stage, TaskMetrics,
+    BATCH_BYTES,
 };
 
 /// Rows per batch (an update's two rows are never split, so a batch may hold one more).
@@ -231,6 +233,15 @@ pub struct PostgresCdc {
     clock_writer: Option<JoinHandle<()>>,
     /// The latest clock read back from the stream.
     clock: Option<i64>,
+    /// Backfills taken and not handed on yet, oldest first (see [`super::backfill`]).
+    backfills: Vec<Backfill>,
+    /// The last backfill id taken: orders at or below it are repeats.
+    last_backfill: u64,
+    /// Backfills for the reader to carry out (subtask 0).
+    backfill_orders: Option<mpsc::UnboundedSender<Backfill>>,
+    /// A backfill's point waiting to be held by a completed checkpoint: the first checkpoint
+    /// that recorded it (once one did), and the reader's signal.
+    point_held: Option<(Option<u64>, oneshot::Sender<()>)>,
 }
 
 /// What a checkpoint records of the source (a versioned [`InlineState`]): the position every
@@ -249,11 +260,39 @@ struct Position {
     /// The table's columns (name, type OID) as the stream had last described them at `lsn`
     /// (`None`: not known, the next description is taken as it is).
     columns: Option<Vec<(String, u32)>>,
+    /// Backfills taken and not handed on at `lsn`, oldest first.
+    backfills: Vec<Backfill>,
+    /// The last backfill id taken.
+    last_backfill: u64,
 }
 
 impl InlineState for Position {
     const HOLDER: &'static str = "postgres_cdc";
+    const VERSION: u8 = 3;
+}
+
+/// The layout before backfills: as [`Position`] without them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct PositionV2 {
+    #[serde(with = "lsn")]
+    lsn: Lsn,
+    #[serde(with = "lsn")]
+    floor: Lsn,
+    version: u64,
+    chunks: ChunksDone,
+    columns: Option<Vec<(String, u32)>>,
+}
+
+impl InlineState for PositionV2 {
+    const HOLDER: &'static str = "postgres_cdc";
     const VERSION: u8 = 2;
+}
+
+impl From<PositionV2> for Position {
+    fn from(p: PositionV2) -> Position {
+        let PositionV2 { lsn, floor, version, chunks, columns } = p;
+        Position { lsn, floor, version, chunks, columns, backfills: Vec::new(), last_backfill: 0 }
+    }
 }
 
 /// The layout before chunks: whether the (whole) snapshot had been handed on, then as
@@ -281,7 +320,8 @@ impl InlineState for PositionV1 {
 impl From<PositionV1> for Position {
     fn from(p: PositionV1) -> Position {
         let done = if p.snapshot_done { vec![0] } else { Vec::new() };
-        Position { lsn: p.lsn, floor: p.floor, version: p.version, chunks: ChunksDone { plan: ChunkPlan::whole(), done }, columns: None }
+        let chunks = ChunksDone { plan: ChunkPlan::whole(), done };
+        PositionV2 { lsn: p.lsn, floor: p.floor, version: p.version, chunks, columns: None }.into()
     }
 }
 
@@ -303,6 +343,9 @@ impl Position {
     /// The position a restored subtask's state holds, in any layout (`None`: it read nothing).
     fn restored(state: &RestoredState) -> Result<Option<Position>> {
         if let Ok(Some(old)) = state.state::<PositionV1>() {
+            return Ok(Some(old.into()));
+        }
+        if let Ok(Some(old)) = state.state::<PositionV2>() {
             return Ok(Some(old.into()));
         }
         state.read(|old| Ok(Position::unversioned(old).map(Position::from)))
@@ -455,6 +498,15 @@ enum Chunk {
     /// A clock message (see [`Clock`]): every transaction that committed before this time (Unix
     /// ms, the server's clock) came before.
     Clock(i64),
+    /// Backfill `id` reached its point: every change before it came before this, every later
+    /// one gets a higher version. `held` is told once a completed checkpoint records it; its
+    /// rows follow then.
+    BackfillPoint { id: u64, point: Point, held: oneshot::Sender<()> },
+    /// Backfill `id`'s rows came before this (`rows` of them; `skipped` were changed by the
+    /// stream meanwhile).
+    BackfillEnd { id: u64, rows: i64, skipped: usize },
+    /// Backfill `id` cannot be read, for this reason; the stream carries on.
+    BackfillFailed { id: u64, why: String },
 }
 
 impl PostgresCdc {
@@ -481,6 +533,10 @@ impl PostgresCdc {
             release: None,
             clock_writer: None,
             clock: None,
+            backfills: Vec::new(),
+            last_backfill: 0,
+            backfill_orders: None,
+            point_held: None,
         };
         check_identifier("options.slot", &o.slot)?;
         check_identifier("options.publication", &o.publication)?;
@@ -517,6 +573,10 @@ impl PostgresCdc {
         let existing = existing_slot(&control, &o.slot).await?;
         let restored = Position::gather(&ctx.restore)?;
         let restored_columns = restored.as_ref().and_then(|(_, p)| p.columns.clone());
+        if let Some((_, p)) = &restored {
+            source.backfills = p.backfills.clone();
+            source.last_backfill = p.last_backfill;
+        }
         let begin = Begin::decide(o, &ctx, existing, restored)?;
         // The columns the stream is compared with: the table's now for a new slot, the
         // checkpoint's on a restore; otherwise the stream's first description is taken as it is.
@@ -546,13 +606,7 @@ impl PostgresCdc {
                 // exports a new one at its own consistent point `C2`; the slot's stream from
                 // `from` catches up to `C2`, then the rows of that snapshot's unread chunks it
                 // did not touch follow under version `floor`, as the first reading sent them.
-                let mut temp = ReplicationClient::connect_gated(replication_config(&pg, o, &ctx)?)
-                    .await
-                    .map_err(|e| wire_error("opening a session for the temporary slot", e))?;
-                let name = format!("eddy_reread_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-                let (at, exported) = create_slot(&mut temp, &control, &source.metrics, &name, true, true).await?;
-                let exported = exported.ok_or_else(|| TaskError::external("postgres_cdc: the temporary slot exported no snapshot"))?;
-                let client = import_snapshot(&pg, &exported).await?;
+                let (at, temp, client) = temporary_snapshot(&replication_config(&pg, o, &ctx)?, &pg, &control, &source.metrics).await?;
                 let plan = ChunkPlan::make(&client, table.oid, o.snapshot_chunk_pages).await?;
                 let parts = match chunks {
                     Some(c) if c.plan.relfilenode == 0 || c.plan.relfilenode == plan.relfilenode => c,
@@ -619,7 +673,9 @@ impl PostgresCdc {
 
         let (tx, rx) = mpsc::channel(QUEUED_CHUNKS);
         let (ack_tx, ack_rx) = oneshot::channel();
-        let reader = Reader {
+        let (orders, backfills) = mpsc::unbounded_channel();
+        let replication = replication_config(&pg, o, &ctx)?;
+        let mut reader = Reader {
             out: tx,
             confirm: source.confirm.subscribe(),
             changes: Changes {
@@ -643,10 +699,38 @@ impl PostgresCdc {
             snapshot_pending: snapshot.is_some(),
             clocked: clock_every.is_some(),
             offer: offer.map(|offer| (pg.clone(), ctx.parallelism, offer)),
-            snapshot: snapshot.map(|(client, todo)| SnapshotRead { client, exporter, handed_on: ack_rx, plan, todo }),
+            snapshot: snapshot.map(|(client, todo)| SnapshotRead {
+                client,
+                exporter,
+                what: Reading::Chunks { plan, todo, handed_on: ack_rx },
+            }),
+            backfills,
+            waiting_backfill: None,
+            pg: pg.clone(),
+            replication,
         };
+        for b in &source.backfills {
+            match b.point {
+                // Its point is in the checkpoint restored: its rows are read from a new snapshot
+                // once the stream caught up with it, under the version the point gave them.
+                Some(_) if reader.snapshot.is_none() => {
+                    let (at, temp, client) = temporary_snapshot(&reader.replication, &pg, &control, &source.metrics).await?;
+                    info!(job_id = %ctx.job_id, backfill = b.id, snapshot = %at, "postgres_cdc: a backfill's rows were not all handed on; catching up from the checkpoint, then reading them again");
+                    reader.changes.reread_at = at;
+                    reader.snapshot = Some(SnapshotRead { client, exporter: Some(temp), what: Reading::Backfill(b.clone()) });
+                }
+                Some(_) => {
+                    return Err(TaskError::internal(
+                        "postgres_cdc: the checkpoint holds a backfill's point and chunks of the snapshot still to read",
+                    ))
+                }
+                None => _ = orders.send(b.clone()),
+            }
+        }
+        source.backfill_orders = Some(orders);
         source.clock_writer = clock_every.map(|every| Clock::spawn(control.clone(), every, reader.out.clone()));
         tokio::spawn(reader.run(repl));
+        source.metrics.set_gauge("backfills_waiting", source.backfills.len() as i64);
         source.chunks = Some(rx);
         source.snapshot_handed_on = Some(ack_tx);
         source.release = Some(Release {
@@ -725,15 +809,32 @@ impl Stage for PostgresCdc {
             return Ok(OperatorSnapshot::default()); // a subtask that read nothing
         };
         if !self.streams {
-            return Ok(OperatorSnapshot::state(&Position { lsn: Lsn(0), floor: self.floor, version: 0, chunks, columns: None }));
+            let position =
+                Position { lsn: Lsn(0), floor: self.floor, version: 0, chunks, columns: None, backfills: Vec::new(), last_backfill: 0 };
+            return Ok(OperatorSnapshot::state(&position));
         }
         self.pending.taken(id, self.returned);
-        let position =
-            Position { lsn: self.returned, floor: self.floor, version: self.returned_version, chunks, columns: self.columns.clone() };
+        if let Some((recorded @ None, _)) = &mut self.point_held {
+            *recorded = Some(id);
+        }
+        let position = Position {
+            lsn: self.returned,
+            floor: self.floor,
+            version: self.returned_version,
+            chunks,
+            columns: self.columns.clone(),
+            backfills: self.backfills.clone(),
+            last_backfill: self.last_backfill,
+        };
         Ok(OperatorSnapshot::state(&position))
     }
 
     async fn checkpoint_complete(&mut self, id: u64) -> Result<()> {
+        if self.point_held.as_ref().is_some_and(|(recorded, _)| recorded.is_some_and(|r| r <= id)) {
+            if let Some((_, held)) = self.point_held.take() {
+                let _ = held.send(());
+            }
+        }
         let Some(lsn) = self.pending.complete(id) else { return Ok(()) };
         self.confirm_up_to(lsn);
         Ok(())
@@ -764,10 +865,33 @@ impl Source for PostgresCdc {
                     self.floor = at;
                 }
                 Some(Ok(Chunk::Schema(columns))) => self.columns = Some(columns),
+                // (A backfill's rows come as one chunk too, after the snapshot.)
                 Some(Ok(Chunk::Read(n))) => {
-                    if let Some(parts) = self.parts.as_mut() {
+                    if let Some(parts) = self.parts.as_mut().filter(|_| !self.snapshot_done) {
                         parts.mark(n);
                     }
+                }
+                Some(Ok(Chunk::BackfillPoint { id, point, held })) => {
+                    advance(&mut self.returned, &mut self.returned_version, Some((Lsn(point.at), point.version)));
+                    if let Some(b) = self.backfills.iter_mut().find(|b| b.id == id) {
+                        b.point = Some(point);
+                    }
+                    self.point_held = Some((None, held));
+                }
+                Some(Ok(Chunk::BackfillEnd { id, rows, skipped })) => {
+                    self.backfills.retain(|b| b.id != id);
+                    info!(backfill = id, rows, skipped, "postgres_cdc: backfill handed on");
+                    self.metrics.set_gauge("backfill_rows", rows);
+                    self.metrics.set_gauge("backfill_rows_skipped", skipped as i64);
+                    self.metrics.set_gauge("backfill_done_id", id as i64);
+                    self.metrics.set_gauge("backfills_waiting", self.backfills.len() as i64);
+                }
+                Some(Ok(Chunk::BackfillFailed { id, why })) => {
+                    self.backfills.retain(|b| b.id != id);
+                    warn!(backfill = id, %why, "postgres_cdc: backfill failed; the stream carries on");
+                    self.metrics.set_note("backfill_error", why);
+                    self.metrics.set_gauge("backfill_failed_id", id as i64);
+                    self.metrics.set_gauge("backfills_waiting", self.backfills.len() as i64);
                 }
                 Some(Ok(Chunk::SnapshotEnd)) => {
                     self.snapshot_returned = true;
@@ -790,6 +914,20 @@ impl Source for PostgresCdc {
                 None => return Err(TaskError::internal("postgres_cdc: the replication reader ended without an error")),
             }
         }
+    }
+
+    async fn order(&mut self, order: SourceOrder) -> Result<()> {
+        let SourceOrder::Backfill { id, filter } = order;
+        // Subtask 0 streams, and reads backfills into the stream; a repeat is one it has.
+        let Some(orders) = self.backfill_orders.as_ref().filter(|_| id > self.last_backfill) else { return Ok(()) };
+        info!(backfill = id, %filter, "postgres_cdc: backfill taken; the checkpoint about to be taken holds it");
+        self.last_backfill = id;
+        let backfill = Backfill { id, filter, point: None };
+        let _ = orders.send(backfill.clone());
+        self.backfills.push(backfill);
+        self.metrics.set_gauge("backfill_id", id as i64);
+        self.metrics.set_gauge("backfills_waiting", self.backfills.len() as i64);
+        Ok(())
     }
 
     async fn handed_on(&mut self) -> Result<()> {
@@ -993,6 +1131,24 @@ fn replication_config(pg: &tokio_postgres::Config, o: &PostgresCdcOptions, ctx: 
         .with_status_interval(STATUS_INTERVAL)
         .with_buffer_size(REPLICATION_EVENTS)
         .with_application_name(format!("eddy-{}-{}", ctx.job_id, ctx.task)))
+}
+
+/// A temporary slot's exported snapshot, imported: the slot's consistent point, the session that
+/// holds the slot (and with it the snapshot) until dropped, and the connection inside the
+/// snapshot.
+async fn temporary_snapshot(
+    config: &ReplicationConfig,
+    pg: &tokio_postgres::Config,
+    control: &Client,
+    metrics: &TaskMetrics,
+) -> Result<(Lsn, ReplicationClient, Client)> {
+    let mut temp =
+        ReplicationClient::connect_gated(config.clone()).await.map_err(|e| wire_error("opening a session for a temporary slot", e))?;
+    let name = format!("eddy_reread_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
+    let (at, exported) = create_slot(&mut temp, control, metrics, &name, true, true).await?;
+    let exported = exported.ok_or_else(|| TaskError::external("postgres_cdc: the temporary slot exported no snapshot"))?;
+    let client = import_snapshot(pg, &exported).await?;
+    Ok((at, temp, client))
 }
 
 /// The table, checked against the declared columns.
@@ -1237,18 +1393,30 @@ struct Reader {
     /// Sharing a new job's snapshot: the connection settings, the parallelism and what to offer
     /// the other subtasks before reading (see [`handoff`]).
     offer: Option<(tokio_postgres::Config, u32, Option<SharedSnapshot>)>,
+    /// Backfills to carry out, in order (see [`super::backfill`]), and one taken from there
+    /// while the stream was inside a transaction.
+    backfills: mpsc::UnboundedReceiver<Backfill>,
+    waiting_backfill: Option<Backfill>,
+    /// Connection settings, for a backfill's snapshot.
+    pg: tokio_postgres::Config,
+    replication: ReplicationConfig,
 }
 
 /// A snapshot to read: the connection that imported it, the temporary slot's session that
-/// exported it (a re-read; it must stay open until the snapshot is read), and the source's word
-/// that every snapshot batch was handed on.
+/// exported it (a re-read or a backfill; it must stay open until the snapshot is read), and
+/// what to read of it.
 struct SnapshotRead {
     client: Client,
     exporter: Option<ReplicationClient>,
-    handed_on: oneshot::Receiver<()>,
-    /// The snapshot's chunks, and those this subtask reads.
-    plan: ChunkPlan,
-    todo: Vec<u32>,
+    what: Reading,
+}
+
+enum Reading {
+    /// The table: the snapshot's chunks and those this subtask reads, then the source's word
+    /// that every snapshot batch was handed on.
+    Chunks { plan: ChunkPlan, todo: Vec<u32>, handed_on: oneshot::Receiver<()> },
+    /// A backfill's rows.
+    Backfill(Backfill),
 }
 
 /// Why the reader stops: an error, for `next_batch` to report, or [`CLOSED`].
@@ -1281,12 +1449,18 @@ impl Reader {
     /// those a re-read's stream touched, and waits until they are all handed on (the stream is not
     /// confirmed before).
     async fn read_snapshot(&mut self, snapshot: SnapshotRead) -> std::result::Result<(), Halt> {
-        let SnapshotRead { client, exporter, handed_on, plan, todo } = snapshot;
+        let SnapshotRead { client, exporter, what } = snapshot;
+        let (plan, todo, handed_on) = match what {
+            Reading::Chunks { plan, todo, handed_on } => (plan, todo, handed_on),
+            Reading::Backfill(b) => return self.read_backfill(client, exporter, b).await,
+        };
         let version = self.changes.table.versioned.then_some(Value::Int(self.changes.floor.0 as i64));
         info!(job_id = %self.job_id, table = %self.changes.table.qualified, chunks = todo.len(), of = plan.total, estimated_rows = plan.estimated_rows, "postgres_cdc: reading the snapshot");
         let changes = &self.changes;
         let skip = |row: &Row| !changes.touched.is_empty() && changes.touched.contains(&changes.key_of(row));
-        let (done, skipped) = copy_chunks(&client, &changes.table, &plan, &todo, version, skip, &self.out, &self.metrics).await?;
+        let progress = SnapshotProgress::start(self.metrics.clone(), plan.estimate(todo.len()), todo.len());
+        let select = changes.table.select();
+        let (done, skipped) = copy_chunks(&client, &changes.table, &select, &plan, &todo, version, skip, &self.out, progress).await?;
         client.batch_execute("COMMIT").await.map_err(|e| Some(pg_error("postgres_cdc: ending the snapshot", e)))?;
         info!(job_id = %self.job_id, rows = done, skipped, "postgres_cdc: snapshot read (skipped: rows the stream changed); streaming once it is handed on");
         self.send(Chunk::SnapshotEnd).await?;
@@ -1334,6 +1508,12 @@ impl Reader {
             if self.confirm.has_changed().map_err(|_| CLOSED)? {
                 repl.update_applied_lsn(*self.confirm.borrow_and_update());
             }
+            // A backfill begins between transactions, one at a time.
+            if !in_transaction && !self.changes.rereading() {
+                if let Some(b) = self.waiting_backfill.take().or_else(|| self.backfills.try_recv().ok()) {
+                    self.begin_backfill(b).await?;
+                }
+            }
             let event = if pending.is_empty() && completed.is_none() && clock.is_none() {
                 tokio::select! {
                     biased;
@@ -1341,6 +1521,11 @@ impl Reader {
                     changed = self.confirm.changed() => {
                         changed.map_err(|_| CLOSED)?;
                         repl.update_applied_lsn(*self.confirm.borrow_and_update());
+                        continue;
+                    }
+                    // A backfill ordered while the stream is quiet.
+                    Some(b) = self.backfills.recv(), if self.waiting_backfill.is_none() => {
+                        self.waiting_backfill = Some(b);
                         continue;
                     }
                     event = repl.recv() => event,
@@ -1432,6 +1617,58 @@ impl Reader {
         }
     }
 
+    /// Backfill `b`, whose snapshot the stream has reached: its point (unless a checkpoint held
+    /// it already: a replay), once a completed checkpoint holds that, its rows (see
+    /// [`super::backfill`]). A condition that fails on the server fails the backfill, not the job.
+    async fn read_backfill(&mut self, client: Client, exporter: Option<ReplicationClient>, b: Backfill) -> std::result::Result<(), Halt> {
+        let version = match b.point {
+            Some(point) => point.version,
+            None => {
+                let point = Point { at: self.changes.reread_at.0, version: self.changes.last + 1 };
+                self.changes.last = point.version;
+                let (held, wait) = oneshot::channel();
+                self.send(Chunk::BackfillPoint { id: b.id, point, held }).await?;
+                info!(job_id = %self.job_id, backfill = b.id, at = %self.changes.reread_at, version = point.version, "postgres_cdc: backfill at its point; its rows follow once a checkpoint holds it");
+                wait.await.map_err(|_| CLOSED)?;
+                point.version
+            }
+        };
+        let changes = &self.changes;
+        let skip = |row: &Row| !changes.touched.is_empty() && changes.touched.contains(&changes.key_of(row));
+        let select = backfill::rows_query(&changes.table.select(), &b.filter);
+        let progress = SnapshotProgress::of("backfill", self.metrics.clone(), 0, 1);
+        let versioned = Some(Value::Int(version as i64));
+        let read = copy_chunks(&client, &changes.table, &select, &ChunkPlan::whole(), &[0], versioned, skip, &self.out, progress).await;
+        let end = match read {
+            Ok((rows, skipped)) => Chunk::BackfillEnd { id: b.id, rows, skipped },
+            // The server answered: the condition failed on some row (a division by zero, a cast).
+            Err(Some(e)) if !client.is_closed() => Chunk::BackfillFailed { id: b.id, why: e.message },
+            Err(halt) => return Err(halt),
+        };
+        drop((client, exporter));
+        self.send(end).await
+    }
+
+    /// Starts backfill `b` (see [`super::backfill`]): checks its condition, then takes a
+    /// temporary slot's snapshot, which the stream reads once it gets there. What fails here
+    /// fails the backfill, said in the source's figures, and the stream carries on.
+    async fn begin_backfill(&mut self, b: Backfill) -> std::result::Result<(), Halt> {
+        let check = backfill::check_query(&self.changes.table.qualified, &b.filter);
+        let taken = match self.control.query(&check, &[]).await {
+            Err(e) => Err(pg_error(&format!("postgres_cdc: the backfill's condition `{}`", b.filter), e)),
+            Ok(_) => temporary_snapshot(&self.replication, &self.pg, &self.control, &self.metrics).await,
+        };
+        match taken {
+            Ok((at, temp, client)) => {
+                info!(job_id = %self.job_id, backfill = b.id, filter = %b.filter, snapshot = %at, "postgres_cdc: backfill under way; reading its rows once the stream reaches its snapshot");
+                self.changes.reread_at = at;
+                self.snapshot = Some(SnapshotRead { client, exporter: Some(temp), what: Reading::Backfill(b) });
+                Ok(())
+            }
+            Err(e) => self.send(Chunk::BackfillFailed { id: b.id, why: e.message }).await,
+        }
+    }
+
     /// A re-read's stream has reached the temporary slot's snapshot: what it read goes on, then
     /// the snapshot's rows it did not touch.
     async fn reread(&mut self, pending: &mut Batch) -> std::result::Result<(), Halt> {
@@ -1439,7 +1676,7 @@ impl Reader {
             let batch = std::mem::replace(pending, Batch::with_capacity(BATCH_ROWS + 1));
             self.send(Chunk::Rows { batch, confirm: None }).await?;
         }
-        info!(job_id = %self.job_id, slot = %self.slot, at = %self.changes.reread_at, touched = self.changes.touched.len(), "postgres_cdc: caught up with the re-read's snapshot; reading it");
+        debug!(job_id = %self.job_id, slot = %self.slot, at = %self.changes.reread_at, touched = self.changes.touched.len(), "postgres_cdc: caught up with the snapshot; reading it");
         let snapshot = self.snapshot.take().ok_or_else(|| TaskError::internal("postgres_cdc: a re-read without its snapshot"))?;
         self.read_snapshot(snapshot).await?;
         self.changes.reread_at = Lsn(0);
@@ -1448,27 +1685,26 @@ impl Reader {
     }
 }
 
-/// Reads chunks `todo` of `plan` through `client` (inside the snapshot), every row under
-/// `version` but those `skip` names, to `out`, telling it where each chunk ends. Rows read and
-/// rows skipped.
+/// Reads chunks `todo` of `plan` of `select` (the table's columns, maybe with a condition)
+/// through `client` (inside the snapshot), every row under `version` but those `skip` names, to
+/// `out`, telling it where each chunk ends, with figures in `progress`. Rows read and rows
+/// skipped.
 #[allow(clippy::too_many_arguments)]
 async fn copy_chunks(
     client: &Client,
     table: &Table,
+    select: &str,
     plan: &ChunkPlan,
     todo: &[u32],
     version: Option<Value>,
     skip: impl Fn(&Row) -> bool,
     out: &mpsc::Sender<Result<Chunk>>,
-    metrics: &Arc<TaskMetrics>,
+    mut progress: SnapshotProgress,
 ) -> std::result::Result<(i64, usize), Halt> {
-    let estimate = plan.estimated_rows.saturating_mul(todo.len() as i64) / i64::from(plan.total.max(1));
-    let mut progress = SnapshotProgress::start(metrics.clone(), estimate, todo.len());
     let send = |chunk| async { out.send(Ok(chunk)).await.map_err(|_| CLOSED) };
-    let select = table.select();
     let mut skipped = 0;
     for &n in todo {
-        let mut rows = ChunkRows::open(client, &select, plan, n).await?;
+        let mut rows = ChunkRows::open(client, select, plan, n).await?;
         let mut batch = Batch::with_capacity(BATCH_ROWS);
         // Bytes and rows (sent or skipped) since the last batch.
         let (mut bytes, mut read) = (0, 0);
@@ -1550,7 +1786,9 @@ impl ShareReader {
         let todo = shared.plan.share(self.subtask, self.parallelism);
         info!(job_id = %self.job_id, subtask = self.subtask, chunks = todo.len(), of = shared.plan.total, "postgres_cdc: reading this subtask's share of the snapshot");
         let version = self.table.versioned.then_some(Value::Int(shared.at as i64));
-        let (rows, _) = copy_chunks(&client, &self.table, &shared.plan, &todo, version, |_| false, &self.out, &self.metrics).await?;
+        let progress = SnapshotProgress::start(self.metrics.clone(), shared.plan.estimate(todo.len()), todo.len());
+        let select = self.table.select();
+        let (rows, _) = copy_chunks(&client, &self.table, &select, &shared.plan, &todo, version, |_| false, &self.out, progress).await?;
         client.batch_execute("COMMIT").await.map_err(|e| Some(pg_error("postgres_cdc: ending the snapshot", e)))?;
         info!(job_id = %self.job_id, subtask = self.subtask, rows, "postgres_cdc: this subtask's share of the snapshot read");
         send(Chunk::SnapshotEnd).await?;
@@ -1942,12 +2180,19 @@ mod tests {
     #[test]
     fn checkpointed_positions_read_back_old_and_new() {
         let whole = |done: bool| ChunksDone { plan: ChunkPlan::whole(), done: if done { vec![0] } else { vec![] } };
-        let p = Position { lsn: Lsn(0x50), floor: Lsn(0x10), version: 0x51, chunks: whole(true), columns: None };
+        let v2 = PositionV2 { lsn: Lsn(0x50), floor: Lsn(0x10), version: 0x51, chunks: whole(true), columns: None };
+        let p = Position::from(v2.clone());
         let restored = |inline: Vec<u8>| Position::restored(&RestoredState { inline, files: None }).unwrap();
         assert_eq!(restored(OperatorSnapshot::state(&p).inline), Some(p.clone()));
+        // The layout before backfills.
+        assert_eq!(restored(OperatorSnapshot::state(&v2).inline), Some(p.clone()));
+        let point = Some(Point { at: 0x48, version: 0x50 });
+        let backfills = vec![Backfill { id: 7, filter: "id < 3".into(), point }, Backfill { id: 8, filter: "true".into(), point: None }];
+        let with = Position { backfills, last_backfill: 8, ..p.clone() };
+        assert_eq!(restored(OperatorSnapshot::state(&with).inline), Some(with));
         // The layout before chunks: the whole snapshot read or not.
         let v1 = PositionV1 { snapshot_done: false, lsn: Lsn(0x10), floor: Lsn(0x10), version: 0x10 };
-        let expect = Position { lsn: Lsn(0x10), floor: Lsn(0x10), version: 0x10, chunks: whole(false), columns: None };
+        let expect = Position::from(PositionV2 { lsn: Lsn(0x10), floor: Lsn(0x10), version: 0x10, chunks: whole(false), columns: None });
         assert_eq!(restored(OperatorSnapshot::state(&v1).inline), Some(expect));
         // Before versioned state: a byte and little-endian words.
         let unversioned: Vec<u8> = [vec![1], [0x50u64, 0x10, 0x51].iter().flat_map(|w| w.to_le_bytes()).collect()].concat();
@@ -1971,8 +2216,10 @@ mod tests {
             version: 0x95,
             chunks: ChunksDone { plan, done: vec![0, 2] },
             columns: Some(vec![("id".into(), 20)]),
+            backfills: Vec::new(),
+            last_backfill: 0,
         };
-        let share = Position { lsn: Lsn(0), floor: Lsn(0x40), version: 0, chunks: ChunksDone { plan, done: vec![1] }, columns: None };
+        let share = Position { lsn: Lsn(0), chunks: ChunksDone { plan, done: vec![1] }, columns: None, ..stream.clone() };
         let restore = Some((4, vec![state(&share), RestoredState { inline: Vec::new(), files: None }, state(&stream)]));
         let (id, got) = Position::gather(&restore).unwrap().unwrap();
         assert_eq!((id, got.lsn, got.version), (4, Lsn(0x90), 0x95));
@@ -2840,6 +3087,95 @@ mod tests {
             }
             assert_eq!(topic.inserted.len(), 20_000 + 101 - 1, "every row, and those inserted while down (one deleted unread)");
             drop((first, second));
+            db.drop_all().await;
+        }
+
+        /// Drives the source until `done` holds of it, for a minute at most.
+        async fn until(source: &mut PostgresCdc, topic: &mut Upserted, what: &str, done: impl Fn(&PostgresCdc) -> bool) {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !done(source) {
+                assert!(Instant::now() < deadline, "{what}: {:?} {:?}", source.metrics.gauges(), source.metrics.notes());
+                step(source, topic).await;
+            }
+        }
+
+        /// `eddy backfill`: the rows a condition selects go out again under one version, above
+        /// every change before the backfill's point and below every change after; a crash once a
+        /// checkpoint holds the point reads them again under that version, skipping rows changed
+        /// meanwhile; a condition that fails says why and the stream carries on; a repeated
+        /// order is ignored.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_backfill_sits_between_the_changes_around_it_and_survives_a_crash() {
+            let Some(url) = url() else { return };
+            let db = Db::new(url).await;
+            db.insert_rows(1, 300).await;
+            let o = db.options();
+            let checkpointing = |attempt: u64, restore: Option<(u64, Vec<RestoredState>)>| {
+                move |ctx: &mut ConnectorContext| {
+                    ctx.checkpointing = true;
+                    ctx.attempt = attempt;
+                    ctx.restore = restore;
+                }
+            };
+            let (source, _) = db.start_with(&o, checkpointing(1, None)).await;
+            let mut source = source.unwrap();
+            let mut topic = Upserted::default();
+            let tmp = Path::new("/nonexistent");
+            let t = db.table();
+            db.exec(&format!("UPDATE {t} SET duration_ms = -12 WHERE id = 12")).await;
+            catch_up(&db, &mut source, &mut topic).await;
+            let before = topic.versions[&12];
+
+            // Taken before checkpoint 1's barrier; at its point, checkpoint 2 holds it.
+            source.order(SourceOrder::Backfill { id: 1, filter: "id BETWEEN 10 AND 20".into() }).await.unwrap();
+            source.snapshot(1, tmp).await.unwrap();
+            until(&mut source, &mut topic, "backfill 1 reaches its point", |s| s.point_held.is_some()).await;
+            let point = source.backfills[0].point.expect("the point is the source's");
+            db.exec(&format!("UPDATE {t} SET duration_ms = -15 WHERE id = 15")).await;
+            source.snapshot(2, tmp).await.unwrap();
+            source.checkpoint_complete(2).await.unwrap();
+            let gauge = |s: &PostgresCdc, name: &str| s.metrics.gauges().get(name).copied().unwrap_or(0);
+            until(&mut source, &mut topic, "backfill 1 is handed on", |s| gauge(s, "backfill_done_id") == 1).await;
+            catch_up(&db, &mut source, &mut topic).await;
+            assert!(point.version as i64 > before, "above the change before it: {point:?} vs {before}");
+            for id in 10..=20 {
+                assert!(topic.inserted[&id].contains(&(point.version as i64)), "id {id} went out again under {point:?}");
+            }
+            assert!(topic.versions[&15] > point.version as i64, "the change after it outranks it");
+            assert_eq!(gauge(&source, "backfill_rows") + gauge(&source, "backfill_rows_skipped"), 11);
+
+            // Backfill 2 dies after checkpoint 4 held its point; rows change while it is down.
+            source.order(SourceOrder::Backfill { id: 2, filter: "id BETWEEN 30 AND 40".into() }).await.unwrap();
+            source.snapshot(3, tmp).await.unwrap();
+            until(&mut source, &mut topic, "backfill 2 reaches its point", |s| s.point_held.is_some()).await;
+            let state = source.snapshot(4, tmp).await.unwrap();
+            source.checkpoint_complete(4).await.unwrap();
+            drop(source);
+            db.exec(&format!("UPDATE {t} SET duration_ms = -35 WHERE id = 35; DELETE FROM {t} WHERE id = 36")).await;
+            let restored = RestoredState { inline: state.inline.clone(), files: None };
+            let held = restored.state::<Position>().unwrap().unwrap();
+            let point = held.backfills[0].point.expect("checkpoint 4 holds the point");
+            let (source, _) = db.start_with(&o, checkpointing(2, Some((4, vec![restored])))).await;
+            let mut source = source.unwrap();
+            until(&mut source, &mut topic, "backfill 2 is handed on after the crash", |s| gauge(s, "backfill_done_id") == 2).await;
+            catch_up(&db, &mut source, &mut topic).await;
+            for id in (30..=40).filter(|id| ![35, 36].contains(id)) {
+                assert!(topic.inserted[&id].contains(&(point.version as i64)), "id {id} went out under {point:?}");
+            }
+            assert!(topic.versions[&35] > point.version as i64, "the change made while down outranks the backfill");
+            assert_eq!(gauge(&source, "backfill_rows_skipped"), 1, "id 35 changed since the point (36 is gone)");
+
+            // A repeat is ignored; a condition the server refuses fails the backfill, not the stream.
+            source.order(SourceOrder::Backfill { id: 2, filter: "true".into() }).await.unwrap();
+            assert!(source.backfills.is_empty(), "a repeat of backfill 2");
+            source.order(SourceOrder::Backfill { id: 3, filter: "no_such_column > 1".into() }).await.unwrap();
+            until(&mut source, &mut topic, "backfill 3 fails", |s| gauge(s, "backfill_failed_id") == 3).await;
+            let why = source.metrics.notes()["backfill_error"].clone();
+            assert!(why.contains("no_such_column"), "{why}");
+            db.insert_rows(1000, 1010).await;
+            catch_up(&db, &mut source, &mut topic).await;
+            assert!(source.backfills.is_empty());
+            drop(source);
             db.drop_all().await;
         }
 

@@ -73,6 +73,11 @@ impl ChunkPlan {
         }
     }
 
+    /// The rows estimated in `chunks` of the chunks.
+    pub fn estimate(&self, chunks: usize) -> i64 {
+        self.estimated_rows.saturating_mul(chunks as i64) / i64::from(self.total.max(1))
+    }
+
     /// The chunks subtask `subtask` of `parallelism` reads when a new job shares the snapshot out.
     pub fn share(&self, subtask: u32, parallelism: u32) -> Vec<u32> {
         (0..self.total).filter(|n| n % parallelism.max(1) == subtask).collect()
@@ -163,10 +168,12 @@ impl ChunkRows {
     }
 }
 
-/// The figures of a snapshot being read, as gauges: rows done and estimated in all, chunks done
-/// and in all, rows per second since the start and the seconds left at that rate.
+/// The figures of a snapshot (or a backfill) being read, as gauges under `what`: rows done and
+/// estimated in all, chunks done and in all, rows per second since the start and the seconds left
+/// at that rate (`snapshot_rows_done`, …, `snapshot_eta_seconds`).
 pub(crate) struct SnapshotProgress {
     metrics: Arc<TaskMetrics>,
+    what: &'static str,
     started: Instant,
     rows: i64,
     estimated: i64,
@@ -178,41 +185,51 @@ pub(crate) struct SnapshotProgress {
 const RATE_EVERY: Duration = Duration::from_millis(500);
 
 impl SnapshotProgress {
-    /// A reading of `chunks` chunks, of `estimated` rows in all.
+    /// A reading of `chunks` chunks, of `estimated` rows in all: a snapshot's.
     pub fn start(metrics: Arc<TaskMetrics>, estimated: i64, chunks: usize) -> SnapshotProgress {
-        metrics.set_gauge("snapshot_rows_total", estimated);
-        metrics.set_gauge("snapshot_rows_done", 0);
-        metrics.set_gauge("snapshot_chunks_total", chunks as i64);
-        metrics.set_gauge("snapshot_chunks_done", 0);
-        SnapshotProgress { metrics, started: Instant::now(), rows: 0, estimated, chunks: 0, last: None }
+        SnapshotProgress::of("snapshot", metrics, estimated, chunks)
+    }
+
+    /// A reading whose figures are named `what_…`.
+    pub fn of(what: &'static str, metrics: Arc<TaskMetrics>, estimated: i64, chunks: usize) -> SnapshotProgress {
+        let progress = SnapshotProgress { metrics, what, started: Instant::now(), rows: 0, estimated, chunks: 0, last: None };
+        progress.set("rows_total", estimated);
+        progress.set("rows_done", 0);
+        progress.set("chunks_total", chunks as i64);
+        progress.set("chunks_done", 0);
+        progress
+    }
+
+    fn set(&self, figure: &str, value: i64) {
+        self.metrics.set_gauge(&format!("{}_{figure}", self.what), value);
     }
 
     /// `n` more rows read.
     pub fn rows(&mut self, n: usize) {
         self.rows += n as i64;
-        self.metrics.set_gauge("snapshot_rows_done", self.rows);
+        self.set("rows_done", self.rows);
         if self.last.is_none_or(|t| t.elapsed() >= RATE_EVERY) {
             self.last = Some(Instant::now());
             let seconds = self.started.elapsed().as_secs_f64().max(1e-3);
             let rate = self.rows as f64 / seconds;
-            self.metrics.set_gauge("snapshot_rows_per_second", rate as i64);
+            self.set("rows_per_second", rate as i64);
             if self.estimated > self.rows && rate > 0.0 {
-                self.metrics.set_gauge("snapshot_eta_seconds", ((self.estimated - self.rows) as f64 / rate).ceil() as i64);
+                self.set("eta_seconds", ((self.estimated - self.rows) as f64 / rate).ceil() as i64);
             }
         }
     }
 
     pub fn chunk_done(&mut self) {
         self.chunks += 1;
-        self.metrics.set_gauge("snapshot_chunks_done", self.chunks);
+        self.set("chunks_done", self.chunks);
     }
 
     /// The reading ended: the total is what was read.
     pub fn finish(&mut self) -> i64 {
-        self.metrics.set_gauge("snapshot_rows_total", self.rows);
-        self.metrics.set_gauge("snapshot_eta_seconds", 0);
+        self.set("rows_total", self.rows);
+        self.set("eta_seconds", 0);
         let seconds = self.started.elapsed().as_secs_f64().max(1e-3);
-        self.metrics.set_gauge("snapshot_rows_per_second", (self.rows as f64 / seconds) as i64);
+        self.set("rows_per_second", (self.rows as f64 / seconds) as i64);
         self.rows
     }
 }

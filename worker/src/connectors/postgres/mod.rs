@@ -3,6 +3,7 @@
 //! ([`slots`]), the change-data-capture source ([`cdc`]) with its snapshot's chunks ([`chunks`])
 //! shared out between subtasks ([`handoff`]), and the lookup join ([`lookup`]).
 
+mod backfill;
 pub mod cdc;
 mod chunks;
 mod handoff;
