@@ -185,7 +185,8 @@ fn one_job_reads_two_tables_through_one_publication() -> Result<()> {
 /// in the gap never reached Kafka: ClickHouse, the external system and the leaderboard miss them.
 /// `eddy backfill` re-reads those rows into the running stream and every outcome matches
 /// PostgreSQL again, each re-read row reaching the external system once under a new version.
-/// A condition PostgreSQL refuses is said, exit code 7, and the job runs on.
+/// A condition PostgreSQL refuses is said (exit code 7), one that reads beyond the row is refused
+/// (exit code 4), and the job runs on.
 #[test]
 fn a_backfill_brings_back_the_changes_a_lost_slot_missed() -> Result<()> {
     let p = Pipeline::start("backfill")?;
@@ -210,6 +211,10 @@ fn a_backfill_brings_back_the_changes_a_lost_slot_missed() -> Result<()> {
     let out = p.cluster.eddy(&["backfill", &ingest, "--where", "no_such_column = 1"])?;
     let err = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.code() == Some(7) && err.contains("no_such_column"), "{err}");
+    // Nothing that reads beyond the row.
+    let out = p.cluster.eddy(&["backfill", &ingest, "--where", "id IN (SELECT id FROM content)"])?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(out.status.code() == Some(4) && err.contains("not allowed"), "{err}");
     ensure!(p.cluster.status(&ingest)?["state"] == "running", "the ingest job runs on");
     Ok(())
 }
@@ -469,10 +474,13 @@ fn windows_wait_for_a_stalled_ingest_and_close_on_a_quiet_database() -> Result<(
 
 /// `eddy cancel` of the ingest job while none of its tasks runs (every worker killed, so it waits
 /// between attempts for slots): no task is left to drop its replication slot, so the coordinator
-/// drops it, as the cancel asked, instead of leaving it to hold WAL on the server.
+/// drops it, as the cancel asked, instead of leaving it to hold WAL on the server, and drops the
+/// publication the job created with it.
 #[test]
-fn cancelling_an_ingest_job_between_attempts_drops_its_slot() -> Result<()> {
+fn cancelling_an_ingest_job_between_attempts_drops_its_slot_and_publication() -> Result<()> {
     let mut p = Pipeline::start("slotdrop")?;
+    // The demo's schema makes the publication; here the job makes it, as its own to drop.
+    p.services.psql(&p.pg_url, "DROP PUBLICATION eddy_pub")?;
     let ingest = p.run_with("ingest.toml", &[])?;
     let slot_exists = |p: &Pipeline| -> Result<bool> {
         let sql = format!("SELECT 1 FROM pg_replication_slots WHERE slot_name = '{}'", p.name);
@@ -488,6 +496,8 @@ fn cancelling_an_ingest_job_between_attempts_drops_its_slot() -> Result<()> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     ensure!(out.status.success() && !stderr.contains("warning"), "cancel: {stderr}");
     ensure!(!slot_exists(&p)?, "slot {} is still there after the cancel", p.name);
+    let publications = p.services.psql(&p.pg_url, "SELECT count(*) FROM pg_publication WHERE pubname = 'eddy_pub'")?;
+    ensure!(publications.trim() == "0", "the publication the job created goes with its slot");
     Ok(())
 }
 

@@ -93,6 +93,9 @@ enum Command {
         /// Return once a checkpoint holds the request, without waiting for the rows.
         #[arg(long)]
         no_wait: bool,
+        /// Stop waiting after this many seconds (the backfill goes on).
+        #[arg(long)]
+        timeout: Option<u64>,
     },
     /// List workers and their slots.
     Workers,
@@ -315,7 +318,7 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                 println!("{}", r.savepoint_id);
             }
         }
-        Command::Backfill { job, filter, source, no_wait } => {
+        Command::Backfill { job, filter, source, no_wait, timeout } => {
             let mut client = connect(coordinator, &access).await?;
             let request = BackfillRequest { job_id: job.clone(), source: source.clone().unwrap_or_default(), filter: filter.clone() };
             let r = client.backfill(request).await.map_err(rpc)?.into_inner();
@@ -335,7 +338,8 @@ async fn run(cli: &Cli) -> Result<(), Failure> {
                         r.backfill_id, r.source, r.checkpoint_id
                     );
                 }
-                wait_backfill(&mut client, job, &r.source, r.backfill_id, cli.json, rpc).await?;
+                let timeout = timeout.map(std::time::Duration::from_secs);
+                wait_backfill(&mut client, (job, &r.source, r.backfill_id), timeout, cli.json, rpc).await?;
             }
         }
         Command::Savepoint { job } => {
@@ -450,38 +454,49 @@ fn details(gauges: &std::collections::HashMap<String, i64>, notes: &std::collect
     pairs.join(" ")
 }
 
-/// Waits until backfill `id` of source `source` is handed on (or failed, or the job ended),
-/// from the source's figures in the job's status.
+/// Waits until backfill `id` of source `source` is handed on (or failed, or the job ended, or
+/// `timeout` passed), from the note its source keeps of it (`done rows=… skipped=…` or `failed: …`),
+/// which outlives a restart.
 async fn wait_backfill(
     client: &mut JobServiceClient<Authed>,
-    job: &str,
-    source: &str,
-    id: u64,
+    (job, source, id): (&str, &str, u64),
+    timeout: Option<std::time::Duration>,
     json: bool,
     rpc: impl Fn(tonic::Status) -> Failure,
 ) -> Result<(), Failure> {
+    let started = std::time::Instant::now();
+    let note = format!("backfill_{id}");
     loop {
         let s = client.job_status(JobStatusRequest { job_id: job.to_string() }).await.map_err(&rpc)?.into_inner();
         let state = s.job.as_ref().map(|j| j.state.clone()).unwrap_or_default();
         let streams = s.tasks.iter().filter(|t| t.subtask == 0 && t.operators.split(" -> ").next() == Some(source));
-        for m in streams.filter_map(|t| t.metrics.as_ref()) {
-            let gauge = |name: &str| m.gauges.get(name).copied().unwrap_or(0);
-            if gauge("backfill_failed_id") == id as i64 {
-                let why = m.notes.get("backfill_error").cloned().unwrap_or_default();
-                return Err(Failure::new(7, format!("backfill {id} failed, nothing more is re-read: {why}")));
+        if let Some(outcome) = streams.filter_map(|t| t.metrics.as_ref()?.notes.get(&note)).next() {
+            if let Some(why) = outcome.strip_prefix("failed: ") {
+                return Err(Failure::new(7, format!("backfill {id} failed: {why}")));
             }
-            if gauge("backfill_done_id") == id as i64 {
-                let (rows, skipped) = (gauge("backfill_rows"), gauge("backfill_rows_skipped"));
-                if json {
-                    println!("{}", json!({ "job_id": job, "source": source, "backfill_id": id, "rows": rows, "skipped": skipped }));
-                } else {
-                    println!("backfill {id}: {rows} rows re-read into the stream ({skipped} skipped: changed meanwhile, the stream carried them)");
-                }
-                return Ok(());
+            let figure =
+                |name: &str| outcome.split(' ').find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse::<u64>().ok()).unwrap_or(0);
+            let (rows, skipped) = (figure("rows"), figure("skipped"));
+            if json {
+                println!("{}", json!({ "job_id": job, "source": source, "backfill_id": id, "rows": rows, "skipped": skipped }));
+            } else {
+                println!(
+                    "backfill {id}: {rows} rows re-read into the stream ({skipped} skipped: changed meanwhile, the stream carried them)"
+                );
             }
+            return Ok(());
         }
         if ["finished", "failed", "cancelled"].contains(&state.as_str()) {
             return Err(Failure::new(7, format!("job {job} is {state}; backfill {id} did not finish")));
+        }
+        if timeout.is_some_and(|t| started.elapsed() > t) {
+            return Err(Failure::new(
+                1,
+                format!(
+                    "backfill {id} is not done after {} s; it goes on (`eddy status {job}` shows it under backfill_{id})",
+                    started.elapsed().as_secs()
+                ),
+            ));
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
     }

@@ -390,11 +390,7 @@ impl Coordinator {
         if job.state.is_terminal() {
             return Err(CoordinatorError::WrongState(format!("job {job_id} is {}; a backfill goes into a running job", job.state)));
         }
-        if filter.trim().is_empty() {
-            return Err(CoordinatorError::Invalid(
-                "a backfill needs a filter (--where \"id BETWEEN 1 AND 100\"); to read the whole table again, say --where true".into(),
-            ));
-        }
+        let filter = eddy_jobs::condition::postgres_condition(&filter).map_err(|e| CoordinatorError::Invalid(format!("--where: {e}")))?;
         let cdc: Vec<(&str, &eddy_jobs::connectors::PostgresCdcOptions)> = job
             .plan
             .operators
@@ -767,7 +763,7 @@ impl Coordinator {
     /// Cancels a job: the answer, and the replication slots no task of the job runs to drop (with
     /// `release`, when the job is between attempts or a worker of it was lost), which the caller
     /// drops instead.
-    fn cancel(&mut self, job_id: &str, release: bool) -> Result<(CancelResponse, Vec<(String, String)>), CoordinatorError> {
+    fn cancel(&mut self, job_id: &str, release: bool) -> Result<(CancelResponse, Vec<slots::Slot>), CoordinatorError> {
         let job = self.jobs.get(job_id).ok_or_else(|| CoordinatorError::NoSuchJob(job_id.into()))?;
         let state = job.state;
         if state.is_terminal() {
@@ -784,9 +780,9 @@ impl Coordinator {
         let unreachable = state == JobState::Restarting || job.slots.iter().any(|w| self.cluster.live(w).is_none());
         let mut left = if release && unreachable { slots::of(&job.plan) } else { Vec::new() };
         // A slot another live job names (one that resumed from it) is that job's to keep.
-        let others: Vec<(String, String)> =
+        let others: Vec<slots::Slot> =
             self.jobs.values().filter(|j| j.id != job_id && !j.state.is_terminal()).flat_map(|j| slots::of(&j.plan)).collect();
-        left.retain(|s| !others.contains(s));
+        left.retain(|s| !others.iter().any(|o| o.same(s)));
         if state == JobState::Restarting {
             // Nothing runs between two attempts.
             self.transition(job_id, JobState::Cancelling, "cancel requested");
@@ -1000,7 +996,9 @@ connector = "discard"
         let err = backfill(&mut h, &two, "b", "id = 1").unwrap_err();
         assert!(err.contains("no version_column"), "{err}");
         let err = backfill(&mut h, &two, "a", " ").unwrap_err();
-        assert!(err.contains("--where true"), "{err}");
+        assert!(err.contains("--where: the condition is empty"), "{err}");
+        let err = backfill(&mut h, &two, "a", "id IN (SELECT id FROM other)").unwrap_err();
+        assert!(err.contains("not allowed"), "{err}");
         // This harness stores no checkpoints.
         let err = backfill(&mut h, &two, "a", "id = 1").unwrap_err();
         assert!(err.contains("takes no checkpoints"), "{err}");

@@ -1,6 +1,8 @@
 //! Replication slots a cancelled job leaves upstream when none of its tasks runs to drop them
 //! (the job was between two attempts, or its worker was lost): the coordinator drops them itself,
-//! as the cancel asked, rather than leave a slot nobody reads holding WAL on the server.
+//! as the cancel asked, rather than leave a slot nobody reads holding WAL on the server, and
+//! releases their publications as the sources would (dropped when Eddy created one and no other
+//! slot uses it).
 
 use std::time::Duration;
 
@@ -15,12 +17,29 @@ use tracing::{info, warn};
 /// How long connecting, or one statement, may take.
 const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A plan's replication slots: (database URL, slot name).
-pub fn of(plan: &Plan) -> Vec<(String, String)> {
+/// A replication slot of a plan, and the publication its source reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    pub url: String,
+    pub name: String,
+    pub publication: String,
+}
+
+impl Slot {
+    /// Whether `other` is the same slot (of the same database).
+    pub fn same(&self, other: &Slot) -> bool {
+        self.url == other.url && self.name == other.name
+    }
+}
+
+/// A plan's replication slots.
+pub fn of(plan: &Plan) -> Vec<Slot> {
     plan.operators
         .iter()
         .filter_map(|o| match &o.kind {
-            OperatorKind::Source { connector: SourceConnector::PostgresCdc(c), .. } => Some((c.url.clone(), c.slot.clone())),
+            OperatorKind::Source { connector: SourceConnector::PostgresCdc(c), .. } => {
+                Some(Slot { url: c.url.clone(), name: c.slot.clone(), publication: c.publication.clone() })
+            }
             _ => None,
         })
         .collect()
@@ -31,10 +50,10 @@ pub fn of(plan: &Plan) -> Vec<(String, String)> {
 /// job runs, so it is a connection whose host vanished, which the server would only notice after
 /// its `wal_sender_timeout`. Returns a warning naming the slots it could not drop, with why and
 /// how to drop them by hand; empty when all are gone.
-pub async fn drop_all(slots: Vec<(String, String)>, wait: Duration) -> String {
+pub async fn drop_all(slots: Vec<Slot>, wait: Duration) -> String {
     let mut left = Vec::new();
-    for (url, slot) in slots {
-        let dropped = tokio::time::timeout(wait + 3 * STATEMENT_TIMEOUT, drop_one(&url, &slot, wait)).await;
+    for Slot { url, name: slot, publication } in slots {
+        let dropped = tokio::time::timeout(wait + 3 * STATEMENT_TIMEOUT, drop_one(&url, &slot, &publication, wait)).await;
         match dropped.unwrap_or_else(|_| Err("the database did not answer in time".into())) {
             Ok(true) => info!(slot, "dropped the cancelled job's replication slot"),
             Ok(false) => info!(slot, "the cancelled job's replication slot was not there"),
@@ -49,8 +68,8 @@ pub async fn drop_all(slots: Vec<(String, String)>, wait: Duration) -> String {
     left.join("; ")
 }
 
-/// Whether the slot was there to drop.
-async fn drop_one(url: &str, slot: &str, wait: Duration) -> Result<bool, String> {
+/// Whether the slot was there to drop. Once it is gone, its publication is released.
+async fn drop_one(url: &str, slot: &str, publication: &str, wait: Duration) -> Result<bool, String> {
     let connected = tokio::time::timeout(STATEMENT_TIMEOUT, tokio_postgres::connect(url, NoTls)).await;
     let (client, connection) =
         connected.map_err(|_| "cannot connect: timed out".to_string())?.map_err(|e| format!("cannot connect: {e}"))?;
@@ -60,7 +79,10 @@ async fn drop_one(url: &str, slot: &str, wait: Duration) -> Result<bool, String>
     loop {
         let sql = "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1";
         match client.query(sql, &[&slot]).await {
-            Ok(rows) => return Ok(!rows.is_empty()),
+            Ok(rows) => {
+                release_publication(&client, publication, slot).await;
+                return Ok(!rows.is_empty());
+            }
             Err(e) if e.code() == Some(&SqlState::OBJECT_IN_USE) && Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
@@ -70,6 +92,21 @@ async fn drop_one(url: &str, slot: &str, wait: Duration) -> Result<bool, String>
                 deadline = Instant::now() + Duration::from_secs(5);
             }
             Err(e) => return Err(e.as_db_error().map(|d| d.message().to_string()).unwrap_or_else(|| e.to_string())),
+        }
+    }
+}
+
+/// Releases the publication `slot`'s source read (see [`eddy_jobs::postgres::release_publication`]).
+/// Best effort: a publication nobody reads holds nothing back.
+async fn release_publication(client: &Client, publication: &str, slot: &str) {
+    let Some(sql) = eddy_jobs::postgres::release_publication(publication, slot) else { return };
+    let released = tokio::time::timeout(STATEMENT_TIMEOUT, client.batch_execute(&sql)).await;
+    match released.map_err(|_| "the database did not answer in time".to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+        Ok(()) => {
+            info!(publication, slot, "released the cancelled job's publication (dropped if Eddy created it and no other slot uses it)")
+        }
+        Err(e) => {
+            warn!(publication, error = %e, "cannot release the cancelled job's publication; drop it by hand once no job uses it (DROP PUBLICATION)")
         }
     }
 }

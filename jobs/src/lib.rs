@@ -3,9 +3,11 @@
 //! planned into a graph of chained, partitioned tasks ([`plan`]).
 #![warn(missing_docs)]
 
+pub mod condition;
 pub mod connectors;
 pub mod expr;
 pub mod plan;
+pub mod postgres;
 pub mod reach;
 pub mod spec;
 pub mod time;

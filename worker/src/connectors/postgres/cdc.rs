@@ -156,6 +156,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eddy_jobs::connectors::{ExistingSlot, PostgresCdcOptions, SchemaChanges};
+use eddy_jobs::postgres::{plain_identifier, publication_lock, PUBLICATION_MARK};
 use eddy_jobs::{DataType, Row, Schema, Value};
 use pgwire_replication::{Lsn, ReplicationClient, ReplicationConfig, ReplicationEvent};
 use serde::{Deserialize, Serialize};
@@ -166,7 +167,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::Client;
 use tracing::{debug, info, warn};
 
-use super::backfill::{self, Backfill, Point};
+use super::backfill::{self, Backfill, Finished, Point};
 use super::chunks::{ChunkPlan, ChunkRows, ChunksDone, SnapshotProgress};
 use super::handoff::{self, SharedSnapshot};
 use super::pgoutput::{decode_pgoutput, Datum, OldTuple, PgOutput, Relation};
@@ -174,7 +175,7 @@ use super::slots::{abandon_slot, create_slot, existing_slot, import_snapshot};
 use super::text::{copy_fields, decode_value};
 use super::{check_identifier, client_config, connect, pg_error, quote_ident, wire_error, SESSION_OPTIONS};
 use crate::batch::{Batch, Op};
-use crate::error::{Result, TaskError};
+use crate::error::{Blame, Result, TaskError};
 use crate::operator::{
     ConnectorContext, InlineState, OperatorSnapshot, PendingCheckpoints, Progress, RestoredState, Source, SourceOrder, Stage, TaskMetrics,
     BATCH_BYTES,
@@ -235,8 +236,8 @@ pub struct PostgresCdc {
     clock: Option<i64>,
     /// Backfills taken and not handed on yet, oldest first (see [`super::backfill`]).
     backfills: Vec<Backfill>,
-    /// The last backfill id taken: orders at or below it are repeats.
-    last_backfill: u64,
+    /// The last few backfills handed on or failed (an order for one of them is a repeat).
+    finished: Vec<Finished>,
     /// Backfills for the reader to carry out (subtask 0).
     backfill_orders: Option<mpsc::UnboundedSender<Backfill>>,
     /// A backfill's point waiting to be held by a completed checkpoint: the first checkpoint
@@ -262,8 +263,8 @@ struct Position {
     columns: Option<Vec<(String, u32)>>,
     /// Backfills taken and not handed on at `lsn`, oldest first.
     backfills: Vec<Backfill>,
-    /// The last backfill id taken.
-    last_backfill: u64,
+    /// The last few backfills handed on or failed.
+    finished: Vec<Finished>,
 }
 
 impl InlineState for Position {
@@ -291,7 +292,7 @@ impl InlineState for PositionV2 {
 impl From<PositionV2> for Position {
     fn from(p: PositionV2) -> Position {
         let PositionV2 { lsn, floor, version, chunks, columns } = p;
-        Position { lsn, floor, version, chunks, columns, backfills: Vec::new(), last_backfill: 0 }
+        Position { lsn, floor, version, chunks, columns, backfills: Vec::new(), finished: Vec::new() }
     }
 }
 
@@ -502,8 +503,8 @@ enum Chunk {
     /// one gets a higher version. `held` is told once a completed checkpoint records it; its
     /// rows follow then.
     BackfillPoint { id: u64, point: Point, held: oneshot::Sender<()> },
-    /// Backfill `id`'s rows came before this (`rows` of them; `skipped` were changed by the
-    /// stream meanwhile).
+    /// Backfill `id`'s rows came before this (`rows` of them; `skipped` more were changed by
+    /// the stream meanwhile and not sent).
     BackfillEnd { id: u64, rows: i64, skipped: usize },
     /// Backfill `id` cannot be read, for this reason; the stream carries on.
     BackfillFailed { id: u64, why: String },
@@ -534,7 +535,7 @@ impl PostgresCdc {
             clock_writer: None,
             clock: None,
             backfills: Vec::new(),
-            last_backfill: 0,
+            finished: Vec::new(),
             backfill_orders: None,
             point_held: None,
         };
@@ -575,7 +576,10 @@ impl PostgresCdc {
         let restored_columns = restored.as_ref().and_then(|(_, p)| p.columns.clone());
         if let Some((_, p)) = &restored {
             source.backfills = p.backfills.clone();
-            source.last_backfill = p.last_backfill;
+            source.finished = p.finished.clone();
+            for f in &source.finished {
+                source.metrics.set_note(&backfill::note(f.id), f.outcome.clone());
+            }
         }
         let begin = Begin::decide(o, &ctx, existing, restored)?;
         // The columns the stream is compared with: the table's now for a new slot, the
@@ -810,7 +814,7 @@ impl Stage for PostgresCdc {
         };
         if !self.streams {
             let position =
-                Position { lsn: Lsn(0), floor: self.floor, version: 0, chunks, columns: None, backfills: Vec::new(), last_backfill: 0 };
+                Position { lsn: Lsn(0), floor: self.floor, version: 0, chunks, columns: None, backfills: Vec::new(), finished: Vec::new() };
             return Ok(OperatorSnapshot::state(&position));
         }
         self.pending.taken(id, self.returned);
@@ -824,7 +828,7 @@ impl Stage for PostgresCdc {
             chunks,
             columns: self.columns.clone(),
             backfills: self.backfills.clone(),
-            last_backfill: self.last_backfill,
+            finished: self.finished.clone(),
         };
         Ok(OperatorSnapshot::state(&position))
     }
@@ -879,19 +883,23 @@ impl Source for PostgresCdc {
                     self.point_held = Some((None, held));
                 }
                 Some(Ok(Chunk::BackfillEnd { id, rows, skipped })) => {
-                    self.backfills.retain(|b| b.id != id);
                     info!(backfill = id, rows, skipped, "postgres_cdc: backfill handed on");
                     self.metrics.set_gauge("backfill_rows", rows);
                     self.metrics.set_gauge("backfill_rows_skipped", skipped as i64);
                     self.metrics.set_gauge("backfill_done_id", id as i64);
-                    self.metrics.set_gauge("backfills_waiting", self.backfills.len() as i64);
+                    backfill::finish(
+                        &mut self.backfills,
+                        &mut self.finished,
+                        &self.metrics,
+                        id,
+                        format!("done rows={rows} skipped={skipped}"),
+                    );
                 }
                 Some(Ok(Chunk::BackfillFailed { id, why })) => {
-                    self.backfills.retain(|b| b.id != id);
                     warn!(backfill = id, %why, "postgres_cdc: backfill failed; the stream carries on");
-                    self.metrics.set_note("backfill_error", why);
+                    self.metrics.set_note("backfill_error", why.clone());
                     self.metrics.set_gauge("backfill_failed_id", id as i64);
-                    self.metrics.set_gauge("backfills_waiting", self.backfills.len() as i64);
+                    backfill::finish(&mut self.backfills, &mut self.finished, &self.metrics, id, format!("failed: {why}"));
                 }
                 Some(Ok(Chunk::SnapshotEnd)) => {
                     self.snapshot_returned = true;
@@ -919,9 +927,16 @@ impl Source for PostgresCdc {
     async fn order(&mut self, order: SourceOrder) -> Result<()> {
         let SourceOrder::Backfill { id, filter } = order;
         // Subtask 0 streams, and reads backfills into the stream; a repeat is one it has.
-        let Some(orders) = self.backfill_orders.as_ref().filter(|_| id > self.last_backfill) else { return Ok(()) };
+        let repeat = self.backfills.iter().any(|b| b.id == id) || self.finished.iter().any(|f| f.id == id);
+        let Some(orders) = self.backfill_orders.as_ref().filter(|_| !repeat) else { return Ok(()) };
+        let filter = match eddy_jobs::condition::postgres_condition(&filter) {
+            Ok(filter) => filter,
+            Err(why) => {
+                backfill::finish(&mut self.backfills, &mut self.finished, &self.metrics, id, format!("failed: {why}"));
+                return Ok(());
+            }
+        };
         info!(backfill = id, %filter, "postgres_cdc: backfill taken; the checkpoint about to be taken holds it");
-        self.last_backfill = id;
         let backfill = Backfill { id, filter, point: None };
         let _ = orders.send(backfill.clone());
         self.backfills.push(backfill);
@@ -972,7 +987,8 @@ impl PostgresCdc {
     /// Refreshes the slot's lag, and holds it to `max_slot_lag_bytes` once the snapshot has been
     /// handed on (until then the slot cannot move).
     fn check_lag(&mut self) -> Result<()> {
-        let settled = self.snapshot_done && self.snapshot_handed_on.is_none();
+        // Not while a backfill's rows are read: the stream waits for them.
+        let settled = self.snapshot_done && self.snapshot_handed_on.is_none() && self.backfills.iter().all(|b| b.point.is_none());
         let Some(lag) = self.lag.as_mut() else { return Ok(()) };
         lag.poll();
         if settled {
@@ -1221,8 +1237,13 @@ impl Table {
 
     /// The snapshot query: the declared columns, in output order.
     fn select(&self) -> String {
+        self.select_with(&self.present)
+    }
+
+    /// As [`Table::select`], with NULL for the declared columns `present` says the table lacks.
+    fn select_with(&self, present: &[bool]) -> String {
         let columns: Vec<String> =
-            self.columns.iter().zip(&self.present).map(|((n, _), here)| if *here { quote_ident(n) } else { "NULL".into() }).collect();
+            self.columns.iter().zip(present).map(|((n, _), here)| if *here { quote_ident(n) } else { "NULL".into() }).collect();
         format!("SELECT {} FROM {}", columns.join(", "), self.qualified)
     }
 
@@ -1266,20 +1287,11 @@ fn check_type(column: &str, declared: DataType, type_oid: u32, type_name: &str) 
     )))
 }
 
-/// The comment on a publication Eddy created, followed by the slots of the jobs using it.
-const PUBLICATION_MARK: &str = "eddy: used by slots ";
-
 /// The slots a publication's comment lists, if Eddy created it (`None`: the user's own).
 fn publication_users(comment: Option<&str>) -> Option<Vec<String>> {
     let list = comment?.strip_prefix(PUBLICATION_MARK)?;
     // Only names a slot can have: the list goes back into SQL.
-    let slot_name = |s: &&str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
-    Some(list.split(',').filter(slot_name).map(str::to_string).collect())
-}
-
-/// Serialises changes to the publication's comment between jobs (inside a transaction).
-fn publication_lock(publication: &str) -> String {
-    format!("SELECT pg_advisory_xact_lock(hashtext('eddy publication {publication}'))")
+    Some(list.split(',').filter(|s| plain_identifier(s)).map(str::to_string).collect())
 }
 
 /// Creates the publication for the table if it is missing (noting in its comment that Eddy made
@@ -1335,36 +1347,14 @@ async fn ensure_publication(control: &Client, publication: &str, table: &Table, 
 }
 
 /// The job using `slot` ended for good: takes it off the users of the publication, and drops the
-/// publication if Eddy created it and no other job's slot uses it. Best effort, like the slot's.
+/// publication if Eddy created it and no other job's slot uses it (one statement, shared with the
+/// coordinator). Best effort, like the slot's.
 async fn release_publication(control: &Client, publication: &str, slot: &str) {
-    let released = async {
-        control.batch_execute(&format!("BEGIN; {}", publication_lock(publication))).await?;
-        let sql = "SELECT obj_description(oid, 'pg_publication') FROM pg_publication WHERE pubname = $1";
-        let comment: Option<String> = control.query_opt(sql, &[&publication]).await?.and_then(|r| r.get(0));
-        let dropped = match publication_users(comment.as_deref()) {
-            None => None,
-            Some(users) => {
-                let left: Vec<String> = users.into_iter().filter(|s| s != slot).collect();
-                if left.is_empty() {
-                    control.batch_execute(&format!("DROP PUBLICATION {publication}")).await?;
-                    Some(true)
-                } else {
-                    control
-                        .batch_execute(&format!("COMMENT ON PUBLICATION {publication} IS '{PUBLICATION_MARK}{}'", left.join(",")))
-                        .await?;
-                    Some(false)
-                }
-            }
-        };
-        control.batch_execute("COMMIT").await?;
-        Ok::<_, tokio_postgres::Error>(dropped)
-    };
-    match released.await {
-        Ok(Some(true)) => info!(publication, "postgres_cdc: dropped the publication the cancelled job created"),
-        Ok(_) => {}
+    let Some(sql) = eddy_jobs::postgres::release_publication(publication, slot) else { return };
+    match control.batch_execute(&sql).await {
+        Ok(()) => info!(publication, slot, "postgres_cdc: released the publication (dropped if Eddy created it and no other slot uses it)"),
         Err(e) => {
-            let _ = control.batch_execute("ROLLBACK").await;
-            warn!(publication, error = %e, "postgres_cdc: could not release the publication; drop it by hand once no job uses it (DROP PUBLICATION)");
+            warn!(publication, error = %e, "postgres_cdc: could not release the publication; drop it by hand once no job uses it (DROP PUBLICATION)")
         }
     }
 }
@@ -1635,14 +1625,22 @@ impl Reader {
         };
         let changes = &self.changes;
         let skip = |row: &Row| !changes.touched.is_empty() && changes.touched.contains(&changes.key_of(row));
-        let select = backfill::rows_query(&changes.table.select(), &b.filter);
+        // The columns the table has now, as the stream last described it.
+        let present = match &changes.known {
+            Some(known) => changes.table.columns.iter().map(|(n, _)| known.iter().any(|(k, _)| k.eq_ignore_ascii_case(n))).collect(),
+            None => changes.table.present.clone(),
+        };
+        let select = backfill::rows_query(&changes.table.select_with(&present), &b.filter);
         let progress = SnapshotProgress::of("backfill", self.metrics.clone(), 0, 1);
         let versioned = Some(Value::Int(version as i64));
         let read = copy_chunks(&client, &changes.table, &select, &ChunkPlan::whole(), &[0], versioned, skip, &self.out, progress).await;
         let end = match read {
-            Ok((rows, skipped)) => Chunk::BackfillEnd { id: b.id, rows, skipped },
+            Ok((read, skipped)) => Chunk::BackfillEnd { id: b.id, rows: read - skipped as i64, skipped },
             // The server answered: the condition failed on some row (a division by zero, a cast).
-            Err(Some(e)) if !client.is_closed() => Chunk::BackfillFailed { id: b.id, why: e.message },
+            Err(Some(e)) if !client.is_closed() => {
+                let sent = self.metrics.gauge("backfill_rows_done").unwrap_or(0);
+                Chunk::BackfillFailed { id: b.id, why: format!("{} (after {sent} rows went out again)", e.message) }
+            }
             Err(halt) => return Err(halt),
         };
         drop((client, exporter));
@@ -1654,18 +1652,24 @@ impl Reader {
     /// fails the backfill, said in the source's figures, and the stream carries on.
     async fn begin_backfill(&mut self, b: Backfill) -> std::result::Result<(), Halt> {
         let check = backfill::check_query(&self.changes.table.qualified, &b.filter);
-        let taken = match self.control.query(&check, &[]).await {
-            Err(e) => Err(pg_error(&format!("postgres_cdc: the backfill's condition `{}`", b.filter), e)),
-            Ok(_) => temporary_snapshot(&self.replication, &self.pg, &self.control, &self.metrics).await,
-        };
-        match taken {
+        match self.control.query(&check, &[]).await {
+            Err(e) if e.as_db_error().is_some() => {
+                let why = pg_error(&format!("the condition `{}`", b.filter), e).message;
+                return self.send(Chunk::BackfillFailed { id: b.id, why }).await;
+            }
+            Err(e) => return Err(Some(pg_error("postgres_cdc: checking a backfill's condition", e))),
+            Ok(_) => {}
+        }
+        match temporary_snapshot(&self.replication, &self.pg, &self.control, &self.metrics).await {
             Ok((at, temp, client)) => {
                 info!(job_id = %self.job_id, backfill = b.id, filter = %b.filter, snapshot = %at, "postgres_cdc: backfill under way; reading its rows once the stream reaches its snapshot");
                 self.changes.reread_at = at;
                 self.snapshot = Some(SnapshotRead { client, exporter: Some(temp), what: Reading::Backfill(b) });
                 Ok(())
             }
-            Err(e) => self.send(Chunk::BackfillFailed { id: b.id, why: e.message }).await,
+            // The server's settings (no slot left): the user's to change; the stream carries on.
+            Err(e) if e.blame == Blame::User => self.send(Chunk::BackfillFailed { id: b.id, why: e.message }).await,
+            Err(e) => Err(Some(e)),
         }
     }
 
@@ -2188,7 +2192,8 @@ mod tests {
         assert_eq!(restored(OperatorSnapshot::state(&v2).inline), Some(p.clone()));
         let point = Some(Point { at: 0x48, version: 0x50 });
         let backfills = vec![Backfill { id: 7, filter: "id < 3".into(), point }, Backfill { id: 8, filter: "true".into(), point: None }];
-        let with = Position { backfills, last_backfill: 8, ..p.clone() };
+        let finished = vec![Finished { id: 6, outcome: "done rows=2 skipped=0".into() }];
+        let with = Position { backfills, finished, ..p.clone() };
         assert_eq!(restored(OperatorSnapshot::state(&with).inline), Some(with));
         // The layout before chunks: the whole snapshot read or not.
         let v1 = PositionV1 { snapshot_done: false, lsn: Lsn(0x10), floor: Lsn(0x10), version: 0x10 };
@@ -2217,7 +2222,7 @@ mod tests {
             chunks: ChunksDone { plan, done: vec![0, 2] },
             columns: Some(vec![("id".into(), 20)]),
             backfills: Vec::new(),
-            last_backfill: 0,
+            finished: Vec::new(),
         };
         let share = Position { lsn: Lsn(0), chunks: ChunksDone { plan, done: vec![1] }, columns: None, ..stream.clone() };
         let restore = Some((4, vec![state(&share), RestoredState { inline: Vec::new(), files: None }, state(&stream)]));
@@ -2310,7 +2315,6 @@ mod tests {
         use tokio_postgres::NoTls;
 
         use super::*;
-        use crate::error::Blame;
 
         const COLUMNS: &str = "id BIGINT, event_ts TIMESTAMP, content_id VARCHAR, user_id VARCHAR, event_type VARCHAR, \
                                duration_ms BIGINT, device VARCHAR, raw_payload VARCHAR, score DOUBLE, flagged BOOLEAN";
@@ -3164,14 +3168,17 @@ mod tests {
             }
             assert!(topic.versions[&35] > point.version as i64, "the change made while down outranks the backfill");
             assert_eq!(gauge(&source, "backfill_rows_skipped"), 1, "id 35 changed since the point (36 is gone)");
+            assert_eq!(source.metrics.notes()["backfill_2"], "done rows=9 skipped=1");
 
             // A repeat is ignored; a condition the server refuses fails the backfill, not the stream.
             source.order(SourceOrder::Backfill { id: 2, filter: "true".into() }).await.unwrap();
             assert!(source.backfills.is_empty(), "a repeat of backfill 2");
             source.order(SourceOrder::Backfill { id: 3, filter: "no_such_column > 1".into() }).await.unwrap();
             until(&mut source, &mut topic, "backfill 3 fails", |s| gauge(s, "backfill_failed_id") == 3).await;
-            let why = source.metrics.notes()["backfill_error"].clone();
-            assert!(why.contains("no_such_column"), "{why}");
+            let why = source.metrics.notes()["backfill_3"].clone();
+            assert!(why.starts_with("failed: ") && why.contains("no_such_column"), "{why}");
+            source.order(SourceOrder::Backfill { id: 4, filter: "id IN (SELECT id FROM other)".into() }).await.unwrap();
+            assert!(source.backfills.is_empty() && source.metrics.notes()["backfill_4"].contains("not allowed"));
             db.insert_rows(1000, 1010).await;
             catch_up(&db, &mut source, &mut topic).await;
             assert!(source.backfills.is_empty());

@@ -27,11 +27,7 @@ pub(crate) const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c ex
 
 /// Slot and publication names go unquoted into replication commands: keep them plain.
 pub(crate) fn check_identifier(field: &str, name: &str) -> Result<()> {
-    let plain = !name.is_empty()
-        && name.len() <= 63
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
-        && !name.as_bytes()[0].is_ascii_digit();
-    plain.then_some(()).ok_or_else(|| {
+    eddy_jobs::postgres::plain_identifier(name).then_some(()).ok_or_else(|| {
         TaskError::user(format!("{field}: `{name}` must be 1 to 63 lower-case letters, digits or underscores, not starting with a digit"))
     })
 }

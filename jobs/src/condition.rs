@@ -1,0 +1,111 @@
+//! A row condition written by a user for PostgreSQL (`eddy backfill --where …`), checked to be
+//! one expression over the row and nothing more, and given back as the text Eddy sends.
+//!
+//! The text goes into a query the worker runs with its replication role, so it must not reach
+//! beyond the row: no subquery (another table's rows into the job's sinks, or a secret into an
+//! error message), no set operation, no function but a few pure ones. Parsing it and writing it
+//! back from the parse also means no closing parenthesis can end the condition early.
+
+use sqlparser::ast::{self, FunctionArg, FunctionArgExpr, FunctionArguments, InTarget};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use sqlparser::tokenizer::Token;
+
+/// Functions a condition may call: pure ones (and the clock).
+const FUNCTIONS: &[&str] =
+    &["abs", "coalesce", "date_trunc", "length", "lower", "upper", "now", "nullif", "greatest", "least", "current_timestamp"];
+
+/// What a condition may hold, for error messages.
+const ALLOWED: &str = "columns, constants, comparisons, AND/OR/NOT, BETWEEN, IN (a list), LIKE, IS [NOT] NULL, \
+                       casts, arithmetic, intervals and the functions";
+
+/// The condition as Eddy sends it to PostgreSQL, or why it is refused (saying what is allowed).
+pub fn postgres_condition(sql: &str) -> Result<String, String> {
+    if sql.trim().is_empty() {
+        return Err("the condition is empty; give one such as `id BETWEEN 1 AND 100` (or `true` for every row)".into());
+    }
+    let dialect = PostgreSqlDialect {};
+    let refuse = |e: String| format!("cannot parse the condition `{sql}`: {e}");
+    let mut parser = Parser::new(&dialect).try_with_sql(sql).map_err(|e| refuse(e.to_string()))?;
+    let expr = parser.parse_expr().map_err(|e| refuse(e.to_string()))?;
+    let next = parser.peek_token();
+    if next.token != Token::EOF {
+        return Err(refuse(format!("`{}` after the end of the condition; give one expression", next.token)));
+    }
+    check(&expr)?;
+    Ok(expr.to_string())
+}
+
+fn check(e: &ast::Expr) -> Result<(), String> {
+    use ast::Expr::*;
+    match e {
+        Identifier(_) | CompoundIdentifier(_) | Value(_) | TypedString(_) => Ok(()),
+        IsFalse(x) | IsNotFalse(x) | IsTrue(x) | IsNotTrue(x) | IsNull(x) | IsNotNull(x) | IsUnknown(x) | IsNotUnknown(x) | Nested(x) => {
+            check(x)
+        }
+        IsDistinctFrom(a, b) | IsNotDistinctFrom(a, b) => check(a).and(check(b)),
+        BinaryOp { left, right, .. } => check(left).and(check(right)),
+        UnaryOp { expr, .. } | Cast { expr, .. } => check(expr),
+        Between { expr, low, high, .. } => check(expr).and(check(low)).and(check(high)),
+        In { expr, target: InTarget::List(list), .. } => check(expr).and(list.iter().try_for_each(check)),
+        Like { expr, pattern, escape_char, .. } | ILike { expr, pattern, escape_char, .. } => {
+            check(expr).and(check(pattern)).and(escape_char.as_deref().map_or(Ok(()), check))
+        }
+        Interval(i) => check(&i.value),
+        Function(f) => {
+            let name = f.name.to_string().to_ascii_lowercase();
+            let plain = !f.uses_odbc_syntax
+                && matches!(f.parameters, FunctionArguments::None)
+                && f.within_group.is_empty()
+                && f.filter.is_none()
+                && f.null_treatment.is_none()
+                && f.over.is_none();
+            if !FUNCTIONS.contains(&name.as_str()) || !plain {
+                return Err(format!("`{e}` is not allowed in a condition: it may hold {ALLOWED} {}", FUNCTIONS.join(", ")));
+            }
+            match &f.args {
+                FunctionArguments::None => Ok(()),
+                FunctionArguments::List(l) if l.duplicate_treatment.is_none() && l.clauses.is_empty() => {
+                    l.args.iter().try_for_each(|a| match a {
+                        FunctionArg::Unnamed(FunctionArgExpr::Expr(x)) => check(x),
+                        _ => Err(format!("`{e}`: only plain arguments are allowed")),
+                    })
+                }
+                _ => Err(format!("`{e}`: only plain arguments are allowed")),
+            }
+        }
+        other => Err(format!("`{other}` is not allowed in a condition: it may hold {ALLOWED} {}", FUNCTIONS.join(", "))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_over_the_row_pass_and_nothing_else_does() {
+        for ok in [
+            "id BETWEEN 100 AND 200",
+            "content_id = 'a7e1c6c8-0f5e-4d2b-9b1a-5c2e8f3d4a10'::uuid AND NOT flagged",
+            "event_ts > now() - interval '1 hour' OR device IS NULL",
+            "lower(device) LIKE 'web%' AND id IN (1, 2, 3)",
+            "true",
+        ] {
+            assert!(postgres_condition(ok).is_ok(), "{ok}: {:?}", postgres_condition(ok));
+        }
+        assert_eq!(postgres_condition(" id  between 1 and 2 ").unwrap(), "id BETWEEN 1 AND 2");
+        for (bad, says) in [
+            ("", "empty"),
+            ("false) UNION ALL (SELECT * FROM secrets", "after the end"),
+            ("id IN (SELECT id FROM other)", "not allowed"),
+            ("EXISTS (SELECT 1 FROM pg_authid)", "not allowed"),
+            ("CAST((SELECT passwd FROM pg_shadow LIMIT 1) AS int) = 1", "not allowed"),
+            ("pg_terminate_backend(1)", "not allowed"),
+            ("pg_sleep(100) IS NULL", "not allowed"),
+            ("id = 1; DROP TABLE t", "after the end"),
+        ] {
+            let err = postgres_condition(bad).unwrap_err();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
+    }
+}
