@@ -3344,19 +3344,21 @@ mod tests {
             db.insert_rows(1_051, 1_100).await;
             catch_up(&db, &mut source, &mut topic).await;
             let second = source.snapshot(2, Path::new("/nonexistent")).await.unwrap();
+            let restored = Position::restored(&RestoredState { inline: second.inline.clone(), files: None }).unwrap().unwrap();
             // Checkpoint 2 never completes: the slot stays at checkpoint 1's position.
-            let after_second = topic.taken.len();
             db.exec(&format!("UPDATE {} SET duration_ms = 7 WHERE id <= 50", db.table())).await;
             db.insert_rows(1_101, 1_110).await;
             catch_up(&db, &mut source, &mut topic).await;
-            let since: Vec<_> = topic.taken[after_second..].to_vec();
-            assert_eq!(since.len(), 60);
+            // What followed the checkpoint's position: its versions are above the last it holds.
+            // (The last insert's rows may have been handed on before the end of their transaction,
+            // which the checkpoint then does not cover: they come again, under the same versions.)
+            let since: Vec<_> = topic.taken.iter().filter(|(_, version, _)| *version as u64 > restored.version).copied().collect();
+            assert!(since.len() == 60 || since.len() == 110, "{since:?}");
             drop(source);
 
             // Restored from checkpoint 2, the source replays what followed it, with the same
             // versions, and nothing before it (the slot itself is further back).
             let slot = db.confirmed().await.unwrap();
-            let restored = Position::restored(&RestoredState { inline: second.inline.clone(), files: None }).unwrap().unwrap();
             assert!(slot < restored.lsn.0, "the slot ({slot:x}) is behind checkpoint 2 ({})", restored.lsn);
             let (source, _) = db
                 .start_with(&o, |ctx| {
