@@ -113,9 +113,9 @@ fn ingest_at_parallelism_two_shares_its_snapshot_and_rescales() -> Result<()> {
     check_outcomes(&p, before["inserted"] + during["inserted"] + during["updated"] + during["deleted"])
 }
 
-/// Two tables in one job: two `postgres_cdc` sources, each with its own primary key and slot,
-/// sharing a publication Eddy creates for the first table and extends for the second, each to
-/// its own file. Every row of each table, snapshot and stream, arrives in its own file only; the
+/// Two tables in one job: one `postgres_cdc` source with `tables = [...]`, which is a source per
+/// table, each with its own primary key and slot, sharing a publication Eddy creates for the first
+/// table and extends for the second, each to its own file. Every row of each table, snapshot and stream, arrives in its own file only; the
 /// cancel drops both slots and the publication.
 #[test]
 fn one_job_reads_two_tables_through_one_publication() -> Result<()> {
@@ -123,23 +123,23 @@ fn one_job_reads_two_tables_through_one_publication() -> Result<()> {
     p.datagen(&["--contents", "25", "--count", "300", "--rate", "20000", "--seed", "9", "--updates-pct", "0", "--deletes-pct", "0"])?;
     let dir = p.cluster.dir.0.clone();
     let (events_out, content_out) = (dir.join("events.jsonl"), dir.join("content.jsonl"));
-    let source = |name: &str, table: &str, columns: &str| {
-        format!(
-            "[[source]]\nname = \"{name}\"\nconnector = \"postgres_cdc\"\n[source.options]\nurl = \"{url}\"\ntable = \"{table}\"\n\
-             columns = \"{columns}\"\nprimary_key = [\"id\"]\nslot = \"{slot}_{name}\"\npublication = \"{slot}_pub\"\n",
-            url = p.pg_url,
-            slot = p.name
-        )
-    };
+    // One source over both tables: a stream, a key and a slot each.
+    let source = format!(
+        "[[source]]\nname = \"cdc\"\nconnector = \"postgres_cdc\"\n[source.options]\nurl = \"{url}\"\nslot = \"{slot}\"\n\
+         publication = \"{slot}_pub\"\ntables = [\n\
+           {{ name = \"events\", table = \"public.engagement_events\", columns = \"id BIGINT, content_id VARCHAR\", primary_key = [\"id\"] }},\n\
+           {{ name = \"content\", table = \"public.content\", columns = \"id VARCHAR, slug VARCHAR\", primary_key = [\"id\"] }},\n]\n",
+        url = p.pg_url,
+        slot = p.name
+    );
     let sink = |name: &str, input: &str, path: &std::path::Path| {
         format!("[[sink]]\nname = \"{name}\"\ninput = \"{input}\"\nconnector = \"file\"\noptions = {{ path = \"{}\" }}\n", path.display())
     };
     let spec = [
         "name = \"two-tables\"\n[state]\ncheckpoint_interval = \"1s\"\n".to_string(),
-        source("events", "public.engagement_events", "id BIGINT, content_id VARCHAR"),
-        source("content", "public.content", "id VARCHAR, slug VARCHAR"),
-        sink("events_out", "events", &events_out),
-        sink("content_out", "content", &content_out),
+        source,
+        sink("events_out", "cdc-events", &events_out),
+        sink("content_out", "cdc-content", &content_out),
     ]
     .concat();
     let job = p.cluster.submit("two-tables", &spec)?;

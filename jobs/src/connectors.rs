@@ -212,8 +212,11 @@ pub enum ExistingSlot {
     Reread,
 }
 
+/// The replication slot of a `postgres_cdc` source that names none.
+pub const DEFAULT_SLOT: &str = "eddy_slot";
+
 fn default_slot() -> String {
-    "eddy_slot".into()
+    DEFAULT_SLOT.into()
 }
 fn default_publication() -> String {
     "eddy_pub".into()
@@ -563,6 +566,13 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
         "postgres_cdc" => {
             let o: PostgresCdcOptions = decode(options)?;
             check_url("options.url", &o.url, &["postgres", "postgresql"])?;
+            for (field, name) in [("options.slot", &o.slot), ("options.publication", &o.publication)] {
+                if !crate::postgres::plain_identifier(name) {
+                    return Err(format!(
+                        "{field}: `{name}` must be 1 to 63 lower-case letters, digits or underscores, not starting with a digit"
+                    ));
+                }
+            }
             let mut schema = parse_columns(&o.columns).map_err(|m| format!("options.columns: {m}"))?;
             if o.primary_key.is_empty() {
                 return Err("options.primary_key: list the table's primary-key columns, e.g. [\"id\"]".into());

@@ -182,7 +182,7 @@ pub struct SinkSpec {
 impl JobSpec {
     /// Parses a spec's text (after [`substitute_env`]).
     pub fn parse(text: &str) -> Result<JobSpec, SpecError> {
-        toml::from_str(text).map_err(|e| {
+        let spec: JobSpec = toml::from_str(text).map_err(|e| {
             let mut field = e.span().map(|span| key_at(text, span.start)).unwrap_or_default();
             // A misspelt top-level table (`[[sinks]]`) has no span of its own: name it.
             if field.is_empty() {
@@ -191,7 +191,51 @@ impl JobSpec {
                 }
             }
             SpecError::new(field, e.message().to_string())
-        })
+        })?;
+        spec.expand_tables()
+    }
+
+    /// A `postgres_cdc` source whose options list `tables` stands for one source per table, named
+    /// `<source>-<name>`: the source's options, each table's own (`table`, `columns`,
+    /// `primary_key`, and any other to override) on top, and a slot of its own, `<slot>_<name>`.
+    /// The tables share the publication (Eddy's own takes each table in turn).
+    fn expand_tables(mut self) -> Result<JobSpec, SpecError> {
+        let mut sources = Vec::with_capacity(self.sources.len());
+        for (i, s) in std::mem::take(&mut self.sources).into_iter().enumerate() {
+            let Some(tables) = s.options.get("tables").cloned() else {
+                sources.push(s);
+                continue;
+            };
+            let field = |at: &str| format!("source[{i}].options.tables{at}");
+            let example = "expected a list of tables: [{ name = \"events\", table = \"public.events\", columns = \"id BIGINT, …\", primary_key = [\"id\"] }, …]";
+            if s.connector != "postgres_cdc" {
+                return Err(SpecError::new(field(""), "only a postgres_cdc source reads several tables"));
+            }
+            let toml::Value::Array(tables) = tables else { return Err(SpecError::new(field(""), example)) };
+            if tables.is_empty() {
+                return Err(SpecError::new(field(""), example));
+            }
+            let mut base = s.options.clone();
+            base.remove("tables");
+            let slot = base.get("slot").and_then(toml::Value::as_str).unwrap_or(crate::connectors::DEFAULT_SLOT).to_string();
+            for (j, table) in tables.into_iter().enumerate() {
+                let toml::Value::Table(mut table) = table else { return Err(SpecError::new(field(&format!("[{j}]")), example)) };
+                let name = match table.remove("name") {
+                    Some(toml::Value::String(name)) if crate::postgres::plain_identifier(&name) => name,
+                    _ => {
+                        let why =
+                            format!("each table needs a `name` of lower-case letters, digits or `_`: its stream is `{}-<name>`", s.name);
+                        return Err(SpecError::new(field(&format!("[{j}].name")), why));
+                    }
+                };
+                let mut options = base.clone();
+                options.insert("slot".into(), toml::Value::String(format!("{slot}_{name}")));
+                options.extend(table);
+                sources.push(SourceSpec { name: format!("{}-{name}", s.name), options, ..s.clone() });
+            }
+        }
+        self.sources = sources;
+        Ok(self)
     }
 }
 
@@ -318,6 +362,52 @@ mod tests {
 
     fn env(name: &str) -> Option<String> {
         (name == "OUT").then(|| "/tmp/x".to_string())
+    }
+
+    /// `tables = [...]`: one source per table, each with its own key and slot, sharing the rest.
+    #[test]
+    fn a_cdc_source_over_several_tables_is_one_source_per_table() {
+        let text = r#"
+name = "two"
+[[source]]
+name = "cdc"
+connector = "postgres_cdc"
+[source.options]
+url = "postgres://u@h/d"
+slot = "ingest"
+publication = "eddy_pub"
+version_column = "version"
+tables = [
+  { name = "events", table = "public.engagement_events", columns = "id BIGINT, content_id VARCHAR", primary_key = ["id"] },
+  { name = "content", table = "public.content", columns = "id VARCHAR, slug VARCHAR", primary_key = ["id"], slot = "own" },
+]
+[[sink]]
+name = "events_out"
+input = "cdc-events"
+connector = "discard"
+[[sink]]
+name = "content_out"
+input = "cdc-content"
+connector = "discard"
+"#;
+        let spec = JobSpec::parse(text).unwrap();
+        let names: Vec<&str> = spec.sources.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["cdc-events", "cdc-content"]);
+        let option = |i: usize, k: &str| spec.sources[i].options[k].as_str().unwrap().to_string();
+        assert_eq!((option(0, "slot"), option(1, "slot")), ("ingest_events".into(), "own".into()));
+        assert_eq!((option(0, "publication"), option(1, "version_column")), ("eddy_pub".into(), "version".into()));
+        assert!(!spec.sources[0].options.contains_key("tables"));
+        let plan = crate::compile(text).unwrap();
+        assert_eq!(plan.operators.iter().filter(|o| matches!(o.kind, crate::plan::OperatorKind::Source { .. })).count(), 2);
+        for (bad, says) in [
+            ("tables = []", "expected a list of tables"),
+            ("tables = [{ table = \"t\" }]", "tables[0].name"),
+            ("tables = [{ name = \"Bad\" }]", "lower-case"),
+        ] {
+            let text = format!("name = \"x\"\n[[source]]\nname = \"cdc\"\nconnector = \"postgres_cdc\"\n[source.options]\n{bad}\n");
+            let e = JobSpec::parse(&text).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 
     #[test]
