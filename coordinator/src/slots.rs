@@ -53,7 +53,8 @@ pub fn of(plan: &Plan) -> Vec<Slot> {
 pub async fn drop_all(slots: Vec<Slot>, wait: Duration) -> String {
     let mut left = Vec::new();
     for Slot { url, name: slot, publication } in slots {
-        let dropped = tokio::time::timeout(wait + 3 * STATEMENT_TIMEOUT, drop_one(&url, &slot, &publication, wait)).await;
+        // Connecting, dropping (twice at most, the reader ended between) and the publication.
+        let dropped = tokio::time::timeout(wait + 4 * STATEMENT_TIMEOUT, drop_one(&url, &slot, &publication, wait)).await;
         match dropped.unwrap_or_else(|_| Err("the database did not answer in time".into())) {
             Ok(true) => info!(slot, "dropped the cancelled job's replication slot"),
             Ok(false) => info!(slot, "the cancelled job's replication slot was not there"),

@@ -567,7 +567,7 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
             let o: PostgresCdcOptions = decode(options)?;
             check_url("options.url", &o.url, &["postgres", "postgresql"])?;
             for (field, name) in [("options.slot", &o.slot), ("options.publication", &o.publication)] {
-                if !crate::postgres::plain_identifier(name) {
+                if !resolved_on_workers(name) && !crate::postgres::plain_identifier(name) {
                     return Err(format!(
                         "{field}: `{name}` must be 1 to 63 lower-case letters, digits or underscores, not starting with a digit"
                     ));

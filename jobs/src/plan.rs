@@ -519,6 +519,7 @@ impl<'a> Planner<'a> {
             }
         }
         self.check_state_ttls()?;
+        self.check_slots()?;
         let (vertices, edges) = self.chain();
         Ok(Plan {
             name: self.spec.name.clone(),
@@ -528,6 +529,22 @@ impl<'a> Planner<'a> {
             edges,
             state: StatePlan::from_spec(&self.spec.state)?,
         })
+    }
+
+    /// Each `postgres_cdc` source reads a replication slot of its own: two on one slot (two names
+    /// of `tables` that make the same slot, say) would fight over it at run time.
+    fn check_slots(&self) -> Result<(), SpecError> {
+        let mut seen: HashMap<(&str, &str), &str> = HashMap::new();
+        for op in &self.operators {
+            let OperatorKind::Source { connector: SourceConnector::PostgresCdc(o), .. } = &op.kind else { continue };
+            if let Some(other) = seen.insert((o.url.as_str(), o.slot.as_str()), op.name.as_str()) {
+                return Err(SpecError::new(
+                    format!("source[{}].options.slot", op.name),
+                    format!("slot `{}` is source `{other}`'s too; each source reads a slot of its own: give one of them another", o.slot),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// An upsert source's `state_ttl` must outlast every window it feeds (size plus the source's

@@ -44,7 +44,7 @@ pub fn release_publication(publication: &str, slot: &str) -> Option<String> {
            END IF;
            users := array_remove(string_to_array(substr(note, length(mark) + 1), ','), '{slot}');
            IF coalesce(cardinality(users), 0) = 0 THEN
-             DROP PUBLICATION {publication};
+             DROP PUBLICATION \"{publication}\";
            ELSE
              EXECUTE format('COMMENT ON PUBLICATION %I IS %L', '{publication}', mark || array_to_string(users, ','));
            END IF;
@@ -62,6 +62,6 @@ mod tests {
         assert!(plain_identifier("eddy_pub") && !plain_identifier("Pub") && !plain_identifier("9a") && !plain_identifier(""));
         assert!(release_publication("p'; DROP TABLE t; --", "s").is_none());
         let sql = release_publication("eddy_pub", "eddy_ingest").unwrap();
-        assert!(sql.contains("array_remove(") && sql.contains("'eddy_ingest'") && sql.contains("DROP PUBLICATION eddy_pub;"), "{sql}");
+        assert!(sql.contains("array_remove(") && sql.contains("'eddy_ingest'") && sql.contains("DROP PUBLICATION \"eddy_pub\";"), "{sql}");
     }
 }

@@ -201,12 +201,12 @@ impl JobSpec {
     /// The tables share the publication (Eddy's own takes each table in turn).
     fn expand_tables(mut self) -> Result<JobSpec, SpecError> {
         let mut sources = Vec::with_capacity(self.sources.len());
-        for (i, s) in std::mem::take(&mut self.sources).into_iter().enumerate() {
+        for s in std::mem::take(&mut self.sources) {
             let Some(tables) = s.options.get("tables").cloned() else {
                 sources.push(s);
                 continue;
             };
-            let field = |at: &str| format!("source[{i}].options.tables{at}");
+            let field = |at: &str| format!("source[{}].options.tables{at}", s.name);
             let example = "expected a list of tables: [{ name = \"events\", table = \"public.events\", columns = \"id BIGINT, …\", primary_key = [\"id\"] }, …]";
             if s.connector != "postgres_cdc" {
                 return Err(SpecError::new(field(""), "only a postgres_cdc source reads several tables"));
@@ -217,7 +217,11 @@ impl JobSpec {
             }
             let mut base = s.options.clone();
             base.remove("tables");
-            let slot = base.get("slot").and_then(toml::Value::as_str).unwrap_or(crate::connectors::DEFAULT_SLOT).to_string();
+            let slot = match base.get("slot") {
+                None => crate::connectors::DEFAULT_SLOT.to_string(),
+                Some(toml::Value::String(slot)) => slot.clone(),
+                Some(_) => return Err(SpecError::new(format!("source[{}].options.slot", s.name), "expected a string")),
+            };
             for (j, table) in tables.into_iter().enumerate() {
                 let toml::Value::Table(mut table) = table else { return Err(SpecError::new(field(&format!("[{j}]")), example)) };
                 let name = match table.remove("name") {
@@ -228,8 +232,13 @@ impl JobSpec {
                         return Err(SpecError::new(field(&format!("[{j}].name")), why));
                     }
                 };
+                let own = format!("{slot}_{name}");
+                if !table.contains_key("slot") && !slot.contains("${worker:") && !crate::postgres::plain_identifier(&own) {
+                    let why = format!("the table's slot `{own}` is over 63 bytes: give a shorter name, or a `slot` of its own");
+                    return Err(SpecError::new(field(&format!("[{j}].name")), why));
+                }
                 let mut options = base.clone();
-                options.insert("slot".into(), toml::Value::String(format!("{slot}_{name}")));
+                options.insert("slot".into(), toml::Value::String(own));
                 options.extend(table);
                 sources.push(SourceSpec { name: format!("{}-{name}", s.name), options, ..s.clone() });
             }
@@ -408,6 +417,16 @@ connector = "discard"
             let e = JobSpec::parse(&text).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
+        let long = format!("tables = [{{ name = \"{}\" }}]", "t".repeat(60));
+        let e =
+            JobSpec::parse(&format!("name = \"x\"\n[[source]]\nname = \"cdc\"\nconnector = \"postgres_cdc\"\n[source.options]\n{long}\n"))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("source[cdc].options.tables[0].name") && e.contains("over 63 bytes"), "{e}");
+        // Two sources whose tables make one slot.
+        let twice = text.replace("slot = \"own\"", "slot = \"ingest_events\"");
+        let e = crate::compile(&twice).unwrap_err().to_string();
+        assert!(e.contains("each source reads a slot of its own"), "{e}");
     }
 
     #[test]

@@ -23,7 +23,8 @@ use tracing::debug;
 use crate::error::{Result, TaskError};
 
 /// Session settings that make values' text output the same whatever the server's defaults.
-pub(crate) const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3";
+/// (`standard_conforming_strings` too, so a backfill's condition means what Eddy checked it for.)
+pub(crate) const SESSION_OPTIONS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c standard_conforming_strings=on";
 
 /// Slot and publication names go unquoted into replication commands: keep them plain.
 pub(crate) fn check_identifier(field: &str, name: &str) -> Result<()> {
