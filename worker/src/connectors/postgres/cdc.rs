@@ -897,7 +897,6 @@ impl Source for PostgresCdc {
                 }
                 Some(Ok(Chunk::BackfillFailed { id, why })) => {
                     warn!(backfill = id, %why, "postgres_cdc: backfill failed; the stream carries on");
-                    self.metrics.set_note("backfill_error", why.clone());
                     self.metrics.set_gauge("backfill_failed_id", id as i64);
                     backfill::finish(&mut self.backfills, &mut self.finished, &self.metrics, id, format!("failed: {why}"));
                 }
