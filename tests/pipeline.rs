@@ -181,6 +181,111 @@ fn one_job_reads_two_tables_through_one_publication() -> Result<()> {
     Ok(())
 }
 
+/// `schema_changes = "evolve"` with `extra_columns`: the columns the ingest job does not declare
+/// ride to the topic as fields of their own (`extra_fields`), so a column added while it streams
+/// reaches a downstream job that declares it, NULL in the records from before it; a backfill
+/// after the change reads the table's columns as they are now.
+#[test]
+fn an_added_column_reaches_the_topic_and_a_job_that_declares_it() -> Result<()> {
+    let p = Pipeline::start("addcolumn")?;
+    let brokers = p.services.var("EDDY_KAFKA_BROKERS")?.to_string();
+    let written =
+        p.datagen(&["--contents", "10", "--count", "300", "--rate", "5000", "--seed", "12", "--updates-pct", "0", "--deletes-pct", "0"])?;
+    let (name, url) = (&p.name, &p.pg_url);
+    let ingest = p.cluster.submit(
+        "evolve",
+        &format!(
+            r#"
+name = "evolve"
+[state]
+checkpoint_interval = "1s"
+[[source]]
+name = "events"
+connector = "postgres_cdc"
+[source.options]
+url = "{url}"
+table = "public.engagement_events"
+columns = "id BIGINT, content_id VARCHAR"
+primary_key = ["id"]
+slot = "{name}"
+publication = "{name}_pub"
+version_column = "version"
+schema_changes = "evolve"
+extra_columns = "more"
+[[sink]]
+name = "topic"
+input = "events"
+connector = "kafka"
+options = {{ brokers = "{brokers}", topic = "{name}", format = "upsert-json", key = ["id"], version_column = "version", extra_fields = "more" }}
+"#
+        ),
+    )?;
+    let out = p.cluster.dir.0.join("read.jsonl");
+    p.cluster.submit(
+        "reader",
+        &format!(
+            r#"
+name = "reader"
+[[source]]
+name = "events"
+connector = "kafka"
+options = {{ brokers = "{brokers}", topic = "{name}", group_id = "{name}", primary_key = ["id"], version_column = "version", columns = "id BIGINT, device VARCHAR, later BIGINT, version BIGINT" }}
+[[sink]]
+name = "out"
+input = "events"
+connector = "file"
+options = {{ path = "{}" }}
+"#,
+            out.display()
+        ),
+    )?;
+    // What the reader holds per id: (device, later).
+    let view = || -> Result<BTreeMap<i64, (serde_json::Value, serde_json::Value)>> {
+        let mut view = BTreeMap::new();
+        for r in eddy_tests::read_jsonl(std::slice::from_ref(&out)).unwrap_or_default() {
+            let id = r["id"].as_i64().context("id")?;
+            if r["_op"] == "-" {
+                view.remove(&id);
+            } else {
+                view.insert(id, (r["device"].clone(), r["later"].clone()));
+            }
+        }
+        Ok(view)
+    };
+    // PostgreSQL's (device, later) per id.
+    let table = |later: bool| -> Result<BTreeMap<i64, (serde_json::Value, serde_json::Value)>> {
+        let sql = format!(
+            "SELECT coalesce(json_agg(json_build_array(id, device, {}) ORDER BY id), '[]') FROM engagement_events",
+            if later { "later" } else { "NULL" }
+        );
+        let rows = p.services.psql_json(&p.pg_url, &sql)?;
+        let rows = rows.as_array().context("rows")?;
+        Ok(rows.iter().map(|r| (r[0].as_i64().unwrap_or(-1), (r[1].clone(), r[2].clone()))).collect())
+    };
+    let want = table(false)?;
+    ensure!(want.len() as u64 == written["inserted"], "{} rows", want.len());
+    ensure!(want.values().any(|(d, _)| d.is_string()), "devices in the table");
+    p.cluster.wait(Duration::from_secs(60), "the undeclared `device` in the reader", |_| Ok(view()? == want))?;
+
+    p.services.psql(
+        &p.pg_url,
+        "ALTER TABLE engagement_events ADD COLUMN later bigint; UPDATE engagement_events SET later = id * 3 WHERE id % 4 = 0",
+    )?;
+    let want = table(true)?;
+    ensure!(want.values().filter(|(_, l)| l.is_i64()).count() == 75, "a quarter of the rows have `later`");
+    let reached = p.cluster.wait(Duration::from_secs(60), "the added column in the reader", |_| Ok(view()? == want));
+    ensure!(
+        reached.is_ok(),
+        "the reader has {:?}",
+        view()?.into_iter().filter(|(id, v)| want.get(id) != Some(v)).take(5).collect::<Vec<_>>()
+    );
+
+    let done = p.cluster.eddy_json(&["backfill", &ingest, "--where", "id <= 40"])?;
+    ensure!(done["rows"] == 40, "a backfill after the change: {done}");
+    ensure!(view()? == want, "the reader after the backfill");
+    Ok(())
+}
+
 /// The ingest job's slot was lost and the job started again without a snapshot, so rows changed
 /// in the gap never reached Kafka: ClickHouse, the external system and the leaderboard miss them.
 /// `eddy backfill` re-reads those rows into the running stream and every outcome matches

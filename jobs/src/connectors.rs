@@ -159,6 +159,12 @@ pub struct PostgresCdcOptions {
     /// relation messages, against the columns the checkpoint holds).
     #[serde(default)]
     pub schema_changes: SchemaChanges,
+    /// An extra VARCHAR output column (before `version_column`) holding, as the text of a JSON
+    /// object, every column of the table that `columns` does not declare: those it had at the
+    /// start and, with `schema_changes = "evolve"`, those added while the job streams, each
+    /// value written as a declared column of its type would be. NULL while there are none.
+    /// A Kafka sink with `extra_fields` naming it writes them as fields of their own.
+    pub extra_columns: Option<String>,
 }
 
 /// What a `postgres_cdc` source does when its table gains or loses a column. A rename or a type
@@ -172,7 +178,7 @@ pub enum SchemaChanges {
     Fail,
     /// Carry on: a declared column the table lacks (not yet added, or dropped) reads as NULL, and
     /// its values flow as soon as the table has it; a column added that `columns` does not
-    /// declare is logged and not read.
+    /// declare goes into `extra_columns` if the source has it, and is logged and not read if not.
     Evolve,
 }
 
@@ -317,6 +323,10 @@ pub struct KafkaSinkOptions {
     /// `1s`), for a downstream kafka source with `heartbeats = true`; none when absent.
     #[serde(default, with = "crate::time::duration::option")]
     pub heartbeat_interval: Option<Duration>,
+    /// A VARCHAR column holding a JSON object (a `postgres_cdc` source's `extra_columns`) whose
+    /// fields are written as fields of the record, beside the other columns (which win a clash),
+    /// instead of as one field; NULL adds none. JSON formats only.
+    pub extra_fields: Option<String>,
 }
 
 fn default_partitions() -> i32 {
@@ -578,6 +588,14 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
                 return Err("options.primary_key: list the table's primary-key columns, e.g. [\"id\"]".into());
             }
             columns_exist(&schema, "options.primary_key", &o.primary_key)?;
+            if let Some(e) = &o.extra_columns {
+                if schema.index_of(e).is_some() || o.version_column.as_ref().is_some_and(|v| v.eq_ignore_ascii_case(e)) {
+                    return Err(format!(
+                        "options.extra_columns: `{e}` is already a column of the output; name a column the table does not have, e.g. \"extra\""
+                    ));
+                }
+                schema.fields.push(Field::new(e.clone(), DataType::String));
+            }
             if let Some(v) = &o.version_column {
                 if schema.index_of(v).is_some() {
                     return Err(format!("options.version_column: `{v}` is already a column of the table"));
@@ -722,6 +740,18 @@ pub fn sink(name: &str, options: &toml::Table, input: &Schema) -> Result<SinkCon
             if let Some(v) = &o.version_column {
                 check_version_column(input, v, &o.key, o.format)?;
             }
+            if let Some(e) = &o.extra_fields {
+                match input.index_of(e).map(|i| input.fields[i].data_type) {
+                    _ if o.format == KafkaFormat::Raw => return Err("options.extra_fields: the raw format writes no fields; remove it".into()),
+                    Some(DataType::String) if !o.key.iter().any(|k| k.eq_ignore_ascii_case(e)) => {}
+                    _ => {
+                        return Err(format!(
+                            "options.extra_fields: `{e}` must be a VARCHAR column of the input that is not in the key (a postgres_cdc source's extra_columns); the input has {}",
+                            input.names()
+                        ))
+                    }
+                }
+            }
             o.heartbeat_interval.map(check_heartbeat).transpose()?;
             Ok(SinkConnector::Kafka(o))
         }
@@ -833,6 +863,33 @@ mod tests {
             lookup("postgres", &options(good)).unwrap();
         }
         assert_eq!(table_name("t", "Public.Content_Dim").unwrap(), ["public", "content_dim"], "folded as PostgreSQL folds");
+    }
+
+    /// `extra_columns` adds a VARCHAR column before the version; a Kafka sink's `extra_fields`
+    /// must name a VARCHAR column outside the key.
+    #[test]
+    fn an_extra_columns_object_is_one_varchar_column() {
+        let cdc = |extra: &str| {
+            let options = format!(
+                "url = \"postgres://h/db\"\ntable = \"t\"\ncolumns = \"id BIGINT, name VARCHAR\"\nprimary_key = [\"id\"]\n\
+                 version_column = \"version\"\nextra_columns = \"{extra}\""
+            );
+            source("postgres_cdc", &table(&options))
+        };
+        let (_, schema) = cdc("more").unwrap();
+        assert_eq!(schema.names(), "id, name, more, version");
+        assert_eq!(schema.fields[2].data_type, DataType::String);
+        for taken in ["name", "Version"] {
+            assert!(cdc(taken).unwrap_err().contains("options.extra_columns: `"), "{taken}");
+        }
+        let kafka = |extra: &str| {
+            sink("kafka", &table(&format!("brokers = \"h:1\"\ntopic = \"t\"\nkey = [\"id\"]\nextra_fields = \"{extra}\"")), &schema)
+        };
+        assert!(kafka("more").is_ok());
+        for bad in ["version", "id", "nope"] {
+            let e = kafka(bad).unwrap_err();
+            assert!(e.starts_with("options.extra_fields: ") && e.contains("must be a VARCHAR column"), "{bad}: {e}");
+        }
     }
 
     #[test]

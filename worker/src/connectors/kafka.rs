@@ -850,6 +850,8 @@ pub struct KafkaSink {
     key_columns: Vec<usize>,
     /// Index of the column whose value a tombstone carries in its version header.
     version: Option<usize>,
+    /// Index of the `extra_fields` column.
+    extra_fields: Option<usize>,
     /// Watermark heartbeats, with `heartbeat_interval`.
     heartbeats: Option<Heartbeats>,
 }
@@ -952,7 +954,8 @@ impl KafkaSink {
             next: tokio::time::Instant::now(),
             partitions_read: tokio::time::Instant::now(),
         });
-        Ok(KafkaSink { producer, options: o.clone(), schema: ctx.schema.clone(), key_columns, version, heartbeats })
+        let extra_fields = o.extra_fields.as_deref().and_then(|c| ctx.schema.index_of(c));
+        Ok(KafkaSink { producer, options: o.clone(), schema: ctx.schema.clone(), key_columns, version, extra_fields, heartbeats })
     }
 
     fn key(&self, row: &[Value]) -> Vec<u8> {
@@ -1047,6 +1050,26 @@ async fn create_topic(o: &KafkaSinkOptions) -> Result<()> {
     Ok(())
 }
 
+/// A row as a record's JSON value: its columns as fields, but the column at `extra` (a JSON
+/// object's text, see `extra_fields`) as the object's fields, which the columns win a clash
+/// with; NULL adds none, and text that is not an object stays the field it is.
+fn record_value(schema: &Schema, row: &[Value], extra: Option<usize>) -> serde_json::Map<String, Json> {
+    let mut fields = row_to_json(schema, row, None);
+    let Some(name) = extra.map(|at| &schema.fields[at].name) else { return fields };
+    let Some(Json::String(text)) = fields.remove(name) else { return fields };
+    match serde_json::from_str::<serde_json::Map<String, Json>>(&text) {
+        Ok(object) => {
+            for (field, value) in object {
+                fields.entry(field).or_insert(value);
+            }
+        }
+        Err(_) => {
+            fields.insert(name.clone(), Json::String(text));
+        }
+    }
+    fields
+}
+
 #[async_trait]
 impl Stage for KafkaSink {
     async fn tick(&mut self) -> Result<()> {
@@ -1066,7 +1089,7 @@ impl Sink for KafkaSink {
                     Value::String(s) => Some(s.as_bytes().to_vec()),
                     _ => None,
                 },
-                Op::Insert => Some(serde_json::to_vec(&row_to_json(&self.schema, row, None)).unwrap_or_default()),
+                Op::Insert => Some(serde_json::to_vec(&record_value(&self.schema, row, self.extra_fields)).unwrap_or_default()),
                 Op::Retract if !upsert => continue, // an append-only topic has no way to say "delete"
                 Op::Retract => {
                     // The "before" image of an update: the insert that follows replaces it.
@@ -1144,6 +1167,20 @@ mod tests {
 
     fn schema() -> Schema {
         Schema::new(vec![Field::new("id", DataType::Int), Field::new("x", DataType::Int), Field::new("version", DataType::Int)])
+    }
+
+    /// `extra_fields`: the object's fields are the record's own, the columns win a clash, NULL
+    /// adds none, and text that is no object is kept as the field it is.
+    #[test]
+    fn an_extra_object_is_written_as_fields_of_the_record() {
+        let schema = Schema::new(vec![Field::new("id", DataType::Int), Field::new("more", DataType::String)]);
+        let json = |id: i64, more: Value| serde_json::Value::Object(record_value(&schema, &[Value::Int(id), more], Some(1)));
+        let object = Value::String(r#"{"later": 8, "id": 99, "ts": "2024-05-01T00:00:00Z", "note": null}"#.into());
+        assert_eq!(json(4, object), serde_json::json!({"id": 4, "later": 8, "ts": "2024-05-01T00:00:00Z", "note": null}));
+        assert_eq!(json(5, Value::Null), serde_json::json!({"id": 5}));
+        assert_eq!(json(6, Value::String("plain".into())), serde_json::json!({"id": 6, "more": "plain"}));
+        let without = record_value(&schema, &[Value::Int(7), Value::Null], None);
+        assert_eq!(serde_json::Value::Object(without), serde_json::json!({"id": 7, "more": null}));
     }
 
     fn row(id: i64, x: i64, version: i64) -> Vec<Value> {
@@ -1274,6 +1311,7 @@ mod tests {
             partitions: 1,
             version_column: Some("version".into()),
             heartbeat_interval: None,
+            extra_fields: None,
         };
         let source = KafkaSourceOptions {
             brokers,

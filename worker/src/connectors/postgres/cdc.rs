@@ -74,10 +74,20 @@
 //! after a start with neither, the first description is taken as it is). A column added or
 //! dropped goes by `schema_changes`: `fail` stops the job, naming the change, when a column it
 //! reads is dropped or one it does not read is added (one that `columns` declares is read from then
-//! on); `evolve` reads a declared column the table lacks as NULL and skips an undeclared one. A
+//! on); `evolve` reads a declared column the table lacks as NULL and skips an undeclared one, or
+//! carries it with `extra_columns` (below). A
 //! rename (a column gone and another come in one description) or a type change stops the job in
 //! either case, named: which column became which is not guessed. A new description reaches the
 //! source in stream order, so a checkpoint records the columns that go with its position.
+//!
+//! A job's schema is fixed at submit, so a column no stage knows cannot become a column of its
+//! own. With `extra_columns` the rows carry one more VARCHAR column: a JSON object of every
+//! column `columns` does not declare, as the table has them when the row is read (the snapshot's
+//! query names them; a change's relation message says them), each value as a declared column of
+//! its type would write it. An added column joins the object with its first change, a dropped one
+//! leaves it, and an unchanged TOASTed value is taken from the old row's object. A Kafka sink
+//! with `extra_fields` spreads the object into the record, so a downstream job reads the column
+//! by declaring it.
 //!
 //! # Versions
 //!
@@ -550,7 +560,7 @@ impl PostgresCdc {
         }
         let control = Arc::new(connect(&pg, "the control connection").await?);
         let evolve = o.schema_changes == SchemaChanges::Evolve;
-        let table = Table::resolve(&control, &o.table, declared, o.version_column.is_some(), evolve).await?;
+        let table = Table::resolve(&control, &o.table, declared, (o.extra_columns.clone(), o.version_column.is_some()), evolve).await?;
         if ctx.task.subtask != 0 {
             let (out, rx) = mpsc::channel(QUEUED_CHUNKS);
             let (ack_tx, ack_rx) = oneshot::channel();
@@ -686,6 +696,7 @@ impl PostgresCdc {
                 key: o.primary_key.iter().filter_map(|k| table.columns.iter().position(|(n, _)| n.eq_ignore_ascii_case(k))).collect(),
                 table,
                 relation: None,
+                extras: Vec::new(),
                 known,
                 described: false,
                 policy: o.schema_changes,
@@ -1073,10 +1084,12 @@ impl LagProbe {
 /// The declared columns (the output schema without the version column).
 fn declared_columns(o: &PostgresCdcOptions, schema: &Schema) -> Result<Vec<(String, DataType)>> {
     let mut fields: Vec<(String, DataType)> = schema.fields.iter().map(|f| (f.name.clone(), f.data_type)).collect();
-    if let Some(v) = &o.version_column {
+    // The output ends with the extra columns' object, then the version.
+    for (column, ty) in [(&o.version_column, DataType::Int), (&o.extra_columns, DataType::String)] {
+        let Some(column) = column else { continue };
         match fields.pop() {
-            Some((name, DataType::Int)) if name.eq_ignore_ascii_case(v) => {}
-            _ => return Err(TaskError::internal(format!("postgres_cdc: the schema does not end with the version column `{v}`"))),
+            Some((name, found)) if found == ty && name.eq_ignore_ascii_case(column) => {}
+            _ => return Err(TaskError::internal(format!("postgres_cdc: the schema does not end with the column `{column}` {ty}"))),
         }
     }
     if fields.is_empty() {
@@ -1183,12 +1196,28 @@ struct Table {
     present: Vec<bool>,
     /// Every column of the table when resolved: name and type OID.
     all: Vec<(String, u32)>,
+    /// The name of the output column after the declared ones that carries the undeclared ones
+    /// as a JSON object (`extra_columns`), if the job has it.
+    extra: Option<String>,
     /// Rows end with the version column.
     versioned: bool,
 }
 
+/// A query of the table's rows: the declared columns in output order, then the undeclared ones
+/// that go into the extra columns' object.
+struct Select {
+    sql: String,
+    extras: Vec<(String, u32)>,
+}
+
 impl Table {
-    async fn resolve(control: &Client, name: &str, declared: Vec<(String, DataType)>, versioned: bool, evolve: bool) -> Result<Table> {
+    async fn resolve(
+        control: &Client,
+        name: &str,
+        declared: Vec<(String, DataType)>,
+        (extra, versioned): (Option<String>, bool),
+        evolve: bool,
+    ) -> Result<Table> {
         let context = "postgres_cdc: reading the table's definition";
         let sql = "SELECT c.oid, n.nspname::text, c.relname::text, c.relkind::text, c.relreplident::text \
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)";
@@ -1231,25 +1260,70 @@ impl Table {
             present.push(true);
         }
         let all = actual.iter().map(|r| (r.get(0), r.get(1))).collect();
-        Ok(Table { oid, schema, name: relname, qualified, columns, present, all, versioned })
+        Ok(Table { oid, schema, name: relname, qualified, columns, present, all, extra, versioned })
     }
 
-    /// The snapshot query: the declared columns, in output order.
-    fn select(&self) -> String {
-        self.select_with(&self.present)
+    /// The snapshot query, over the columns the table had when resolved.
+    fn select(&self) -> Select {
+        self.select_with(&self.present, &self.all)
     }
 
-    /// As [`Table::select`], with NULL for the declared columns `present` says the table lacks.
-    fn select_with(&self, present: &[bool]) -> String {
-        let columns: Vec<String> =
-            self.columns.iter().zip(present).map(|((n, _), here)| if *here { quote_ident(n) } else { "NULL".into() }).collect();
-        format!("SELECT {} FROM {}", columns.join(", "), self.qualified)
+    /// The query of the table's rows when it has columns `now`: NULL for the declared columns
+    /// `present` says it lacks, and the undeclared ones last if the job carries them.
+    fn select_with(&self, present: &[bool], now: &[(String, u32)]) -> Select {
+        let extras: Vec<(String, u32)> = now.iter().filter(|(n, _)| self.carries(n)).cloned().collect();
+        let declared = self.columns.iter().zip(present).map(|((n, _), here)| if *here { quote_ident(n) } else { "NULL".into() });
+        let columns: Vec<String> = declared.chain(extras.iter().map(|(n, _)| quote_ident(n))).collect();
+        Select { sql: format!("SELECT {} FROM {}", columns.join(", "), self.qualified), extras }
+    }
+
+    /// A declared column's output position (by the table's spelling, or case-insensitively).
+    fn declared(&self, name: &str) -> Option<usize> {
+        let columns = &self.columns;
+        columns.iter().position(|(n, _)| n == name).or_else(|| columns.iter().position(|(n, _)| n.eq_ignore_ascii_case(name)))
+    }
+
+    /// Whether the table's column `name` goes into the extra columns' object.
+    fn carries(&self, name: &str) -> bool {
+        self.extra.is_some() && self.declared(name).is_none()
+    }
+
+    /// Where the version goes in an output row.
+    fn version_at(&self) -> usize {
+        self.columns.len() + usize::from(self.extra.is_some())
     }
 
     /// Output row length.
     fn width(&self) -> usize {
-        self.columns.len() + usize::from(self.versioned)
+        self.version_at() + usize::from(self.versioned)
     }
+}
+
+/// The extra columns' object of a row, from each undeclared column's name and value; NULL when
+/// the table has none.
+fn extra_object<'a>(columns: impl ExactSizeIterator<Item = (&'a str, serde_json::Value)>) -> Value {
+    if columns.len() == 0 {
+        return Value::Null;
+    }
+    let object: serde_json::Map<String, serde_json::Value> = columns.map(|(name, value)| (name.to_string(), value)).collect();
+    Value::String(serde_json::Value::Object(object).to_string().into())
+}
+
+/// An undeclared column's value (PostgreSQL's text of type `oid`, `None` for NULL) as a declared
+/// column of its type would be written: a BIGINT as a number, a TIMESTAMP as ISO 8601, and so
+/// on; the text as it is where it does not read as that type (`NaN`, `infinity`).
+fn extra_value(oid: u32, text: Option<&str>) -> serde_json::Value {
+    match text.map(|t| (t, decode_value(t, natural_type(oid)))) {
+        None => serde_json::Value::Null,
+        Some((_, Ok(v))) => crate::json::to_json(&v),
+        Some((text, Err(_))) => serde_json::Value::String(text.to_string()),
+    }
+}
+
+/// One field of an extra columns' object written before (`None`: none, or not an object).
+fn extra_field(object: &Value, name: &str) -> Option<serde_json::Value> {
+    let Value::String(text) = object else { return None };
+    serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text).ok()?.remove(name)
 }
 
 /// PostgreSQL type OIDs the decoder knows.
@@ -1267,17 +1341,23 @@ mod oid {
     pub const TIMESTAMPTZ: u32 = 1184;
 }
 
-/// Whether values of PostgreSQL type `type_oid` can be read as `declared`.
-fn check_type(column: &str, declared: DataType, type_oid: u32, type_name: &str) -> Result<()> {
+/// The type that reads values of PostgreSQL type `type_oid` as themselves.
+fn natural_type(type_oid: u32) -> DataType {
     use oid::*;
-    // The type that reads it as itself; VARCHAR reads any type's text, DOUBLE integers too.
-    let fits = match type_oid {
+    match type_oid {
         BOOL => DataType::Bool,
         INT2 | INT4 | INT8 | OID => DataType::Int,
         FLOAT4 | FLOAT8 | NUMERIC => DataType::Float,
         TIMESTAMPTZ | TIMESTAMP | DATE => DataType::Timestamp,
         _ => DataType::String,
-    };
+    }
+}
+
+/// Whether values of PostgreSQL type `type_oid` can be read as `declared`.
+fn check_type(column: &str, declared: DataType, type_oid: u32, type_name: &str) -> Result<()> {
+    use oid::*;
+    // VARCHAR reads any type's text, DOUBLE integers too.
+    let fits = natural_type(type_oid);
     if declared == fits || declared == DataType::String || (declared == DataType::Float && matches!(type_oid, INT2 | INT4 | INT8)) {
         return Ok(());
     }
@@ -1625,11 +1705,14 @@ impl Reader {
         let changes = &self.changes;
         let skip = |row: &Row| !changes.touched.is_empty() && changes.touched.contains(&changes.key_of(row));
         // The columns the table has now, as the stream last described it.
-        let present = match &changes.known {
-            Some(known) => changes.table.columns.iter().map(|(n, _)| known.iter().any(|(k, _)| k.eq_ignore_ascii_case(n))).collect(),
-            None => changes.table.present.clone(),
+        let (present, now) = match &changes.known {
+            Some(known) => {
+                (changes.table.columns.iter().map(|(n, _)| known.iter().any(|(k, _)| k.eq_ignore_ascii_case(n))).collect(), known)
+            }
+            None => (changes.table.present.clone(), &changes.table.all),
         };
-        let select = backfill::rows_query(&changes.table.select_with(&present), &b.filter);
+        let mut select = changes.table.select_with(&present, now);
+        select.sql = backfill::rows_query(&select.sql, &b.filter);
         let progress = SnapshotProgress::of("backfill", self.metrics.clone(), 0, 1);
         let versioned = Some(Value::Int(version as i64));
         let read = copy_chunks(&client, &changes.table, &select, &ChunkPlan::whole(), &[0], versioned, skip, &self.out, progress).await;
@@ -1688,7 +1771,7 @@ impl Reader {
     }
 }
 
-/// Reads chunks `todo` of `plan` of `select` (the table's columns, maybe with a condition)
+/// Reads chunks `todo` of `plan` of `select` (the table's rows, maybe with a condition)
 /// through `client` (inside the snapshot), every row under `version` but those `skip` names, to
 /// `out`, telling it where each chunk ends, with figures in `progress`. Rows read and rows
 /// skipped.
@@ -1696,7 +1779,7 @@ impl Reader {
 async fn copy_chunks(
     client: &Client,
     table: &Table,
-    select: &str,
+    select: &Select,
     plan: &ChunkPlan,
     todo: &[u32],
     version: Option<Value>,
@@ -1707,20 +1790,20 @@ async fn copy_chunks(
     let send = |chunk| async { out.send(Ok(chunk)).await.map_err(|_| CLOSED) };
     let mut skipped = 0;
     for &n in todo {
-        let mut rows = ChunkRows::open(client, select, plan, n).await?;
+        let mut rows = ChunkRows::open(client, &select.sql, plan, n).await?;
         let mut batch = Batch::with_capacity(BATCH_ROWS);
         // Bytes and rows (sent or skipped) since the last batch.
         let (mut bytes, mut read) = (0, 0);
         while let Some(line) = rows.next().await? {
-            let mut fields = Vec::with_capacity(table.columns.len());
+            let width = table.columns.len() + select.extras.len();
+            let mut fields = Vec::with_capacity(width);
             copy_fields(&line, &mut fields)
                 .map_err(|m| TaskError::external(format!("postgres_cdc: the snapshot of {}: {m}", table.qualified)))?;
-            if fields.len() != table.columns.len() {
+            if fields.len() != width {
                 return Err(Some(TaskError::internal(format!(
-                    "postgres_cdc: a snapshot row of {} has {} fields for {} columns",
+                    "postgres_cdc: a snapshot row of {} has {} fields for {width} columns",
                     table.qualified,
                     fields.len(),
-                    table.columns.len()
                 ))));
             }
             let mut row = Vec::with_capacity(table.width());
@@ -1729,6 +1812,10 @@ async fn copy_chunks(
                     None => Value::Null,
                     Some(text) => decode_value(text, *ty).map_err(|m| value_error(name, &m, "the snapshot"))?,
                 });
+            }
+            if table.extra.is_some() {
+                let texts = fields[table.columns.len()..].iter().map(|f| f.as_deref());
+                row.push(extra_object(select.extras.iter().zip(texts).map(|((n, oid), text)| (n.as_str(), extra_value(*oid, text)))));
             }
             bytes += line.len();
             read += 1;
@@ -1806,6 +1893,9 @@ struct Changes {
     table: Table,
     /// Where each column of the latest relation message for the table goes in an output row.
     relation: Option<Vec<Option<usize>>>,
+    /// The columns of that message that go into the extra columns' object: position, name and
+    /// type OID.
+    extras: Vec<(usize, String, u32)>,
     /// The table's columns (name, type OID) as last described (`None`: unknown, the next
     /// description is taken as it is); a description that differs is a schema change.
     known: Option<Vec<(String, u32)>>,
@@ -1920,13 +2010,21 @@ impl Changes {
             self.described = true;
         }
         self.relation = Some(self.map_relation(rel)?);
+        self.extras = match self.table.extra {
+            None => Vec::new(),
+            Some(_) => rel
+                .columns
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| self.table.carries(&c.name))
+                .map(|(at, c)| (at, c.name.clone(), c.type_oid))
+                .collect(),
+        };
         Ok(())
     }
 
-    /// A declared column's output position (by the table's spelling, or case-insensitively).
     fn declared(&self, name: &str) -> Option<usize> {
-        let columns = &self.table.columns;
-        columns.iter().position(|(n, _)| n == name).or_else(|| columns.iter().position(|(n, _)| n.eq_ignore_ascii_case(name)))
+        self.table.declared(name)
     }
 
     /// The table's columns went from `before` to `now` at `lsn`.
@@ -1979,12 +2077,18 @@ impl Changes {
                         "postgres_cdc: at {lsn}, column `{name}` (type OID {oid}) was added to {t}, and options.columns does not \
                          read it; with options.schema_changes = \"fail\" the job stops here. To carry it downstream, declare it \
                          in options.columns (rows from before it read it as NULL) and submit the job again (existing_slot = \
-                         \"resume\" goes on from the slot); or set schema_changes = \"evolve\" to carry on without it"
+                         \"resume\" goes on from the slot); or set schema_changes = \"evolve\" to carry on (in the column \
+                         options.extra_columns names, if set; without it if not)"
                     )))
                 }
-                (None, false) => {
-                    warn!(table = %t, column = %name, %lsn, "postgres_cdc: a column was added that options.columns does not declare; not read")
-                }
+                (None, false) => match &self.table.extra {
+                    Some(extra) => {
+                        info!(table = %t, column = %name, %lsn, extra = %extra, "postgres_cdc: a column was added that options.columns does not declare; carried in the extra columns")
+                    }
+                    None => {
+                        warn!(table = %t, column = %name, %lsn, "postgres_cdc: a column was added that options.columns does not declare; not read (options.extra_columns would carry it)")
+                    }
+                },
             }
         }
         Ok(())
@@ -2029,8 +2133,24 @@ impl Changes {
                 })?,
             };
         }
+        if self.table.extra.is_some() {
+            let extra_at = self.table.columns.len();
+            let values = self.extras.iter().map(|(at, name, oid)| {
+                let value = match &tuple[*at] {
+                    Datum::Text(text) => extra_value(*oid, Some(text)),
+                    Datum::Null => serde_json::Value::Null,
+                    // An unchanged TOASTed value is in the old row's object.
+                    Datum::Unchanged => old.and_then(|o| extra_field(&o[extra_at], name)).ok_or_else(|| {
+                        TaskError::internal(format!("postgres_cdc: at {lsn}: column `{name}` is an unchanged TOAST value with no old row"))
+                    })?,
+                };
+                Ok((name.as_str(), value))
+            });
+            let values: Vec<(&str, serde_json::Value)> = values.collect::<Result<_>>()?;
+            row[extra_at] = extra_object(values.into_iter());
+        }
         if self.table.versioned {
-            row[self.table.columns.len()] = Value::Int(version as i64);
+            row[self.table.version_at()] = Value::Int(version as i64);
         }
         Ok(row)
     }
@@ -2061,6 +2181,7 @@ mod tests {
             max_slot_lag_bytes: None,
             snapshot_chunk_pages: 4096,
             schema_changes: SchemaChanges::Fail,
+            extra_columns: None,
         }
     }
 
@@ -2083,11 +2204,13 @@ mod tests {
             columns: columns.iter().map(|(n, t)| (n.to_string(), *t)).collect(),
             present: vec![true; columns.len()],
             all: Vec::new(),
+            extra: None,
             versioned,
         };
         Changes {
             table,
             relation: None,
+            extras: Vec::new(),
             known: None,
             described: false,
             policy: SchemaChanges::Fail,
@@ -2251,11 +2374,13 @@ mod tests {
             columns: vec![("id".into(), DataType::Int), ("big".into(), DataType::String), ("k".into(), DataType::Int)],
             present: vec![true; 3],
             all: Vec::new(),
+            extra: None,
             versioned: false,
         };
         let mut changes = Changes {
             table,
             relation: None,
+            extras: Vec::new(),
             known: None,
             described: false,
             policy: SchemaChanges::Fail,
@@ -2410,6 +2535,7 @@ mod tests {
                     max_slot_lag_bytes: None,
                     snapshot_chunk_pages: 4096,
                     schema_changes: SchemaChanges::Fail,
+                    extra_columns: None,
                 }
             }
 
@@ -2424,6 +2550,9 @@ mod tests {
                 edit: impl FnOnce(&mut ConnectorContext),
             ) -> (Result<PostgresCdc>, Arc<TaskMetrics>) {
                 let mut schema = eddy_jobs::connectors::parse_columns(&o.columns).unwrap();
+                if let Some(e) = &o.extra_columns {
+                    schema.fields.push(eddy_jobs::Field::new(e.clone(), DataType::String));
+                }
                 if let Some(v) = &o.version_column {
                     schema.fields.push(eddy_jobs::Field::new(v.clone(), DataType::Int));
                 }
@@ -3322,6 +3451,64 @@ mod tests {
             db.exec(&format!("ALTER TABLE {t} RENAME COLUMN event_type TO kind; UPDATE {t} SET duration_ms = 6 WHERE id = 5")).await;
             let e = next_error(&mut source).await;
             assert!(e.contains("`event_type`") && e.contains("`kind`") && e.contains("rename"), "{e}");
+            drop(source);
+            db.drop_all().await;
+        }
+
+        /// `extra_columns` under `evolve`: the undeclared columns ride in one JSON object, typed as
+        /// declared ones would be, from the snapshot on; a column added while the job streams
+        /// joins it, a dropped one leaves it, and an unchanged TOASTed value stays whole.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn undeclared_and_added_columns_ride_in_the_extra_object() {
+            let Some(url) = url() else { return };
+            let db = Db::new(url).await;
+            db.insert_rows(1, 40).await;
+            let t = db.table();
+            let o = PostgresCdcOptions {
+                columns: "id BIGINT, duration_ms BIGINT".into(),
+                extra_columns: Some("more".into()),
+                schema_changes: SchemaChanges::Evolve,
+                ..db.options()
+            };
+            let (source, _) = db.start(&o).await;
+            let mut source = source.unwrap();
+            let mut rows = BTreeMap::new();
+            let extra = |row: &Row| -> serde_json::Value {
+                let Value::String(text) = &row[2] else { panic!("no object in {row:?}") };
+                serde_json::from_str(text).unwrap()
+            };
+            read_until(&mut source, &mut rows, |r| r.len() == 40).await;
+            let three = extra(&rows[&3]);
+            assert_eq!(rows[&3][1], Value::Int(30));
+            assert!(matches!(rows[&3][3], Value::Int(v) if v > 0), "the version comes last: {:?}", rows[&3]);
+            assert_eq!(three["event_ts"], "2024-05-01T00:00:03.703Z", "a timestamp as a declared one: {three}");
+            assert_eq!(three["flagged"], serde_json::json!(false));
+            assert_eq!(three["score"].as_f64().map(|f| (f * 1000.0).round()), Some(429.0), "{three}");
+            assert_eq!(three["event_type"], "click");
+            assert_eq!(three["device"], "dévice-0");
+            assert_eq!(three["note"], "not read");
+            assert!(three["raw_payload"].as_str().is_some_and(|p| p.contains("\"g\": 3")), "{three}");
+            assert!(three.get("id").is_none() && three.get("duration_ms").is_none(), "declared columns stay out: {three}");
+            assert_eq!(extra(&rows[&5])["device"], serde_json::Value::Null);
+
+            db.exec(&format!(
+                "ALTER TABLE {t} ADD COLUMN later bigint; UPDATE {t} SET later = id * 2 WHERE id <= 10;
+                 UPDATE {t} SET raw_payload = jsonb_build_object('pad', repeat('x', 5000)) WHERE id = 20;
+                 UPDATE {t} SET duration_ms = 1 WHERE id = 20;"
+            ))
+            .await;
+            read_until(&mut source, &mut rows, |r| r[&20][1] == Value::Int(1)).await;
+            assert_eq!(extra(&rows[&4])["later"], 8, "an added column's values flow: {:?}", rows[&4]);
+            assert_eq!(extra(&rows[&4])["device"], "dévice-1");
+            assert!(extra(&rows[&30]).get("later").is_none(), "rows not changed since keep their object");
+            let twenty = extra(&rows[&20]);
+            assert_eq!(twenty["later"], serde_json::Value::Null);
+            assert!(twenty["raw_payload"].as_str().is_some_and(|p| p.len() > 5000), "an unchanged TOASTed value: {twenty}");
+
+            db.exec(&format!("ALTER TABLE {t} DROP COLUMN note; UPDATE {t} SET duration_ms = 2 WHERE id = 4")).await;
+            read_until(&mut source, &mut rows, |r| r[&4][1] == Value::Int(2)).await;
+            let four = extra(&rows[&4]);
+            assert!(four.get("note").is_none() && four["later"] == 8, "a dropped column leaves the object: {four}");
             drop(source);
             db.drop_all().await;
         }
