@@ -591,7 +591,7 @@ pub fn source(name: &str, options: &toml::Table) -> Result<(SourceConnector, Sch
             if let Some(e) = &o.extra_columns {
                 if schema.index_of(e).is_some() || o.version_column.as_ref().is_some_and(|v| v.eq_ignore_ascii_case(e)) {
                     return Err(format!(
-                        "options.extra_columns: `{e}` is already a column of the output; name a column the table does not have, e.g. \"extra\""
+                        "options.extra_columns: `{e}` is already a column of the output (declared in options.columns, or the version_column); name another, e.g. \"extra\""
                     ));
                 }
                 schema.fields.push(Field::new(e.clone(), DataType::String));

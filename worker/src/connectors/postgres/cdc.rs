@@ -83,11 +83,12 @@
 //! A job's schema is fixed at submit, so a column no stage knows cannot become a column of its
 //! own. With `extra_columns` the rows carry one more VARCHAR column: a JSON object of every
 //! column `columns` does not declare, as the table has them when the row is read (the snapshot's
-//! query names them; a change's relation message says them), each value as a declared column of
-//! its type would write it. An added column joins the object with its first change, a dropped one
-//! leaves it, and an unchanged TOASTed value is taken from the old row's object. A Kafka sink
-//! with `extra_fields` spreads the object into the record, so a downstream job reads the column
-//! by declaring it.
+//! query names them; a change's relation message says them; a backfill reads the catalog in its
+//! snapshot), each value as a declared column of its type would write it, NULLs left out. An
+//! added column joins the object with its first change, a dropped one leaves it (under `fail`,
+//! dropping a carried column stops the job), and an unchanged TOASTed value is taken from the old
+//! row's object. A Kafka sink with `extra_fields` spreads the object into the record, so a
+//! downstream job reads the column by declaring it.
 //!
 //! # Versions
 //!
@@ -1081,7 +1082,7 @@ impl LagProbe {
 // ---------------------------------------------------------------------------------------------
 // Setup: options, connections, table, publication, slot.
 
-/// The declared columns (the output schema without the version column).
+/// The declared columns (the output schema without the extra columns' object and the version).
 fn declared_columns(o: &PostgresCdcOptions, schema: &Schema) -> Result<Vec<(String, DataType)>> {
     let mut fields: Vec<(String, DataType)> = schema.fields.iter().map(|f| (f.name.clone(), f.data_type)).collect();
     // The output ends with the extra columns' object, then the version.
@@ -1300,21 +1301,26 @@ impl Table {
 }
 
 /// The extra columns' object of a row, from each undeclared column's name and value; NULL when
-/// the table has none.
+/// the table has none. A NULL value is left out, as a reader of the object reads a missing
+/// field: so a row's retraction, whose old row the WAL gives with the columns added since as
+/// NULL, has the object the row was sent with.
 fn extra_object<'a>(columns: impl ExactSizeIterator<Item = (&'a str, serde_json::Value)>) -> Value {
     if columns.len() == 0 {
         return Value::Null;
     }
-    let object: serde_json::Map<String, serde_json::Value> = columns.map(|(name, value)| (name.to_string(), value)).collect();
+    let object: serde_json::Map<String, serde_json::Value> =
+        columns.filter(|(_, value)| !value.is_null()).map(|(name, value)| (name.to_string(), value)).collect();
     Value::String(serde_json::Value::Object(object).to_string().into())
 }
 
 /// An undeclared column's value (PostgreSQL's text of type `oid`, `None` for NULL) as a declared
 /// column of its type would be written: a BIGINT as a number, a TIMESTAMP as ISO 8601, and so
-/// on; the text as it is where it does not read as that type (`NaN`, `infinity`).
+/// on; the text as it is where JSON has no such value (`NaN`, `Infinity`, a timestamp's
+/// `infinity`).
 fn extra_value(oid: u32, text: Option<&str>) -> serde_json::Value {
     match text.map(|t| (t, decode_value(t, natural_type(oid)))) {
         None => serde_json::Value::Null,
+        Some((text, Ok(Value::Float(f)))) if !f.is_finite() => serde_json::Value::String(text.to_string()),
         Some((_, Ok(v))) => crate::json::to_json(&v),
         Some((text, Err(_))) => serde_json::Value::String(text.to_string()),
     }
@@ -1705,13 +1711,16 @@ impl Reader {
         let changes = &self.changes;
         let skip = |row: &Row| !changes.touched.is_empty() && changes.touched.contains(&changes.key_of(row));
         // The columns the table has now, as the stream last described it.
-        let (present, now) = match &changes.known {
-            Some(known) => {
-                (changes.table.columns.iter().map(|(n, _)| known.iter().any(|(k, _)| k.eq_ignore_ascii_case(n))).collect(), known)
-            }
-            None => (changes.table.present.clone(), &changes.table.all),
+        // The columns the table has in the backfill's snapshot (the stream describes a change only
+        // with the next change to the table).
+        let sql =
+            "SELECT attname::text, atttypid FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum";
+        let now: Vec<(String, u32)> = match client.query(sql, &[&changes.table.oid]).await {
+            Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            Err(e) => return Err(Some(pg_error("postgres_cdc: reading the table's columns for a backfill", e))),
         };
-        let mut select = changes.table.select_with(&present, now);
+        let present: Vec<bool> = changes.table.columns.iter().map(|(n, _)| now.iter().any(|(c, _)| c.eq_ignore_ascii_case(n))).collect();
+        let mut select = changes.table.select_with(&present, &now);
         select.sql = backfill::rows_query(&select.sql, &b.filter);
         let progress = SnapshotProgress::of("backfill", self.metrics.clone(), 0, 1);
         let versioned = Some(Value::Int(version as i64));
@@ -2053,7 +2062,15 @@ impl Changes {
         let fail = self.policy == SchemaChanges::Fail;
         for (name, _) in dropped {
             match (self.declared(name), fail) {
-                (None, _) => info!(table = %t, column = %name, %lsn, "postgres_cdc: a column the job does not read was dropped"),
+                (None, true) if self.table.extra.is_some() => {
+                    return Err(TaskError::user(format!(
+                        "postgres_cdc: at {lsn}, column `{name}` was dropped from {t}, and options.extra_columns carries it; with \
+                         options.schema_changes = \"fail\" the job stops here. Submit the job again (existing_slot = \"resume\" \
+                         goes on from the slot), or set schema_changes = \"evolve\" to carry on without it"
+                    )))
+                }
+                (None, true) => info!(table = %t, column = %name, %lsn, "postgres_cdc: a column the job does not read was dropped"),
+                (None, false) => info!(table = %t, column = %name, %lsn, "postgres_cdc: a column the job does not declare was dropped"),
                 (Some(_), true) => {
                     return Err(TaskError::user(format!(
                         "postgres_cdc: at {lsn}, column `{name}` was dropped from {t}, and options.columns reads it; with \
@@ -2600,6 +2617,12 @@ mod tests {
             }
 
             async fn drop_all(&self) {
+                self.drop_slot().await;
+                self.exec(&format!("DROP PUBLICATION IF EXISTS {}; DROP SCHEMA {} CASCADE", self.publication, self.schema)).await;
+            }
+
+            /// Drops the slot once the walsender that read it is gone.
+            async fn drop_slot(&self) {
                 for _ in 0..100 {
                     let gone = self
                         .client
@@ -2610,7 +2633,6 @@ mod tests {
                     }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                self.exec(&format!("DROP PUBLICATION IF EXISTS {}; DROP SCHEMA {} CASCADE", self.publication, self.schema)).await;
             }
         }
 
@@ -3366,9 +3388,18 @@ mod tests {
 
         /// Rows by id, as an upsert consumer keeps them.
         async fn read_until(source: &mut PostgresCdc, rows: &mut BTreeMap<i64, Row>, done: impl Fn(&BTreeMap<i64, Row>) -> bool) {
+            read_until_source(source, rows, |_, rows| done(rows)).await
+        }
+
+        /// As [`read_until`], until `done` holds of the source and the rows.
+        async fn read_until_source(
+            source: &mut PostgresCdc,
+            rows: &mut BTreeMap<i64, Row>,
+            done: impl Fn(&PostgresCdc, &BTreeMap<i64, Row>) -> bool,
+        ) {
             let deadline = Instant::now() + Duration::from_secs(30);
-            while !done(rows) {
-                assert!(Instant::now() < deadline, "not there: {rows:?}");
+            while !done(source, rows) {
+                assert!(Instant::now() < deadline, "not there: {rows:?} {:?}", source.metrics.notes());
                 if let Ok(next) = tokio::time::timeout(Duration::from_millis(50), source.next_batch()).await {
                     let batch = next.unwrap_or_else(|e| panic!("next_batch: {e}")).unwrap();
                     for (row, op) in batch.rows.iter().zip(&batch.ops) {
@@ -3457,7 +3488,9 @@ mod tests {
 
         /// `extra_columns` under `evolve`: the undeclared columns ride in one JSON object, typed as
         /// declared ones would be, from the snapshot on; a column added while the job streams
-        /// joins it, a dropped one leaves it, and an unchanged TOASTed value stays whole.
+        /// joins it, a dropped one leaves it, and an unchanged TOASTed value stays whole; a
+        /// backfill reads the columns the table has, though no change has described them yet.
+        /// Under `fail`, dropping a carried column stops the job.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn undeclared_and_added_columns_ride_in_the_extra_object() {
             let Some(url) = url() else { return };
@@ -3470,7 +3503,7 @@ mod tests {
                 schema_changes: SchemaChanges::Evolve,
                 ..db.options()
             };
-            let (source, _) = db.start(&o).await;
+            let (source, _) = db.start_with(&o, |ctx| ctx.checkpointing = true).await;
             let mut source = source.unwrap();
             let mut rows = BTreeMap::new();
             let extra = |row: &Row| -> serde_json::Value {
@@ -3509,6 +3542,33 @@ mod tests {
             read_until(&mut source, &mut rows, |r| r[&4][1] == Value::Int(2)).await;
             let four = extra(&rows[&4]);
             assert!(four.get("note").is_none() && four["later"] == 8, "a dropped column leaves the object: {four}");
+
+            // No change to the table since these: a backfill reads its columns as they are.
+            db.exec(&format!("ALTER TABLE {t} ADD COLUMN dflt int DEFAULT 5; ALTER TABLE {t} DROP COLUMN device")).await;
+            let tmp = Path::new("/nonexistent");
+            source.order(SourceOrder::Backfill { id: 1, filter: "id <= 3".into() }).await.unwrap();
+            source.snapshot(1, tmp).await.unwrap();
+            read_until_source(&mut source, &mut rows, |s, _| s.point_held.is_some()).await;
+            source.snapshot(2, tmp).await.unwrap();
+            source.checkpoint_complete(2).await.unwrap();
+            let done = |s: &PostgresCdc, _: &BTreeMap<i64, Row>| s.metrics.gauges().get("backfill_done_id") == Some(&1);
+            read_until_source(&mut source, &mut rows, done).await;
+            assert_eq!(source.metrics.notes().get("backfill_1").map(String::as_str), Some("done rows=3 skipped=0"));
+            let one = extra(&rows[&1]);
+            assert!(one["dflt"] == 5 && one.get("device").is_none() && one["flagged"] == false, "{one}");
+            drop(source);
+
+            // fail: a carried column dropped stops the job, named (on a new slot: the old one would
+            // replay the changes above under the new policy).
+            db.drop_slot().await;
+            let fail = PostgresCdcOptions { schema_changes: SchemaChanges::Fail, snapshot: false, ..o };
+            let (source, _) = db.start(&fail).await;
+            let mut source = source.unwrap();
+            db.exec(&format!("UPDATE {t} SET duration_ms = 3 WHERE id = 8")).await;
+            read_until(&mut source, &mut rows, |r| r[&8][1] == Value::Int(3)).await;
+            db.exec(&format!("ALTER TABLE {t} DROP COLUMN flagged; UPDATE {t} SET duration_ms = 4 WHERE id = 8")).await;
+            let e = next_error(&mut source).await;
+            assert!(e.contains("`flagged`") && e.contains("extra_columns carries it"), "{e}");
             drop(source);
             db.drop_all().await;
         }
