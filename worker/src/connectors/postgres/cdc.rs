@@ -1272,7 +1272,11 @@ impl Table {
     /// The query of the table's rows when it has columns `now`: NULL for the declared columns
     /// `present` says it lacks, and the undeclared ones last if the job carries them.
     fn select_with(&self, present: &[bool], now: &[(String, u32)]) -> Select {
-        let extras: Vec<(String, u32)> = now.iter().filter(|(n, _)| self.carries(n)).cloned().collect();
+        let bound = self.bind(now.iter().map(|(n, _)| n.as_str()));
+        let extras: Vec<(String, u32)> = match self.extra {
+            None => Vec::new(),
+            Some(_) => now.iter().zip(bound).filter(|(_, out)| out.is_none()).map(|(c, _)| c.clone()).collect(),
+        };
         let declared = self.columns.iter().zip(present).map(|((n, _), here)| if *here { quote_ident(n) } else { "NULL".into() });
         let columns: Vec<String> = declared.chain(extras.iter().map(|(n, _)| quote_ident(n))).collect();
         Select { sql: format!("SELECT {} FROM {}", columns.join(", "), self.qualified), extras }
@@ -1284,9 +1288,19 @@ impl Table {
         columns.iter().position(|(n, _)| n == name).or_else(|| columns.iter().position(|(n, _)| n.eq_ignore_ascii_case(name)))
     }
 
-    /// Whether the table's column `name` goes into the extra columns' object.
-    fn carries(&self, name: &str) -> bool {
-        self.extra.is_some() && self.declared(name).is_none()
+    /// Which declared column (its output position) each of the table's columns `names` is: a
+    /// declared name is the column spelled the same, or else one that differs only in case (so of
+    /// `id` and `"ID"` with `id` declared, `"ID"` is undeclared).
+    fn bind<'a>(&self, names: impl Iterator<Item = &'a str>) -> Vec<Option<usize>> {
+        let names: Vec<&str> = names.collect();
+        let mut bound = vec![None; names.len()];
+        for (out, (declared, _)) in self.columns.iter().enumerate() {
+            let exact = names.iter().position(|n| n == declared);
+            if let Some(at) = exact.or_else(|| names.iter().position(|n| n.eq_ignore_ascii_case(declared))) {
+                bound[at] = Some(out);
+            }
+        }
+        bound
     }
 
     /// Where the version goes in an output row.
@@ -2018,22 +2032,20 @@ impl Changes {
             self.known = Some(now);
             self.described = true;
         }
-        self.relation = Some(self.map_relation(rel)?);
+        let map = self.map_relation(rel)?;
         self.extras = match self.table.extra {
             None => Vec::new(),
             Some(_) => rel
                 .columns
                 .iter()
+                .zip(&map)
                 .enumerate()
-                .filter(|(_, c)| self.table.carries(&c.name))
-                .map(|(at, c)| (at, c.name.clone(), c.type_oid))
+                .filter(|(_, (_, out))| out.is_none())
+                .map(|(at, (c, _))| (at, c.name.clone(), c.type_oid))
                 .collect(),
         };
+        self.relation = Some(map);
         Ok(())
-    }
-
-    fn declared(&self, name: &str) -> Option<usize> {
-        self.table.declared(name)
     }
 
     /// The table's columns went from `before` to `now` at `lsn`.
@@ -2061,7 +2073,7 @@ impl Changes {
         }
         let fail = self.policy == SchemaChanges::Fail;
         for (name, _) in dropped {
-            match (self.declared(name), fail) {
+            match (self.table.declared(name), fail) {
                 (None, true) if self.table.extra.is_some() => {
                     return Err(TaskError::user(format!(
                         "postgres_cdc: at {lsn}, column `{name}` was dropped from {t}, and options.extra_columns carries it; with \
@@ -2085,7 +2097,7 @@ impl Changes {
             }
         }
         for (name, oid) in added {
-            match (self.declared(name), fail) {
+            match (self.table.declared(name), fail) {
                 (Some(_), _) => {
                     info!(table = %t, column = %name, %lsn, "postgres_cdc: a declared column was added to the table; its values flow from here on")
                 }
@@ -2114,12 +2126,11 @@ impl Changes {
     /// Maps a relation message's columns to output positions; a declared column it lacks reads
     /// as NULL (the checks above have refused that where the policy does not allow it).
     fn map_relation(&self, rel: &Relation) -> Result<Vec<Option<usize>>> {
-        let mut map = vec![None; rel.columns.len()];
-        for (position, column) in rel.columns.iter().enumerate() {
-            if let Some(out) = self.declared(&column.name) {
+        let map = self.table.bind(rel.columns.iter().map(|c| c.name.as_str()));
+        for (column, out) in rel.columns.iter().zip(&map) {
+            if let Some(out) = *out {
                 let (name, ty) = &self.table.columns[out];
                 check_type(name, *ty, column.type_oid, &format!("type oid {}", column.type_oid))?;
-                map[position] = Some(out);
             }
         }
         Ok(map)
@@ -2414,6 +2425,15 @@ mod tests {
         let big = Value::String("x".repeat(3000).into());
         assert_eq!(batch.ops, [Op::Retract, Op::Insert]);
         assert_eq!(batch.rows, [vec![Value::Int(1), big.clone(), Value::Int(1)], vec![Value::Int(1), big, Value::Int(2)]]);
+    }
+
+    /// A declared name is the column spelled the same, or else one differing only in case; the
+    /// other columns are undeclared (with `extra_columns`, carried).
+    #[test]
+    fn declared_columns_bind_by_exact_name_first() {
+        let table = fx_changes(false).table;
+        let bound = table.bind(["ID", "id", "U", "extra", "Ts"].into_iter());
+        assert_eq!(bound, [None, Some(1), Some(2), None, Some(0)]);
     }
 
     #[test]
