@@ -17,8 +17,8 @@
 //!    after `C` a version above `V` again.
 //! 3. **Rows.** The snapshot's rows that the condition selects go out under version `V`, then the
 //!    stream carries on. Rows the stream changed between the order and `C` are skipped: their
-//!    latest state went out just before, whole. Columns are those the table has now, as the
-//!    stream last described it.
+//!    latest state went out just before, whole. Columns are those the table has in the
+//!    backfill's snapshot (read from the catalog there).
 //!
 //! The condition is checked by [`eddy_jobs::condition`] (one expression over the row, nothing that
 //! reads elsewhere) and read inside a read-only snapshot. A backfill whose condition PostgreSQL

@@ -1211,6 +1211,10 @@ struct Select {
     extras: Vec<(String, u32)>,
 }
 
+/// A table's columns (by its OID), in order: name, type OID and the type's name.
+const COLUMNS_QUERY: &str = "SELECT attname::text, atttypid, format_type(atttypid, atttypmod) FROM pg_attribute \
+                             WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum";
+
 impl Table {
     async fn resolve(
         control: &Client,
@@ -1236,9 +1240,7 @@ impl Table {
                 "options.table: `{name}` must log complete old rows for updates and deletes: run `ALTER TABLE {qualified} REPLICA IDENTITY FULL`"
             )));
         }
-        let sql = "SELECT attname::text, atttypid, format_type(atttypid, atttypmod) FROM pg_attribute \
-                   WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum";
-        let actual = control.query(sql, &[&oid]).await.map_err(|e| pg_error(context, e))?;
+        let actual = control.query(COLUMNS_QUERY, &[&oid]).await.map_err(|e| pg_error(context, e))?;
         let mut columns = Vec::with_capacity(declared.len());
         let mut present = Vec::with_capacity(declared.len());
         for (column, ty) in declared {
@@ -1266,19 +1268,23 @@ impl Table {
 
     /// The snapshot query, over the columns the table had when resolved.
     fn select(&self) -> Select {
-        self.select_with(&self.present, &self.all)
+        self.select_in(&self.all)
     }
 
-    /// The query of the table's rows when it has columns `now`: NULL for the declared columns
-    /// `present` says it lacks, and the undeclared ones last if the job carries them.
-    fn select_with(&self, present: &[bool], now: &[(String, u32)]) -> Select {
-        let bound = self.bind(now.iter().map(|(n, _)| n.as_str()));
-        let extras: Vec<(String, u32)> = match self.extra {
-            None => Vec::new(),
-            Some(_) => now.iter().zip(bound).filter(|(_, out)| out.is_none()).map(|(c, _)| c.clone()).collect(),
-        };
-        let declared = self.columns.iter().zip(present).map(|((n, _), here)| if *here { quote_ident(n) } else { "NULL".into() });
-        let columns: Vec<String> = declared.chain(extras.iter().map(|(n, _)| quote_ident(n))).collect();
+    /// The query of the table's rows when it has columns `now`: each declared column as the
+    /// column it binds to ([`Table::bind`]), NULL where the table lacks it, and the undeclared
+    /// ones last if the job carries them.
+    fn select_in(&self, now: &[(String, u32)]) -> Select {
+        let mut declared = vec!["NULL".to_string(); self.columns.len()];
+        let mut extras = Vec::new();
+        for (column, out) in now.iter().zip(self.bind(now.iter().map(|(n, _)| n.as_str()))) {
+            match out {
+                Some(out) => declared[out] = quote_ident(&column.0),
+                None if self.extra.is_some() => extras.push(column.clone()),
+                None => {}
+            }
+        }
+        let columns: Vec<String> = declared.into_iter().chain(extras.iter().map(|(n, _)| quote_ident(n))).collect();
         Select { sql: format!("SELECT {} FROM {}", columns.join(", "), self.qualified), extras }
     }
 
@@ -1724,17 +1730,13 @@ impl Reader {
         };
         let changes = &self.changes;
         let skip = |row: &Row| !changes.touched.is_empty() && changes.touched.contains(&changes.key_of(row));
-        // The columns the table has now, as the stream last described it.
-        // The columns the table has in the backfill's snapshot (the stream describes a change only
-        // with the next change to the table).
-        let sql =
-            "SELECT attname::text, atttypid FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum";
-        let now: Vec<(String, u32)> = match client.query(sql, &[&changes.table.oid]).await {
+        // The columns the table has in the backfill's snapshot (the stream describes the table only
+        // with its next change).
+        let now: Vec<(String, u32)> = match client.query(COLUMNS_QUERY, &[&changes.table.oid]).await {
             Ok(rows) => rows.iter().map(|r| (r.get(0), r.get(1))).collect(),
             Err(e) => return Err(Some(pg_error("postgres_cdc: reading the table's columns for a backfill", e))),
         };
-        let present: Vec<bool> = changes.table.columns.iter().map(|(n, _)| now.iter().any(|(c, _)| c.eq_ignore_ascii_case(n))).collect();
-        let mut select = changes.table.select_with(&present, &now);
+        let mut select = changes.table.select_in(&now);
         select.sql = backfill::rows_query(&select.sql, &b.filter);
         let progress = SnapshotProgress::of("backfill", self.metrics.clone(), 0, 1);
         let versioned = Some(Value::Int(version as i64));
